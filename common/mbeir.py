@@ -1,0 +1,395 @@
+"""M-BEIR data: ids, tasks, modalities, instructions, and readers for queries, pools and qrels.
+
+Readers stream line by line and report a malformed record as ``file:line: what is wrong``. The
+checks themselves (``query_problems``, ``candidate_problems``) are shared with ``genius
+check-data``, which collects every problem instead of stopping at the first.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import re
+import zlib
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+
+# ---- ids ------------------------------------------------------------------------------------
+# UniIR's integer hashing; keep the constants so run files stay interchangeable with UniIR's.
+QID_BASE = 500_000
+DID_BASE = 10_000_000
+_ID_RE = re.compile(r"^(\d+):(\d+)$")
+
+MBEIR_DATASET_IDS = {
+    "visualnews": 0, "fashion200k": 1, "webqa": 2, "edis": 3, "nights": 4, "oven": 5,
+    "infoseek": 6, "fashioniq": 7, "cirr": 8, "mscoco": 9, "flickr30k": 10,
+}
+
+# ---- modalities and tasks -------------------------------------------------------------------
+# The modality code is GENIUS's level-0 ID token: 0 image, 1 text, 2 image+text.
+MODALITIES = ("image", "text", "image,text")
+MODALITY_CODE = {name: code for code, name in enumerate(MODALITIES)}
+
+# M-BEIR task id -> (query modality, candidate modality). Task 5 is not a valid M-BEIR task.
+TASKS = {
+    0: ("text", "image"), 1: ("text", "text"), 2: ("text", "image,text"),
+    3: ("image", "text"), 4: ("image", "image"),
+    6: ("image,text", "text"), 7: ("image,text", "image"), 8: ("image,text", "image,text"),
+}
+TASK_ID = {pair: task for task, pair in TASKS.items()}
+TASK_SHORT = {0: "qt→ci", 1: "qt→ct", 2: "qt→(ci,ct)", 3: "qi→ct", 4: "qi→ci",
+              6: "(qi,qt)→ct", 7: "(qi,qt)→ci", 8: "(qi,qt)→(ci,ct)"}
+
+
+class DataFormatError(ValueError):
+    """A record or file that does not follow the M-BEIR format; the message names file and line."""
+
+
+def parse_id(text: object, base: int, what: str) -> tuple[int, int]:
+    """``"dataset:n"`` -> (dataset, n), checked against UniIR's hashing range."""
+    match = _ID_RE.match(text) if isinstance(text, str) else None
+    if not match:
+        raise ValueError(f"{what} {text!r} is not of the form 'dataset_id:index'")
+    dataset, index = int(match.group(1)), int(match.group(2))
+    if index >= base:
+        raise ValueError(f"{what} {text!r}: index {index} does not fit UniIR's hashing (must be < {base})")
+    return dataset, index
+
+
+def hash_qid(qid: str) -> int:
+    dataset, index = parse_id(qid, QID_BASE, "qid")
+    return dataset * QID_BASE + index
+
+
+def hash_did(did: str) -> int:
+    dataset, index = parse_id(did, DID_BASE, "did")
+    return dataset * DID_BASE + index
+
+
+def unhash_qid(hashed: int) -> str:
+    return f"{int(hashed) // QID_BASE}:{int(hashed) % QID_BASE}"
+
+
+def unhash_did(hashed: int) -> str:
+    return f"{int(hashed) // DID_BASE}:{int(hashed) % DID_BASE}"
+
+
+def format_string(text: str | None) -> str:
+    """UniIR's text normalisation: strip, drop quotes, capitalise, end with punctuation."""
+    text = (text or "").replace("\r", "").strip().strip('"').strip()
+    if not text:
+        return ""
+    text = text[0].upper() + text[1:]
+    if text[-1] not in ".?!":
+        text += "."
+    return text
+
+
+# ---- records --------------------------------------------------------------------------------
+@dataclass
+class Query:
+    qid: str
+    text: str  # raw query text ("" when absent), without instruction
+    img_path: str | None
+    modality: str
+    pos: list[str]
+    neg: list[str] = field(default_factory=list)
+    task_id: int | None = None
+
+    @property
+    def hashed(self) -> int:
+        return hash_qid(self.qid)
+
+    @property
+    def dataset_id(self) -> int:
+        return int(self.qid.split(":")[0])
+
+
+@dataclass
+class Candidate:
+    did: str
+    text: str
+    img_path: str | None
+    modality: str
+
+    @property
+    def hashed(self) -> int:
+        return hash_did(self.did)
+
+
+def _check_modality(value: object, key: str, text: object, img: object) -> list[str]:
+    if value not in MODALITY_CODE:
+        return [f"{key} {value!r} is not one of {', '.join(map(repr, MODALITIES))}"]
+    problems = []
+    if "text" in value and not (isinstance(text, str) and text.strip()):
+        problems.append(f"{key} is {value!r} but the text is empty")
+    if "image" in value and not (isinstance(img, str) and img):
+        problems.append(f"{key} is {value!r} but there is no image path")
+    return problems
+
+
+def query_problems(obj: object) -> list[str]:
+    """Everything wrong with one query record (empty list when it is valid)."""
+    if not isinstance(obj, dict):
+        return [f"expected a JSON object, got {type(obj).__name__}"]
+    problems = [f"missing field '{k}'" for k in ("qid", "query_modality", "pos_cand_list") if k not in obj]
+    if problems:
+        return problems
+    try:
+        parse_id(obj["qid"], QID_BASE, "qid")
+    except ValueError as err:
+        problems.append(str(err))
+    for key in ("query_txt", "query_img_path"):
+        if obj.get(key) is not None and not isinstance(obj[key], str):
+            problems.append(f"{key} must be a string or null, got {type(obj[key]).__name__}")
+    problems += _check_modality(obj["query_modality"], "query_modality", obj.get("query_txt"), obj.get("query_img_path"))
+    for key in ("pos_cand_list", "neg_cand_list"):
+        value = obj.get(key, [])
+        if not isinstance(value, list):
+            problems.append(f"{key} must be a list of did strings")
+            continue
+        for did in value:
+            try:
+                parse_id(did, DID_BASE, f"{key} entry")
+            except ValueError as err:
+                problems.append(str(err))
+    task = obj.get("task_id")
+    if task is not None and task not in TASKS:
+        problems.append(f"task_id {task!r} is not an M-BEIR task id ({', '.join(map(str, TASKS))})")
+    elif task is not None and obj["query_modality"] in MODALITY_CODE and TASKS[task][0] != obj["query_modality"]:
+        problems.append(f"task_id {task} is {TASKS[task][0]} -> {TASKS[task][1]} but query_modality is {obj['query_modality']!r}")
+    return problems
+
+
+def candidate_problems(obj: object) -> list[str]:
+    if not isinstance(obj, dict):
+        return [f"expected a JSON object, got {type(obj).__name__}"]
+    problems = [f"missing field '{k}'" for k in ("did", "modality") if k not in obj]
+    if problems:
+        return problems
+    try:
+        parse_id(obj["did"], DID_BASE, "did")
+    except ValueError as err:
+        problems.append(str(err))
+    for key in ("txt", "img_path"):
+        if obj.get(key) is not None and not isinstance(obj[key], str):
+            problems.append(f"{key} must be a string or null, got {type(obj[key]).__name__}")
+    problems += _check_modality(obj["modality"], "modality", obj.get("txt"), obj.get("img_path"))
+    return problems
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON) for each non-blank line; bad JSON raises naming file and line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFormatError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+
+
+def _record_or_raise(path, lineno, obj, check) -> None:
+    problems = check(obj)
+    if problems:
+        raise DataFormatError(f"{path}:{lineno}: {problems[0]}")
+
+
+def iter_queries(path: str | os.PathLike) -> Iterator[Query]:
+    for lineno, obj in iter_jsonl(path):
+        _record_or_raise(path, lineno, obj, query_problems)
+        yield Query(
+            qid=obj["qid"], text=obj.get("query_txt") or "", img_path=obj.get("query_img_path") or None,
+            modality=obj["query_modality"], pos=list(obj["pos_cand_list"]), neg=list(obj.get("neg_cand_list") or []),
+            task_id=obj.get("task_id"),
+        )
+
+
+def load_queries(path: str | os.PathLike) -> list[Query]:
+    return list(iter_queries(path))
+
+
+def iter_candidates(path: str | os.PathLike) -> Iterator[Candidate]:
+    for lineno, obj in iter_jsonl(path):
+        _record_or_raise(path, lineno, obj, candidate_problems)
+        yield Candidate(did=obj["did"], text=obj.get("txt") or "", img_path=obj.get("img_path") or None,
+                        modality=obj["modality"])
+
+
+@dataclass
+class PoolIndex:
+    """The part of a candidate pool that fits in RAM at M-BEIR scale: hashed ids and modalities.
+
+    The 5.6M-candidate union pool takes about 50 MB here (int64 id + int8 modality per item).
+    """
+
+    path: Path
+    ids: np.ndarray  # int64 [N], hashed dids in file order
+    modality: np.ndarray  # int8 [N], MODALITY_CODE
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def modality_of(self) -> dict[int, int]:
+        return dict(zip(self.ids.tolist(), self.modality.tolist()))
+
+
+_DID_FIELD = re.compile(r'"did"\s*:\s*"([^"]*)"')
+_MOD_FIELD = re.compile(r'"modality"\s*:\s*"([^"]*)"')
+
+
+def load_pool_index(path: str | os.PathLike) -> PoolIndex:
+    """Stream a candidate pool keeping only ids and modalities.
+
+    A full JSON parse of each line is the slow part on the 2.4 GB union pool, so the two fields
+    are pulled out with a regex; a line where that fails falls back to the validating parser,
+    which then names what is wrong.
+    """
+    ids, mods = array("q"), array("b")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            did_m, mod_m = _DID_FIELD.search(line), _MOD_FIELD.search(line)
+            try:
+                ids.append(hash_did(did_m.group(1)))
+                mods.append(MODALITY_CODE[mod_m.group(1)])
+            except (AttributeError, KeyError, ValueError):
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataFormatError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+                _record_or_raise(path, lineno, obj, candidate_problems)
+                raise DataFormatError(f"{path}:{lineno}: could not read did and modality") from None
+    return PoolIndex(Path(path), np.frombuffer(ids, dtype=np.int64).copy(), np.frombuffer(mods, dtype=np.int8).copy())
+
+
+# ---- qrels ----------------------------------------------------------------------------------
+@dataclass
+class Qrels:
+    relevant: dict[str, set[str]]  # qid -> relevant dids
+    task_of: dict[str, int]  # qid -> task id
+
+
+def load_qrels(path: str | os.PathLike) -> Qrels:
+    """M-BEIR qrels: ``qid 0 did relevance task_id``; relevance > 0 counts as relevant."""
+    relevant: dict[str, set[str]] = {}
+    task_of: dict[str, int] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 5:
+                raise DataFormatError(f"{path}:{lineno}: expected 5 fields 'qid 0 did relevance task_id', got {len(parts)}")
+            qid, _, did, rel, task = parts
+            try:
+                parse_id(qid, QID_BASE, "qid")
+                parse_id(did, DID_BASE, "did")
+                rel_value, task_value = int(rel), int(task)
+            except ValueError as err:
+                raise DataFormatError(f"{path}:{lineno}: {err}") from None
+            if task_value not in TASKS:
+                raise DataFormatError(f"{path}:{lineno}: task_id {task_value} is not an M-BEIR task id")
+            task_of[qid] = task_value
+            if rel_value > 0:
+                relevant.setdefault(qid, set()).add(did)
+    return Qrels(relevant, task_of)
+
+
+# ---- instructions ---------------------------------------------------------------------------
+InstructionMode = Literal["deterministic", "random", "first", "none"]
+
+
+@dataclass
+class Instructions:
+    """``query_instructions.tsv``: prompts per (dataset id, query modality, candidate modality)."""
+
+    prompts: dict[tuple[int, str, str], list[str]]
+    dataset_names: dict[int, str]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Instructions":
+        prompts: dict[tuple[int, str, str], list[str]] = {}
+        names: dict[int, str] = {}
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.reader(f, delimiter="\t"))
+        if not rows:
+            raise DataFormatError(f"{path}:1: empty instructions file (expected a header row)")
+        for lineno, row in enumerate(rows[1:], 2):
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) < 5:
+                raise DataFormatError(f"{path}:{lineno}: expected at least 5 tab-separated columns "
+                                      "(query_modality, cand_modality, dataset_name, dataset_id, prompt_1...), "
+                                      f"got {len(row)}")
+            qmod, cmod, name, dataset = row[0].strip(), row[1].strip(), row[2].strip(), row[3].strip()
+            for key, mod in (("query_modality", qmod), ("cand_modality", cmod)):
+                if mod not in MODALITY_CODE:
+                    raise DataFormatError(f"{path}:{lineno}: {key} {mod!r} is not one of {', '.join(MODALITIES)}")
+            if not dataset.isdigit():
+                raise DataFormatError(f"{path}:{lineno}: dataset_id {dataset!r} is not an integer")
+            variants = [cell.strip() for cell in row[4:] if cell.strip()]
+            if not variants:
+                raise DataFormatError(f"{path}:{lineno}: no instruction text in columns 5 and later")
+            prompts[(int(dataset), qmod, cmod)] = variants
+            names[int(dataset)] = name
+        return cls(prompts, names)
+
+    def variants(self, dataset_id: int, query_modality: str, cand_modality: str) -> list[str]:
+        key = (dataset_id, query_modality, cand_modality)
+        if key not in self.prompts:
+            raise KeyError(f"no instruction for dataset {dataset_id}, {query_modality} -> {cand_modality}; "
+                           f"the instructions file has {sorted(self.prompts)}")
+        return self.prompts[key]
+
+    def choose(self, qid: str, query_modality: str, cand_modality: str, mode: InstructionMode = "deterministic",
+               rng: random.Random | None = None) -> str:
+        """The instruction for one query.
+
+        ``deterministic`` (default) picks a variant from a stable hash of the qid, so every process
+        count and batch size gives the same text; ``random`` is UniIR's draw from ``rng``;
+        ``first`` always takes prompt_1 (pyserini's choice); ``none`` disables instructions.
+        """
+        if mode == "none":
+            return ""
+        variants = self.variants(int(qid.split(":")[0]), query_modality, cand_modality)
+        if mode == "first":
+            return variants[0]
+        if mode == "random":
+            return (rng or random).choice(variants)
+        return variants[zlib.crc32(qid.encode()) % len(variants)]
+
+
+def query_text_with_instruction(instruction: str, query_text: str) -> str:
+    """UniIR's query text: format_string("<instruction> <query text>")."""
+    return format_string(f"{instruction} {query_text}".strip())
+
+
+def target_modality(query: Query, pool_modality: dict[int, int] | None = None) -> str:
+    """The candidate modality a query asks for: from its task id, else from its first positive."""
+    if query.task_id is not None:
+        return TASKS[query.task_id][1]
+    if pool_modality is None:
+        raise ValueError(f"query {query.qid} has no task_id; pass the pool's modalities to find its target modality")
+    for did in query.pos:
+        code = pool_modality.get(hash_did(did))
+        if code is not None:
+            return MODALITIES[code]
+    raise ValueError(f"query {query.qid}: none of its positives is in the candidate pool")
+
+
+# ---- file naming ----------------------------------------------------------------------------
+_QUERY_FILE = re.compile(r"^mbeir_(?P<dataset>[a-z0-9]+)_task(?P<task>\d+)_(?P<split>train|val|test)\.jsonl$")
+
+
+def parse_query_file_name(path: str | os.PathLike) -> tuple[str, int, str] | None:
+    """``mbeir_mscoco_task0_test.jsonl`` -> ("mscoco", 0, "test"); None for other names."""
+    match = _QUERY_FILE.match(Path(path).name)
+    return (match["dataset"], int(match["task"]), match["split"]) if match else None

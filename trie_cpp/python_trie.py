@@ -1,0 +1,194 @@
+"""The reference trie over fixed-length integer IDs, in NumPy.
+
+Every backend (C++, marisa) implements exactly this API and is tested against it.
+
+Layout. IDs are rows of an int array [N, L]. Nodes at depth d (d = 0 is the root, d = L the
+leaves) are numbered 0..n_d-1 in lexicographic order of their prefixes. ``child_start[d]``
+(int64, length n_d + 1) and ``child_code[d]`` (int32, length n_{d+1}) are CSR arrays: the
+children of node i at depth d carry the codes ``child_code[d][child_start[d][i]:child_start[d][i+1]]``
+(sorted ascending), and the child whose code sits at position j of that array *is* node j at
+depth d + 1. So no child-pointer array is stored, and a leaf's number is the rank of its ID among
+the distinct IDs in sorted order: ``ids()[leaf]`` is that ID.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+MAGIC = b"GENIUSTRIE1\0"
+ABSENT = -1  # node id of a prefix that is not in the trie
+
+
+def unique_sorted_ids(codes: np.ndarray) -> np.ndarray:
+    """Distinct rows of ``codes`` in lexicographic order, as int32 [M, L]."""
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.shape[1] == 0:
+        raise ValueError(f"trie IDs must be a 2-D integer array [N, L] with L >= 1, got shape {codes.shape}")
+    if codes.size and (codes.min() < 0 or codes.max() > np.iinfo(np.int32).max):
+        raise ValueError("trie codes must be non-negative and fit in int32")
+    return np.unique(codes.astype(np.int32, copy=False), axis=0)
+
+
+def csr_from_sorted_ids(ids: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """CSR arrays (see module docstring) from distinct, sorted IDs [M, L]."""
+    num_ids, num_levels = ids.shape
+    child_start: list[np.ndarray] = []
+    child_code: list[np.ndarray] = []
+    # new_node[d][r] is True when row r starts a new node at depth d + 1 (its prefix of length
+    # d + 1 differs from the previous row's).
+    differs = np.ones((num_ids, num_levels), dtype=bool)
+    if num_ids > 1:
+        differs[1:] = np.logical_or.accumulate(ids[1:] != ids[:-1], axis=1)
+    parent_rows = np.array([0], dtype=np.int64) if num_ids else np.zeros(0, dtype=np.int64)
+    for depth in range(num_levels):
+        rows = np.flatnonzero(differs[:, depth])  # first row of each node at depth + 1
+        child_code.append(ids[rows, depth].astype(np.int32))
+        # Parent of each new node = number of parent starts at or before its first row, minus 1.
+        parent_of_child = np.searchsorted(parent_rows, rows, side="right") - 1
+        counts = np.bincount(parent_of_child, minlength=len(parent_rows))
+        start = np.zeros(len(parent_rows) + 1, dtype=np.int64)
+        np.cumsum(counts, out=start[1:])
+        child_start.append(start)
+        parent_rows = rows
+    return child_start, child_code
+
+
+class PythonTrie:
+    """Flat-array trie; the slow-but-obvious reference for the other backends."""
+
+    backend = "python"
+
+    def __init__(self, child_start: list[np.ndarray], child_code: list[np.ndarray]):
+        self.child_start = child_start
+        self.child_code = child_code
+
+    # ---- construction and persistence -------------------------------------------------------
+    @classmethod
+    def build(cls, codes: np.ndarray) -> "PythonTrie":
+        return cls(*csr_from_sorted_ids(unique_sorted_ids(codes)))
+
+    def save(self, path: str | os.PathLike) -> None:
+        save_csr(path, self.child_start, self.child_code)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, mmap: bool = True) -> "PythonTrie":
+        return cls(*load_csr(path, mmap=mmap))
+
+    # ---- sizes -----------------------------------------------------------------------------
+    @property
+    def num_levels(self) -> int:
+        return len(self.child_code)
+
+    def __len__(self) -> int:
+        """Number of distinct IDs (leaves)."""
+        return len(self.child_code[-1]) if self.child_code else 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.child_start) + sum(a.nbytes for a in self.child_code)
+
+    def ids(self) -> np.ndarray:
+        """All distinct IDs [M, L] in leaf order."""
+        num_ids = len(self)
+        out = np.empty((num_ids, self.num_levels), dtype=np.int32)
+        nodes = np.arange(num_ids)
+        for depth in range(self.num_levels - 1, -1, -1):
+            out[:, depth] = self.child_code[depth][nodes]
+            # parent of child node j at depth+1: the node whose child range holds j
+            nodes = np.searchsorted(self.child_start[depth], nodes, side="right") - 1
+        return out
+
+    # ---- queries ---------------------------------------------------------------------------
+    def root(self) -> int:
+        return 0
+
+    def children(self, prefix: Sequence[int]) -> np.ndarray:
+        """Sorted codes that may follow ``prefix``; empty if the prefix is absent or complete."""
+        node = self.root()
+        for depth, code in enumerate(prefix):
+            if depth >= self.num_levels:
+                return np.zeros(0, dtype=np.int32)
+            node = int(self.advance(depth, np.array([node]), np.array([code]))[0])
+            if node == ABSENT:
+                return np.zeros(0, dtype=np.int32)
+        depth = len(prefix)
+        if depth >= self.num_levels:
+            return np.zeros(0, dtype=np.int32)
+        lo, hi = self.child_start[depth][node], self.child_start[depth][node + 1]
+        return np.asarray(self.child_code[depth][lo:hi])
+
+    def advance(self, depth: int, nodes: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """Child node ids (at depth + 1) reached from ``nodes`` (at ``depth``) by ``codes``.
+
+        Absent nodes, and codes that are not children, give ``ABSENT`` (-1).
+        """
+        nodes = np.asarray(nodes, dtype=np.int64)
+        codes = np.asarray(codes, dtype=np.int64)
+        out = np.full(nodes.shape, ABSENT, dtype=np.int64)
+        start, code_arr = self.child_start[depth], self.child_code[depth]
+        for i, (node, code) in enumerate(zip(nodes.tolist(), codes.tolist())):
+            if node == ABSENT:
+                continue
+            lo, hi = int(start[node]), int(start[node + 1])
+            j = lo + int(np.searchsorted(code_arr[lo:hi], code))
+            if j < hi and code_arr[j] == code:
+                out[i] = j
+        return out
+
+    def fill_mask(self, depth: int, nodes: np.ndarray, mask: np.ndarray) -> None:
+        """Set ``mask[b, c] = True`` exactly for the codes c allowed after node ``nodes[b]``.
+
+        ``mask`` is a preallocated bool array [B, width]; it is cleared first. Absent nodes get an
+        all-False row.
+        """
+        mask[...] = False
+        start, code_arr = self.child_start[depth], self.child_code[depth]
+        for b, node in enumerate(np.asarray(nodes).tolist()):
+            if node != ABSENT:
+                mask[b, code_arr[start[node] : start[node + 1]]] = True
+
+
+def save_csr(path: str | os.PathLike, child_start: list[np.ndarray], child_code: list[np.ndarray]) -> None:
+    """Binary trie file: magic, level count, then per level the two arrays (8-byte aligned).
+
+    Written to a temporary file and renamed, so a reader never sees a half-written trie.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(MAGIC)
+        f.write(np.array([len(child_code)], dtype=np.int64).tobytes())
+        for start, code in zip(child_start, child_code):
+            f.write(np.array([len(start), len(code)], dtype=np.int64).tobytes())
+            f.write(np.ascontiguousarray(start, dtype=np.int64).tobytes())
+            code_bytes = np.ascontiguousarray(code, dtype=np.int32).tobytes()
+            f.write(code_bytes)
+            f.write(b"\0" * (-len(code_bytes) % 8))
+    os.replace(tmp, path)
+
+
+def load_csr(path: str | os.PathLike, mmap: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    raw = np.memmap(path, dtype=np.uint8, mode="r") if mmap else np.fromfile(path, dtype=np.uint8)
+    if bytes(raw[: len(MAGIC)]) != MAGIC:
+        raise ValueError(f"{path} is not a trie file written by this project (bad magic bytes)")
+    pos = len(MAGIC)
+
+    def take(dtype, count):
+        nonlocal pos
+        arr = raw[pos : pos + count * np.dtype(dtype).itemsize].view(dtype)
+        pos += count * np.dtype(dtype).itemsize
+        return arr
+
+    (num_levels,) = take(np.int64, 1)
+    child_start, child_code = [], []
+    for _ in range(int(num_levels)):
+        n_start, n_code = (int(v) for v in take(np.int64, 2))
+        child_start.append(take(np.int64, n_start))
+        child_code.append(take(np.int32, n_code))
+        pos += -(n_code * 4) % 8
+    if pos != len(raw):
+        raise ValueError(f"{path}: trie file is truncated or has trailing bytes ({len(raw)} bytes, expected {pos})")
+    return child_start, child_code
