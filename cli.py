@@ -1,0 +1,47 @@
+"""The ``genius`` command: one subcommand per stage, each a thin door into that stage's ``main``.
+
+Stage modules are imported only when their subcommand runs, so ``genius --help`` is instant and
+a stage's heavy imports (torch, open_clip, transformers) cost nothing elsewhere.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "world": ("genius.common.world", "write the synthetic M-BEIR-mini world"),
+    "check-data": ("genius.common.check_data", "validate an M-BEIR-format data root"),
+    "extract": ("genius.feature_extraction.extract", "stage 0: embed queries and candidate pools"),
+    "train-clip": ("genius.feature_extraction.train_clip", "stage 0: train CLIP-SF (score-fusion contrastive)"),
+    "train-rq": ("genius.models.residual_quantization.train", "stage 1: train the Combiner and residual quantizer"),
+    "assign-codes": ("genius.models.residual_quantization.assign_codes", "stage 1: discrete IDs for every candidate pool"),
+    "train-gen": ("genius.models.generative_retriever.train", "stage 2: train the T5 ID generator"),
+    "eval": ("genius.models.generative_retriever.evaluate", "stage 3: constrained decoding and M-BEIR evaluation"),
+    "search": ("genius.models.generative_retriever.search", "search a finished run with a text and/or image query"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    lines = ["usage: genius <command> [options]", "", "GENIUS-style generative universal multimodal retrieval.", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "Run 'genius <command> --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"genius: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    result = module.main(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Checkpoint IO: training state for resume, strict state-dict loading, official-file unpickling."""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import types
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from genius.common.io import atomic_torch_save
+
+_EPOCH_RE = re.compile(r"^epoch_(\d+)\.pt$")
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict that does not fit the model: lists missing, unexpected and mis-shaped tensors."""
+
+
+def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any], what: str) -> None:
+    """Raise naming every missing, unexpected and wrongly shaped tensor (nothing silently skipped)."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in given and tuple(given[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        lines = [f"{what} does not fit the model:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
+        if shapes:
+            lines.append(f"  wrong shapes ({len(shapes)}): {'; '.join(shapes[:20])}")
+        raise CheckpointMismatchError("\n".join(lines))
+
+
+def load_state_dict_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    check_state_dict(module.state_dict(), state, what)
+    module.load_state_dict(state, strict=True)
+
+
+# ---- training checkpoints -----------------------------------------------------------------
+def checkpoint_file(run_dir: str | os.PathLike, epoch: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"epoch_{epoch:04d}.pt"
+
+
+def save_training_checkpoint(run_dir: str | os.PathLike, epoch: int, state: dict) -> Path:
+    """Atomically write the state after ``epoch`` (model, optimizer, scheduler, scaler, rng...)."""
+    path = checkpoint_file(run_dir, epoch)
+    atomic_torch_save({**state, "epoch": epoch}, path)
+    return path
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return None
+    found = sorted((int(m[1]), p) for p in folder.iterdir() if (m := _EPOCH_RE.match(p.name)))
+    return found[-1][1] if found else None
+
+
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def load_own_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint this project wrote (it contains only tensors and plain Python data)."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ---- official checkpoints -----------------------------------------------------------------
+class _Opaque:
+    """Stands in for classes of libraries we do not need (OmegaConf configs) while unpickling."""
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __call__(self, *args, **kwargs):
+        return _Opaque(*args)
+
+
+class _OfficialUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module.startswith("omegaconf") or (module == "typing" and name == "Any"):
+            return _Opaque
+        return super().find_class(module, name)
+
+
+_official_pickle = types.ModuleType("genius_official_pickle")
+_official_pickle.Unpickler = _OfficialUnpickler
+_official_pickle.load = pickle.load
+_official_pickle.__name__ = "pickle"
+
+
+def load_official_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a UniIR/GENIUS ``.pth`` file: a dict whose ``model`` holds the state dict.
+
+    Those files also pickle training objects (an OmegaConf config), which torch >= 2.6's default
+    ``weights_only=True`` refuses and which would need omegaconf installed. We try the safe loader
+    first and otherwise unpickle with the OmegaConf classes replaced by an inert stand-in, so
+    nothing from the config is ever executed or needed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_official_pickle)
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], Mapping):
+        return obj
+    if isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {"model": obj}
+    raise CheckpointMismatchError(f"{path}: expected a dict with a 'model' state dict, got {type(obj).__name__}")

@@ -1,0 +1,104 @@
+"""Training pairs (query, positive candidate) over embedding stores, batched for stages 1 and 2.
+
+A query may have several positives. One is drawn per query *per epoch* (the official code drew
+one at dataset construction and kept it for every epoch). Batches are cut from one global,
+seeded permutation and each rank takes its own contiguous slice of every global batch, so a
+run on W processes with batch B sees exactly the samples of a 1-process run with batch W x B.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from genius.common.mbeir import hash_did, iter_queries
+from genius.common.store import EmbeddingStore
+
+
+@dataclass
+class TrainingPairs:
+    query_rows: np.ndarray  # int64 [Q] rows of the query store
+    pos_offsets: np.ndarray  # int64 [Q + 1] CSR offsets into pos_rows
+    pos_rows: np.ndarray  # int64 rows of the candidate store
+    dropped_queries: int = 0  # queries with no positive in the candidate store
+
+    def __len__(self) -> int:
+        return len(self.query_rows)
+
+    def sample_positives(self, rng: np.random.Generator) -> np.ndarray:
+        """One positive candidate row per query, uniformly among its positives."""
+        counts = np.diff(self.pos_offsets)
+        pick = (rng.random(len(counts)) * counts).astype(np.int64)
+        return self.pos_rows[self.pos_offsets[:-1] + pick]
+
+
+def load_training_pairs(query_file: str | os.PathLike, queries: EmbeddingStore, pool: EmbeddingStore) -> TrainingPairs:
+    """Join a query jsonl's positives with the rows of the query and candidate stores."""
+    pool_rows = dict(zip(np.asarray(pool.ids).tolist(), range(len(pool))))
+    query_ids, offsets, positives, dropped = [], [0], [], 0
+    for query in iter_queries(query_file):
+        rows = [pool_rows[h] for h in map(hash_did, query.pos) if h in pool_rows]
+        if not rows:
+            dropped += 1
+            continue
+        query_ids.append(query.hashed)
+        positives.extend(rows)
+        offsets.append(len(positives))
+    if not query_ids:
+        raise ValueError(f"{query_file}: no query has a positive in the candidate store {pool.path}")
+    return TrainingPairs(
+        query_rows=queries.rows_of(np.array(query_ids, dtype=np.int64)),
+        pos_offsets=np.array(offsets, dtype=np.int64),
+        pos_rows=np.array(positives, dtype=np.int64),
+        dropped_queries=dropped,
+    )
+
+
+def _side(store: EmbeddingStore, rows: np.ndarray, prefix: str) -> dict[str, torch.Tensor]:
+    a = store.arrays
+    # memmap fancy indexing wants sorted rows for locality; restore the batch order afterwards.
+    order = np.argsort(rows, kind="stable")
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    sorted_rows = rows[order]
+
+    def take(arr, dtype):
+        return torch.from_numpy(np.asarray(arr[sorted_rows], dtype=dtype)[inverse])
+
+    return {
+        f"{prefix}_img": take(a.img, np.float32),
+        f"{prefix}_txt": take(a.txt, np.float32),
+        f"{prefix}_img_mask": take(a.img_mask, np.float32),
+        f"{prefix}_txt_mask": take(a.txt_mask, np.float32),
+        f"{prefix}_modality": take(a.modality, np.int64),
+        f"{prefix}_target_modality": take(a.target_modality, np.int64),
+    }
+
+
+def iterate_batches(pairs: TrainingPairs, queries: EmbeddingStore, pool: EmbeddingStore, *, batch_size: int,
+                    epoch: int, seed: int, rank: int = 0, world_size: int = 1,
+                    drop_last: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's slice of each global batch of ``batch_size * world_size`` pairs for ``epoch``.
+
+    Keys: ``q_img, q_txt, q_img_mask, q_txt_mask, q_modality, q_target_modality`` and the same with
+    ``c_`` for the positive candidate (fp32 vectors and masks, int64 modality codes).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(pairs))
+    positives = pairs.sample_positives(rng)
+    global_batch = batch_size * world_size
+    stop = len(order) - len(order) % global_batch if drop_last else len(order)
+    for start in range(0, stop, global_batch):
+        chunk = order[start : start + global_batch]
+        mine = chunk[rank * batch_size : (rank + 1) * batch_size]
+        if len(mine) == 0:
+            continue
+        yield {**_side(queries, pairs.query_rows[mine], "q"), **_side(pool, positives[mine], "c")}
+
+
+def batches_per_epoch(num_pairs: int, batch_size: int, world_size: int = 1, drop_last: bool = True) -> int:
+    global_batch = batch_size * world_size
+    return num_pairs // global_batch if drop_last else -(-num_pairs // global_batch)

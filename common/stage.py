@@ -1,0 +1,70 @@
+"""What every stage entry point shares: the ``--config/--set`` command line and run records."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, TypeVar
+
+from genius.common.config import ConfigError, load_config, save_config
+
+T = TypeVar("T")
+log = logging.getLogger("genius")
+
+
+def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help="the stage's YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable); the YAML file is not modified")
+    return parser
+
+
+def parse_stage_config(cls: type[T], parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[T, argparse.Namespace]:
+    """Parse the command line and the config; a config error exits with status 2 and its message."""
+    args = parser.parse_args(argv)
+    try:
+        return load_config(cls, args.config, args.overrides), args
+    except ConfigError as err:
+        parser.exit(2, f"{parser.prog}: config error: {err}\n")
+
+
+def setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=os.environ.get("GENIUS_LOG_LEVEL", "INFO"),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def progress_disabled() -> bool:
+    """tqdm bars only on an interactive terminal, so CI and log files stay readable."""
+    return not sys.stderr.isatty()
+
+
+class MetricsLog:
+    """Append-only JSON-lines metrics file next to a run's outputs."""
+
+    def __init__(self, path: str | os.PathLike, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record: Any) -> None:
+        if self.enabled:
+            record = {"time": round(time.time(), 3), **record}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, default=float) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def record_run(out_dir: str | os.PathLike, cfg: Any, name: str = "config.yaml") -> None:
+    """Save the resolved config beside a run's outputs."""
+    save_config(cfg, Path(out_dir) / name)

@@ -1,0 +1,20 @@
+# Sourced by every configs_scripts/<setting>/run_<stage>.sh.
+# run_stage MODULE ARGS...: one process, or `torchrun --nproc_per_node $NPROC` when NPROC > 1.
+# Set GENIUS_PYTHON to use a specific interpreter; by default the project's .venv if present.
+set -euo pipefail
+GENIUS_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$GENIUS_REPO"
+if [ -z "${GENIUS_PYTHON:-}" ]; then
+    if [ -x "$GENIUS_REPO/.venv/bin/python" ]; then GENIUS_PYTHON="$GENIUS_REPO/.venv/bin/python"; else GENIUS_PYTHON=python3; fi
+fi
+export TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1
+
+run_stage() {
+    local module="$1"; shift
+    if [ "${NPROC:-1}" -gt 1 ]; then
+        "$GENIUS_PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m "$module" "$@"
+    else
+        "$GENIUS_PYTHON" -m "$module" "$@"
+    fi
+}

@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from genius.common.mbeir import (
+    DataFormatError, Instructions, MODALITY_CODE, TASKS, format_string, hash_did, hash_qid, iter_candidates,
+    iter_queries, load_pool_index, load_qrels, parse_query_file_name, query_text_with_instruction,
+    target_modality, unhash_did, unhash_qid,
+)
+
+
+def test_hash_round_trip():
+    rng = random.Random(0)
+    for _ in range(1000):
+        dataset, n = rng.randrange(0, 30), rng.randrange(0, 500_000)
+        assert unhash_qid(hash_qid(f"{dataset}:{n}")) == f"{dataset}:{n}"
+        m = rng.randrange(0, 10_000_000)
+        assert unhash_did(hash_did(f"{dataset}:{m}")) == f"{dataset}:{m}"
+    assert hash_qid("9:1") == 9 * 500_000 + 1 and hash_did("9:1") == 90_000_001
+
+
+@pytest.mark.parametrize("bad", ["9-1", "x:1", "9:", 91, None])
+def test_bad_ids_rejected(bad):
+    with pytest.raises(ValueError, match="dataset_id:index"):
+        hash_qid(bad)
+
+
+def test_index_out_of_hash_range():
+    with pytest.raises(ValueError, match="must be < 500000"):
+        hash_qid("1:500000")
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ('  "a dog on a bench"\r ', "A dog on a bench."),
+    ("Is it red?", "Is it red?"),
+    ("wow!", "Wow!"),
+    ("", ""),
+    (None, ""),
+])
+def test_format_string(raw, expected):
+    assert format_string(raw) == expected
+
+
+def test_instruction_text_for_image_only_query():
+    assert query_text_with_instruction("find the caption", "") == "Find the caption."
+    assert query_text_with_instruction("Find the image", "a red ball") == "Find the image a red ball."
+
+
+def test_task_table_matches_mbeir():
+    assert TASKS[0] == ("text", "image") and TASKS[3] == ("image", "text") and TASKS[8] == ("image,text", "image,text")
+    assert 5 not in TASKS and MODALITY_CODE == {"image": 0, "text": 1, "image,text": 2}
+
+
+def test_readers_on_real_coco_slice(coco_mini):
+    t2i = list(iter_queries(coco_mini / "query/test/mbeir_mscoco_task0_test.jsonl"))
+    i2t = list(iter_queries(coco_mini / "query/test/mbeir_mscoco_task3_test.jsonl"))
+    assert len(t2i) == 1195 and len(i2t) == 239
+    assert all(q.modality == "text" and q.img_path is None and len(q.pos) == 1 for q in t2i)
+    assert all(q.modality == "image" and q.text == "" and len(q.pos) == 5 for q in i2t)
+    pool = load_pool_index(coco_mini / "cand_pool/global/mbeir_union_test_cand_pool.jsonl")
+    assert len(pool) == 1434 and len(np.unique(pool.ids)) == 1434
+    assert (pool.modality == 0).sum() == 239 and (pool.modality == 1).sum() == 1195
+    images = list(iter_candidates(coco_mini / "cand_pool/local/mbeir_mscoco_task0_test_cand_pool.jsonl"))
+    assert all((coco_mini / c.img_path).is_file() for c in images)
+    qrels = load_qrels(coco_mini / "qrels/test/mbeir_mscoco_task3_test_qrels.txt")
+    assert all(qrels.relevant[q.qid] == set(q.pos) for q in i2t)
+    assert set(qrels.task_of.values()) == {3}
+    modality = pool.modality_of()
+    assert target_modality(t2i[0]) == "image" and target_modality(i2t[0], modality) == "text"
+    instructions = Instructions.load(coco_mini / "instructions/query_instructions.tsv")
+    assert len(instructions.variants(9, "text", "image")) == 4
+
+
+def test_instruction_choice_is_deterministic_and_spread(coco_mini):
+    instructions = Instructions.load(coco_mini / "instructions/query_instructions.tsv")
+    qids = [f"9:{n}" for n in range(1, 400)]
+    first = [instructions.choose(q, "text", "image") for q in qids]
+    assert first == [instructions.choose(q, "text", "image") for q in reversed(qids)][::-1]
+    assert len(set(first)) == 4  # all variants are used, not just prompt_1
+    assert instructions.choose("9:1", "text", "image", mode="first") == instructions.variants(9, "text", "image")[0]
+    assert instructions.choose("9:1", "text", "image", mode="none") == ""
+    rng_a, rng_b = random.Random(5), random.Random(5)
+    assert [instructions.choose(q, "text", "image", "random", rng_a) for q in qids] == \
+           [instructions.choose(q, "text", "image", "random", rng_b) for q in qids]
+    with pytest.raises(KeyError, match="no instruction for dataset 9, image -> image"):
+        instructions.choose("9:1", "image", "image")
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "q.jsonl"
+    good = {"qid": "1:1", "query_txt": "a", "query_img_path": None, "query_modality": "text", "pos_cand_list": ["1:2"]}
+    path.write_text(json.dumps(good) + "\n" + '{"qid": "1:2", oops}\n')
+    with pytest.raises(DataFormatError, match=r"q\.jsonl:2: not valid JSON"):
+        list(iter_queries(path))
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "query_modality": "video"}) + "\n")
+    with pytest.raises(DataFormatError, match=r"q\.jsonl:2: query_modality 'video' is not one of"):
+        list(iter_queries(path))
+    pool = tmp_path / "p.jsonl"
+    pool.write_text(json.dumps({"did": "1:1", "txt": "x", "img_path": None, "modality": "text"}) + "\n"
+                    + json.dumps({"did": "1:2", "txt": "", "img_path": None, "modality": "text"}) + "\n")
+    with pytest.raises(DataFormatError, match=r"p\.jsonl:2: modality is 'text' but the text is empty"):
+        list(iter_candidates(pool))
+    pool.write_text(json.dumps({"did": "1:x", "txt": "x", "img_path": None, "modality": "text"}) + "\n")
+    with pytest.raises(DataFormatError, match=r"p\.jsonl:1: did '1:x'"):
+        load_pool_index(pool)
+
+
+def test_qrels_need_five_columns(tmp_path):
+    path = tmp_path / "qrels.txt"
+    path.write_text("9:1 0 9:1 1 0\n9:2 0 9:1 1\n")
+    with pytest.raises(DataFormatError, match=r"qrels\.txt:2: expected 5 fields"):
+        load_qrels(path)
+
+
+def test_query_file_names():
+    assert parse_query_file_name("query/test/mbeir_mscoco_task0_test.jsonl") == ("mscoco", 0, "test")
+    assert parse_query_file_name("mbeir_union_up_train.jsonl") is None
+
+
+def test_union_pool_index_memory_is_small(tmp_path):
+    # 200k candidates stand in for the 5.6M union pool: the index keeps 9 bytes per candidate.
+    path = tmp_path / "pool.jsonl"
+    with open(path, "w") as f:
+        for n in range(1, 200_001):
+            f.write(json.dumps({"did": f"3:{n}", "txt": "some long passage " * 5, "img_path": None,
+                                "modality": "text", "src_content": None}) + "\n")
+    pool = load_pool_index(path)
+    assert len(pool) == 200_000 and pool.ids.nbytes + pool.modality.nbytes == 200_000 * 9
+    assert pool.ids[0] == 30_000_001 and (pool.modality == 1).all()
