@@ -71,18 +71,20 @@ def check_pool(path: Path, report: Report) -> PoolInfo:
 
 
 def pool_for_query_file(root: Path, query_file: Path) -> Path | None:
-    """The pool a query file is evaluated against: its local pool, else its split's union pool."""
+    """The pool a query file is answered from.
+
+    test: its local pool (MSCOCO's is named ..._test_cand_pool); val: a ..._val_cand_pool, else the
+    union val pool, else the local pool; train (and union files): the split's union pool.
+    """
     parsed = parse_query_file_name(query_file)
-    if parsed:
-        dataset, task, split = parsed
-        for name in (f"mbeir_{dataset}_task{task}_{split}_cand_pool.jsonl", f"mbeir_{dataset}_task{task}_cand_pool.jsonl"):
-            if (root / "cand_pool" / "local" / name).is_file():
-                return root / "cand_pool" / "local" / name
-        split_name = split
-    else:
-        split_name = query_file.parent.name.removeprefix("union_")
-    union = root / "cand_pool" / "global" / f"mbeir_union_{split_name}_cand_pool.jsonl"
-    return union if union.is_file() else None
+    split = parsed[2] if parsed else query_file.parent.name.removeprefix("union_")
+    local, union = root / "cand_pool" / "local", root / "cand_pool" / "global" / f"mbeir_union_{split}_cand_pool.jsonl"
+    candidates = [union]
+    if parsed and split != "train":
+        stem = f"mbeir_{parsed[0]}_task{parsed[1]}"
+        split_local, plain_local = local / f"{stem}_{split}_cand_pool.jsonl", local / f"{stem}_cand_pool.jsonl"
+        candidates = [split_local, plain_local, union] if split == "test" else [split_local, union, plain_local]
+    return next((path for path in candidates if path.is_file()), None)
 
 
 def check_queries(path: Path, pool: PoolInfo | None, pool_path: Path | None, instructions: Instructions | None,

@@ -68,3 +68,31 @@ class MetricsLog:
 def record_run(out_dir: str | os.PathLike, cfg: Any, name: str = "config.yaml") -> None:
     """Save the resolved config beside a run's outputs."""
     save_config(cfg, Path(out_dir) / name)
+
+
+# ---- skipping stages whose inputs did not change ------------------------------------------
+DONE_FILE = "done.json"
+
+
+def stage_fingerprint(cfg: Any, inputs: list[str | os.PathLike], ignore: tuple[str, ...] = ("device", "force")) -> str:
+    """Hash of the resolved config (minus keys that do not change the result) and input files."""
+    from genius.common.config import config_to_dict
+    from genius.common.io import file_fingerprint, sha256_json
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in ignore}
+        return node
+
+    return sha256_json({"config": strip(config_to_dict(cfg)), "inputs": [file_fingerprint(p) for p in inputs]})
+
+
+def is_up_to_date(out_dir: str | os.PathLike, fingerprint: str) -> bool:
+    done = Path(out_dir) / DONE_FILE
+    return done.is_file() and json.loads(done.read_text()).get("fingerprint") == fingerprint
+
+
+def mark_done(out_dir: str | os.PathLike, fingerprint: str, **summary: Any) -> None:
+    from genius.common.io import atomic_write_json
+
+    atomic_write_json(Path(out_dir) / DONE_FILE, {"fingerprint": fingerprint, **summary})

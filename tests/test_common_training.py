@@ -1,0 +1,115 @@
+"""Checkpoint IO and training-pair sampling shared by the training stages."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from genius.common.checkpoint import (
+    CheckpointMismatchError, latest_checkpoint, load_official_checkpoint, load_state_dict_strict,
+    save_training_checkpoint,
+)
+from genius.common.pairs import batches_per_epoch, iterate_batches, load_training_pairs
+from genius.common.store import EmbeddingStore, StoreArrays, write_store
+
+
+def test_strict_loading_names_every_problem():
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    state.pop("0.bias")
+    state["1.weight"] = torch.zeros(2, 5)
+    state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_state_dict_strict(module, state, "test.pth")
+    msg = str(err.value)
+    assert "missing keys (1): 0.bias" in msg and "unexpected keys (1): extra.weight" in msg
+    assert "1.weight: checkpoint (2, 5) vs model (2, 4)" in msg
+
+
+def test_official_file_with_pickled_omegaconf_loads_without_omegaconf(tmp_path, monkeypatch):
+    # Build a file that pickles an object of an 'omegaconf' class, as UniIR/GENIUS files do, then
+    # load it in a process state where that library is not importable.
+    fake = types.ModuleType("omegaconf")
+    fake_dictconfig = types.ModuleType("omegaconf.dictconfig")
+
+    class DictConfig:
+        def __init__(self):
+            self.content = {"lr": 1e-4}
+
+    DictConfig.__module__ = "omegaconf.dictconfig"
+    DictConfig.__qualname__ = "DictConfig"
+    fake_dictconfig.DictConfig = DictConfig
+    monkeypatch.setitem(sys.modules, "omegaconf", fake)
+    monkeypatch.setitem(sys.modules, "omegaconf.dictconfig", fake_dictconfig)
+    weights = {"clip_model.logit_scale": torch.tensor(4.6)}
+    torch.save({"model": weights, "config": DictConfig(), "epoch": 19}, tmp_path / "official.pth")
+    monkeypatch.delitem(sys.modules, "omegaconf")
+    monkeypatch.delitem(sys.modules, "omegaconf.dictconfig")
+    with pytest.raises(Exception):
+        torch.load(tmp_path / "official.pth", weights_only=True)
+    loaded = load_official_checkpoint(tmp_path / "official.pth")
+    assert loaded["epoch"] == 19 and torch.equal(loaded["model"]["clip_model.logit_scale"], torch.tensor(4.6))
+    torch.save(weights, tmp_path / "bare.pth")
+    assert set(load_official_checkpoint(tmp_path / "bare.pth")["model"]) == set(weights)
+    with pytest.raises(FileNotFoundError):
+        load_official_checkpoint(tmp_path / "none.pth")
+
+
+def test_latest_checkpoint(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    for epoch in (0, 2, 10):
+        save_training_checkpoint(tmp_path, epoch, {"model": {}})
+    assert latest_checkpoint(tmp_path).name == "epoch_0010.pt"
+    assert torch.load(latest_checkpoint(tmp_path), weights_only=False)["epoch"] == 10
+
+
+@pytest.fixture
+def pair_world(tmp_path):
+    """10 queries; query n has positives n and n + 10 (plus one query whose positive is missing)."""
+    queries = tmp_path / "q.jsonl"
+    lines = [{"qid": f"1:{n}", "query_txt": f"q{n}", "query_img_path": None, "query_modality": "text",
+              "pos_cand_list": [f"1:{n}", f"1:{n + 10}"], "task_id": 1} for n in range(1, 11)]
+    lines.append({"qid": "1:99", "query_txt": "x", "query_img_path": None, "query_modality": "text",
+                  "pos_cand_list": ["1:999"], "task_id": 1})
+    queries.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+
+    def arrays(ids, value_of):
+        n = len(ids)
+        vec = np.stack([np.full(4, value_of(i), dtype=np.float32) for i in ids])
+        return StoreArrays(np.array(ids, dtype=np.int64), vec, vec, np.zeros(n), np.ones(n), np.ones(n), np.ones(n))
+
+    qids = [500_000 + n for n in range(1, 12)][::-1]  # store order differs from file order
+    write_store(tmp_path / "qs", arrays(qids, lambda i: i - 500_000), encoder="e", kind="query")
+    dids = [10_000_000 + n for n in range(1, 21)]
+    write_store(tmp_path / "cs", arrays(dids, lambda i: i - 10_000_000), encoder="e", kind="candidate")
+    return queries, EmbeddingStore.open(tmp_path / "qs"), EmbeddingStore.open(tmp_path / "cs")
+
+
+def test_pairs_join_and_resample(pair_world):
+    path, qstore, cstore = pair_world
+    pairs = load_training_pairs(path, qstore, cstore)
+    assert len(pairs) == 10 and pairs.dropped_queries == 1
+    picks = []
+    for epoch in range(6):
+        (batch,) = list(iterate_batches(pairs, qstore, cstore, batch_size=10, epoch=epoch, seed=1))
+        q, c = batch["q_txt"][:, 0].numpy(), batch["c_txt"][:, 0].numpy()
+        assert set(q.tolist()) == set(range(1, 11))
+        assert all(ci in (qi, qi + 10) for qi, ci in zip(q, c))  # each candidate is a positive of its query
+        picks.append(tuple(c[np.argsort(q)]))
+    assert len(set(picks)) > 1  # positives are re-drawn per epoch
+
+
+def test_ranks_split_the_global_batch(pair_world):
+    path, qstore, cstore = pair_world
+    pairs = load_training_pairs(path, qstore, cstore)
+    whole = list(iterate_batches(pairs, qstore, cstore, batch_size=4, epoch=3, seed=7))
+    shards = [list(iterate_batches(pairs, qstore, cstore, batch_size=2, epoch=3, seed=7, rank=r, world_size=2))
+              for r in range(2)]
+    assert len(whole) == batches_per_epoch(10, 4) == 2
+    for step, batch in enumerate(whole):
+        joined = torch.cat([shards[0][step]["q_txt"], shards[1][step]["q_txt"]])
+        torch.testing.assert_close(joined, batch["q_txt"])
