@@ -8,7 +8,11 @@ leaves) are numbered 0..n_d-1 in lexicographic order of their prefixes. ``child_
 children of node i at depth d carry the codes ``child_code[d][child_start[d][i]:child_start[d][i+1]]``
 (sorted ascending), and the child whose code sits at position j of that array *is* node j at
 depth d + 1. So no child-pointer array is stored, and a leaf's number is the rank of its ID among
-the distinct IDs in sorted order: ``ids()[leaf]`` is that ID.
+the distinct IDs in sorted order: ``ids()[leaf]`` is that ID. The root always exists (n_0 = 1),
+even in a trie with no IDs, where it simply has no children.
+
+The argument checks at the end of this module are shared by the Python-side backends, so every
+backend rejects the same bad input with the same ``ValueError``.
 """
 from __future__ import annotations
 
@@ -18,18 +22,27 @@ from typing import Sequence
 
 import numpy as np
 
-MAGIC = b"GENIUSTRIE1\0"
+# 16 bytes, so that every array in the file starts 8-byte aligned (the C++ backend and numpy
+# memory maps read the int64 offsets in place).
+MAGIC = b"GENIUS-TRIE-v2\0\0"
 ABSENT = -1  # node id of a prefix that is not in the trie
+
+
+def check_codes(codes: np.ndarray, max_code: int = int(np.iinfo(np.int32).max)) -> np.ndarray:
+    """``codes`` as an integer array [N, L], or a ValueError saying what is wrong with it."""
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.shape[1] == 0:
+        raise ValueError(f"trie IDs must be a 2-D integer array [N, L] with L >= 1, got shape {codes.shape}")
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"trie IDs must be integers, got dtype {codes.dtype}")
+    if codes.size and (codes.min() < 0 or codes.max() > max_code):
+        raise ValueError(f"trie codes must lie in [0, {max_code}], got [{codes.min()}, {codes.max()}]")
+    return codes
 
 
 def unique_sorted_ids(codes: np.ndarray) -> np.ndarray:
     """Distinct rows of ``codes`` in lexicographic order, as int32 [M, L]."""
-    codes = np.asarray(codes)
-    if codes.ndim != 2 or codes.shape[1] == 0:
-        raise ValueError(f"trie IDs must be a 2-D integer array [N, L] with L >= 1, got shape {codes.shape}")
-    if codes.size and (codes.min() < 0 or codes.max() > np.iinfo(np.int32).max):
-        raise ValueError("trie codes must be non-negative and fit in int32")
-    return np.unique(codes.astype(np.int32, copy=False), axis=0)
+    return np.unique(check_codes(codes).astype(np.int32, copy=False), axis=0)
 
 
 def csr_from_sorted_ids(ids: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -37,12 +50,12 @@ def csr_from_sorted_ids(ids: np.ndarray) -> tuple[list[np.ndarray], list[np.ndar
     num_ids, num_levels = ids.shape
     child_start: list[np.ndarray] = []
     child_code: list[np.ndarray] = []
-    # new_node[d][r] is True when row r starts a new node at depth d + 1 (its prefix of length
+    # differs[r, d] is True when row r starts a new node at depth d + 1 (its prefix of length
     # d + 1 differs from the previous row's).
     differs = np.ones((num_ids, num_levels), dtype=bool)
     if num_ids > 1:
         differs[1:] = np.logical_or.accumulate(ids[1:] != ids[:-1], axis=1)
-    parent_rows = np.array([0], dtype=np.int64) if num_ids else np.zeros(0, dtype=np.int64)
+    parent_rows = np.array([0], dtype=np.int64)  # the root, present even when there are no IDs
     for depth in range(num_levels):
         rows = np.flatnonzero(differs[:, depth])  # first row of each node at depth + 1
         child_code.append(ids[rows, depth].astype(np.int32))
@@ -125,8 +138,9 @@ class PythonTrie:
 
         Absent nodes, and codes that are not children, give ``ABSENT`` (-1).
         """
-        nodes = np.asarray(nodes, dtype=np.int64)
-        codes = np.asarray(codes, dtype=np.int64)
+        check_depth(depth, self.num_levels)
+        nodes, codes = check_batch(nodes, codes)
+        check_nodes(nodes, len(self.child_start[depth]) - 1, depth)
         out = np.full(nodes.shape, ABSENT, dtype=np.int64)
         start, code_arr = self.child_start[depth], self.child_code[depth]
         for i, (node, code) in enumerate(zip(nodes.tolist(), codes.tolist())):
@@ -141,16 +155,22 @@ class PythonTrie:
     def fill_mask(self, depth: int, nodes: np.ndarray, mask: np.ndarray) -> None:
         """Set ``mask[b, c] = True`` exactly for the codes c allowed after node ``nodes[b]``.
 
-        ``mask`` is a preallocated bool array [B, width]; it is cleared first. Absent nodes get an
-        all-False row.
+        ``mask`` is a preallocated numpy bool array [B, width]; it is cleared first. Absent nodes
+        get an all-False row. A child code >= width is a ValueError (the mask is then undefined).
         """
+        check_depth(depth, self.num_levels)
+        nodes = check_mask(nodes, mask)
+        check_nodes(nodes, len(self.child_start[depth]) - 1, depth)
         mask[...] = False
         start, code_arr = self.child_start[depth], self.child_code[depth]
-        for b, node in enumerate(np.asarray(nodes).tolist()):
+        for b, node in enumerate(nodes.tolist()):
             if node != ABSENT:
-                mask[b, code_arr[start[node] : start[node + 1]]] = True
+                allowed = code_arr[start[node] : start[node + 1]]
+                check_width(allowed, mask.shape[1], depth)
+                mask[b, allowed] = True
 
 
+# ---- the binary file ---------------------------------------------------------------------------
 def save_csr(path: str | os.PathLike, child_start: list[np.ndarray], child_code: list[np.ndarray]) -> None:
     """Binary trie file: magic, level count, then per level the two arrays (8-byte aligned).
 
@@ -171,6 +191,12 @@ def save_csr(path: str | os.PathLike, child_start: list[np.ndarray], child_code:
 
 
 def load_csr(path: str | os.PathLike, mmap: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The CSR arrays of a file written by ``save_csr``, checked (``check_csr``) before use.
+
+    With ``mmap`` the arrays are read-only views of the memory-mapped file.
+    """
+    if os.path.getsize(path) < len(MAGIC):  # also keeps np.memmap away from empty files
+        raise ValueError(f"{path} is truncated: too short ({os.path.getsize(path)} bytes) to be a trie file")
     raw = np.memmap(path, dtype=np.uint8, mode="r") if mmap else np.fromfile(path, dtype=np.uint8)
     if bytes(raw[: len(MAGIC)]) != MAGIC:
         raise ValueError(f"{path} is not a trie file written by this project (bad magic bytes)")
@@ -178,17 +204,87 @@ def load_csr(path: str | os.PathLike, mmap: bool = True) -> tuple[list[np.ndarra
 
     def take(dtype, count):
         nonlocal pos
-        arr = raw[pos : pos + count * np.dtype(dtype).itemsize].view(dtype)
-        pos += count * np.dtype(dtype).itemsize
+        size = count * np.dtype(dtype).itemsize
+        if count < 0 or pos + size > len(raw):
+            needed = pos + max(size, 0)
+            raise ValueError(f"{path}: trie file is truncated or corrupt ({len(raw)} bytes, needs at least {needed})")
+        arr = raw[pos : pos + size].view(dtype)
+        pos += size
         return arr
 
     (num_levels,) = take(np.int64, 1)
+    if num_levels < 1:
+        raise ValueError(f"{path}: corrupt trie file (level count {num_levels})")
     child_start, child_code = [], []
     for _ in range(int(num_levels)):
         n_start, n_code = (int(v) for v in take(np.int64, 2))
         child_start.append(take(np.int64, n_start))
         child_code.append(take(np.int32, n_code))
-        pos += -(n_code * 4) % 8
+        take(np.uint8, -(n_code * 4) % 8)
     if pos != len(raw):
-        raise ValueError(f"{path}: trie file is truncated or has trailing bytes ({len(raw)} bytes, expected {pos})")
+        raise ValueError(f"{path}: trie file has trailing bytes ({len(raw)} bytes, expected {pos})")
+    check_csr(child_start, child_code, where=str(path))
     return child_start, child_code
+
+
+def check_csr(child_start: list[np.ndarray], child_code: list[np.ndarray], where: str = "trie") -> None:
+    """ValueError unless the arrays form a trie as the module docstring lays out."""
+    num_nodes = 1  # the root
+    for depth, (start, code) in enumerate(zip(child_start, child_code)):
+        problem = None
+        steps = np.diff(start)
+        if len(start) != num_nodes + 1:
+            problem = f"{len(start)} child offsets for {num_nodes} nodes"
+        elif start[0] != 0 or start[-1] != len(code) or (steps < 0).any():
+            problem = "child offsets are not an increasing cover of the child codes"
+        elif depth > 0 and (steps == 0).any():
+            problem = "a node above the leaves has no children"
+        elif len(code) and code.min() < 0:
+            problem = "negative child code"
+        else:
+            # Codes must increase strictly inside each node; only steps that cross into the next
+            # node (at offsets start[1:-1]) may go down.
+            code_steps_ok = np.diff(code.astype(np.int64)) > 0
+            code_steps_ok[start[1:-1][(start[1:-1] > 0) & (start[1:-1] < len(code))] - 1] = True
+            if not code_steps_ok.all():
+                problem = "child codes are not sorted and distinct within a node"
+        if problem:
+            raise ValueError(f"{where}: corrupt trie at depth {depth}: {problem}")
+        num_nodes = len(code)
+
+
+# ---- argument checks shared by the Python-side backends ----------------------------------------
+def check_depth(depth: int, num_levels: int) -> None:
+    if not 0 <= depth < num_levels:
+        raise ValueError(f"depth must be in [0, {num_levels}) for a trie with {num_levels} levels, got {depth}")
+
+
+def check_batch(nodes, codes) -> tuple[np.ndarray, np.ndarray]:
+    nodes = np.asarray(nodes, dtype=np.int64)
+    codes = np.asarray(codes, dtype=np.int64)
+    if nodes.ndim != 1 or nodes.shape != codes.shape:
+        raise ValueError(f"nodes and codes must be 1-D arrays of one length, got {nodes.shape} and {codes.shape}")
+    return nodes, codes
+
+
+def check_nodes(nodes: np.ndarray, num_nodes: int, depth: int) -> None:
+    bad = (nodes < ABSENT) | (nodes >= num_nodes)
+    if bad.any():
+        raise ValueError(f"node id {nodes[bad][0]} does not exist at depth {depth} ({num_nodes} nodes; -1 = absent)")
+
+
+def check_mask(nodes, mask) -> np.ndarray:
+    """``nodes`` as int64 [B]; ValueError unless ``mask`` is a writable numpy bool array [B, width]."""
+    nodes = np.asarray(nodes, dtype=np.int64)
+    if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.ndim != 2:
+        raise ValueError("mask must be a 2-D numpy bool array [B, width] (for a torch tensor pass tensor.numpy())")
+    if nodes.ndim != 1 or len(nodes) != len(mask):
+        raise ValueError(f"nodes must be 1-D with one entry per mask row, got shapes {nodes.shape} and {mask.shape}")
+    if not mask.flags.writeable:
+        raise ValueError("mask must be writable")
+    return nodes
+
+
+def check_width(allowed: np.ndarray, width: int, depth: int) -> None:
+    if len(allowed) and allowed.max() >= width:
+        raise ValueError(f"child code {allowed.max()} at depth {depth} does not fit a mask of width {width}")
