@@ -1,0 +1,177 @@
+"""genius assign-codes: the discrete ID of every candidate in every pool, with collision statistics.
+
+For each candidate store (stage 0 output, one per local pool plus the union pool) it writes
+``<out_dir>/<pool stem>/``:
+
+- ``codes.npy`` int64 [N, L]: level 0 = the candidate's modality (assigned mode), then one code
+  per residual level; ``ids.npy`` int64 [N]: hashed dids in store order;
+- ``stats.json``: codes used and perplexity per level, collision rate (share of candidates whose
+  full ID another candidate shares), distinct IDs, largest bucket, mean quantization error
+  ||z - decode(codes)||^2 (and after each level);
+- ``meta.json``: the rq.pt fingerprint and store it was made from, num_levels, codebook_sizes.
+
+A pool whose meta.json already matches the current rq.pt and store is skipped. With
+``unique_level: true`` an extra last level numbers the candidates inside each shared ID
+(0, 1, ...), so every ID is unique; its size is the largest bucket. The paper does not do this
+(shared IDs return all their candidates), so it is off by default. Under torchrun the pools are
+split among the processes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from genius.common.config import resolve_path
+from genius.common.distributed import DistInfo, barrier, cleanup, init_distributed
+from genius.common.io import atomic_dir, file_fingerprint
+from genius.common.stage import parse_stage_config, record_run, setup_logging, stage_parser
+from genius.common.store import EmbeddingStore, StoreError, read_meta
+from genius.models.residual_quantization.code_stats import collision_stats, level_usage, rank_in_bucket
+from genius.models.residual_quantization.model import RQModel, load_rq, rq_fingerprint
+
+log = logging.getLogger("genius.assign_codes")
+
+
+@dataclass
+class AssignCodesConfig:
+    rq_path: str = "checkpoint/large/rq/rq.pt"
+    embed_dir: str = "extracted_embed/CLIP_SF/cand"  # candidate stores, one directory per pool
+    pools: list[str] | None = None  # store names (pool file stems) under embed_dir; None: every store there
+    encoder: str | None = None  # the encoder name every store must record (None: not checked)
+    out_dir: str = "checkpoint/large/rq/codes"
+    batch_size: int = 4096
+    unique_level: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.pools is not None and not self.pools:
+            raise ValueError("pools is an empty list; list pool names or leave it out to take every store")
+
+
+def pool_stores(embed_dir: Path, pools: list[str] | None) -> list[Path]:
+    if pools is not None:
+        return [embed_dir / name for name in pools]
+    found = sorted(p for p in embed_dir.iterdir() if (read_meta(p) or {}).get("kind") == "candidate") \
+        if embed_dir.is_dir() else []
+    if not found:
+        raise StoreError(f"no candidate stores under {embed_dir} (run feature extraction for the pools first)")
+    return found
+
+
+def source_record(fingerprint: str, store: EmbeddingStore, unique_level: bool) -> dict:
+    """What a pool's codes are made from; equal records mean the codes are up to date."""
+    return {"rq": fingerprint,
+            "store": {"path": str(store.path.resolve()), "source": store.meta.get("source"),
+                      "meta": file_fingerprint(store.path / "meta.json")},
+            "unique_level": unique_level}
+
+
+def is_up_to_date(out: Path, record: dict) -> bool:
+    meta_path = out / "meta.json"
+    if not meta_path.is_file() or not (out / "codes.npy").is_file():
+        return False
+    meta = json.loads(meta_path.read_text())
+    return all(meta.get(key) == value for key, value in json.loads(json.dumps(record)).items())
+
+
+@torch.no_grad()
+def encode_store(model: RQModel, store: EmbeddingStore, batch_size: int,
+                 device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(codes int64 [N, L], mean ||z - decode(codes[:, :l+1])||^2 for each l)."""
+    arrays, levels = store.arrays, model.num_levels
+    codes = np.empty((len(store), levels), dtype=np.int64)
+    error_sums = np.zeros(levels)
+    codebooks = model.codebooks()
+    for start in range(0, len(store), batch_size):
+        rows = slice(start, start + batch_size)
+
+        def take(arr, dtype=np.float32):
+            return torch.from_numpy(np.asarray(arr[rows], dtype=dtype)).to(device)
+
+        z = model.embed(take(arrays.img), take(arrays.txt), take(arrays.img_mask), take(arrays.txt_mask))
+        batch_codes = model.encode(z, take(arrays.modality, np.int64))
+        codes[rows] = batch_codes.cpu().numpy()
+        reconstruction = torch.zeros_like(z)
+        for level in range(levels):
+            reconstruction += codebooks[level][batch_codes[:, level]]
+            error_sums[level] += (z - reconstruction).pow(2).sum().item()
+    return codes, error_sums / max(len(store), 1)
+
+
+def pool_stats(codes: np.ndarray, codebook_sizes: list[int], errors: np.ndarray, modality: np.ndarray) -> dict:
+    used, perplexities = level_usage(codes, codebook_sizes)
+    return {
+        "num_candidates": int(len(codes)),
+        "num_levels": len(codebook_sizes),
+        "codebook_sizes": codebook_sizes,
+        "codes_used_per_level": used,
+        "perplexity_per_level": perplexities,
+        **collision_stats(codes),
+        "mean_quantization_error": float(errors[-1]) if len(errors) else 0.0,
+        "quantization_error_per_level": [float(e) for e in errors],
+        "level0_matches_modality": float((codes[:, 0] == modality).mean()) if len(codes) else 1.0,
+    }
+
+
+def assign_pool(model: RQModel, fingerprint: str, store_path: Path, cfg: AssignCodesConfig, device: torch.device) -> None:
+    store = EmbeddingStore.open(store_path, dim=model.arch["dim"], encoder=cfg.encoder, kind="candidate")
+    out = resolve_path(cfg.out_dir) / store_path.name
+    record = source_record(fingerprint, store, cfg.unique_level)
+    if is_up_to_date(out, record):
+        log.info("%s: codes are up to date, skipped", store_path.name)
+        return
+    codes, errors = encode_store(model, store, cfg.batch_size, device)
+    sizes = list(model.codebook_sizes)
+    stats = pool_stats(codes, sizes, errors, np.asarray(store.arrays.modality, dtype=np.int64))
+    if cfg.unique_level:
+        # The stats above describe the ID without the extra level (which makes every ID unique).
+        codes = np.concatenate([codes, rank_in_bucket(codes)[:, None]], axis=1)
+        sizes.append(max(stats["largest_bucket"], 1))
+        stats["unique_level_size"] = sizes[-1]
+    with atomic_dir(out) as tmp:
+        np.save(tmp / "codes.npy", codes)
+        np.save(tmp / "ids.npy", np.asarray(store.ids, dtype=np.int64))
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        # meta.json last: a directory without it is never taken as up to date.
+        meta = {**record, "num_levels": len(sizes), "codebook_sizes": sizes}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("%s: %d candidates, %d distinct IDs, collision rate %.4f, largest bucket %d, quantization error %.4g",
+             store_path.name, stats["num_candidates"], stats["distinct_ids"], stats["collision_rate"],
+             stats["largest_bucket"], stats["mean_quantization_error"])
+
+
+def assign_codes(cfg: AssignCodesConfig, info: DistInfo) -> None:
+    rq_path = resolve_path(cfg.rq_path)
+    fingerprint = rq_fingerprint(rq_path)
+    model = load_rq(rq_path).to(info.device)
+    stores = pool_stores(resolve_path(cfg.embed_dir), cfg.pools)
+    if info.is_main:
+        record_run(resolve_path(cfg.out_dir), cfg)
+    for store_path in stores[info.rank::info.world_size]:
+        assign_pool(model, fingerprint, store_path, cfg, info.device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    parser = stage_parser("genius assign-codes", "Stage 1: discrete IDs and collision statistics for every pool.")
+    cfg, _ = parse_stage_config(AssignCodesConfig, parser, argv)
+    info = init_distributed(cfg.device)
+    try:
+        assign_codes(cfg, info)
+        barrier()
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Residual vector quantizer with a modality level, EMA codebooks and dead-code reset.
+
+Level 0 has 3 codes, one per modality (0 image, 1 text, 2 image+text). In the default
+``"assigned"`` mode its code is *given* (a candidate's own modality, or for a query the modality
+its instruction asks for) and its codeword is the EMA mean of the vectors assigned to it, so the
+first code means what the paper says by construction. ``"learned"`` mode is the official code's
+plain 3-entry nearest-codeword level (needed to load the released checkpoint).
+
+Levels 1..L-1 have K codes each. Every level quantizes the residual left by the levels before it,
+by Euclidean nearest codeword; the quantized vector is the sum of the selected codewords.
+Codebooks are buffers, never touched by the optimizer: in training mode each step moves them by
+an exponential moving average of the vectors assigned to each code (decay 0.9, Laplace-smoothed
+counts), and a code whose EMA count drops below the dead-code threshold is re-seeded with a
+random residual of the current batch. Under torch.distributed the EMA statistics are summed over
+ranks and rank 0 draws the replacements, so every rank holds bit-identical codebooks.
+
+Gradients: the straight-through estimator, applied once to the whole stack (the quantized output
+passes the gradient to its input unchanged). vector-quantize-pytorch (< 1.18, straight-through)
+applies it per level, so there the sum over L levels passes L times the gradient; a loss on the
+quantized output weighs L times less here than in the official code. The commitment loss pulls
+every level's input residual towards its (detached) codeword.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("genius.rq")
+
+NUM_MODALITIES = 3
+ModalityMode = Literal["assigned", "learned"]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _is_rank0() -> bool:
+    return not _distributed() or dist.get_rank() == 0
+
+
+def nearest_codes(x: torch.Tensor, codewords: torch.Tensor) -> torch.Tensor:
+    """Index of the Euclidean-nearest codeword for every row of ``x`` [N, d] -> [N] (ties: lowest index)."""
+    distances = (x.pow(2).sum(1, keepdim=True) - 2 * x @ codewords.T + codewords.pow(2).sum(1)[None])
+    return distances.argmin(dim=1)
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means on ``x`` [N, d]: (centroids [k, d], member counts [k]).
+
+    Seeds are k *distinct* rows drawn at random, so no two codes start equal. Only when ``x``
+    holds fewer than k distinct rows (the whole training set is smaller than K) do the surplus
+    codes start as copies of distinct rows; they lose every distance tie to the original (lower
+    index), usually end with a count of 0, and the dead-code reset re-seeds them in the first
+    training steps. A cluster that loses all its members keeps its centroid. Stops early once the
+    assignment no longer changes.
+    """
+    distinct = torch.unique(x, dim=0)
+    order = torch.randperm(len(distinct), generator=generator).to(x.device)
+    if len(distinct) >= k:
+        centroids = distinct[order[:k]].clone()
+    else:
+        log.warning("k-means: only %d distinct vectors for %d codes; %d codes start unused",
+                    len(distinct), k, k - len(distinct))
+        extra = torch.randint(len(distinct), (k - len(distinct),), generator=generator).to(x.device)
+        centroids = torch.cat([distinct[order], distinct[extra]])
+    assignment = None
+    for _ in range(iters):
+        new_assignment = nearest_codes(x, centroids)
+        if assignment is not None and torch.equal(new_assignment, assignment):
+            break
+        assignment = new_assignment
+        counts = torch.bincount(assignment, minlength=k).to(x.dtype)
+        sums = torch.zeros_like(centroids).index_add_(0, assignment, x)
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled, None]
+    counts = torch.bincount(nearest_codes(x, centroids), minlength=k).to(x.dtype)
+    return centroids, counts
+
+
+class EMACodebook(nn.Module):
+    """One level's codebook: codewords and their EMA statistics, all buffers (saved, not optimised)."""
+
+    def __init__(self, size: int, dim: int, decay: float, eps: float, dead_code_threshold: float,
+                 update_only_present: bool = False):
+        super().__init__()
+        self.size, self.dim = size, dim
+        self.decay, self.eps, self.dead_code_threshold = decay, eps, dead_code_threshold
+        # The assigned modality level keeps a centroid for a modality absent from a batch
+        # instead of letting it decay towards zero.
+        self.update_only_present = update_only_present
+        self.register_buffer("embed", torch.zeros(size, dim))
+        self.register_buffer("embed_avg", torch.zeros(size, dim))
+        self.register_buffer("cluster_size", torch.zeros(size))
+        self.register_buffer("initted", torch.tensor(False))
+
+    def set_codewords(self, codewords: torch.Tensor, counts: torch.Tensor) -> None:
+        self.embed.copy_(codewords)
+        self.embed_avg.copy_(codewords * counts[:, None])
+        self.cluster_size.copy_(counts)
+        self.initted.fill_(True)
+
+    def ema_update(self, x: torch.Tensor, codes: torch.Tensor) -> None:
+        """Move codewords towards the mean of the vectors assigned to them (sums over all ranks)."""
+        counts = torch.bincount(codes, minlength=self.size).to(x.dtype)
+        sums = torch.zeros_like(self.embed).index_add_(0, codes, x)
+        if _distributed():
+            stats = torch.cat([counts[:, None], sums], dim=1)
+            dist.all_reduce(stats)
+            counts, sums = stats[:, 0], stats[:, 1:]
+        rate = torch.full_like(counts, 1 - self.decay)
+        if self.update_only_present:
+            rate = rate * (counts > 0)
+        self.cluster_size.add_(rate * (counts - self.cluster_size))
+        self.embed_avg.add_(rate[:, None] * (sums - self.embed_avg))
+        total = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.eps) / (total + self.size * self.eps) * total  # Laplace smoothing
+        self.embed.copy_(self.embed_avg / smoothed[:, None])
+
+    def reset_dead_codes(self, x: torch.Tensor) -> int:
+        """Re-seed codes whose EMA count fell below the threshold with random rows of ``x``.
+
+        Rank 0 decides and draws (from its own batch); both are broadcast, so all ranks agree.
+        Returns the number of codes replaced.
+        """
+        if self.dead_code_threshold <= 0:
+            return 0
+        dead = self.cluster_size < self.dead_code_threshold
+        if _distributed():
+            dead = broadcast_from_rank0(dead)
+        num_dead = int(dead.sum())
+        if num_dead == 0:
+            return 0
+        if _is_rank0():
+            rows = torch.randperm(len(x))[:num_dead] if len(x) >= num_dead else torch.randint(len(x), (num_dead,))
+            samples = x[rows.to(x.device)]
+        else:
+            samples = torch.empty(num_dead, self.dim, dtype=x.dtype, device=x.device)
+        if _distributed():
+            dist.broadcast(samples, src=0)
+        self.embed[dead] = samples
+        self.embed_avg[dead] = samples * self.dead_code_threshold
+        self.cluster_size[dead] = self.dead_code_threshold
+        return num_dead
+
+
+@dataclass
+class QuantizerOutput:
+    quantized: torch.Tensor  # [B, dim] value = sum of the selected codewords; gradient = identity to z
+    codes: torch.Tensor  # [B, L] int64
+    commit_loss: torch.Tensor  # scalar: mean over levels of MSE(level input, detached codeword)
+    resets: torch.Tensor  # [L] int64, codes re-seeded this step (zeros unless updating)
+
+
+class ResidualQuantizer(nn.Module):
+    def __init__(self, dim: int, num_levels: int, codebook_size: int, modality_mode: ModalityMode = "assigned",
+                 decay: float = 0.9, eps: float = 1e-5, dead_code_threshold: float = 2.0):
+        super().__init__()
+        if modality_mode not in ("assigned", "learned"):
+            raise ValueError(f"modality_mode must be 'assigned' or 'learned', got {modality_mode!r}")
+        if num_levels < 1:
+            raise ValueError(f"num_levels must be at least 1 (the modality level), got {num_levels}")
+        self.dim, self.modality_mode = dim, modality_mode
+        # The modality level never re-seeds codes (threshold 0), as in the official code.
+        modality_level = EMACodebook(NUM_MODALITIES, dim, decay, eps, 0.0,
+                                     update_only_present=modality_mode == "assigned")
+        self.levels = nn.ModuleList([modality_level] + [
+            EMACodebook(codebook_size, dim, decay, eps, dead_code_threshold) for _ in range(num_levels - 1)
+        ])
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.levels)
+
+    @property
+    def codebook_sizes(self) -> list[int]:
+        return [book.size for book in self.levels]
+
+    @property
+    def initialised(self) -> bool:
+        return all(bool(book.initted) for book in self.levels)
+
+    def _modality_codes(self, modality: torch.Tensor | None, n: int) -> torch.Tensor:
+        if modality is None:
+            raise ValueError("modality_mode 'assigned' needs the level-0 modality code of every vector "
+                             "(0 image, 1 text, 2 image+text; for queries the target modality)")
+        modality = torch.as_tensor(modality).long().reshape(-1)
+        if len(modality) != n:
+            raise ValueError(f"got {len(modality)} modality codes for {n} vectors")
+        if len(modality) and (modality.min() < 0 or modality.max() >= NUM_MODALITIES):
+            bad = modality[(modality < 0) | (modality >= NUM_MODALITIES)][0]
+            raise ValueError(f"modality code {int(bad)} is not 0 (image), 1 (text) or 2 (image+text)")
+        return modality
+
+    def _level_codes(self, level: int, residual: torch.Tensor, modality: torch.Tensor | None) -> torch.Tensor:
+        if level == 0 and self.modality_mode == "assigned":
+            return self._modality_codes(modality, len(residual)).to(residual.device)
+        return nearest_codes(residual, self.levels[level].embed)
+
+    @torch.no_grad()
+    def initialise(self, z: torch.Tensor, modality: torch.Tensor | None, kmeans_iters: int,
+                   generator: torch.Generator) -> None:
+        """Fit every level on a sample ``z`` [N, dim], level by level on the residuals.
+
+        Assigned modality level: per-modality means. Other levels: k-means. Call it on the same
+        sample on every rank, or on rank 0 and broadcast the buffers.
+        """
+        residual = z.float()
+        for level, book in enumerate(self.levels):
+            if level == 0 and self.modality_mode == "assigned":
+                codes = self._modality_codes(modality, len(residual)).to(residual.device)
+                counts = torch.bincount(codes, minlength=book.size).to(residual.dtype)
+                sums = torch.zeros_like(book.embed).index_add_(0, codes, residual)
+                book.set_codewords(sums / counts.clamp(min=1)[:, None], counts)
+            else:
+                book.set_codewords(*kmeans(residual, book.size, kmeans_iters, generator))
+            residual = residual - book.embed[self._level_codes(level, residual, modality)]
+
+    def forward(self, z: torch.Tensor, modality: torch.Tensor | None = None,
+                update: bool | None = None) -> QuantizerOutput:
+        """Quantize ``z`` [B, dim]; ``update`` (default: training mode) applies EMA and dead-code reset."""
+        update = self.training if update is None else update
+        if update and not self.initialised:
+            raise RuntimeError("the quantizer's codebooks are not initialised; call initialise() on a sample "
+                               "of training vectors before training")
+        with torch.autocast(device_type=z.device.type, enabled=False):  # distances need fp32
+            x = z.float()
+            residual, codeword_sum = x, torch.zeros_like(x)
+            chosen, commit, resets = [], [], []
+            for level, book in enumerate(self.levels):
+                codes = self._level_codes(level, residual, modality)
+                codeword = book.embed[codes]  # a copy: later EMA updates do not change it
+                commit.append(F.mse_loss(residual, codeword.detach()))
+                if update:
+                    with torch.no_grad():
+                        book.ema_update(residual.detach(), codes)
+                        resets.append(book.reset_dead_codes(residual.detach()))
+                residual = residual - codeword
+                codeword_sum = codeword_sum + codeword
+                chosen.append(codes)
+            # Straight-through estimator: forward the codewords, backward the identity.
+            quantized = x + (codeword_sum - x).detach()
+        return QuantizerOutput(
+            quantized=quantized,
+            codes=torch.stack(chosen, dim=1),
+            commit_loss=torch.stack(commit).mean(),
+            resets=torch.tensor(resets if update else [0] * self.num_levels, dtype=torch.long),
+        )
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Sum of the codewords named by ``codes`` [B, L'] (L' <= L levels, a prefix)."""
+        if codes.shape[1] > self.num_levels:
+            raise ValueError(f"codes have {codes.shape[1]} levels, the quantizer has {self.num_levels}")
+        out = torch.zeros(len(codes), self.dim, device=self.levels[0].embed.device)
+        for level in range(codes.shape[1]):
+            out = out + self.levels[level].embed[codes[:, level].to(out.device)]
+        return out
+
+
+def broadcast_from_rank0(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's value of ``tensor``, as a new tensor."""
+    wire = tensor.clone()
+    dist.broadcast(wire, src=0)
+    return wire
+
+
+@torch.no_grad()
+def broadcast_codebooks(quantizer: ResidualQuantizer) -> None:
+    """Give every rank rank 0's codebooks (after rank 0 alone initialised them)."""
+    if _distributed():
+        for buffer in quantizer.buffers():
+            buffer.copy_(broadcast_from_rank0(buffer))
+
+
+@torch.no_grad()
+def check_codebooks_in_sync(quantizer: ResidualQuantizer) -> None:
+    """Raise if any rank's codebook buffers differ from rank 0's (a bug, never expected)."""
+    if not _distributed():
+        return
+    for name, buffer in quantizer.named_buffers():
+        reference = broadcast_from_rank0(buffer)
+        if not torch.equal(reference, buffer):
+            raise RuntimeError(f"quantizer buffer {name} differs between rank {dist.get_rank()} and rank 0")

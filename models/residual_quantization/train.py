@@ -1,0 +1,463 @@
+"""genius train-rq: train the Combiner and the modality-decoupled residual quantizer (stage 1).
+
+Reads stage 0's training query store and training pool store plus the training query jsonl (for
+positives), trains on (query, positive) pairs with
+
+    loss = InfoNCE(z_q, z_c) + 100 * MSE(q_hat, c_hat) + 100 * commitment
+
+(symmetric InfoNCE at temperature 0.01 over the batch gathered from every rank; q_hat, c_hat the
+normalised quantized vectors; codebooks move by EMA only), and writes to ``out_dir``:
+``rq.pt`` (see model.py), ``checkpoints/epoch_XXXX.pt`` every ``save_every`` epochs and at the end,
+``metrics.jsonl`` and the resolved ``config.yaml``. A re-run resumes from the last checkpoint, or
+does nothing when ``rq.pt`` is up to date; a run whose config or inputs changed starts afresh and
+the old files move to ``out_dir/stale/<time>/``.
+
+Single process: ``genius train-rq --config F``; several: ``torchrun --nproc_per_node N -m
+genius.models.residual_quantization.train --config F`` (``train.batch_size`` is per process).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from genius.common.checkpoint import (latest_checkpoint, load_own_checkpoint, load_state_dict_strict, rng_state,
+                                      save_training_checkpoint, set_rng_state)
+from genius.common.config import config_to_dict, resolve_path
+from genius.common.distributed import (DistInfo, all_gather_with_grad, all_reduce_mean, barrier, cleanup,
+                                       init_distributed, seed_everything)
+from genius.common.io import file_fingerprint
+from genius.common.pairs import TrainingPairs, batches_per_epoch, iterate_batches, load_training_pairs
+from genius.common.stage import MetricsLog, parse_stage_config, progress_disabled, record_run, setup_logging, stage_parser
+from genius.common.store import EmbeddingStore, StoreError
+from genius.models.residual_quantization.code_stats import perplexity
+from genius.models.residual_quantization.model import RQModel, RQOutput, cpu_state, rq_record, save_rq
+from genius.models.residual_quantization.quantizer import broadcast_codebooks, check_codebooks_in_sync
+
+log = logging.getLogger("genius.train_rq")
+
+
+# ---- config ---------------------------------------------------------------------------------
+@dataclass
+class DataConfig:  # defaults: M-BEIR with UniIR's CLIP-SF features
+    query_file: str = "M-BEIR/query/union_train/mbeir_union_up_train.jsonl"
+    pool_file: str = "M-BEIR/cand_pool/global/mbeir_union_train_cand_pool.jsonl"
+    query_store: str = "extracted_embed/CLIP_SF/train/mbeir_union_up_train"
+    pool_store: str = "extracted_embed/CLIP_SF/train/mbeir_union_train_cand_pool"
+    encoder: str | None = None  # the encoder name both stores must record (None: not checked)
+
+
+@dataclass
+class ModelConfig:
+    dim: int | None = None  # None: the stores' vector width
+    proj_dim: int = 2560
+    hidden_dim: int = 5120
+    num_levels: int = 9  # including the modality level
+    codebook_size: int = 4096  # K of levels 1..L-1 (level 0 always has 3)
+    modality_mode: Literal["assigned", "learned"] = "assigned"
+    decay: float = 0.9
+    eps: float = 1e-5
+    dead_code_threshold: float = 2.0
+
+    def validate(self) -> None:
+        if self.num_levels < 1 or self.codebook_size < 2:
+            raise ValueError(f"need num_levels >= 1 and codebook_size >= 2, got {self.num_levels}, {self.codebook_size}")
+        if not 0 < self.decay < 1:
+            raise ValueError(f"decay must lie in (0, 1), got {self.decay}")
+        if min(self.proj_dim, self.hidden_dim, self.dim or 1) < 1:
+            raise ValueError("dim, proj_dim and hidden_dim must be positive")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 2000  # pairs per process
+    epochs: int = 21
+    lr: float = 1e-4
+    min_lr: float = 1e-5  # cosine floor, stepped per iteration
+    adam_eps: float = 1e-6
+    weight_decay: float = 0.2  # matrices only
+    temperature: float = 0.01
+    mse_weight: float = 100.0
+    commit_weight: float = 100.0
+    amp: bool = True  # fp16 autocast + GradScaler on CUDA; ignored on CPU
+    seed: int = 2023
+    kmeans_iters: int = 1000
+    kmeans_init_vectors: int = 16384  # query+positive vectors (all ranks) gathered for k-means init
+    save_every: int = 5
+    stop_after_epochs: int | None = None  # end this run early (as if killed) once this many epochs are done
+    log_every: int = 50  # steps
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def validate(self) -> None:
+        positive = {"batch_size": self.batch_size, "epochs": self.epochs, "save_every": self.save_every,
+                    "log_every": self.log_every, "kmeans_iters": self.kmeans_iters, "temperature": self.temperature}
+        bad = [name for name, value in positive.items() if value <= 0]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} must be positive")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr, got min_lr {self.min_lr}, lr {self.lr}")
+
+
+@dataclass
+class RQTrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out_dir: str = "checkpoint/large/rq"
+
+    def validate(self) -> None:
+        if self.train.kmeans_init_vectors < self.model.codebook_size:
+            raise ValueError(f"train.kmeans_init_vectors ({self.train.kmeans_init_vectors}) must be at least "
+                             f"model.codebook_size ({self.model.codebook_size}) so k-means seeds distinct codes")
+
+
+# Keys that do not change what a run computes: a resumed run may differ in them.
+NON_SEMANTIC_KEYS = ("out_dir", "train.save_every", "train.stop_after_epochs", "train.log_every", "train.device")
+
+
+# ---- data -----------------------------------------------------------------------------------
+@dataclass
+class TrainingData:
+    queries: EmbeddingStore
+    pool: EmbeddingStore
+    pairs: TrainingPairs
+    inputs: dict  # fingerprints of the files the run reads
+
+
+def open_training_data(cfg: DataConfig, dim: int | None) -> TrainingData:
+    query_file, pool_file = resolve_path(cfg.query_file), resolve_path(cfg.pool_file)
+    query_store, pool_store = resolve_path(cfg.query_store), resolve_path(cfg.pool_store)
+    for path in (query_file, pool_file):
+        if not path.is_file():
+            raise FileNotFoundError(f"training file {path} does not exist (data.query_file / data.pool_file)")
+    queries = EmbeddingStore.open(query_store, dim=dim, encoder=cfg.encoder, kind="query", source=query_file)
+    pool = EmbeddingStore.open(pool_store, dim=dim, encoder=cfg.encoder, kind="candidate", source=pool_file)
+    if queries.dim != pool.dim:
+        raise StoreError(f"query store {query_store} holds {queries.dim}-d vectors, pool store {pool_store} {pool.dim}-d")
+    pairs = load_training_pairs(query_file, queries, pool)
+    inputs = {"query_file": file_fingerprint(query_file), "query_store": file_fingerprint(query_store / "meta.json"),
+              "pool_store": file_fingerprint(pool_store / "meta.json")}
+    return TrainingData(queries, pool, pairs, inputs)
+
+
+def model_arch(cfg: ModelConfig, dim: int) -> dict:
+    return {"dim": dim, "proj_dim": cfg.proj_dim, "hidden_dim": cfg.hidden_dim, "num_levels": cfg.num_levels,
+            "codebook_size": cfg.codebook_size, "modality_mode": cfg.modality_mode, "decay": cfg.decay,
+            "eps": cfg.eps, "dead_code_threshold": cfg.dead_code_threshold}
+
+
+# ---- run identity, stale runs, resume --------------------------------------------------------
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        flat.update(_flatten(value, name + ".") if isinstance(value, dict) else {name: value})
+    return flat
+
+
+def semantic_config(cfg: RQTrainConfig) -> dict:
+    return {k: v for k, v in _flatten(config_to_dict(cfg)).items() if k not in NON_SEMANTIC_KEYS}
+
+
+def run_identity(cfg: RQTrainConfig, inputs: dict, world_size: int) -> dict:
+    """What makes two runs the same run: the semantic config, the inputs and the process count."""
+    return {"config": semantic_config(cfg), "inputs": inputs, "world_size": world_size}
+
+
+def _describe_change(old: dict, new: dict) -> str:
+    changed = [k for k in sorted(set(old["config"]) | set(new["config"])) if old["config"].get(k) != new["config"].get(k)]
+    parts = [f"{k}: {old['config'].get(k)!r} -> {new['config'].get(k)!r}" for k in changed[:5]]
+    if old.get("inputs") != new["inputs"]:
+        parts.append("input stores or query file changed")
+    if old.get("world_size") != new["world_size"]:
+        parts.append(f"world size {old.get('world_size')} -> {new['world_size']}")
+    return "; ".join(parts) or "unknown difference"
+
+
+def resumable_checkpoint(run_dir: Path, identity: dict, info: DistInfo) -> dict | None:
+    """The latest checkpoint of this same run, or None to start afresh (archiving a different run)."""
+    path = latest_checkpoint(run_dir)
+    checkpoint = load_own_checkpoint(path) if path is not None else None
+    if checkpoint is not None:
+        recorded = checkpoint.get("identity")
+    elif (run_dir / "rq.pt").is_file():
+        recorded = rq_record(run_dir / "rq.pt").get("identity")
+    else:
+        return None
+    if recorded == identity:
+        return checkpoint
+    barrier()  # every rank has read the old run before rank 0 moves it
+    if info.is_main:
+        archive_run(run_dir, _describe_change(recorded or {"config": {}}, identity))
+    barrier()
+    return None
+
+
+def archive_run(run_dir: Path, reason: str) -> None:
+    """Move a finished or partial run whose config/inputs differ out of the way (never delete it)."""
+    target = run_dir / "stale" / time.strftime("%Y%m%d-%H%M%S")
+    log.warning("%s was made with a different config or inputs (%s); starting afresh, old files moved to %s",
+                run_dir, reason, target)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("rq.pt", "checkpoints", "metrics.jsonl", "config.yaml"):
+        if (run_dir / name).exists():
+            shutil.move(str(run_dir / name), str(target / name))
+
+
+def restore(checkpoint: dict, model, optimizer, scheduler, scaler, info: DistInfo) -> int:
+    """Load a training checkpoint into the live objects; returns the number of epochs done."""
+    load_state_dict_strict(model, checkpoint["model"], "RQ training checkpoint")
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"][info.rank])
+    log.info("resumed after epoch %d", checkpoint["epoch"])
+    return int(checkpoint["epoch"])
+
+
+def gathered_rng_states(info: DistInfo) -> list:
+    if not info.enabled:
+        return [rng_state()]
+    states = [None] * info.world_size
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+# ---- optimisation ---------------------------------------------------------------------------
+def make_optimisation(model: RQModel, cfg: TrainConfig, total_steps: int, use_amp: bool, device: torch.device):
+    """AdamW (weight decay on matrices only), per-step cosine to ``min_lr``, GradScaler (fp16 on GPU)."""
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    others = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": cfg.weight_decay},
+                                   {"params": others, "weight_decay": 0.0}], lr=cfg.lr, eps=cfg.adam_eps)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=cfg.min_lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    return optimizer, scheduler, scaler
+
+
+@torch.no_grad()
+def initialise_codebooks(model: RQModel, data: TrainingData, cfg: TrainConfig, info: DistInfo) -> None:
+    """k-means (level 0: modality means) on at least ``kmeans_init_vectors`` query+positive vectors.
+
+    The first training batches are embedded by the untrained Combiner and gathered from all ranks
+    (queries of every rank, then positives: the order of a one-process run with the global batch),
+    so a batch smaller than K never forces duplicate seeds. Rank 0 fits, then broadcasts.
+    """
+    vectors, modalities, count = [], [], 0
+    for batch in iterate_batches(data.pairs, data.queries, data.pool, batch_size=cfg.batch_size, epoch=0,
+                                 seed=cfg.seed, rank=info.rank, world_size=info.world_size):
+        for side, level0 in (("q", "q_target_modality"), ("c", "c_modality")):
+            z = model.embed(*(batch[f"{side}_{k}"] for k in ("img", "txt", "img_mask", "txt_mask")))
+            vectors.append(all_gather_with_grad(z))
+            modalities.append(all_gather_with_grad(batch[level0].to(info.device)))
+            count += len(vectors[-1])
+        if count >= cfg.kmeans_init_vectors:
+            break
+    log.info("initialising codebooks by k-means on %d vectors", count)
+    if info.is_main:
+        generator = torch.Generator().manual_seed(cfg.seed)
+        model.quantizer.initialise(torch.cat(vectors), torch.cat(modalities), cfg.kmeans_iters, generator)
+    broadcast_codebooks(model.quantizer)
+
+
+# ---- one step -------------------------------------------------------------------------------
+def contrastive_loss(z_q: torch.Tensor, z_c: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE over the global batch; gathered with gradients, so every rank's local
+    embeddings receive the gradient of every rank's loss terms (DDP then averages)."""
+    q, c = all_gather_with_grad(z_q), all_gather_with_grad(z_c)
+    logits = q @ c.T / temperature
+    target = torch.arange(len(q), device=q.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def training_step(net, batch: dict, cfg: TrainConfig, device: torch.device, use_amp: bool) -> tuple[dict, RQOutput]:
+    """Queries then their positives through one forward; level 0 = target modality / own modality."""
+    size = len(batch["q_img"])
+
+    def both(key: str) -> torch.Tensor:
+        return torch.cat([batch[f"q_{key}"], batch[f"c_{key}"]]).to(device, non_blocking=True)
+
+    level0 = torch.cat([batch["q_target_modality"], batch["c_modality"]]).to(device)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+        out = net(both("img"), both("txt"), both("img_mask"), both("txt_mask"), level0)
+    quantized = F.normalize(out.quantized, dim=-1)
+    losses = {
+        "contrastive": contrastive_loss(out.z[:size], out.z[size:], cfg.temperature),
+        "mse": cfg.mse_weight * F.mse_loss(quantized[:size], quantized[size:]),
+        "commit": cfg.commit_weight * out.commit_loss,
+    }
+    losses["loss"] = losses["contrastive"] + losses["mse"] + losses["commit"]
+    return losses, out
+
+
+def check_finite(losses: dict, epoch: int, step: int) -> None:
+    """Stop (on every rank alike) when any loss term is NaN or infinite."""
+    finite = torch.stack([v.detach().float() for v in losses.values()]).isfinite().all().float()
+    if all_reduce_mean(finite).item() < 1:
+        values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        raise FloatingPointError(f"non-finite loss at epoch {epoch} step {step} ({values} on this rank); training "
+                                 "stopped, the last checkpoint is intact. Check the input stores for NaN/inf vectors "
+                                 "or lower train.lr.")
+
+
+class EpochTally:
+    """Per-epoch sums of losses, code usage and query/positive code agreement (reduced over ranks)."""
+
+    def __init__(self, codebook_sizes: list[int], device: torch.device):
+        self.losses: dict[str, torch.Tensor] = {}
+        self.usage = [torch.zeros(k, device=device) for k in codebook_sizes]
+        self.prefix_match = torch.zeros(len(codebook_sizes), device=device)
+        self.resets = torch.zeros(len(codebook_sizes), dtype=torch.long)
+        self.pairs = torch.zeros((), device=device)
+        self.steps = 0
+
+    @torch.no_grad()
+    def add(self, losses: dict, out: RQOutput) -> None:
+        for key, value in losses.items():
+            self.losses[key] = self.losses.get(key, 0) + value.detach().float()
+        for level, usage in enumerate(self.usage):
+            usage += torch.bincount(out.codes[:, level], minlength=len(usage))
+        size = len(out.codes) // 2
+        # share of queries whose first l+1 codes equal their positive's
+        self.prefix_match += (out.codes[:size] == out.codes[size:]).long().cumprod(dim=1).sum(0)
+        self.resets += out.resets
+        self.pairs += size
+        self.steps += 1
+
+    def summary(self) -> dict:
+        means = {key: all_reduce_mean(value).item() / self.steps for key, value in self.losses.items()}
+        usage = [_all_reduce_sum(u).cpu().numpy() for u in self.usage]
+        match = (_all_reduce_sum(self.prefix_match) / _all_reduce_sum(self.pairs)).tolist()
+        return {**means, "modality_accuracy": match[0], "prefix_match": match,
+                "perplexity": [perplexity(u) for u in usage], "codes_used": [int((u > 0).sum()) for u in usage],
+                "dead_code_resets": self.resets.tolist()}
+
+
+def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+    return value
+
+
+# ---- the run --------------------------------------------------------------------------------
+def train(cfg: RQTrainConfig) -> Path | None:
+    """Run (or resume) training; returns the final ``rq.pt`` path, or None when stopped early."""
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(cfg.train.device)
+    try:
+        return _train(cfg, info)
+    finally:
+        if owns_group:
+            cleanup()
+
+
+@dataclass
+class Trainer:
+    model: RQModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    steps_per_epoch: int
+    use_amp: bool
+    start_epoch: int
+
+
+def build_trainer(cfg: RQTrainConfig, data: TrainingData, checkpoint: dict | None, info: DistInfo) -> Trainer:
+    """Model, optimizer, schedule and scaler, restored from ``checkpoint`` or freshly initialised."""
+    tc = cfg.train
+    steps = batches_per_epoch(len(data.pairs), tc.batch_size, info.world_size)
+    if steps == 0:
+        raise ValueError(f"{len(data.pairs)} training pairs do not fill one global batch of "
+                         f"{tc.batch_size} x {info.world_size}; lower train.batch_size")
+    use_amp = tc.amp and info.device.type == "cuda"
+    seed_everything(tc.seed)  # identical initial weights on every rank
+    model = RQModel.from_arch(model_arch(cfg.model, data.queries.dim)).to(info.device)
+    optimizer, scheduler, scaler = make_optimisation(model, tc, tc.epochs * steps, use_amp, info.device)
+    seed_everything(tc.seed + info.rank)
+    if checkpoint is not None:
+        start = restore(checkpoint, model, optimizer, scheduler, scaler, info)
+    else:
+        start = 0
+        initialise_codebooks(model, data, tc, info)
+    return Trainer(model, optimizer, scheduler, scaler, steps, use_amp, start)
+
+
+def save_checkpoint(run_dir: Path, epochs_done: int, t: Trainer, identity: dict, info: DistInfo) -> None:
+    rng = gathered_rng_states(info)
+    if info.is_main:
+        save_training_checkpoint(run_dir, epochs_done, {
+            "model": cpu_state(t.model), "arch": t.model.arch, "optimizer": t.optimizer.state_dict(),
+            "scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict(), "rng": rng, "identity": identity})
+
+
+def _train(cfg: RQTrainConfig, info: DistInfo) -> Path | None:
+    tc, run_dir = cfg.train, resolve_path(cfg.out_dir)
+    data = open_training_data(cfg.data, cfg.model.dim)
+    identity = run_identity(cfg, data.inputs, info.world_size)
+    if (run_dir / "rq.pt").is_file() and rq_record(run_dir / "rq.pt").get("identity") == identity:
+        log.info("%s is up to date with the config and inputs; nothing to do", run_dir / "rq.pt")
+        return run_dir / "rq.pt"
+    t = build_trainer(cfg, data, resumable_checkpoint(run_dir, identity, info), info)
+    if info.is_main:
+        record_run(run_dir, cfg)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=info.is_main)
+    net = DistributedDataParallel(t.model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+                                  broadcast_buffers=False) if info.enabled else t.model
+    log.info("training on %d pairs, %d steps per epoch, epochs %d..%d", len(data.pairs), t.steps_per_epoch,
+             t.start_epoch, tc.epochs - 1)
+    for epoch in range(t.start_epoch, tc.epochs):
+        tally = EpochTally(t.model.codebook_sizes, info.device)
+        batches = iterate_batches(data.pairs, data.queries, data.pool, batch_size=tc.batch_size, epoch=epoch,
+                                  seed=tc.seed, rank=info.rank, world_size=info.world_size)
+        for step, batch in enumerate(tqdm(batches, total=t.steps_per_epoch, desc=f"epoch {epoch}",
+                                          disable=progress_disabled())):
+            losses, out = training_step(net, batch, tc, info.device, t.use_amp)
+            check_finite(losses, epoch, step)
+            t.optimizer.zero_grad(set_to_none=True)
+            t.scaler.scale(losses["loss"]).backward()
+            t.scaler.step(t.optimizer)
+            t.scaler.update()
+            t.scheduler.step()
+            tally.add(losses, out)
+            if step % tc.log_every == 0:
+                metrics.write(epoch=epoch, step=epoch * t.steps_per_epoch + step, lr=t.scheduler.get_last_lr()[0],
+                              **{k: all_reduce_mean(v.detach().float()).item() for k, v in losses.items()})
+        check_codebooks_in_sync(t.model.quantizer)
+        metrics.write(epoch=epoch, epoch_summary=True, **tally.summary())
+        done = epoch + 1
+        stopping = tc.stop_after_epochs is not None and tc.stop_after_epochs <= done < tc.epochs
+        if done % tc.save_every == 0 or done == tc.epochs or stopping:
+            save_checkpoint(run_dir, done, t, identity, info)
+        if stopping:
+            log.info("stopping after epoch %d as train.stop_after_epochs asks; re-run to resume", epoch)
+            barrier()
+            return None
+    if info.is_main:
+        fingerprint = save_rq(run_dir / "rq.pt", t.model, config=config_to_dict(cfg), inputs=data.inputs,
+                              identity=identity)
+        log.info("wrote %s (fingerprint %s)", run_dir / "rq.pt", fingerprint[:12])
+    barrier()
+    return run_dir / "rq.pt"
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    parser = stage_parser("genius train-rq", "Stage 1: train the Combiner and the residual quantizer.")
+    cfg, _ = parse_stage_config(RQTrainConfig, parser, argv)
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
