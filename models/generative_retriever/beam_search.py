@@ -1,0 +1,199 @@
+"""Trie-constrained beam search over fixed-length code IDs: the hot loop of retrieval.
+
+Per batch of queries the encoder runs once. Each of the L steps then runs one cached decoder
+step for every live beam, scores the level's codes, masks them with one ``trie.fill_mask`` call
+for all beams, keeps the best ``num_beams`` continuations per query and advances each beam's trie
+node by its chosen code. Beams whose prefix is not in the trie score -inf; when a query has fewer
+reachable IDs than beams, the surplus beams come back marked absent (codes -1, score -inf,
+valid False).
+
+Two details keep it fast:
+- Level head: at step l only level l's codes can follow, so by default only those K_l rows of
+  the tied output head are scored and the log-softmax runs over them. ``level_head=False``
+  scores and normalises the full vocabulary and gives exactly the numbers (and beams) of the
+  official ``transformers.generate`` decoding; results state which one produced them.
+- Cache: decoder self-attention keys/values are reordered by the surviving beams each step. The
+  cross-attention keys/values are the same for every beam of a query, so they are computed and
+  kept once per query (not once per beam, which at paper size is 37 MB per query) and never
+  reordered: during the search the decoder's attention is ``shared_cross_attention``, which lets
+  the B beams of a query attend to them as B query positions of one row.
+
+``generate_reference`` is the slow reference (``transformers.generate`` with
+``prefix_allowed_tokens_fn``) that the tests and benchmarks compare against.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from genius.models.generative_retriever.generator import IDGenerator
+from genius.models.generative_retriever.vocab import PAD
+
+ABSENT_NODE = -1
+SHARED_CROSS_ATTENTION = "genius_shared_cross_attention"
+
+
+def shared_cross_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                           **kwargs):
+    """transformers' SDPA attention, except when ``key`` has one row per query and ``query`` one per beam.
+
+    Beam rows are grouped by query (rows q*B .. q*B+B-1 belong to query q) and each holds one new
+    token, so the B beams of a query are folded into the query-length axis of that query's row:
+    [Q*B, H, 1, d] -> [Q, H, B, d] against keys [Q, H, P, d], then unfolded. T5's cross-attention
+    has no mask and a position bias of zeros [1, H, 1, P], which broadcasts over the B positions.
+    """
+    beams = query.shape[0] // key.shape[0]
+    if beams == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    rows, heads, _, head_dim = query.shape
+    folded = query.reshape(key.shape[0], beams, heads, head_dim).transpose(1, 2)
+    out, weights = sdpa_attention_forward(module, folded, key, value, attention_mask, **kwargs)
+    return out.reshape(rows, 1, heads, head_dim), weights
+
+
+AttentionInterface.register(SHARED_CROSS_ATTENTION, shared_cross_attention)
+
+
+@contextlib.contextmanager
+def _decoder_attention(generator: IDGenerator, implementation: str):
+    config = generator.t5.decoder.config
+    previous = config._attn_implementation
+    config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+@dataclass
+class BeamResult:
+    codes: torch.Tensor  # int64 [Q, B, L]; -1 for absent beams
+    scores: torch.Tensor  # float32 [Q, B], sum of log-probabilities, descending; -inf for absent beams
+    valid: torch.Tensor  # bool [Q, B]
+    level_head: bool  # True: scores normalised over the level's codes; False: over the full vocabulary
+
+
+def _autocast(device: torch.device, enabled: bool):
+    """bf16 on CPU, fp16 on GPU (decoding only; scores are always accumulated in fp32)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
+
+
+def constrained_beam_search(generator: IDGenerator, z_query: torch.Tensor, trie, codebook_sizes: Sequence[int],
+                            num_beams: int = 50, batch_size: int = 64, level_head: bool = True,
+                            autocast: bool = False) -> BeamResult:
+    """Top ``num_beams`` trie IDs per query [Q, dim] (normalised Combiner outputs); see module docstring.
+
+    ``trie``: any object with the trie node API (``root``, ``fill_mask``, ``advance``) built over
+    level-local codes [N, L] with L = len(codebook_sizes).
+    """
+    if list(codebook_sizes) != generator.codebook_sizes:
+        raise ValueError(f"codebook sizes {list(codebook_sizes)} differ from the generator's {generator.codebook_sizes}")
+    if num_beams < 1 or batch_size < 1:
+        raise ValueError(f"num_beams ({num_beams}) and batch_size ({batch_size}) must be >= 1")
+    if z_query.ndim != 2 or z_query.shape[1] != generator.arch["dim"]:
+        raise ValueError(f"z_query must be [Q, {generator.arch['dim']}], got {tuple(z_query.shape)}")
+    was_training = generator.training
+    generator.eval()
+    try:
+        with _decoder_attention(generator, SHARED_CROSS_ATTENTION):  # _search's cache layout needs it
+            parts = [_search(generator, chunk, trie, num_beams, level_head, autocast)
+                     for chunk in z_query.split(batch_size)]
+    finally:
+        generator.train(was_training)
+    if not parts:
+        codes = torch.zeros(0, num_beams, len(codebook_sizes), dtype=torch.long)
+        return BeamResult(codes, torch.zeros(0, num_beams), torch.zeros(0, num_beams, dtype=torch.bool), level_head)
+    codes, scores, valid = (torch.cat(x) for x in zip(*parts))
+    return BeamResult(codes, scores, valid, level_head)
+
+
+@torch.inference_mode()
+def _search(generator: IDGenerator, z: torch.Tensor, trie, num_beams: int, level_head: bool,
+            autocast: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    device, num_queries = z.device, len(z)
+    query_base = torch.arange(num_queries, device=device)[:, None]
+    with _autocast(device, autocast):
+        encoder_hidden = generator.encode(z)
+    # One beam per query (the root) until the first step has chosen codes.
+    beams, cache = 1, None
+    nodes = np.full(num_queries, trie.root(), dtype=np.int64)
+    scores = torch.zeros(num_queries, 1, device=device)
+    codes = torch.zeros(num_queries, 1, 0, dtype=torch.long, device=device)
+    tokens = torch.full((num_queries, 1), PAD, dtype=torch.long, device=device)
+    for level, width in enumerate(generator.codebook_sizes):
+        with _autocast(device, autocast):
+            log_probs, cache = generator.code_log_probs(tokens, encoder_hidden, cache, level, level_head)
+        allowed = np.empty((len(nodes), width), dtype=bool)  # fill_mask clears it
+        trie.fill_mask(level, nodes, allowed)
+        total = (scores.view(-1, 1) + log_probs).masked_fill(~torch.from_numpy(allowed).to(device), -torch.inf)
+        keep = min(num_beams, beams * width)
+        scores, flat = total.view(num_queries, beams * width).topk(keep, dim=1)
+        parents = (flat // width + query_base * beams).view(-1)  # row of the parent beam
+        chosen = flat % width
+        codes = torch.cat([codes.view(num_queries * beams, -1)[parents].view(num_queries, keep, -1),
+                           chosen[..., None]], dim=2)
+        nodes = np.asarray(trie.advance(level, nodes[parents.cpu().numpy()], chosen.view(-1).cpu().numpy()), np.int64)
+        nodes[~torch.isfinite(scores).view(-1).cpu().numpy()] = ABSENT_NODE
+        cache.self_attention_cache.reorder_cache(parents)  # the cross-attention cache stays one row per query
+        tokens = (chosen + generator.offsets[level]).view(-1, 1)
+        beams = keep
+    return _pad_absent(codes, scores, num_beams)
+
+
+def _pad_absent(codes: torch.Tensor, scores: torch.Tensor, num_beams: int):
+    """Mark -inf beams absent and pad to ``num_beams`` beams per query."""
+    num_queries, beams, num_levels = codes.shape
+    out_codes = torch.full((num_queries, num_beams, num_levels), -1, dtype=torch.long, device=codes.device)
+    out_scores = torch.full((num_queries, num_beams), -torch.inf, dtype=torch.float32, device=codes.device)
+    valid = torch.zeros(num_queries, num_beams, dtype=torch.bool, device=codes.device)
+    valid[:, :beams] = torch.isfinite(scores)
+    out_codes[:, :beams] = codes.masked_fill(~valid[:, :beams, None], -1)
+    out_scores[:, :beams] = scores.float().masked_fill(~valid[:, :beams], -torch.inf)
+    return out_codes, out_scores, valid
+
+
+@torch.inference_mode()
+def generate_reference(generator: IDGenerator, z_query: torch.Tensor, trie, num_beams: int,
+                       length_penalty: float = 1.0) -> BeamResult:
+    """The slow reference: ``transformers.generate`` with ``prefix_allowed_tokens_fn`` (full vocabulary).
+
+    It is the official decoding path (one Python trie lookup per beam per step). Beams it could not
+    fill come back from ``generate`` with scores near -1e9 (duplicates of its initial dummy beams) or
+    -inf; they are reported absent, like ``constrained_beam_search`` does.
+    """
+    from transformers.modeling_outputs import BaseModelOutput
+
+    generator.eval()
+    offsets, num_levels = generator.offsets, generator.num_levels
+
+    def allowed_tokens(batch_id: int, input_ids: torch.Tensor) -> list[int]:
+        prefix = input_ids[1:].tolist()  # drop the decoder start token
+        codes = [token - offsets[level] for level, token in enumerate(prefix)]
+        return [int(c) + offsets[len(prefix)] for c in trie.children(codes)]
+
+    beam_kwargs = {"early_stopping": True, "length_penalty": length_penalty} if num_beams > 1 else {}
+    out = generator.t5.generate(
+        encoder_outputs=BaseModelOutput(last_hidden_state=generator.encode(z_query)), num_beams=num_beams,
+        num_return_sequences=num_beams, max_new_tokens=num_levels, do_sample=False,
+        prefix_allowed_tokens_fn=allowed_tokens, return_dict_in_generate=True, output_scores=True,
+        output_logits=True, **beam_kwargs,
+    )
+    num_queries = len(z_query)
+    tokens = out.sequences[:, 1:].reshape(num_queries, num_beams, num_levels)
+    if num_beams > 1:
+        scores = out.sequences_scores.float() * num_levels**length_penalty
+    else:  # greedy search reports no sequence score: sum the full-vocabulary log-probs of its picks
+        log_probs = torch.stack(out.logits, dim=1).float().log_softmax(-1)
+        scores = log_probs.gather(2, out.sequences[:, 1:, None]).sum(dim=(1, 2))
+    scores = scores.reshape(num_queries, num_beams)
+    valid = scores > -1e8
+    codes = (tokens - torch.as_tensor(offsets)).masked_fill(~valid[..., None], -1)
+    return BeamResult(codes, scores.masked_fill(~valid, -torch.inf), valid, level_head=False)

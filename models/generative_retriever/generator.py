@@ -1,0 +1,146 @@
+"""The ID generator: a T5 decoder that reads a query as prefix vectors and writes its code tokens.
+
+The T5 has an encoder of 0 layers (it only applies dropout and the final RMS norm to the prefix)
+and a full decoder. The frozen stage-1 Combiner output of the query, L2-normalised, goes through
+one linear layer (with bias) and is reshaped into ``num_prefix`` vectors of width ``d_model``;
+these are the encoder's ``inputs_embeds`` with no attention mask. The decoder starts from pad
+(token 0) and is trained to emit the L code tokens of the target (no EOS). Input and output
+embeddings are one tied matrix, and T5 rescales the decoder output by d_model^-0.5 before it.
+
+``arch`` (plain JSON, saved in every checkpoint) fixes the shapes; a model is always rebuilt from
+it, never from the YAML of a later run.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import T5Config, T5ForConditionalGeneration
+from transformers.cache_utils import EncoderDecoderCache
+
+from genius.common.checkpoint import load_own_checkpoint, load_state_dict_strict
+from genius.common.io import atomic_torch_save
+from genius.models.generative_retriever.vocab import EOS, PAD, code_offsets, codes_to_tokens, vocab_size
+
+# t5-small's shapes (google-t5/t5-small config.json); the encoder's 6 layers are dropped.
+T5_SMALL = {
+    "d_model": 512, "num_heads": 8, "d_kv": 64, "d_ff": 2048, "num_decoder_layers": 6, "dropout": 0.1,
+    "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128, "layer_norm_epsilon": 1e-6,
+    "feed_forward_proj": "relu",
+}
+
+
+def make_arch(dim: int, codebook_sizes: Sequence[int], num_prefix: int = 30, **t5_shape) -> dict:
+    """The generator's ``arch`` dict: query dim, codebook sizes, prefix count and T5 shapes."""
+    unknown = set(t5_shape) - set(T5_SMALL)
+    if unknown:
+        raise ValueError(f"unknown T5 shape keys {sorted(unknown)}; valid: {sorted(T5_SMALL)}")
+    return {"dim": int(dim), "codebook_sizes": [int(k) for k in codebook_sizes], "num_prefix": int(num_prefix),
+            **T5_SMALL, **t5_shape}
+
+
+def t5_config(arch: dict) -> T5Config:
+    return T5Config(
+        vocab_size=vocab_size(arch["codebook_sizes"]), d_model=arch["d_model"], d_kv=arch["d_kv"], d_ff=arch["d_ff"],
+        num_layers=0, num_decoder_layers=arch["num_decoder_layers"], num_heads=arch["num_heads"],
+        relative_attention_num_buckets=arch["relative_attention_num_buckets"],
+        relative_attention_max_distance=arch["relative_attention_max_distance"], dropout_rate=arch["dropout"],
+        layer_norm_epsilon=arch["layer_norm_epsilon"], feed_forward_proj=arch["feed_forward_proj"],
+        pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD, tie_word_embeddings=True,
+    )
+
+
+def load_pretrained_t5(path: str | os.PathLike, arch: dict) -> tuple[T5ForConditionalGeneration, dict]:
+    """A local T5 checkpoint directory with its encoder blocks dropped and the vocabulary resized.
+
+    Returns the model and ``arch`` updated with the checkpoint's own shapes.
+    """
+    config = T5Config.from_pretrained(path)
+    config.num_decoder_layers = config.num_decoder_layers or config.num_layers
+    config.num_layers = 0
+    config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = PAD, PAD, EOS
+    t5 = T5ForConditionalGeneration.from_pretrained(path, config=config)
+    t5.resize_token_embeddings(vocab_size(arch["codebook_sizes"]))
+    shapes = {key: getattr(config, key) for key in T5_SMALL if key != "dropout"}
+    return t5, {**arch, **shapes, "dropout": config.dropout_rate}
+
+
+class IDGenerator(nn.Module):
+    """T5 (0 encoder layers) fed by ``num_prefix`` projected query vectors; see the module docstring."""
+
+    def __init__(self, arch: dict, t5: T5ForConditionalGeneration | None = None):
+        super().__init__()
+        self.arch = dict(arch)
+        self.codebook_sizes = list(arch["codebook_sizes"])
+        self.offsets = code_offsets(self.codebook_sizes)
+        self.num_prefix, self.d_model = arch["num_prefix"], arch["d_model"]
+        self.t5 = t5 if t5 is not None else T5ForConditionalGeneration(t5_config(arch))
+        self.embed_projector = nn.Linear(arch["dim"], self.num_prefix * self.d_model)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.codebook_sizes)
+
+    @torch.no_grad()
+    def init_code_embeddings(self, codebooks: Sequence[torch.Tensor], scale: float = 100.0) -> None:
+        """Code-token rows = scale x W normalize(codeword), W a random bias-free Linear dim -> d_model.
+
+        Rows of the special tokens keep T5's random init; the output head shares the matrix.
+        """
+        if [len(c) for c in codebooks] != self.codebook_sizes:
+            raise ValueError(f"codebooks have sizes {[len(c) for c in codebooks]}, the generator {self.codebook_sizes}")
+        weight = self.t5.get_input_embeddings().weight
+        project = nn.Linear(self.arch["dim"], self.d_model, bias=False).to(weight.device)
+        for offset, words in zip(self.offsets, codebooks):
+            rows = scale * project(F.normalize(words.to(weight.device, torch.float32), dim=-1))
+            weight[offset : offset + len(words)] = rows.to(weight.dtype)
+
+    def prefix(self, z_query: torch.Tensor) -> torch.Tensor:
+        """[B, dim] normalised query features -> [B, P, d_model] encoder inputs."""
+        return self.embed_projector(z_query).view(len(z_query), self.num_prefix, self.d_model)
+
+    def encode(self, z_query: torch.Tensor) -> torch.Tensor:
+        """Encoder output [B, P, d_model] (the 0-layer encoder: dropout, final norm, dropout)."""
+        return self.t5.encoder(inputs_embeds=self.prefix(z_query)).last_hidden_state
+
+    def forward(self, z_query: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits [B, L, V] for the target codes [B, L] (decoder input: pad, then codes)."""
+        tokens = codes_to_tokens(target_codes, self.codebook_sizes)
+        decoder_input = torch.cat([torch.full_like(tokens[:, :1], PAD), tokens[:, :-1]], dim=1)
+        return self.t5(inputs_embeds=self.prefix(z_query), decoder_input_ids=decoder_input).logits
+
+    def code_log_probs(self, tokens: torch.Tensor, encoder_hidden: torch.Tensor, cache: EncoderDecoderCache | None,
+                       level: int, level_head: bool) -> tuple[torch.Tensor, EncoderDecoderCache]:
+        """One cached decoder step: fp32 log-probabilities [N, K_level] of level ``level``'s codes.
+
+        ``tokens`` [N, 1] is each row's last token; ``cache`` None starts a new cache. With
+        ``level_head`` only the level's K rows of the output head are scored and normalised
+        among themselves; otherwise the full vocabulary is scored and normalised (the official
+        decoding's numbers), then the level's slice is returned.
+        """
+        out = self.t5.decoder(input_ids=tokens, encoder_hidden_states=encoder_hidden, past_key_values=cache,
+                              use_cache=True)
+        hidden = out.last_hidden_state[:, -1]
+        if self.t5.config.scale_decoder_outputs:
+            hidden = hidden * self.d_model**-0.5
+        lo, hi = self.offsets[level], self.offsets[level] + self.codebook_sizes[level]
+        if level_head:
+            return F.log_softmax(F.linear(hidden, self.t5.lm_head.weight[lo:hi]).float(), dim=-1), out.past_key_values
+        return F.log_softmax(self.t5.lm_head(hidden).float(), dim=-1)[:, lo:hi], out.past_key_values
+
+
+def save_generator(path: str | os.PathLike, generator: IDGenerator, config: dict, rq_fingerprint: str) -> None:
+    """The final ``generator.pt``: weights, arch, resolved config and the rq.pt it was trained with."""
+    state = {k: v.detach().cpu() for k, v in generator.state_dict().items()}
+    atomic_torch_save({"model": state, "arch": generator.arch, "config": config, "rq": rq_fingerprint}, path)
+
+
+def load_generator(path: str | os.PathLike) -> tuple[IDGenerator, dict]:
+    """Rebuild from the saved arch, load strictly, eval mode. Meta: arch, config, rq fingerprint."""
+    ckpt = load_own_checkpoint(path)
+    generator = IDGenerator(ckpt["arch"])
+    load_state_dict_strict(generator, ckpt["model"], f"generator checkpoint {path}")
+    return generator.eval(), {key: ckpt[key] for key in ("arch", "config", "rq")}

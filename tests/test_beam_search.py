@@ -1,0 +1,146 @@
+"""Constrained beam search: exact agreement with transformers ``generate``, trie validity, absent beams."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from genius.models.generative_retriever.beam_search import constrained_beam_search, generate_reference
+from genius.models.generative_retriever.generator import IDGenerator, make_arch
+from genius.trie_cpp import build_trie
+from genius.trie_cpp.python_trie import PythonTrie
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: on 2 shared, busy cores a second intra-op thread makes every small op slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_generator(seed: int, sizes: list[int], dim: int = 12, d_model: int = 16, layers: int = 2) -> IDGenerator:
+    torch.manual_seed(seed)
+    arch = make_arch(dim, sizes, num_prefix=3, d_model=d_model, num_heads=2, d_kv=8, d_ff=32, num_decoder_layers=layers)
+    generator = IDGenerator(arch).eval()
+    # Random T5 init gives nearly flat distributions; widen the output rows so beams are well separated.
+    with torch.no_grad():
+        generator.t5.shared.weight.mul_(4.0)
+    return generator
+
+
+def random_codes(rng: np.random.Generator, sizes: list[int], n: int) -> np.ndarray:
+    return np.stack([rng.integers(0, k, size=n) for k in sizes], axis=1)
+
+
+def queries(rng: np.random.Generator, n: int, dim: int = 12) -> torch.Tensor:
+    return F.normalize(torch.from_numpy(rng.standard_normal((n, dim))).float(), dim=-1)
+
+
+def teacher_forced_scores(generator: IDGenerator, z: torch.Tensor, codes: torch.Tensor, level_head: bool) -> torch.Tensor:
+    """Sum of log-probs of ``codes`` [Q, B, L] under teacher forcing, normalised as the search does."""
+    num_queries, beams, levels = codes.shape
+    with torch.no_grad():
+        logits = generator(z.repeat_interleave(beams, 0), codes.reshape(-1, levels).clamp(min=0))
+    total = torch.zeros(num_queries * beams)
+    for level, (offset, size) in enumerate(zip(generator.offsets, generator.codebook_sizes)):
+        step = logits[:, level].float()
+        log_probs = step[:, offset : offset + size].log_softmax(-1) if level_head else step.log_softmax(-1)[:, offset:]
+        total += log_probs.gather(1, codes.reshape(-1, levels)[:, level : level + 1].clamp(min=0)).squeeze(1)
+    return total.view(num_queries, beams)
+
+
+# 24 cases: random generators and code sets; pools larger and smaller than the beam count,
+# shared prefixes (few codes per level), one level only, and a single beam.
+CASES = [
+    # seed, codebook sizes, pool size, beams, decoder layers
+    (0, [3, 7, 7, 7], 200, 10, 2), (1, [3, 7, 7, 7], 200, 30, 1), (2, [3, 5, 5], 12, 20, 2),
+    (3, [3, 5, 5], 12, 12, 2), (4, [3, 9, 9, 9], 60, 50, 2), (5, [3, 4, 4, 4, 4], 300, 25, 1),
+    (6, [3, 6, 6], 5, 8, 2), (7, [2, 3, 3], 18, 18, 2), (8, [3, 11, 11], 40, 1, 2),
+    (9, [3, 11, 11], 40, 2, 2), (10, [3, 8, 8, 8], 1, 4, 2), (11, [3, 8, 8, 8], 500, 16, 3),
+    (12, [5], 5, 3, 1), (13, [3, 16, 16], 100, 40, 2), (14, [3, 6, 6, 6], 30, 7, 2),
+    (15, [3, 3, 3, 3, 3, 3], 150, 20, 1), (16, [3, 10, 10], 90, 33, 2), (17, [3, 7, 7, 7], 3, 50, 2),
+    (18, [1, 8, 8], 64, 64, 2), (19, [3, 12, 12, 12], 400, 12, 2), (20, [3, 5, 5, 5], 40, 60, 2),
+    (21, [3, 9, 9], 81, 5, 1), (22, [3, 4, 4], 16, 16, 2), (23, [3, 20, 20], 25, 11, 2),
+]
+
+
+@pytest.mark.parametrize("seed,sizes,pool,beams,layers", CASES)
+def test_full_vocabulary_search_equals_transformers_generate(seed, sizes, pool, beams, layers):
+    rng = np.random.default_rng(seed)
+    generator = tiny_generator(seed, sizes, layers=layers)
+    trie = PythonTrie.build(random_codes(rng, sizes, pool))
+    z = queries(rng, 3)
+    ours = constrained_beam_search(generator, z, trie, sizes, num_beams=beams, level_head=False, batch_size=2)
+    reference = generate_reference(generator, z, trie, beams, length_penalty=float(rng.choice([0.0, 1.0, 2.0])))
+    reachable = min(beams, len(trie))
+    assert ours.valid.sum(1).tolist() == [reachable] * 3
+    assert torch.equal(ours.valid, reference.valid)
+    assert torch.equal(ours.codes, reference.codes)
+    torch.testing.assert_close(ours.scores, reference.scores, atol=1e-4, rtol=1e-5)
+    assert not ours.level_head
+
+
+@pytest.mark.parametrize("level_head", [True, False])
+def test_returned_ids_exist_and_absent_beams_are_marked(level_head):
+    rng = np.random.default_rng(7)
+    sizes = [3, 6, 6, 6]
+    generator = tiny_generator(7, sizes)
+    codes = random_codes(rng, sizes, 9)
+    for backend in ("python", "cpp"):
+        trie = build_trie(codes, backend=backend)
+        result = constrained_beam_search(generator, queries(rng, 4), trie, sizes, num_beams=15, level_head=level_head)
+        known = {tuple(row) for row in codes.tolist()}
+        assert result.codes.shape == (4, 15, 4) and result.level_head is level_head
+        assert all(tuple(row) in known for row in result.codes[result.valid].tolist())
+        distinct = len(known)
+        assert result.valid[:, :distinct].all() and not result.valid[:, distinct:].any()
+        assert (result.codes[:, distinct:] == -1).all() and torch.isneginf(result.scores[:, distinct:]).all()
+        assert (result.scores[:, 1:distinct] <= result.scores[:, : distinct - 1]).all()  # sorted
+
+
+@pytest.mark.parametrize("level_head", [True, False])
+def test_beams_covering_the_pool_rank_every_id_by_its_exact_score(level_head):
+    # With at least as many beams as IDs nothing is pruned: the result must be the whole trie,
+    # ordered by the teacher-forced sequence score under the chosen normalisation.
+    rng = np.random.default_rng(3)
+    sizes = [3, 5, 5]
+    generator = tiny_generator(3, sizes)
+    trie = PythonTrie.build(random_codes(rng, sizes, 30))
+    z = queries(rng, 2)
+    result = constrained_beam_search(generator, z, trie, sizes, num_beams=len(trie), level_head=level_head)
+    assert result.valid.all()
+    for q in range(2):
+        assert {tuple(r) for r in result.codes[q].tolist()} == {tuple(r) for r in trie.ids().tolist()}
+    torch.testing.assert_close(result.scores, teacher_forced_scores(generator, z, result.codes, level_head),
+                               atol=1e-4, rtol=1e-5)
+
+
+def test_query_batching_and_bf16_autocast():
+    rng = np.random.default_rng(5)
+    sizes = [3, 8, 8, 8]
+    generator = tiny_generator(5, sizes)
+    trie = PythonTrie.build(random_codes(rng, sizes, 120))
+    z = queries(rng, 5)
+    whole = constrained_beam_search(generator, z, trie, sizes, num_beams=10, batch_size=64)
+    split = constrained_beam_search(generator, z, trie, sizes, num_beams=10, batch_size=2)
+    assert torch.equal(whole.codes, split.codes)
+    torch.testing.assert_close(whole.scores, split.scores)
+    bf16 = constrained_beam_search(generator, z, trie, sizes, num_beams=10, autocast=True)
+    known = {tuple(r) for r in trie.ids().tolist()}
+    assert bf16.valid.all() and all(tuple(r) in known for r in bf16.codes.reshape(-1, 4).tolist())
+    # bf16 keeps ~3 significant digits: the best beam survives, scores agree loosely.
+    assert (bf16.codes[:, 0] == whole.codes[:, 0]).all(-1).float().mean() >= 0.8
+    torch.testing.assert_close(bf16.scores[:, 0], whole.scores[:, 0], atol=0.1, rtol=0.05)
+
+
+def test_bad_arguments_are_named():
+    sizes = [3, 4]
+    generator = tiny_generator(0, sizes)
+    trie = PythonTrie.build(np.array([[0, 1]]))
+    with pytest.raises(ValueError, match="codebook sizes"):
+        constrained_beam_search(generator, queries(np.random.default_rng(0), 1), trie, [3, 5])
+    with pytest.raises(ValueError, match=r"z_query must be \[Q, 12\]"):
+        constrained_beam_search(generator, torch.zeros(2, 7), trie, sizes)
