@@ -1,0 +1,382 @@
+"""Stage 3 retrieval: from generated IDs, or from dense scores, to ranked candidates.
+
+Everything here is an index with faiss's interface, ``search(queries float32 [Q, D], k) ->
+(scores float32 [Q, k], ids int64 [Q, k])``, where missing results are padded with id -1 and
+score -inf:
+
+- ``ExactIPIndex``: exact inner product in chunks (torch matmul + running top-k), the dense
+  CLIP-SF baseline; ``FaissFlatIPIndex`` is the same search through faiss's IndexFlatIP.
+- ``GeniusIndex``: the whole generative pipeline (Combiner embedding, trie-constrained beam
+  search, ID -> candidates, optional GENIUS^R re-ranking).
+
+The pieces GeniusIndex is made of are public so evaluation can cache decoded IDs per
+(model, pool, query file): ``CandidateMap`` (ID -> candidates sharing it, in trie leaf order),
+``genius_ranking`` (candidates of each beam in beam order) and ``rerank_ranking`` (GENIUS^R).
+Candidates are referred to by *row* (position in the pool's code file); an index's ``ids``
+array turns rows into hashed dids.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from genius.common.fusion import score_fusion
+
+ABSENT = -1
+PAD_SCORE = -np.inf
+
+
+class TrieLike(Protocol):
+    def ids(self) -> np.ndarray: ...
+
+
+class BeamResultLike(Protocol):
+    codes: torch.Tensor  # [Q, B, L], -1 for absent beams
+    scores: torch.Tensor  # [Q, B]
+    valid: torch.Tensor  # bool [Q, B]
+
+
+# ---- ID -> candidates ------------------------------------------------------------------------
+def _row_keys(codes: np.ndarray) -> np.ndarray:
+    """One opaque key per ID row whose byte order is the lexicographic order of the IDs.
+
+    Big-endian int32 bytes of non-negative codes compare like the integers, so sorting and
+    ``searchsorted`` on these keys follow the trie's leaf order without a Python tuple per ID.
+    """
+    codes = np.asarray(codes)
+    big_endian = np.ascontiguousarray(codes.astype(">i4"))
+    return big_endian.view(np.dtype((np.void, 4 * codes.shape[-1]))).reshape(codes.shape[:-1])
+
+
+@dataclass
+class CandidateMap:
+    """Candidates grouped by ID, in trie leaf order (CSR).
+
+    The candidates of leaf j (the ID ``trie.ids()[j]``) are the pool rows
+    ``rows[leaf_start[j]:leaf_start[j + 1]]``, in pool order; several rows per leaf are collisions.
+    """
+
+    leaf_keys: np.ndarray  # void [M], sorted; key of each leaf's ID
+    leaf_start: np.ndarray  # int64 [M + 1]
+    rows: np.ndarray  # int64 [N]
+    num_levels: int
+
+    @classmethod
+    def build(cls, trie: TrieLike, codes: np.ndarray) -> "CandidateMap":
+        """Group the pool's ``codes`` [N, L] by the trie leaf of each row.
+
+        The trie must hold exactly the distinct IDs of ``codes``; anything else means it was
+        built from other codes (stale), which is an error rather than silently missing items.
+        """
+        codes = np.asarray(codes)
+        leaf_ids = np.asarray(trie.ids())
+        if codes.ndim != 2 or leaf_ids.ndim != 2 or codes.shape[1] != leaf_ids.shape[1]:
+            raise ValueError(f"pool codes {codes.shape} and trie IDs {leaf_ids.shape} must both be [*, L] with the same L")
+        leaf_keys = _row_keys(leaf_ids)
+        leaf_of_row = np.searchsorted(leaf_keys, _row_keys(codes))
+        found = leaf_of_row < len(leaf_keys)
+        found[found] = leaf_keys[leaf_of_row[found]] == _row_keys(codes[found])
+        if not found.all():
+            raise ValueError(f"{int((~found).sum())} of {len(codes)} candidate IDs are not in the trie "
+                             f"(first: pool row {int(np.flatnonzero(~found)[0])}); the trie is stale, rebuild it")
+        counts = np.bincount(leaf_of_row, minlength=len(leaf_keys))
+        if (counts == 0).any():
+            raise ValueError(f"the trie holds {int((counts == 0).sum())} IDs that no candidate has; "
+                             "the trie is stale, rebuild it")
+        leaf_start = np.zeros(len(leaf_keys) + 1, dtype=np.int64)
+        np.cumsum(counts, out=leaf_start[1:])
+        rows = np.argsort(leaf_of_row, kind="stable").astype(np.int64)  # stable: pool order inside a leaf
+        return cls(leaf_keys, leaf_start, rows, codes.shape[1])
+
+    @property
+    def num_ids(self) -> int:
+        return len(self.leaf_keys)
+
+    @property
+    def num_candidates(self) -> int:
+        return len(self.rows)
+
+    def leaves_of(self, codes: np.ndarray) -> np.ndarray:
+        """Leaf index of each ID in ``codes`` [..., L]; -1 where the ID (or any code) is absent."""
+        codes = np.asarray(codes)
+        if codes.shape[-1] != self.num_levels:
+            raise ValueError(f"IDs have {codes.shape[-1]} levels, the pool's have {self.num_levels}")
+        complete = (codes >= 0).all(axis=-1)
+        keys = _row_keys(np.where(complete[..., None], codes, 0))
+        leaves = np.searchsorted(self.leaf_keys, keys).clip(max=max(self.num_ids - 1, 0))
+        hit = complete & (self.leaf_keys[leaves] == keys) if self.num_ids else np.zeros(complete.shape, bool)
+        return np.where(hit, leaves, ABSENT).astype(np.int64)
+
+    def candidates(self, leaf: int) -> np.ndarray:
+        return self.rows[self.leaf_start[leaf] : self.leaf_start[leaf + 1]]
+
+    def collision_stats(self) -> dict:
+        """How many candidates share their ID with another: GENIUS returns all of them, in pool order."""
+        sizes = np.diff(self.leaf_start)
+        return {
+            "candidates": int(self.num_candidates),
+            "distinct_ids": int(self.num_ids),
+            "candidates_sharing_an_id": int(sizes[sizes > 1].sum()),
+            "largest_group": int(sizes.max()) if len(sizes) else 0,
+        }
+
+
+# ---- rankings --------------------------------------------------------------------------------
+@dataclass
+class Ranking:
+    """Top-k per query: pool rows [Q, k] (-1 padding) and their scores [Q, k] (-inf padding)."""
+
+    rows: np.ndarray
+    scores: np.ndarray
+
+    def ids(self, pool_ids: np.ndarray) -> np.ndarray:
+        """Rows -> hashed dids, keeping -1 padding."""
+        return np.where(self.rows >= 0, np.asarray(pool_ids)[self.rows.clip(min=0)], ABSENT)
+
+
+def _drop_repeated_leaves(leaves: np.ndarray) -> np.ndarray:
+    """Set every repeat of a leaf within a query's beams to -1, keeping its first (best) beam."""
+    order = np.argsort(leaves, axis=1, kind="stable")
+    ordered = np.take_along_axis(leaves, order, axis=1)
+    repeat_sorted = np.zeros(leaves.shape, dtype=bool)
+    repeat_sorted[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    repeat = np.empty_like(repeat_sorted)
+    np.put_along_axis(repeat, order, repeat_sorted, axis=1)
+    return np.where(repeat, ABSENT, leaves)
+
+
+def beam_candidates(cmap: CandidateMap, leaves: np.ndarray, limit: int | None = None):
+    """Flatten the candidates of each query's beams, in (query, beam order, pool order) order.
+
+    ``leaves`` [Q, B] (-1 for absent beams). Repeated leaves count once. With ``limit``, only
+    each query's first ``limit`` candidates are produced. Returns (query, beam, row) int64 arrays.
+    """
+    leaves = _drop_repeated_leaves(np.asarray(leaves, dtype=np.int64))
+    num_queries, num_beams = leaves.shape
+    present = leaves >= 0
+    safe = np.where(present, leaves, 0)
+    starts = np.where(present, cmap.leaf_start[safe], 0)
+    counts = np.where(present, cmap.leaf_start[safe + 1] - cmap.leaf_start[safe], 0)
+    if limit is not None:
+        before = np.cumsum(counts, axis=1) - counts
+        counts = np.clip(np.minimum(counts, limit - before), 0, None)
+    counts, starts = counts.ravel(), starts.ravel()
+    pair = np.repeat(np.arange(num_queries * num_beams), counts)
+    within = np.arange(len(pair)) - np.repeat(np.cumsum(counts) - counts, counts)
+    return pair // num_beams, pair % num_beams, cmap.rows[starts[pair] + within]
+
+
+def union_sizes(cmap: CandidateMap, leaves: np.ndarray) -> np.ndarray:
+    """int64 [Q]: how many candidates the beams' IDs hold together (GENIUS^R's re-rank set)."""
+    leaves = _drop_repeated_leaves(np.asarray(leaves, dtype=np.int64))
+    sizes = np.diff(cmap.leaf_start)[leaves.clip(min=0)]
+    return np.where(leaves >= 0, sizes, 0).sum(axis=1)
+
+
+def _pack_topk(query: np.ndarray, rows: np.ndarray, scores: np.ndarray, num_queries: int, k: int) -> Ranking:
+    """(query, row, score) triples sorted by query (best first within a query) -> [Q, k] arrays."""
+    first = np.searchsorted(query, np.arange(num_queries))
+    position = np.arange(len(query)) - first[query]
+    keep = position < k
+    out_rows = np.full((num_queries, k), ABSENT, dtype=np.int64)
+    out_scores = np.full((num_queries, k), PAD_SCORE, dtype=np.float32)
+    out_rows[query[keep], position[keep]] = rows[keep]
+    out_scores[query[keep], position[keep]] = scores[keep]
+    return Ranking(out_rows, out_scores)
+
+
+def genius_ranking(cmap: CandidateMap, leaves: np.ndarray, beam_scores: np.ndarray, k: int) -> Ranking:
+    """GENIUS: every candidate of each beam's ID, beams in score order, truncated to k.
+
+    A candidate's score is its beam's score (candidates sharing an ID tie, in pool order).
+    """
+    query, beam, rows = beam_candidates(cmap, leaves, limit=k)
+    scores = np.asarray(beam_scores, dtype=np.float32)[query, beam]
+    return _pack_topk(query, rows, scores, len(leaves), k)
+
+
+def rerank_ranking(cmap: CandidateMap, leaves: np.ndarray, query_emb: np.ndarray, cand_emb: np.ndarray, k: int,
+                   chunk: int = 256) -> Ranking:
+    """GENIUS^R: the union of all beams' candidates re-ranked by cosine of fused CLIP-SF embeddings.
+
+    ``query_emb`` [Q, D] and ``cand_emb`` [N, D] (pool rows; fp16 or fp32, memmap is fine) are
+    re-normalised in fp32. Ties keep beam order. Beam scores are not used.
+    """
+    num_queries = len(leaves)
+    parts = []
+    for start in range(0, num_queries, chunk):
+        stop = min(start + chunk, num_queries)
+        query, _, rows = beam_candidates(cmap, leaves[start:stop])
+        q = _unit(np.asarray(query_emb[start:stop]))
+        distinct = np.unique(rows)  # sorted, so a memmap is read in order
+        c = _unit(np.asarray(cand_emb[distinct]))
+        scores = np.einsum("nd,nd->n", q[query], c[np.searchsorted(distinct, rows)]).astype(np.float32)
+        order = np.lexsort((-scores, query))  # by query, then best score; stable for ties
+        parts.append(_pack_topk(query[order], rows[order], scores[order], stop - start, k))
+    return Ranking(np.concatenate([p.rows for p in parts]) if parts else np.zeros((0, k), np.int64),
+                   np.concatenate([p.scores for p in parts]) if parts else np.zeros((0, k), np.float32))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def target_modality_share(ranking: Ranking, cand_modality: np.ndarray, target: np.ndarray) -> float:
+    """Share of returned candidates whose modality is the query's target modality."""
+    returned = ranking.rows >= 0
+    if not returned.any():
+        return float("nan")
+    matches = np.asarray(cand_modality)[ranking.rows.clip(min=0)] == np.asarray(target)[:, None]
+    return float(matches[returned].mean())
+
+
+# ---- dense baseline --------------------------------------------------------------------------
+def _check_queries(queries: np.ndarray, dim: int, k: int) -> np.ndarray:
+    queries = np.asarray(queries)
+    if queries.ndim != 2 or queries.shape[1] != dim:
+        raise ValueError(f"queries must be a float array [Q, {dim}], got shape {queries.shape}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return queries
+
+
+class ExactIPIndex:
+    """Exact inner-product search, faiss-style, in candidate chunks.
+
+    ``vectors`` [N, D] may be a memmap (fp16 or fp32); each chunk is moved to ``device`` once
+    and scored against all queries, keeping a running top-k, so memory stays at
+    chunk x D + Q x k whatever N is. Returned ids are rows, or ``ids[row]`` when given.
+    """
+
+    def __init__(self, vectors: np.ndarray, ids: np.ndarray | None = None, *, chunk_size: int = 65536,
+                 query_batch: int = 4096, device: str | torch.device = "cpu"):
+        if np.asarray(vectors[:0]).ndim != 2:
+            raise ValueError(f"vectors must be [N, D], got shape {getattr(vectors, 'shape', None)}")
+        if ids is not None and len(ids) != len(vectors):
+            raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
+        self.vectors, self.labels = vectors, None if ids is None else np.asarray(ids, dtype=np.int64)
+        self.chunk_size, self.query_batch, self.device = chunk_size, query_batch, torch.device(device)
+
+    @property
+    def ntotal(self) -> int:
+        return len(self.vectors)
+
+    @property
+    def d(self) -> int:
+        return self.vectors.shape[1]
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = torch.from_numpy(np.ascontiguousarray(_check_queries(queries, self.d, k), dtype=np.float32))
+        num_queries = len(queries)
+        best_scores = torch.full((num_queries, k), -torch.inf, device=self.device)
+        best_rows = torch.full((num_queries, k), ABSENT, dtype=torch.int64, device=self.device)
+        for start in range(0, self.ntotal, self.chunk_size):
+            chunk = np.asarray(self.vectors[start : start + self.chunk_size], dtype=np.float32)
+            chunk = torch.from_numpy(chunk).to(self.device)
+            for q0 in range(0, num_queries, self.query_batch):
+                q = queries[q0 : q0 + self.query_batch].to(self.device)
+                scores = q @ chunk.T
+                top = scores.topk(min(k, scores.shape[1]), dim=1)
+                merged_scores = torch.cat([best_scores[q0 : q0 + len(q)], top.values], dim=1)
+                merged_rows = torch.cat([best_rows[q0 : q0 + len(q)], top.indices + start], dim=1)
+                keep = merged_scores.topk(k, dim=1)
+                best_scores[q0 : q0 + len(q)] = keep.values
+                best_rows[q0 : q0 + len(q)] = merged_rows.gather(1, keep.indices)
+        return self._labelled(best_scores.cpu().numpy().astype(np.float32), best_rows.cpu().numpy())
+
+    def _labelled(self, scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.where(np.isfinite(scores), rows, ABSENT)
+        scores = np.where(rows >= 0, scores, PAD_SCORE).astype(np.float32)
+        if self.labels is None:
+            return scores, rows
+        return scores, np.where(rows >= 0, self.labels[rows.clip(min=0)], ABSENT)
+
+
+class FaissFlatIPIndex(ExactIPIndex):
+    """The same exact search through faiss's IndexFlatIP (vectors copied in as fp32)."""
+
+    def __init__(self, vectors: np.ndarray, ids: np.ndarray | None = None, *, chunk_size: int = 65536, **_):
+        super().__init__(vectors, ids, chunk_size=chunk_size)
+        import faiss
+
+        self.index = faiss.IndexFlatIP(vectors.shape[1])
+        for start in range(0, len(vectors), chunk_size):
+            self.index.add(np.ascontiguousarray(vectors[start : start + chunk_size], dtype=np.float32))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(_check_queries(queries, self.d, k), dtype=np.float32)
+        scores, rows = self.index.search(queries, k)
+        return self._labelled(np.where(rows >= 0, scores, PAD_SCORE), rows.astype(np.int64))
+
+
+def dense_index(vectors: np.ndarray, ids: np.ndarray | None = None, backend: str = "torch", **kwargs) -> ExactIPIndex:
+    """The dense baseline index: ``backend`` 'torch' (chunked matmul) or 'faiss' (IndexFlatIP)."""
+    if backend == "torch":
+        return ExactIPIndex(vectors, ids, **kwargs)
+    if backend == "faiss":
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            raise ValueError("dense backend 'faiss' needs faiss-cpu or faiss-gpu installed "
+                             "(pip install faiss-cpu)") from None
+        return FaissFlatIPIndex(vectors, ids, **kwargs)
+    raise ValueError(f"unknown dense backend {backend!r}; valid choices: 'torch', 'faiss'")
+
+
+# ---- the generative pipeline as an index ----------------------------------------------------
+def pack_query_features(img: np.ndarray, txt: np.ndarray, img_mask: np.ndarray, txt_mask: np.ndarray) -> np.ndarray:
+    """Raw stage-0 query features as one float32 matrix [Q, 2D + 2]: img | txt | img_mask | txt_mask.
+
+    GENIUS needs both the raw vectors (for the Combiner) and their fusion (for re-ranking), so
+    its index takes these packed features where a dense index takes one embedding.
+    """
+    img, txt = np.asarray(img, dtype=np.float32), np.asarray(txt, dtype=np.float32)
+    masks = np.stack([np.asarray(img_mask), np.asarray(txt_mask)], axis=1).astype(np.float32)
+    return np.concatenate([img, txt, masks], axis=1)
+
+
+def unpack_query_features(packed: np.ndarray, dim: int) -> tuple[torch.Tensor, ...]:
+    packed = torch.from_numpy(np.ascontiguousarray(packed, dtype=np.float32))
+    return packed[:, :dim], packed[:, dim : 2 * dim], packed[:, 2 * dim], packed[:, 2 * dim + 1]
+
+
+class GeniusIndex:
+    """The whole GENIUS pipeline behind faiss's ``search`` (queries = packed raw features).
+
+    ``embed(img, txt, img_mask, txt_mask) -> z [Q, dim]`` is the stage-1 Combiner (``rq.embed``),
+    ``decode(z) -> BeamResult`` the trie-constrained beam search over this pool's trie.
+    With ``cand_emb`` (fused CLIP-SF embeddings of the pool rows) and ``rerank``, results are
+    GENIUS^R; otherwise GENIUS, scored by beam score.
+    """
+
+    def __init__(self, embed: Callable, decode: Callable[[torch.Tensor], BeamResultLike], cmap: CandidateMap,
+                 ids: np.ndarray, feature_dim: int, cand_emb: np.ndarray | None = None, rerank: bool = False):
+        if rerank and cand_emb is None:
+            raise ValueError("re-ranking needs the pool's fused CLIP-SF embeddings (cand_emb)")
+        self.embed, self.decode, self.cmap, self.labels = embed, decode, cmap, np.asarray(ids, dtype=np.int64)
+        self.feature_dim, self.cand_emb, self.rerank = feature_dim, cand_emb, rerank
+
+    @property
+    def ntotal(self) -> int:
+        return self.cmap.num_candidates
+
+    @property
+    def d(self) -> int:
+        return 2 * self.feature_dim + 2
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        img, txt, img_mask, txt_mask = unpack_query_features(_check_queries(queries, self.d, k), self.feature_dim)
+        with torch.no_grad():
+            beams = self.decode(self.embed(img, txt, img_mask, txt_mask))
+        leaves = self.cmap.leaves_of(beams.codes.cpu().numpy())
+        leaves[~beams.valid.cpu().numpy()] = ABSENT
+        if self.rerank:
+            fused = score_fusion(img, txt, img_mask, txt_mask).numpy()
+            ranking = rerank_ranking(self.cmap, leaves, fused, self.cand_emb, k)
+        else:
+            ranking = genius_ranking(self.cmap, leaves, beams.scores.float().cpu().numpy(), k)
+        return ranking.scores, ranking.ids(self.labels)

@@ -1,0 +1,238 @@
+"""``genius search``: query a finished evaluation run with a text and/or an image.
+
+    genius search --run results/tiny --text "a small red circle on the left" -k 10
+    genius search --run configs_scripts/tiny --image photo.png --target-modality text
+
+``--run`` is a results directory holding ``run.json`` (written by ``genius eval``) or a setting's
+config folder (its ``eval.yaml`` names the results directory). The manifest names everything
+needed: the stage-0 encoder config the query stores were extracted with, rq.pt, generator.pt,
+each pool's store, codes, trie and jsonl.
+
+The query is built as in extraction: the instruction for (dataset, query modality, target
+modality) from the run's instructions file, picked with the run's instruction mode
+(``deterministic``: a stable hash of the query, like evaluation's hash of the qid; ``first``;
+``none``), or given with ``--instruction``; then it is encoded by the stage-0 encoder, decoded
+under the pool's trie, and the candidates are printed with their did, modality, text or image
+path and score (GENIUS^R cosine when the run re-ranked, else the beam log-probability).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+import genius.trie_cpp as trie_lib
+from genius.common.config import load_config, resolve_path
+from genius.common.distributed import init_distributed
+from genius.common.mbeir import MODALITIES, Instructions, iter_candidates, query_text_with_instruction, unhash_did
+from genius.common.stage import setup_logging
+from genius.common.store import EmbeddingStore
+from genius.models.generative_retriever.evaluate import (
+    EvalConfig,
+    Models,
+    StaleInputError,
+    cached_fused_embeddings,
+    codes_fingerprint,
+    load_models,
+)
+from genius.models.generative_retriever.retrieval import CandidateMap, GeniusIndex, pack_query_features
+
+log = logging.getLogger("genius.search")
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    did: str
+    modality: str
+    text: str
+    img_path: str | None
+    score: float
+
+
+# ---- the run ----------------------------------------------------------------------------------
+def find_manifest(run: str | Path) -> Path:
+    """``run.json`` of a results directory, or of the results directory a config folder's eval.yaml names."""
+    run = Path(run)
+    if (run / "run.json").is_file():
+        return run / "run.json"
+    if (run / "eval.yaml").is_file():
+        results = resolve_path(load_config(EvalConfig, run / "eval.yaml").paths.results)
+        if (results / "run.json").is_file():
+            return results / "run.json"
+        raise FileNotFoundError(f"{run / 'eval.yaml'} names results {results}, which has no run.json; run genius eval first")
+    raise FileNotFoundError(f"{run} has neither run.json (a results directory written by genius eval) nor eval.yaml "
+                            "(a setting's config folder)")
+
+
+def load_manifest(run: str | Path) -> dict:
+    manifest = json.loads(find_manifest(run).read_text())
+    if manifest.get("manifest_version") != 1:
+        raise ValueError(f"{run}: run manifest version {manifest.get('manifest_version')!r} is not supported (expected 1)")
+    return manifest
+
+
+# ---- the query --------------------------------------------------------------------------------
+def query_modality(text: str | None, image: str | None) -> str:
+    if text and image:
+        return "image,text"
+    if text or image:
+        return "text" if text else "image"
+    raise ValueError("give a query: --text, --image or both")
+
+
+def choose_instruction(instructions: Instructions, mode: str, query_mod: str, target_mod: str, key: str,
+                       dataset: int | None = None) -> str:
+    """The instruction extraction would give this query, with the query's content standing in for its qid.
+
+    ``dataset`` (an id) selects whose instructions; by default the lowest dataset id that has
+    this (query modality, target modality) task. A search must be repeatable, so 'random' runs
+    pick like 'deterministic' ones.
+    """
+    if mode == "none":
+        return ""
+    if dataset is None:
+        datasets = sorted(d for d, q, c in instructions.prompts if (q, c) == (query_mod, target_mod))
+        if not datasets:
+            raise ValueError(f"the instructions file has no row for {query_mod} -> {target_mod}; "
+                             "pass --instruction or another --target-modality")
+        dataset = datasets[0]
+    variants = instructions.variants(dataset, query_mod, target_mod)
+    return variants[0] if mode == "first" else variants[zlib.crc32(key.encode()) % len(variants)]
+
+
+def encode_query(encoder, text: str, image: str | None) -> np.ndarray:
+    """Packed raw features [1, 2D + 2] of one query (``retrieval.pack_query_features``)."""
+    dim = encoder.dim
+    txt = encoder.encode_texts([text]) if text else np.zeros((1, dim), np.float32)
+    if image:
+        with Image.open(image) as im:
+            img = encoder.encode_images([im.convert("RGB")])
+    else:
+        img = np.zeros((1, dim), np.float32)
+    return pack_query_features(img, txt, [1.0 if image else 0.0], [1.0 if text else 0.0])
+
+
+# ---- the pool ---------------------------------------------------------------------------------
+def open_index(pool: dict, models: Models, rerank: bool) -> GeniusIndex:
+    """The GENIUS index over one pool of the run manifest."""
+    store = EmbeddingStore.open(pool["store"], kind="candidate", source=pool["jsonl"])
+    if codes_fingerprint(Path(pool["codes"])) != pool["codes_hash"]:
+        raise StaleInputError(f"the codes in {pool['codes']} changed after this run was evaluated; run genius eval again")
+    codes = np.load(Path(pool["codes"]) / "codes.npy")
+    trie = trie_lib.load_trie(pool["trie"], pool["trie_backend"])
+    cmap = CandidateMap.build(trie, codes)
+    fused = cached_fused_embeddings(store, Path(pool["fused"])) if rerank else None
+    return GeniusIndex(models.embed, lambda z: models.decode(z, trie), cmap, store.ids, store.dim,
+                       cand_emb=fused, rerank=rerank)
+
+
+def describe(pool_jsonl: str | Path, dids: list[int], scores: list[float]) -> list[Hit]:
+    """Look the returned candidates up in the pool file (streamed; stops once all are found)."""
+    wanted = {unhash_did(d): i for i, d in enumerate(dids)}
+    found: dict[str, object] = {}
+    for cand in iter_candidates(pool_jsonl):
+        if cand.did in wanted:
+            found[cand.did] = cand
+            if len(found) == len(wanted):
+                break
+    hits = []
+    for rank, (did, score) in enumerate(zip(wanted, scores), 1):
+        cand = found.get(did)
+        hits.append(Hit(rank, did, cand.modality if cand else "?", cand.text if cand else "",
+                        cand.img_path if cand else None, float(score)))
+    return hits
+
+
+def search(run: str | Path, text: str = "", image: str | None = None, instruction: str | None = None,
+           target_modality: str | None = None, k: int = 10, pool: str | None = None, rerank: bool | None = None,
+           dataset: int | None = None, device: str = "auto", models: Models | None = None,
+           encoder_factory: Callable | None = None) -> list[Hit]:
+    """Ranked candidates for one query (``models`` / ``encoder_factory`` replace the run's, for tests)."""
+    manifest = load_manifest(run)
+    pool = pool or manifest["default_pool"]
+    if pool not in manifest["pools"]:
+        raise ValueError(f"pool {pool!r} was not evaluated in this run; choices: {', '.join(manifest['pools'])}")
+    qmod = query_modality(text, image)
+    target = target_modality or {"text": "image", "image": "text", "image,text": "image"}[qmod]
+    if target not in MODALITIES:
+        raise ValueError(f"target modality {target!r} is not one of {', '.join(MODALITIES)}")
+    extraction = manifest["encoder"]["extraction"]
+    if instruction is None:
+        mode = extraction.get("instructions", {}).get("mode", "deterministic")
+        instructions = Instructions.load(manifest["instructions"]) if mode != "none" else None
+        instruction = choose_instruction(instructions, mode, qmod, target, f"{text}|{image or ''}", dataset) \
+            if instructions else ""
+    query_text = query_text_with_instruction(instruction, text)
+    log.info("query text: %r (%s -> %s)", query_text, qmod, target)
+
+    dev = init_distributed(device).device
+    encoder = (encoder_factory or _build_encoder)(extraction, dev)
+    packed = encode_query(encoder, query_text, image)
+    if manifest["encoder"].get("dtype"):  # round like the stored queries: a test query gets its stored features
+        vectors = packed[:, : 2 * encoder.dim]
+        packed[:, : 2 * encoder.dim] = vectors.astype(manifest["encoder"]["dtype"]).astype(np.float32)
+    cfg = load_config(EvalConfig, manifest["config"])
+    models = models or load_models(cfg, dev)
+    if models.fingerprints != manifest["fingerprints"]:
+        raise StaleInputError("rq.pt or generator.pt changed after this run was evaluated; run genius eval again")
+    rerank = manifest["rerank"] if rerank is None else rerank
+    scores, ids = open_index(manifest["pools"][pool], models, rerank).search(packed, k)
+    keep = ids[0] >= 0
+    return describe(manifest["pools"][pool]["jsonl"], ids[0][keep].tolist(), scores[0][keep].tolist())
+
+
+def _build_encoder(extraction: dict, device: torch.device):
+    from genius.feature_extraction.encoders import EncoderConfig, build_encoder
+
+    if "encoder" not in extraction:
+        raise ValueError("the run's query stores do not record their encoder config; re-extract them with genius extract")
+    cfg = EncoderConfig(**extraction["encoder"])  # recorded from a validated config
+    cfg.validate()
+    return build_encoder(cfg, device)
+
+
+def format_hits(hits: list[Hit]) -> str:
+    lines = [f"{'rank':>4}  {'did':<14} {'modality':<10} {'score':>9}  content"]
+    for h in hits:
+        content = " | ".join(x for x in (h.text, h.img_path or "") if x)
+        lines.append(f"{h.rank:>4}  {h.did:<14} {h.modality:<10} {h.score:>9.4f}  {content}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    parser = argparse.ArgumentParser(prog="genius search",
+                                     description="Search a finished GENIUS run with a text and/or image query.")
+    parser.add_argument("--run", required=True, help="results directory with run.json, or a setting's config folder")
+    parser.add_argument("--text", default="", help="query text")
+    parser.add_argument("--image", default=None, help="query image file")
+    parser.add_argument("--instruction", default=None, help="instruction to prepend (default: chosen as in extraction)")
+    parser.add_argument("--target-modality", choices=MODALITIES, default=None,
+                        help="what to retrieve (default: image for text queries, text for image queries)")
+    parser.add_argument("--dataset", type=int, default=None, help="dataset id whose instructions to use")
+    parser.add_argument("-k", type=int, default=10, help="number of results")
+    parser.add_argument("--pool", default=None, help="pool file stem (default: the union pool if evaluated)")
+    parser.add_argument("--no-rerank", dest="rerank", action="store_false", default=None, help="GENIUS without re-ranking")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    args = parser.parse_args(argv)
+    try:
+        hits = search(args.run, args.text, args.image, args.instruction, args.target_modality, args.k, args.pool,
+                      args.rerank, args.dataset, args.device)
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"genius search: {err}\n")
+    print(format_hits(hits))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
