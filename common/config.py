@@ -169,9 +169,19 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
+def project_root() -> Path:
+    """Where relative config paths resolve: $GENIUS_ROOT if set, else the repository root.
+
+    Setting GENIUS_ROOT moves a whole setting's data and artefacts (worlds/, extracted_embed/,
+    checkpoint/, results/) elsewhere without editing any YAML; the tests use it to run the
+    real run scripts inside a temporary folder.
+    """
+    return Path(os.environ.get("GENIUS_ROOT") or REPO_ROOT)
+
+
 def resolve_path(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
-    """A config path: absolute as given, relative against ``root`` (default: the repository root)."""
+    """A config path: absolute as given, relative against ``root`` (default: ``project_root()``)."""
     path = Path(os.path.expanduser(str(path)))
     if path.is_absolute():
         return path
-    return Path(root if root is not None else REPO_ROOT) / path
+    return Path(root if root is not None else project_root()) / path

@@ -28,6 +28,7 @@ import itertools
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -37,6 +38,7 @@ from typing import Callable, Iterator, Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
+from genius.common.config import resolve_path
 from genius.common.io import atomic_dir, atomic_write_json, atomic_write_text
 from genius.common.mbeir import MBEIR_DATASET_IDS, TASKS
 
@@ -766,6 +768,15 @@ def _is_world(path: Path) -> bool:
         return False
 
 
+def _is_current(path: Path, size: str, seed: int) -> bool:
+    """A world of this generator version, size and seed is already there (rewriting it would
+    change every file's mtime and so make every later stage redo its work)."""
+    if not _is_world(path):
+        return False
+    summary = json.loads((path / "world.json").read_text())
+    return (summary.get("format_version"), summary.get("size"), summary.get("seed")) == (FORMAT_VERSION, size, seed)
+
+
 def write_world(out_dir: str | Path, size: Literal["test", "demo"], seed: int = 0) -> dict:
     """Generate the world into ``out_dir`` and return its summary (also written to world.json).
 
@@ -792,7 +803,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder (the world's M-BEIR root)")
     parser.add_argument("--size", required=True, choices=tuple(WORLD_SIZES), help="test: seconds; demo: the CPU demo")
     parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files (default 0)")
+    parser.add_argument("--force", action="store_true", help="rewrite the world even if it is up to date")
     args = parser.parse_args(argv)
+    args.out = resolve_path(args.out)
+    if not args.force and _is_current(args.out, args.size, args.seed):
+        print(f"the {args.size} world (seed {args.seed}) at {args.out} is up to date; nothing to do")
+        return
     start = time.perf_counter()
     try:
         summary = write_world(args.out, args.size, args.seed)
@@ -806,4 +822,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
