@@ -1,0 +1,478 @@
+"""genius train-clip: UniIR's CLIP-SF recipe (score-fusion in-batch contrastive training).
+
+Each training query (with its instruction) and one of its positive candidates, re-drawn every
+epoch, are embedded by both CLIP towers and score-fused (``genius.common.fusion.score_fusion``):
+``q = normalize(img_q * m + txt_q * m)``, ``c`` likewise. Logits are ``exp(logit_scale) q . c``
+against every candidate of the global batch (gathered across ranks with gradients); the loss is
+cross-entropy, symmetric (q->c and c->q) by default or UniIR's one-directional q->c
+(``loss.direction``). An in-batch candidate that is the query's own positive (the same candidate
+drawn twice, or a repeated query of the up-sampled training file) is not scored as a negative.
+
+Optimisation follows UniIR: AdamW (weight decay on matrices only), cosine schedule (optional
+warm-up), fp16 autocast + GradScaler on GPU, fp32 on CPU; ``logit_scale`` is learnable and kept
+at most ``loss.max_logit_scale`` (CLIP's clamp). Training reads raw images and texts, not stores.
+
+Outputs in ``output.run_dir``: ``checkpoints/epoch_XXXX.pt`` (resume state), ``metrics.jsonl``,
+``config.yaml`` and the final ``clip_sf.pt`` (weights + architecture) that ``genius extract``
+loads. A re-run resumes from the last epoch checkpoint, or does nothing when ``clip_sf.pt`` was
+made from the same config and data; checkpoints of a different config or data are moved to
+``checkpoints.stale`` and training starts over.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from genius.common.checkpoint import (
+    latest_checkpoint,
+    load_own_checkpoint,
+    rng_state,
+    save_training_checkpoint,
+    set_rng_state,
+)
+from genius.common.config import config_to_dict, resolve_path
+from genius.common.distributed import (
+    all_gather_with_grad,
+    all_reduce_mean,
+    barrier,
+    cleanup,
+    init_distributed,
+    seed_everything,
+)
+from genius.common.fusion import score_fusion
+from genius.common.io import atomic_torch_save, file_fingerprint
+from genius.common.mbeir import hash_did, iter_candidates, load_queries, target_modality
+from genius.common.pairs import TrainingPairs, batches_per_epoch
+from genius.common.stage import MetricsLog, parse_stage_config, progress_disabled, record_run, setup_logging, stage_parser
+from genius.feature_extraction.clip_model import (
+    ImagePreprocess,
+    ImageReader,
+    image_size,
+    load_clip,
+    own_checkpoint,
+    tokenizer_for,
+)
+from genius.feature_extraction.items import InstructionConfig, Item, QueryText, candidate_item, query_item
+
+log = logging.getLogger("genius.train_clip")
+FINAL_NAME = "clip_sf.pt"
+
+
+# ---- config --------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    root: str = "M-BEIR"
+    train_queries: str = "query/union_train/mbeir_union_up_train.jsonl"
+    train_pool: str = "cand_pool/global/mbeir_union_train_cand_pool.jsonl"
+    instructions: str = "instructions/query_instructions.tsv"
+    cache_images: bool = False  # keep decoded crops in RAM (small worlds; per DataLoader worker)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "ViT-L-14-quickgelu"  # open_clip architecture (ours: feature_extraction/model_configs/)
+    init_checkpoint: str | None = None  # start from these weights (UniIR/OpenAI/open_clip/own); null: from scratch
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 20
+    batch_size: int = 105  # per process; the global batch (the negatives) is batch_size x processes
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 0.2  # matrices only (ndim >= 2); gains, biases, embeddings' 1-d vectors, logit_scale: 0
+    warmup_steps: int = 0
+    grad_clip_norm: float | None = None
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.warmup_steps < 0:
+            raise ValueError("epochs, batch_size and lr must be positive and warmup_steps non-negative")
+
+
+@dataclass
+class LossConfig:
+    direction: Literal["symmetric", "query_to_candidate"] = "symmetric"  # UniIR: query_to_candidate
+    mask_own_positives: bool = True  # an in-batch copy of the query's own positive is not a negative
+    max_logit_scale: float = 100.0
+
+
+@dataclass
+class OutputConfig:
+    run_dir: str = "checkpoint/large/clip_sf"
+    save_every_epochs: int = 1
+    log_every_steps: int = 50
+
+
+@dataclass
+class RuntimeConfig:
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    fp16: bool = True  # autocast + GradScaler on GPU; CPU always trains in fp32
+    num_workers: int = 4
+    cpu_threads: int | None = None  # torch threads on CPU (null: torch's default, one per core)
+
+
+@dataclass
+class TrainClipConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    instructions: InstructionConfig = field(default_factory=InstructionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    seed: int = 2023
+
+
+# ---- data ----------------------------------------------------------------------------------
+class PairData(Dataset):
+    """(query, positive candidate) pairs from the raw jsonl files; item = (query, candidate, epoch).
+
+    Positives are re-drawn every epoch by ``epoch_batches``. Each item becomes the encoders'
+    inputs: CLIP tokens of the text (if any) and the uint8 crop of the image (if any).
+    """
+
+    def __init__(self, cfg: TrainClipConfig, preprocess: ImagePreprocess, tokenizer):
+        root = resolve_path(cfg.data.root)
+        self.queries = load_queries(root / cfg.data.train_queries)
+        self.pool = [candidate_item(c) for c in iter_candidates(root / cfg.data.train_pool)]
+        row_of = {item.id: row for row, item in enumerate(self.pool)}
+        modality_of = {item.id: item.modality for item in self.pool}
+        query_rows, offsets, positives = [], [0], []
+        for i, query in enumerate(self.queries):
+            rows = [row_of[h] for h in map(hash_did, query.pos) if h in row_of]
+            if rows:
+                query_rows.append(i)
+                positives += rows
+                offsets.append(len(positives))
+        if not query_rows:
+            raise ValueError(f"no training query has a positive in {root / cfg.data.train_pool}")
+        self.pairs = TrainingPairs(np.array(query_rows, np.int64), np.array(offsets, np.int64),
+                                   np.array(positives, np.int64), len(self.queries) - len(query_rows))
+        self.targets = [target_modality(q, modality_of) for q in self.queries]
+        self.query_text = QueryText(root / cfg.data.instructions, cfg.instructions.mode)
+        self.seed = cfg.seed
+        self.reader = ImageReader(root, preprocess, cache=cfg.data.cache_images)
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def query_item(self, index: int, epoch: int) -> Item:
+        query = self.queries[index]
+        rng = random.Random(f"{self.seed}:{epoch}:{index}")  # "random" instruction mode: a new draw each epoch
+        return query_item(query, self.targets[index], self.query_text(query, self.targets[index], rng))
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[Item, Item, dict]:
+        query_index, pool_row, epoch = key
+        q, c = self.query_item(query_index, epoch), self.pool[pool_row]
+        return q, c, {side: self._inputs(item) for side, item in (("q", q), ("c", c))}
+
+    def _inputs(self, item: Item) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        tokens = self.tokenizer([item.text])[0] if item.text else None
+        pixels = self.reader(item.img_path) if item.img_path else None
+        return pixels, tokens
+
+
+def epoch_batches(pairs: TrainingPairs, batch_size: int, epoch: int, seed: int, rank: int,
+                  world_size: int) -> list[list[tuple[int, int, int]]]:
+    """This rank's slice of each global batch, as genius.common.pairs.iterate_batches cuts them.
+
+    One seeded permutation and one positive draw per epoch; W ranks x batch B see exactly the
+    pairs of one rank with batch W x B. Incomplete global batches are dropped.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(pairs))
+    positives = pairs.sample_positives(rng)
+    global_batch = batch_size * world_size
+    batches = []
+    for start in range(0, len(order) - global_batch + 1, global_batch):
+        mine = order[start + rank * batch_size: start + (rank + 1) * batch_size]
+        batches.append([(int(pairs.query_rows[i]), int(positives[i]), epoch) for i in mine])
+    return batches
+
+
+class EpochBatchSampler:
+    """Batch sampler whose batches change with ``set_epoch``; lets one DataLoader (and its
+    workers and image caches) live for the whole run."""
+
+    def __init__(self, pairs: TrainingPairs, batch_size: int, seed: int, rank: int, world_size: int):
+        self.args = (pairs, batch_size)
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(epoch_batches(*self.args, self.epoch, self.seed, self.rank, self.world_size))
+
+    def __len__(self) -> int:
+        return batches_per_epoch(len(self.args[0]), self.args[1], self.world_size)
+
+
+def _side(inputs: list[tuple[torch.Tensor | None, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
+    img_rows = [i for i, (pixels, _) in enumerate(inputs) if pixels is not None]
+    txt_rows = [i for i, (_, tokens) in enumerate(inputs) if tokens is not None]
+    return {
+        "pixels": torch.stack([inputs[i][0] for i in img_rows]) if img_rows else torch.zeros(0, dtype=torch.uint8),
+        "img_rows": torch.tensor(img_rows, dtype=torch.long),
+        "tokens": torch.stack([inputs[i][1] for i in txt_rows]) if txt_rows else torch.zeros(0, dtype=torch.long),
+        "txt_rows": torch.tensor(txt_rows, dtype=torch.long),
+    }
+
+
+def collate(batch: list[tuple[Item, Item, dict]]) -> dict:
+    queries, cands, inputs = zip(*batch)
+    return {"q": _side([x["q"] for x in inputs]), "c": _side([x["c"] for x in inputs]), "n": len(batch),
+            "q_ids": torch.tensor([q.id for q in queries]), "c_ids": torch.tensor([c.id for c in cands])}
+
+
+# ---- model ---------------------------------------------------------------------------------
+class ScoreFusionCLIP(torch.nn.Module):
+    """Both sides of a batch through CLIP and score fusion, in one forward (so DDP syncs it)."""
+
+    def __init__(self, clip: torch.nn.Module, preprocess: ImagePreprocess):
+        super().__init__()
+        self.clip, self.preprocess = clip, preprocess
+
+    def forward(self, q: dict, c: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # One tower call per modality for both sides: bigger batches, one pass.
+        pixels = torch.cat([q["pixels"], c["pixels"]])
+        tokens = torch.cat([q["tokens"], c["tokens"]])
+        img = self.clip.encode_image(self.preprocess.normalize(pixels)) if len(pixels) else None
+        txt = self.clip.encode_text(tokens) if len(tokens) else None
+        n_q_img, n_q_txt = len(q["pixels"]), len(q["tokens"])
+        fused_q = self._fuse(q, img[:n_q_img] if img is not None else None, txt[:n_q_txt] if txt is not None else None)
+        fused_c = self._fuse(c, img[n_q_img:] if img is not None else None, txt[n_q_txt:] if txt is not None else None)
+        return fused_q, fused_c, self.clip.logit_scale.exp()
+
+    def _fuse(self, side: dict, img: torch.Tensor | None, txt: torch.Tensor | None) -> torch.Tensor:
+        n, dim, device = side["n"], self.clip.text_projection.shape[1], self.clip.logit_scale.device
+        full_img = torch.zeros(n, dim, device=device)
+        full_txt = torch.zeros(n, dim, device=device)
+        img_mask = torch.zeros(n, device=device)
+        txt_mask = torch.zeros(n, device=device)
+        if img is not None and len(side["img_rows"]):
+            full_img = full_img.index_copy(0, side["img_rows"], img.float())
+            img_mask[side["img_rows"]] = 1
+        if txt is not None and len(side["txt_rows"]):
+            full_txt = full_txt.index_copy(0, side["txt_rows"], txt.float())
+            txt_mask[side["txt_rows"]] = 1
+        return score_fusion(full_img, full_txt, img_mask, txt_mask)
+
+
+def _gather_ids(ids: torch.Tensor) -> torch.Tensor:
+    if not (torch_dist.is_available() and torch_dist.is_initialized()) or torch_dist.get_world_size() == 1:
+        return ids
+    out = [torch.empty_like(ids) for _ in range(torch_dist.get_world_size())]
+    torch_dist.all_gather(out, ids)
+    return torch.cat(out)
+
+
+def contrastive_loss(q: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, q_ids: torch.Tensor,
+                     c_ids: torch.Tensor, cfg: LossConfig, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-batch InfoNCE of this rank's pairs against the global batch -> (loss, q->c top-1 accuracy)."""
+    all_q, all_c = all_gather_with_grad(q), all_gather_with_grad(c)
+    labels = torch.arange(len(q), device=q.device) + rank * len(q)
+    own = torch.zeros(len(q), len(all_c), dtype=torch.bool, device=q.device)
+    if cfg.mask_own_positives:
+        all_q_ids, all_c_ids = _gather_ids(q_ids), _gather_ids(c_ids)
+        own = (c_ids[:, None] == all_c_ids[None, :]) | (q_ids[:, None] == all_q_ids[None, :])
+        own[torch.arange(len(q)), labels] = False
+    logits_qc = (scale * q @ all_c.T).masked_fill(own, float("-inf"))
+    loss = F.cross_entropy(logits_qc, labels)
+    if cfg.direction == "symmetric":
+        logits_cq = (scale * c @ all_q.T).masked_fill(own, float("-inf"))
+        loss = (loss + F.cross_entropy(logits_cq, labels)) / 2
+    accuracy = (logits_qc.argmax(1) == labels).float().mean()
+    return loss, accuracy
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---- run state -----------------------------------------------------------------------------
+def inputs_key(cfg: TrainClipConfig) -> dict:
+    """What the trained weights depend on; ``runtime`` settings (device, workers) do not count."""
+    root = resolve_path(cfg.data.root)
+    files = {name: file_fingerprint(root / getattr(cfg.data, name))
+             for name in ("train_queries", "train_pool", "instructions")
+             if cfg.instructions.mode != "none" or name != "instructions"}
+    init = resolve_path(cfg.model.init_checkpoint) if cfg.model.init_checkpoint else None
+    settings = {k: v for k, v in config_to_dict(cfg).items() if k not in ("runtime", "output")}
+    return {"config": settings, "files": files, "init_checkpoint": file_fingerprint(init) if init else None}
+
+
+def _resume_state(run_dir: Path, key: dict, is_main: bool) -> dict | None:
+    """The last epoch checkpoint of this setup; checkpoints of another setup are set aside."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        return None
+    state = load_own_checkpoint(path)
+    if state.get("inputs") == key:
+        return state
+    barrier()  # every rank has read the directory before rank 0 moves it
+    if is_main:
+        stale = run_dir / "checkpoints.stale"
+        log.warning("%s holds checkpoints of a different config or data; moving them to %s and starting over",
+                    run_dir, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+        (run_dir / "checkpoints").rename(stale)
+    barrier()
+    return None
+
+
+def _is_done(run_dir: Path, key: dict) -> bool:
+    final = run_dir / FINAL_NAME
+    return final.is_file() and load_own_checkpoint(final).get("inputs") == key
+
+
+# ---- training ------------------------------------------------------------------------------
+def train(cfg: TrainClipConfig) -> Path:
+    dist = init_distributed(cfg.runtime.device)
+    try:
+        return _train(cfg, dist)
+    finally:
+        cleanup()
+
+
+def _train(cfg: TrainClipConfig, dist) -> Path:
+    if cfg.runtime.cpu_threads and dist.device.type == "cpu":
+        torch.set_num_threads(cfg.runtime.cpu_threads)
+    run_dir = resolve_path(cfg.output.run_dir)
+    key = json.loads(json.dumps(inputs_key(cfg)))  # as it reads back from a checkpoint
+    if _is_done(run_dir, key):
+        log.info("%s is up to date (same config and data), nothing to train", run_dir / FINAL_NAME)
+        return run_dir / FINAL_NAME
+    if dist.is_main:
+        record_run(run_dir, cfg)
+    seed_everything(cfg.seed)  # identical initial weights on every rank
+    clip, model_name, arch = load_clip(resolve_path(cfg.model.init_checkpoint) if cfg.model.init_checkpoint else None,
+                                       cfg.model.name)
+    preprocess = ImagePreprocess(image_size(arch))
+    model = ScoreFusionCLIP(clip, preprocess).to(dist.device)
+    data = PairData(cfg, preprocess, tokenizer_for(arch))
+    log.info("%d training pairs (%d queries without a positive in the pool dropped), %s, %d process(es)",
+             len(data), data.pairs.dropped_queries, model_name, dist.world_size)
+    sampler = EpochBatchSampler(data.pairs, cfg.optim.batch_size, cfg.seed, dist.rank, dist.world_size)
+    if len(sampler) == 0:
+        raise ValueError(f"{len(data)} pairs do not fill one global batch of {cfg.optim.batch_size} x "
+                         f"{dist.world_size}; lower optim.batch_size")
+    loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.runtime.num_workers,
+                        persistent_workers=cfg.runtime.num_workers > 0, pin_memory=dist.device.type == "cuda")
+    optimizer = make_optimizer(model, cfg.optim)
+    scheduler = cosine_schedule(optimizer, cfg.optim.warmup_steps, cfg.optim.epochs * len(sampler))
+    use_fp16 = cfg.runtime.fp16 and dist.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
+    start_epoch = 0
+    state = _resume_state(run_dir, key, dist.is_main)
+    if state is not None:
+        model.clip.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_epoch = state["epoch"] + 1
+        log.info("resuming after epoch %d", state["epoch"])
+    # find_unused_parameters: a rank whose batch holds no image (or no text) leaves a tower unused.
+    ddp = DistributedDataParallel(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,
+                                  find_unused_parameters=True) if dist.world_size > 1 else model
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main)
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        sampler.set_epoch(epoch)
+        stats = run_epoch(ddp, model, loader, optimizer, scheduler, scaler, use_fp16, cfg, dist, epoch, metrics)
+        metrics.write(epoch=epoch, **stats)
+        log.info("epoch %d: loss %.4f, in-batch accuracy %.3f, %.1f s", epoch, stats["loss"], stats["accuracy"],
+                 stats["seconds"])
+        if (epoch + 1) % cfg.output.save_every_epochs == 0 or epoch + 1 == cfg.optim.epochs:
+            if dist.is_main:
+                save_training_checkpoint(run_dir, epoch, {
+                    "model": model.clip.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                    "inputs": key})
+            barrier()
+    final = run_dir / FINAL_NAME
+    if dist.is_main:
+        atomic_torch_save(own_checkpoint(model.clip, model_name, arch, inputs=key, config=config_to_dict(cfg)), final)
+        log.info("wrote %s", final)
+    barrier()
+    return final
+
+
+def run_epoch(ddp, model, loader, optimizer, scheduler, scaler, use_fp16, cfg, dist, epoch, metrics) -> dict:
+    ddp.train()
+    device, started = dist.device, time.time()
+    totals = torch.zeros(2, device=device)
+    for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}", disable=progress_disabled() or not dist.is_main)):
+        q, c = (_to_device(batch[side], batch["n"], device) for side in ("q", "c"))
+        with torch.autocast("cuda", dtype=torch.float16, enabled=use_fp16):
+            fused_q, fused_c, scale = ddp(q, c)
+        loss, accuracy = contrastive_loss(fused_q, fused_c, scale.float(), batch["q_ids"].to(device),
+                                          batch["c_ids"].to(device), cfg.loss, dist.rank)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch} step {step}; "
+                                     "lower optim.lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.optim.grad_clip_norm is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        with torch.no_grad():  # CLIP's clamp: a temperature below 1/max_logit_scale destabilises training
+            model.clip.logit_scale.clamp_(0, math.log(cfg.loss.max_logit_scale))
+        totals += torch.stack([loss.detach(), accuracy.detach()])
+        if cfg.output.log_every_steps and (step + 1) % cfg.output.log_every_steps == 0:
+            metrics.write(epoch=epoch, step=step + 1, loss=loss.item(), accuracy=accuracy.item(),
+                          lr=scheduler.get_last_lr()[0], logit_scale=model.clip.logit_scale.exp().item())
+    mean = all_reduce_mean(totals / max(1, step + 1))
+    return {"loss": mean[0].item(), "accuracy": mean[1].item(), "lr": scheduler.get_last_lr()[0],
+            "logit_scale": model.clip.logit_scale.exp().item(), "seconds": round(time.time() - started, 2)}
+
+
+def _to_device(side: dict, n: int, device: torch.device) -> dict:
+    return {"n": n, **{k: v.to(device, non_blocking=True) for k, v in side.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    parser = stage_parser("genius train-clip", "Stage 0: train CLIP-SF with UniIR's score-fusion contrastive recipe.")
+    cfg, _ = parse_stage_config(TrainClipConfig, parser, argv)
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

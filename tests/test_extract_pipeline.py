@@ -1,0 +1,260 @@
+"""Stage 0 end to end on the synthetic world: extraction (1 vs 2 processes, resume, skip, union)
+and CLIP-SF training (learning beyond chance, resume, 2 processes = 1 process)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from genius.common.distributed import seed_everything
+from genius.common.fusion import fused_store_embeddings
+from genius.common.mbeir import hash_did, load_pool_index, load_queries
+from genius.common.store import ARRAYS, EmbeddingStore, StoreError, parts_dir
+from genius.common.world import write_world
+from genius.feature_extraction import extract, train_clip
+from genius.feature_extraction.clip_model import build_clip, model_config, own_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "configs_scripts" / "tiny"
+CHUNK = 64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models' matrices gain little from a second thread, and lose a lot (OpenMP spin
+    waits) when the two cores are shared with other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("world") / "tiny"
+    write_world(root, "test")
+    return root
+
+
+@pytest.fixture(scope="module")
+def random_clip(tmp_path_factory) -> Path:
+    """A randomly initialised tiny CLIP-SF in the own-checkpoint layout (extraction needs weights)."""
+    torch.manual_seed(0)
+    cfg = model_config("clip-sf-tiny")
+    path = tmp_path_factory.mktemp("clip") / "clip_sf.pt"
+    torch.save(own_checkpoint(build_clip(cfg), "clip-sf-tiny", cfg), path)
+    return path
+
+
+def extract_args(world: Path, checkpoint: Path, out: Path, *extra: str) -> list[str]:
+    """The tiny preset, pointed at the test's world, checkpoint and output folder."""
+    sets = [f"data.root={world}", f"encoder.checkpoint={checkpoint}", f"output.root={out}",
+            f"output.chunk_rows={CHUNK}", "runtime.device=cpu", *extra]
+    return ["--config", str(TINY / "extract.yaml")] + [a for s in sets for a in ("--set", s)]
+
+
+def torchrun(module: str, args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", module, *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "GENIUS_LOG_LEVEL": "WARNING", **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+def stores(out: Path) -> dict[str, EmbeddingStore]:
+    return {f"{p.parent.name}/{p.name}": EmbeddingStore.open(p) for p in sorted(out.glob("clip_sf_tiny/*/*"))
+            if (p / "meta.json").is_file()}
+
+
+def metrics(out: Path) -> list[dict]:
+    path = out / "clip_sf_tiny" / "extract_metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+# ---- extraction ----------------------------------------------------------------------------
+def test_two_process_extraction_resumes_and_matches_one_process(world, random_clip, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert extract.main(extract_args(world, random_clip, one)) == 0
+    expected = stores(one)
+    # 8 local pools + union, 8 test files, training queries and pool
+    assert len(expected) == 19 and "cand/mbeir_union_test_cand_pool" in expected
+
+    # "Kill" both ranks after their first part: chunks 0 and 1 of the first store are on disk.
+    first = two / "clip_sf_tiny" / "train" / "mbeir_union_train_cand_pool"
+    killed = torchrun("genius.feature_extraction.extract", extract_args(world, random_clip, two),
+                      {extract.STOP_AFTER_PARTS_ENV: "1"})
+    assert killed.returncode != 0
+    assert sorted(p.name for p in parts_dir(first).glob("part-*")) == [
+        f"part-{0:010d}-{CHUNK:010d}.npz", f"part-{CHUNK:010d}-{2 * CHUNK:010d}.npz"]
+    assert not (first / "meta.json").exists()
+
+    done = torchrun("genius.feature_extraction.extract", extract_args(world, random_clip, two))
+    assert done.returncode == 0, done.stderr[-3000:]
+    n_parts = -(-len(load_pool_index(world / "cand_pool/global/mbeir_union_train_cand_pool.jsonl")) // CHUNK)
+    runs = [m for m in metrics(two) if m["store"] == str(first) and m["status"] == "extracted"]
+    assert sorted(m["rank"] for m in runs) == [0, 1]
+    assert sum(m["parts_reused"] for m in runs) == 2  # the two killed-run parts were not embedded again
+    assert sum(m["parts_embedded"] for m in runs) == n_parts - 2
+
+    got = stores(two)
+    assert got.keys() == expected.keys()
+    for name, store in expected.items():
+        other = got[name]
+        for array in ("ids", "img_mask", "txt_mask", "modality", "target_modality"):
+            np.testing.assert_array_equal(getattr(other.arrays, array), getattr(store.arrays, array), err_msg=name)
+        for array in ("img", "txt"):
+            np.testing.assert_allclose(np.asarray(getattr(other.arrays, array), np.float32),
+                                       np.asarray(getattr(store.arrays, array), np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_stores_follow_the_source_files(world, random_clip, tmp_path):
+    out = tmp_path / "embed"
+    assert extract.main(extract_args(world, random_clip, out)) == 0
+    got = stores(out)
+    # every store holds its file's ids in file order; the union is assembled from the local stores
+    for name, store in got.items():
+        split, stem = name.split("/")
+        source = next(world.rglob(f"{stem}.jsonl"))
+        if "cand_pool" in str(source):
+            np.testing.assert_array_equal(store.ids, load_pool_index(source).ids)
+        else:
+            np.testing.assert_array_equal(store.ids, [q.hashed for q in load_queries(source)])
+    union = got["cand/mbeir_union_test_cand_pool"]
+    for name, local in got.items():
+        if name.startswith("cand/") and name != "cand/mbeir_union_test_cand_pool":
+            rows = union.rows_of(local.ids)
+            for array in ARRAYS:
+                np.testing.assert_array_equal(np.asarray(getattr(union.arrays, array))[rows],
+                                              np.asarray(getattr(local.arrays, array)))
+    # queries: image-only queries carry their instruction (text mask 1); candidates never do
+    i2t = got["test/mbeir_shapesnews_task3_test"]
+    assert i2t.arrays.txt_mask.all() and i2t.arrays.img_mask.all() and (np.asarray(i2t.arrays.target_modality) == 1).all()
+    images = got["cand/mbeir_shapesnews_task0_cand_pool"]
+    assert not np.asarray(images.arrays.txt_mask).any() and np.asarray(images.arrays.img_mask).all()
+    assert (out / "clip_sf_tiny" / "config.yaml").is_file()
+
+    # A re-run does nothing; a changed source file is re-extracted (and the union re-assembled).
+    stamp = {name: (s.path / "ids.npy").stat().st_mtime_ns for name, s in got.items()}
+    before = len(metrics(out))
+    assert extract.main(extract_args(world, random_clip, out)) == 0
+    assert {m["status"] for m in metrics(out)[before:]} == {"up_to_date"}
+    pool = world / "cand_pool/local/mbeir_shapesnews_task0_cand_pool.jsonl"
+    os.utime(pool, ns=(time.time_ns(), time.time_ns()))
+    before = len(metrics(out))
+    assert extract.main(extract_args(world, random_clip, out)) == 0
+    redone = {Path(m["store"]).name for m in metrics(out)[before:] if m["status"] != "up_to_date"}
+    assert redone == {"mbeir_shapesnews_task0_cand_pool", "mbeir_union_test_cand_pool"}
+    changed = {name for name, s in stores(out).items() if (s.path / "ids.npy").stat().st_mtime_ns != stamp[name]}
+    assert changed == {"cand/mbeir_shapesnews_task0_cand_pool", "cand/mbeir_union_test_cand_pool"}
+
+    # A union did that no local store holds is an error naming it.
+    with pytest.raises(StoreError, match="in none of the local stores.*first missing: 2"):
+        extract.main(extract_args(world, random_clip, out,
+                                  "data.local_pools=[cand_pool/local/mbeir_shapesnews_task0_cand_pool.jsonl]"))
+
+
+def test_missing_image_is_named(random_clip, tmp_path):
+    root = tmp_path / "data"
+    (root / "cand_pool/local").mkdir(parents=True)
+    record = {"did": "20:1", "txt": None, "img_path": "mbeir_images/none/missing.png", "modality": "image"}
+    (root / "cand_pool/local/mbeir_x_task0_cand_pool.jsonl").write_text(json.dumps(record) + "\n")
+    args = extract_args(root, random_clip, tmp_path / "out", "data.train_queries=null", "data.train_pool=null",
+                        "data.test_queries=[]", "data.union_pool=null", "instructions.mode=none")
+    with pytest.raises(FileNotFoundError, match=str(root / "mbeir_images/none/missing.png")):
+        extract.main(args)
+
+
+# ---- training ------------------------------------------------------------------------------
+def train_args(world: Path, run_dir: Path, *extra: str) -> list[str]:
+    sets = [f"data.root={world}", f"output.run_dir={run_dir}", "runtime.device=cpu", *extra]
+    return ["--config", str(TINY / "train_clip.yaml")] + [a for s in sets for a in ("--set", s)]
+
+
+def dense_recall_at_5(world: Path, out: Path, task_file: str, pool_file: str) -> tuple[float, float]:
+    """Recall@5 (hit rate) of score-fused query embeddings against the local pool, and its chance level."""
+    queries = EmbeddingStore.open(out / "clip_sf_tiny" / "test" / task_file)
+    pool = EmbeddingStore.open(out / "clip_sf_tiny" / "cand" / pool_file)
+    scores = fused_store_embeddings(queries.arrays) @ fused_store_embeddings(pool.arrays).T
+    top = np.asarray(pool.ids)[np.argsort(-scores, axis=1)[:, :5]]
+    records = load_queries(world / "query" / "test" / f"{task_file}.jsonl")
+    assert [q.hashed for q in records] == list(queries.ids)
+    hits = [bool(set(top[i]) & {hash_did(d) for d in q.pos}) for i, q in enumerate(records)]
+    n, chance = len(pool), []
+    for q in records:  # P(a random top 5 holds at least one of the query's positives)
+        k = len(q.pos)
+        chance.append(1 - np.prod([(n - k - j) / (n - j) for j in range(5)]))
+    return float(np.mean(hits)), float(np.mean(chance))
+
+
+def test_tiny_clip_sf_learns_beyond_chance(world, tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "embed"
+    started = time.time()
+    assert train_clip.main(train_args(world, run_dir)) == 0
+    seconds = time.time() - started
+    log = [m for m in (json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()) if "step" not in m]
+    assert len(log) == 20 and log[-1]["loss"] < 0.5 * log[0]["loss"]
+
+    tasks = {0: ("mbeir_shapesnews_task0_test", "mbeir_shapesnews_task0_cand_pool"),
+             3: ("mbeir_shapesnews_task3_test", "mbeir_shapesnews_task3_cand_pool")}
+    assert extract.main(extract_args(
+        world, run_dir / "clip_sf.pt", out, "data.train_queries=null", "data.train_pool=null", "data.union_pool=null",
+        f"data.test_queries=[{','.join(f'query/test/{q}.jsonl' for q, _ in tasks.values())}]",
+        f"data.local_pools=[{','.join(f'cand_pool/local/{p}.jsonl' for _, p in tasks.values())}]")) == 0
+    recall = {t: dense_recall_at_5(world, out, q, p) for t, (q, p) in tasks.items()}
+    print(f"tiny CLIP-SF trained in {seconds:.1f} s; Recall@5 (chance): "
+          + ", ".join(f"task {t} {r:.3f} ({c:.3f})" for t, (r, c) in recall.items()))
+    # 20 queries per task against pools of 60 images / 80 captions. Trained runs reach 3-5x chance
+    # (task 0: 0.30-0.40, task 3: 0.40-0.50). 2x chance on both tasks, i.e. >= 4/20 and >= 5/20
+    # hits, has probability about 0.07 x 0.1 < 1% under chance, and the two together >= 12 hits
+    # (chance expects 4.1) below 1e-3: a clear margin in both directions.
+    for task, (value, chance) in recall.items():
+        assert value >= 2 * chance, f"task {task}: Recall@5 {value:.3f} is not 2x chance {chance:.3f}"
+    assert sum(20 * value for value, _ in recall.values()) >= 12
+
+    # A finished run with the same config and data does nothing.
+    final = run_dir / "clip_sf.pt"
+    stamp = final.stat().st_mtime_ns
+    assert train_clip.main(train_args(world, run_dir)) == 0
+    assert final.stat().st_mtime_ns == stamp
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def test_training_resumes_exactly_and_two_processes_match_one(world, tmp_path):
+    short = ["optim.epochs=2", "optim.warmup_steps=0"]
+    one, resumed, two = tmp_path / "one", tmp_path / "resumed", tmp_path / "two"
+    assert train_clip.main(train_args(world, one, *short, "optim.batch_size=32")) == 0
+    reference = _weights(one / "clip_sf.pt")
+
+    # Interrupted after epoch 0: resuming gives bit-identical weights.
+    shutil.copytree(one, resumed)
+    (resumed / "checkpoints" / "epoch_0001.pt").unlink()
+    (resumed / "clip_sf.pt").unlink()
+    assert train_clip.main(train_args(world, resumed, *short, "optim.batch_size=32")) == 0
+    for name, tensor in _weights(resumed / "clip_sf.pt").items():
+        assert torch.equal(tensor, reference[name]), name
+
+    # 2 processes x 16 (embeddings gathered with gradients) == 1 process x 32.
+    done = torchrun("genius.feature_extraction.train_clip", train_args(world, two, *short, "optim.batch_size=16"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    seed_everything(2023)  # train_clip's default seed: the weights both runs started from
+    start = build_clip(model_config("clip-sf-tiny")).state_dict()
+    width = {"visual": start["visual.conv1.weight"].shape[0], "transformer": start["token_embedding.weight"].shape[1]}
+    for name, tensor in _weights(two / "clip_sf.pt").items():
+        expected = reference[name]
+        if name.endswith("attn.in_proj_bias"):
+            # The key bias cancels in the softmax: its gradient is rounding noise, which Adam
+            # scales up to lr-sized steps, so it differs between any two summation orders.
+            w = width[name.split(".")[0]]
+            tensor, expected = torch.cat([tensor[:w], tensor[2 * w:]]), torch.cat([expected[:w], expected[2 * w:]])
+        torch.testing.assert_close(tensor, expected, rtol=1e-4, atol=2e-5, msg=name)
+    moved = sum(float((reference[n] - start[n]).abs().max()) for n in reference)
+    assert moved > 0.1  # the comparison is between trained weights, not two untouched copies
