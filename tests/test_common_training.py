@@ -113,3 +113,17 @@ def test_ranks_split_the_global_batch(pair_world):
     for step, batch in enumerate(whole):
         joined = torch.cat([shards[0][step]["q_txt"], shards[1][step]["q_txt"]])
         torch.testing.assert_close(joined, batch["q_txt"])
+
+
+def test_training_curves_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from genius.common.plots import plot_training_curves
+    from genius.common.stage import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in range(10):
+        log.write(epoch=step // 5, step=step, loss=1.0 / (step + 1), level_acc=[0.5, step / 10])
+    log.write(epoch=1, epoch_summary=True, loss=0.2, perplexity=[3.0, 12.5])
+    out = plot_training_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png", "test")
+    assert out == tmp_path / "curves.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_training_curves(tmp_path / "none.jsonl", tmp_path / "empty.png", "empty") is None

@@ -24,26 +24,53 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
-
 from genius.common.checkpoint import (
-    checkpoint_file, latest_checkpoint, load_own_checkpoint, load_state_dict_strict, rng_state,
-    save_training_checkpoint, set_rng_state,
+    checkpoint_file,
+    latest_checkpoint,
+    load_own_checkpoint,
+    load_state_dict_strict,
+    rng_state,
+    save_training_checkpoint,
+    set_rng_state,
 )
 from genius.common.config import config_to_dict, resolve_path
-from genius.common.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed, seed_everything
+from genius.common.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    cleanup,
+    init_distributed,
+    seed_everything,
+)
 from genius.common.io import atomic_write_text
-from genius.common.pairs import TrainingPairs, batches_per_epoch, iterate_batches, load_training_pairs
+from genius.common.pairs import (
+    TrainingPairs,
+    batches_per_epoch,
+    iterate_batches,
+    load_training_pairs,
+)
+from genius.common.plots import plot_training_curves
 from genius.common.stage import (
-    MetricsLog, is_up_to_date, mark_done, parse_stage_config, progress_disabled, record_run, setup_logging,
-    stage_fingerprint, stage_parser,
+    MetricsLog,
+    is_up_to_date,
+    mark_done,
+    parse_stage_config,
+    progress_disabled,
+    record_run,
+    setup_logging,
+    stage_fingerprint,
+    stage_parser,
 )
 from genius.common.store import EmbeddingStore, store_path
 from genius.models.generative_retriever.generator import (
-    T5_SMALL, IDGenerator, load_pretrained_t5, make_arch, save_generator,
+    T5_SMALL,
+    IDGenerator,
+    load_pretrained_t5,
+    make_arch,
+    save_generator,
 )
 from genius.models.generative_retriever.mixing import mix_query_target
 from genius.models.generative_retriever.vocab import codes_to_tokens
+from tqdm import tqdm
 
 log = logging.getLogger("genius.train_gen")
 
@@ -161,6 +188,7 @@ def train(cfg: TrainGenConfig) -> Path:
         save_generator(final, generator, config_to_dict(cfg), rq_print)
         mark_done(out_dir, fingerprint, epochs=cfg.train.epochs, steps=step, last=metrics.read()[-1:])
         log.info("wrote %s", final)
+        plot_training_curves(out_dir / "metrics.jsonl", out_dir / "training_curves.png", "stage 2: ID generator")
     return final
 
 

@@ -28,21 +28,55 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
-
-from genius.common.checkpoint import (latest_checkpoint, load_own_checkpoint, load_state_dict_strict, rng_state,
-                                      save_training_checkpoint, set_rng_state)
+from genius.common.checkpoint import (
+    latest_checkpoint,
+    load_own_checkpoint,
+    load_state_dict_strict,
+    rng_state,
+    save_training_checkpoint,
+    set_rng_state,
+)
 from genius.common.config import config_to_dict, resolve_path
-from genius.common.distributed import (DistInfo, all_gather_with_grad, all_reduce_mean, barrier, cleanup,
-                                       init_distributed, seed_everything)
+from genius.common.distributed import (
+    DistInfo,
+    all_gather_with_grad,
+    all_reduce_mean,
+    barrier,
+    cleanup,
+    init_distributed,
+    seed_everything,
+)
 from genius.common.io import file_fingerprint
-from genius.common.pairs import TrainingPairs, batches_per_epoch, iterate_batches, load_training_pairs
-from genius.common.stage import MetricsLog, parse_stage_config, progress_disabled, record_run, setup_logging, stage_parser
+from genius.common.pairs import (
+    TrainingPairs,
+    batches_per_epoch,
+    iterate_batches,
+    load_training_pairs,
+)
+from genius.common.plots import plot_training_curves
+from genius.common.stage import (
+    MetricsLog,
+    parse_stage_config,
+    progress_disabled,
+    record_run,
+    setup_logging,
+    stage_parser,
+)
 from genius.common.store import EmbeddingStore, StoreError
 from genius.models.residual_quantization.code_stats import perplexity
-from genius.models.residual_quantization.model import RQModel, RQOutput, cpu_state, rq_record, save_rq
-from genius.models.residual_quantization.quantizer import broadcast_codebooks, check_codebooks_in_sync
+from genius.models.residual_quantization.model import (
+    RQModel,
+    RQOutput,
+    cpu_state,
+    rq_record,
+    save_rq,
+)
+from genius.models.residual_quantization.quantizer import (
+    broadcast_codebooks,
+    check_codebooks_in_sync,
+)
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 log = logging.getLogger("genius.train_rq")
 
@@ -447,6 +481,7 @@ def _train(cfg: RQTrainConfig, info: DistInfo) -> Path | None:
         fingerprint = save_rq(run_dir / "rq.pt", t.model, config=config_to_dict(cfg), inputs=data.inputs,
                               identity=identity)
         log.info("wrote %s (fingerprint %s)", run_dir / "rq.pt", fingerprint[:12])
+        plot_training_curves(run_dir / "metrics.jsonl", run_dir / "training_curves.png", "stage 1: residual quantizer")
     barrier()
     return run_dir / "rq.pt"
 
