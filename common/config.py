@@ -8,13 +8,14 @@ overrides are applied to the parsed mapping, never written back to the YAML file
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, Iterator, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -177,6 +178,21 @@ def project_root() -> Path:
     real run scripts inside a temporary folder.
     """
     return Path(os.environ.get("GENIUS_ROOT") or REPO_ROOT)
+
+
+@contextlib.contextmanager
+def project_root_set_to(root: str | os.PathLike) -> Iterator[None]:
+    """Resolve relative config paths against ``root`` inside the block (a finished run's manifest
+    records the root its configs were resolved against, so loading it later finds the same files)."""
+    before = os.environ.get("GENIUS_ROOT")
+    os.environ["GENIUS_ROOT"] = str(root)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("GENIUS_ROOT", None)
+        else:
+            os.environ["GENIUS_ROOT"] = before
 
 
 def resolve_path(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:

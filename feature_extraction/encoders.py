@@ -168,5 +168,6 @@ class HFTextEncoder(Encoder):
 
 
 def build_encoder(cfg: EncoderConfig, device: torch.device | str = "cpu") -> Encoder:
+    cfg.validate()  # also when the config was built in code, not loaded from YAML
     device = torch.device(device)
     return ClipSFEncoder(cfg, device) if cfg.kind == "clip_sf" else HFTextEncoder(cfg, device)

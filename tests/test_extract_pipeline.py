@@ -176,20 +176,27 @@ def train_args(world: Path, run_dir: Path, *extra: str) -> list[str]:
     return ["--config", str(TINY / "train_clip.yaml")] + [a for s in sets for a in ("--set", s)]
 
 
-def dense_recall_at_5(world: Path, out: Path, task_file: str, pool_file: str) -> tuple[float, float]:
-    """Recall@5 (hit rate) of score-fused query embeddings against the local pool, and its chance level."""
+def dense_hits_at_5(world: Path, out: Path, task_file: str, pool_file: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per query: did a positive reach the top 5 of the score-fused ranking of its local pool, and
+    the chance of that under a random ranking."""
     queries = EmbeddingStore.open(out / "clip_sf_tiny" / "test" / task_file)
     pool = EmbeddingStore.open(out / "clip_sf_tiny" / "cand" / pool_file)
     scores = fused_store_embeddings(queries.arrays) @ fused_store_embeddings(pool.arrays).T
     top = np.asarray(pool.ids)[np.argsort(-scores, axis=1)[:, :5]]
     records = load_queries(world / "query" / "test" / f"{task_file}.jsonl")
     assert [q.hashed for q in records] == list(queries.ids)
-    hits = [bool(set(top[i]) & {hash_did(d) for d in q.pos}) for i, q in enumerate(records)]
-    n, chance = len(pool), []
-    for q in records:  # P(a random top 5 holds at least one of the query's positives)
-        k = len(q.pos)
-        chance.append(1 - np.prod([(n - k - j) / (n - j) for j in range(5)]))
-    return float(np.mean(hits)), float(np.mean(chance))
+    hits = np.array([bool(set(top[i]) & {hash_did(d) for d in q.pos}) for i, q in enumerate(records)])
+    n = len(pool)
+    chance = np.array([1 - np.prod([(n - len(q.pos) - j) / (n - j) for j in range(5)]) for q in records])
+    return hits, chance
+
+
+def tail_probability(chances: np.ndarray, observed: int) -> float:
+    """P(at least ``observed`` hits) when each query hits independently with its chance (exact)."""
+    dist = np.array([1.0])
+    for p in chances:
+        dist = np.convolve(dist, [1 - p, p])
+    return float(dist[observed:].sum())
 
 
 def test_tiny_clip_sf_learns_beyond_chance(world, tmp_path):
@@ -206,16 +213,18 @@ def test_tiny_clip_sf_learns_beyond_chance(world, tmp_path):
         world, run_dir / "clip_sf.pt", out, "data.train_queries=null", "data.train_pool=null", "data.union_pool=null",
         f"data.test_queries=[{','.join(f'query/test/{q}.jsonl' for q, _ in tasks.values())}]",
         f"data.local_pools=[{','.join(f'cand_pool/local/{p}.jsonl' for _, p in tasks.values())}]")) == 0
-    recall = {t: dense_recall_at_5(world, out, q, p) for t, (q, p) in tasks.items()}
+    hits = {t: dense_hits_at_5(world, out, q, p) for t, (q, p) in tasks.items()}
     print(f"tiny CLIP-SF trained in {seconds:.1f} s; Recall@5 (chance): "
-          + ", ".join(f"task {t} {r:.3f} ({c:.3f})" for t, (r, c) in recall.items()))
-    # 20 queries per task against pools of 60 images / 80 captions. Trained runs reach 3-5x chance
-    # (task 0: 0.30-0.40, task 3: 0.40-0.50). 2x chance on both tasks, i.e. >= 4/20 and >= 5/20
-    # hits, has probability about 0.07 x 0.1 < 1% under chance, and the two together >= 12 hits
-    # (chance expects 4.1) below 1e-3: a clear margin in both directions.
-    for task, (value, chance) in recall.items():
-        assert value >= 2 * chance, f"task {task}: Recall@5 {value:.3f} is not 2x chance {chance:.3f}"
-    assert sum(20 * value for value, _ in recall.values()) >= 12
+          + ", ".join(f"task {t} {h.mean():.3f} ({c.mean():.3f})" for t, (h, c) in hits.items()))
+    # 20 test queries per task, so one task's hit rate is coarse: over four training seeds task 0
+    # reached 0.35-0.40 and task 3 (a larger pool of captions, near-miss paraphrases among them)
+    # 0.20-0.40, against chance 0.08-0.09. Each task must beat chance by half again; learning
+    # itself is proved by the total: 12-16 hits measured where chance expects 3-4, a total that
+    # chance reaches with p < 1e-3.
+    for task, (h, chance) in hits.items():
+        assert h.mean() >= 1.5 * chance.mean(), f"task {task}: Recall@5 {h.mean():.3f} vs chance {chance.mean():.3f}"
+    total = sum(int(h.sum()) for h, _ in hits.values())
+    assert tail_probability(np.concatenate([c for _, c in hits.values()]), total) < 1e-3
 
     # A finished run with the same config and data does nothing.
     final = run_dir / "clip_sf.pt"

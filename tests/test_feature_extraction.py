@@ -22,6 +22,7 @@ from genius.common.store import EmbeddingStore
 from genius.feature_extraction import extract
 from genius.feature_extraction.clip_model import (
     MODEL_CONFIG_DIR,
+    ClipWeights,
     ImagePreprocess,
     build_clip,
     check_clip_state,
@@ -84,9 +85,8 @@ def test_full_size_layout_matches_vit_l_14_quickgelu(shared_data):
         check_clip_state(state, weights, "clip_sf_large.pth")
 
 
-def read_state_from_layout(layout: dict):
-    from genius.feature_extraction.clip_model import ClipWeights
-
+def read_state_from_layout(layout: dict) -> ClipWeights:
+    """What reading clip_sf_large.pth would give, as shapes only (meta tensors)."""
     state = {k.removeprefix("clip_model."): torch.empty(v["shape"], device="meta") for k, v in layout.items()}
     return ClipWeights(state, "uniir", "clip_model.")
 
@@ -182,6 +182,7 @@ def _torchscript_archive(state: dict, path: Path) -> None:
     torch.jit.script(root).save(str(path))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # OpenAI's archives are TorchScript
 def test_open_clip_openai_and_own_checkpoints_load(tmp_path):
     cfg = model_config("clip-sf-tiny")
     torch.manual_seed(1)
@@ -296,7 +297,9 @@ def test_minilm_coco_caption_retrieval(shared_data):
     top = owner[~is_query][np.argpartition(-scores, 5, axis=1)[:, :5]]
     recall = float((top == owner[is_query][:, None]).any(axis=1).mean())
     print(f"MiniLM COCO caption->caption Recall@5 = {recall:.3f} ({is_query.sum()} queries, {(~is_query).sum()} pool)")
-    # Measured 0.796 (fp32 and bf16); chance is ~0.006. See the stage report for the 0.80 target.
+    # Measured 0.796 (fp32 and bf16; our pooling equals sentence-transformers' to 1e-7), chance
+    # ~0.006. The issue hoped for 0.80: which caption is the query moves the figure between 0.78
+    # and 0.82, so the bar sits just below the measured value rather than above it.
     assert recall >= 0.78
 
 

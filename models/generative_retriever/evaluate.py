@@ -35,12 +35,14 @@ import numpy as np
 import torch
 
 import genius.trie_cpp as trie_lib
-from genius.common.config import config_to_dict, resolve_path
+from genius.common.config import config_to_dict, project_root, resolve_path
 from genius.common.distributed import DistInfo, barrier, cleanup, init_distributed
 from genius.common.fusion import fused_store_embeddings
 from genius.common.io import atomic_dir, atomic_path, atomic_write_json, atomic_write_text, sha256_file, sha256_json
 from genius.common.mbeir import MBEIR_DATASET_IDS, QID_BASE, load_qrels, parse_query_file_name, unhash_qid
-from genius.common.stage import parse_stage_config, record_run, setup_logging, stage_parser
+from genius.common.stage import (
+    is_up_to_date, mark_done, parse_stage_config, record_run, setup_logging, stage_fingerprint, stage_parser,
+)
 from genius.common.store import ARRAYS, EmbeddingStore, StoreArrays, store_path
 from genius.models.generative_retriever import metrics
 from genius.models.generative_retriever.paper_numbers import default_k
@@ -485,8 +487,14 @@ def evaluate(cfg: EvalConfig, models: Models | None = None) -> EvalReport | None
 
 def _evaluate(cfg: EvalConfig, models: Models | None, info: DistInfo) -> EvalReport | None:
     out = resolve_path(cfg.paths.results)
-    models = models or load_models(cfg, info.device)
     files = resolve_files(cfg)
+    fingerprint = stage_fingerprint(cfg, evaluation_inputs(cfg, files))
+    if models is None and is_up_to_date(out, fingerprint):
+        log.info("%s is up to date with the config, models, codes and stores; nothing to evaluate", out)
+        if info.is_main:
+            print((out / "results.md").read_text())
+        return None
+    models = models or load_models(cfg, info.device)
     stores = {qf.stem: open_query_store(cfg, qf) for qf in files}
     if info.is_main:  # inputs found: this is a run
         out.mkdir(parents=True, exist_ok=True)
@@ -517,7 +525,24 @@ def _evaluate(cfg: EvalConfig, models: Models | None, info: DistInfo) -> EvalRep
             f"Recall@k is UniIR's hit rate, in %.")
     report = EvalReport(results, stats, markdown_report(results, stats, f"GENIUS evaluation: {out.name}", note), out)
     write_outputs(cfg, models, report, files, stores, pools_manifest)
+    mark_done(out, fingerprint)
     return report
+
+
+def evaluation_inputs(cfg: EvalConfig, files: list[QueryFile]) -> list[Path]:
+    """Every file whose change must redo the evaluation: models, codes, stores, queries, qrels."""
+    stores_root, root = resolve_path(cfg.paths.stores_root), resolve_path(cfg.paths.data_root)
+    pools = list(dict.fromkeys(qf.pool for qf in files)) if cfg.task_specific else []
+    if cfg.union:
+        pools.append(resolve_path(cfg.paths.union_pool, root))
+    paths = [resolve_path(cfg.paths.rq_run) / "rq.pt", resolve_path(cfg.paths.gen_run) / "generator.pt"]
+    for qf in files:
+        paths += [qf.path, qf.qrels, store_path(stores_root, cfg.paths.encoder, "test", qf.path) / "meta.json"]
+    for pool in pools:
+        stem = pool.name.removesuffix(".jsonl")
+        paths += [pool, store_path(stores_root, cfg.paths.encoder, "cand", pool) / "meta.json",
+                  resolve_path(cfg.paths.rq_run) / "codes" / stem / "meta.json"]
+    return [p for p in paths if p.exists()]  # a missing one fails later with its own message
 
 
 def pool_manifest(pool: Pool, cfg: EvalConfig) -> dict:
@@ -545,6 +570,7 @@ def write_outputs(cfg: EvalConfig, models: Models, report: EvalReport, files: li
     atomic_write_json(out / "run.json", {
         "manifest_version": MANIFEST_VERSION,
         "config": str(out / "config.yaml"),
+        "project_root": str(project_root()),
         "eval_config": config_to_dict(cfg),
         "data_root": str(resolve_path(cfg.paths.data_root)),
         "instructions": str(resolve_path(cfg.paths.instructions, resolve_path(cfg.paths.data_root))),

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 import genius.trie_cpp as trie_lib
-from genius.common.config import load_config, resolve_path
+from genius.common.config import load_config, project_root, project_root_set_to, resolve_path
 from genius.common.distributed import init_distributed
 from genius.common.mbeir import MODALITIES, Instructions, iter_candidates, query_text_with_instruction, unhash_did
 from genius.common.stage import setup_logging
@@ -176,13 +176,14 @@ def search(run: str | Path, text: str = "", image: str | None = None, instructio
     log.info("query text: %r (%s -> %s)", query_text, qmod, target)
 
     dev = init_distributed(device).device
-    encoder = (encoder_factory or _build_encoder)(extraction, dev)
+    with project_root_set_to(manifest.get("project_root", project_root())):
+        encoder = (encoder_factory or _build_encoder)(extraction, dev)
+        cfg = load_config(EvalConfig, manifest["config"])
+        models = models or load_models(cfg, dev)
     packed = encode_query(encoder, query_text, image)
     if manifest["encoder"].get("dtype"):  # round like the stored queries: a test query gets its stored features
         vectors = packed[:, : 2 * encoder.dim]
         packed[:, : 2 * encoder.dim] = vectors.astype(manifest["encoder"]["dtype"]).astype(np.float32)
-    cfg = load_config(EvalConfig, manifest["config"])
-    models = models or load_models(cfg, dev)
     if models.fingerprints != manifest["fingerprints"]:
         raise StaleInputError("rq.pt or generator.pt changed after this run was evaluated; run genius eval again")
     rerank = manifest["rerank"] if rerank is None else rerank
