@@ -22,6 +22,7 @@ def fused_store_embeddings(arrays, chunk: int = 65536) -> np.ndarray:
     out = np.empty((len(arrays.ids), arrays.dim), dtype=np.float32)
     for start in range(0, len(out), chunk):
         rows = slice(start, start + chunk)
-        out[rows] = score_fusion(*(torch.from_numpy(np.asarray(getattr(arrays, name)[rows]))
+        # np.array copies the memmap chunk: torch cannot wrap read-only memory without a warning
+        out[rows] = score_fusion(*(torch.from_numpy(np.array(getattr(arrays, name)[rows]))
                                    for name in ("img", "txt", "img_mask", "txt_mask"))).numpy()
     return out
