@@ -47,6 +47,7 @@ from genius.common.checkpoint import (
     set_rng_state,
 )
 from genius.common.config import config_to_dict, resolve_path
+from genius.common.plots import plot_training_curves
 from genius.common.distributed import (
     all_gather_with_grad,
     all_reduce_mean,
@@ -426,6 +427,7 @@ def _train(cfg: TrainClipConfig, dist) -> Path:
     if dist.is_main:
         atomic_torch_save(own_checkpoint(model.clip, model_name, arch, inputs=key, config=config_to_dict(cfg)), final)
         log.info("wrote %s", final)
+        plot_training_curves(run_dir / "metrics.jsonl", run_dir / "training_curves.png", "stage 0: CLIP-SF training")
     barrier()
     return final
 

@@ -41,6 +41,8 @@ def outputs(root: Path) -> dict[str, Path]:
         "results": root / "results/tiny/results.tsv",
         "table": root / "results/tiny/results.md",
         "metrics": root / "results/tiny/metrics.json",
+        "recall chart": root / "results/tiny/recall_by_task.png",
+        **{f"{run} curves": root / f"checkpoint/tiny/{run}/training_curves.png" for run in ("clip_sf", "rq", "gen")},
     }
 
 
