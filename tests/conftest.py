@@ -10,8 +10,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("GENIUS_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-# Two cores are shared by everything in a test run; extra intra-op threads only add contention.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# The tests' models are tiny: their matrices gain little from a second intra-op thread and lose a
+# lot (OpenMP spin waits) when the cores are shared, which made single tests up to 7x slower here.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -12,14 +12,6 @@ from genius.trie_cpp import build_trie
 from genius.trie_cpp.python_trie import PythonTrie
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: on 2 shared, busy cores a second intra-op thread makes every small op slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_generator(seed: int, sizes: list[int], dim: int = 12, d_model: int = 16, layers: int = 2) -> IDGenerator:
     torch.manual_seed(seed)

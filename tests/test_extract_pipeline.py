@@ -27,15 +27,6 @@ TINY = REPO / "configs_scripts" / "tiny"
 CHUNK = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models' matrices gain little from a second thread, and lose a lot (OpenMP spin
-    waits) when the two cores are shared with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:

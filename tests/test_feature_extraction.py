@@ -39,15 +39,6 @@ REPO = Path(__file__).resolve().parent.parent
 LAYOUT = "official_checkpoint_layouts/clip_sf_large.json"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models' matrices gain little from a second thread, and lose a lot (OpenMP spin
-    waits) when the two cores are shared with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ---- architectures -------------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))

@@ -22,14 +22,6 @@ from genius.models.residual_quantization.model import RQModel, load_rq, rq_finge
 
 REPO = Path(__file__).resolve().parent.parent
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: on 2 shared, busy cores a second intra-op thread makes every small op slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 PAPER_SIZES = [3] + [4096] * 8
 
 
@@ -304,7 +296,7 @@ SMALL = {512: 16, 768: 8, 2048: 32, 4096: 4, 32774: 3 + 3 + 8 * 4, 15360: 30 * 1
 
 def small_official_state(layout: dict, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    state, tied = {}, None
+    state = {}
     for name, spec in layout["tensors"].items():
         shape = [SMALL.get(d, d) for d in spec["shape"]]
         if name.endswith("relative_attention_bias.weight"):

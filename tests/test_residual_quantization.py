@@ -13,15 +13,6 @@ from genius.models.residual_quantization.model import Combiner, RQModel
 from genius.models.residual_quantization.quantizer import EMACodebook, ResidualQuantizer, kmeans
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: on a shared, loaded 2-core machine a second intra-op thread made
-    these tests ~7x slower (measured), so they run single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 def unit(n: int, dim: int, seed: int) -> torch.Tensor:
     return F.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)
 

