@@ -1,0 +1,485 @@
+"""Real text-to-text retrieval on COCO captions: dense MiniLM vs GENIUS vs GENIUS^R, trained end to end on CPU.
+
+Data: COCO 2017 val captions (5,000 images, ~5 captions each). Images are shuffled (seeded) and
+split: ``--test-images`` held-out test images (never seen in training), the rest training
+images. With ``--split val`` a validation split of ``--val-images`` is carved from the
+*training* images (and removed from training) and evaluated instead of the test split: that is
+the only split hyperparameters were chosen on.
+
+- Training (stages 1 and 2): every caption of a training image is a query whose positives are
+  the other captions of the same image; the pool is all training captions.
+- Evaluation: for each held-out image one caption (seeded choice) is the query; the pool is the
+  remaining captions of all held-out images (shuffled); the positives are the other captions of
+  the query's image. Recall@k = share of queries with a positive in the top k (UniIR's hit rate).
+
+All items are text-only: image vectors are zero with image mask 0, and level 0 of every ID is
+the text modality code 1. Texts are ``format_string``-ed and encoded once with the MiniLM
+encoder of stage 0 (``HFTextEncoder``, 384-d, mean pooling), cached in the output directory.
+Stores are written with ``genius.common.store`` in the M-BEIR layout the stages read, then the
+project's own stage functions run: ``train-rq`` (Combiner + residual quantizer), ``train-gen``
+(T5 ID generator), ``assign-codes`` (pool IDs + collision stats), and stage 3's retrieval pieces
+(C++ trie, ``constrained_beam_search``, ``CandidateMap``, ``genius_ranking``, ``rerank_ranking``,
+``ExactIPIndex``). Dense = exact cosine over the MiniLM embeddings (score fusion of the text
+vector); GENIUS^R re-ranks the union of the beams' candidates by that same cosine.
+
+Outputs in ``--out-dir``: ``<run>/`` (stores, rq/, gen/, codes/), ``coco_t2t_<split>.{md,csv,json,png}``.
+Finished stages are skipped on a re-run with the same settings (the stages' own up-to-date checks).
+
+    bash benchmarks/run_coco_t2t.sh [--split test|val] [--levels 3 --codebook 64] [--images 5000 ...]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genius.benchmarks.common import OUT_DIR, load_average, machine_description, markdown_table, write_csv
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CAPTIONS = Path(os.environ.get("GENIUS_SHARED_DATA", REPO.parent / "shared" / "data")) / \
+    "coco_captions_val2017" / "captions_val2017.json"
+ENCODER = "minilm"
+DATASET_ID = 9  # MSCOCO's M-BEIR dataset id (ids are "9:<caption row>")
+TEXT_TASK = 1  # M-BEIR task 1: text -> text
+KS = (1, 5, 10)
+METHODS = ("dense", "genius", "genius_r", "dense_combiner")
+LABELS = {"dense": "dense MiniLM (exact cosine)", "genius": "GENIUS", "genius_r": "GENIUS^R (re-ranked)",
+          "dense_combiner": "dense over the Combiner output z (diagnostic)"}
+log = logging.getLogger("genius.bench.coco")
+
+
+# ---- data: captions, split, embeddings -----------------------------------------------------
+@dataclass
+class Split:
+    train: list[list[int]]  # per training image: caption rows
+    eval: list[list[int]]  # per evaluated (test or validation) image: caption rows
+    encoded: list[int]  # caption rows of every chosen image (train, validation and test), sorted
+
+
+def load_captions(path: Path) -> tuple[list[str], np.ndarray]:
+    """Formatted captions and their image ids, in annotation-id order."""
+    from genius.common.mbeir import format_string
+
+    if not path.is_file():
+        raise FileNotFoundError(f"captions file {path} not found (pass --captions or set GENIUS_SHARED_DATA)")
+    annotations = sorted(json.loads(path.read_text())["annotations"], key=lambda a: a["id"])
+    return [format_string(a["caption"]) for a in annotations], np.array([a["image_id"] for a in annotations])
+
+
+def split_images(image_ids: np.ndarray, args) -> Split:
+    """Seeded image split; images with fewer than two captions cannot give a query and a positive."""
+    by_image: dict[int, list[int]] = {}
+    for row, image in enumerate(image_ids.tolist()):
+        by_image.setdefault(image, []).append(row)
+    images = sorted(i for i, rows in by_image.items() if len(rows) >= 2)
+    order = np.random.default_rng(args.seed).permutation(len(images))[: args.images]
+    chosen = [by_image[images[i]] for i in order]
+    if args.test_images + (args.val_images if args.split == "val" else 0) >= len(chosen):
+        raise ValueError(f"{len(chosen)} images cannot hold {args.test_images} test (+ {args.val_images} validation) "
+                         "images and still leave training images")
+    test, train = chosen[: args.test_images], chosen[args.test_images :]
+    # Encoding every chosen image, whichever split is evaluated, lets val and test runs share one cache.
+    encoded = sorted(r for rows in chosen for r in rows)
+    if args.split == "val":
+        return Split(train=train[args.val_images :], eval=train[: args.val_images], encoded=encoded)
+    return Split(train=train, eval=test, encoded=encoded)
+
+
+def encoded_captions(texts: list[str], rows: list[int], cache_dir: Path, batch_size: int) -> np.ndarray:
+    """MiniLM vectors [len(texts), 384] of the captions ``rows`` (other rows zero), cached by texts + encoder."""
+    from genius.common.io import atomic_save_npy
+    from genius.feature_extraction.encoders import EncoderConfig, build_encoder
+
+    encoder = build_encoder(EncoderConfig(name=ENCODER, kind="hf_text"), "cpu")
+    wanted = [texts[r] for r in rows]
+    key = hashlib.sha256(json.dumps({"texts": wanted, "encoder": encoder.fingerprint}, sort_keys=True).encode())
+    cache = cache_dir / f"{ENCODER}_{len(rows)}_{key.hexdigest()[:16]}.npy"
+    if cache.is_file():
+        encoded = np.load(cache)
+    else:
+        log.info("encoding %d captions with %s (cached to %s)", len(rows), ENCODER, cache)
+        encoded = encoder.encode_texts(wanted, batch_size).astype(np.float32)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        atomic_save_npy(cache, encoded)
+    vectors = np.zeros((len(texts), encoded.shape[1]), dtype=np.float32)
+    vectors[rows] = encoded
+    return vectors
+
+
+# ---- the M-BEIR-style world the stages read ------------------------------------------------
+def did(row: int) -> str:
+    return f"{DATASET_ID}:{row}"
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    """Keep the file (and its mtime, which stores and stages check) when the content is the same."""
+    from genius.common.io import atomic_write_text
+
+    if not path.is_file() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+
+
+def queries_jsonl(images: list[list[int]], texts: list[str], query_rows: list[int] | None = None) -> str:
+    """Queries with their positives: every caption of each image (or only ``query_rows``)."""
+    wanted = None if query_rows is None else set(query_rows)
+    lines = []
+    for rows in images:
+        for row in rows:
+            if wanted is None or row in wanted:
+                lines.append(json.dumps({"qid": did(row), "query_txt": texts[row], "query_img_path": None,
+                                         "query_modality": "text", "pos_cand_list": [did(r) for r in rows if r != row],
+                                         "neg_cand_list": [], "task_id": TEXT_TASK}))
+    return "\n".join(lines) + "\n"
+
+
+def pool_jsonl(rows: list[int], texts: list[str]) -> str:
+    return "\n".join(json.dumps({"did": did(r), "txt": texts[r], "img_path": None, "modality": "text"})
+                     for r in rows) + "\n"
+
+
+def text_store(path: Path, rows: list[int], vectors: np.ndarray, kind: str, source: Path) -> None:
+    """A text-only store (image vectors zero, image mask 0, modality 1), rewritten only when stale."""
+    from genius.common.mbeir import hash_did, hash_qid
+    from genius.common.store import EmbeddingStore, StoreArrays, StoreError, write_store
+
+    try:
+        EmbeddingStore.open(path, dim=vectors.shape[1], encoder=ENCODER, kind=kind, source=source)
+        return
+    except StoreError:
+        pass
+    hashed = [hash_qid(did(r)) if kind == "query" else hash_did(did(r)) for r in rows]
+    count, text_code = len(rows), 1
+    arrays = StoreArrays(ids=np.array(hashed, dtype=np.int64), img=np.zeros((count, vectors.shape[1]), np.float32),
+                         txt=vectors[rows], img_mask=np.zeros(count, np.uint8), txt_mask=np.ones(count, np.uint8),
+                         modality=np.full(count, text_code, np.int8), target_modality=np.full(count, text_code, np.int8))
+    write_store(path, arrays, encoder=ENCODER, kind=kind, source=source)
+
+
+@dataclass
+class World:
+    root: Path  # M-BEIR-style data root of this run
+    embed_root: Path
+    train_queries: Path
+    train_pool: Path
+    eval_queries: Path
+    eval_pool: Path
+    eval_query_rows: list[int]  # caption rows, in query order
+    eval_pool_rows: list[int]  # caption rows, in pool order
+    positives: list[set[int]]  # per query: caption rows of its positives in the pool
+
+    def store(self, split: str, source: Path) -> Path:
+        from genius.common.store import store_path
+
+        return store_path(self.embed_root, ENCODER, split, source)
+
+
+def build_world(run_dir: Path, split: Split, texts: list[str], vectors: np.ndarray, seed: int) -> World:
+    rng = np.random.default_rng(seed + 1)
+    query_rows, pool_rows, positives = [], [], []
+    for rows in split.eval:
+        query = rows[int(rng.integers(len(rows)))]
+        query_rows.append(query)
+        others = [r for r in rows if r != query]
+        pool_rows += others
+        positives.append(set(others))
+    pool_rows = [pool_rows[i] for i in rng.permutation(len(pool_rows))]  # no image-grouped pool order
+    root = run_dir / "data"
+    world = World(root, run_dir / "embed", root / "query" / "train" / "coco_t2t_train.jsonl",
+                  root / "cand_pool" / "train" / "coco_t2t_train_cand_pool.jsonl",
+                  root / "query" / "eval" / "coco_t2t_eval.jsonl", root / "cand_pool" / "eval" / "coco_t2t_eval_cand_pool.jsonl",
+                  query_rows, pool_rows, positives)
+    train_rows = [r for rows in split.train for r in rows]
+    write_if_changed(world.train_queries, queries_jsonl(split.train, texts))
+    write_if_changed(world.train_pool, pool_jsonl(train_rows, texts))
+    text_store(world.store("train", world.train_queries), train_rows, vectors, "query", world.train_queries)
+    text_store(world.store("train", world.train_pool), train_rows, vectors, "candidate", world.train_pool)
+    write_if_changed(world.eval_queries, queries_jsonl(split.eval, texts, query_rows))
+    write_if_changed(world.eval_pool, pool_jsonl(pool_rows, texts))
+    text_store(world.store("test", world.eval_queries), query_rows, vectors, "query", world.eval_queries)
+    text_store(world.store("cand", world.eval_pool), pool_rows, vectors, "candidate", world.eval_pool)
+    return world
+
+
+# ---- stages 1 and 2, through the project's training functions ---------------------------------
+def train_quantizer(world: World, run_dir: Path, args) -> Path:
+    from genius.models.residual_quantization import train as rq_train
+
+    cfg = rq_train.RQTrainConfig(
+        data=rq_train.DataConfig(query_file=str(world.train_queries), pool_file=str(world.train_pool),
+                                 query_store=str(world.store("train", world.train_queries)),
+                                 pool_store=str(world.store("train", world.train_pool)), encoder=ENCODER),
+        model=rq_train.ModelConfig(proj_dim=args.proj_dim, hidden_dim=args.hidden_dim, num_levels=args.levels,
+                                   codebook_size=args.codebook),
+        train=rq_train.TrainConfig(batch_size=args.rq_batch, epochs=args.rq_epochs, lr=args.rq_lr,
+                                   min_lr=args.rq_lr / 10, kmeans_iters=args.kmeans_iters, seed=args.seed,
+                                   save_every=max(1, args.rq_epochs), log_every=10**6, device="cpu"),
+        out_dir=str(run_dir / "rq"))
+    cfg.validate()
+    path = rq_train.train(cfg)
+    if path is None:
+        raise RuntimeError("train-rq stopped before its last epoch")
+    return path
+
+
+def train_generator(world: World, run_dir: Path, rq_path: Path, args) -> Path:
+    from genius.models.generative_retriever import train as gen_train
+
+    steps = args.gen_epochs * (count_lines(world.train_queries) // args.gen_batch)
+    cfg = gen_train.TrainGenConfig(
+        data=gen_train.DataConfig(root=str(world.root), embed_root=str(world.embed_root), encoder=ENCODER,
+                                  train_queries=str(world.train_queries.relative_to(world.root)),
+                                  train_pool=str(world.train_pool.relative_to(world.root)), rq=str(rq_path)),
+        model=gen_train.ModelConfig(num_prefix=args.prefix, d_model=args.d_model, num_heads=args.heads,
+                                    d_kv=args.d_model // args.heads, d_ff=args.d_ff, num_decoder_layers=args.layers),
+        optim=gen_train.OptimConfig(lr=args.gen_lr, warmup_steps=max(1, steps // 20)),
+        train=gen_train.TrainConfig(epochs=args.gen_epochs, batch_size=args.gen_batch, seed=args.seed, device="cpu",
+                                    amp=False, log_every=10**6, checkpoint_every=max(1, args.gen_epochs)),
+        out_dir=str(run_dir / "gen"))
+    return gen_train.train(cfg)
+
+
+def count_lines(path: Path) -> int:
+    with open(path) as f:
+        return sum(1 for line in f if line.strip())
+
+
+def pool_codes(world: World, run_dir: Path, rq_path: Path) -> tuple[np.ndarray, dict]:
+    """The evaluated pool's IDs and collision statistics, written by assign-codes."""
+    from genius.common.distributed import init_distributed
+    from genius.models.residual_quantization.assign_codes import AssignCodesConfig, assign_codes
+
+    store = world.store("cand", world.eval_pool)
+    cfg = AssignCodesConfig(rq_path=str(rq_path), embed_dir=str(store.parent), pools=[store.name], encoder=ENCODER,
+                            out_dir=str(run_dir / "codes"), device="cpu")
+    assign_codes(cfg, init_distributed("cpu"))
+    out = run_dir / "codes" / store.name
+    return np.load(out / "codes.npy"), json.loads((out / "stats.json").read_text())
+
+
+# ---- stage 3: retrieval and Recall@k ---------------------------------------------------------
+@torch.no_grad()
+def evaluate(world: World, run_dir: Path, rq_path: Path, gen_path: Path, args) -> dict:
+    from genius.common.fusion import fused_store_embeddings
+    from genius.common.mbeir import hash_did
+    from genius.common.store import EmbeddingStore
+    from genius.models.generative_retriever.beam_search import constrained_beam_search
+    from genius.models.generative_retriever.generator import load_generator
+    from genius.models.generative_retriever.metrics import hits_at_k
+    from genius.models.generative_retriever.retrieval import (
+        CandidateMap, ExactIPIndex, genius_ranking, rerank_ranking, union_sizes,
+    )
+    from genius.models.residual_quantization.model import load_rq
+    from genius.trie_cpp import build_trie
+
+    rq = load_rq(rq_path)
+    generator, _ = load_generator(gen_path)
+    queries = EmbeddingStore.open(world.store("test", world.eval_queries), encoder=ENCODER, kind="query")
+    pool = EmbeddingStore.open(world.store("cand", world.eval_pool), encoder=ENCODER, kind="candidate")
+    codes, stats = pool_codes(world, run_dir, rq_path)
+    trie = build_trie(codes, "cpp")
+    cmap = CandidateMap.build(trie, codes)
+    z_q, z_c = combiner_embeddings(rq, queries), combiner_embeddings(rq, pool)
+    q_fused, c_fused = fused_store_embeddings(queries.arrays), fused_store_embeddings(pool.arrays)
+
+    start = time.perf_counter()
+    beams = constrained_beam_search(generator, torch.from_numpy(z_q), trie, rq.codebook_sizes, num_beams=args.beams,
+                                    batch_size=64)
+    decode_s = time.perf_counter() - start
+    leaves = cmap.leaves_of(beams.codes.numpy())
+    leaves[~beams.valid.numpy()] = -1
+    k = max(KS)
+    pool_ids = np.asarray(pool.ids)
+    retrieved = {
+        "dense": ExactIPIndex(c_fused, pool_ids).search(q_fused, k)[1],
+        "genius": genius_ranking(cmap, leaves, beams.scores.numpy(), k).ids(pool_ids),
+        "genius_r": rerank_ranking(cmap, leaves, q_fused, c_fused, k).ids(pool_ids),
+        "dense_combiner": ExactIPIndex(z_c, pool_ids).search(z_q, k)[1],
+    }
+    relevant = [{hash_did(did(r)) for r in rows} for rows in world.positives]
+    recalls = {m: {kk: float(hits_at_k(ids, relevant, kk).mean()) for kk in KS} for m, ids in retrieved.items()}
+    own_ids = rq.encode(torch.from_numpy(z_q), torch.ones(len(z_q), dtype=torch.long)).numpy()
+    return {
+        "recall": recalls,
+        "pool_stats": stats,
+        "queries": len(z_q), "pool": len(pool_ids),
+        "beam_search_qps": len(z_q) / decode_s,
+        "rerank_set_mean": float(union_sizes(cmap, leaves).mean()),
+        "valid_beams_mean": float(beams.valid.float().sum(1).mean()),
+        # How far the quantizer alone gets: the query's own ID holds a positive (no generator).
+        "own_id_holds_positive": own_id_hit_rate(cmap, own_ids, pool_ids, relevant),
+        "top_beam_is_own_id": float((beams.codes[:, 0].numpy() == own_ids).all(1).mean()),
+    }
+
+
+def combiner_embeddings(rq, store) -> np.ndarray:
+    a = store.arrays
+    tensors = [torch.from_numpy(np.asarray(x, dtype=np.float32)) for x in (a.img, a.txt, a.img_mask, a.txt_mask)]
+    return rq.embed(*tensors).numpy()
+
+
+def own_id_hit_rate(cmap, own_ids: np.ndarray, pool_ids: np.ndarray, relevant: list[set[int]]) -> float:
+    leaves = cmap.leaves_of(own_ids)
+    hits = [leaf >= 0 and not rel.isdisjoint(pool_ids[cmap.candidates(leaf)].tolist())
+            for leaf, rel in zip(leaves.tolist(), relevant)]
+    return float(np.mean(hits))
+
+
+# ---- report ----------------------------------------------------------------------------------
+def report(result: dict, args, command: str, machine: str, timings: dict, run_dir: Path) -> str:
+    recall, dense = result["recall"], result["recall"]["dense"]
+    rows = []
+    for method in METHODS:
+        r = recall[method]
+        rows.append([LABELS[method]] + [f"{r[k]:.3f}" for k in KS] + [f"{r[k] / dense[k]:.2f}x" if dense[k] else ""
+                                                                         for k in KS])
+    stats = result["pool_stats"]
+    ratio5 = {m: recall[m][5] / dense[5] for m in ("genius", "genius_r")}
+    split_name = "test (held-out images)" if args.split == "test" else "validation (carved from training images)"
+    lines = [
+        f"Split evaluated: **{split_name}**; {result['queries']:,} queries (one caption per image), pool of "
+        f"{result['pool']:,} captions (the other captions of those images), positives = the other captions of "
+        f"the query's image. Training: {timings['train_images']:,} images, {timings['train_captions']:,} captions "
+        f"as (caption -> another caption of the same image) pairs.",
+        f"Machine: {machine}. Load average (1 min) {timings['load_start']:.1f} at start, {timings['load_end']:.1f} "
+        "at end (shared cores).",
+        f"Command: `{command}`",
+        "",
+        markdown_table(["method"] + [f"R@{k}" for k in KS] + [f"R@{k} / dense" for k in KS], rows),
+        f"IDs: L = {args.levels} levels (level 0 = text code 1 for every item, then {args.levels - 1} levels of "
+        f"K = {args.codebook}); pool: {stats['distinct_ids']:,} distinct IDs for {stats['num_candidates']:,} "
+        f"captions, collision rate {stats['collision_rate']:.3f}, largest bucket {stats['largest_bucket']}, codes used "
+        f"per level {stats['codes_used_per_level']}. Beam search: {args.beams} beams, level head, fp32; mean re-rank "
+        f"set {result['rerank_set_mean']:.0f} captions; {result['beam_search_qps']:.0f} queries/s.",
+        f"Stage 1: Combiner proj {args.proj_dim} / hidden {args.hidden_dim}, {args.rq_epochs} epochs, batch "
+        f"{args.rq_batch}, lr {args.rq_lr:g}. Stage 2: T5 decoder d_model {args.d_model}, {args.layers} layers, "
+        f"{args.heads} heads, d_ff {args.d_ff}, P = {args.prefix}, {args.gen_epochs} epochs, batch {args.gen_batch}, "
+        f"lr {args.gen_lr:g}, query-target mixing on (alpha 2). Other settings: the stages' defaults.",
+        f"Diagnostics: the query's own quantized ID holds a positive for {result['own_id_holds_positive']:.3f} of "
+        f"the queries (quantizer alone, no generator); the top beam equals the query's own ID for "
+        f"{result['top_beam_is_own_id']:.3f}.",
+        f"Wall time: encode {timings['encode_s']:.0f} s, stage 1 {timings['rq_s']:.0f} s, stage 2 {timings['gen_s']:.0f} s, "
+        f"evaluation {timings['eval_s']:.0f} s, total {timings['total_s'] / 60:.1f} min (stages already up to date "
+        "are skipped and take ~0 s).",
+        "",
+        f"Targets (Recall@5 ratio to dense): GENIUS^R {ratio5['genius_r']:.2f}x (target >= 0.9x: "
+        f"{'met' if ratio5['genius_r'] >= 0.9 else 'NOT met'}); GENIUS {ratio5['genius']:.2f}x (target >= 0.6x: "
+        f"{'met' if ratio5['genius'] >= 0.6 else 'NOT met'}). Paper, WebQA text-to-text: 0.51x and 0.37x.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(METHODS)
+    for i, method in enumerate(METHODS):
+        values = [result["recall"][method][k] for k in KS]
+        ax.bar(np.arange(len(KS)) + i * width, values, width, label=LABELS[method])
+    ax.set_xticks(np.arange(len(KS)) + width * (len(METHODS) - 1) / 2, [f"R@{k}" for k in KS])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("Recall (hit rate)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- main ------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--captions", type=Path, default=DEFAULT_CAPTIONS)
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--images", type=int, default=5000, help="images used (train + test)")
+    p.add_argument("--test-images", type=int, default=1000)
+    p.add_argument("--val-images", type=int, default=1000, help="with --split val: carved from the training images")
+    ids = p.add_argument_group("IDs (stage 1)")
+    ids.add_argument("--levels", type=int, default=3, help="ID length including the modality level")
+    ids.add_argument("--codebook", type=int, default=64, help="K of every level after the first")
+    ids.add_argument("--proj-dim", type=int, default=512)
+    ids.add_argument("--hidden-dim", type=int, default=1024)
+    ids.add_argument("--rq-epochs", type=int, default=10)
+    ids.add_argument("--rq-batch", type=int, default=512)
+    ids.add_argument("--rq-lr", type=float, default=5e-4)
+    ids.add_argument("--kmeans-iters", type=int, default=300)
+    gen = p.add_argument_group("generator (stage 2)")
+    gen.add_argument("--d-model", type=int, default=256)
+    gen.add_argument("--layers", type=int, default=3)
+    gen.add_argument("--heads", type=int, default=4)
+    gen.add_argument("--d-ff", type=int, default=1024)
+    gen.add_argument("--prefix", type=int, default=10)
+    gen.add_argument("--gen-epochs", type=int, default=10)
+    gen.add_argument("--gen-batch", type=int, default=256)
+    gen.add_argument("--gen-lr", type=float, default=5e-4)
+    p.add_argument("--beams", type=int, default=50)
+    p.add_argument("--encode-batch", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out-dir", type=Path, default=OUT_DIR / "coco_t2t")
+    p.add_argument("--run-name", default=None, help="subdirectory of the run (default: <split>_L<levels>_K<codebook>)")
+    args = p.parse_args(argv)
+    if args.d_model % args.heads:
+        p.error(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
+    if args.levels < 2:
+        p.error("--levels must be at least 2 (the modality level and one semantic level)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from genius.common.stage import setup_logging
+
+    setup_logging()
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    command = ("bash benchmarks/run_coco_t2t.sh " + shlex.join(argv if argv is not None else sys.argv[1:])).strip()
+    machine, started = machine_description(), time.perf_counter()
+    timings = {"load_start": load_average()}
+    texts, image_ids = load_captions(args.captions)
+    split = split_images(image_ids, args)
+    t0 = time.perf_counter()
+    vectors = encoded_captions(texts, split.encoded, args.out_dir / "cache", args.encode_batch)
+    timings["encode_s"] = time.perf_counter() - t0
+    run_dir = args.out_dir / (args.run_name or f"{args.split}_L{args.levels}_K{args.codebook}")
+    world = build_world(run_dir, split, texts, vectors, args.seed)
+    timings.update(train_images=len(split.train), train_captions=sum(len(r) for r in split.train))
+    t0 = time.perf_counter()
+    rq_path = train_quantizer(world, run_dir, args)
+    timings["rq_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gen_path = train_generator(world, run_dir, rq_path, args)
+    timings["gen_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = evaluate(world, run_dir, rq_path, gen_path, args)
+    timings.update(eval_s=time.perf_counter() - t0, total_s=time.perf_counter() - started, load_end=load_average())
+    text = report(result, args, command, machine, timings, run_dir)
+    stem = args.out_dir / f"coco_t2t_{args.split}"
+    (stem.with_suffix(".md")).write_text(text)
+    (stem.with_suffix(".json")).write_text(json.dumps({**result, "timings": timings, "args": vars(args)}, indent=2,
+                                                      default=str) + "\n")
+    write_csv(stem.with_suffix(".csv"), [{"method": m, **{f"R@{k}": result["recall"][m][k] for k in KS},
+                                          **{f"R@{k}_vs_dense": result["recall"][m][k] / result["recall"]["dense"][k]
+                                             for k in KS}} for m in METHODS],
+              ["method"] + [f"R@{k}" for k in KS] + [f"R@{k}_vs_dense" for k in KS])
+    plot(result, stem.with_suffix(".png"), f"COCO captions text-to-text ({args.split}), L={args.levels}, K={args.codebook}")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

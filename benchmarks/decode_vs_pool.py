@@ -1,0 +1,659 @@
+"""Queries per second against pool size: GENIUS decoding, the official decoding, dense search, faiss.
+
+Methods (all on the same machine, in one run, same random pool size N per row):
+
+- ``genius`` / ``genius_bf16`` (a): the project's ``constrained_beam_search`` (KV cache, level
+  head, one ``fill_mask`` + ``advance`` call of the C++ trie per step for all beams), then
+  ID -> candidates (``CandidateMap.leaves_of`` + ``genius_ranking``, top 10); ``_bf16`` runs the
+  decoder under bf16 autocast on CPU.
+- ``generate`` (b): the official decoding: ``transformers`` ``generate`` (num_beams =
+  num_return_sequences = B, max_new_tokens = L, early_stopping, KV cache) with
+  ``prefix_allowed_tokens_fn`` over a GENRE-style nested-dict trie keyed by token ids (recursive
+  ``get`` from the root for every beam at every step, as the official ``beam.py`` does). fp32, full
+  vocabulary head, no ``torch.compile``.
+- ``dense_fp32`` / ``dense_bf16`` (c): exact inner product over N random unit vectors of the
+  fused-embedding width, chunked matmul + running top-10. fp32 is the project's ``ExactIPIndex``;
+  bf16 stores the vectors in bf16 and multiplies in bf16 (fp16 matmul on this CPU runs at a few
+  GFLOP/s, so bf16 is the low-precision variant). Pools whose vectors do not fit the memory
+  budget are scanned as a smaller block repeated to N rows ("tiled" in the note): the same
+  FLOPs and memory traffic as N distinct rows, but not a meaningful retrieval result.
+- ``faiss_flat`` / ``faiss_ivf`` (d): faiss IndexFlatIP, and IndexIVFFlat (inner product,
+  nlist = sqrt(N), nprobe 16, trained on up to 64 x nlist vectors; random vectors have no
+  cluster structure, so its recall here is not representative, only its speed).
+
+The generator is paper-shaped (t5-small decoder, P prefix vectors, L levels of K codes, 50
+beams) with random weights: the work per query does not depend on the weights. Pool IDs are
+random (level 0 in {0, 1, 2}, the others uniform in [0, K)).
+
+Outputs in ``--out-dir``: decode_vs_pool.csv (one row per method and size), .md (the table,
+ratios to GENIUS fp32 of the same run, decoding GFLOP/s against this machine's GEMM GFLOP/s,
+target checks), .png (q/s against pool size, log-log), _summary.json.
+
+    bash benchmarks/run_decode_vs_pool.sh [--sizes 1e3 1e4 1e5 1e6 1e7] [--methods ...]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from genius.benchmarks.common import (
+    OUT_DIR, available_memory_gb, best_seconds, gemm_gflops, load_average, machine_description, markdown_table,
+    plot_lines, rate, write_csv,
+)
+
+METHODS = ("genius", "genius_bf16", "generate", "generate_bf16", "dense_fp32", "dense_bf16", "faiss_flat", "faiss_ivf")
+DECODING = ("genius", "genius_bf16", "generate", "generate_bf16")
+LABELS = {
+    "genius": "(a) GENIUS fp32", "genius_bf16": "(a) GENIUS bf16 autocast", "generate": "(b) generate + dict trie fp32",
+    "generate_bf16": "(b) generate + dict trie bf16 autocast",
+    "dense_fp32": "(c) dense fp32", "dense_bf16": "(c) dense bf16", "faiss_flat": "(d) faiss Flat",
+    "faiss_ivf": "(d) faiss IVF",
+}
+COLUMNS = ["method", "pool_size", "distinct_ids", "queries", "batch", "seconds", "qps", "ratio_to_genius",
+           "build_s", "load1", "note"]
+TOP_K = 10
+DENSE_CHUNK = 65536
+
+
+# ---- the generator and the pool ------------------------------------------------------------
+def generator_arch(args) -> dict:
+    from genius.models.generative_retriever.generator import make_arch
+
+    return make_arch(args.dim, codebook_sizes(args), args.prefix, d_model=args.d_model, num_heads=args.heads,
+                     d_kv=args.d_model // args.heads, d_ff=args.d_ff, num_decoder_layers=args.layers)
+
+
+def build_generator(args):
+    from genius.models.generative_retriever.generator import IDGenerator
+
+    return IDGenerator(generator_arch(args)).eval()
+
+
+def codebook_sizes(args) -> list[int]:
+    return [3] + [args.codebook] * (args.levels - 1)
+
+
+def pool_codes(num_ids: int, sizes: list[int], seed: int) -> np.ndarray:
+    """Random IDs [N, L] int64: level l uniform in [0, sizes[l])."""
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.integers(0, k, num_ids) for k in sizes], axis=1).astype(np.int64)
+
+
+def decoder_flops_per_query(arch: dict, num_beams: int, level_head: bool = True) -> float:
+    """Multiply-adds x 2 of the project's constrained beam search for one query.
+
+    Per query, once: prefix projection 2*dim*P*d and, per layer, cross-attention keys and values
+    of the P prefix vectors 2 * 2*P*d*I (I = heads * d_kv). Then per decoding step l, for each of
+    the r_l live beam rows (r_0 = 1, r_l = min(B, r_{l-1} * K_{l-1})), with t = l + 1 cached
+    positions, per layer:
+      self-attention q, k, v, o projections  4 * 2*d*I
+      self-attention scores and mix          2 * 2*I*t
+      cross-attention q, o projections       2 * 2*d*I
+      cross-attention scores and mix         2 * 2*I*P
+      feed-forward                           2 * 2*d*d_ff
+    plus the output head 2*d*K_l (level head; 2*d*V with the full vocabulary).
+    Norms, softmaxes, top-k and the trie are not counted.
+    """
+    d, layers, prefix, d_ff = arch["d_model"], arch["num_decoder_layers"], arch["num_prefix"], arch["d_ff"]
+    inner = arch["num_heads"] * arch["d_kv"]
+    sizes = arch["codebook_sizes"]
+    vocab = 3 + sum(sizes)
+    total = 2 * arch["dim"] * prefix * d + layers * 2 * 2 * prefix * d * inner
+    rows = 1
+    for level, width in enumerate(sizes):
+        t = level + 1
+        per_layer = 4 * 2 * d * inner + 2 * 2 * inner * t + 2 * 2 * d * inner + 2 * 2 * inner * prefix + 2 * 2 * d * d_ff
+        head = 2 * d * (width if level_head else vocab)
+        total += rows * (layers * per_layer + head)
+        rows = min(num_beams, rows * width)
+    return float(total)
+
+
+@dataclass
+class Pool:
+    size: int
+    codes: np.ndarray
+    trie: object
+    cmap: object
+    build_s: float
+
+
+def build_pool(size: int, sizes: list[int], seed: int) -> Pool:
+    from genius.models.generative_retriever.retrieval import CandidateMap
+    from genius.trie_cpp import build_trie
+
+    codes = pool_codes(size, sizes, seed)
+    start = time.perf_counter()
+    trie = build_trie(codes, "cpp")
+    build_s = time.perf_counter() - start
+    return Pool(size, codes, trie, CandidateMap.build(trie, codes), build_s)
+
+
+def query_vectors(count: int, dim: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(count, dim, generator=generator), dim=-1)
+
+
+# ---- (a) GENIUS --------------------------------------------------------------------------
+def genius_retriever(generator, pool: Pool, args, autocast: bool):
+    """A function queries -> (beams, top-10 ranking): beam search, then ID -> candidates."""
+    from genius.models.generative_retriever.beam_search import constrained_beam_search
+    from genius.models.generative_retriever.retrieval import genius_ranking
+
+    def retrieve(queries: torch.Tensor):
+        beams = constrained_beam_search(generator, queries, pool.trie, generator.codebook_sizes, num_beams=args.beams,
+                                        batch_size=args.genius_batch, autocast=autocast)
+        leaves = pool.cmap.leaves_of(beams.codes.numpy())
+        leaves[~beams.valid.numpy()] = -1
+        return beams, genius_ranking(pool.cmap, leaves, beams.scores.numpy(), TOP_K)
+
+    return retrieve
+
+
+def measure_genius(generator, pools: dict[int, Pool], z: torch.Tensor, args, methods: list[str],
+                   gemm: dict[str, list[float]]) -> dict:
+    """{(method, size): result}, the repeats interleaved over sizes and methods.
+
+    Each repeat times every (method, size) once, so slow spells of the shared machine fall on
+    all pool sizes alike instead of on whichever size happened to run then; the fastest repeat
+    of each pair is kept. The GEMM peak is sampled after every repeat (into ``gemm``), so the
+    decoder's GFLOP/s is compared with a peak measured under the same conditions.
+    """
+    runs = {(m, n): genius_retriever(generator, pool, args, m == "genius_bf16") for n, pool in pools.items()
+            for m in methods}
+    for (method, size), retrieve in runs.items():  # warm-up, and a sanity check of the output
+        beams, ranking = retrieve(z[: args.genius_batch])
+        expected = min(args.beams, len(pools[size].trie))
+        if not bool(beams.valid[:, :expected].all()) or not (ranking.rows[:, 0] >= 0).all():
+            raise AssertionError(f"{method} at N={size} returned fewer than {expected} valid beams")
+    best = {key: math.inf for key in runs}
+    loads = {key: [] for key in runs}
+    for repeat in range(max(1, args.genius_repeats)):
+        for key, retrieve in runs.items():
+            start = time.perf_counter()
+            retrieve(z)
+            best[key] = min(best[key], time.perf_counter() - start)
+            loads[key].append(load_average())
+        sample_gemm(gemm)
+        print(f"# GENIUS repeat {repeat + 1}/{args.genius_repeats}: "
+              + ", ".join(f"{m}@{n:.0e} {len(z) / best[(m, n)]:.2f} q/s" for m, n in runs), flush=True)
+    return {key: {"seconds": best[key], "queries": len(z), "batch": args.genius_batch,
+                  "build_s": pools[key[1]].build_s, "load1": float(np.mean(loads[key]))} for key in runs}
+
+
+# ---- (b) generate + nested-dict trie ---------------------------------------------------------
+def nested_dict_trie(tokens: np.ndarray) -> dict:
+    """GENRE-style trie: token id -> dict of the next tokens (no BOS, no EOS), as the official builds it."""
+    root: dict = {}
+    for sequence in tokens.tolist():
+        node = root
+        for token in sequence:
+            node = node.setdefault(token, {})
+    return root
+
+
+def dict_trie_get(prefix: list[int], node: dict) -> list[int]:
+    """The official (GENRE) lookup: walk the prefix from the root, recursively; [] if it is absent."""
+    if not prefix:
+        return list(node.keys())
+    child = node.get(prefix[0])
+    return [] if child is None else dict_trie_get(prefix[1:], child)
+
+
+def measure_generate(generator, tokens_trie: dict, z: torch.Tensor, args, autocast: bool) -> dict:
+    from transformers.modeling_outputs import BaseModelOutput
+
+    def allowed(batch_id: int, sentence: torch.Tensor) -> list[int]:
+        return dict_trie_get(sentence.tolist()[1:], tokens_trie)  # drop the decoder start token
+
+    @torch.inference_mode()
+    @torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    def run(queries: torch.Tensor):
+        for batch in queries.split(args.generate_batch):
+            generator.t5.generate(
+                encoder_outputs=BaseModelOutput(last_hidden_state=generator.encode(batch)), num_beams=args.beams,
+                num_return_sequences=args.beams, max_new_tokens=generator.num_levels, do_sample=False,
+                early_stopping=True, prefix_allowed_tokens_fn=allowed)
+
+    run(z[:1])  # warm-up
+    seconds = best_seconds(lambda: run(z), 1, warmup=0)
+    return {"seconds": seconds, "queries": len(z), "batch": args.generate_batch, "load1": load_average()}
+
+
+# ---- (c) dense exact search ----------------------------------------------------------------
+class TiledRows:
+    """``num_rows`` rows served by repeating ``block`` (for pools whose vectors do not fit in RAM).
+
+    Offers what ``ExactIPIndex`` reads: ``shape``, ``len`` and row slices.
+    """
+
+    def __init__(self, block, num_rows: int):
+        self.block, self.num_rows = block, num_rows
+        self.shape = (num_rows, block.shape[1])
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, key: slice):
+        start, stop, _ = key.indices(self.num_rows)
+        pieces, size = [], len(self.block)
+        while start < stop:
+            offset = start % size
+            take = min(stop - start, size - offset)
+            pieces.append(self.block[offset : offset + take])
+            start += take
+        if not pieces:
+            return self.block[:0]
+        if len(pieces) == 1:
+            return pieces[0]
+        return torch.cat(pieces) if isinstance(self.block, torch.Tensor) else np.concatenate(pieces)
+
+
+def random_unit_block(rows: int, dim: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[rows, dim] random unit vectors in ``dtype``, made in chunks so no full-size fp32 copy exists."""
+    out = torch.empty(rows, dim, dtype=dtype)
+    generator = torch.Generator().manual_seed(seed)
+    for start in range(0, rows, DENSE_CHUNK):
+        stop = min(start + DENSE_CHUNK, rows)
+        out[start:stop] = F.normalize(torch.randn(stop - start, dim, generator=generator), dim=-1)
+    return out
+
+
+def dense_rows_in_memory(num_rows: int, bytes_per_value: int, args) -> int:
+    """How many distinct rows to hold: all of them, or a chunk-aligned block within the budget."""
+    fit = int(args.dense_memory_gb * 1024**3 // (args.dim * bytes_per_value))
+    return num_rows if num_rows <= fit else min(num_rows, max(DENSE_CHUNK, fit // DENSE_CHUNK * DENSE_CHUNK))
+
+
+def measure_search(search, queries: np.ndarray, batch: int, repeats: int) -> float:
+    def run():
+        for start in range(0, len(queries), batch):
+            search(queries[start : start + batch])
+
+    search(queries[:batch])  # warm-up
+    return best_seconds(run, repeats, warmup=0)
+
+
+def bf16_search(vectors, queries: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k inner product with bf16 storage and bf16 matmul (fp32 running top-k)."""
+    q = torch.from_numpy(queries).to(torch.bfloat16)
+    best_scores = torch.full((len(q), k), -torch.inf)
+    best_rows = torch.full((len(q), k), -1, dtype=torch.long)
+    for start in range(0, len(vectors), DENSE_CHUNK):
+        scores = (q @ vectors[start : start + DENSE_CHUNK].T).float()
+        top = scores.topk(min(k, scores.shape[1]), dim=1)
+        merged = torch.cat([best_scores, top.values], dim=1).topk(k, dim=1)
+        best_rows = torch.cat([best_rows, top.indices + start], dim=1).gather(1, merged.indices)
+        best_scores = merged.values
+    return best_scores, best_rows
+
+
+def measure_dense(size: int, queries: np.ndarray, args, methods: list[str]) -> dict[str, dict]:
+    from genius.models.generative_retriever.retrieval import ExactIPIndex
+
+    out = {}
+    for method, dtype in (("dense_fp32", torch.float32), ("dense_bf16", torch.bfloat16)):
+        if method not in methods:
+            continue
+        itemsize = torch.finfo(dtype).bits // 8
+        rows = dense_rows_in_memory(size, itemsize, args)
+        block = random_unit_block(rows, args.dim, args.seed + 1, dtype)
+        if dtype == torch.float32:  # numpy: the project's dense baseline, as evaluation runs it
+            block = block.numpy()
+        vectors = block if rows == size else TiledRows(block, size)
+        if dtype == torch.float32:
+            index = ExactIPIndex(vectors, chunk_size=DENSE_CHUNK)
+            search = lambda q: index.search(q, TOP_K)  # noqa: E731
+        else:
+            search = lambda q: bf16_search(vectors, q, TOP_K)  # noqa: E731
+        seconds = measure_search(search, queries, args.dense_batch, args.repeats)
+        note = "" if rows == size else (f"tiled: a {rows:,}-row block scanned as {size:,} rows "
+                                        f"({size * args.dim * itemsize / 1024**3:.1f} GB > {args.dense_memory_gb:.1f} GB budget)")
+        out[method] = {"seconds": seconds, "queries": len(queries), "batch": args.dense_batch, "note": note,
+                       "load1": load_average()}
+        del block, vectors, search
+        gc.collect()
+    return out
+
+
+# ---- (d) faiss -----------------------------------------------------------------------------
+def measure_faiss(size: int, queries: np.ndarray, args, methods: list[str]) -> dict[str, dict]:
+    try:
+        import faiss
+    except ImportError:
+        return {m: {"note": "skipped: faiss is not installed"} for m in methods}
+    faiss.omp_set_num_threads(args.threads)
+    needed_gb = size * args.dim * 4 / 1024**3
+    if needed_gb > args.dense_memory_gb:
+        return {m: {"note": f"skipped: needs {needed_gb:.0f} GB of fp32 vectors > {args.dense_memory_gb:.0f} GB budget"}
+                for m in methods}
+    vectors = random_unit_block(size, args.dim, args.seed + 1).numpy()
+    out = {}
+    for method in methods:
+        start = time.perf_counter()
+        index, note = faiss_index(method, vectors, args)
+        build_s = time.perf_counter() - start
+        seconds = measure_search(lambda q: index.search(q, TOP_K), queries, args.dense_batch, args.repeats)
+        out[method] = {"seconds": seconds, "queries": len(queries), "batch": args.dense_batch, "build_s": build_s,
+                       "note": note, "load1": load_average()}
+        del index
+        gc.collect()
+    return out
+
+
+def faiss_index(method: str, vectors: np.ndarray, args):
+    """(index, note) for ``faiss_flat`` or ``faiss_ivf`` over ``vectors``."""
+    import faiss
+
+    dim = vectors.shape[1]
+    if method == "faiss_flat":
+        index = faiss.IndexFlatIP(dim)
+        index.add(vectors)
+        return index, ""
+    nlist = max(1, int(round(math.sqrt(len(vectors)))))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    sample = np.random.default_rng(args.seed).choice(len(vectors), min(len(vectors), 64 * nlist), replace=False)
+    index.train(vectors[np.sort(sample)])
+    for start in range(0, len(vectors), DENSE_CHUNK):
+        index.add(vectors[start : start + DENSE_CHUNK])
+    index.nprobe = min(args.ivf_nprobe, nlist)
+    return index, f"nlist {nlist}, nprobe {index.nprobe}"
+
+
+# ---- the run ---------------------------------------------------------------------------------
+def sample_gemm(gemm: dict[str, list[float]]) -> None:
+    gemm.setdefault("fp32", []).append(gemm_gflops(torch.float32))
+    gemm.setdefault("bf16", []).append(gemm_gflops(torch.bfloat16))
+
+
+def run(args, gemm: dict[str, list[float]]) -> list[dict]:
+    methods, sizes = list(args.methods), sorted(int(s) for s in args.sizes)
+    results: dict[tuple[str, int], dict] = {}
+    distinct: dict[int, int] = {}
+    if any(m in methods for m in DECODING):
+        generator = build_generator(args)
+        pools = {size: build_pool(size, generator.codebook_sizes, args.seed) for size in sizes}
+        distinct = {size: len(pool.trie) for size, pool in pools.items()}
+        z = query_vectors(max(args.genius_queries, args.generate_queries), args.dim, args.seed)
+        genius = [m for m in ("genius", "genius_bf16") if m in methods]
+        if genius:
+            results.update(measure_genius(generator, pools, z[: args.genius_queries], args, genius, gemm))
+        for size, pool in pools.items():
+            for method in ("generate", "generate_bf16"):
+                if method in methods:
+                    results[(method, size)] = generate_result(generator, pool, z[: args.generate_queries], args,
+                                                              method == "generate_bf16")
+                    print(f"# {method} N={size:,}: {results[(method, size)]}", flush=True)
+        del pools, generator
+        gc.collect()
+    dense_queries = query_vectors(args.dense_queries, args.dim, args.seed + 7).numpy()
+    for size in sizes:
+        dense = [m for m in ("dense_fp32", "dense_bf16") if m in methods]
+        faiss_methods = [m for m in ("faiss_flat", "faiss_ivf") if m in methods]
+        found = {**(measure_dense(size, dense_queries, args, dense) if dense else {}),
+                 **(measure_faiss(size, dense_queries, args, faiss_methods) if faiss_methods else {})}
+        results.update({(m, size): r for m, r in found.items()})
+        print(f"# dense/faiss N={size:,}: {found}", flush=True)
+        gc.collect()
+    return [row for size in sizes for row in size_rows(size, distinct.get(size, ""), results, methods)]
+
+
+def generate_result(generator, pool: Pool, z: torch.Tensor, args, autocast: bool) -> dict:
+    if pool.size > args.generate_max_ids:
+        return {"note": f"skipped: a nested-dict trie of {pool.size:,} IDs exceeds --generate-max-ids "
+                        f"{args.generate_max_ids:,.0f} (memory)"}
+    from genius.models.generative_retriever.vocab import code_offsets
+
+    start = time.perf_counter()
+    trie = nested_dict_trie(pool.codes + np.asarray(code_offsets(generator.codebook_sizes)))
+    build_s = time.perf_counter() - start
+    result = {**measure_generate(generator, trie, z, args, autocast), "build_s": build_s}
+    del trie
+    gc.collect()
+    return result
+
+
+def size_rows(size: int, distinct, results: dict[tuple[str, int], dict], methods: list[str]) -> list[dict]:
+    reference = results.get(("genius", size), {})
+    ref_qps = reference["queries"] / reference["seconds"] if "seconds" in reference else None
+    rows = []
+    for method in methods:
+        r = results.get((method, size))
+        if r is None:
+            continue
+        row = {"method": method, "pool_size": size, "distinct_ids": distinct, "load1": round(r.get("load1", load_average()), 2),
+               "note": r.get("note", ""), "build_s": r.get("build_s", ""), "queries": r.get("queries", ""),
+               "batch": r.get("batch", "")}
+        if "seconds" in r:
+            qps = r["queries"] / r["seconds"]
+            row.update(seconds=round(r["seconds"], 4), qps=qps, ratio_to_genius=qps / ref_qps if ref_qps else "")
+        rows.append(row)
+    return rows
+
+
+# ---- summary: GFLOP/s, targets -------------------------------------------------------------
+def qps_by_size(rows: list[dict], method: str) -> dict[int, float]:
+    return {int(r["pool_size"]): float(r["qps"]) for r in rows if r["method"] == method and r.get("qps") not in ("", None)}
+
+
+def crossover(dense: dict[int, float], genius: dict[int, float]) -> tuple[int | None, str]:
+    """First measured pool size where dense search is slower than GENIUS, and where in between it crosses.
+
+    Past a few thousand vectors exact search is a linear scan, so its q/s falls as 1/N; the
+    crossing is estimated from the last size where dense was still faster.
+    """
+    common = sorted(set(dense) & set(genius))
+    if not common:
+        return None, "not measured"
+    faster = [n for n in common if dense[n] >= genius[n]]
+    slower = [n for n in common if dense[n] < genius[n]]
+    if slower and slower[0] == common[0]:
+        return slower[0], f"dense is already slower at the smallest size, N = {slower[0]:,}"
+    last = faster[-1] if not slower else max(n for n in faster if n < slower[0])
+    estimate = last * dense[last] / genius[last]
+    if slower:
+        return slower[0], (f"dense is slower from N = {slower[0]:,} on; crossing at N ~ {estimate:.2g} "
+                           f"(1/N from N = {last:,})")
+    return None, f"not reached up to N = {last:,}; extrapolated (dense q/s ~ 1/N) at N ~ {estimate:.2g}"
+
+
+def generate_flops_per_query(arch: dict, num_beams: int) -> float:
+    """The same count for ``generate``: all B beams run from the first step (B - 1 start as copies),
+    the encoder output is expanded per beam (cross-attention keys/values computed B times), and
+    the head scores the full vocabulary V at every step."""
+    d, layers, prefix, d_ff = arch["d_model"], arch["num_decoder_layers"], arch["num_prefix"], arch["d_ff"]
+    inner = arch["num_heads"] * arch["d_kv"]
+    vocab = 3 + sum(arch["codebook_sizes"])
+    total = 2 * arch["dim"] * prefix * d + num_beams * layers * 2 * 2 * prefix * d * inner
+    for level in range(len(arch["codebook_sizes"])):
+        t = level + 1
+        per_layer = 4 * 2 * d * inner + 2 * 2 * inner * t + 2 * 2 * d * inner + 2 * 2 * inner * prefix + 2 * 2 * d * d_ff
+        total += num_beams * (layers * per_layer + 2 * d * vocab)
+    return float(total)
+
+
+def summarise(rows: list[dict], args, gemm: dict) -> dict:
+    arch = generator_arch(args)
+    flops = {"genius": decoder_flops_per_query(arch, args.beams), "generate": generate_flops_per_query(arch, args.beams)}
+    summary = {"gemm_gflops": gemm, "decoder_gflop_per_query": flops["genius"] / 1e9,
+               "generate_gflop_per_query": flops["generate"] / 1e9, "targets": {}}
+    for method, peak in (("genius", "fp32"), ("genius_bf16", "bf16"), ("generate", "fp32"), ("generate_bf16", "bf16")):
+        qps = qps_by_size(rows, method)
+        if not qps:
+            continue
+        best = max(qps.values()) * flops[method.removesuffix("_bf16")] / 1e9
+        summary[f"{method}_gflops"] = best
+        summary[f"{method}_share_of_gemm"] = best / gemm[peak]
+        flat = {n: q for n, q in qps.items() if n <= 10**6}
+        if len(flat) > 1:
+            variation = max(flat.values()) / min(flat.values()) - 1
+            summary["targets"][f"{method}_flat_1e3_1e6"] = {
+                "variation": variation, "met": variation <= 0.15,
+                "rule": "max/min - 1 of q/s over pool sizes 1e3..1e6 <= 15%"}
+    for fast, slow in (("genius", "generate"), ("genius_bf16", "generate_bf16"), ("genius_bf16", "generate")):
+        fast_qps, slow_qps = qps_by_size(rows, fast), qps_by_size(rows, slow)
+        both = sorted(set(fast_qps) & set(slow_qps))
+        if both:
+            speedups = {n: fast_qps[n] / slow_qps[n] for n in both}
+            summary["targets"][f"speedup_{fast}_vs_{slow}"] = {
+                "min": min(speedups.values()), "per_size": speedups, "met": min(speedups.values()) >= 10,
+                "rule": f"{LABELS[fast]} q/s / {LABELS[slow]} q/s >= 10 at {args.beams} beams, every pool size"}
+    for dense_method, genius_method in (("dense_fp32", "genius"), ("dense_bf16", "genius_bf16"),
+                                        ("dense_fp32", "genius_bf16"), ("faiss_flat", "genius"),
+                                        ("faiss_flat", "genius_bf16")):
+        size, text = crossover(qps_by_size(rows, dense_method), qps_by_size(rows, genius_method))
+        summary["targets"][f"crossover_{dense_method}_vs_{genius_method}"] = {
+            "size": size, "text": text, "met": size is not None and size <= 10**6,
+            "rule": "dense q/s < GENIUS q/s at some pool size <= 1e6"}
+    return summary
+
+
+# ---- report ----------------------------------------------------------------------------------
+def markdown(rows: list[dict], summary: dict, args, command: str, machine: str, loads: tuple[float, float]) -> str:
+    methods = [m for m in args.methods if any(r["method"] == m for r in rows)]
+    sizes = sorted({int(r["pool_size"]) for r in rows})
+    by_key = {(r["method"], int(r["pool_size"])): r for r in rows}
+
+    def cell(method: str, size: int) -> str:
+        r = by_key.get((method, size))
+        if r is None:
+            return ""
+        if r.get("qps") in ("", None):
+            return "skipped"
+        ratio = r.get("ratio_to_genius")
+        text = rate(float(r["qps"]))
+        if method != "genius" and ratio not in ("", None):
+            text += f" ({float(ratio):.3g}x)"
+        text += " †" if str(r.get("note", "")).startswith("tiled") else ""
+        return text + f" @{float(r['load1']):.1f}"
+
+    table_rows = [[f"{size:,}"] + [cell(m, size) for m in methods] for size in sizes]
+    gemm = summary["gemm_gflops"]
+    lines = [
+        f"Machine: {machine}. Load average (1 min) {loads[0]:.1f} at start, {loads[1]:.1f} at end; the cores are "
+        "shared with other engineers, so each number is the fastest of the repeats.",
+        f"Command: `{command}`",
+        "",
+        f"Generator: t5 decoder d_model {args.d_model}, {args.layers} layers, {args.heads} heads, d_ff {args.d_ff}, "
+        f"P = {args.prefix} prefix vectors, L = {args.levels} levels (3, then {args.codebook} codes), vocabulary "
+        f"{3 + 3 + (args.levels - 1) * args.codebook:,}, {args.beams} beams, random weights. Queries: GENIUS "
+        f"{args.genius_queries} (batches of {args.genius_batch}), generate {args.generate_queries} (batches of "
+        f"{args.generate_batch}; fewer because it is slow; one timed run after a 1-query warm-up), dense/faiss "
+        f"{args.dense_queries} (batches of {args.dense_batch}), {args.dim}-d, top {TOP_K}. Dense/faiss: best of "
+        f"{args.repeats} repeats; GENIUS: best of {args.genius_repeats} repeats interleaved over all pool sizes.",
+        "",
+        "Queries per second (ratio to (a) GENIUS fp32 of the same pool size in brackets; @ = load average during "
+        "the measurement; † = tiled, see notes):",
+        "",
+        markdown_table(["pool size"] + [LABELS[m] for m in methods], table_rows),
+        f"GEMM peak measured in this run (torch.matmul 2048^2, best of the samples taken at the start, after each "
+        f"GENIUS repeat and at the end): fp32 {gemm['fp32']:.0f} GFLOP/s, "
+        f"bf16 {gemm['bf16']:.0f} GFLOP/s. Decoder work per query (formula in `decoder_flops_per_query`): "
+        f"{summary['decoder_gflop_per_query']:.3g} GFLOP; `generate` does {summary['generate_gflop_per_query']:.3g} "
+        "GFLOP for the same query (`generate_flops_per_query`: every beam from the first step, cross-attention "
+        "keys/values per beam, full-vocabulary head).",
+    ]
+    for method, peak in (("genius", "fp32"), ("genius_bf16", "bf16"), ("generate", "fp32"), ("generate_bf16", "bf16")):
+        if f"{method}_gflops" in summary:
+            lines.append(f"- {LABELS[method]} at its best size: {summary[f'{method}_gflops']:.3g} GFLOP/s = "
+                         f"{100 * summary[f'{method}_share_of_gemm']:.0f}% of the {peak} GEMM peak.")
+    lines += ["", "Targets:", ""]
+    for name, target in summary["targets"].items():
+        status = "met" if target["met"] else "NOT met"
+        detail = f"{target['text']} (rule: {target['rule']})" if "text" in target else target.get("rule", "")
+        if "variation" in target:
+            detail = f"variation {100 * target['variation']:.1f}% ({target['rule']})"
+        if "min" in target:
+            per_size = ", ".join(f"{n:.0e}: {v:.1f}x" for n, v in target["per_size"].items())
+            detail = f"min speedup {target['min']:.1f}x ({per_size}; rule: {target['rule']})"
+        lines.append(f"- {name}: {status}: {detail}")
+    notes = [f"- {LABELS[r['method']]}, N = {int(r['pool_size']):,}: {r['note']}"
+             + (f" (build {float(r['build_s']):.1f} s)" if r.get("build_s") not in ("", None) else "")
+             for r in rows if r.get("note")]
+    if notes:
+        lines += ["", "Notes:", ""] + notes
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], methods: list[str], path: Path, title: str) -> None:
+    series = {}
+    for method in methods:
+        qps = qps_by_size(rows, method)
+        series[LABELS[method]] = (sorted(qps), [qps[n] for n in sorted(qps)])
+    plot_lines(path, series, title, "pool size (IDs / vectors)", "queries per second")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", nargs="+", type=float, default=[1e3, 1e4, 1e5, 1e6, 1e7])
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    shape = p.add_argument_group("generator shape (paper size by default)")
+    shape.add_argument("--levels", type=int, default=9)
+    shape.add_argument("--codebook", type=int, default=4096)
+    shape.add_argument("--dim", type=int, default=768, help="query / dense embedding width")
+    shape.add_argument("--d-model", type=int, default=512)
+    shape.add_argument("--layers", type=int, default=6)
+    shape.add_argument("--heads", type=int, default=8)
+    shape.add_argument("--d-ff", type=int, default=2048)
+    shape.add_argument("--prefix", type=int, default=30)
+    shape.add_argument("--beams", type=int, default=50)
+    p.add_argument("--genius-queries", type=int, default=32)
+    p.add_argument("--genius-batch", type=int, default=16)
+    p.add_argument("--generate-queries", type=int, default=8)
+    p.add_argument("--generate-batch", type=int, default=8)
+    p.add_argument("--generate-max-ids", type=float, default=1e6, help="largest pool for the nested-dict trie")
+    p.add_argument("--dense-queries", type=int, default=64)
+    p.add_argument("--dense-batch", type=int, default=16)
+    p.add_argument("--dense-memory-gb", type=float, default=None,
+                   help="largest vector block held in RAM (default: 4 GB or 40%% of the available memory if less)")
+    p.add_argument("--ivf-nprobe", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats of dense and faiss searches")
+    p.add_argument("--genius-repeats", type=int, default=5, help="timed repeats of GENIUS decoding (interleaved)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", type=Path, default=OUT_DIR)
+    args = p.parse_args(argv)
+    if args.dense_memory_gb is None:
+        args.dense_memory_gb = min(4.0, 0.4 * available_memory_gb())
+    if args.d_model % args.heads:
+        p.error(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    command = "bash benchmarks/run_decode_vs_pool.sh " + shlex.join(argv if argv is not None else sys.argv[1:])
+    machine, load_start = machine_description(), load_average()
+    samples: dict[str, list[float]] = {}
+    sample_gemm(samples)
+    rows = run(args, samples)
+    sample_gemm(samples)
+    gemm = {k: max(v) for k, v in samples.items()}
+    summary = summarise(rows, args, gemm)
+    summary.update(gemm_samples=samples, load_start=load_start, load_end=load_average(), machine=machine,
+                   command=command.strip())
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out_dir / "decode_vs_pool.csv", rows, COLUMNS)
+    text = markdown(rows, summary, args, command.strip(), machine, (load_start, summary["load_end"]))
+    (args.out_dir / "decode_vs_pool.md").write_text(text)
+    (args.out_dir / "decode_vs_pool_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    plot(rows, [m for m in args.methods], args.out_dir / "decode_vs_pool.png",
+         f"q/s vs pool size ({args.beams} beams, L={args.levels}, K={args.codebook}; {machine.split(',')[0]})")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
