@@ -53,6 +53,9 @@ def test_decoder_flops_formula_counts_beams_and_heads():
     assert dvp.decoder_flops_per_query(arch, num_beams=2) == expected
     full_vocab = once + 1 * (layer(1) + 2 * 8 * 11) + 2 * (layer(2) + 2 * 8 * 11)
     assert dvp.decoder_flops_per_query(arch, num_beams=2, level_head=False) == full_vocab
+    # generate: both beams from the first step, cross-attention keys/values once per beam
+    generate = 2 * 4 * 1 * 8 + 2 * (2 * 2 * 1 * 8 * 8) + 2 * (layer(1) + 2 * 8 * 11) + 2 * (layer(2) + 2 * 8 * 11)
+    assert dvp.generate_flops_per_query(arch, num_beams=2) == generate
 
 
 def test_tiled_rows_repeat_the_block_and_bf16_search_is_exact():
@@ -77,7 +80,8 @@ def test_dict_trie_matches_the_project_trie():
 
 
 def test_crossover_measured_or_extrapolated():
-    assert dvp.crossover({10: 5.0, 100: 1.0}, {10: 2.0, 100: 2.0})[0] == 100
+    size, text = dvp.crossover({10: 5.0, 100: 1.0}, {10: 2.0, 100: 2.0})
+    assert size == 100 and "N ~ 25" in text  # 1/N from N = 10: 10 x 5 / 2
     size, text = dvp.crossover({10: 50.0, 100: 20.0}, {10: 2.0, 100: 2.0})
     assert size is None and "1e+03" in text
 
