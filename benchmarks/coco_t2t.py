@@ -22,7 +22,9 @@ project's own stage functions run: ``train-rq`` (Combiner + residual quantizer),
 ``ExactIPIndex``). Dense = exact cosine over the MiniLM embeddings (score fusion of the text
 vector); GENIUS^R re-ranks the union of the beams' candidates by that same cosine.
 
-Outputs in ``--out-dir``: ``<run>/`` (stores, rq/, gen/, codes/), ``coco_t2t_<split>.{md,csv,json,png}``.
+Outputs in ``--out-dir``: ``<run>/`` (data/ and embed/: the jsonl files and stores; train_rq.yaml,
+train_gen.yaml, assign_codes.yaml: the stage configs; rq/, gen/, codes/: the stages' outputs) and
+``coco_t2t_<split>.{md,csv,json,png}``.
 Finished stages are skipped on a re-run with the same settings (the stages' own up-to-date checks).
 
     bash benchmarks/run_coco_t2t.sh [--split test|val] [--levels 3 --codebook 64] [--images 5000 ...]
@@ -42,8 +44,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from genius.benchmarks.common import OUT_DIR, load_average, machine_description, markdown_table, write_csv
+from genius.benchmarks.common import (
+    OUT_DIR,
+    load_average,
+    machine_description,
+    markdown_table,
+    write_csv,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CAPTIONS = Path(os.environ.get("GENIUS_SHARED_DATA", REPO.parent / "shared" / "data")) / \
@@ -212,20 +219,28 @@ def build_world(run_dir: Path, split: Split, texts: list[str], vectors: np.ndarr
 
 
 # ---- stages 1 and 2, through the project's training functions ---------------------------------
+def stage_config(cls, path: Path, sections: dict):
+    """Write a stage's settings as its YAML file and load it as the stages do (strict keys, types, checks)."""
+    import yaml
+    from genius.common.config import load_config
+
+    write_if_changed(path, yaml.safe_dump(sections, sort_keys=False))
+    return load_config(cls, path)
+
+
 def train_quantizer(world: World, run_dir: Path, args) -> Path:
     from genius.models.residual_quantization import train as rq_train
 
-    cfg = rq_train.RQTrainConfig(
-        data=rq_train.DataConfig(query_file=str(world.train_queries), pool_file=str(world.train_pool),
-                                 query_store=str(world.store("train", world.train_queries)),
-                                 pool_store=str(world.store("train", world.train_pool)), encoder=ENCODER),
-        model=rq_train.ModelConfig(proj_dim=args.proj_dim, hidden_dim=args.hidden_dim, num_levels=args.levels,
-                                   codebook_size=args.codebook),
-        train=rq_train.TrainConfig(batch_size=args.rq_batch, epochs=args.rq_epochs, lr=args.rq_lr,
-                                   min_lr=args.rq_lr / 10, kmeans_iters=args.kmeans_iters, seed=args.seed,
-                                   save_every=max(1, args.rq_epochs), log_every=10**6, device="cpu"),
-        out_dir=str(run_dir / "rq"))
-    cfg.validate()
+    cfg = stage_config(rq_train.RQTrainConfig, run_dir / "train_rq.yaml", {
+        "data": {"query_file": str(world.train_queries), "pool_file": str(world.train_pool),
+                 "query_store": str(world.store("train", world.train_queries)),
+                 "pool_store": str(world.store("train", world.train_pool)), "encoder": ENCODER},
+        "model": {"proj_dim": args.proj_dim, "hidden_dim": args.hidden_dim, "num_levels": args.levels,
+                  "codebook_size": args.codebook},
+        "train": {"batch_size": args.rq_batch, "epochs": args.rq_epochs, "lr": args.rq_lr, "min_lr": args.rq_lr / 10,
+                  "kmeans_iters": args.kmeans_iters, "seed": args.seed, "save_every": max(1, args.rq_epochs),
+                  "log_every": 10**6, "device": "cpu"},
+        "out_dir": str(run_dir / "rq")})
     path = rq_train.train(cfg)
     if path is None:
         raise RuntimeError("train-rq stopped before its last epoch")
@@ -236,16 +251,16 @@ def train_generator(world: World, run_dir: Path, rq_path: Path, args) -> Path:
     from genius.models.generative_retriever import train as gen_train
 
     steps = args.gen_epochs * (count_lines(world.train_queries) // args.gen_batch)
-    cfg = gen_train.TrainGenConfig(
-        data=gen_train.DataConfig(root=str(world.root), embed_root=str(world.embed_root), encoder=ENCODER,
-                                  train_queries=str(world.train_queries.relative_to(world.root)),
-                                  train_pool=str(world.train_pool.relative_to(world.root)), rq=str(rq_path)),
-        model=gen_train.ModelConfig(num_prefix=args.prefix, d_model=args.d_model, num_heads=args.heads,
-                                    d_kv=args.d_model // args.heads, d_ff=args.d_ff, num_decoder_layers=args.layers),
-        optim=gen_train.OptimConfig(lr=args.gen_lr, warmup_steps=max(1, steps // 20)),
-        train=gen_train.TrainConfig(epochs=args.gen_epochs, batch_size=args.gen_batch, seed=args.seed, device="cpu",
-                                    amp=False, log_every=10**6, checkpoint_every=max(1, args.gen_epochs)),
-        out_dir=str(run_dir / "gen"))
+    cfg = stage_config(gen_train.TrainGenConfig, run_dir / "train_gen.yaml", {
+        "data": {"root": str(world.root), "embed_root": str(world.embed_root), "encoder": ENCODER,
+                 "train_queries": str(world.train_queries.relative_to(world.root)),
+                 "train_pool": str(world.train_pool.relative_to(world.root)), "rq": str(rq_path)},
+        "model": {"num_prefix": args.prefix, "d_model": args.d_model, "num_heads": args.heads,
+                  "d_kv": args.d_model // args.heads, "d_ff": args.d_ff, "num_decoder_layers": args.layers},
+        "optim": {"lr": args.gen_lr, "warmup_steps": max(1, steps // 20)},
+        "train": {"epochs": args.gen_epochs, "batch_size": args.gen_batch, "seed": args.seed, "device": "cpu",
+                  "amp": False, "log_every": 10**6, "checkpoint_every": max(1, args.gen_epochs)},
+        "out_dir": str(run_dir / "gen")})
     return gen_train.train(cfg)
 
 
@@ -257,11 +272,15 @@ def count_lines(path: Path) -> int:
 def pool_codes(world: World, run_dir: Path, rq_path: Path) -> tuple[np.ndarray, dict]:
     """The evaluated pool's IDs and collision statistics, written by assign-codes."""
     from genius.common.distributed import init_distributed
-    from genius.models.residual_quantization.assign_codes import AssignCodesConfig, assign_codes
+    from genius.models.residual_quantization.assign_codes import (
+        AssignCodesConfig,
+        assign_codes,
+    )
 
     store = world.store("cand", world.eval_pool)
-    cfg = AssignCodesConfig(rq_path=str(rq_path), embed_dir=str(store.parent), pools=[store.name], encoder=ENCODER,
-                            out_dir=str(run_dir / "codes"), device="cpu")
+    cfg = stage_config(AssignCodesConfig, run_dir / "assign_codes.yaml", {
+        "rq_path": str(rq_path), "embed_dir": str(store.parent), "pools": [store.name], "encoder": ENCODER,
+        "out_dir": str(run_dir / "codes"), "device": "cpu"})
     assign_codes(cfg, init_distributed("cpu"))
     out = run_dir / "codes" / store.name
     return np.load(out / "codes.npy"), json.loads((out / "stats.json").read_text())
@@ -277,7 +296,11 @@ def evaluate(world: World, run_dir: Path, rq_path: Path, gen_path: Path, args) -
     from genius.models.generative_retriever.generator import load_generator
     from genius.models.generative_retriever.metrics import hits_at_k
     from genius.models.generative_retriever.retrieval import (
-        CandidateMap, ExactIPIndex, genius_ranking, rerank_ranking, union_sizes,
+        CandidateMap,
+        ExactIPIndex,
+        genius_ranking,
+        rerank_ranking,
+        union_sizes,
     )
     from genius.models.residual_quantization.model import load_rq
     from genius.trie_cpp import build_trie
@@ -336,7 +359,7 @@ def own_id_hit_rate(cmap, own_ids: np.ndarray, pool_ids: np.ndarray, relevant: l
 
 
 # ---- report ----------------------------------------------------------------------------------
-def report(result: dict, args, command: str, machine: str, timings: dict, run_dir: Path) -> str:
+def report(result: dict, args, command: str, machine: str, timings: dict) -> str:
     recall, dense = result["recall"], result["recall"]["dense"]
     rows = []
     for method in METHODS:
@@ -347,34 +370,34 @@ def report(result: dict, args, command: str, machine: str, timings: dict, run_di
     ratio5 = {m: recall[m][5] / dense[5] for m in ("genius", "genius_r")}
     split_name = "test (held-out images)" if args.split == "test" else "validation (carved from training images)"
     lines = [
-        f"Split evaluated: **{split_name}**; {result['queries']:,} queries (one caption per image), pool of "
-        f"{result['pool']:,} captions (the other captions of those images), positives = the other captions of "
-        f"the query's image. Training: {timings['train_images']:,} images, {timings['train_captions']:,} captions "
-        f"as (caption -> another caption of the same image) pairs.",
-        f"Machine: {machine}. Load average (1 min) {timings['load_start']:.1f} at start, {timings['load_end']:.1f} "
-        "at end (shared cores).",
+        (f"Split evaluated: **{split_name}**; {result['queries']:,} queries (one caption per image), pool of "
+         f"{result['pool']:,} captions (the other captions of those images), positives = the other captions of "
+         f"the query's image. Training: {timings['train_images']:,} images, {timings['train_captions']:,} captions "
+         f"as (caption -> another caption of the same image) pairs."),
+        (f"Machine: {machine}. Load average (1 min) {timings['load_start']:.1f} at start, {timings['load_end']:.1f} "
+         "at end (shared cores)."),
         f"Command: `{command}`",
         "",
         markdown_table(["method"] + [f"R@{k}" for k in KS] + [f"R@{k} / dense" for k in KS], rows),
-        f"IDs: L = {args.levels} levels (level 0 = text code 1 for every item, then {args.levels - 1} levels of "
-        f"K = {args.codebook}); pool: {stats['distinct_ids']:,} distinct IDs for {stats['num_candidates']:,} "
-        f"captions, collision rate {stats['collision_rate']:.3f}, largest bucket {stats['largest_bucket']}, codes used "
-        f"per level {stats['codes_used_per_level']}. Beam search: {args.beams} beams, level head, fp32; mean re-rank "
-        f"set {result['rerank_set_mean']:.0f} captions; {result['beam_search_qps']:.0f} queries/s.",
-        f"Stage 1: Combiner proj {args.proj_dim} / hidden {args.hidden_dim}, {args.rq_epochs} epochs, batch "
-        f"{args.rq_batch}, lr {args.rq_lr:g}. Stage 2: T5 decoder d_model {args.d_model}, {args.layers} layers, "
-        f"{args.heads} heads, d_ff {args.d_ff}, P = {args.prefix}, {args.gen_epochs} epochs, batch {args.gen_batch}, "
-        f"lr {args.gen_lr:g}, query-target mixing on (alpha 2). Other settings: the stages' defaults.",
-        f"Diagnostics: the query's own quantized ID holds a positive for {result['own_id_holds_positive']:.3f} of "
-        f"the queries (quantizer alone, no generator); the top beam equals the query's own ID for "
-        f"{result['top_beam_is_own_id']:.3f}.",
-        f"Wall time: encode {timings['encode_s']:.0f} s, stage 1 {timings['rq_s']:.0f} s, stage 2 {timings['gen_s']:.0f} s, "
-        f"evaluation {timings['eval_s']:.0f} s, total {timings['total_s'] / 60:.1f} min (stages already up to date "
-        "are skipped and take ~0 s).",
+        (f"IDs: L = {args.levels} levels (level 0 = text code 1 for every item, then {args.levels - 1} levels of "
+         f"K = {args.codebook}); pool: {stats['distinct_ids']:,} distinct IDs for {stats['num_candidates']:,} "
+         f"captions, collision rate {stats['collision_rate']:.3f}, largest bucket {stats['largest_bucket']}, codes used "
+         f"per level {stats['codes_used_per_level']}. Beam search: {args.beams} beams, level head, fp32; mean re-rank "
+         f"set {result['rerank_set_mean']:.0f} captions; {result['beam_search_qps']:.0f} queries/s."),
+        (f"Stage 1: Combiner proj {args.proj_dim} / hidden {args.hidden_dim}, {args.rq_epochs} epochs, batch "
+         f"{args.rq_batch}, lr {args.rq_lr:g}. Stage 2: T5 decoder d_model {args.d_model}, {args.layers} layers, "
+         f"{args.heads} heads, d_ff {args.d_ff}, P = {args.prefix}, {args.gen_epochs} epochs, batch {args.gen_batch}, "
+         f"lr {args.gen_lr:g}, query-target mixing on (alpha 2). Other settings: the stages' defaults."),
+        (f"Diagnostics: the query's own quantized ID holds a positive for {result['own_id_holds_positive']:.3f} of "
+         f"the queries (quantizer alone, no generator); the top beam equals the query's own ID for "
+         f"{result['top_beam_is_own_id']:.3f}."),
+        (f"Wall time: encode {timings['encode_s']:.0f} s, stage 1 {timings['rq_s']:.0f} s, stage 2 {timings['gen_s']:.0f} s, "
+         f"evaluation {timings['eval_s']:.0f} s, total {timings['total_s'] / 60:.1f} min (stages already up to date "
+         "are skipped and take ~0 s)."),
         "",
-        f"Targets (Recall@5 ratio to dense): GENIUS^R {ratio5['genius_r']:.2f}x (target >= 0.9x: "
-        f"{'met' if ratio5['genius_r'] >= 0.9 else 'NOT met'}); GENIUS {ratio5['genius']:.2f}x (target >= 0.6x: "
-        f"{'met' if ratio5['genius'] >= 0.6 else 'NOT met'}). Paper, WebQA text-to-text: 0.51x and 0.37x.",
+        (f"Targets (Recall@5 ratio to dense): GENIUS^R {ratio5['genius_r']:.2f}x (target >= 0.9x: "
+         f"{'met' if ratio5['genius_r'] >= 0.9 else 'NOT met'}); GENIUS {ratio5['genius']:.2f}x (target >= 0.6x: "
+         f"{'met' if ratio5['genius'] >= 0.6 else 'NOT met'}). Paper, WebQA text-to-text: 0.51x and 0.37x."),
     ]
     return "\n".join(lines) + "\n"
 
@@ -467,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     result = evaluate(world, run_dir, rq_path, gen_path, args)
     timings.update(eval_s=time.perf_counter() - t0, total_s=time.perf_counter() - started, load_end=load_average())
-    text = report(result, args, command, machine, timings, run_dir)
+    text = report(result, args, command, machine, timings)
     stem = args.out_dir / f"coco_t2t_{args.split}"
     (stem.with_suffix(".md")).write_text(text)
     (stem.with_suffix(".json")).write_text(json.dumps({**result, "timings": timings, "args": vars(args)}, indent=2,

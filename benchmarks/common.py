@@ -10,8 +10,8 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -21,13 +21,16 @@ OUT_DIR = Path(__file__).resolve().parent / "out"
 
 # ---- the machine ------------------------------------------------------------------------------
 def cpu_model() -> str:
+    """The model name of /proc/cpuinfo, with the CPU family and model numbers (a VM may hide the name)."""
+    fields = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+        return platform.processor() or "unknown CPU"
+    name = fields.get("model name", platform.processor() or "unknown CPU")
+    return f"{name} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
 
 
 def load_average() -> float:
@@ -73,6 +76,14 @@ def gemm_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best_seconds(lambda: a @ b, repeats) / 1e9
 
 
+# ---- data --------------------------------------------------------------------------------------
+def random_ids(num_ids: int, codebook_sizes: Sequence[int], seed: int = 0) -> np.ndarray:
+    """Random GENIUS-shaped IDs [N, L] int64: level l uniform in [0, codebook_sizes[l])
+    (paper shape: [3] + [4096] * 8, a modality code then 8 semantic codes)."""
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.integers(0, k, num_ids) for k in codebook_sizes], axis=1).astype(np.int64)
+
+
 # ---- outputs ----------------------------------------------------------------------------------
 def write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +119,7 @@ def plot_lines(path: Path, series: dict[str, tuple[list[float], list[float]]], t
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(9.5, 4.8))
     for label, (xs, ys) in series.items():
         if xs:
             ax.plot(xs, ys, marker="o", label=label)
@@ -118,7 +129,7 @@ def plot_lines(path: Path, series: dict[str, tuple[list[float], list[float]]], t
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -6,11 +6,12 @@ Methods (all on the same machine, in one run, same random pool size N per row):
   head, one ``fill_mask`` + ``advance`` call of the C++ trie per step for all beams), then
   ID -> candidates (``CandidateMap.leaves_of`` + ``genius_ranking``, top 10); ``_bf16`` runs the
   decoder under bf16 autocast on CPU.
-- ``generate`` (b): the official decoding: ``transformers`` ``generate`` (num_beams =
-  num_return_sequences = B, max_new_tokens = L, early_stopping, KV cache) with
+- ``generate`` / ``generate_bf16`` (b): the official decoding: ``transformers`` ``generate``
+  (num_beams = num_return_sequences = B, max_new_tokens = L, early_stopping, KV cache) with
   ``prefix_allowed_tokens_fn`` over a GENRE-style nested-dict trie keyed by token ids (recursive
-  ``get`` from the root for every beam at every step, as the official ``beam.py`` does). fp32, full
-  vocabulary head, no ``torch.compile``.
+  ``get`` from the root for every beam at every step, as the official ``beam.py`` does). Full
+  vocabulary head, no ``torch.compile``; fp32, or bf16 autocast for a like-for-like comparison
+  with ``genius_bf16``.
 - ``dense_fp32`` / ``dense_bf16`` (c): exact inner product over N random unit vectors of the
   fused-embedding width, chunked matmul + running top-10. fp32 is the project's ``ExactIPIndex``;
   bf16 stores the vectors in bf16 and multiplies in bf16 (fp16 matmul on this CPU runs at a few
@@ -41,15 +42,25 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from genius.benchmarks.common import (
-    OUT_DIR, available_memory_gb, best_seconds, gemm_gflops, load_average, machine_description, markdown_table,
-    plot_lines, rate, write_csv,
+    OUT_DIR,
+    available_memory_gb,
+    best_seconds,
+    gemm_gflops,
+    load_average,
+    machine_description,
+    markdown_table,
+    plot_lines,
+    random_ids,
+    rate,
+    read_csv,
+    write_csv,
 )
 
 METHODS = ("genius", "genius_bf16", "generate", "generate_bf16", "dense_fp32", "dense_bf16", "faiss_flat", "faiss_ivf")
@@ -82,12 +93,6 @@ def build_generator(args):
 
 def codebook_sizes(args) -> list[int]:
     return [3] + [args.codebook] * (args.levels - 1)
-
-
-def pool_codes(num_ids: int, sizes: list[int], seed: int) -> np.ndarray:
-    """Random IDs [N, L] int64: level l uniform in [0, sizes[l])."""
-    rng = np.random.default_rng(seed)
-    return np.stack([rng.integers(0, k, num_ids) for k in sizes], axis=1).astype(np.int64)
 
 
 def decoder_flops_per_query(arch: dict, num_beams: int, level_head: bool = True) -> float:
@@ -133,7 +138,7 @@ def build_pool(size: int, sizes: list[int], seed: int) -> Pool:
     from genius.models.generative_retriever.retrieval import CandidateMap
     from genius.trie_cpp import build_trie
 
-    codes = pool_codes(size, sizes, seed)
+    codes = random_ids(size, sizes, seed)
     start = time.perf_counter()
     trie = build_trie(codes, "cpp")
     build_s = time.perf_counter() - start
@@ -185,7 +190,7 @@ def measure_genius(generator, pools: dict[int, Pool], z: torch.Tensor, args, met
             retrieve(z)
             best[key] = min(best[key], time.perf_counter() - start)
             loads[key].append(load_average())
-        sample_gemm(gemm)
+        sample_gemm(gemm, args.gemm_n)
         print(f"# GENIUS repeat {repeat + 1}/{args.genius_repeats}: "
               + ", ".join(f"{m}@{n:.0e} {len(z) / best[(m, n)]:.2f} q/s" for m, n in runs), flush=True)
     return {key: {"seconds": best[key], "queries": len(z), "batch": args.genius_batch,
@@ -299,9 +304,19 @@ def bf16_search(vectors, queries: np.ndarray, k: int) -> tuple[torch.Tensor, tor
     return best_scores, best_rows
 
 
-def measure_dense(size: int, queries: np.ndarray, args, methods: list[str]) -> dict[str, dict]:
+def dense_search(block, size: int):
+    """A function queries -> top-10 over ``size`` rows of ``block`` (tiled when smaller): the
+    project's ``ExactIPIndex`` for fp32 numpy blocks, ``bf16_search`` for bf16 tensors."""
     from genius.models.generative_retriever.retrieval import ExactIPIndex
 
+    vectors = block if len(block) == size else TiledRows(block, size)
+    if isinstance(block, np.ndarray):
+        index = ExactIPIndex(vectors, chunk_size=DENSE_CHUNK)
+        return lambda queries: index.search(queries, TOP_K)
+    return lambda queries: bf16_search(vectors, queries, TOP_K)
+
+
+def measure_dense(size: int, queries: np.ndarray, args, methods: list[str]) -> dict[str, dict]:
     out = {}
     for method, dtype in (("dense_fp32", torch.float32), ("dense_bf16", torch.bfloat16)):
         if method not in methods:
@@ -311,18 +326,12 @@ def measure_dense(size: int, queries: np.ndarray, args, methods: list[str]) -> d
         block = random_unit_block(rows, args.dim, args.seed + 1, dtype)
         if dtype == torch.float32:  # numpy: the project's dense baseline, as evaluation runs it
             block = block.numpy()
-        vectors = block if rows == size else TiledRows(block, size)
-        if dtype == torch.float32:
-            index = ExactIPIndex(vectors, chunk_size=DENSE_CHUNK)
-            search = lambda q: index.search(q, TOP_K)  # noqa: E731
-        else:
-            search = lambda q: bf16_search(vectors, q, TOP_K)  # noqa: E731
-        seconds = measure_search(search, queries, args.dense_batch, args.repeats)
+        seconds = measure_search(dense_search(block, size), queries, args.dense_batch, args.repeats)
         note = "" if rows == size else (f"tiled: a {rows:,}-row block scanned as {size:,} rows "
                                         f"({size * args.dim * itemsize / 1024**3:.1f} GB > {args.dense_memory_gb:.1f} GB budget)")
         out[method] = {"seconds": seconds, "queries": len(queries), "batch": args.dense_batch, "note": note,
                        "load1": load_average()}
-        del block, vectors, search
+        del block
         gc.collect()
     return out
 
@@ -344,7 +353,7 @@ def measure_faiss(size: int, queries: np.ndarray, args, methods: list[str]) -> d
         start = time.perf_counter()
         index, note = faiss_index(method, vectors, args)
         build_s = time.perf_counter() - start
-        seconds = measure_search(lambda q: index.search(q, TOP_K), queries, args.dense_batch, args.repeats)
+        seconds = measure_search(partial(index.search, k=TOP_K), queries, args.dense_batch, args.repeats)
         out[method] = {"seconds": seconds, "queries": len(queries), "batch": args.dense_batch, "build_s": build_s,
                        "note": note, "load1": load_average()}
         del index
@@ -361,7 +370,7 @@ def faiss_index(method: str, vectors: np.ndarray, args):
         index = faiss.IndexFlatIP(dim)
         index.add(vectors)
         return index, ""
-    nlist = max(1, int(round(math.sqrt(len(vectors)))))
+    nlist = max(1, round(math.sqrt(len(vectors))))
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     sample = np.random.default_rng(args.seed).choice(len(vectors), min(len(vectors), 64 * nlist), replace=False)
     index.train(vectors[np.sort(sample)])
@@ -372,9 +381,9 @@ def faiss_index(method: str, vectors: np.ndarray, args):
 
 
 # ---- the run ---------------------------------------------------------------------------------
-def sample_gemm(gemm: dict[str, list[float]]) -> None:
-    gemm.setdefault("fp32", []).append(gemm_gflops(torch.float32))
-    gemm.setdefault("bf16", []).append(gemm_gflops(torch.bfloat16))
+def sample_gemm(gemm: dict[str, list[float]], n: int) -> None:
+    gemm.setdefault("fp32", []).append(gemm_gflops(torch.float32, n))
+    gemm.setdefault("bf16", []).append(gemm_gflops(torch.bfloat16, n))
 
 
 def run(args, gemm: dict[str, list[float]]) -> list[dict]:
@@ -496,7 +505,7 @@ def summarise(rows: list[dict], args, gemm: dict) -> dict:
         summary[f"{method}_gflops"] = best
         summary[f"{method}_share_of_gemm"] = best / gemm[peak]
         flat = {n: q for n, q in qps.items() if n <= 10**6}
-        if len(flat) > 1:
+        if method.startswith("genius") and len(flat) > 1:
             variation = max(flat.values()) / min(flat.values()) - 1
             summary["targets"][f"{method}_flat_1e3_1e6"] = {
                 "variation": variation, "met": variation <= 0.15,
@@ -541,28 +550,28 @@ def markdown(rows: list[dict], summary: dict, args, command: str, machine: str, 
     table_rows = [[f"{size:,}"] + [cell(m, size) for m in methods] for size in sizes]
     gemm = summary["gemm_gflops"]
     lines = [
-        f"Machine: {machine}. Load average (1 min) {loads[0]:.1f} at start, {loads[1]:.1f} at end; the cores are "
-        "shared with other engineers, so each number is the fastest of the repeats.",
+        (f"Machine: {machine}. Load average (1 min) {loads[0]:.1f} at start, {loads[1]:.1f} at end; the cores are "
+         "shared with other engineers, so each number is the fastest of the repeats."),
         f"Command: `{command}`",
         "",
-        f"Generator: t5 decoder d_model {args.d_model}, {args.layers} layers, {args.heads} heads, d_ff {args.d_ff}, "
-        f"P = {args.prefix} prefix vectors, L = {args.levels} levels (3, then {args.codebook} codes), vocabulary "
-        f"{3 + 3 + (args.levels - 1) * args.codebook:,}, {args.beams} beams, random weights. Queries: GENIUS "
-        f"{args.genius_queries} (batches of {args.genius_batch}), generate {args.generate_queries} (batches of "
-        f"{args.generate_batch}; fewer because it is slow; one timed run after a 1-query warm-up), dense/faiss "
-        f"{args.dense_queries} (batches of {args.dense_batch}), {args.dim}-d, top {TOP_K}. Dense/faiss: best of "
-        f"{args.repeats} repeats; GENIUS: best of {args.genius_repeats} repeats interleaved over all pool sizes.",
+        (f"Generator: t5 decoder d_model {args.d_model}, {args.layers} layers, {args.heads} heads, d_ff {args.d_ff}, "
+         f"P = {args.prefix} prefix vectors, L = {args.levels} levels (3, then {args.codebook} codes), vocabulary "
+         f"{3 + 3 + (args.levels - 1) * args.codebook:,}, {args.beams} beams, random weights. Queries: GENIUS "
+         f"{args.genius_queries} (batches of {args.genius_batch}), generate {args.generate_queries} (batches of "
+         f"{args.generate_batch}; fewer because it is slow; one timed run after a 1-query warm-up), dense/faiss "
+         f"{args.dense_queries} (batches of {args.dense_batch}), {args.dim}-d, top {TOP_K}. Dense/faiss: best of "
+         f"{args.repeats} repeats; GENIUS: best of {args.genius_repeats} repeats interleaved over all pool sizes."),
         "",
-        "Queries per second (ratio to (a) GENIUS fp32 of the same pool size in brackets; @ = load average during "
-        "the measurement; † = tiled, see notes):",
+        ("Queries per second (ratio to (a) GENIUS fp32 of the same pool size in brackets; @ = load average during "
+         "the measurement; † = tiled, see notes):"),
         "",
         markdown_table(["pool size"] + [LABELS[m] for m in methods], table_rows),
-        f"GEMM peak measured in this run (torch.matmul 2048^2, best of the samples taken at the start, after each "
-        f"GENIUS repeat and at the end): fp32 {gemm['fp32']:.0f} GFLOP/s, "
-        f"bf16 {gemm['bf16']:.0f} GFLOP/s. Decoder work per query (formula in `decoder_flops_per_query`): "
-        f"{summary['decoder_gflop_per_query']:.3g} GFLOP; `generate` does {summary['generate_gflop_per_query']:.3g} "
-        "GFLOP for the same query (`generate_flops_per_query`: every beam from the first step, cross-attention "
-        "keys/values per beam, full-vocabulary head).",
+        (f"GEMM peak measured in this run (torch.matmul {args.gemm_n}^2, best of the samples taken at the start, after each "
+         f"GENIUS repeat and at the end): fp32 {gemm['fp32']:.0f} GFLOP/s, "
+         f"bf16 {gemm['bf16']:.0f} GFLOP/s. Decoder work per query (formula in `decoder_flops_per_query`): "
+         f"{summary['decoder_gflop_per_query']:.3g} GFLOP; `generate` does {summary['generate_gflop_per_query']:.3g} "
+         "GFLOP for the same query (`generate_flops_per_query`: every beam from the first step, cross-attention "
+         "keys/values per beam, full-vocabulary head)."),
     ]
     for method, peak in (("genius", "fp32"), ("genius_bf16", "bf16"), ("generate", "fp32"), ("generate_bf16", "bf16")):
         if f"{method}_gflops" in summary:
@@ -621,8 +630,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of dense and faiss searches")
     p.add_argument("--genius-repeats", type=int, default=5, help="timed repeats of GENIUS decoding (interleaved)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--gemm-n", type=int, default=2048, help="size of the square GEMM that measures the peak")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=OUT_DIR)
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the .md/.png/summary of the last run in --out-dir from its CSV (no measuring)")
     args = p.parse_args(argv)
     if args.dense_memory_gb is None:
         args.dense_memory_gb = min(4.0, 0.4 * available_memory_gb())
@@ -634,25 +646,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = "bash benchmarks/run_decode_vs_pool.sh " + shlex.join(argv if argv is not None else sys.argv[1:])
-    machine, load_start = machine_description(), load_average()
-    samples: dict[str, list[float]] = {}
-    sample_gemm(samples)
-    rows = run(args, samples)
-    sample_gemm(samples)
-    gemm = {k: max(v) for k, v in samples.items()}
-    summary = summarise(rows, args, gemm)
-    summary.update(gemm_samples=samples, load_start=load_start, load_end=load_average(), machine=machine,
+    csv_path, summary_path = args.out_dir / "decode_vs_pool.csv", args.out_dir / "decode_vs_pool_summary.json"
+    if args.report_only:  # re-render the report of the last run (same flags) from its CSV and summary
+        rows, recorded = read_rows(csv_path), json.loads(summary_path.read_text())
+        samples, command, machine = recorded["gemm_samples"], recorded["command"], recorded["machine"]
+        loads = (recorded["load_start"], recorded["load_end"])
+    else:
+        command = "bash benchmarks/run_decode_vs_pool.sh " + shlex.join(argv if argv is not None else sys.argv[1:])
+        machine, load_start = machine_description(), load_average()
+        samples: dict[str, list[float]] = {}
+        sample_gemm(samples, args.gemm_n)
+        rows = run(args, samples)
+        sample_gemm(samples, args.gemm_n)
+        loads = (load_start, load_average())
+    summary = summarise(rows, args, {k: max(v) for k, v in samples.items()})
+    summary.update(gemm_samples=samples, load_start=loads[0], load_end=loads[1], machine=machine,
                    command=command.strip())
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out_dir / "decode_vs_pool.csv", rows, COLUMNS)
-    text = markdown(rows, summary, args, command.strip(), machine, (load_start, summary["load_end"]))
+    if not args.report_only:
+        write_csv(csv_path, rows, COLUMNS)
+    text = markdown(rows, summary, args, command.strip(), machine, loads)
     (args.out_dir / "decode_vs_pool.md").write_text(text)
-    (args.out_dir / "decode_vs_pool_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     plot(rows, [m for m in args.methods], args.out_dir / "decode_vs_pool.png",
-         f"q/s vs pool size ({args.beams} beams, L={args.levels}, K={args.codebook}; {machine.split(',')[0]})")
+         f"q/s vs pool size ({args.beams} beams, L={args.levels}, K={args.codebook}; {cpu_name(machine)})")
     print(text)
     return 0
+
+
+def cpu_name(machine: str) -> str:
+    """The CPU part of ``machine_description()``."""
+    return machine.split(" logical cores")[0].rsplit(",", 1)[0]
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The CSV of a run, with numbers back as numbers (empty cells stay '')."""
+    def value(text: str):
+        try:
+            return float(text) if text not in ("",) else ""
+        except ValueError:
+            return text
+
+    return [{k: (v if k in ("method", "note") else value(v)) for k, v in row.items()} for row in read_csv(path)]
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from genius.benchmarks import decode_vs_pool as dvp
+from genius.benchmarks.common import random_ids
 
 TOY_DECODER = ["--levels", "3", "--codebook", "32", "--dim", "16", "--d-model", "16", "--layers", "1", "--heads", "2",
                "--d-ff", "32", "--prefix", "2", "--beams", "4", "--genius-queries", "4", "--genius-batch", "2",
                "--generate-queries", "2", "--generate-batch", "2", "--dense-queries", "4", "--dense-batch", "2",
-               "--repeats", "1", "--genius-repeats", "1", "--threads", "2"]
+               "--repeats", "1", "--genius-repeats", "1", "--threads", "2", "--gemm-n", "256"]
 
 
 def read_rows(path):
@@ -47,7 +47,7 @@ def test_decoder_flops_formula_counts_beams_and_heads():
     arch = {"dim": 4, "d_model": 8, "num_decoder_layers": 1, "num_prefix": 1, "d_ff": 16, "num_heads": 1, "d_kv": 8,
             "codebook_sizes": [3, 5]}
     once = 2 * 4 * 1 * 8 + 2 * 2 * 1 * 8 * 8
-    layer = lambda t: 4 * 2 * 8 * 8 + 2 * 2 * 8 * t + 2 * 2 * 8 * 8 + 2 * 2 * 8 * 1 + 2 * 2 * 8 * 16  # noqa: E731
+    layer = lambda t: 4 * 2 * 8 * 8 + 2 * 2 * 8 * t + 2 * 2 * 8 * 8 + 2 * 2 * 8 * 1 + 2 * 2 * 8 * 16
     # step 0: the root (1 row, head over 3 codes); step 1: min(beams, 3) rows, head over 5 codes
     expected = once + 1 * (layer(1) + 2 * 8 * 3) + 2 * (layer(2) + 2 * 8 * 5)
     assert dvp.decoder_flops_per_query(arch, num_beams=2) == expected
@@ -67,12 +67,16 @@ def test_tiled_rows_repeat_the_block_and_bf16_search_is_exact():
     queries = vectors[:5].numpy()
     _, rows = dvp.bf16_search(vectors.to(torch.bfloat16), queries, k=1)
     assert rows[:, 0].tolist() == list(range(5))
+    # A pool scanned as 3 copies of the block: the top 3 of a stored vector are its 3 copies.
+    for block in (vectors.numpy(), vectors.to(torch.bfloat16)):
+        _, ids = dvp.dense_search(block, 600)(queries)
+        assert [sorted(row[:3].tolist()) for row in np.asarray(ids)] == [[i, i + 200, i + 400] for i in range(5)]
 
 
 def test_dict_trie_matches_the_project_trie():
     from genius.trie_cpp import build_trie
 
-    codes = dvp.pool_codes(50, [3, 4, 4], seed=1)
+    codes = random_ids(50, [3, 4, 4], seed=1)
     nested, trie = dvp.nested_dict_trie(codes), build_trie(codes, "python")
     for prefix in ([], [0], [1, 2], [2, 3]):
         assert sorted(dvp.dict_trie_get(list(prefix), nested)) == sorted(trie.children(prefix).tolist())
