@@ -269,8 +269,13 @@ def test_minilm_backend(minilm):
 
 
 def test_minilm_coco_caption_retrieval(shared_data):
-    """COCO val2017, first 1,000 images: the first caption of each image is the query, the other
-    4,005 captions of those images the pool; Recall@5 = a caption of the same image in the top 5."""
+    """COCO val2017, first 1,000 images: one caption of each image is the query, the other 4,005
+    captions of those images the pool; Recall@5 = a caption of the same image in the top 5.
+
+    Which caption is "the" query is arbitrary and moves Recall@5 between 0.78 and 0.82, so the
+    test takes each caption position in turn (query = the r-th caption of every image, pool = all
+    other captions) and checks the mean over the five rotations: one estimate of the same protocol
+    with five times the queries instead of one hand-picked fifth of them."""
     data = json.loads((shared_data / "coco_captions_val2017/captions_val2017.json").read_text())
     images = [im["id"] for im in data["images"][:1000]]
     captions: dict[int, list[str]] = {i: [] for i in images}
@@ -279,19 +284,22 @@ def test_minilm_coco_caption_retrieval(shared_data):
             captions[ann["image_id"]].append(ann["caption"])
     texts = [c for i in images for c in captions[i]]
     owner = np.array([i for i in images for _ in captions[i]])
-    is_query = np.r_[True, owner[1:] != owner[:-1]]  # the first caption of each image
-    # bf16 autocast: 3x faster here, and agrees with fp32 (test_minilm_backend; same recall to 1e-3)
-    encoder = build_encoder(EncoderConfig(name="minilm", kind="hf_text", model=None, cpu_bf16=True), "cpu")
+    position = np.array([r for i in images for r in range(len(captions[i]))])
+    # fp32: the reference numbers (bf16 autocast agrees to 1e-3 in recall but depends on the CPU)
+    encoder = build_encoder(EncoderConfig(name="minilm", kind="hf_text", model=None), "cpu")
     vectors = encoder.encode_texts(texts, batch_size=256)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    scores = vectors[is_query] @ vectors[~is_query].T
-    top = owner[~is_query][np.argpartition(-scores, 5, axis=1)[:, :5]]
-    recall = float((top == owner[is_query][:, None]).any(axis=1).mean())
-    print(f"MiniLM COCO caption->caption Recall@5 = {recall:.3f} ({is_query.sum()} queries, {(~is_query).sum()} pool)")
-    # Measured 0.796 (fp32 and bf16; our pooling equals sentence-transformers' to 1e-7), chance
-    # ~0.006. The issue hoped for 0.80: which caption is the query moves the figure between 0.78
-    # and 0.82, so the bar sits just below the measured value rather than above it.
-    assert recall >= 0.78
+    recalls = []
+    for r in range(5):
+        is_query = position == r
+        scores = vectors[is_query] @ vectors[~is_query].T
+        top = owner[~is_query][np.argpartition(-scores, 5, axis=1)[:, :5]]
+        recalls.append(float((top == owner[is_query][:, None]).any(axis=1).mean()))
+    mean = float(np.mean(recalls))
+    print(f"MiniLM COCO caption->caption Recall@5 per query caption position {recalls}, mean {mean:.4f}")
+    # Measured: 0.796 0.811 0.801 0.782 0.816, mean 0.8012 (chance ~0.006); 1,000 queries per rotation.
+    assert mean >= 0.80
+    assert min(recalls) >= 0.77
 
 
 # ---- real images ---------------------------------------------------------------------------
