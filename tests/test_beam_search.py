@@ -128,11 +128,44 @@ def test_query_batching_and_bf16_autocast():
     torch.testing.assert_close(bf16.scores[:, 0], whole.scores[:, 0], atol=0.1, rtol=0.05)
 
 
+@pytest.mark.parametrize("threshold", [0.05, 0.3, 0.9])
+def test_modality_threshold_searches_only_the_modalities_it_keeps(threshold):
+    # Pruning level 0 must equal an unpruned search over the pool restricted, per query, to the
+    # modalities whose probability is at least threshold x the best allowed one's.
+    rng = np.random.default_rng(11)
+    sizes = [3, 6, 6, 6]
+    generator = tiny_generator(11, sizes)
+    with torch.no_grad():  # spread the modality logits so that some, not all, modalities pass
+        generator.t5.shared.weight[generator.offsets[0] : generator.offsets[0] + 3] *= 3.0
+    codes = random_codes(rng, sizes, 150)
+    z = queries(rng, 8)
+    pruned = constrained_beam_search(generator, z, PythonTrie.build(codes), sizes, num_beams=20,
+                                     modality_threshold=threshold)
+    with torch.no_grad():
+        modality_log_probs = generator(z, torch.zeros(len(z), len(sizes), dtype=torch.long))[:, 0, 3:6].log_softmax(-1)
+    pruned_some = False
+    for q in range(len(z)):
+        allowed = np.isin(np.arange(3), codes[:, 0])
+        best = modality_log_probs[q][torch.from_numpy(allowed)].max()
+        keep = [m for m in range(3) if allowed[m] and modality_log_probs[q, m] >= best + np.log(threshold)]
+        pruned_some |= len(keep) < allowed.sum()
+        restricted = codes[np.isin(codes[:, 0], keep)]
+        reference = constrained_beam_search(generator, z[q : q + 1], PythonTrie.build(restricted), sizes, num_beams=20)
+        assert torch.equal(pruned.codes[q], reference.codes[0]) and torch.equal(pruned.valid[q], reference.valid[0])
+        torch.testing.assert_close(pruned.scores[q], reference.scores[0])
+    assert pruned_some  # the case exercises pruning
+    plain = constrained_beam_search(generator, z, PythonTrie.build(codes), sizes, num_beams=20)
+    off = constrained_beam_search(generator, z, PythonTrie.build(codes), sizes, num_beams=20, modality_threshold=0.0)
+    assert torch.equal(plain.codes, off.codes)
+
+
 def test_bad_arguments_are_named():
     sizes = [3, 4]
     generator = tiny_generator(0, sizes)
     trie = PythonTrie.build(np.array([[0, 1]]))
     with pytest.raises(ValueError, match="codebook sizes"):
         constrained_beam_search(generator, queries(np.random.default_rng(0), 1), trie, [3, 5])
+    with pytest.raises(ValueError, match="modality_threshold"):
+        constrained_beam_search(generator, queries(np.random.default_rng(0), 1), trie, sizes, modality_threshold=1.5)
     with pytest.raises(ValueError, match=r"z_query must be \[Q, 12\]"):
         constrained_beam_search(generator, torch.zeros(2, 7), trie, sizes)

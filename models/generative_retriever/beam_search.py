@@ -18,6 +18,15 @@ Two details keep it fast:
   reordered: during the search the decoder's attention is ``shared_cross_attention``, which lets
   the B beams of a query attend to them as B query positions of one row.
 
+Modality decision (``modality_threshold``, off by default): level 0 is the modality code. Plain
+beam search adds log-probabilities over all levels, so a wrong modality the generator gives 0.3%
+(-5.8 nats) still fills beams whenever the right modality's semantic codes are uncertain enough
+that its later beams fall below that (they routinely do: the deep residual levels are close to
+unpredictable). With a threshold t > 0 a modality survives the first step only if its probability
+is at least t times the most probable allowed modality's, so the beams are spent inside the
+modalities the generator actually considers; the decision stays the model's own (no task label
+is used). t = 0 is the official decoding.
+
 ``generate_reference`` is the slow reference (``transformers.generate`` with
 ``prefix_allowed_tokens_fn``) that the tests and benchmarks compare against.
 """
@@ -88,7 +97,7 @@ def _autocast(device: torch.device, enabled: bool):
 
 def constrained_beam_search(generator: IDGenerator, z_query: torch.Tensor, trie, codebook_sizes: Sequence[int],
                             num_beams: int = 50, batch_size: int = 64, level_head: bool = True,
-                            autocast: bool = False) -> BeamResult:
+                            autocast: bool = False, modality_threshold: float = 0.0) -> BeamResult:
     """Top ``num_beams`` trie IDs per query [Q, dim] (normalised Combiner outputs); see module docstring.
 
     ``trie``: any object with the trie node API (``root``, ``fill_mask``, ``advance``) built over
@@ -98,13 +107,15 @@ def constrained_beam_search(generator: IDGenerator, z_query: torch.Tensor, trie,
         raise ValueError(f"codebook sizes {list(codebook_sizes)} differ from the generator's {generator.codebook_sizes}")
     if num_beams < 1 or batch_size < 1:
         raise ValueError(f"num_beams ({num_beams}) and batch_size ({batch_size}) must be >= 1")
+    if not 0.0 <= modality_threshold <= 1.0:
+        raise ValueError(f"modality_threshold must be in [0, 1], got {modality_threshold}")
     if z_query.ndim != 2 or z_query.shape[1] != generator.arch["dim"]:
         raise ValueError(f"z_query must be [Q, {generator.arch['dim']}], got {tuple(z_query.shape)}")
     was_training = generator.training
     generator.eval()
     try:
         with _decoder_attention(generator, SHARED_CROSS_ATTENTION):  # _search's cache layout needs it
-            parts = [_search(generator, chunk, trie, num_beams, level_head, autocast)
+            parts = [_search(generator, chunk, trie, num_beams, level_head, autocast, modality_threshold)
                      for chunk in z_query.split(batch_size)]
     finally:
         generator.train(was_training)
@@ -117,7 +128,7 @@ def constrained_beam_search(generator: IDGenerator, z_query: torch.Tensor, trie,
 
 @torch.inference_mode()
 def _search(generator: IDGenerator, z: torch.Tensor, trie, num_beams: int, level_head: bool,
-            autocast: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            autocast: bool, modality_threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     device, num_queries = z.device, len(z)
     query_base = torch.arange(num_queries, device=device)[:, None]
     with _autocast(device, autocast):
@@ -134,6 +145,9 @@ def _search(generator: IDGenerator, z: torch.Tensor, trie, num_beams: int, level
         allowed = np.empty((len(nodes), width), dtype=bool)  # fill_mask clears it
         trie.fill_mask(level, nodes, allowed)
         total = (scores.view(-1, 1) + log_probs).masked_fill(~torch.from_numpy(allowed).to(device), -torch.inf)
+        if level == 0 and modality_threshold > 0:  # one beam (the root) per query here, so total is [Q, K_0]
+            best = total.max(dim=1, keepdim=True).values
+            total = total.masked_fill(total < best + float(np.log(modality_threshold)), -torch.inf)
         keep = min(num_beams, beams * width)
         scores, flat = total.view(num_queries, beams * width).topk(keep, dim=1)
         parents = (flat // width + query_base * beams).view(-1)  # row of the parent beam

@@ -96,6 +96,13 @@ class DecodingConfig:
     batch_size: int = 64
     level_head: bool = True  # False: full-vocabulary normalisation (the official decoding's exact scores)
     autocast: bool = False  # bf16 on CPU, fp16 on GPU
+    # > 0: keep a modality (level-0 code) only if its probability is at least this fraction of the
+    # best one's (beam_search module docstring); 0 is the official decoding.
+    modality_threshold: float = 0.0
+
+    def validate(self) -> None:
+        if not 0.0 <= self.modality_threshold <= 1.0:
+            raise ValueError(f"decoding.modality_threshold must be in [0, 1], got {self.modality_threshold}")
 
 
 @dataclass
@@ -169,7 +176,8 @@ def load_models(cfg: EvalConfig, device: torch.device) -> Models:
 
     def decode(z, trie):
         return constrained_beam_search(generator, z.to(device), trie, rq.codebook_sizes, num_beams=dec.num_beams,
-                                       batch_size=dec.batch_size, level_head=dec.level_head, autocast=dec.autocast)
+                                       batch_size=dec.batch_size, level_head=dec.level_head, autocast=dec.autocast,
+                                       modality_threshold=dec.modality_threshold)
 
     return Models(embed, decode, {"rq": rq_fp, "generator": sha256_file(gen_path)},
                   {"rq": str(rq_path), "generator": str(gen_path)})
@@ -359,7 +367,8 @@ class Decoded:
 def decode_key(cfg: EvalConfig, models: Models, pool: Pool, queries: EmbeddingStore) -> dict:
     return {"models": models.fingerprints, "codes": pool.codes_hash, "trie": pool.trie_path.name,
             "queries": sha256_json(queries.meta), "num_beams": cfg.decoding.num_beams,
-            "level_head": cfg.decoding.level_head, "autocast": cfg.decoding.autocast}
+            "level_head": cfg.decoding.level_head, "autocast": cfg.decoding.autocast,
+            "modality_threshold": cfg.decoding.modality_threshold}
 
 
 def embed_queries(models: Models, arrays: StoreArrays, batch_size: int = 4096) -> torch.Tensor:
@@ -521,7 +530,8 @@ def _evaluate(cfg: EvalConfig, models: Models | None, info: DistInfo) -> EvalRep
     stats = [o.stats for o in outcomes]
     dec = cfg.decoding
     note = (f"{dec.num_beams} beams, {'level-head' if dec.level_head else 'full-vocabulary'} normalisation"
-            f"{', autocast' if dec.autocast else ''}; trie backend {cfg.trie_backend}; "
+            f"{', autocast' if dec.autocast else ''}"
+            f"{f', modality threshold {dec.modality_threshold:g}' if dec.modality_threshold else ''}; trie backend {cfg.trie_backend}; "
             f"Recall@k is UniIR's hit rate, in %.")
     report = EvalReport(results, stats, markdown_report(results, stats, f"GENIUS evaluation: {out.name}", note), out)
     write_outputs(cfg, models, report, files, stores, pools_manifest)
