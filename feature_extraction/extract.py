@@ -61,7 +61,7 @@ from genius.common.store import (
     read_meta,
     store_path,
     write_part,
-    write_store,
+    store_writer,
 )
 from genius.feature_extraction.clip_model import ImageReader
 from genius.feature_extraction.encoders import Encoder, EncoderConfig, build_encoder
@@ -389,20 +389,25 @@ def build_union(job: Job, local_stores: list[Path], ctx: Context) -> None:
         return
     union = load_pool_index(job.source)
     stores = [EmbeddingStore.open(p, encoder=ctx.encoder.name, kind="candidate") for p in local_stores]
-    arrays = gather_union(union.ids, stores, job.source)
-    if not np.array_equal(arrays.modality, union.modality):
-        bad = int(np.flatnonzero(arrays.modality != union.modality)[0])
-        raise StoreError(f"{job.source}: did {int(union.ids[bad])} has modality {int(union.modality[bad])} but "
-                         f"{int(arrays.modality[bad])} in its local pool; the union file and the local pools disagree")
-    write_store(job.store, arrays, encoder=ctx.encoder.name, kind="candidate", source=job.source,
-                config=config_to_dict(ctx.cfg), extra_meta={"extraction": key,
-                                                            "built_from": [str(p) for p in local_stores]})
+    source_rows = union_sources(union.ids, stores, job.source)
+    with store_writer(job.store, len(union.ids), stores[0].dim, encoder=ctx.encoder.name, kind="candidate",
+                      source=job.source, config=config_to_dict(ctx.cfg),
+                      extra_meta={"extraction": key, "built_from": [str(p) for p in local_stores]}) as out:
+        out.ids[:] = union.ids
+        for store, (dest, rows) in zip(stores, source_rows):  # one local store's rows at a time
+            for name in ("img", "txt", "img_mask", "txt_mask", "modality", "target_modality"):
+                getattr(out, name)[dest] = getattr(store.arrays, name)[rows]
+        if not np.array_equal(out.modality, union.modality):
+            bad = int(np.flatnonzero(out.modality != union.modality)[0])
+            raise StoreError(f"{job.source}: did {int(union.ids[bad])} has modality {int(union.modality[bad])} but "
+                             f"{int(out.modality[bad])} in its local pool; the union file and the local pools disagree")
     log.info("wrote %s (%d rows from %d local stores)", job.store, len(union), len(stores))
     ctx.metrics.write(store=str(job.store), rank=ctx.rank, status="assembled", rows=len(union))
 
 
-def gather_union(union_ids: np.ndarray, stores: list[EmbeddingStore], source: Path) -> StoreArrays:
-    """Rows of ``union_ids`` taken from the first store holding each id; error if any is in none."""
+def union_sources(union_ids: np.ndarray, stores: list[EmbeddingStore], source: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each store, (union rows it supplies, its rows they come from): every union id is taken
+    from the first store holding it; an id in none of them is an error."""
     ids = np.concatenate([np.asarray(s.ids) for s in stores])
     owner = np.concatenate([np.full(len(s), k, np.int64) for k, s in enumerate(stores)])
     row = np.concatenate([np.arange(len(s), dtype=np.int64) for s in stores])
@@ -416,17 +421,11 @@ def gather_union(union_ids: np.ndarray, stores: list[EmbeddingStore], source: Pa
                          f"({', '.join(str(s.path) for s in stores)}); first missing: {examples}. "
                          "Add their local pools to data.local_pools")
     src_owner, src_row = owner[order][pos], row[order][pos]
-    dim = stores[0].dim
-    out = StoreArrays(ids=np.asarray(union_ids, np.int64), img=np.zeros((len(union_ids), dim), np.float16),
-                      txt=np.zeros((len(union_ids), dim), np.float16), img_mask=np.zeros(len(union_ids), np.uint8),
-                      txt_mask=np.zeros(len(union_ids), np.uint8), modality=np.zeros(len(union_ids), np.int8),
-                      target_modality=np.zeros(len(union_ids), np.int8))
-    for k, store in enumerate(stores):
+    sources = []
+    for k in range(len(stores)):
         dest = np.flatnonzero(src_owner == k)
-        rows = src_row[dest]
-        for name in ("img", "txt", "img_mask", "txt_mask", "modality", "target_modality"):
-            getattr(out, name)[dest] = getattr(store.arrays, name)[rows]
-    return out
+        sources.append((dest, src_row[dest]))
+    return sources
 
 
 # ---- entry point ---------------------------------------------------------------------------

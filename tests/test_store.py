@@ -11,7 +11,7 @@ import torch
 
 from genius.common.fusion import fused_store_embeddings, score_fusion
 from genius.common.store import (
-    EmbeddingStore, StoreArrays, StoreError, finished_parts, merge_parts, parts_dir, write_part, write_store,
+    EmbeddingStore, StoreArrays, StoreError, finished_parts, merge_parts, parts_dir, store_writer, write_part, write_store,
 )
 
 
@@ -98,21 +98,37 @@ def test_merge_with_a_gap_fails(tmp_path):
 
 def test_failed_write_leaves_nothing_readable(tmp_path, source, monkeypatch):
     write_store(tmp_path / "s", make_arrays(5), encoder="old", kind="candidate", source=source)
-    real_save = np.save
+    real_open = np.lib.format.open_memmap
     calls = {"n": 0}
 
-    def failing_save(file, arr, *args, **kwargs):
+    def failing_open(file, *args, **kwargs):  # the third array file cannot be created
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError("disk full")
-        return real_save(file, arr, *args, **kwargs)
+        return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(np, "save", failing_save)
+    monkeypatch.setattr(np.lib.format, "open_memmap", failing_open)
     with pytest.raises(OSError, match="disk full"):
         write_store(tmp_path / "s", make_arrays(9), encoder="new", kind="candidate", source=source)
     monkeypatch.undo()
     store = EmbeddingStore.open(tmp_path / "s")  # the previous complete store is untouched
     assert store.meta["encoder"] == "old" and len(store) == 5
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".s.")]  # no temporary directory left
+
+
+def test_store_writer_fills_rows_in_pieces_and_refuses_duplicate_ids(tmp_path):
+    full = make_arrays(12)
+    with store_writer(tmp_path / "s", 12, full.dim, encoder="e", kind="candidate") as out:
+        assert not (tmp_path / "s").exists()  # nothing visible until the writer finishes
+        for rows in (np.arange(6, 12), np.arange(0, 6)):
+            for name in ("ids", "img", "txt", "img_mask", "txt_mask", "modality", "target_modality"):
+                getattr(out, name)[rows] = getattr(full, name)[rows]
+    store = EmbeddingStore.open(tmp_path / "s", dim=full.dim, kind="candidate")
+    assert np.array_equal(store.ids, full.ids) and np.array_equal(store.arrays.img, full.img.astype(np.float16))
+    with pytest.raises(StoreError, match="ids are not unique"):
+        with store_writer(tmp_path / "t", 3, full.dim, encoder="e", kind="candidate") as out:
+            out.ids[:] = [1, 2, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".s.")] == []
 
 
@@ -122,14 +138,14 @@ def test_killed_writer_never_leaves_an_accepted_store(tmp_path):
 import numpy as np, os
 import genius.common.store as st
 from tests_helper import make
-real = np.save
+real = np.lib.format.open_memmap
 count = [0]
-def dying_save(f, a, *x, **k):
+def dying_open(f, *x, **k):
     count[0] += 1
     if count[0] == 4:
         os._exit(9)
-    real(f, a, *x, **k)
-np.save = dying_save
+    return real(f, *x, **k)
+np.lib.format.open_memmap = dying_open
 st.write_store({str(tmp_path / 's')!r}, make(), encoder='e', kind='query')
 """
     helper = tmp_path / "tests_helper.py"
