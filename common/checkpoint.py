@@ -12,7 +12,8 @@ import torch
 
 from genius.common.io import atomic_torch_save
 
-_EPOCH_RE = re.compile(r"^epoch_(\d+)\.pt$")
+# epoch_0003.pt: epoch 3 finished; epoch_0003_step_0000500.pt: 500 steps of epoch 3 done.
+_CHECKPOINT_RE = re.compile(r"^epoch_(\d+)(?:_step_(\d+))?\.pt$")
 
 
 class CheckpointMismatchError(ValueError):
@@ -45,23 +46,33 @@ def load_state_dict_strict(module: torch.nn.Module, state: Mapping[str, torch.Te
 
 
 # ---- training checkpoints -----------------------------------------------------------------
-def checkpoint_file(run_dir: str | os.PathLike, epoch: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"epoch_{epoch:04d}.pt"
+def checkpoint_file(run_dir: str | os.PathLike, epoch: int, step: int | None = None) -> Path:
+    """The file of the state after ``epoch`` (``step`` None) or after ``step`` steps of it."""
+    name = f"epoch_{epoch:04d}.pt" if step is None else f"epoch_{epoch:04d}_step_{step:07d}.pt"
+    return Path(run_dir) / "checkpoints" / name
 
 
-def save_training_checkpoint(run_dir: str | os.PathLike, epoch: int, state: dict) -> Path:
-    """Atomically write the state after ``epoch`` (model, optimizer, scheduler, scaler, rng...)."""
-    path = checkpoint_file(run_dir, epoch)
-    atomic_torch_save({**state, "epoch": epoch}, path)
+def save_training_checkpoint(run_dir: str | os.PathLike, epoch: int, state: dict, step: int | None = None) -> Path:
+    """Atomically write the state after ``epoch``, or after ``step`` steps of it (model, optimizer,
+    scheduler, scaler, rng...); the file records both (``step`` None: the epoch is complete)."""
+    path = checkpoint_file(run_dir, epoch, step)
+    atomic_torch_save({**state, "epoch": epoch, "step": step}, path)
     return path
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+def training_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The run's checkpoints, oldest first (a finished epoch sorts after any step of it)."""
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
-        return None
-    found = sorted((int(m[1]), p) for p in folder.iterdir() if (m := _EPOCH_RE.match(p.name)))
-    return found[-1][1] if found else None
+        return []
+    found = [(int(m[1]), float("inf") if m[2] is None else int(m[2]), p)
+             for p in folder.iterdir() if (m := _CHECKPOINT_RE.match(p.name))]
+    return [p for *_, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = training_checkpoints(run_dir)
+    return found[-1] if found else None
 
 
 def rng_state() -> dict:

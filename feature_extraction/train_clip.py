@@ -45,6 +45,7 @@ from genius.common.checkpoint import (
     rng_state,
     save_training_checkpoint,
     set_rng_state,
+    training_checkpoints,
 )
 from genius.common.config import config_to_dict, resolve_path
 from genius.common.plots import plot_training_curves
@@ -118,7 +119,14 @@ class LossConfig:
 class OutputConfig:
     run_dir: str = "checkpoint/large/clip_sf"
     save_every_epochs: int = 1
+    # Also save every N optimiser steps inside an epoch (0: at epoch ends only). An M-BEIR epoch
+    # is hours of GPU time; a re-run resumes from the step, with the same batches still to come.
+    save_every_steps: int = 0
     log_every_steps: int = 50
+
+    def validate(self) -> None:
+        if self.save_every_epochs < 1 or self.save_every_steps < 0 or self.log_every_steps < 0:
+            raise ValueError("save_every_epochs must be >= 1, save_every_steps and log_every_steps >= 0")
 
 
 @dataclass
@@ -215,16 +223,17 @@ class EpochBatchSampler:
 
     def __init__(self, pairs: TrainingPairs, batch_size: int, seed: int, rank: int, world_size: int):
         self.args = (pairs, batch_size)
-        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        self.seed, self.rank, self.world_size, self.epoch, self.skip = seed, rank, world_size, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The batches of ``epoch`` after its first ``skip`` (those a resumed run has already done)."""
+        self.epoch, self.skip = epoch, skip
 
     def __iter__(self):
-        return iter(epoch_batches(*self.args, self.epoch, self.seed, self.rank, self.world_size))
+        return iter(epoch_batches(*self.args, self.epoch, self.seed, self.rank, self.world_size)[self.skip:])
 
     def __len__(self) -> int:
-        return batches_per_epoch(len(self.args[0]), self.args[1], self.world_size)
+        return batches_per_epoch(len(self.args[0]), self.args[1], self.world_size) - self.skip
 
 
 def _side(inputs: list[tuple[torch.Tensor | None, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
@@ -390,13 +399,16 @@ def _train(cfg: TrainClipConfig, dist) -> Path:
     if len(sampler) == 0:
         raise ValueError(f"{len(data)} pairs do not fill one global batch of {cfg.optim.batch_size} x "
                          f"{dist.world_size}; lower optim.batch_size")
+    # The loader draws its worker seeds from its own generator, not the global RNG, so a run resumed
+    # mid-epoch (which creates one more iterator) continues the global RNG exactly.
     loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.runtime.num_workers,
-                        persistent_workers=cfg.runtime.num_workers > 0, pin_memory=dist.device.type == "cuda")
+                        persistent_workers=cfg.runtime.num_workers > 0, pin_memory=dist.device.type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg.seed))
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = cosine_schedule(optimizer, cfg.optim.warmup_steps, cfg.optim.epochs * len(sampler))
     use_fp16 = cfg.runtime.fp16 and dist.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
-    start_epoch = 0
+    start_epoch, skip = 0, 0
     state = _resume_state(run_dir, key, dist.is_main)
     if state is not None:
         model.clip.load_state_dict(state["model"])
@@ -404,25 +416,38 @@ def _train(cfg: TrainClipConfig, dist) -> Path:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        start_epoch = state["epoch"] + 1
-        log.info("resuming after epoch %d", state["epoch"])
+        if state.get("step") is None:
+            start_epoch = state["epoch"] + 1
+            log.info("resuming after epoch %d", state["epoch"])
+        else:
+            start_epoch, skip = state["epoch"], state["step"]
+            log.info("resuming epoch %d after step %d", start_epoch, skip)
     # find_unused_parameters: a rank whose batch holds no image (or no text) leaves a tower unused.
     ddp = DistributedDataParallel(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,
                                   find_unused_parameters=True) if dist.world_size > 1 else model
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main)
+
+    def save(epoch: int, step: int | None = None) -> None:
+        """Rank 0 writes the resume state; step checkpoints before it are removed (all ranks wait)."""
+        if dist.is_main:
+            path = save_training_checkpoint(run_dir, epoch, {
+                "model": model.clip.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                "inputs": key}, step=step)
+            for old in training_checkpoints(run_dir):
+                if old != path and "_step_" in old.name:
+                    old.unlink(missing_ok=True)
+        barrier()
+
     for epoch in range(start_epoch, cfg.optim.epochs):
-        sampler.set_epoch(epoch)
-        stats = run_epoch(ddp, model, loader, optimizer, scheduler, scaler, use_fp16, cfg, dist, epoch, metrics)
+        sampler.set_epoch(epoch, skip if epoch == start_epoch else 0)
+        stats = run_epoch(ddp, model, loader, optimizer, scheduler, scaler, use_fp16, cfg, dist, epoch, metrics,
+                          first_step=sampler.skip, save_step=lambda step, epoch=epoch: save(epoch, step))
         metrics.write(epoch=epoch, **stats)
         log.info("epoch %d: loss %.4f, in-batch accuracy %.3f, %.1f s", epoch, stats["loss"], stats["accuracy"],
                  stats["seconds"])
         if (epoch + 1) % cfg.output.save_every_epochs == 0 or epoch + 1 == cfg.optim.epochs:
-            if dist.is_main:
-                save_training_checkpoint(run_dir, epoch, {
-                    "model": model.clip.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-                    "inputs": key})
-            barrier()
+            save(epoch)
     final = run_dir / FINAL_NAME
     if dist.is_main:
         atomic_torch_save(own_checkpoint(model.clip, model_name, arch, inputs=key, config=config_to_dict(cfg)), final)
@@ -432,11 +457,16 @@ def _train(cfg: TrainClipConfig, dist) -> Path:
     return final
 
 
-def run_epoch(ddp, model, loader, optimizer, scheduler, scaler, use_fp16, cfg, dist, epoch, metrics) -> dict:
+def run_epoch(ddp, model, loader, optimizer, scheduler, scaler, use_fp16, cfg, dist, epoch, metrics,
+              first_step: int = 0, save_step=None) -> dict:
+    """Train over the loader's batches (steps ``first_step`` onwards of ``epoch``); ``save_step(n)``
+    is called after every ``output.save_every_steps``-th step n that does not end the epoch."""
     ddp.train()
     device, started = dist.device, time.time()
     totals = torch.zeros(2, device=device)
-    for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}", disable=progress_disabled() or not dist.is_main)):
+    last_step = first_step + len(loader)
+    batches = tqdm(loader, desc=f"epoch {epoch}", disable=progress_disabled() or not dist.is_main)
+    for step, batch in enumerate(batches, start=first_step):
         q, c = (_to_device(batch[side], batch["n"], device) for side in ("q", "c"))
         with torch.autocast("cuda", dtype=torch.float16, enabled=use_fp16):
             fused_q, fused_c, scale = ddp(q, c)
@@ -459,7 +489,10 @@ def run_epoch(ddp, model, loader, optimizer, scheduler, scaler, use_fp16, cfg, d
         if cfg.output.log_every_steps and (step + 1) % cfg.output.log_every_steps == 0:
             metrics.write(epoch=epoch, step=step + 1, loss=loss.item(), accuracy=accuracy.item(),
                           lr=scheduler.get_last_lr()[0], logit_scale=model.clip.logit_scale.exp().item())
-    mean = all_reduce_mean(totals / max(1, step + 1))
+        every = cfg.output.save_every_steps
+        if save_step is not None and every and (step + 1) % every == 0 and step + 1 < last_step:
+            save_step(step + 1)
+    mean = all_reduce_mean(totals / max(1, last_step - first_step))
     return {"loss": mean[0].item(), "accuracy": mean[1].item(), "lr": scheduler.get_last_lr()[0],
             "logit_scale": model.clip.logit_scale.exp().item(), "seconds": round(time.time() - started, 2)}
 

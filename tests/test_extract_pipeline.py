@@ -228,7 +228,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
-def test_training_resumes_exactly_and_two_processes_match_one(world, tmp_path):
+def test_training_resumes_exactly_and_two_processes_match_one(world, tmp_path, monkeypatch):
     short = ["optim.epochs=2", "optim.warmup_steps=0"]
     one, resumed, two = tmp_path / "one", tmp_path / "resumed", tmp_path / "two"
     assert train_clip.main(train_args(world, one, *short, "optim.batch_size=32")) == 0
@@ -240,6 +240,36 @@ def test_training_resumes_exactly_and_two_processes_match_one(world, tmp_path):
     (resumed / "clip_sf.pt").unlink()
     assert train_clip.main(train_args(world, resumed, *short, "optim.batch_size=32")) == 0
     for name, tensor in _weights(resumed / "clip_sf.pt").items():
+        assert torch.equal(tensor, reference[name]), name
+
+    # Interrupted in the middle of epoch 1 with step checkpoints on: resuming from the step
+    # (not from epoch 0) gives bit-identical weights too.
+    stepped = tmp_path / "stepped"
+    real_save = train_clip.save_training_checkpoint
+
+    def save_then_die(run_dir, epoch, state, step=None):
+        path = real_save(run_dir, epoch, state, step=step)
+        if epoch == 1 and step is not None:
+            raise KeyboardInterrupt(f"killed after {path.name}")
+        return path
+
+    monkeypatch.setattr(train_clip, "save_training_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt, match="killed after epoch_0001_step_0000002.pt"):
+        train_clip.main(train_args(world, stepped, *short, "optim.batch_size=32", "output.save_every_steps=2"))
+    monkeypatch.undo()
+    assert sorted(p.name for p in (stepped / "checkpoints").iterdir()) == ["epoch_0000.pt", "epoch_0001_step_0000002.pt"]
+    real_epoch, started = train_clip.run_epoch, []
+
+    def record_start(*args, **kwargs):
+        started.append((args[9], kwargs["first_step"]))  # (epoch, first step)
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_clip, "run_epoch", record_start)
+    assert train_clip.main(train_args(world, stepped, *short, "optim.batch_size=32", "output.save_every_steps=2")) == 0
+    monkeypatch.undo()
+    assert started == [(1, 2)]  # only the rest of epoch 1 was trained
+    assert sorted(p.name for p in (stepped / "checkpoints").iterdir()) == ["epoch_0000.pt", "epoch_0001.pt"]
+    for name, tensor in _weights(stepped / "clip_sf.pt").items():
         assert torch.equal(tensor, reference[name]), name
 
     # 2 processes x 16 (embeddings gathered with gradients) == 1 process x 32.
