@@ -12,7 +12,7 @@ memory exceeds the budget: time is extrapolated from the same backend's last two
 law; linear from a single size), memory linearly. Results go to stdout and to
 benchmarks/out/trie.{csv,md}.
 
-    bash benchmarks/run_trie.sh [--sizes 1e4 1e5 1e6 1e7] [--backends cpp python marisa]
+    bash benchmarks/run_trie.sh [--sizes 1e4 1e5 1e6 1e7] [--backends cpp python marisa] [--time-budget 120]
 """
 from __future__ import annotations
 
@@ -31,8 +31,7 @@ import numpy as np
 
 NUM_LEVELS, MODALITIES, CODEBOOK = 9, 3, 4096
 BATCH = 256 * 50
-TIME_BUDGET_S = 120.0
-KILL_AFTER_S = 300.0  # a run whose time estimate was too low is stopped here
+TIME_BUDGET_S = 120.0  # default of --time-budget
 MEMORY_SHARE = 0.8  # of the memory available when the benchmark starts
 OUT_DIR = Path(__file__).resolve().parent / "out"
 COLUMNS = ["backend", "num_ids", "distinct_ids", "build_s", "bytes_per_id", "step_rows_per_s",
@@ -83,18 +82,18 @@ def measure(backend: str, num_ids: int) -> dict:
     }
 
 
-def run_isolated(backend: str, num_ids: int) -> dict:
+def run_isolated(backend: str, num_ids: int, kill_after_s: float) -> dict:
     cmd = [sys.executable, __file__, "--one", backend, str(num_ids)]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=KILL_AFTER_S, check=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=kill_after_s, check=True)
     except subprocess.TimeoutExpired:
-        return {"backend": backend, "num_ids": num_ids, "note": f"killed after {KILL_AFTER_S:.0f} s"}
+        return {"backend": backend, "num_ids": num_ids, "note": f"killed after {kill_after_s:.0f} s"}
     except subprocess.CalledProcessError as err:
         return {"backend": backend, "num_ids": num_ids, "note": f"failed: {err.stderr.strip().splitlines()[-1]}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def skip_reason(history: list[dict], num_ids: int, memory_mb: float) -> str | None:
+def skip_reason(history: list[dict], num_ids: int, memory_mb: float, time_budget_s: float) -> str | None:
     """Why this run would blow the budget, judged from the same backend's runs at smaller sizes."""
     if not history:
         return None
@@ -108,8 +107,8 @@ def skip_reason(history: list[dict], num_ids: int, memory_mb: float) -> str | No
         exponent = max(growth, 0.0)  # timing noise can make a tiny run look slower than a larger one
     scale = num_ids / last["num_ids"]
     expected_s = last["total_s"] * scale ** exponent
-    if expected_s > TIME_BUDGET_S:
-        return f"skipped: ~{expected_s:.0f} s expected > {TIME_BUDGET_S:.0f} s budget"
+    if expected_s > time_budget_s:
+        return f"skipped: ~{expected_s:.0f} s expected > {time_budget_s:.0f} s budget (--time-budget)"
     if last["peak_rss_mb"] * scale > memory_mb:
         return f"skipped: ~{last['peak_rss_mb'] * scale / 1024:.1f} GB expected > {memory_mb / 1024:.1f} GB budget"
     return None
@@ -172,6 +171,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", type=float, default=[1e4, 1e5, 1e6, 1e7])
     parser.add_argument("--backends", nargs="+", default=["cpp", "python", "marisa"])
+    parser.add_argument("--time-budget", type=float, default=TIME_BUDGET_S,
+                        help="seconds a run may be expected to take (else skipped); killed at 2.5x")
     parser.add_argument("--one", nargs=2, metavar=("BACKEND", "NUM_IDS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -181,8 +182,9 @@ def main() -> None:
     rows = []
     for num_ids in sorted(int(n) for n in args.sizes):
         for backend in args.backends:
-            reason = skip_reason([r for r in rows if r["backend"] == backend], num_ids, memory_mb)
-            row = {"backend": backend, "num_ids": num_ids, "note": reason} if reason else run_isolated(backend, num_ids)
+            reason = skip_reason([r for r in rows if r["backend"] == backend], num_ids, memory_mb, args.time_budget)
+            row = ({"backend": backend, "num_ids": num_ids, "note": reason} if reason
+                   else run_isolated(backend, num_ids, 2.5 * args.time_budget))
             print(json.dumps(row), flush=True)
             rows.append(row)
     add_ratios(rows)
