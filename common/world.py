@@ -127,8 +127,15 @@ class WorldSize:
 
 
 WORLD_SIZES = {
-    # The project's tests run the whole pipeline on this one: seconds, not minutes.
-    "test": WorldSize(queries={"train": 40, "val": 8, "test": 20}, train_pool=80, local_pool=60),
+    # The project's tests run the whole pipeline on this one (about two minutes on 2 cores) and ask
+    # GENIUS for ten times chance Recall@5 on its task-specific pools. Chance is about
+    # 5 x positives / pool, so 600-candidate pools put it at 0.8% (one positive) and 1.7% (i->t,
+    # two captions); with 60-112 it was 8-9%, and ten times that was out of reach. 200 training
+    # queries per task are what the from-scratch CLIP-SF and generator need: with 40 the CLIP-SF
+    # memorised its 320 pairs (dense Recall@5 at 4x chance on 400-candidate pools), with 120
+    # GENIUS's T->I Recall@5 fell to 20% on one world. 40 test queries keep one query at 2.5
+    # points of Recall.
+    "test": WorldSize(queries={"train": 200, "val": 8, "test": 40}, train_pool=400, local_pool=600),
     # The CPU demo trains a tiny CLIP from scratch on this one within its 10-minute budget.
     "demo": WorldSize(queries={"train": 300, "val": 40, "test": 100}, train_pool=600, local_pool=400),
 }
@@ -750,7 +757,7 @@ def write_files(root: Path, tasks: list[TaskData], pools: dict[str, list[dict]],
 def summarize(tasks: list[TaskData], pools: dict[str, list[dict]], size_name: str, seed: int, n_images: int) -> dict:
     return {
         "generator": GENERATOR, "format_version": FORMAT_VERSION, "seed": seed, "size": size_name,
-        "image_size": IMAGE_SIZE,
+        "size_spec": dataclasses.asdict(WORLD_SIZES[size_name]), "image_size": IMAGE_SIZE,
         "datasets": {str(d.id): d.name for d in DATASETS},
         "tasks": [{"dataset": t.dataset.name, "dataset_id": t.dataset.id, "task_id": t.task,
                    "queries": {s: len(q) for s, q in t.queries.items()},
@@ -769,12 +776,21 @@ def _is_world(path: Path) -> bool:
 
 
 def _is_current(path: Path, size: str, seed: int) -> bool:
-    """A world of this generator version, size and seed is already there (rewriting it would
-    change every file's mtime and so make every later stage redo its work)."""
+    """A world of this generator version, size (with its current numbers) and seed is already
+    there (rewriting it would change every file's mtime and so make every later stage redo its work)."""
     if not _is_world(path):
         return False
     summary = json.loads((path / "world.json").read_text())
-    return (summary.get("format_version"), summary.get("size"), summary.get("seed")) == (FORMAT_VERSION, size, seed)
+    if (summary.get("format_version"), summary.get("size"), summary.get("seed")) != (FORMAT_VERSION, size, seed):
+        return False
+    # The numbers behind a size name change between versions of WORLD_SIZES (the test size grew),
+    # and a world of the old numbers must not pass for the new one. Worlds written before
+    # world.json recorded them are checked by their per-task query counts.
+    spec = dataclasses.asdict(WORLD_SIZES[size])
+    if "size_spec" in summary:
+        return summary["size_spec"] == spec
+    tasks = summary.get("tasks") or []
+    return bool(tasks) and all(task.get("queries") == spec["queries"] for task in tasks)
 
 
 def write_world(out_dir: str | Path, size: Literal["test", "demo"], seed: int = 0) -> dict:

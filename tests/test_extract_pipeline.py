@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from genius.common.config import load_config
 from genius.common.distributed import seed_everything
 from genius.common.fusion import fused_store_embeddings
 from genius.common.mbeir import hash_did, load_pool_index, load_queries
@@ -190,13 +191,20 @@ def tail_probability(chances: np.ndarray, observed: int) -> float:
     return float(dist[observed:].sum())
 
 
+# The tiny preset's 15 epochs take about a minute on the test world; that full run is checked end
+# to end by test_pipeline.py (GENIUS at ten times chance needs it). Here a shorter run of the same
+# recipe and model must already learn.
+SHORT_EPOCHS = 8
+
+
 def test_tiny_clip_sf_learns_beyond_chance(world, tmp_path):
     run_dir, out = tmp_path / "run", tmp_path / "embed"
+    short = f"optim.epochs={SHORT_EPOCHS}"
     started = time.time()
-    assert train_clip.main(train_args(world, run_dir)) == 0
+    assert train_clip.main(train_args(world, run_dir, short)) == 0
     seconds = time.time() - started
     log = [m for m in (json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()) if "step" not in m]
-    assert len(log) == 20 and log[-1]["loss"] < 0.5 * log[0]["loss"]
+    assert len(log) == SHORT_EPOCHS and log[-1]["loss"] < 0.5 * log[0]["loss"]
 
     tasks = {0: ("mbeir_shapesnews_task0_test", "mbeir_shapesnews_task0_cand_pool"),
              3: ("mbeir_shapesnews_task3_test", "mbeir_shapesnews_task3_cand_pool")}
@@ -207,20 +215,21 @@ def test_tiny_clip_sf_learns_beyond_chance(world, tmp_path):
     hits = {t: dense_hits_at_5(world, out, q, p) for t, (q, p) in tasks.items()}
     print(f"tiny CLIP-SF trained in {seconds:.1f} s; Recall@5 (chance): "
           + ", ".join(f"task {t} {h.mean():.3f} ({c.mean():.3f})" for t, (h, c) in hits.items()))
-    # 20 test queries per task, so one task's hit rate is coarse: over four training seeds task 0
-    # reached 0.35-0.40 and task 3 (a larger pool of captions, near-miss paraphrases among them)
-    # 0.20-0.40, against chance 0.08-0.09. Each task must beat chance by half again; learning
-    # itself is proved by the total: 12-16 hits measured where chance expects 3-4, a total that
-    # chance reaches with p < 1e-3.
+    # 40 test queries per task against 600-candidate pools: over four training seeds these
+    # SHORT_EPOCHS reached 0.125-0.25 on task 0 and 0.225-0.425 on task 3 (two captions per query,
+    # near-miss paraphrases among the rest), against chance 0.008 and 0.017; 6 epochs left one
+    # seed a single task-0 hit. Each task must beat chance fivefold (2 and 4 hits); learning itself
+    # is proved by the total: 14-27 hits measured where chance expects 1, a total that chance
+    # reaches with p < 1e-3 only from 6 hits up.
     for task, (h, chance) in hits.items():
-        assert h.mean() >= 1.5 * chance.mean(), f"task {task}: Recall@5 {h.mean():.3f} vs chance {chance.mean():.3f}"
+        assert h.mean() >= 5 * chance.mean(), f"task {task}: Recall@5 {h.mean():.3f} vs chance {chance.mean():.3f}"
     total = sum(int(h.sum()) for h, _ in hits.values())
     assert tail_probability(np.concatenate([c for _, c in hits.values()]), total) < 1e-3
 
     # A finished run with the same config and data does nothing.
     final = run_dir / "clip_sf.pt"
     stamp = final.stat().st_mtime_ns
-    assert train_clip.main(train_args(world, run_dir)) == 0
+    assert train_clip.main(train_args(world, run_dir, short)) == 0
     assert final.stat().st_mtime_ns == stamp
 
 
@@ -229,7 +238,12 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_training_resumes_exactly_and_two_processes_match_one(world, tmp_path, monkeypatch):
-    short = ["optim.epochs=2", "optim.warmup_steps=0"]
+    # Resuming and gathering do not depend on how much data there is: the first 320 training
+    # queries (the union file is shuffled, so every task is among them) keep the five runs quick.
+    subset = tmp_path / "train_queries.jsonl"
+    lines = (world / "query/union_train/mbeir_union_up_train.jsonl").read_text().splitlines(keepends=True)
+    subset.write_text("".join(lines[:320]))
+    short = ["optim.epochs=2", "optim.warmup_steps=0", f"data.train_queries={subset}"]
     one, resumed, two = tmp_path / "one", tmp_path / "resumed", tmp_path / "two"
     assert train_clip.main(train_args(world, one, *short, "optim.batch_size=32")) == 0
     reference = _weights(one / "clip_sf.pt")
@@ -276,7 +290,8 @@ def test_training_resumes_exactly_and_two_processes_match_one(world, tmp_path, m
     done = torchrun("genius.feature_extraction.train_clip", train_args(world, two, *short, "optim.batch_size=16"))
     assert done.returncode == 0, done.stderr[-3000:]
     seed_everything(2023)  # train_clip's default seed: the weights both runs started from
-    start = build_clip(model_config("clip-sf-tiny")).state_dict()
+    preset = load_config(train_clip.TrainClipConfig, TINY / "train_clip.yaml")
+    start = build_clip(model_config(preset.model.name)).state_dict()
     width = {"visual": start["visual.conv1.weight"].shape[0], "transformer": start["token_embedding.weight"].shape[1]}
     for name, tensor in _weights(two / "clip_sf.pt").items():
         expected = reference[name]

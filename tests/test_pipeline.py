@@ -86,9 +86,12 @@ def test_retrieval_quality(tiny_run):
         qrels = [line.split() for line in open(world / f"qrels/test/{stem}_test_qrels.txt")]
         positives = [sum(1 for q in qrels if q[0] == qid) for qid in dict.fromkeys(q[0] for q in qrels)]
         chance = chance_recall(pool_size, positives, 5)
-        # The test world's pools are small (60-112 candidates, chance R@5 8-9%), so "far above
-        # chance" is measured on the dense baseline's scale: GENIUS^R must beat chance clearly.
-        assert recall[("genius_r", "task-specific", task)] >= 2 * chance, (task, recall, chance)
+        # The test world's local pools hold 600 candidates (40 test queries each), so chance R@5 is
+        # 0.8% for T->I (one positive) and 1.7% for I->T (two captions). Over world seeds 0-3
+        # GENIUS measured 35-42.5% on T->I and 35-52.5% on I->T, 21-51x chance (GENIUS^R 42.5-70%),
+        # so ten times chance leaves room for other machines and seeds.
+        assert recall[("genius", "task-specific", task)] >= 10 * chance, (task, recall, chance)
+        assert recall[("genius_r", "task-specific", task)] >= 10 * chance, (task, recall, chance)
     for kind in ("task-specific", "universal"):
         mean = lambda m: np.mean([v for (mm, pk, _), v in recall.items() if mm == m and pk == kind])  # noqa: E731
         assert mean("genius_r") >= mean("genius"), kind

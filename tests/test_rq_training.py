@@ -399,7 +399,8 @@ def test_the_tiny_setting_runs_on_a_generated_world(tmp_path):
     assert assign_codes.main(["--config", str(SETTINGS / "tiny" / "assign_codes.yaml"),
                               "--set", f"rq_path={tmp_path}/rq/rq.pt", "--set", f"embed_dir={embed}/cand",
                               "--set", f"out_dir={tmp_path}/rq/codes"]) == 0
+    levels = load_config(train.RQTrainConfig, SETTINGS / "tiny" / "train_rq.yaml").model.num_levels
     for pool in pools:
         codes = np.load(tmp_path / "rq" / "codes" / pool.stem / "codes.npy")
-        assert codes.shape[1] == 3
+        assert codes.shape[1] == levels
         assert (codes[:, 0] == np.load(embed / "cand" / pool.stem / "modality.npy")).all()

@@ -117,6 +117,25 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(root, tmp_path
     assert again.keys() == reference.keys()
 
 
+def test_a_world_of_other_numbers_for_its_size_is_not_current(root, tmp_path, monkeypatch):
+    """`genius world` skips a current world; one made when the size had other numbers is rewritten."""
+    assert world._is_current(root, "test", 0) and not world._is_current(root, "test", 1)
+    grown = world.WorldSize({**world.WORLD_SIZES["test"].queries, "test": 50}, 400, 600)
+    monkeypatch.setitem(world.WORLD_SIZES, "test", grown)
+    assert not world._is_current(root, "test", 0)
+    monkeypatch.undo()
+    # world.json of a world written before it recorded the numbers: its query counts decide.
+    old = tmp_path / "old"
+    old.mkdir()
+    summary = json.loads((root / "world.json").read_text())
+    del summary["size_spec"]
+    (old / "world.json").write_text(json.dumps(summary))
+    assert world._is_current(old, "test", 0)
+    summary["tasks"][0]["queries"]["train"] = 40
+    (old / "world.json").write_text(json.dumps(summary))
+    assert not world._is_current(old, "test", 0)
+
+
 def test_summary_matches_the_files(root):
     summary = json.loads((root / "world.json").read_text())
     assert (summary["seed"], summary["size"], summary["generator"]) == (0, "test", "genius.common.world")
