@@ -87,6 +87,26 @@ def stage_fingerprint(cfg: Any, inputs: list[str | os.PathLike], ignore: tuple[s
     return sha256_json({"config": strip(config_to_dict(cfg)), "inputs": [file_fingerprint(p) for p in inputs]})
 
 
+def archive_stale_run(run_dir: str | os.PathLike, names: tuple[str, ...], reason: str) -> Path:
+    """Move a finished or partial run whose config or inputs differ out of the way, into
+    ``run_dir/stale/<time>/`` (never deleted: it may be the run someone wanted)."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = run_dir / "stale" / stamp, 1
+    while target.exists():  # two runs set aside within one second
+        target, n = run_dir / "stale" / f"{stamp}-{n}", n + 1
+    logging.getLogger("genius").warning(
+        "%s was made with a different config or inputs (%s); starting afresh, old files moved to %s",
+        run_dir, reason, target)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if (run_dir / name).exists():
+            shutil.move(str(run_dir / name), str(target / name))
+    return target
+
+
 def is_up_to_date(out_dir: str | os.PathLike, fingerprint: str) -> bool:
     done = Path(out_dir) / DONE_FILE
     return done.is_file() and json.loads(done.read_text()).get("fingerprint") == fingerprint

@@ -270,6 +270,29 @@ def test_killed_run_resumes_to_the_same_weights(world, monkeypatch):
     assert resumed.stat().st_mtime_ns == before
 
 
+def test_checkpoints_of_another_config_are_set_aside_not_resumed(world):
+    root, _ = world
+    train_gen.train(gen_config(root, "changed", epochs=2))
+    # A finished run, then the YAML changes (a different learning rate): the old checkpoints must
+    # neither be resumed nor block training. The new weights equal a run in an empty folder.
+    changed = gen_config(root, "changed", epochs=2)
+    changed.optim.lr = 0.002
+    path = train_gen.train(changed)
+    fresh = gen_config(root, "fresh", epochs=2)
+    fresh.optim.lr = 0.002
+    reference = torch.load(train_gen.train(fresh))["model"]
+    weights = torch.load(path)["model"]
+    assert all(torch.equal(weights[name], reference[name]) for name in reference)
+    (stale,) = (root / "changed" / "stale").iterdir()
+    assert {"generator.pt", "checkpoints", "done.json"} <= {p.name for p in stale.iterdir()}
+    # Logging cadence is not part of the run: changing it neither retrains nor sets anything aside.
+    before = path.stat().st_mtime_ns
+    relogged = gen_config(root, "changed", epochs=2, log_every=2)
+    relogged.optim.lr = 0.002
+    train_gen.train(relogged)
+    assert path.stat().st_mtime_ns == before and len(list((root / "changed" / "stale").iterdir())) == 1
+
+
 def test_setting_yamls_load_and_large_has_the_paper_settings():
     configs = {s: load_config(train_gen.TrainGenConfig, REPO / f"configs_scripts/{s}/train_gen.yaml")
                for s in ("tiny", "demo", "large")}

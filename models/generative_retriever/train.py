@@ -37,6 +37,7 @@ from genius.common.config import config_to_dict, resolve_path
 from genius.common.distributed import (
     DistInfo,
     all_reduce_mean,
+    barrier,
     cleanup,
     init_distributed,
     seed_everything,
@@ -50,7 +51,9 @@ from genius.common.pairs import (
 )
 from genius.common.plots import plot_training_curves
 from genius.common.stage import (
+    DONE_FILE,
     MetricsLog,
+    archive_stale_run,
     is_up_to_date,
     mark_done,
     parse_stage_config,
@@ -153,7 +156,9 @@ def train(cfg: TrainGenConfig) -> Path:
     out_dir = resolve_path(cfg.out_dir)
     rq, rq_print = load_frozen_rq(resolve_path(cfg.data.rq), info.device)
     pairs, queries, pool, inputs = open_training_data(cfg, rq.arch["dim"])
-    fingerprint = stage_fingerprint(cfg, inputs + [resolve_path(cfg.data.rq)])
+    # What the weights depend on: logging and checkpoint cadence do not count.
+    fingerprint = stage_fingerprint(cfg, inputs + [resolve_path(cfg.data.rq)],
+                                    ignore=("device", "force", "log_every", "checkpoint_every", "keep_checkpoints"))
     if is_up_to_date(out_dir, fingerprint) and not cfg.train.force:
         log.info("%s is up to date with its config and inputs; skipping (set train.force=true to retrain)", out_dir)
         return out_dir / "generator.pt"
@@ -161,7 +166,7 @@ def train(cfg: TrainGenConfig) -> Path:
     steps_per_epoch = batches_per_epoch(len(pairs), cfg.train.batch_size, info.world_size)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(pairs)} training pairs give no full batch of {cfg.train.batch_size} x {info.world_size}")
-    resume = load_resume_state(out_dir, rq_print, cfg.train.batch_size * info.world_size)
+    resume = load_resume_state(out_dir, fingerprint, rq_print, cfg.train.batch_size * info.world_size, info)
     generator = (IDGenerator(resume["arch"]) if resume else new_generator(cfg.model, rq)).to(info.device)
     optimizer, scheduler = make_optimizer(generator, cfg.optim, steps_per_epoch * cfg.train.epochs)
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.amp and info.device.type == "cuda")
@@ -182,7 +187,7 @@ def train(cfg: TrainGenConfig) -> Path:
             if step % cfg.train.log_every == 0 or step % steps_per_epoch == 0:
                 metrics.write(epoch=epoch, step=step, lr=scheduler.get_last_lr()[0], **window.flush())
         if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
-            save_checkpoint(out_dir, epoch, generator, optimizer, scheduler, scaler, rq_print, info, cfg)
+            save_checkpoint(out_dir, epoch, generator, optimizer, scheduler, scaler, rq_print, fingerprint, info, cfg)
     final = out_dir / "generator.pt"
     if info.is_main:
         save_generator(final, generator, config_to_dict(cfg), rq_print)
@@ -308,12 +313,13 @@ def _rng_states(info: DistInfo) -> list[dict]:
 
 
 def save_checkpoint(out_dir: Path, epoch: int, generator: IDGenerator, optimizer, scheduler, scaler,
-                    rq_print: str, info: DistInfo, cfg: TrainGenConfig) -> None:
+                    rq_print: str, fingerprint: str, info: DistInfo, cfg: TrainGenConfig) -> None:
     states = _rng_states(info)
     if not info.is_main:
         return
     save_training_checkpoint(out_dir, epoch, {
-        "model": generator.state_dict(), "arch": generator.arch, "rq": rq_print, "optimizer": optimizer.state_dict(),
+        "model": generator.state_dict(), "arch": generator.arch, "rq": rq_print, "run": fingerprint,
+        "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": states,
         "global_batch": cfg.train.batch_size * info.world_size,
     })
@@ -321,19 +327,26 @@ def save_checkpoint(out_dir: Path, epoch: int, generator: IDGenerator, optimizer
         checkpoint_file(out_dir, old).unlink(missing_ok=True)
 
 
-def load_resume_state(out_dir: Path, rq_print: str, global_batch: int) -> dict | None:
-    """The last training checkpoint in ``out_dir``, if any.
+def load_resume_state(out_dir: Path, fingerprint: str, rq_print: str, global_batch: int, info: DistInfo) -> dict | None:
+    """The last training checkpoint of this same run in ``out_dir``, if any.
 
-    Refuses one made with another rq.pt, or with another global batch (batch_size x processes):
-    that would change the step count the learning-rate schedule was laid out for.
+    A run of another config, other training data or another rq.pt is set aside (moved to
+    ``out_dir/stale/``) and training starts afresh. The same run with another global batch
+    (batch_size x processes) is refused: it would change the step count the learning-rate
+    schedule was laid out for.
     """
     path = latest_checkpoint(out_dir)
     if path is None:
         return None
     state = load_own_checkpoint(path)
-    if state["rq"] != rq_print:
-        raise ValueError(f"{path} was trained with a different stage-1 model than data.rq; "
-                         f"delete {path.parent} or choose another out_dir")
+    if state.get("run") != fingerprint or state["rq"] != rq_print:
+        reason = "stage-1 model changed" if state["rq"] != rq_print else "config or training data changed"
+        barrier()  # every rank has read the old checkpoint before rank 0 moves it
+        if info.is_main:
+            archive_stale_run(out_dir, ("checkpoints", "generator.pt", "metrics.jsonl", "config.yaml", DONE_FILE,
+                                        "training_curves.png"), reason)
+        barrier()
+        return None
     if state["global_batch"] != global_batch:
         raise ValueError(f"{path} was trained with a global batch of {state['global_batch']} (batch_size x processes), "
                          f"this run has {global_batch}; set train.batch_size to keep the global batch to resume")

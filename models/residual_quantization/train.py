@@ -18,9 +18,7 @@ genius.models.residual_quantization.train --config F`` (``train.batch_size`` is 
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -56,6 +54,7 @@ from genius.common.pairs import (
 from genius.common.plots import plot_training_curves
 from genius.common.stage import (
     MetricsLog,
+    archive_stale_run,
     parse_stage_config,
     progress_disabled,
     record_run,
@@ -232,20 +231,10 @@ def resumable_checkpoint(run_dir: Path, identity: dict, info: DistInfo) -> dict 
         return checkpoint
     barrier()  # every rank has read the old run before rank 0 moves it
     if info.is_main:
-        archive_run(run_dir, _describe_change(recorded or {"config": {}}, identity))
+        archive_stale_run(run_dir, ("rq.pt", "checkpoints", "metrics.jsonl", "config.yaml"),
+                          _describe_change(recorded or {"config": {}}, identity))
     barrier()
     return None
-
-
-def archive_run(run_dir: Path, reason: str) -> None:
-    """Move a finished or partial run whose config/inputs differ out of the way (never delete it)."""
-    target = run_dir / "stale" / time.strftime("%Y%m%d-%H%M%S")
-    log.warning("%s was made with a different config or inputs (%s); starting afresh, old files moved to %s",
-                run_dir, reason, target)
-    target.mkdir(parents=True, exist_ok=True)
-    for name in ("rq.pt", "checkpoints", "metrics.jsonl", "config.yaml"):
-        if (run_dir / name).exists():
-            shutil.move(str(run_dir / name), str(target / name))
 
 
 def restore(checkpoint: dict, model, optimizer, scheduler, scaler, info: DistInfo) -> int:
