@@ -103,7 +103,12 @@ def test_universal_pool_modality(tiny_run):
     metrics = json.loads((root / "results/tiny/metrics.json").read_text())
     shares = [s["target_modality_share"] for s in metrics["decoding"] if s["pool_kind"] == "universal"]
     assert len(shares) == 8
-    assert np.mean(shares) >= 0.75, shares  # level 0 routes most results to the asked-for modality
+    print("universal-pool target modality share per query file:", [round(x, 4) for x in shares])
+    # Every query file has the same number of queries and GENIUS returns 10 candidates for each,
+    # so the mean is the share over all returned candidates. Level 0 with the tiny setting's
+    # modality_threshold (0.1) routes them; four world seeds gave 99.7-100%.
+    assert np.mean(shares) >= 0.99, shares
+    assert min(shares) >= 0.95, shares
 
 
 @pytest.mark.slow
