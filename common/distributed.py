@@ -30,8 +30,12 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the torchrun process group if launched by torchrun; otherwise a world of one."""
+def init_distributed(device: str = "auto", cpu_threads: int | None = None) -> DistInfo:
+    """Join the torchrun process group if launched by torchrun; otherwise a world of one.
+
+    ``cpu_threads``: torch threads per process when running on the CPU (None: torch's default,
+    one per core). On shared cores fewer threads can be much faster: an op with a descheduled
+    thread waits for it."""
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but no GPU is available; use device: cpu or auto")
@@ -45,6 +49,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
+        if cpu_threads:
+            torch.set_num_threads(cpu_threads)
     return DistInfo(rank, world_size, local_rank, dev)
 
 

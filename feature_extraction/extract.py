@@ -430,9 +430,7 @@ def union_sources(union_ids: np.ndarray, stores: list[EmbeddingStore], source: P
 
 # ---- entry point ---------------------------------------------------------------------------
 def extract(cfg: ExtractConfig) -> None:
-    dist = init_distributed(cfg.runtime.device)
-    if cfg.runtime.cpu_threads and dist.device.type == "cpu":
-        torch.set_num_threads(cfg.runtime.cpu_threads)
+    dist = init_distributed(cfg.runtime.device, cfg.runtime.cpu_threads)
     try:
         jobs, union_job = plan_jobs(cfg)
         encoder = build_encoder(cfg.encoder, dist.device)

@@ -370,7 +370,7 @@ def _is_done(run_dir: Path, key: dict) -> bool:
 
 # ---- training ------------------------------------------------------------------------------
 def train(cfg: TrainClipConfig) -> Path:
-    dist = init_distributed(cfg.runtime.device)
+    dist = init_distributed(cfg.runtime.device, cfg.runtime.cpu_threads)
     try:
         return _train(cfg, dist)
     finally:
@@ -378,8 +378,6 @@ def train(cfg: TrainClipConfig) -> Path:
 
 
 def _train(cfg: TrainClipConfig, dist) -> Path:
-    if cfg.runtime.cpu_threads and dist.device.type == "cpu":
-        torch.set_num_threads(cfg.runtime.cpu_threads)
     run_dir = resolve_path(cfg.output.run_dir)
     key = json.loads(json.dumps(inputs_key(cfg)))  # as it reads back from a checkpoint
     if _is_done(run_dir, key):

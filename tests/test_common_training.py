@@ -134,3 +134,16 @@ def test_training_curves_png(tmp_path):
     out = plot_training_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png", "test")
     assert out == tmp_path / "curves.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_training_curves(tmp_path / "none.jsonl", tmp_path / "empty.png", "empty") is None
+
+
+def test_init_distributed_applies_cpu_threads():
+    from genius.common.distributed import init_distributed
+
+    before = torch.get_num_threads()
+    try:
+        assert init_distributed("cpu", cpu_threads=3).device.type == "cpu"
+        assert torch.get_num_threads() == 3
+        init_distributed("cpu")  # None keeps whatever is set
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

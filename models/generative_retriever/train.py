@@ -132,6 +132,7 @@ class TrainConfig:
     batch_size: int = 256  # per process
     seed: int = 2023
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    cpu_threads: int | None = None  # torch threads on CPU (null: torch's default, one per core)
     amp: bool = True  # fp16 autocast + GradScaler (GPU only)
     log_every: int = 50  # steps
     checkpoint_every: int = 1  # epochs
@@ -152,13 +153,14 @@ class TrainGenConfig:
 # ---- the loop -------------------------------------------------------------------------------
 def train(cfg: TrainGenConfig) -> Path:
     """Train (or resume, or skip when up to date); returns the path of ``generator.pt``."""
-    info = init_distributed(cfg.train.device)
+    info = init_distributed(cfg.train.device, cfg.train.cpu_threads)
     out_dir = resolve_path(cfg.out_dir)
     rq, rq_print = load_frozen_rq(resolve_path(cfg.data.rq), info.device)
     pairs, queries, pool, inputs = open_training_data(cfg, rq.arch["dim"])
     # What the weights depend on: logging and checkpoint cadence do not count.
     fingerprint = stage_fingerprint(cfg, inputs + [resolve_path(cfg.data.rq)],
-                                    ignore=("device", "force", "log_every", "checkpoint_every", "keep_checkpoints"))
+                                    ignore=("device", "cpu_threads", "force", "log_every", "checkpoint_every",
+                                            "keep_checkpoints"))
     if is_up_to_date(out_dir, fingerprint) and not cfg.train.force:
         log.info("%s is up to date with its config and inputs; skipping (set train.force=true to retrain)", out_dir)
         return out_dir / "generator.pt"

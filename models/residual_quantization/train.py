@@ -130,6 +130,7 @@ class TrainConfig:
     stop_after_epochs: int | None = None  # end this run early (as if killed) once this many epochs are done
     log_every: int = 50  # steps
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    cpu_threads: int | None = None  # torch threads on CPU (null: torch's default, one per core)
 
     def validate(self) -> None:
         positive = {"batch_size": self.batch_size, "epochs": self.epochs, "save_every": self.save_every,
@@ -155,7 +156,8 @@ class RQTrainConfig:
 
 
 # Keys that do not change what a run computes: a resumed run may differ in them.
-NON_SEMANTIC_KEYS = ("out_dir", "train.save_every", "train.stop_after_epochs", "train.log_every", "train.device")
+NON_SEMANTIC_KEYS = ("out_dir", "train.save_every", "train.stop_after_epochs", "train.log_every", "train.device",
+                     "train.cpu_threads")
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -377,7 +379,7 @@ def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 def train(cfg: RQTrainConfig) -> Path | None:
     """Run (or resume) training; returns the final ``rq.pt`` path, or None when stopped early."""
     owns_group = not (dist.is_available() and dist.is_initialized())
-    info = init_distributed(cfg.train.device)
+    info = init_distributed(cfg.train.device, cfg.train.cpu_threads)
     try:
         return _train(cfg, info)
     finally:
