@@ -33,6 +33,16 @@ from genius.common.io import atomic_dir, atomic_path, file_fingerprint
 
 FORMAT_VERSION = 1
 ARRAYS = ("ids", "img", "txt", "img_mask", "txt_mask", "modality", "target_modality")
+_FIXED_DTYPES = {"ids": np.int64, "img_mask": np.uint8, "txt_mask": np.uint8, "modality": np.int8,
+                 "target_modality": np.int8}
+
+
+def array_dtype(name: str, vector_dtype: str) -> np.dtype:
+    """The stored dtype of array ``name``: fixed for ids, masks and modalities; the store's dtype
+    (fp16 by default) for the img and txt vectors."""
+    return np.dtype(_FIXED_DTYPES.get(name, vector_dtype))
+
+
 _PART_RE = re.compile(r"^part-(\d{10})-(\d{10})\.npz$")
 
 
@@ -63,26 +73,11 @@ class StoreArrays:
         return self.img.shape[1]
 
     def cast(self, dtype: str) -> "StoreArrays":
-        return StoreArrays(
-            ids=np.asarray(self.ids, dtype=np.int64),
-            img=np.asarray(self.img, dtype=dtype),
-            txt=np.asarray(self.txt, dtype=dtype),
-            img_mask=np.asarray(self.img_mask, dtype=np.uint8),
-            txt_mask=np.asarray(self.txt_mask, dtype=np.uint8),
-            modality=np.asarray(self.modality, dtype=np.int8),
-            target_modality=np.asarray(self.target_modality, dtype=np.int8),
-        )
-
-    @staticmethod
-    def concat(parts: list["StoreArrays"]) -> "StoreArrays":
-        return StoreArrays(**{name: np.concatenate([getattr(p, name) for p in parts]) for name in ARRAYS})
+        """The arrays in their stored dtypes, with ``dtype`` for the vectors."""
+        return StoreArrays(**{name: np.asarray(getattr(self, name), dtype=array_dtype(name, dtype)) for name in ARRAYS})
 
     def take(self, rows: np.ndarray) -> "StoreArrays":
         return StoreArrays(**{name: np.asarray(getattr(self, name)[rows]) for name in ARRAYS})
-
-
-ARRAY_DTYPES = {"ids": np.int64, "img_mask": np.uint8, "txt_mask": np.uint8, "modality": np.int8,
-                "target_modality": np.int8}  # img and txt: the store's dtype
 
 
 def write_store(path: str | os.PathLike, arrays: StoreArrays, *, encoder: str, kind: str,
@@ -111,7 +106,7 @@ def store_writer(path: str | os.PathLike, count: int, dim: int, *, encoder: str,
         raise ValueError(f"store kind must be 'query' or 'candidate', got {kind!r}")
     with atomic_dir(path) as tmp:
         def array(name: str, shape: tuple[int, ...]) -> np.ndarray:
-            return np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=ARRAY_DTYPES.get(name, dtype),
+            return np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=array_dtype(name, dtype),
                                              shape=shape)
 
         out = StoreArrays(**{name: array(name, (count, dim) if name in ("img", "txt") else (count,))

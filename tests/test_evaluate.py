@@ -15,7 +15,7 @@ import torch
 from genius.common.config import ConfigError, load_config
 from genius.common.fusion import score_fusion
 from genius.common.mbeir import MODALITY_CODE, TASKS
-from genius.common.store import StoreArrays, store_path, write_store
+from genius.common.store import ARRAYS, StoreArrays, store_path, write_store
 from genius.models.generative_retriever.evaluate import (
     EvalConfig,
     EvalFile,
@@ -103,7 +103,7 @@ def make_world(tmp: Path, seed: int = 0) -> EvalConfig:
 
     union = data / "cand_pool" / "global" / "mbeir_union_test_cand_pool.jsonl"
     _write_jsonl(union, union_rows)
-    merged = StoreArrays.concat([pools[0][0], pools[3][0]])
+    merged = StoreArrays(**{name: np.concatenate([getattr(pools[k][0], name) for k in (0, 3)]) for name in ARRAYS})
     write_store(store_path(stores, ENCODER, "cand", union), merged, encoder=ENCODER, kind="candidate", source=union)
     _write_codes(rq_run, union, merged.ids, np.concatenate([pools[0][1], pools[3][1]]))
     return EvalConfig(paths=PathsConfig(data_root=str(data), stores_root=str(stores), encoder=ENCODER, rq_run=str(rq_run),
