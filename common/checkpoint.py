@@ -70,6 +70,13 @@ def training_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [p for *_, p in sorted(found)]
 
 
+def remove_step_checkpoints(run_dir: str | os.PathLike, keep: Path) -> None:
+    """Delete the run's mid-epoch checkpoints except ``keep``: only the newest is ever resumed from."""
+    for path in training_checkpoints(run_dir):
+        if path != keep and _CHECKPOINT_RE.match(path.name)[2] is not None:
+            path.unlink(missing_ok=True)
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     found = training_checkpoints(run_dir)
     return found[-1] if found else None

@@ -16,7 +16,7 @@ Outputs in ``output.run_dir``: ``checkpoints/epoch_XXXX.pt`` (resume state), ``m
 ``config.yaml`` and the final ``clip_sf.pt`` (weights + architecture) that ``genius extract``
 loads. A re-run resumes from the last epoch checkpoint, or does nothing when ``clip_sf.pt`` was
 made from the same config and data; checkpoints of a different config or data are moved to
-``checkpoints.stale`` and training starts over.
+``stale/<time>/`` and training starts over.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,8 +43,8 @@ from genius.common.checkpoint import (
     load_own_checkpoint,
     rng_state,
     save_training_checkpoint,
+    remove_step_checkpoints,
     set_rng_state,
-    training_checkpoints,
 )
 from genius.common.config import config_to_dict, resolve_path
 from genius.common.plots import plot_training_curves
@@ -61,7 +60,15 @@ from genius.common.fusion import score_fusion
 from genius.common.io import atomic_torch_save, file_fingerprint
 from genius.common.mbeir import hash_did, iter_candidates, load_queries, target_modality
 from genius.common.pairs import TrainingPairs, batches_per_epoch
-from genius.common.stage import MetricsLog, parse_stage_config, progress_disabled, record_run, setup_logging, stage_parser
+from genius.common.stage import (
+    MetricsLog,
+    archive_stale_run,
+    parse_stage_config,
+    progress_disabled,
+    record_run,
+    setup_logging,
+    stage_parser,
+)
 from genius.feature_extraction.clip_model import (
     ImagePreprocess,
     ImageReader,
@@ -354,11 +361,7 @@ def _resume_state(run_dir: Path, key: dict, is_main: bool) -> dict | None:
         return state
     barrier()  # every rank has read the directory before rank 0 moves it
     if is_main:
-        stale = run_dir / "checkpoints.stale"
-        log.warning("%s holds checkpoints of a different config or data; moving them to %s and starting over",
-                    run_dir, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-        (run_dir / "checkpoints").rename(stale)
+        archive_stale_run(run_dir, ("checkpoints",), "config or training data changed")
     barrier()
     return None
 
@@ -432,9 +435,7 @@ def _train(cfg: TrainClipConfig, dist) -> Path:
                 "model": model.clip.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
                 "inputs": key}, step=step)
-            for old in training_checkpoints(run_dir):
-                if old != path and "_step_" in old.name:
-                    old.unlink(missing_ok=True)
+            remove_step_checkpoints(run_dir, keep=path)
         barrier()
 
     for epoch in range(start_epoch, cfg.optim.epochs):

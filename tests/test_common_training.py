@@ -11,7 +11,7 @@ import torch
 
 from genius.common.checkpoint import (
     CheckpointMismatchError, latest_checkpoint, load_official_checkpoint, load_state_dict_strict,
-    save_training_checkpoint,
+    remove_step_checkpoints, save_training_checkpoint,
 )
 from genius.common.pairs import batches_per_epoch, iterate_batches, load_training_pairs
 from genius.common.store import EmbeddingStore, StoreArrays, write_store
@@ -72,6 +72,9 @@ def test_latest_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path).name == "epoch_0011_step_0000500.pt" and (state["epoch"], state["step"]) == (11, 500)
     save_training_checkpoint(tmp_path, 11, {"model": {}})
     assert latest_checkpoint(tmp_path).name == "epoch_0011.pt"
+    remove_step_checkpoints(tmp_path, keep=tmp_path / "checkpoints" / "epoch_0011_step_0000040.pt")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "epoch_0000.pt", "epoch_0002.pt", "epoch_0010.pt", "epoch_0011.pt", "epoch_0011_step_0000040.pt"]
 
 
 @pytest.fixture

@@ -303,3 +303,10 @@ def test_training_resumes_exactly_and_two_processes_match_one(world, tmp_path, m
         torch.testing.assert_close(tensor, expected, rtol=1e-4, atol=2e-5, msg=name)
     moved = sum(float((reference[n] - start[n]).abs().max()) for n in reference)
     assert moved > 0.1  # the comparison is between trained weights, not two untouched copies
+
+    # Another config in the same run directory: the old checkpoints are set aside, not resumed.
+    assert train_clip.main(train_args(world, one, "optim.epochs=1", "optim.warmup_steps=0", "optim.lr=0.001",
+                                      f"data.train_queries={subset}", "optim.batch_size=32")) == 0
+    (archived,) = (one / "stale").iterdir()
+    assert sorted(p.name for p in (archived / "checkpoints").iterdir()) == ["epoch_0000.pt", "epoch_0001.pt"]
+    assert sorted(p.name for p in (one / "checkpoints").iterdir()) == ["epoch_0000.pt"]
