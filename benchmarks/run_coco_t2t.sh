@@ -3,9 +3,4 @@
 # (see coco_t2t.py). Writes benchmarks/out/coco_t2t/coco_t2t_<split>.{md,csv,json,png}; about 20-30 minutes on
 # 2 shared cores (the caption embeddings are cached, finished stages are skipped on a re-run).
 # Usage: bash benchmarks/run_coco_t2t.sh [--split test|val] [--levels 3 --codebook 64] [--captions FILE] [--help]
-set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
-python="$here/../.venv/bin/python"
-[ -x "$python" ] || python=python3
-cd "$here/.."
-exec "$python" benchmarks/coco_t2t.py "$@"
+exec bash "$(dirname "${BASH_SOURCE[0]}")/run.sh" coco_t2t "$@"
