@@ -4,48 +4,133 @@ Checks every line of every query and candidate file (schema, modality strings, i
 that positives exist in the pool the query is evaluated against and have the task's modality,
 that qrels agree with the query files, that instructions exist for every query kind used, and
 that every referenced image exists. Each problem is printed as ``file:line: what is wrong``;
-the exit status is 0 only when nothing is wrong.
+informational lines (counts of what M-BEIR does on purpose) are printed too, and the exit status
+is 0 only when nothing is wrong.
+
+M-BEIR as published (TIGER-Lab/M-BEIR on Hugging Face, built by TIGER-AI-Lab/UniIR) passes:
+
+- Up-sampled training file. ``query/union_train/mbeir_union_up_train.jsonl`` joins the ten train
+  files and up-samples WebQA, EDIS, NIGHTS, FashionIQ and CIRR with replacement (UniIR
+  ``src/data/mbeir_data_generator.py``, ``--unify_and_upsample_train_data``), so a qid can occur
+  many times there, each time as an exact copy. In a ``query/union_train/`` file such repeats are
+  counted, and only a repeat whose record differs from the qid's first line is a problem; in every
+  other file a repeated qid is a problem.
+- OVEN/InfoSeek cross-dataset positives. Both datasets describe the same Wikipedia entities. UniIR's
+  preprocessors append to each OVEN query the InfoSeek candidates of its entity, and to each
+  InfoSeek query the OVEN candidates with the same text, image and modality
+  (``src/data/preprocessing/oven_data_preprocessor.py --assign_did_from_infoseek_cand_pool``,
+  ``infoseek_data_preprocessor.py --assign_did_from_oven_cand_pool``). Local pools hold one
+  dataset each, so these positives are not in the query's local pool; they are in the other
+  dataset's local pool and therefore in the union pools. UniIR keeps them:
+  - the qrels are written from every entry of ``pos_cand_list`` (``mbeir_data_generator.py
+    --generate_qrels``);
+  - Recall@k counts a hit when any qrels positive is retrieved (``src/common/mbeir_retriever.py``,
+    ``compute_recall_at_k``), so they can only score in the union pool;
+  - only the eval-time instruction lookup ignores them: ``MBEIRMainDataset.__getitem__`` in
+    ``src/data/mbeir_dataset.py`` keeps the positives of the query's own dataset in eval mode.
+  check-data therefore looks such a positive up in the split's union pool when the query's own
+  pool lacks it (without a union pool: in the split's other local pools) and counts it. It is a
+  problem only when it is missing there too or has the wrong modality.
+- The older revision's ``cand_pool/union_pool/`` is read like ``cand_pool/global/``.
+- Qrels. Every query file is compared with ``qrels/<split>/<file stem>_qrels.txt``. M-BEIR ships
+  train qrels per dataset and val/test qrels per (dataset, task), none for the union files. A
+  missing test qrels file is a problem; a missing train/val one that M-BEIR ships is only noted,
+  since only evaluation on that file needs it.
+
+One bad row gives one problem. The id of a pool or query row that failed validation (or is not
+JSON) is remembered when it can still be read. Positives pointing at that candidate, and qrels
+lines of that query, are then not reported again; likewise a bad qrels line's query is not
+compared with its query file.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from genius.common.mbeir import (
-    MODALITIES, TASKS, DataFormatError, Instructions, candidate_problems, hash_did, load_qrels,
-    parse_query_file_name, query_problems,
+    DID_BASE, MBEIR_DATASET_IDS, MBEIR_EVAL_TASKS, MODALITIES, QID_BASE, TASKS, UNION_POOL_DIRS,
+    DataFormatError, Instructions, candidate_problems, hash_did, load_qrels, parse_id,
+    parse_query_file_name, query_problems, union_pool_path,
 )
+
+SPLITS = ("train", "val", "test")
+# (query dataset, positive dataset) pairs M-BEIR links on purpose (see the module docstring).
+_OVEN, _INFOSEEK = MBEIR_DATASET_IDS["oven"], MBEIR_DATASET_IDS["infoseek"]
+CROSS_DATASET_PAIRS = {(_OVEN, _INFOSEEK), (_INFOSEEK, _OVEN)}
+_MBEIR_TRAIN_FILE = re.compile(r"^mbeir_(?P<dataset>[a-z0-9]+)_train\.jsonl$")
+_NOT_JSON = object()  # stands for a line that is not valid JSON (already reported)
 
 
 @dataclass
 class Report:
     root: Path
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     files_checked: int = 0
 
+    def rel(self, path: Path) -> str:
+        return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
+
     def add(self, path: Path, line: int | None, message: str) -> None:
-        where = str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
-        self.problems.append(f"{where}:{line}: {message}" if line else f"{where}: {message}")
+        self.problems.append(f"{self.rel(path)}:{line}: {message}" if line else f"{self.rel(path)}: {message}")
+
+    def note(self, path: Path, message: str) -> None:
+        self.notes.append(f"{self.rel(path)}: {message}")
 
 
 @dataclass
 class PoolInfo:
-    modality: dict[int, str]  # hashed did -> modality
+    label: str  # how messages name the pool
+    modality: dict[int, str] = field(default_factory=dict)  # hashed did -> modality, valid rows
+    invalid: set[int] = field(default_factory=set)  # hashed dids of rows already reported as bad
+
+
+@dataclass
+class QueryRow:
+    line: int  # of the qid's first occurrence
+    positives: set[str]  # of all its rows, as qrels written from the file would list them
+    task: int | None
+    digest: int | None  # of the whole record; kept only where up-sampled repeats are allowed
+
+
+@dataclass
+class QueryFile:
+    rows: dict[str, QueryRow] = field(default_factory=dict)
+    invalid: set[str] = field(default_factory=set)  # qids of rows already reported as bad
 
 
 def _records(path: Path, report: Report):
-    """(line, object) for every line that is valid JSON; bad lines become problems."""
+    """(line, object or _NOT_JSON, raw line) for every non-blank line; bad JSON becomes a problem."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
+                obj = json.loads(line)
             except json.JSONDecodeError as err:
                 report.add(path, lineno, f"not valid JSON ({err.msg} at column {err.colno})")
+                obj = _NOT_JSON
+            yield lineno, obj, line
+
+
+def _row_id(obj: object, line: str, key: str, base: int) -> str | None:
+    """The id of a row that failed validation, if it can still be read (from the raw line when the
+    JSON is broken), so that what points at the row is not reported a second time."""
+    if isinstance(obj, dict):
+        value = obj.get(key)
+    else:
+        match = re.search(rf'"{key}"\s*:\s*"([^"]*)"', line)
+        value = match.group(1) if match else None
+    try:
+        parse_id(value, base, key)
+    except ValueError:
+        return None
+    return value
 
 
 def _check_image(root: Path, rel: object, path: Path, lineno: int, report: Report) -> None:
@@ -54,20 +139,36 @@ def _check_image(root: Path, rel: object, path: Path, lineno: int, report: Repor
 
 
 def check_pool(path: Path, report: Report) -> PoolInfo:
-    modality: dict[int, str] = {}
-    for lineno, obj in _records(path, report):
-        problems = candidate_problems(obj)
+    info = PoolInfo(report.rel(path))
+    for lineno, obj, line in _records(path, report):
+        problems = [] if obj is _NOT_JSON else candidate_problems(obj)
         for problem in problems:
             report.add(path, lineno, problem)
-        if problems:
+        if obj is _NOT_JSON or problems:
+            did = _row_id(obj, line, "did", DID_BASE)
+            if did is not None:
+                info.invalid.add(hash_did(did))
             continue
         did = hash_did(obj["did"])
-        if did in modality:
+        if did in info.modality:
             report.add(path, lineno, f"did {obj['did']} appears more than once in this pool")
-        modality[did] = obj["modality"]
+            continue
+        info.modality[did] = obj["modality"]
         _check_image(report.root, obj.get("img_path"), path, lineno, report)
     report.files_checked += 1
-    return PoolInfo(modality)
+    return info
+
+
+def query_split(query_file: Path) -> str | None:
+    """train, val or test: from the file name, else its folder (``union_train`` -> train)."""
+    parsed = parse_query_file_name(query_file)
+    if parsed:
+        return parsed[2]
+    folder = query_file.parent.name.removeprefix("union_")
+    if folder in SPLITS:
+        return folder
+    suffix = query_file.stem.rsplit("_", 1)[-1]
+    return suffix if suffix in SPLITS else None
 
 
 def pool_for_query_file(root: Path, query_file: Path) -> Path | None:
@@ -76,9 +177,11 @@ def pool_for_query_file(root: Path, query_file: Path) -> Path | None:
     test: its local pool (MSCOCO's is named ..._test_cand_pool); val: a ..._val_cand_pool, else the
     union val pool, else the local pool; train (and union files): the split's union pool.
     """
+    split = query_split(query_file)
+    if split is None:
+        return None
     parsed = parse_query_file_name(query_file)
-    split = parsed[2] if parsed else query_file.parent.name.removeprefix("union_")
-    local, union = root / "cand_pool" / "local", root / "cand_pool" / "global" / f"mbeir_union_{split}_cand_pool.jsonl"
+    union, local = union_pool_path(root, split), root / "cand_pool" / "local"
     candidates = [union]
     if parsed and split != "train":
         stem = f"mbeir_{parsed[0]}_task{parsed[1]}"
@@ -87,61 +190,136 @@ def pool_for_query_file(root: Path, query_file: Path) -> Path | None:
     return next((path for path in candidates if path.is_file()), None)
 
 
-def check_queries(path: Path, pool: PoolInfo | None, pool_path: Path | None, instructions: Instructions | None,
-                  report: Report) -> dict[str, tuple[int, set[str], int | None]]:
-    """Validate a query file; returns qid -> (line, positives, task id) for the qrels check."""
-    seen: dict[str, tuple[int, set[str], int | None]] = {}
-    for lineno, obj in _records(path, report):
-        problems = query_problems(obj)
+def check_queries(path: Path, pool: PoolInfo | None, instructions: Instructions | None, report: Report,
+                  cross_pool: PoolInfo | None = None) -> QueryFile:
+    """Validate a query file against its pool; ``cross_pool`` is where OVEN/InfoSeek positives
+    missing from ``pool`` are looked up. Returns what the qrels check needs."""
+    upsampled = path.parent.name == "union_train"
+    result, cross = QueryFile(), Counter()
+    repeats = conflicting = 0
+    for lineno, obj, line in _records(path, report):
+        problems = [] if obj is _NOT_JSON else query_problems(obj)
         for problem in problems:
             report.add(path, lineno, problem)
-        if problems:
+        if obj is _NOT_JSON or problems:
+            qid = _row_id(obj, line, "qid", QID_BASE)
+            if qid is not None:
+                result.invalid.add(qid)
             continue
         qid, task = obj["qid"], obj.get("task_id")
-        if qid in seen:
-            report.add(path, lineno, f"qid {qid} appears more than once in this file (first on line {seen[qid][0]})")
-        seen[qid] = (lineno, set(obj["pos_cand_list"]), task)
+        # Up-sampled copies are the same record written again, so they compare equal once parsed.
+        digest = hash(json.dumps(obj, sort_keys=True)) if upsampled else None
+        first = result.rows.get(qid)
+        if first is not None:
+            if upsampled and digest == first.digest:
+                repeats += 1
+                continue
+            if upsampled:
+                conflicting += 1
+                report.add(path, lineno, f"qid {qid} repeats line {first.line} with a different record "
+                                         "(up-sampling repeats a query unchanged)")
+            else:
+                report.add(path, lineno, f"qid {qid} appears more than once in this file (first on line {first.line})")
+            first.positives.update(obj["pos_cand_list"])
+            continue
+        result.rows[qid] = QueryRow(lineno, set(obj["pos_cand_list"]), task, digest)
         if not obj["pos_cand_list"]:
             report.add(path, lineno, f"query {qid} has no positive candidate")
         _check_image(report.root, obj.get("query_img_path"), path, lineno, report)
         if pool is not None:
-            _check_positives(obj, pool, pool_path, path, lineno, report)
+            _check_positives(obj, pool, cross_pool, path, lineno, report, cross)
         if instructions is not None and task is not None:
             key = (int(qid.split(":")[0]), obj["query_modality"], TASKS[task][1])
             if key not in instructions.prompts:
                 report.add(path, lineno, f"no instruction for dataset {key[0]}, {key[1]} -> {key[2]} in instructions/query_instructions.tsv")
+    if repeats or conflicting:
+        report.note(path, f"{repeats:,} repeated qids (up-sampling), {conflicting:,} conflicting")
+    for label, count in sorted(cross.items()):
+        where = f"in {label}" if pool is None or label == pool.label else f"not in {pool.label} but in {label}"
+        report.note(path, f"{count:,} cross-dataset positives (OVEN/InfoSeek, kept in the qrels as UniIR does), {where}")
     report.files_checked += 1
-    return seen
+    return result
 
 
-def _check_positives(obj: dict, pool: PoolInfo, pool_path: Path, path: Path, lineno: int, report: Report) -> None:
-    task = obj.get("task_id")
+def _check_positives(obj: dict, pool: PoolInfo, cross_pool: PoolInfo | None, path: Path, lineno: int,
+                     report: Report, cross: Counter) -> None:
+    task, query_dataset = obj.get("task_id"), int(obj["qid"].split(":")[0])
     for did in obj["pos_cand_list"]:
-        modality = pool.modality.get(hash_did(did))
+        hashed = hash_did(did)
+        crossing = (query_dataset, int(did.split(":")[0])) in CROSS_DATASET_PAIRS
+        where = pool
+        if crossing and cross_pool is not None and hashed not in pool.modality and hashed not in pool.invalid:
+            where = cross_pool
+        if hashed in where.invalid:
+            continue  # its pool row was reported already
+        modality = where.modality.get(hashed)
         if modality is None:
-            report.add(path, lineno, f"positive {did} is not in the candidate pool {pool_path.relative_to(report.root)}")
+            also = f" nor in {where.label}" if where is not pool else ""
+            report.add(path, lineno, f"positive {did} is not in the candidate pool {pool.label}{also}")
         elif task is not None and modality != TASKS[task][1]:
             report.add(path, lineno, f"positive {did} has modality {modality!r} but task {task} asks for {TASKS[task][1]!r}")
+        elif crossing:
+            cross[where.label] += 1
 
 
-def check_qrels(path: Path, queries: dict[str, tuple[int, set[str], int | None]], query_file: Path, report: Report) -> None:
-    try:
-        qrels = load_qrels(path)
-    except DataFormatError as err:
-        report.problems.append(str(err).replace(f"{report.root}/", ""))
-        return
+def check_qrels(path: Path, queries: QueryFile, query_file: Path, report: Report) -> None:
+    bad: set[str] = set()  # qids of lines reported as malformed: their queries are not compared
+
+    def malformed(lineno: int, fields: list[str], message: str) -> None:
+        report.add(path, lineno, message)
+        bad.add(fields[0])
+
+    qrels = load_qrels(path, on_error=malformed)
+    relevant, task_of = qrels.relevant, qrels.task_of
     report.files_checked += 1
-    for qid, (lineno, positives, task) in queries.items():
-        relevant = qrels.relevant.get(qid, set())
-        if relevant != positives:
-            missing, extra = sorted(positives - relevant), sorted(relevant - positives)
+    for qid, row in queries.rows.items():
+        if qid in bad:
+            continue
+        listed = relevant.get(qid, set())
+        if listed != row.positives:
+            missing, extra = sorted(row.positives - listed), sorted(listed - row.positives)
             detail = "; ".join(filter(None, [missing and f"missing from qrels: {', '.join(missing)}",
                                              extra and f"only in qrels: {', '.join(extra)}"]))
-            report.add(query_file, lineno, f"positives of {qid} disagree with {path.name} ({detail})")
-        if task is not None and qid in qrels.task_of and qrels.task_of[qid] != task:
-            report.add(path, None, f"qid {qid} has task {qrels.task_of[qid]} in qrels but {task} in {query_file.name}")
-    for qid in sorted(set(qrels.task_of) - set(queries)):
+            report.add(query_file, row.line, f"positives of {qid} disagree with {path.name} ({detail})")
+        if row.task is not None and qid in task_of and task_of[qid] != row.task:
+            report.add(path, None, f"qid {qid} has task {task_of[qid]} in qrels but {row.task} in {query_file.name}")
+    for qid in sorted(set(task_of) - set(queries.rows) - queries.invalid):
         report.add(path, None, f"qid {qid} is not in {query_file.name}")
+
+
+def _mbeir_ships_qrels(query_file: Path, split: str) -> bool:
+    """Whether M-BEIR has a qrels file for this (non-union) train or val query file."""
+    if query_file.parent.name != split:
+        return False
+    if split == "train":
+        match = _MBEIR_TRAIN_FILE.match(query_file.name)
+        return bool(match) and match["dataset"] in MBEIR_EVAL_TASKS
+    parsed = parse_query_file_name(query_file)
+    return bool(parsed) and parsed[1] in MBEIR_EVAL_TASKS.get(parsed[0], ())
+
+
+class _SplitPools:
+    """Where a split's OVEN/InfoSeek positives are looked up: its union pool, or without one the
+    split's local pools together (the union test pool is exactly their concatenation)."""
+
+    def __init__(self, root: Path, pools: dict[Path, PoolInfo]) -> None:
+        self.root, self.pools, self.merged = root, pools, {}
+
+    def get(self, split: str | None) -> PoolInfo | None:
+        if split is None:
+            return None
+        union = union_pool_path(self.root, split)
+        if union in self.pools:
+            return self.pools[union]
+        if split not in self.merged:
+            others = tuple(f"_{other}_cand_pool.jsonl" for other in SPLITS if other != split)
+            merged = PoolInfo("the local pools")
+            for path, info in self.pools.items():
+                if path.parent.name == "local" and not path.name.endswith(others):
+                    merged.modality.update(info.modality)
+                    merged.invalid |= info.invalid
+            self.merged[split] = merged
+        return self.merged[split]
 
 
 def check_root(root: str | Path) -> Report:
@@ -161,22 +339,28 @@ def check_root(root: str | Path) -> Report:
             report.files_checked += 1
         except DataFormatError as err:
             report.problems.append(str(err).replace(f"{root}/", ""))
-    pools: dict[Path, PoolInfo] = {}
-    for pool_file in sorted((root / "cand_pool").glob("*/*.jsonl")):
-        pools[pool_file] = check_pool(pool_file, report)
+    pools = {path: check_pool(path, report) for path in sorted((root / "cand_pool").glob("*/*.jsonl"))}
+    split_pools = _SplitPools(root, pools)
     for query_file in sorted((root / "query").glob("*/*.jsonl")):
+        split = query_split(query_file)
         pool_path = pool_for_query_file(root, query_file)
-        if pool_path is None:
-            report.add(query_file, None, "no candidate pool found for this query file (local pool or union pool of its split)")
-        queries = check_queries(query_file, pools.get(pool_path), pool_path, instructions, report)
-        parsed = parse_query_file_name(query_file)
-        if parsed:
-            dataset, task, split = parsed
-            qrels = root / "qrels" / split / f"mbeir_{dataset}_task{task}_{split}_qrels.txt"
-            if qrels.is_file():
-                check_qrels(qrels, queries, query_file, report)
-            elif split == "test":
-                report.add(qrels, None, f"missing qrels for {query_file.name}")
+        if split is None:
+            report.add(query_file, None, "cannot tell its split: name the file ..._{train,val,test}.jsonl "
+                                         "or put it in query/{train,val,test}/")
+        elif pool_path is None:
+            union = union_pool_path(root, split).name
+            report.add(query_file, None, f"no candidate pool found for this query file: expected its local pool in "
+                                         f"cand_pool/local/ or {union} in {' or '.join(f'{d}/' for d in UNION_POOL_DIRS)}")
+        queries = check_queries(query_file, pools.get(pool_path), instructions, report, split_pools.get(split))
+        if split is None:
+            continue
+        qrels = root / "qrels" / split / f"{query_file.stem}_qrels.txt"
+        if qrels.is_file():
+            check_qrels(qrels, queries, query_file, report)
+        elif split == "test" and query_file.parent.name == "test":
+            report.add(qrels, None, f"missing qrels for {query_file.name}")
+        elif split != "test" and _mbeir_ships_qrels(query_file, split):
+            report.note(qrels, f"not found (M-BEIR ships it; only evaluating on {query_file.name} needs it)")
     return report
 
 
@@ -186,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-problems", type=int, default=200, help="print at most this many problems")
     args = parser.parse_args(argv)
     report = check_root(args.root)
+    for note in report.notes:
+        print(f"note: {note}")
     for problem in report.problems[: args.max_problems]:
         print(problem)
     if len(report.problems) > args.max_problems:

@@ -15,7 +15,7 @@ import zlib
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 
@@ -28,6 +28,12 @@ _ID_RE = re.compile(r"^(\d+):(\d+)$")
 MBEIR_DATASET_IDS = {
     "visualnews": 0, "fashion200k": 1, "webqa": 2, "edis": 3, "nights": 4, "oven": 5,
     "infoseek": 6, "fashioniq": 7, "cirr": 8, "mscoco": 9, "flickr30k": 10,
+}
+# The 16 (dataset, task) pairs M-BEIR evaluates, as task ids per dataset; they name the val/test
+# query files (mbeir_<dataset>_task<k>_<split>.jsonl), their qrels and the local pools.
+MBEIR_EVAL_TASKS = {
+    "visualnews": (0, 3), "fashion200k": (0, 3), "webqa": (1, 2), "edis": (2,), "nights": (4,),
+    "oven": (6, 8), "infoseek": (6, 8), "fashioniq": (7,), "cirr": (7,), "mscoco": (0, 3),
 }
 
 # ---- modalities and tasks -------------------------------------------------------------------
@@ -277,8 +283,27 @@ class Qrels:
     task_of: dict[str, int]  # qid -> task id
 
 
-def load_qrels(path: str | os.PathLike) -> Qrels:
-    """M-BEIR qrels: ``qid 0 did relevance task_id``; relevance > 0 counts as relevant."""
+def parse_qrels_line(parts: list[str]) -> tuple[str, str, int, int]:
+    """The whitespace-split fields of one qrels line -> (qid, did, relevance, task id).
+
+    Raises ValueError saying what is wrong (without file and line, which the caller knows).
+    """
+    if len(parts) != 5:
+        raise ValueError(f"expected 5 fields 'qid 0 did relevance task_id', got {len(parts)}")
+    qid, _, did, rel, task = parts
+    parse_id(qid, QID_BASE, "qid")
+    parse_id(did, DID_BASE, "did")
+    rel_value, task_value = int(rel), int(task)
+    if task_value not in TASKS:
+        raise ValueError(f"task_id {task_value} is not an M-BEIR task id")
+    return qid, did, rel_value, task_value
+
+
+def load_qrels(path: str | os.PathLike, on_error: Callable[[int, list[str], str], None] | None = None) -> Qrels:
+    """M-BEIR qrels: ``qid 0 did relevance task_id``; relevance > 0 counts as relevant.
+
+    A malformed line raises naming file and line, or, with ``on_error(lineno, fields, message)``,
+    is handed to it and skipped (check-data collects every problem instead of stopping)."""
     relevant: dict[str, set[str]] = {}
     task_of: dict[str, int] = {}
     with open(path, encoding="utf-8") as f:
@@ -286,19 +311,15 @@ def load_qrels(path: str | os.PathLike) -> Qrels:
             parts = line.split()
             if not parts:
                 continue
-            if len(parts) != 5:
-                raise DataFormatError(f"{path}:{lineno}: expected 5 fields 'qid 0 did relevance task_id', got {len(parts)}")
-            qid, _, did, rel, task = parts
             try:
-                parse_id(qid, QID_BASE, "qid")
-                parse_id(did, DID_BASE, "did")
-                rel_value, task_value = int(rel), int(task)
+                qid, did, rel, task = parse_qrels_line(parts)
             except ValueError as err:
-                raise DataFormatError(f"{path}:{lineno}: {err}") from None
-            if task_value not in TASKS:
-                raise DataFormatError(f"{path}:{lineno}: task_id {task_value} is not an M-BEIR task id")
-            task_of[qid] = task_value
-            if rel_value > 0:
+                if on_error is None:
+                    raise DataFormatError(f"{path}:{lineno}: {err}") from None
+                on_error(lineno, parts, str(err))
+                continue
+            task_of[qid] = task
+            if rel > 0:
                 relevant.setdefault(qid, set()).add(did)
     return Qrels(relevant, task_of)
 
@@ -386,6 +407,22 @@ def target_modality(query: Query, pool_modality: dict[int, int] | None = None) -
 
 
 # ---- file naming ----------------------------------------------------------------------------
+# Where the union ("global") pools mbeir_union_{train,val,test}_cand_pool.jsonl live: the current
+# M-BEIR revision has cand_pool/global/, an older one called the same folder cand_pool/union_pool/.
+UNION_POOL_DIRS = ("cand_pool/global", "cand_pool/union_pool")
+
+
+def union_pool_path(root: str | os.PathLike, split: str) -> Path:
+    """The union pool of a split under an M-BEIR root, in whichever of UNION_POOL_DIRS holds it.
+
+    When neither does, the current name (under cand_pool/global/) is returned, so a message about
+    the missing file names the folder today's M-BEIR uses.
+    """
+    name = f"mbeir_union_{split}_cand_pool.jsonl"
+    paths = [Path(root) / folder / name for folder in UNION_POOL_DIRS]
+    return next((path for path in paths if path.is_file()), paths[0])
+
+
 _QUERY_FILE = re.compile(r"^mbeir_(?P<dataset>[a-z0-9]+)_task(?P<task>\d+)_(?P<split>train|val|test)\.jsonl$")
 
 

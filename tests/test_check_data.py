@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from genius.common.check_data import check_root
+from genius.common.mbeir import TASKS
 from genius.common.world import write_world
+
+# pytest runs with --import-mode=importlib, which leaves tests/ off sys.path; the layout builder is
+# a plain module next to this file.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mbeir_layout import MBEIRRoot, build_mbeir_root  # noqa: E402
 
 
 @pytest.fixture
@@ -84,3 +90,164 @@ def test_wrong_modality_missing_image_and_bad_qrels(coco_copy):
     assert "query/test/mbeir_mscoco_task3_test.jsonl:4: image mbeir_images/nope.jpg does not exist under " \
            f"{coco_copy.resolve()}" in problems
     assert any(p.startswith("qrels/test/mbeir_mscoco_task3_test_qrels.txt:1: expected 5 fields") for p in problems)
+
+
+# ---- an M-BEIR-shaped root (tests/mbeir_layout.py) ------------------------------------------
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+@pytest.fixture
+def mbeir(tmp_path) -> MBEIRRoot:
+    return build_mbeir_root(tmp_path)
+
+
+@pytest.mark.parametrize("union_dir", ["global", "union_pool"])
+def test_mbeir_shaped_root_is_clean(tmp_path, union_dir):
+    layout = build_mbeir_root(tmp_path, union_dir=union_dir)
+    result = run_cli(layout.root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert layout.repeated_rows > 0
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note: ")]
+    assert f"note: query/union_train/mbeir_union_up_train.jsonl: {layout.repeated_rows:,} repeated qids " \
+           "(up-sampling), 0 conflicting" in notes
+    # OVEN/InfoSeek positives from the other dataset: absent from the local pool, found in the union pool
+    n = layout.cross_positives["query/test/mbeir_oven_task6_test.jsonl"]
+    assert n > 0
+    assert f"note: query/test/mbeir_oven_task6_test.jsonl: {n} cross-dataset positives (OVEN/InfoSeek, kept in " \
+           "the qrels as UniIR does), not in cand_pool/local/mbeir_oven_task6_cand_pool.jsonl but in " \
+           f"cand_pool/{union_dir}/mbeir_union_test_cand_pool.jsonl" in notes
+    assert result.stdout.splitlines()[-1].startswith("OK")
+
+
+@pytest.mark.parametrize("rel", ["query/test/mbeir_nights_task4_test.jsonl", "query/train/mbeir_webqa_train.jsonl"])
+def test_repeated_qid_outside_union_train_is_a_problem(mbeir, rel):
+    path = mbeir.root / rel
+    rows = lines(path)
+    path.write_text("\n".join(rows + rows[:1]) + "\n")
+    qid = json.loads(rows[0])["qid"]
+    assert check_root(mbeir.root).problems == [
+        f"{rel}:{len(rows) + 1}: qid {qid} appears more than once in this file (first on line 1)"]
+
+
+def test_conflicting_repeat_in_union_train_is_a_problem(mbeir):
+    path = mbeir.root / "query/union_train/mbeir_union_up_train.jsonl"
+    rows = [json.loads(line) for line in lines(path)]
+    first_line: dict[str, int] = {}
+    for lineno, row in enumerate(rows, 1):
+        if row["qid"] in first_line:
+            break
+        first_line[row["qid"]] = lineno
+    rows[lineno - 1]["query_src_content"] = json.dumps({"edited": True})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = check_root(mbeir.root)
+    assert report.problems == [
+        f"query/union_train/mbeir_union_up_train.jsonl:{lineno}: qid {row['qid']} repeats line "
+        f"{first_line[row['qid']]} with a different record (up-sampling repeats a query unchanged)"]
+    assert f"query/union_train/mbeir_union_up_train.jsonl: {mbeir.repeated_rows - 1:,} repeated qids " \
+           "(up-sampling), 1 conflicting" in report.notes
+
+
+def test_train_qrels_are_checked(mbeir):
+    qrels = mbeir.root / "qrels/train/mbeir_oven_train_qrels.txt"
+    rewrite_line(qrels, 2, lambda line: line.rsplit(" ", 1)[0])
+    assert check_root(mbeir.root).problems == [
+        "qrels/train/mbeir_oven_train_qrels.txt:2: expected 5 fields 'qid 0 did relevance task_id', got 4"]
+    # a well-formed line that names another candidate is a disagreement with the query file
+    rewrite_line(qrels, 2, lambda line: " ".join(f"{line} 6".split()[:2] + ["5:999", "1", "6"]))
+    qid, _, did, _, _ = lines(qrels)[1].split()
+    queries = lines(mbeir.root / "query/train/mbeir_oven_train.jsonl")
+    lineno = next(i for i, row in enumerate(queries, 1) if json.loads(row)["qid"] == qid)
+    old = json.loads(queries[lineno - 1])["pos_cand_list"][1]
+    assert check_root(mbeir.root).problems == [
+        f"query/train/mbeir_oven_train.jsonl:{lineno}: positives of {qid} disagree with mbeir_oven_train_qrels.txt "
+        f"(missing from qrels: {old}; only in qrels: 5:999)"]
+
+
+def test_missing_qrels(mbeir):
+    (mbeir.root / "qrels/test/mbeir_cirr_task7_test_qrels.txt").unlink()
+    (mbeir.root / "qrels/val/mbeir_cirr_task7_val_qrels.txt").unlink()
+    report = check_root(mbeir.root)
+    assert report.problems == ["qrels/test/mbeir_cirr_task7_test_qrels.txt: missing qrels for mbeir_cirr_task7_test.jsonl"]
+    assert "qrels/val/mbeir_cirr_task7_val_qrels.txt: not found (M-BEIR ships it; only evaluating on " \
+           "mbeir_cirr_task7_val.jsonl needs it)" in report.notes
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda line: json.dumps({**json.loads(line), "modality": "picture"}),
+     "modality 'picture' is not one of 'image', 'text', 'image,text'"),
+    (lambda line: line[:-3], "not valid JSON"),
+])
+def test_one_invalid_pool_row_gives_one_problem(mbeir, edit, message):
+    pool = mbeir.root / "cand_pool/local/mbeir_nights_task4_cand_pool.jsonl"
+    did = json.loads(lines(pool)[0])["did"]
+    assert any(did in json.loads(q)["pos_cand_list"] for q in lines(mbeir.root / "query/test/mbeir_nights_task4_test.jsonl"))
+    rewrite_line(pool, 1, edit)
+    problems = check_root(mbeir.root).problems
+    assert len(problems) == 1 and problems[0].startswith(f"cand_pool/local/mbeir_nights_task4_cand_pool.jsonl:1: {message}")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda line: json.dumps({**json.loads(line), "query_modality": "picture"}),
+     "query_modality 'picture' is not one of 'image', 'text', 'image,text'"),
+    (lambda line: line[:-3], "not valid JSON"),
+])
+def test_one_invalid_query_row_gives_one_problem(mbeir, edit, message):
+    rewrite_line(mbeir.root / "query/test/mbeir_nights_task4_test.jsonl", 2, edit)
+    problems = check_root(mbeir.root).problems
+    assert len(problems) == 1 and problems[0].startswith(f"query/test/mbeir_nights_task4_test.jsonl:2: {message}")
+
+
+def test_cross_dataset_positive_missing_everywhere_is_a_problem(mbeir):
+    path = mbeir.root / "query/test/mbeir_infoseek_task8_test.jsonl"
+    rewrite_line(path, 2, lambda line: json.dumps({**json.loads(line), "pos_cand_list": [*json.loads(line)["pos_cand_list"], "5:999"]}))
+    assert "query/test/mbeir_infoseek_task8_test.jsonl:2: positive 5:999 is not in the candidate pool " \
+           "cand_pool/local/mbeir_infoseek_task8_cand_pool.jsonl nor in cand_pool/global/mbeir_union_test_cand_pool.jsonl" \
+           in check_root(mbeir.root).problems
+
+
+def test_missing_union_pool_names_both_folders(mbeir):
+    (mbeir.root / "cand_pool/global/mbeir_union_train_cand_pool.jsonl").unlink()
+    assert "query/train/mbeir_cirr_train.jsonl: no candidate pool found for this query file: expected its local " \
+           "pool in cand_pool/local/ or mbeir_union_train_cand_pool.jsonl in cand_pool/global/ or cand_pool/union_pool/" \
+           in check_root(mbeir.root).problems
+
+
+def test_without_union_test_pool_cross_dataset_positives_are_found_in_the_local_pools(mbeir):
+    (mbeir.root / "cand_pool/global/mbeir_union_test_cand_pool.jsonl").unlink()
+    report = check_root(mbeir.root)
+    assert report.problems == []
+    n = mbeir.cross_positives["query/test/mbeir_infoseek_task6_test.jsonl"]
+    assert f"query/test/mbeir_infoseek_task6_test.jsonl: {n} cross-dataset positives (OVEN/InfoSeek, kept in the " \
+           "qrels as UniIR does), not in cand_pool/local/mbeir_infoseek_task6_cand_pool.jsonl but in the local pools" \
+           in report.notes
+
+
+def test_qrels_of_the_union_train_file_are_checked_when_present(mbeir):
+    rows = [json.loads(line) for line in lines(mbeir.root / "query/union_train/mbeir_union_up_train.jsonl")]
+    unique = {row["qid"]: row for row in rows}.values()
+    qrels = mbeir.root / "qrels/train/mbeir_union_up_train_qrels.txt"
+    qrels.write_text("".join(f"{q['qid']} 0 {did} 1 {q['task_id']}\n" for q in unique for did in q["pos_cand_list"]))
+    assert check_root(mbeir.root).problems == []
+    rewrite_line(qrels, 1, lambda line: line.replace(" 1 ", " x "))
+    problems = check_root(mbeir.root).problems
+    assert len(problems) == 1 and problems[0].startswith("qrels/train/mbeir_union_up_train_qrels.txt:1: invalid literal")
+
+
+def test_layout_positives_are_in_their_local_and_union_pools(mbeir):
+    def pool(rel: str) -> dict[str, str]:
+        return {c["did"]: c["modality"] for c in map(json.loads, lines(mbeir.root / rel))}
+
+    for split in ("val", "test"):
+        union = pool(f"cand_pool/global/mbeir_union_{split}_cand_pool.jsonl")
+        files = sorted((mbeir.root / "query" / split).glob("*.jsonl"))
+        assert len(files) == 16
+        for path in files:
+            stem = path.name.removesuffix(f"_{split}.jsonl")
+            local_name = f"{stem}_{split}_cand_pool.jsonl" if stem.startswith("mbeir_mscoco") else f"{stem}_cand_pool.jsonl"
+            local = pool(f"cand_pool/local/{local_name}")
+            for q in map(json.loads, lines(path)):
+                target = TASKS[q["task_id"]][1]
+                own = [did for did in q["pos_cand_list"] if did.split(":")[0] == q["qid"].split(":")[0]]
+                assert own and all(local[did] == target for did in own)
+                assert all(union[did] == target for did in q["pos_cand_list"])

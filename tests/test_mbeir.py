@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from genius.common.mbeir import (
-    DataFormatError, Instructions, MODALITY_CODE, TASKS, format_string, hash_did, hash_qid, iter_candidates,
-    iter_queries, load_pool_index, load_qrels, parse_query_file_name, query_text_with_instruction,
-    target_modality, unhash_did, unhash_qid,
+    MBEIR_DATASET_IDS, MBEIR_EVAL_TASKS, DataFormatError, Instructions, MODALITY_CODE, TASKS, format_string,
+    hash_did, hash_qid, iter_candidates, iter_queries, load_pool_index, load_qrels, parse_qrels_line,
+    parse_query_file_name, query_text_with_instruction, target_modality, union_pool_path, unhash_did, unhash_qid,
 )
+from genius.models.generative_retriever.paper_numbers import PAPER_ORDER
 
 
 def test_hash_round_trip():
@@ -114,6 +115,31 @@ def test_qrels_need_five_columns(tmp_path):
     path.write_text("9:1 0 9:1 1 0\n9:2 0 9:1 1\n")
     with pytest.raises(DataFormatError, match=r"qrels\.txt:2: expected 5 fields"):
         load_qrels(path)
+
+
+def test_qrels_line_fields():
+    assert parse_qrels_line("5:3 0 6:12 1 6".split()) == ("5:3", "6:12", 1, 6)
+    with pytest.raises(ValueError, match="task_id 5 is not an M-BEIR task id"):
+        parse_qrels_line("5:3 0 6:12 1 5".split())
+    with pytest.raises(ValueError, match="did '6-12'"):
+        parse_qrels_line("5:3 0 6-12 1 6".split())
+
+
+def test_eval_tasks_are_the_16_paper_pairs():
+    pairs = [(dataset, task) for dataset, tasks in MBEIR_EVAL_TASKS.items() for task in tasks]
+    assert len(pairs) == 16 and set(pairs) == set(PAPER_ORDER)
+    assert set(MBEIR_EVAL_TASKS) <= set(MBEIR_DATASET_IDS)
+
+
+def test_union_pool_path_accepts_the_older_folder(tmp_path):
+    name = "mbeir_union_test_cand_pool.jsonl"
+    assert union_pool_path(tmp_path, "test") == tmp_path / "cand_pool/global" / name  # neither: today's name
+    (tmp_path / "cand_pool/union_pool").mkdir(parents=True)
+    (tmp_path / "cand_pool/union_pool" / name).touch()
+    assert union_pool_path(tmp_path, "test") == tmp_path / "cand_pool/union_pool" / name
+    (tmp_path / "cand_pool/global").mkdir()
+    (tmp_path / "cand_pool/global" / name).touch()
+    assert union_pool_path(tmp_path, "test") == tmp_path / "cand_pool/global" / name
 
 
 def test_query_file_names():
