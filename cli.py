@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "train-gen": ("genius.models.generative_retriever.train", "stage 2: train the T5 ID generator"),
     "eval": ("genius.models.generative_retriever.evaluate", "stage 3: constrained decoding and M-BEIR evaluation"),
     "search": ("genius.models.generative_retriever.search", "search a finished run with a text and/or image query"),
+    "export-official": ("genius.models.generative_retriever.export_official",
+                        "write a run as rq_clip_large.pth / GENIUS_t5small.pth (the official layout)"),
 }
 
 

@@ -30,6 +30,7 @@ DIM = 8
 ENCODER = "FAKE"
 DATASET = 20
 SCENES = 30
+CODEBOOK_SIZES = [3, 3, 3]  # the modality level, then two levels of 3 codes (the projections' argmax)
 
 
 # ---- a synthetic world: scenes seen as images and as captions -------------------------------
@@ -59,7 +60,8 @@ def _write_codes(rq_run: Path, pool: Path, ids, codes, rq_fp="fake-rq") -> None:
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "codes.npy", codes)
     np.save(out / "ids.npy", np.asarray(ids, np.int64))
-    (out / "meta.json").write_text(json.dumps({"rq": rq_fp, "num_levels": codes.shape[1]}))
+    (out / "meta.json").write_text(json.dumps({"rq": rq_fp, "modality_mode": "assigned", "num_levels": codes.shape[1],
+                                               "codebook_sizes": CODEBOOK_SIZES}))
 
 
 def make_world(tmp: Path, seed: int = 0) -> EvalConfig:
@@ -132,7 +134,7 @@ def fake_models(cfg: EvalConfig, generator_fp: str = "fake-gen", num_beams: int 
         out_scores[:, : top.indices.shape[1]] = top.values
         return SimpleNamespace(codes=out_codes, scores=out_scores, valid=torch.isfinite(out_scores))
 
-    return Models(score_fusion, decode, {"rq": "fake-rq", "generator": generator_fp})
+    return Models(score_fusion, decode, {"rq": "fake-rq", "generator": generator_fp}, CODEBOOK_SIZES, "assigned")
 
 
 def _decoded_meta(cfg, pool_stem, query_stem):
@@ -214,7 +216,7 @@ def test_stale_or_mismatched_inputs_are_refused(tmp_path):
     cfg = make_world(tmp_path)
     models = fake_models(cfg)
     models.fingerprints["rq"] = "another-rq"  # the codes were assigned with "fake-rq"
-    with pytest.raises(StaleInputError, match="different rq.pt"):
+    with pytest.raises(StaleInputError, match="assigned with the quantizer of"):
         evaluate(cfg, models)
     cfg.files = [EvalFile("query/test/missing.jsonl", "cand_pool/local/x.jsonl", "qrels/test/x.txt")]
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
@@ -236,6 +238,48 @@ def test_eval_config_is_strict(tmp_path):
     large = load_config(EvalConfig, repo / "large" / "eval.yaml")
     assert len(large.files) == 16 and large.decoding.num_beams == 50 and large.rerank and large.union
     assert {f.k for f in large.files if "fashion" in f.queries} == {None}  # 10 by default for both Fashion sets
+
+
+def test_eval_config_takes_a_native_run_or_an_official_checkpoint(tmp_path):
+    path = tmp_path / "eval.yaml"
+    for text, message in (("paths: {rq_run: a, gen_run: b, official_checkpoint: c.pth, codes: d}\n", "not both"),
+                          ("paths: {official_checkpoint: c.pth}\n", "paths.codes is required"),
+                          ("paths: {rq_run: a}\n", "set rq_run and gen_run")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(EvalConfig, path)
+    path.write_text("paths: {official_checkpoint: c.pth, codes: d}\n")
+    cfg = load_config(EvalConfig, path)
+    assert cfg.codes_root().name == "d" and [p.name for p in cfg.checkpoint_files()] == ["c.pth"]
+    path.write_text("paths: {rq_run: a, gen_run: b}\n")
+    assert load_config(EvalConfig, path).codes_root().parts[-2:] == ("a", "codes")
+
+
+def test_paper_settings_decode_like_the_official_code():
+    """Every YAML that claims paper settings: 50 beams, full-vocabulary normalisation, re-ranking,
+    fp16 autocast of the generator and of the Combiner on both sides, as the official evaluation."""
+    from genius.models.residual_quantization.assign_codes import AssignCodesConfig
+
+    large = Path(__file__).resolve().parent.parent / "configs_scripts" / "large"
+    native, official = (load_config(EvalConfig, large / name) for name in ("eval.yaml", "eval_official.yaml"))
+    for cfg in (native, official):
+        dec = cfg.decoding
+        assert (dec.num_beams, dec.level_head, dec.modality_threshold) == (50, False, 0.0)
+        assert dec.autocast and dec.combiner_autocast and cfg.rerank and cfg.union and len(cfg.files) == 16
+    assert native.files == official.files and native.extra_ks == official.extra_ks
+    codes, official_codes = (load_config(AssignCodesConfig, large / name)
+                             for name in ("assign_codes.yaml", "assign_codes_official.yaml"))
+    assert codes.autocast and official_codes.autocast and codes.pools == official_codes.pools
+    assert official.paths.official_checkpoint == official_codes.rq_path == "checkpoint/GENIUS_t5small.pth"
+    assert official.paths.codes == official_codes.out_dir and official.paths.rq_run is None
+    assert native.paths.codes is None and codes.out_dir == f"{native.paths.rq_run}/codes"
+    script = (large / "run_eval_official.sh").read_text()
+    assert "assign_codes_official.yaml" in script and "eval_official.yaml" in script
+    # fp16 autocast of the Combiner is a CUDA-only setting: on the CPU it stays fp32 (and is keyed so)
+    from genius.models.residual_quantization.assign_codes import combiner_dtype
+
+    assert combiner_dtype(torch.device("cuda"), True) == "float16"
+    assert combiner_dtype(torch.device("cpu"), True) == combiner_dtype(torch.device("cuda"), False) == "float32"
 
 
 def test_search_a_finished_run(tmp_path, capsys):

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from genius.common.checkpoint import CheckpointMismatchError
-from genius.models.residual_quantization.official import load_official_rq, official_layout
+from genius.models.residual_quantization.model import cpu_state
+from genius.models.residual_quantization.official import load_official_rq, official_layout, to_official_state
 
 PAPER_ARCH = {"dim": 768, "proj_dim": 2560, "hidden_dim": 5120, "num_levels": 9, "codebook_size": 4096}
 SMALL = {768: 8, 1536: 16, 2560: 5, 5120: 10, 4096: 12}
@@ -133,3 +134,17 @@ def test_initted_as_written_by_newer_library_versions_is_accepted(layout, tmp_pa
     state = {k: (torch.tensor(True) if k.endswith("initted") else v) for k, v in state.items()}
     save_official(tmp_path / "new.pth", state)
     assert load_official_rq(tmp_path / "new.pth").quantizer.initialised
+
+
+def test_writing_the_official_layout_inverts_loading_it(layout, tmp_path):
+    """official file -> RQModel -> official state: the same names, order, shapes, dtypes and values,
+    with the level-0 codebook aliased as vq._codebook.* (genius export-official writes this)."""
+    state = build_state(layout)
+    save_official(tmp_path / "rq_clip_large.pth", state)
+    model = load_official_rq(tmp_path / "rq_clip_large.pth")
+    written = to_official_state(cpu_state(model), model.arch)
+    assert list(written) == list(layout["tensors"])
+    for name, tensor in state.items():
+        assert written[name].dtype == tensor.dtype and torch.equal(written[name], tensor), name
+    assert all(written[f"vq._codebook.{b}"] is written[f"residual_rq.layers.0._codebook.{b}"]
+               for b in ("initted", "cluster_size", "embed_avg", "embed"))

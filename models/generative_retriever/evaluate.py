@@ -2,6 +2,12 @@
 
     genius eval --config configs_scripts/tiny/eval.yaml [--set decoding.num_beams=10]
 
+The models come either from a native run (``paths.rq_run``/rq.pt and ``paths.gen_run``/generator.pt)
+or from an official-layout ``GENIUS_t5small.pth`` (``paths.official_checkpoint``: its embedded
+quantizer in learned modality mode and its T5); the pools' codes must have been assigned by
+``genius assign-codes`` with that same quantizer (checked by fingerprint, modality mode and
+codebook sizes; a mismatch names both files and what to run).
+
 For every query file, against its task-specific pool and (optionally) the universal pool:
 decode the queries' IDs with trie-constrained beam search, map IDs to candidates, rank them
 (GENIUS), re-rank their union by fused CLIP-SF cosine (GENIUS^R), search the same fused
@@ -13,7 +19,7 @@ Nothing stale is reused and nothing is overwritten by another pass. Every cached
 lives under a path keyed by (pool, query file) and records the hashes of everything it was
 made from; a mismatch recomputes it:
 
-    <codes dir = rq_run/codes/<pool stem>>/trie-<codes hash>.bin   trie over the pool's codes
+    <codes dir = paths.codes (default rq_run/codes)>/<pool stem>/trie-<codes hash>.bin   trie over the pool's codes
     results/<setting>/
       config.yaml, run.json (manifest for genius search), metrics.json
       results.tsv, results.md, recall_by_task.png
@@ -63,6 +69,7 @@ from genius.models.generative_retriever.tables import (
     plot_recall_by_task,
     results_tsv,
 )
+from genius.models.residual_quantization.assign_codes import combiner_autocast, combiner_dtype
 
 log = logging.getLogger("genius.eval")
 
@@ -83,8 +90,11 @@ class PathsConfig:
     data_root: str = "worlds/tiny"
     stores_root: str = "extracted_embed"  # stage-0 stores: <stores_root>/<encoder>/{test,cand}/<file stem>/
     encoder: str = "CLIP_SF"  # stage-0 encoder name (the stores' directory)
-    rq_run: str = "checkpoint/tiny/rq"  # rq.pt and codes/<pool stem>/
-    gen_run: str = "checkpoint/tiny/gen"  # generator.pt
+    # The models: a native run (rq_run and gen_run) OR an official-layout checkpoint, not both.
+    rq_run: str | None = None  # rq.pt (and, by default, the codes in codes/<pool stem>/)
+    gen_run: str | None = None  # generator.pt
+    official_checkpoint: str | None = None  # GENIUS_t5small.pth: its embedded quantizer and generator
+    codes: str | None = None  # <pool stem>/ code folders of genius assign-codes; null: <rq_run>/codes
     results: str = "results/tiny"
     union_pool: str = "cand_pool/global/mbeir_union_test_cand_pool.jsonl"  # relative to the data root
     instructions: str = "instructions/query_instructions.tsv"  # for genius search; relative to the data root
@@ -94,8 +104,13 @@ class PathsConfig:
 class DecodingConfig:
     num_beams: int = 50
     batch_size: int = 64
-    level_head: bool = True  # False: full-vocabulary normalisation (the official decoding's exact scores)
-    autocast: bool = False  # bf16 on CPU, fp16 on GPU
+    # True: each step normalises over the level's codes only (fewer FLOPs, other beams); False:
+    # full-vocabulary normalisation, the official decoding's exact scores and beams.
+    level_head: bool = True
+    autocast: bool = False  # the generator under bf16 autocast on CPU, fp16 on GPU
+    # The query Combiner under fp16 autocast, on CUDA only (on CPU it stays fp32), as the official
+    # evaluation ran it; the candidates' side is assign-codes' ``autocast``.
+    combiner_autocast: bool = False
     # > 0: keep a modality (level-0 code) only if its probability is at least this fraction of the
     # best one's (beam_search module docstring); 0 is the official decoding.
     modality_threshold: float = 0.0
@@ -128,6 +143,27 @@ class EvalConfig:
             raise ValueError("every Recall@k must have k >= 1")
         if self.decoding.num_beams < 1 or self.decoding.batch_size < 1 or self.dense_chunk < 1:
             raise ValueError("decoding.num_beams, decoding.batch_size and dense_chunk must be >= 1")
+        paths = self.paths
+        if paths.official_checkpoint is not None:
+            if paths.rq_run is not None or paths.gen_run is not None:
+                raise ValueError("paths: give either rq_run and gen_run (a native run) or official_checkpoint "
+                                 "(an official-layout GENIUS_t5small.pth), not both")
+            if paths.codes is None:
+                raise ValueError("paths.codes is required with paths.official_checkpoint: the folder genius "
+                                 "assign-codes wrote with that checkpoint as rq_path")
+        elif paths.rq_run is None or paths.gen_run is None:
+            raise ValueError("paths: set rq_run and gen_run (a native run's folders) or official_checkpoint "
+                             "(an official-layout GENIUS_t5small.pth)")
+
+    def codes_root(self) -> Path:
+        """Where the pools' code folders are."""
+        return resolve_path(self.paths.codes if self.paths.codes is not None else Path(self.paths.rq_run) / "codes")
+
+    def checkpoint_files(self) -> list[Path]:
+        """The model files the evaluation reads."""
+        if self.paths.official_checkpoint is not None:
+            return [resolve_path(self.paths.official_checkpoint)]
+        return [resolve_path(self.paths.rq_run) / "rq.pt", resolve_path(self.paths.gen_run) / "generator.pt"]
 
 
 class StaleInputError(ValueError):
@@ -137,41 +173,57 @@ class StaleInputError(ValueError):
 # ---- models ----------------------------------------------------------------------------------
 @dataclass
 class Models:
-    """What decoding needs; ``load_models`` builds it from a run's rq.pt and generator.pt.
+    """What decoding needs; ``load_models`` builds it from a native run or an official checkpoint.
 
     ``embed(img, txt, img_mask, txt_mask) -> z [B, dim]`` (float32, CPU tensors in and out) and
-    ``decode(z, trie) -> BeamResult``; ``fingerprints`` key every cached decoding.
+    ``decode(z, trie) -> BeamResult``; ``fingerprints`` key every cached decoding. Codes are only
+    accepted if made by the quantizer ``fingerprints["rq"]`` in ``modality_mode`` with
+    ``codebook_sizes`` (the generator's vocabulary).
     """
 
     embed: Callable[..., torch.Tensor]
     decode: Callable
     fingerprints: dict
-    files: dict = field(default_factory=dict)  # name -> checkpoint path, for the manifest
+    codebook_sizes: list[int]
+    modality_mode: str
+    files: dict = field(default_factory=dict)  # "rq" / "generator" -> checkpoint path, for messages and the manifest
 
 
 def load_models(cfg: EvalConfig, device: torch.device) -> Models:
     # Imported here: the driver and its tests run with stand-in models without loading transformers.
     from genius.models.generative_retriever.beam_search import constrained_beam_search
-    from genius.models.generative_retriever.generator import load_generator
-    from genius.models.residual_quantization.model import load_rq, rq_fingerprint
 
-    rq_path = resolve_path(cfg.paths.rq_run) / "rq.pt"
-    gen_path = resolve_path(cfg.paths.gen_run) / "generator.pt"
-    for path, stage in ((rq_path, "genius train-rq"), (gen_path, "genius train-gen")):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist; run {stage} first (or fix paths in the eval config)")
-    rq = load_rq(rq_path).to(device).eval()
-    rq_fp = rq_fingerprint(rq_path)
-    generator, meta = load_generator(gen_path)
-    if meta.get("rq") != rq_fp:
-        raise StaleInputError(f"{gen_path} was trained on a different rq.pt than {rq_path}; retrain the generator "
-                              "(or point paths.rq_run at the quantizer it was trained with)")
+    missing = [path for path in cfg.checkpoint_files() if not path.is_file()]
+    if missing:
+        hint = ("download GENIUS_t5small.pth (Hugging Face Sungyeon/GENIUS) or run genius export-official"
+                if cfg.paths.official_checkpoint is not None else "run genius train-rq and genius train-gen first")
+        raise FileNotFoundError(f"{missing[0]} does not exist; {hint} (or fix paths in the eval config)")
+    if cfg.paths.official_checkpoint is not None:
+        from genius.models.generative_retriever.official import load_official_generator
+        from genius.models.residual_quantization.official import quantizer_fingerprint
+
+        (path,) = cfg.checkpoint_files()
+        generator, rq = load_official_generator(path)
+        rq_fp, files = quantizer_fingerprint(rq), {"rq": str(path), "generator": str(path)}
+    else:
+        from genius.models.generative_retriever.generator import load_generator
+        from genius.models.residual_quantization.model import load_rq, rq_fingerprint
+
+        rq_path, gen_path = cfg.checkpoint_files()
+        rq, rq_fp = load_rq(rq_path), rq_fingerprint(rq_path)
+        generator, meta = load_generator(gen_path)
+        if meta.get("rq") != rq_fp:
+            raise StaleInputError(f"{gen_path} was trained on a different rq.pt than {rq_path}; retrain the "
+                                  "generator (or point paths.rq_run at the quantizer it was trained with)")
+        files = {"rq": str(rq_path), "generator": str(gen_path)}
+    rq.to(device).eval()
     generator.to(device)
     dec = cfg.decoding
 
     @torch.no_grad()
     def embed(img, txt, img_mask, txt_mask):
-        z = rq.embed(img.to(device), txt.to(device), img_mask.to(device), txt_mask.to(device))
+        with combiner_autocast(device, dec.combiner_autocast):
+            z = rq.embed(img.to(device), txt.to(device), img_mask.to(device), txt_mask.to(device))
         return z.float().cpu()
 
     def decode(z, trie):
@@ -179,8 +231,8 @@ def load_models(cfg: EvalConfig, device: torch.device) -> Models:
                                        batch_size=dec.batch_size, level_head=dec.level_head, autocast=dec.autocast,
                                        modality_threshold=dec.modality_threshold)
 
-    return Models(embed, decode, {"rq": rq_fp, "generator": sha256_file(gen_path)},
-                  {"rq": str(rq_path), "generator": str(gen_path)})
+    return Models(embed, decode, {"rq": rq_fp, "generator": sha256_file(Path(files["generator"]))},
+                  list(generator.codebook_sizes), rq.arch["modality_mode"], files)
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -287,13 +339,28 @@ def codes_fingerprint(codes_dir: Path) -> str:
     return sha256_json({name: sha256_file(codes_dir / name) for name in ("codes.npy", "ids.npy", "meta.json")})
 
 
-def load_codes(codes_dir: Path, store: EmbeddingStore, rq_fp: str) -> np.ndarray:
-    """A pool's codes [N, L] in store order, refusing codes made by another rq.pt or for another store."""
+def load_codes(codes_dir: Path, store: EmbeddingStore, models: Models) -> np.ndarray:
+    """A pool's codes [N, L] in store order, refusing codes made by another quantizer, in another
+    modality mode, with other codebook sizes than the generator's, or for another store."""
     if not (codes_dir / "meta.json").is_file():
-        raise FileNotFoundError(f"no codes at {codes_dir}; run genius assign-codes for this pool first")
+        raise FileNotFoundError(f"no codes at {codes_dir}; run genius assign-codes for this pool first "
+                                f"(rq_path: {models.files.get('rq', 'the evaluated quantizer')})")
     meta = _read_json(codes_dir / "meta.json")
-    if meta.get("rq") != rq_fp:
-        raise StaleInputError(f"codes in {codes_dir} were assigned with a different rq.pt; re-run genius assign-codes")
+    rerun = (f"re-run genius assign-codes with rq_path: {models.files.get('rq', 'the evaluated quantizer')} "
+             f"and out_dir: {codes_dir.parent} (or point the eval config at the codes of that quantizer)")
+    made_by = meta.get("rq_path", "an unrecorded file")
+    if meta.get("rq") != models.fingerprints["rq"]:
+        raise StaleInputError(f"codes in {codes_dir} were assigned with the quantizer of {made_by}, not the one of "
+                              f"{models.files.get('rq', 'the evaluated models')} (fingerprints differ); {rerun}")
+    if meta.get("modality_mode") != models.modality_mode:
+        raise StaleInputError(f"codes in {codes_dir} were assigned in modality mode {meta.get('modality_mode')!r}, "
+                              f"the quantizer of {models.files.get('rq', 'the evaluated models')} is "
+                              f"{models.modality_mode!r}; {rerun}")
+    if meta.get("codebook_sizes") != models.codebook_sizes:
+        raise StaleInputError(f"codes in {codes_dir} (made by {made_by}) have codebook sizes "
+                              f"{meta.get('codebook_sizes')}, the generator of "
+                              f"{models.files.get('generator', 'the evaluated models')} decodes "
+                              f"{models.codebook_sizes} (unique_level codes cannot be generated); {rerun}")
     codes, ids = np.load(codes_dir / "codes.npy"), np.load(codes_dir / "ids.npy")
     if codes.ndim != 2 or len(codes) != len(ids) or not np.array_equal(ids, store.ids):
         raise StaleInputError(f"codes in {codes_dir} do not match the candidates of {store.path} (ids differ); "
@@ -344,8 +411,8 @@ def open_pool(cfg: EvalConfig, kind: str, path: Path, models: Models, is_main: b
     store = EmbeddingStore.open(store_path(resolve_path(cfg.paths.stores_root), cfg.paths.encoder, "cand", path),
                                 encoder=cfg.paths.encoder, kind="candidate", source=path)
     stem = path.name.removesuffix(".jsonl")
-    codes_dir = resolve_path(cfg.paths.rq_run) / "codes" / stem
-    codes = load_codes(codes_dir, store, models.fingerprints["rq"])
+    codes_dir = cfg.codes_root() / stem
+    codes = load_codes(codes_dir, store, models)
     codes_hash = codes_fingerprint(codes_dir)
     trie, trie_path = trie_for(codes, codes_dir, codes_hash, cfg.trie_backend, build=is_main)
     cmap = CandidateMap.build(trie, codes)
@@ -364,10 +431,11 @@ class Decoded:
     cached: bool
 
 
-def decode_key(cfg: EvalConfig, models: Models, pool: Pool, queries: EmbeddingStore) -> dict:
+def decode_key(cfg: EvalConfig, models: Models, pool: Pool, queries: EmbeddingStore, device: torch.device) -> dict:
     return {"models": models.fingerprints, "codes": pool.codes_hash, "trie": pool.trie_path.name,
             "queries": sha256_json(queries.meta), "num_beams": cfg.decoding.num_beams,
             "level_head": cfg.decoding.level_head, "autocast": cfg.decoding.autocast,
+            "combiner_dtype": combiner_dtype(device, cfg.decoding.combiner_autocast),
             "modality_threshold": cfg.decoding.modality_threshold}
 
 
@@ -398,7 +466,7 @@ def decode_cached(cfg: EvalConfig, models: Models, pool: Pool, queries: Embeddin
     Under torchrun each rank decodes a contiguous shard; rank 0 gathers them in rank order (so
     the rows are exactly the store's) and returns the result; the other ranks return None.
     """
-    key = decode_key(cfg, models, pool, queries)
+    key = decode_key(cfg, models, pool, queries, info.device)
     if (out_dir / "meta.json").is_file():
         meta = _read_json(out_dir / "meta.json")
         if meta.get("key") == key:
@@ -531,6 +599,7 @@ def _evaluate(cfg: EvalConfig, models: Models | None, info: DistInfo) -> EvalRep
     dec = cfg.decoding
     note = (f"{dec.num_beams} beams, {'level-head' if dec.level_head else 'full-vocabulary'} normalisation"
             f"{', autocast' if dec.autocast else ''}"
+            f"{', fp16 query Combiner' if combiner_dtype(info.device, dec.combiner_autocast) == 'float16' else ''}"
             f"{f', modality threshold {dec.modality_threshold:g}' if dec.modality_threshold else ''}; trie backend {cfg.trie_backend}; "
             f"Recall@k is UniIR's hit rate, in %.")
     report = EvalReport(results, stats, markdown_report(results, stats, f"GENIUS evaluation: {out.name}", note), out)
@@ -545,13 +614,13 @@ def evaluation_inputs(cfg: EvalConfig, files: list[QueryFile]) -> list[Path]:
     pools = list(dict.fromkeys(qf.pool for qf in files)) if cfg.task_specific else []
     if cfg.union:
         pools.append(resolve_path(cfg.paths.union_pool, root))
-    paths = [resolve_path(cfg.paths.rq_run) / "rq.pt", resolve_path(cfg.paths.gen_run) / "generator.pt"]
+    paths = cfg.checkpoint_files()
     for qf in files:
         paths += [qf.path, qf.qrels, store_path(stores_root, cfg.paths.encoder, "test", qf.path) / "meta.json"]
     for pool in pools:
         stem = pool.name.removesuffix(".jsonl")
         paths += [pool, store_path(stores_root, cfg.paths.encoder, "cand", pool) / "meta.json",
-                  resolve_path(cfg.paths.rq_run) / "codes" / stem / "meta.json"]
+                  cfg.codes_root() / stem / "meta.json"]
     return [p for p in paths if p.exists()]  # a missing one fails later with its own message
 
 

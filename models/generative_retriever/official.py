@@ -1,5 +1,6 @@
-"""Loading the published stage-2 checkpoint ``GENIUS_t5small.pth`` (layout:
-``official_checkpoint_layouts/GENIUS_t5small.json``).
+"""The published stage-2 checkpoint layout, ``GENIUS_t5small.pth`` (layout:
+``official_checkpoint_layouts/GENIUS_t5small.json``): loading it, and writing a generator and its
+quantizer in it (``genius export-official``).
 
 The file's ``model`` state dict has three parts:
 - ``quantizer.*``: a copy of the stage-1 RQ (the rq_clip_large layout under a prefix), handed to
@@ -21,8 +22,9 @@ import torch
 
 from genius.common.checkpoint import CheckpointMismatchError, check_state_dict, load_official_checkpoint
 from genius.models.generative_retriever.generator import T5_SMALL, IDGenerator, make_arch
+from genius.models.residual_quantization.official import GENERATOR_QUANTIZER_PREFIX as QUANTIZER_PREFIX
+from genius.models.residual_quantization.official import to_official_state as rq_to_official_state
 
-QUANTIZER_PREFIX = "quantizer."
 IGNORED_PREFIXES = ("contra_projector.",)  # left by code before 2025-07-06; unused
 RENAMES = (("id_generator.", "t5."), ("embed_projector.0.", "embed_projector."))
 TIED_EMBEDDINGS = ("id_generator.shared.weight", "id_generator.encoder.embed_tokens.weight",
@@ -35,6 +37,21 @@ def to_official_name(name: str) -> str:
         if name.startswith(ours):
             return official + name[len(ours):]
     raise KeyError(f"generator tensor {name} has no official counterpart")
+
+
+def to_official_state(generator_state: Mapping[str, torch.Tensor], rq_state: Mapping[str, torch.Tensor],
+                      rq_arch: Mapping) -> dict[str, torch.Tensor]:
+    """Our generator and RQ state dicts -> the ``GENIUS_t5small.pth`` state dict, in the official
+    order: ``quantizer.*`` (the RQ layout), ``id_generator.*``, ``embed_projector.0.*``.
+
+    The four tied embedding names (one parameter in ``IDGenerator``) get one tensor object, so
+    ``torch.save`` writes one storage, as in the released file.
+    """
+    state = {QUANTIZER_PREFIX + name: tensor for name, tensor in rq_to_official_state(rq_state, rq_arch).items()}
+    state.update({to_official_name(name): tensor for name, tensor in generator_state.items()})
+    for name in TIED_EMBEDDINGS[1:]:
+        state[name] = state[TIED_EMBEDDINGS[0]]
+    return state
 
 
 def split_official_state(state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:

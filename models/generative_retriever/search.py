@@ -5,8 +5,8 @@
 
 ``--run`` is a results directory holding ``run.json`` (written by ``genius eval``) or a setting's
 config folder (its ``eval.yaml`` names the results directory). The manifest names everything
-needed: the stage-0 encoder config the query stores were extracted with, rq.pt, generator.pt,
-each pool's store, codes, trie and jsonl.
+needed: the stage-0 encoder config the query stores were extracted with, the checkpoints (rq.pt
+and generator.pt, or an official-layout GENIUS_t5small.pth), each pool's store, codes, trie and jsonl.
 
 The query is built as in extraction: the instruction for (dataset, query modality, target
 modality) from the run's instructions file, picked with the run's instruction mode
@@ -185,7 +185,8 @@ def search(run: str | Path, text: str = "", image: str | None = None, instructio
         vectors = packed[:, : 2 * encoder.dim]
         packed[:, : 2 * encoder.dim] = vectors.astype(manifest["encoder"]["dtype"]).astype(np.float32)
     if models.fingerprints != manifest["fingerprints"]:
-        raise StaleInputError("rq.pt or generator.pt changed after this run was evaluated; run genius eval again")
+        raise StaleInputError("the run's checkpoints (rq.pt and generator.pt, or its official checkpoint) changed "
+                              "after this run was evaluated; run genius eval again")
     rerank = manifest["rerank"] if rerank is None else rerank
     scores, ids = open_index(manifest["pools"][pool], models, rerank).search(packed, k)
     keep = ids[0] >= 0

@@ -8,9 +8,15 @@ For each candidate store (stage 0 output, one per local pool plus the union pool
 - ``stats.json``: codes used and perplexity per level, collision rate (share of candidates whose
   full ID another candidate shares), distinct IDs, largest bucket, mean quantization error
   ||z - decode(codes)||^2 (and after each level);
-- ``meta.json``: the rq.pt fingerprint and store it was made from, num_levels, codebook_sizes.
+- ``meta.json``: what the codes were made from (the quantizer's fingerprint and modality mode,
+  the Combiner's precision, the store) and num_levels, codebook_sizes, the quantizer's file.
 
-A pool whose meta.json already matches the current rq.pt and store is skipped. With
+``rq_path`` is this project's ``rq.pt`` or an official-layout ``.pth``: ``rq_clip_large.pth``, or
+``GENIUS_t5small.pth`` whose embedded ``quantizer.*`` copy is used (learned modality mode). The
+quantizer of an official file is identified by the state fingerprint of its loaded state, the
+same definition rq.pt records, so ``genius eval`` can refuse codes of another quantizer.
+
+A pool whose meta.json already matches the current quantizer, settings and store is skipped. With
 ``unique_level: true`` an extra last level numbers the candidates inside each shared ID
 (0, 1, ...), so every ID is unique; its size is the largest bucket. The paper does not do this
 (shared IDs return all their candidates), so it is off by default. Under torchrun the pools are
@@ -18,8 +24,10 @@ split among the processes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,19 +43,23 @@ from genius.common.stage import parse_stage_config, record_run, setup_logging, s
 from genius.common.store import EmbeddingStore, StoreError, read_meta
 from genius.models.residual_quantization.code_stats import collision_stats, level_usage, rank_in_bucket
 from genius.models.residual_quantization.model import RQModel, load_rq, rq_fingerprint
+from genius.models.residual_quantization.official import load_official_rq, quantizer_fingerprint
 
 log = logging.getLogger("genius.assign_codes")
 
 
 @dataclass
 class AssignCodesConfig:
-    rq_path: str = "checkpoint/large/rq/rq.pt"
+    rq_path: str = "checkpoint/large/rq/rq.pt"  # rq.pt, or an official rq_clip_large.pth / GENIUS_t5small.pth
     embed_dir: str = "extracted_embed/CLIP_SF/cand"  # candidate stores, one directory per pool
     pools: list[str] | None = None  # store names (pool file stems) under embed_dir; None: every store there
     encoder: str | None = None  # the encoder name every store must record (None: not checked)
     out_dir: str = "checkpoint/large/rq/codes"
     batch_size: int = 4096
     unique_level: bool = False
+    # The Combiner under fp16 autocast on CUDA, as the official evaluation ran it; on CPU it stays
+    # fp32. Nearest-codeword search is fp32 either way.
+    autocast: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self) -> None:
@@ -67,12 +79,47 @@ def pool_stores(embed_dir: Path, pools: list[str] | None) -> list[Path]:
     return found
 
 
-def source_record(fingerprint: str, store: EmbeddingStore, unique_level: bool) -> dict:
+def combiner_dtype(device: torch.device, autocast: bool) -> str:
+    """The precision the Combiner runs in: fp16 autocast is applied on CUDA only."""
+    return "float16" if autocast and device.type == "cuda" else "float32"
+
+
+def combiner_autocast(device: torch.device, autocast: bool):
+    """Context for ``RQModel.embed``: fp16 autocast on CUDA if asked for, else nothing (fp32)."""
+    if combiner_dtype(device, autocast) == "float16":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def is_native_rq(path: Path) -> bool:
+    """Whether ``path`` is an rq.pt of genius train-rq (reads the pickle only; the weights are mmapped)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:  # the released .pth files pickle an OmegaConf config
+        return False
+    return isinstance(obj, dict) and {"arch", "fingerprint"} <= set(obj)
+
+
+def load_quantizer(path: Path) -> tuple[RQModel, str]:
+    """(model in eval mode, fingerprint) of an rq.pt or an official-layout .pth (module docstring)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; rq_path is an rq.pt of genius train-rq, or a released "
+                                "rq_clip_large.pth / GENIUS_t5small.pth (Hugging Face Sungyeon/GENIUS, folder "
+                                "checkpoint/), or one written by genius export-official")
+    if is_native_rq(path):
+        return load_rq(path), rq_fingerprint(path)
+    model = load_official_rq(path)
+    return model, quantizer_fingerprint(model)
+
+
+def source_record(fingerprint: str, model: RQModel, store: EmbeddingStore, cfg: AssignCodesConfig,
+                  device: torch.device) -> dict:
     """What a pool's codes are made from; equal records mean the codes are up to date."""
-    return {"rq": fingerprint,
+    return {"rq": fingerprint, "modality_mode": model.arch["modality_mode"],
+            "combiner_dtype": combiner_dtype(device, cfg.autocast),
             "store": {"path": str(store.path.resolve()), "source": store.meta.get("source"),
                       "meta": file_fingerprint(store.path / "meta.json")},
-            "unique_level": unique_level}
+            "unique_level": cfg.unique_level}
 
 
 def is_up_to_date(out: Path, record: dict) -> bool:
@@ -84,8 +131,8 @@ def is_up_to_date(out: Path, record: dict) -> bool:
 
 
 @torch.no_grad()
-def encode_store(model: RQModel, store: EmbeddingStore, batch_size: int,
-                 device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def encode_store(model: RQModel, store: EmbeddingStore, batch_size: int, device: torch.device,
+                 autocast: bool) -> tuple[np.ndarray, np.ndarray]:
     """(codes int64 [N, L], mean ||z - decode(codes[:, :l+1])||^2 for each l)."""
     arrays, levels = store.arrays, model.num_levels
     codes = np.empty((len(store), levels), dtype=np.int64)
@@ -97,7 +144,8 @@ def encode_store(model: RQModel, store: EmbeddingStore, batch_size: int,
         def take(arr, dtype=np.float32):
             return torch.from_numpy(np.asarray(arr[rows], dtype=dtype)).to(device)
 
-        z = model.embed(take(arrays.img), take(arrays.txt), take(arrays.img_mask), take(arrays.txt_mask))
+        with combiner_autocast(device, autocast):
+            z = model.embed(take(arrays.img), take(arrays.txt), take(arrays.img_mask), take(arrays.txt_mask))
         batch_codes = model.encode(z, take(arrays.modality, np.int64))
         codes[rows] = batch_codes.cpu().numpy()
         reconstruction = torch.zeros_like(z)
@@ -125,11 +173,11 @@ def pool_stats(codes: np.ndarray, codebook_sizes: list[int], errors: np.ndarray,
 def assign_pool(model: RQModel, fingerprint: str, store_path: Path, cfg: AssignCodesConfig, device: torch.device) -> None:
     store = EmbeddingStore.open(store_path, dim=model.arch["dim"], encoder=cfg.encoder, kind="candidate")
     out = resolve_path(cfg.out_dir) / store_path.name
-    record = source_record(fingerprint, store, cfg.unique_level)
+    record = source_record(fingerprint, model, store, cfg, device)
     if is_up_to_date(out, record):
         log.info("%s: codes are up to date, skipped", store_path.name)
         return
-    codes, errors = encode_store(model, store, cfg.batch_size, device)
+    codes, errors = encode_store(model, store, cfg.batch_size, device, cfg.autocast)
     sizes = list(model.codebook_sizes)
     stats = pool_stats(codes, sizes, errors, np.asarray(store.arrays.modality, dtype=np.int64))
     if cfg.unique_level:
@@ -142,7 +190,7 @@ def assign_pool(model: RQModel, fingerprint: str, store_path: Path, cfg: AssignC
         np.save(tmp / "ids.npy", np.asarray(store.ids, dtype=np.int64))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         # meta.json last: a directory without it is never taken as up to date.
-        meta = {**record, "num_levels": len(sizes), "codebook_sizes": sizes}
+        meta = {**record, "num_levels": len(sizes), "codebook_sizes": sizes, "rq_path": str(resolve_path(cfg.rq_path))}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     log.info("%s: %d candidates, %d distinct IDs, collision rate %.4f, largest bucket %d, quantization error %.4g",
              store_path.name, stats["num_candidates"], stats["distinct_ids"], stats["collision_rate"],
@@ -150,9 +198,8 @@ def assign_pool(model: RQModel, fingerprint: str, store_path: Path, cfg: AssignC
 
 
 def assign_codes(cfg: AssignCodesConfig, info: DistInfo) -> None:
-    rq_path = resolve_path(cfg.rq_path)
-    fingerprint = rq_fingerprint(rq_path)
-    model = load_rq(rq_path).to(info.device)
+    model, fingerprint = load_quantizer(resolve_path(cfg.rq_path))
+    model.to(info.device)
     stores = pool_stores(resolve_path(cfg.embed_dir), cfg.pools)
     if info.is_main:
         record_run(resolve_path(cfg.out_dir), cfg)
@@ -168,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         assign_codes(cfg, info)
         barrier()
+    except (FileNotFoundError, ValueError) as err:  # a missing or unloadable quantizer / store: say which
+        log.debug("assign-codes failed", exc_info=True)
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     finally:
         cleanup()
     return 0

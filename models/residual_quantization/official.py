@@ -1,4 +1,5 @@
-"""Load the released GENIUS quantizer, ``rq_clip_large.pth``, into ``RQModel`` (learned level 0).
+"""The released GENIUS quantizer layout, ``rq_clip_large.pth``: loading it into ``RQModel``
+(learned level 0), and writing an ``RQModel`` back in it (``genius export-official``).
 
 The file is the official ``RQ`` module's state dict (layout: the project's
 ``official_checkpoint_layouts/rq_clip_large.json``): the Combiner under ``encoder.`` and
@@ -10,6 +11,12 @@ Every name and shape is checked before anything is loaded; the only tensors skip
 unused implicit-neural-codebook MLPs that vector-quantize-pytorch 1.16.0-1.17.3 always built
 (``residual_rq.mlps.*``, listed in the layout file). ``initted`` is accepted both as the float
 [1] of older library versions and as the 0-d bool of versions >= 1.27.
+
+The stage-2 file ``GENIUS_t5small.pth`` carries the same state dict under ``quantizer.``;
+``load_official_rq`` takes either file. A quantizer loaded from an official file is identified,
+in codes and evaluation artefacts, by ``quantizer_fingerprint``: the state fingerprint of the
+loaded ``RQModel`` state, the same definition ``rq.pt`` records, so a native run and its export
+have one identity.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ import torch
 
 from genius.common.checkpoint import (CheckpointMismatchError, check_state_dict, load_official_checkpoint,
                                       load_state_dict_strict)
-from genius.models.residual_quantization.model import RQModel
+from genius.models.residual_quantization.model import RQModel, cpu_state, state_fingerprint
 from genius.models.residual_quantization.quantizer import NUM_MODALITIES
 
 # official Combiner name -> ours
@@ -33,6 +40,8 @@ COMBINER_NAMES = {
     "dynamic_scalar.3": "gate_out",
 }
 CODEBOOK_BUFFERS = ("initted", "cluster_size", "embed_avg", "embed")
+# GENIUS_t5small.pth holds a full copy of the RQ state dict under this prefix.
+GENERATOR_QUANTIZER_PREFIX = "quantizer."
 # The official hyperparameters that leave no trace in the state dict.
 OFFICIAL_EMA = {"decay": 0.9, "eps": 1e-5, "dead_code_threshold": 2.0}
 
@@ -54,6 +63,11 @@ def official_layout(arch: dict) -> dict[str, tuple[int, ...]]:
         layout.update({f"{prefix}.initted": (1,), f"{prefix}.cluster_size": (1, k),
                        f"{prefix}.embed_avg": (1, k, d), f"{prefix}.embed": (1, k, d)})
     return layout
+
+
+def _expected_tensors(arch: dict) -> dict[str, torch.Tensor]:
+    """``official_layout`` as shape-only tensors, in order, for ``check_state_dict``."""
+    return {name: torch.empty(shape, device="meta") for name, shape in official_layout(arch).items()}
 
 
 def ignorable_extras(num_levels: int) -> set[str]:
@@ -87,18 +101,56 @@ def _normalise_initted(state: Mapping) -> dict:
     return {name: (t.reshape(1).float() if name.endswith(".initted") and t.dim() == 0 else t) for name, t in state.items()}
 
 
+def _name_pairs(num_levels: int):
+    """(official name, our name) of every distinct tensor; the ``vq._codebook.*`` aliases aside."""
+    for official, ours in COMBINER_NAMES.items():
+        for part in ("weight", "bias"):
+            yield f"encoder.{official}.{part}", f"combiner.{ours}.{part}"
+    for level in range(num_levels):
+        for name in CODEBOOK_BUFFERS:
+            yield f"residual_rq.layers.{level}._codebook.{name}", f"quantizer.levels.{level}.{name}"
+
+
 def to_model_state(state: Mapping, num_levels: int) -> dict[str, torch.Tensor]:
     """Official names and shapes -> ``RQModel`` state dict (drops the leading codebook axis)."""
     mapped = {}
-    for official, ours in COMBINER_NAMES.items():
-        for part in ("weight", "bias"):
-            mapped[f"combiner.{ours}.{part}"] = state[f"encoder.{official}.{part}"]
-    for level in range(num_levels):
-        prefix = f"residual_rq.layers.{level}._codebook"
-        mapped[f"quantizer.levels.{level}.initted"] = state[f"{prefix}.initted"].reshape(()) > 0
-        for name in ("cluster_size", "embed_avg", "embed"):
-            mapped[f"quantizer.levels.{level}.{name}"] = state[f"{prefix}.{name}"][0]
+    for official, ours in _name_pairs(num_levels):
+        tensor = state[official]
+        if official.endswith(".initted"):
+            tensor = tensor.reshape(()) > 0
+        elif official.startswith("residual_rq."):
+            tensor = tensor[0]
+        mapped[ours] = tensor
     return mapped
+
+
+def to_official_state(state: Mapping[str, torch.Tensor], arch: Mapping) -> dict[str, torch.Tensor]:
+    """``RQModel`` state dict -> official names and shapes, in the official order (the inverse of
+    ``to_model_state``).
+
+    Codebook buffers regain the leading num_codebooks axis of 1 and ``initted`` becomes the float
+    [1] flag the official library writes. ``vq._codebook.*`` are the very tensors of
+    ``residual_rq.layers.0._codebook.*`` (in the official module they are one submodule), so
+    ``torch.save`` stores them once, as in the released file.
+    """
+    mapped = {}
+    for official, ours in _name_pairs(arch["num_levels"]):
+        tensor = state[ours]
+        if official.endswith(".initted"):
+            tensor = tensor.reshape(1).float()
+        elif official.startswith("residual_rq."):
+            tensor = tensor.unsqueeze(0)
+        mapped[official] = tensor
+    for name in CODEBOOK_BUFFERS:
+        mapped[f"vq._codebook.{name}"] = mapped[f"residual_rq.layers.0._codebook.{name}"]
+    expected = _expected_tensors(arch)
+    check_state_dict(expected, mapped, "the exported RQ state")
+    return {name: mapped[name] for name in expected}
+
+
+def quantizer_fingerprint(model: RQModel) -> str:
+    """The identity of a quantizer loaded from an official file (see the module docstring)."""
+    return state_fingerprint(cpu_state(model))
 
 
 def official_rq_from_state(raw: Mapping[str, torch.Tensor], what: str) -> RQModel:
@@ -107,8 +159,7 @@ def official_rq_from_state(raw: Mapping[str, torch.Tensor], what: str) -> RQMode
     arch = infer_arch(raw, what)
     extras = ignorable_extras(arch["num_levels"])
     state = _normalise_initted({name: t for name, t in raw.items() if name not in extras})
-    expected = {name: torch.empty(shape, device="meta") for name, shape in official_layout(arch).items()}
-    check_state_dict(expected, state, what)
+    check_state_dict(_expected_tensors(arch), state, what)
     for name in CODEBOOK_BUFFERS:
         if not torch.equal(state[f"vq._codebook.{name}"], state[f"residual_rq.layers.0._codebook.{name}"]):
             raise CheckpointMismatchError(f"{what}: vq._codebook.{name} and residual_rq.layers.0._codebook.{name} "
@@ -119,5 +170,12 @@ def official_rq_from_state(raw: Mapping[str, torch.Tensor], what: str) -> RQMode
 
 
 def load_official_rq(path: str | os.PathLike) -> RQModel:
-    """``rq_clip_large.pth`` -> ``RQModel`` in learned modality mode, eval mode, with strict checks."""
-    return official_rq_from_state(load_official_checkpoint(path)["model"], f"official RQ checkpoint {path}")
+    """``rq_clip_large.pth``, or ``GENIUS_t5small.pth`` (its ``quantizer.*`` part) -> ``RQModel`` in
+    learned modality mode, eval mode, with strict checks."""
+    state = load_official_checkpoint(path)["model"]
+    quantizer = {name[len(GENERATOR_QUANTIZER_PREFIX):]: tensor for name, tensor in state.items()
+                 if name.startswith(GENERATOR_QUANTIZER_PREFIX)}
+    if quantizer:
+        return official_rq_from_state(quantizer, f"official generator checkpoint {path}: its quantizer.* part "
+                                                 "(names without that prefix)")
+    return official_rq_from_state(state, f"official RQ checkpoint {path}")
