@@ -1,12 +1,12 @@
-"""Checkpoint IO: training state for resume, strict state-dict loading, official-file unpickling."""
+"""Checkpoint IO: training state for resume, strict state-dict loading, and reading any checkpoint a
+user points at without letting it run code."""
 from __future__ import annotations
 
 import os
 import pickle
 import re
-import types
 from pathlib import Path
-from typing import Any, Mapping
+from typing import IO, Any, Iterable, Mapping
 
 import torch
 
@@ -83,11 +83,15 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def rng_state() -> dict:
+    """Python's, numpy's and torch's global RNG states as plain data (what ``weights_only`` reads)."""
     import random
 
     import numpy as np
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached_gaussian)}}
 
 
 def set_rng_state(state: dict) -> None:
@@ -95,60 +99,106 @@ def set_rng_state(state: dict) -> None:
 
     import numpy as np
 
+    numpy = state["numpy"]
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state((numpy["kind"], np.array(numpy["keys"], dtype=np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
 
 
+# ---- reading files a user points at ---------------------------------------------------------
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that needs more than the allowed contents to unpickle, i.e. could run code."""
+
+
+PLAIN_CONTENTS = "tensors, plain containers"
+
+
+def safe_load(source: str | os.PathLike | IO[bytes], stand_ins: Iterable[tuple[Any, str]] = (),
+              contents: str = PLAIN_CONTENTS, name: str | os.PathLike | None = None, hint: str = "") -> Any:
+    """``torch.load`` through torch's ``weights_only`` unpickler, which builds only tensors and plain
+    data and calls nothing else. ``stand_ins`` pairs (object, "module.Name") let the named globals
+    resolve to our own inert objects instead of importing the real ones. Anything else is refused
+    with one line naming the file (``name``, default ``source``), what it needed and ``hint``."""
+    name = source if name is None else name
+    with torch.serialization.safe_globals(list(stand_ins)):
+        try:
+            return torch.load(source, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise UnsafeCheckpointError(_refusal(source, name, contents, hint)) from None
+
+
+def _refusal(source: str | os.PathLike | IO[bytes], name: str | os.PathLike, contents: str, hint: str) -> str:
+    if hasattr(source, "seek"):
+        source.seek(0)
+    try:  # a static read of the pickle's opcodes: nothing is built or called
+        needed = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(source))
+    except (ValueError, pickle.UnpicklingError, RuntimeError, EOFError):  # not a zip checkpoint, or malformed
+        needed = []
+    if needed:
+        what = "the Python object" + ("s " if len(needed) > 1 else " ") + ", ".join(f"'{n}'" for n in needed)
+        verb = "are not among" if len(needed) > 1 else "is not one of"
+        reason = f"it needs {what}, which {verb} the allowed checkpoint contents ({contents})"
+    else:
+        reason = f"it holds more than the allowed checkpoint contents ({contents})"
+    return f"{name}: refused to load: {reason}; this file could run code when loaded{'; ' + hint if hint else ''}"
+
+
 def load_own_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint this project wrote (it contains only tensors and plain Python data)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Load a checkpoint this project wrote: tensors and plain Python data only."""
+    return safe_load(path, hint="if an older version of genius wrote it (its RNG state held numpy arrays), "
+                                "delete it and re-run the stage that writes it")
 
 
 # ---- official checkpoints -----------------------------------------------------------------
-class _Opaque:
-    """Stands in for classes of libraries we do not need (OmegaConf configs) while unpickling."""
+class _ConfigPart:
+    """Takes the place of every class an OmegaConf config pickle names, so a UniIR/GENIUS file's
+    ``config`` entry is read without omegaconf and without running any of its code: it only keeps
+    what the pickle hands it (the config is never used; GENIUS itself reads only ``model``)."""
 
-    def __init__(self, *args, **kwargs):
-        self.args = args
-
-    def __setstate__(self, state):
+    def __setstate__(self, state: Any) -> None:
         self.state = state
 
-    def __call__(self, *args, **kwargs):
-        return _Opaque(*args)
+
+def _resolver_cache(*_: Any) -> dict:
+    """OmegaConf's resolver cache is a ``defaultdict(dict)``; a plain dict holds the same entries."""
+    return {}
 
 
-class _OfficialUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if module.startswith("omegaconf") or (module == "typing" and name == "Any"):
-            return _Opaque
-        return super().find_class(module, name)
+# Everything a pickled OmegaConf DictConfig refers to (checked against omegaconf 2.4 pickles of
+# YAML-loaded configs with nested sections, lists, ints, floats, strings, bools and nulls): the
+# container and value-node classes, their metadata dataclasses, the types that metadata records,
+# and the resolver cache. torch's own allow-list covers the rest of these files (tensors, the
+# optimizer, scheduler and GradScaler state dicts).
+OFFICIAL_STAND_INS: tuple[tuple[Any, str], ...] = (
+    *((_ConfigPart, name) for name in (
+        "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig", "omegaconf.nodes.AnyNode",
+        "omegaconf.base.Metadata", "omegaconf.base.ContainerMetadata",
+        "typing.Any", "builtins.dict", "builtins.list", "builtins.int")),
+    (_resolver_cache, "collections.defaultdict"),
+)
+OFFICIAL_CONTENTS = "tensors, plain containers, OmegaConf configs"
 
 
-_official_pickle = types.ModuleType("genius_official_pickle")
-_official_pickle.Unpickler = _OfficialUnpickler
-_official_pickle.load = pickle.load
-_official_pickle.__name__ = "pickle"
-
-
-def load_official_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a UniIR/GENIUS ``.pth`` file: a dict whose ``model`` holds the state dict.
-
-    Those files also pickle training objects (an OmegaConf config), which torch >= 2.6's default
-    ``weights_only=True`` refuses and which would need omegaconf installed. We try the safe loader
-    first and otherwise unpickle with the OmegaConf classes replaced by an inert stand-in, so
-    nothing from the config is ever executed or needed.
-    """
+def read_official_file(path: str | os.PathLike) -> Any:
+    """Whatever a UniIR/GENIUS/open_clip ``.pth`` file holds, unpickled under ``OFFICIAL_STAND_INS``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_official_pickle)
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], Mapping):
+    return safe_load(path, OFFICIAL_STAND_INS, OFFICIAL_CONTENTS)
+
+
+def official_checkpoint(obj: Any, path: str | os.PathLike) -> dict:
+    """``obj`` as a dict whose ``model`` is the state dict (a bare state dict gets wrapped)."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), Mapping):
         return obj
-    if isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return {"model": obj}
     raise CheckpointMismatchError(f"{path}: expected a dict with a 'model' state dict, got {type(obj).__name__}")
+
+
+def load_official_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a UniIR/GENIUS ``.pth`` file: a dict whose ``model`` holds the state dict, beside the
+    optimizer, scheduler and GradScaler states and a pickled OmegaConf ``config`` (an inert
+    ``_ConfigPart`` here). Nothing outside tensors, plain data and those stand-ins is unpickled."""
+    return official_checkpoint(read_official_file(path), path)

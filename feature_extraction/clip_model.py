@@ -6,32 +6,47 @@ small ones in ``feature_extraction/model_configs/*.json``, registered with open_
 weights (no ``pretrained=``: nothing is ever downloaded) and then loaded from a local file:
 
 - UniIR's ``clip_sf_large.pth``: the state dict under ``model`` with the prefix ``clip_model.``, next
-  to pickled training objects (an OmegaConf config), read by ``load_official_checkpoint``;
+  to pickled training objects (an OmegaConf config, read as an inert stand-in by ``read_official_file``);
 - this project's ``clip_sf.pt`` (written by ``genius train-clip``): ``model`` plus the architecture
   (``model_name``, ``model_config``), so it rebuilds itself;
 - an open_clip training checkpoint (``state_dict``, possibly with DDP's ``module.`` prefix) or a
   bare state dict;
-- OpenAI's TorchScript archive (``ViT-L-14.pt``).
+- OpenAI's TorchScript archive (``ViT-L-14.pt``), whose tensors are read without running its code.
 
+No file is ever unpickled beyond tensors, plain data and inert stand-ins (``common.checkpoint.safe_load``).
+Files that do not record their architecture (UniIR's, OpenAI's) get it from their tensor shapes.
 Every load is strict: a missing, unexpected or mis-shaped tensor is an error listing all of them,
 named as they appear in the file.
 """
 from __future__ import annotations
 
+import ast
 import copy
+import dataclasses
 import json
 import os
+import pickle
+import re
+import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import open_clip
 import torch
 from PIL import Image
 from torchvision.transforms import CenterCrop, InterpolationMode, PILToTensor, Resize
 
-from genius.common.checkpoint import CheckpointMismatchError, check_state_dict, load_official_checkpoint
+from genius.common.checkpoint import (
+    PLAIN_CONTENTS,
+    CheckpointMismatchError,
+    check_state_dict,
+    official_checkpoint,
+    read_official_file,
+    safe_load,
+)
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 OWN_CHECKPOINT_FORMAT = "genius-clip-sf/1"
@@ -157,25 +172,110 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("constants.pkl") for name in archive.namelist())
 
 
+class _ScriptObject:
+    """Stands in for a TorchScript module class while its archive is unpickled: keeps the
+    attributes the pickle hands it, never the class's code."""
+
+    qualified_name: str
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def _container_tag(value: Any, *_: Any) -> Any:
+    """TorchScript wraps typed lists and dicts in no-op helpers (``torch.jit._pickle``)."""
+    return value
+
+
+_JIT_CONTAINER_TAGS = tuple((_container_tag, f"torch.jit._pickle.{name}") for name in (
+    "build_intlist", "build_tensorlist", "build_doublelist", "build_boollist", "restore_type_tag"))
+# The records of a TorchScript archive that torch.save's format shares: the pickled module tree
+# and its tensor storages. code/ and constants.pkl (the compiled program) are left behind.
+_WEIGHT_RECORDS = re.compile(r"^(data\.pkl|version|\.data/version|byteorder|data/\d+)$")
+
+
+def _declared_tensors(archive: zipfile.ZipFile, root: str) -> dict[str, set[str]]:
+    """Each TorchScript class's parameters and buffers, as its code's ``__parameters__`` and
+    ``__buffers__`` lists declare them: other tensor attributes (an attention mask) are not weights.
+    The code is only parsed, never compiled or run."""
+    declared = {}
+    for name in archive.namelist():
+        rel = name[len(root) + 1:]
+        if not (rel.startswith("code/") and rel.endswith(".py")):
+            continue
+        module = rel[len("code/"):-len(".py")].replace("/", ".")
+        for node in ast.parse(archive.read(name).decode("utf-8")).body:
+            if isinstance(node, ast.ClassDef):
+                lists = {target.id: ast.literal_eval(stmt.value) for stmt in node.body if isinstance(stmt, ast.Assign)
+                         for target in stmt.targets if isinstance(target, ast.Name)
+                         and target.id in ("__parameters__", "__buffers__")}
+                declared[f"{module}.{node.name}"] = {*lists.get("__parameters__", ()), *lists.get("__buffers__", ())}
+    return declared
+
+
+def _module_tensors(obj: _ScriptObject, declared: Mapping[str, set[str]], path: Path,
+                    prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """``obj``'s parameters and buffers and its submodules', named as ``state_dict`` names them."""
+    if obj.qualified_name not in declared or not isinstance(getattr(obj, "state", None), Mapping):
+        raise CheckpointMismatchError(f"{path}: unsupported TorchScript archive (no definition or state for "
+                                      f"{obj.qualified_name}); save the weights with torch.save(model.state_dict())")
+    for attr, value in obj.state.items():
+        if isinstance(value, _ScriptObject):
+            yield from _module_tensors(value, declared, path, f"{prefix}{attr}.")
+        elif attr in declared[obj.qualified_name] and isinstance(value, torch.Tensor):
+            yield prefix + attr, value.detach()
+
+
+def _read_torchscript(path: Path) -> dict[str, torch.Tensor]:
+    """The parameters and buffers of a TorchScript archive (OpenAI's ``ViT-*.pt``) without running it.
+
+    ``torch.jit.load`` would compile and run the archive's code. Instead, the module tree and the
+    storages are copied into a torch.save-style zip and read with ``safe_load``, every TorchScript
+    class (``__torch__.*``) standing in as an inert ``_ScriptObject``.
+    """
+    with zipfile.ZipFile(path) as archive, tempfile.TemporaryFile() as plain:
+        root = archive.namelist()[0].split("/")[0]
+        declared = _declared_tensors(archive, root)
+        with zipfile.ZipFile(plain, "w", zipfile.ZIP_STORED) as out:
+            for info in archive.infolist():
+                if _WEIGHT_RECORDS.match(info.filename[len(root) + 1:]):
+                    with archive.open(info) as src, \
+                            out.open(info.filename, "w", force_zip64=info.file_size > zipfile.ZIP64_LIMIT) as dst:
+                        shutil.copyfileobj(src, dst, 1 << 24)
+        plain.seek(0)
+        try:
+            classes = [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(plain)
+                       if name.startswith("__torch__.")]
+        except pickle.UnpicklingError:  # opcodes the weights-only reader refuses too, with a clear message
+            classes = []
+        stand_ins = [(type(name, (_ScriptObject,), {"qualified_name": name}), name) for name in classes]
+        plain.seek(0)
+        tree = safe_load(plain, [*stand_ins, *_JIT_CONTAINER_TAGS], contents=f"{PLAIN_CONTENTS}, TorchScript modules",
+                         name=path)
+    if not isinstance(tree, _ScriptObject):
+        raise CheckpointMismatchError(f"{path}: the TorchScript archive does not hold a module")
+    return dict(_module_tensors(tree, declared, path))
+
+
 def read_clip_checkpoint(path: str | os.PathLike) -> ClipWeights:
     """Read a CLIP checkpoint in any supported layout (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"CLIP checkpoint {path} does not exist")
     if _is_torchscript(path):
-        state = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        state = _read_torchscript(path)
         return ClipWeights({k: v for k, v in state.items() if k not in _OPENAI_JIT_EXTRAS}, "openai_jit", "")
-    try:
-        obj = load_official_checkpoint(path)
-    except CheckpointMismatchError:
-        # open_clip's own training checkpoints keep the weights under "state_dict" instead.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if not (isinstance(obj, dict) and isinstance(obj.get("state_dict"), Mapping)):
-            raise CheckpointMismatchError(f"{path}: not a CLIP checkpoint (expected a state dict under "
-                                          f"'model' or 'state_dict', or a TorchScript archive)") from None
+    obj = read_official_file(path)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), Mapping):
+        # open_clip's own training checkpoints keep the weights under "state_dict".
         state = dict(obj["state_dict"])
         prefix = "module." if state and all(k.startswith("module.") for k in state) else ""
         return ClipWeights(_strip(state, prefix), "open_clip", prefix)
+    try:
+        obj = official_checkpoint(obj, path)
+    except CheckpointMismatchError:
+        raise CheckpointMismatchError(f"{path}: not a CLIP checkpoint (expected a state dict under 'model' or "
+                                      f"'state_dict', or a TorchScript archive)") from None
     state = dict(obj["model"])
     if obj.get("format") == OWN_CHECKPOINT_FORMAT:
         return ClipWeights(state, "own", "", obj["model_name"], obj["model_config"])
@@ -191,25 +291,109 @@ def check_clip_state(model_state: Mapping[str, torch.Tensor], weights: ClipWeigh
     check_state_dict(expected, given, what)
 
 
+# OpenAI's CLIP (and so UniIR's CLIP-SF) always uses 64-wide attention heads; head counts leave
+# no trace in the tensor shapes, so this is what build_model assumes too.
+_OPENAI_HEAD_WIDTH = 64
+_NAME_KEYS = "encoder.model for extract, model.name for train-clip"
+
+
+def _count_blocks(state: Mapping[str, torch.Tensor], prefix: str) -> int:
+    return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+
+
+def infer_architecture(state: Mapping[str, torch.Tensor], where: str) -> dict:
+    """The open_clip architecture of an OpenAI-style ViT CLIP state dict, read from its tensor shapes
+    as OpenAI's ``build_model`` does (64-wide heads); QuickGELU, as OpenAI trained with."""
+    needed = ("visual.conv1.weight", "visual.positional_embedding", "visual.transformer.resblocks.0.mlp.c_fc.weight",
+              "text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight",
+              "transformer.resblocks.0.mlp.c_fc.weight")
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise CheckpointMismatchError(f"{where}: cannot read a ViT CLIP architecture from its shapes (no "
+                                      f"{', '.join(missing[:3])}); set the model name ({_NAME_KEYS}) explicitly")
+    vision_width, patch = state["visual.conv1.weight"].shape[0], state["visual.conv1.weight"].shape[-1]
+    text_width = state["ln_final.weight"].shape[0]
+    if vision_width % _OPENAI_HEAD_WIDTH or text_width % _OPENAI_HEAD_WIDTH:
+        raise CheckpointMismatchError(f"{where}: widths {vision_width}/{text_width} are not multiples of OpenAI's "
+                                      f"{_OPENAI_HEAD_WIDTH}-wide heads, so the head count is unknown; set the model "
+                                      f"name ({_NAME_KEYS}) explicitly")
+    grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    return {
+        "embed_dim": int(state["text_projection"].shape[1]),
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": int(patch * grid), "layers": _count_blocks(state, "visual.transformer.resblocks."),
+                       "width": int(vision_width), "head_width": _OPENAI_HEAD_WIDTH, "patch_size": int(patch),
+                       "mlp_ratio": state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / vision_width},
+        "text_cfg": {"context_length": int(state["positional_embedding"].shape[0]),
+                     "vocab_size": int(state["token_embedding.weight"].shape[0]), "width": int(text_width),
+                     "heads": int(text_width // _OPENAI_HEAD_WIDTH), "layers": _count_blocks(state, "transformer.resblocks."),
+                     "mlp_ratio": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / text_width},
+    }
+
+
+def _normalised(cfg: Mapping[str, Any]) -> dict:
+    """``cfg`` with open_clip's defaults filled in, so equal architectures compare equal."""
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    return {**cfg, "quick_gelu": bool(cfg.get("quick_gelu", False)),
+            "vision_cfg": dataclasses.asdict(CLIPVisionCfg(**cfg["vision_cfg"])),
+            "text_cfg": dataclasses.asdict(CLIPTextCfg(**cfg["text_cfg"]))}
+
+
+def _registered_names(cfg: Mapping[str, Any]) -> list[str]:
+    """The registered open_clip configs (open_clip's and ours) that build exactly ``cfg``."""
+    target, found = _normalised(cfg), []
+    for name in open_clip.list_models():
+        other = open_clip.get_model_config(name)
+        try:
+            if _normalised(other) == target:
+                found.append(name)
+        except (KeyError, TypeError):  # configs of other model families (no vision_cfg, extra fields)
+            continue
+    return found
+
+
+def architecture_from_weights(weights: ClipWeights, checkpoint: str | os.PathLike) -> tuple[str, dict]:
+    """(name, architecture) of a checkpoint that does not record its architecture: inferred from the
+    shapes, named after the registered config it equals (e.g. ``ViT-L-14-quickgelu``).
+
+    Only OpenAI's and UniIR's files are known to be QuickGELU models; an open_clip state dict may
+    be either (LAION models use GELU) and the weights cannot tell, so it needs an explicit name.
+    """
+    cfg = infer_architecture(weights.state, f"CLIP checkpoint {checkpoint}")
+    if weights.layout == "open_clip":
+        gelu = {**cfg, "quick_gelu": False}
+        names = _registered_names(cfg) + _registered_names(gelu)
+        raise ValueError(f"{checkpoint} does not record its architecture and open_clip weights may use GELU or "
+                         f"QuickGELU, which the weights cannot tell: set the model name ({_NAME_KEYS})"
+                         + (f"; its shapes fit {' or '.join(names)}" if names else ""))
+    names = _registered_names(cfg)
+    return (names[0], model_config(names[0])) if names else (f"inferred from {Path(checkpoint).name}", cfg)
+
+
 def load_clip(checkpoint: str | os.PathLike | None, model_name: str | None) -> tuple[open_clip.CLIP, str, dict]:
     """Build the model and load ``checkpoint`` strictly; returns (model, model name, architecture).
 
-    Own checkpoints carry their architecture; for the other layouts ``model_name`` says which
-    open_clip config to build (``ViT-L-14-quickgelu`` for UniIR's and OpenAI's ViT-L/14 files:
-    plain ``ViT-L-14`` has the same tensor names but nn.GELU, which silently changes outputs).
-    With no checkpoint the model keeps its random initialisation (training from scratch).
+    ``model_name`` None takes the architecture from the checkpoint: own checkpoints record it,
+    UniIR's and OpenAI's are read from their shapes (``architecture_from_weights``). A name given
+    explicitly is built as named and must fit the weights; ``ViT-L-14-quickgelu`` for UniIR's and
+    OpenAI's ViT-L/14 files (plain ``ViT-L-14`` has the same tensor names but nn.GELU, which
+    silently changes outputs). With no checkpoint the model keeps its random initialisation
+    (training from scratch) and needs a name.
     """
     weights = read_clip_checkpoint(checkpoint) if checkpoint is not None else None
     if weights is not None and weights.model_config is not None:
         if model_name is not None and model_name != weights.model_name:
             raise ValueError(f"{checkpoint} was trained as {weights.model_name!r} but the config asks for "
-                             f"{model_name!r}; remove encoder.model (the checkpoint carries its architecture) or fix it")
+                             f"{model_name!r}; remove the model name ({_NAME_KEYS}: the checkpoint carries its "
+                             "architecture) or fix it")
         model_name, cfg = weights.model_name, weights.model_config
-    elif model_name is None:
-        raise ValueError(f"no CLIP architecture: set the model name (e.g. ViT-L-14-quickgelu); "
-                         f"{checkpoint or 'no checkpoint'} does not carry one")
-    else:
+    elif model_name is not None:
         cfg = model_config(model_name)
+    elif weights is not None:
+        model_name, cfg = architecture_from_weights(weights, checkpoint)
+    else:
+        raise ValueError("no CLIP architecture: without a checkpoint, set the model name (e.g. ViT-L-14-quickgelu)")
     model = build_clip(cfg)
     if weights is not None:
         check_clip_state(model.state_dict(), weights, f"CLIP checkpoint {checkpoint} ({weights.layout} layout) for {model_name}")

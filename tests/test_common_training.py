@@ -64,11 +64,11 @@ def test_latest_checkpoint(tmp_path):
     for epoch in (0, 2, 10):
         save_training_checkpoint(tmp_path, epoch, {"model": {}})
     assert latest_checkpoint(tmp_path).name == "epoch_0010.pt"
-    assert torch.load(latest_checkpoint(tmp_path), weights_only=False)["epoch"] == 10
+    assert torch.load(latest_checkpoint(tmp_path), weights_only=True)["epoch"] == 10
     # Steps inside epoch 11 come after epoch 10; the finished epoch 11 after any of its steps.
     save_training_checkpoint(tmp_path, 11, {"model": {}}, step=500)
     save_training_checkpoint(tmp_path, 11, {"model": {}}, step=40)
-    state = torch.load(latest_checkpoint(tmp_path), weights_only=False)
+    state = torch.load(latest_checkpoint(tmp_path), weights_only=True)
     assert latest_checkpoint(tmp_path).name == "epoch_0011_step_0000500.pt" and (state["epoch"], state["step"]) == (11, 500)
     save_training_checkpoint(tmp_path, 11, {"model": {}})
     assert latest_checkpoint(tmp_path).name == "epoch_0011.pt"

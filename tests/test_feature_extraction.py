@@ -24,6 +24,7 @@ from genius.feature_extraction.clip_model import (
     MODEL_CONFIG_DIR,
     ClipWeights,
     ImagePreprocess,
+    architecture_from_weights,
     build_clip,
     check_clip_state,
     load_clip,
@@ -71,6 +72,8 @@ def test_full_size_layout_matches_vit_l_14_quickgelu(shared_data):
     assert len(state) == len(layout) == 446 and sum(p.numel() for p in model.parameters()) == 427_616_513
     weights = read_state_from_layout(layout)
     check_clip_state(state, weights, "clip_sf_large.pth")
+    # with encoder.model unset, the file's shapes name the architecture
+    assert architecture_from_weights(weights, "clip_sf_large.pth") == ("ViT-L-14-quickgelu", model_config("ViT-L-14-quickgelu"))
     del weights.state["visual.proj"]
     with pytest.raises(CheckpointMismatchError, match=r"missing keys \(1\): clip_model\.visual\.proj"):
         check_clip_state(state, weights, "clip_sf_large.pth")
@@ -144,6 +147,34 @@ def test_uniir_layout_file_loads_strictly(shared_data, tmp_path, monkeypatch):
     assert "clip_model.visual.proj: checkpoint (5, 5) vs model (32, 16)" in message
 
 
+def test_architecture_comes_from_a_uniir_checkpoint_when_unset(tmp_path, monkeypatch):
+    """OpenAI's build_model reading: widths, depths, patch, image size, context and vocabulary from
+    the shapes, 64-wide heads, QuickGELU; named after the registered config it equals."""
+    cfg = {"embed_dim": 32, "quick_gelu": True,
+           "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1}}
+    (tmp_path / "vit-h64-quickgelu-test.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "vit-h64-quickgelu-test.json")
+    torch.manual_seed(2)
+    write_uniir_file(tmp_path / "uniir.pth", build_clip(cfg).state_dict(), monkeypatch)
+    inferred = build_encoder(EncoderConfig(checkpoint=str(tmp_path / "uniir.pth")), "cpu")
+    explicit = build_encoder(EncoderConfig(model="vit-h64-quickgelu-test", checkpoint=str(tmp_path / "uniir.pth")), "cpu")
+    assert inferred.fingerprint == explicit.fingerprint and inferred.fingerprint["model"] == "vit-h64-quickgelu-test"
+    images = [Image.fromarray(np.full((40, 50, 3), v, np.uint8)) for v in (0, 90, 200)]
+    texts = ["a red circle", "Find a photo of a dog."]
+    np.testing.assert_array_equal(inferred.encode_images(images), explicit.encode_images(images))
+    np.testing.assert_array_equal(inferred.encode_texts(texts), explicit.encode_texts(texts))
+    # an architecture no config registers is still built, under a descriptive name
+    torch.save({"model": {f"clip_model.{k}": v for k, v in build_clip({**cfg, "embed_dim": 24}).state_dict().items()}},
+               tmp_path / "odd.pth")
+    model, name, arch = load_clip(tmp_path / "odd.pth", None)
+    assert name == "inferred from odd.pth" and arch["embed_dim"] == 24 and arch["quick_gelu"]
+    # open_clip weights may be GELU or QuickGELU: the shapes cannot tell, so a name is needed
+    torch.save({"state_dict": build_clip(cfg).state_dict()}, tmp_path / "open_clip.pt")
+    with pytest.raises(ValueError, match="set the model name.*its shapes fit vit-h64-quickgelu-test"):
+        load_clip(tmp_path / "open_clip.pt", None)
+
+
 def test_large_preset_uses_quickgelu_and_uniir_weights():
     cfg = load_config(extract.ExtractConfig, REPO / "configs_scripts/large/extract.yaml")
     assert cfg.encoder.model == "ViT-L-14-quickgelu" and cfg.encoder.name == "CLIP_SF"
@@ -195,6 +226,32 @@ def test_open_clip_openai_and_own_checkpoints_load(tmp_path):
         load_clip(tmp_path / "own.pt", "clip-sf-demo")
     with pytest.raises(CheckpointMismatchError, match=r"wrong shapes \(1\): visual.positional_embedding"):
         load_clip(tmp_path / "bare.pt", "clip-sf-demo")  # the 64-px model cannot take the 32-px weights
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, mask: torch.Tensor | None):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(8, 2)  # q/k/v_proj_weight are None parameters
+        self.attn_mask = mask  # a plain tensor attribute, as OpenAI's text blocks keep it: not a weight
+        self.register_buffer("counts", torch.arange(3.0))
+        self.register_buffer("scratch", torch.zeros(2), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_torchscript_weights_are_read_as_torch_names_them(tmp_path):
+    """The archive's code declares which attributes are parameters and buffers; reading those
+    (never compiling the code) gives exactly what torch.jit.load(...).state_dict() gives."""
+    root = _Holder()
+    root.text, root.vision = _Block(torch.full((3, 3), float("-inf")).triu(1)), _Block(None)  # two types: one mangled
+    root.register_parameter("scale", torch.nn.Parameter(torch.tensor(4.6)))
+    torch.jit.script(root).save(str(tmp_path / "ts.pt"))
+    reference = torch.jit.load(str(tmp_path / "ts.pt")).state_dict()  # our own archive: safe to run here
+    weights = read_clip_checkpoint(tmp_path / "ts.pt")
+    assert weights.layout == "openai_jit" and list(weights.state) == list(reference)
+    assert all(torch.equal(weights.state[k], v) for k, v in reference.items())
 
 
 # ---- inputs --------------------------------------------------------------------------------
@@ -251,7 +308,7 @@ def test_contrastive_loss_directions_and_own_positives():
 # ---- text backend --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def minilm():
-    return build_encoder(EncoderConfig(name="minilm", kind="hf_text", model=None), "cpu")
+    return build_encoder(EncoderConfig(name="minilm", kind="hf_text"), "cpu")
 
 
 def test_minilm_backend(minilm):
@@ -262,7 +319,7 @@ def test_minilm_backend(minilm):
     assert unit[0] @ unit[1] > 0.7 > 0.0 > unit[0] @ unit[2]  # all-MiniLM-L6-v2's own example
     with pytest.raises(ValueError, match="encodes text only"):
         minilm.encode_images([Image.new("RGB", (8, 8))])
-    fast = build_encoder(EncoderConfig(name="minilm", kind="hf_text", model=None, cpu_bf16=True), "cpu")
+    fast = build_encoder(EncoderConfig(name="minilm", kind="hf_text", cpu_bf16=True), "cpu")
     approx = fast.encode_texts(texts)
     cosine = (approx * vectors).sum(1) / np.linalg.norm(approx, axis=1) / np.linalg.norm(vectors, axis=1)
     assert cosine.min() > 0.995 and fast.fingerprint["precision"] == "bf16-autocast"
@@ -286,7 +343,7 @@ def test_minilm_coco_caption_retrieval(shared_data):
     owner = np.array([i for i in images for _ in captions[i]])
     position = np.array([r for i in images for r in range(len(captions[i]))])
     # fp32: the reference numbers (bf16 autocast agrees to 1e-3 in recall but depends on the CPU)
-    encoder = build_encoder(EncoderConfig(name="minilm", kind="hf_text", model=None), "cpu")
+    encoder = build_encoder(EncoderConfig(name="minilm", kind="hf_text"), "cpu")
     vectors = encoder.encode_texts(texts, batch_size=256)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     recalls = []

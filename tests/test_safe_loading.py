@@ -1,0 +1,274 @@
+"""No file a user points at can run code when loaded (issue 13): every loader that takes a path
+refuses a planted pickle with one clear line, and the marker file its unpickling would create never
+appears; official files with a real pickled OmegaConf config still load, and our own checkpoints
+round-trip through torch's weights-only unpickler."""
+from __future__ import annotations
+
+import pickle
+import random
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from genius.common.checkpoint import (
+    UnsafeCheckpointError,
+    load_official_checkpoint,
+    load_own_checkpoint,
+    rng_state,
+    save_training_checkpoint,
+    set_rng_state,
+)
+from genius.common.distributed import init_distributed
+from genius.feature_extraction import train_clip
+from genius.feature_extraction.clip_model import build_clip, load_clip, model_config, own_checkpoint, read_clip_checkpoint
+from genius.feature_extraction.encoders import EncoderConfig, build_encoder
+
+OPEN = re.escape(f"'{open.__module__}.open'")  # how pickle names the builtin open
+
+
+class Planted:
+    """Unpickling this creates ``marker``: a stand-in for any code a malicious checkpoint could run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+@pytest.fixture
+def planted(tmp_path):
+    """(write(path): a checkpoint-shaped file with the planted object inside, marker path)."""
+    marker = tmp_path / "MARKER"
+
+    def write(path: Path, **entries) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": {"w": torch.zeros(2)}, **entries, "config": Planted(marker)}, path)
+        return path
+
+    yield write, marker
+    assert not marker.exists(), "a planted pickle ran code"
+
+
+def refused(path: Path):
+    """The one-line refusal naming the file and the object it wanted."""
+    return pytest.raises(UnsafeCheckpointError, match=rf"^{re.escape(str(path))}: refused to load: it needs the "
+                                                      rf"Python object {OPEN}, which is not one of the allowed "
+                                                      r"checkpoint contents \([^)]*\); this file could run code")
+
+
+# ---- stage 0 ---------------------------------------------------------------------------------
+def test_extract_encoder_checkpoint(planted, tmp_path):
+    write, _ = planted
+    path = write(tmp_path / "clip_sf_large.pth")
+    with refused(path) as err:
+        build_encoder(EncoderConfig(checkpoint=str(path)), "cpu")
+    assert "\n" not in str(err.value)
+
+
+def test_extract_torchscript_archive_runs_nothing(planted, tmp_path, monkeypatch):
+    """An OpenAI-style TorchScript archive is read without torch.jit.load, and its pickle is
+    held to the same allow-list (TorchScript module classes become inert stand-ins)."""
+    _, marker = planted
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load compiles the archive's code"))
+    path = tmp_path / "ViT-L-14.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("ViT-L-14/data.pkl", pickle.dumps(Planted(marker), protocol=2))
+        archive.writestr("ViT-L-14/constants.pkl", pickle.dumps((), protocol=2))
+        archive.writestr("ViT-L-14/version", "3\n")
+        archive.writestr("ViT-L-14/code/__torch__.py", f"open({str(marker)!r}, 'w')\n")
+    with refused(path):
+        read_clip_checkpoint(path)
+
+
+def train_clip_config(tmp_path: Path, **model) -> train_clip.TrainClipConfig:
+    data = tmp_path / "data"
+    cfg = train_clip.TrainClipConfig(model=train_clip.ModelConfig(name="clip-sf-tiny", **model),
+                                     runtime=train_clip.RuntimeConfig(device="cpu", num_workers=0))
+    cfg.data.root, cfg.output.run_dir = str(data), str(tmp_path / "run")
+    for name in ("train_queries", "train_pool", "instructions"):
+        (data / getattr(cfg.data, name)).parent.mkdir(parents=True, exist_ok=True)
+        (data / getattr(cfg.data, name)).touch()
+    return cfg
+
+
+def test_train_clip_init_checkpoint(planted, tmp_path):
+    write, _ = planted
+    path = write(tmp_path / "init.pth")
+    with refused(path):
+        train_clip.train(train_clip_config(tmp_path, init_checkpoint=str(path)))
+
+
+def test_train_clip_resume_and_finished_run(planted, tmp_path):
+    write, _ = planted
+    cfg = train_clip_config(tmp_path)
+    run = Path(cfg.output.run_dir)
+    path = write(run / "checkpoints" / "epoch_0000.pt")
+    with refused(path):
+        train_clip._resume_state(run, {}, is_main=True)
+    final = write(run / train_clip.FINAL_NAME)
+    with refused(final):
+        train_clip.train(cfg)  # the up-to-date check reads clip_sf.pt first
+
+
+# ---- stage 1 ---------------------------------------------------------------------------------
+def test_official_rq(planted, tmp_path):
+    from genius.models.residual_quantization.official import load_official_rq
+
+    write, _ = planted
+    path = write(tmp_path / "rq_clip_large.pth", epoch=20)
+    with refused(path):
+        load_official_rq(path)
+
+
+def test_train_rq_resume(planted, tmp_path):
+    from genius.models.residual_quantization import train as train_rq
+
+    write, _ = planted
+    path = write(tmp_path / "checkpoints" / "epoch_0003.pt")
+    with refused(path):
+        train_rq.resumable_checkpoint(tmp_path, {}, init_distributed("cpu"))
+
+
+# ---- stage 2 and search ----------------------------------------------------------------------
+def test_official_generator(planted, tmp_path):
+    from genius.models.generative_retriever.official import load_official_generator
+
+    write, _ = planted
+    path = write(tmp_path / "GENIUS_t5small.pth")
+    with refused(path):
+        load_official_generator(path)
+
+
+def test_eval_generator(planted, tmp_path):
+    from genius.models.generative_retriever.generator import load_generator
+
+    write, _ = planted
+    path = write(tmp_path / "generator.pt")
+    with refused(path):
+        load_generator(path)
+
+
+def test_search_run_with_planted_generator(planted, tmp_path):
+    """``genius search --run`` (and eval) load the run's models through ``load_models``."""
+    from genius.models.generative_retriever.evaluate import EvalConfig, PathsConfig, load_models
+    from genius.models.residual_quantization.model import RQModel, save_rq
+
+    write, _ = planted
+    save_rq(tmp_path / "rq" / "rq.pt", RQModel(8, 8, 8, num_levels=2, codebook_size=4), config={})
+    path = write(tmp_path / "gen" / "generator.pt")
+    cfg = EvalConfig(paths=PathsConfig(rq_run=str(tmp_path / "rq"), gen_run=str(tmp_path / "gen")))
+    with refused(path):
+        load_models(cfg, torch.device("cpu"))
+
+
+def test_train_gen_resume(planted, tmp_path):
+    from genius.models.generative_retriever import train as train_gen
+
+    write, _ = planted
+    path = write(tmp_path / "checkpoints" / "epoch_0001.pt")
+    with refused(path):
+        train_gen.load_resume_state(tmp_path, "run", "rq", 8, init_distributed("cpu"))
+
+
+def test_a_raw_pickle_is_refused_too(planted, tmp_path):
+    """Not a torch.save zip: torch's legacy reader, same allow-list, a message without the name."""
+    _, marker = planted
+    path = tmp_path / "legacy.pt"
+    path.write_bytes(pickle.dumps(Planted(marker), protocol=2))
+    with pytest.raises(UnsafeCheckpointError, match=rf"^{re.escape(str(path))}: refused to load: .*could run code"):
+        load_official_checkpoint(path)
+
+
+# ---- what does load ---------------------------------------------------------------------------
+OFFICIAL_YAML = """
+experiment: {instruct_status: Instruct, exp_name: InBatch, description: null}
+model:
+  name: CLIPScoreFusion
+  short_name: clip_sf_large
+  clip_vision_model_name: ViT-L/14
+  ckpt_config: {ckpt_dir: checkpoint/CLIP_SF, ckpt_name: clip_sf_large.pth, resume_training: false}
+data_config:
+  image_size: 224, 224
+  enable_query_instruct: true
+  shuffle_cand: true
+  in_batch_neg_num: 0
+  train_query_data_path: M-BEIR/query/union_train/mbeir_union_up_train.jsonl
+dataloader_config: {num_workers: 5, train_batch_size: 105, valid_batch_size: 1024}
+trainer_config: {gradient_accumulation_steps: 1, learning_rate: 1.0e-05, warmup_steps: 0, num_train_epochs: 20}
+evaluator: {enable_eval: true, eval_freq: 1, print_freq: 10, datasets: [mscoco, cirr], tasks: [0, 3, 7]}
+dist_config: {dist_url: env://}
+seed: 2023
+"""
+
+
+def official_like(path: Path, state: dict) -> None:
+    """A file laid out like clip_sf_large.pth / rq_clip_large.pth: the state dict beside the AdamW,
+    cosine-schedule and GradScaler states and the run's config as a real pickled OmegaConf DictConfig."""
+    omegaconf = pytest.importorskip("omegaconf")
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.zeros(3))]
+    optimizer = torch.optim.AdamW([{"params": params[:1], "weight_decay": 0.2}, {"params": params[1:], "weight_decay": 0}])
+    (params[0].sum() + params[1].sum()).backward()
+    optimizer.step()
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100)
+    lam = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    config = omegaconf.OmegaConf.create(OFFICIAL_YAML)
+    config.dist_config.gpu_id = 0  # UniIR sets run-time values on the loaded config
+    torch.save({"model": state, "optimizer": optimizer.state_dict(), "scheduler": cosine.state_dict(),
+                "lambda_scheduler": lam.state_dict(), "config": config, "epoch": 19,
+                "scaler": scaler.state_dict()}, path)
+
+
+def test_official_file_with_real_omegaconf_config_loads(tmp_path):
+    torch.manual_seed(0)
+    source = build_clip(model_config("clip-sf-tiny"))
+    state = {f"clip_model.{k}": v for k, v in source.state_dict().items()}
+    official_like(tmp_path / "clip_sf_large.pth", state)
+    with pytest.raises(pickle.UnpicklingError):  # torch's default refuses the config ...
+        torch.load(tmp_path / "clip_sf_large.pth", weights_only=True)
+    loaded = load_official_checkpoint(tmp_path / "clip_sf_large.pth")  # ... our allow-list reads it
+    assert loaded["epoch"] == 19 and loaded["scaler"]["scale"] == 65536.0
+    assert loaded["optimizer"]["param_groups"][0]["weight_decay"] == 0.2 and len(loaded["optimizer"]["state"]) == 2
+    assert loaded["scheduler"]["T_max"] == 100 and loaded["lambda_scheduler"]["lr_lambdas"] == [None, None]
+    assert not type(loaded["config"]).__module__.startswith("omegaconf")  # an inert stand-in
+    assert all(torch.equal(loaded["model"][k], v) for k, v in state.items())
+    model, name, _ = load_clip(tmp_path / "clip_sf_large.pth", "clip-sf-tiny")
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_own_checkpoints_round_trip_with_weights_only(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), betas=(0.9, 0.98))
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    np.random.normal()  # numpy now holds a cached Gaussian, which must survive too
+    path = save_training_checkpoint(tmp_path, 0, {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(), "rng": [rng_state()], "inputs": {"config": {"lr": 1e-4, "betas": (0.9, 0.98)}}})
+    expected = (random.random(), np.random.normal(), np.random.randint(1 << 30), torch.rand(3))
+    state = torch.load(path, weights_only=True)  # torch's default reader, no allow-list needed
+    assert load_own_checkpoint(path)["inputs"] == {"config": {"lr": 1e-4, "betas": (0.9, 0.98)}}
+    set_rng_state(state["rng"][0])
+    again = (random.random(), np.random.normal(), np.random.randint(1 << 30), torch.rand(3))
+    assert expected[:3] == again[:3] and torch.equal(expected[3], again[3])
+    cfg = model_config("clip-sf-tiny")
+    torch.save(own_checkpoint(build_clip(cfg), "clip-sf-tiny", cfg, inputs={"files": {}}), tmp_path / "clip_sf.pt")
+    assert torch.load(tmp_path / "clip_sf.pt", weights_only=True)["model_name"] == "clip-sf-tiny"
+
+
+def test_an_old_checkpoint_with_numpy_state_gets_one_line_advice(tmp_path):
+    torch.save({"model": {}, "rng": {"numpy": np.random.get_state()}}, tmp_path / "epoch_0001.pt")
+    with pytest.raises(UnsafeCheckpointError, match="numpy") as err:
+        load_own_checkpoint(tmp_path / "epoch_0001.pt")
+    message = str(err.value)
+    assert "\n" not in message and message.endswith("delete it and re-run the stage that writes it")
