@@ -115,15 +115,17 @@ PLAIN_CONTENTS = "tensors, plain containers"
 
 
 def safe_load(source: str | os.PathLike | IO[bytes], stand_ins: Iterable[tuple[Any, str]] = (),
-              contents: str = PLAIN_CONTENTS, name: str | os.PathLike | None = None, hint: str = "") -> Any:
+              contents: str = PLAIN_CONTENTS, name: str | os.PathLike | None = None, hint: str = "",
+              mmap: bool = False) -> Any:
     """``torch.load`` through torch's ``weights_only`` unpickler, which builds only tensors and plain
     data and calls nothing else. ``stand_ins`` pairs (object, "module.Name") let the named globals
     resolve to our own inert objects instead of importing the real ones. Anything else is refused
-    with one line naming the file (``name``, default ``source``), what it needed and ``hint``."""
+    with one line naming the file (``name``, default ``source``), what it needed and ``hint``.
+    ``mmap``: map the tensors' storage instead of reading it (a file path only)."""
     name = source if name is None else name
     with torch.serialization.safe_globals(list(stand_ins)):
         try:
-            return torch.load(source, map_location="cpu", weights_only=True)
+            return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError:
             raise UnsafeCheckpointError(_refusal(source, name, contents, hint)) from None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -64,16 +65,41 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every rank along dim 0, keeping gradients for every slice.
+GatherGradient = Literal["all_ranks", "local_only"]
 
-    torch.distributed.nn's all_gather sums incoming gradients across ranks in backward, so each
-    rank's local embeddings receive the gradient of the loss terms computed on *all* ranks, which
-    is what an in-batch contrastive loss over the global batch needs. (The official code's
-    GatherLayer returned only the local slice's gradient.)
+
+class _GatherLocalGradient(torch.autograd.Function):
+    """All-gather whose backward hands each rank only its own slice of *its own* incoming
+    gradient, dropping what the other ranks' losses put on this rank's vectors (the official
+    code's GatherLayer)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = len(x)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def all_gather_with_grad(x: torch.Tensor, gradient: GatherGradient = "all_ranks") -> torch.Tensor:
+    """Concatenate ``x`` (the same shape on every rank) from every rank along dim 0.
+
+    ``gradient``: ``all_ranks`` sums, in backward, the gradients every rank's loss puts on this
+    rank's slice (torch.distributed.nn's all_gather), which is what an in-batch contrastive loss
+    over the global batch needs: every rank computes the same global loss, so with DDP's average
+    the update is that loss's gradient. ``local_only`` keeps only this rank's own loss's gradient
+    (the official GatherLayer): after DDP's average the gathered loss's gradient is 1/world_size
+    of the true one, while per-rank losses (MSE, commitment) keep theirs.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
+    if gradient == "local_only":
+        return _GatherLocalGradient.apply(x)
     from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(x), dim=0)

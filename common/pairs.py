@@ -1,7 +1,8 @@
 """Training pairs (query, positive candidate) over embedding stores, batched for stages 1 and 2.
 
-A query may have several positives. One is drawn per query *per epoch* (the official code drew
-one at dataset construction and kept it for every epoch). Batches are cut from one global,
+A query may have several positives. By default one is drawn per query *per epoch*; ``fixed``
+draws one per query once for the whole run, as the official code did (it drew at dataset
+construction and kept the draw for every epoch). Batches are cut from one global,
 seeded permutation and each rank takes its own contiguous slice of every global batch, so a
 run on W processes with batch B sees exactly the samples of a 1-process run with batch W x B.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
@@ -78,17 +79,23 @@ def _side(store: EmbeddingStore, rows: np.ndarray, prefix: str) -> dict[str, tor
     }
 
 
+PositiveDraw = Literal["per_epoch", "fixed"]
+
+
 def iterate_batches(pairs: TrainingPairs, queries: EmbeddingStore, pool: EmbeddingStore, *, batch_size: int,
-                    epoch: int, seed: int, rank: int = 0, world_size: int = 1,
-                    drop_last: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+                    epoch: int, seed: int, rank: int = 0, world_size: int = 1, drop_last: bool = True,
+                    positives: PositiveDraw = "per_epoch") -> Iterator[dict[str, torch.Tensor]]:
     """This rank's slice of each global batch of ``batch_size * world_size`` pairs for ``epoch``.
 
-    Keys: ``q_img, q_txt, q_img_mask, q_txt_mask, q_modality, q_target_modality`` and the same with
-    ``c_`` for the positive candidate (fp32 vectors and masks, int64 modality codes).
+    ``positives``: ``per_epoch`` draws each query's positive anew every epoch; ``fixed`` makes the
+    same draw in every epoch (from ``seed`` alone). Keys: ``q_img, q_txt, q_img_mask, q_txt_mask,
+    q_modality, q_target_modality`` and the same with ``c_`` for the positive candidate (fp32
+    vectors and masks, int64 modality codes).
     """
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(pairs))
-    positives = pairs.sample_positives(rng)
+    # The fixed draw comes from a stream of its own, so the batch order stays that of per_epoch.
+    positive_rows = pairs.sample_positives(rng if positives == "per_epoch" else np.random.default_rng([seed]))
     global_batch = batch_size * world_size
     stop = len(order) - len(order) % global_batch if drop_last else len(order)
     for start in range(0, stop, global_batch):
@@ -96,7 +103,7 @@ def iterate_batches(pairs: TrainingPairs, queries: EmbeddingStore, pool: Embeddi
         mine = chunk[rank * batch_size : (rank + 1) * batch_size]
         if len(mine) == 0:
             continue
-        yield {**_side(queries, pairs.query_rows[mine], "q"), **_side(pool, positives[mine], "c")}
+        yield {**_side(queries, pairs.query_rows[mine], "q"), **_side(pool, positive_rows[mine], "c")}
 
 
 def batches_per_epoch(num_pairs: int, batch_size: int, world_size: int = 1, drop_last: bool = True) -> int:

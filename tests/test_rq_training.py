@@ -221,17 +221,23 @@ def test_a_finished_run_is_not_retrained_and_a_changed_config_starts_afresh(trai
 
 
 # ---- resume ---------------------------------------------------------------------------------
-def test_interrupted_and_resumed_training_matches_an_uninterrupted_run(tmp_path):
+OFFICIAL_OPTIONS = ["model.modality_mode=learned", "model.gradient_estimator=rotation", "train.positives=fixed",
+                    "train.kmeans_seeds=random_rows", "train.contrastive_gather=local_only"]
+
+
+@pytest.mark.parametrize("options", [[], OFFICIAL_OPTIONS], ids=["ours", "official"])
+def test_interrupted_and_resumed_training_matches_an_uninterrupted_run(tmp_path, options):
     """Stopping after 2 of 3 epochs (checkpoint only) and re-running must give the same final
     weights and codebooks as one uninterrupted run: every piece of state is in the checkpoint.
     On CPU the runs are deterministic, so the tolerance is zero."""
     world = make_world(tmp_path, num_items=192)
     straight, _ = write_configs(tmp_path, world, out="straight", epochs=3, save_every=1, batch_size=32)
     resumed, _ = write_configs(tmp_path, world, out="resumed", epochs=3, save_every=1, batch_size=32)
-    assert train.main(["--config", str(straight)]) == 0
-    assert train.main(["--config", str(resumed), "--set", "train.stop_after_epochs=2"]) == 0
+    sets = [arg for option in options for arg in ("--set", option)]
+    assert train.main(["--config", str(straight), *sets]) == 0
+    assert train.main(["--config", str(resumed), *sets, "--set", "train.stop_after_epochs=2"]) == 0
     assert not (tmp_path / "resumed" / "rq.pt").exists()
-    assert train.main(["--config", str(resumed)]) == 0
+    assert train.main(["--config", str(resumed), *sets]) == 0
     a, b = load_state(tmp_path / "straight" / "rq.pt"), load_state(tmp_path / "resumed" / "rq.pt")
     assert a.keys() == b.keys()
     for name in a:
@@ -352,13 +358,14 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
 SETTINGS = Path(__file__).resolve().parent.parent / "configs_scripts"
 
 
-@pytest.mark.parametrize("setting", ["tiny", "demo", "large"])
+@pytest.mark.parametrize("setting", ["tiny", "demo", "large", "large_improved"])
 def test_every_setting_has_valid_stage1_configs(setting):
     cfg = load_config(train.RQTrainConfig, SETTINGS / setting / "train_rq.yaml")
     codes = load_config(assign_codes.AssignCodesConfig, SETTINGS / setting / "assign_codes.yaml")
     assert cfg.data.encoder == codes.encoder and Path(codes.rq_path).parent == Path(cfg.out_dir)
-    if setting == "large":
-        assert (cfg.model.dim, cfg.model.proj_dim, cfg.model.hidden_dim) == (768, 2560, 5120)
+    assert cfg.model.dim is None  # taken from the stores, so another encoder needs no --set
+    if setting.startswith("large"):
+        assert (cfg.model.proj_dim, cfg.model.hidden_dim) == (2560, 5120)
         assert (cfg.model.num_levels, cfg.model.codebook_size) == (9, 4096)
         assert (cfg.train.batch_size, cfg.train.epochs) == (2000, 21)
         assert len(codes.pools) == 17 and codes.pools[-1] == "mbeir_union_test_cand_pool"

@@ -6,6 +6,8 @@ normalised Combiner outputs z_q and z_c and the positive's L codes (recomputed e
 trained with cross-entropy on the L code tokens (teacher forcing). AdamW with linear warm-up and
 cosine decay to 0, per step; gradient clipping; fp16 autocast with GradScaler on GPU; DDP under
 torchrun. Checkpoints after every ``checkpoint_every`` epochs; a re-run resumes from the last one.
+``optim.warmup_start``, ``optim.no_decay`` and ``train.positives`` select the official code's
+warm-up, weight-decay rule and fixed positives (configs_scripts/large/train_gen.yaml sets them).
 
 Outputs in ``out_dir``: ``generator.pt`` (see ``generator.load_generator``), ``metrics.jsonl``
 (loss, teacher-forced exact match, per-level accuracy, lr), ``config.yaml``, ``checkpoints/``,
@@ -44,6 +46,7 @@ from genius.common.distributed import (
 )
 from genius.common.io import atomic_write_text
 from genius.common.pairs import (
+    PositiveDraw,
     TrainingPairs,
     batches_per_epoch,
     iterate_batches,
@@ -101,6 +104,16 @@ class ModelConfig:
     pretrained: str | None = None  # a local T5 directory (save_pretrained format); shapes then come from it
     code_embedding_scale: float = 100.0
 
+    def validate(self) -> None:
+        sizes = {"num_prefix": self.num_prefix, "d_model": self.d_model, "num_heads": self.num_heads,
+                 "d_kv": self.d_kv, "d_ff": self.d_ff, "num_decoder_layers": self.num_decoder_layers,
+                 "code_embedding_scale": self.code_embedding_scale}
+        bad = [name for name, value in sizes.items() if value <= 0]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} must be positive")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+
 
 @dataclass
 class MixingConfig:
@@ -117,13 +130,27 @@ class OptimConfig:
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
-    weight_decay: float = 1e-4  # on parameters with >= 2 dimensions; 0 on biases and norms
+    weight_decay: float = 1e-4  # on the parameters no_decay leaves decayed
+    # Which parameters get no weight decay. ndim: those with < 2 dimensions (biases, norms).
+    # official_names: the official rule, < 2 dimensions or a name containing 'bn', 'ln', 'bias'
+    # or 'logit_scale'; on this model that also exempts T5's relative_attention_bias embedding
+    # [buckets, heads], the only matrix whose name says bias.
+    no_decay: Literal["ndim", "official_names"] = "ndim"
     warmup_steps: int = 500
+    # Linear warm-up factor at step t (counted from 0). first_step: (t + 1) / warmup_steps, so the
+    # first update already moves the weights and the last warm-up step reaches lr. zero: the
+    # official t / warmup_steps, whose first update has lr 0 (it only fills AdamW's moments).
+    warmup_start: Literal["first_step", "zero"] = "first_step"
     grad_clip: float = 1.0
 
     def validate(self) -> None:
-        if len(self.betas) != 2:
-            raise ValueError(f"optim.betas must hold two numbers, got {self.betas}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must hold two numbers in [0, 1), got {self.betas}")
+        if self.lr <= 0 or self.eps <= 0 or self.grad_clip <= 0:
+            raise ValueError(f"lr, eps and grad_clip must be positive, got {self.lr}, {self.eps}, {self.grad_clip}")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError(f"weight_decay and warmup_steps must be >= 0, got {self.weight_decay}, "
+                             f"{self.warmup_steps}")
 
 
 @dataclass
@@ -131,6 +158,9 @@ class TrainConfig:
     epochs: int = 31
     batch_size: int = 256  # per process
     seed: int = 2023
+    # per_epoch: each query's positive is drawn anew every epoch. fixed: one draw for the whole
+    # run, as the official dataset drew once at construction.
+    positives: PositiveDraw = "per_epoch"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cpu_threads: int | None = None  # torch threads on CPU (null: torch's default, one per core)
     amp: bool = True  # fp16 autocast + GradScaler (GPU only)
@@ -138,6 +168,16 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs
     keep_checkpoints: int = 2
     force: bool = False  # retrain even when done.json matches
+
+    def validate(self) -> None:
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "log_every": self.log_every,
+                    "checkpoint_every": self.checkpoint_every, "keep_checkpoints": self.keep_checkpoints,
+                    "cpu_threads": 1 if self.cpu_threads is None else self.cpu_threads}
+        bad = [name for name, value in positive.items() if value <= 0]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} must be positive")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
 
 
 @dataclass
@@ -182,7 +222,8 @@ def train(cfg: TrainGenConfig) -> Path:
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
         batches = iterate_batches(pairs, queries, pool, batch_size=cfg.train.batch_size, epoch=epoch,
-                                  seed=cfg.train.seed, rank=info.rank, world_size=info.world_size)
+                                  seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
+                                  positives=cfg.train.positives)
         for batch in tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", disable=progress_disabled()):
             window.add(*train_step(model, rq, batch, optimizer, scheduler, scaler, cfg, info.device))
             step += 1
@@ -279,17 +320,29 @@ def new_generator(cfg: ModelConfig, rq) -> IDGenerator:
     return generator
 
 
+# Name parts that exempt a parameter from weight decay under the official rule.
+OFFICIAL_NO_DECAY_NAMES = ("bn", "ln", "bias", "logit_scale")
+
+
+def decays(name: str, param: torch.Tensor, rule: str) -> bool:
+    """Whether ``optim.no_decay`` = ``rule`` leaves the parameter ``name`` weight-decayed."""
+    if param.ndim < 2:
+        return False
+    return rule == "ndim" or not any(part in name for part in OFFICIAL_NO_DECAY_NAMES)
+
+
 def make_optimizer(generator: IDGenerator, cfg: OptimConfig, total_steps: int):
-    """AdamW (weight decay on matrices only) and warm-up + cosine-to-zero, stepped per iteration."""
-    params = list(generator.parameters())  # each tied tensor once
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    """AdamW (weight decay as ``cfg.no_decay`` says) and warm-up + cosine-to-zero, per iteration."""
+    named = list(generator.named_parameters())  # each tied tensor once
+    groups = [{"params": [p for n, p in named if decays(n, p, cfg.no_decay)], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in named if not decays(n, p, cfg.no_decay)], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    offset = 1 if cfg.warmup_start == "first_step" else 0
 
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / warmup
+            return (step + offset) / warmup
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -23,10 +23,14 @@ from torch import nn
 
 from genius.common.checkpoint import CheckpointMismatchError, load_state_dict_strict
 from genius.common.io import atomic_torch_save
-from genius.models.residual_quantization.quantizer import ModalityMode, ResidualQuantizer
+from genius.models.residual_quantization.quantizer import GradientEstimator, ModalityMode, ResidualQuantizer
 
 ARCH_KEYS = ("dim", "proj_dim", "hidden_dim", "num_levels", "codebook_size", "modality_mode", "decay", "eps",
              "dead_code_threshold")
+# Arch keys added later, with the value every file written before them was trained with. The
+# estimator only shapes training gradients, so it is recorded but never changes what a loaded
+# model computes.
+ARCH_DEFAULTS = {"gradient_estimator": "straight_through"}
 
 
 class Combiner(nn.Module):
@@ -57,7 +61,7 @@ class Combiner(nn.Module):
 @dataclass
 class RQOutput:
     z: torch.Tensor  # [B, dim] normalised Combiner output (fp32)
-    quantized: torch.Tensor  # [B, dim] sum of codewords, straight-through to z
+    quantized: torch.Tensor  # [B, dim] sum of codewords; gradient to z: the quantizer's estimator
     codes: torch.Tensor  # [B, L]
     commit_loss: torch.Tensor  # scalar
     resets: torch.Tensor  # [L] dead codes re-seeded this step
@@ -70,21 +74,22 @@ def _column(mask: torch.Tensor) -> torch.Tensor:
 class RQModel(nn.Module):
     def __init__(self, dim: int, proj_dim: int, hidden_dim: int, num_levels: int, codebook_size: int,
                  modality_mode: ModalityMode = "assigned", decay: float = 0.9, eps: float = 1e-5,
-                 dead_code_threshold: float = 2.0):
+                 dead_code_threshold: float = 2.0, gradient_estimator: GradientEstimator = "straight_through"):
         super().__init__()
         self.arch = {"dim": dim, "proj_dim": proj_dim, "hidden_dim": hidden_dim, "num_levels": num_levels,
                      "codebook_size": codebook_size, "modality_mode": modality_mode, "decay": decay, "eps": eps,
-                     "dead_code_threshold": dead_code_threshold}
+                     "dead_code_threshold": dead_code_threshold, "gradient_estimator": gradient_estimator}
         self.combiner = Combiner(dim, proj_dim, hidden_dim)
         self.quantizer = ResidualQuantizer(dim, num_levels, codebook_size, modality_mode, decay, eps,
-                                           dead_code_threshold)
+                                           dead_code_threshold, gradient_estimator)
 
     @classmethod
     def from_arch(cls, arch: Mapping) -> "RQModel":
         missing = [key for key in ARCH_KEYS if key not in arch]
         if missing:
             raise CheckpointMismatchError(f"RQ arch lacks {', '.join(missing)}; got {dict(arch)}")
-        return cls(**{key: arch[key] for key in ARCH_KEYS})
+        return cls(**{key: arch[key] for key in ARCH_KEYS},
+                   **{key: arch.get(key, default) for key, default in ARCH_DEFAULTS.items()})
 
     @property
     def num_levels(self) -> int:

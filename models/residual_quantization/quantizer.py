@@ -14,17 +14,27 @@ counts), and a code whose EMA count drops below the dead-code threshold is re-se
 random residual of the current batch. Under torch.distributed the EMA statistics are summed over
 ranks and rank 0 draws the replacements, so every rank holds bit-identical codebooks.
 
-Gradients: the straight-through estimator, applied once to the whole stack (the quantized output
-passes the gradient to its input unchanged). vector-quantize-pytorch (< 1.18, straight-through)
-applies it per level, so there the sum over L levels passes L times the gradient; a loss on the
-quantized output weighs L times less here than in the official code. The commitment loss pulls
-every level's input residual towards its (detached) codeword.
+Gradients (``gradient_estimator``): the quantized output's value is always the sum of the
+selected codewords; what differs is the gradient it passes back to its input z.
+- ``straight_through`` (default): the identity, once for the whole stack.
+- ``straight_through_per_level``: what vector-quantize-pytorch up to 1.17.x computes for the
+  official code. Every level passes the identity to its own input residual, whose gradient to z
+  is the identity again (earlier codewords are constants), and ResidualVQ sums the L levels'
+  outputs: L times the identity. A loss on the quantized output weighs L times more than with
+  ``straight_through``.
+- ``rotation``: the rotation trick (Fifty et al. 2024, arXiv 2410.06424), per level as
+  vector-quantize-pytorch >= 1.18 does by default. For level input e and codeword c, with
+  u = e/|e|, q = c/|c|, w = (u + q)/|u + q| and s = |c|/|e|, all held constant, the level passes
+  back through (e - 2 (e.w) w + 2 (e.u) q) s, which equals c in value and maps u onto q: the
+  gradient is rotated and scaled like the vector was. The levels' terms are summed.
+In every mode the commitment loss pulls each level's input residual towards its (constant)
+codeword.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -35,6 +45,10 @@ log = logging.getLogger("genius.rq")
 
 NUM_MODALITIES = 3
 ModalityMode = Literal["assigned", "learned"]
+GradientEstimator = Literal["straight_through", "straight_through_per_level", "rotation"]
+KmeansSeeds = Literal["distinct_rows", "random_rows"]
+# vector-quantize-pytorch's floor on the norms the rotation trick divides by.
+ROTATION_EPS = 1e-6
 
 
 def _distributed() -> bool:
@@ -51,26 +65,38 @@ def nearest_codes(x: torch.Tensor, codewords: torch.Tensor) -> torch.Tensor:
     return distances.argmin(dim=1)
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator,
+           seeds: KmeansSeeds = "distinct_rows") -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means on ``x`` [N, d]: (centroids [k, d], member counts [k]).
 
-    Seeds are k *distinct* rows drawn at random, so no two codes start equal. Only when ``x``
-    holds fewer than k distinct rows (the whole training set is smaller than K) do the surplus
-    codes start as copies of distinct rows; they lose every distance tie to the original (lower
-    index), usually end with a count of 0, and the dead-code reset re-seeds them in the first
-    training steps. A cluster that loses all its members keeps its centroid. Stops early once the
-    assignment no longer changes.
+    ``seeds``: ``distinct_rows`` starts from k rows with distinct values, so no two codes start
+    equal; only when ``x`` holds fewer than k distinct rows (the whole training set is smaller
+    than K) do the surplus codes start as copies of distinct rows. They lose every distance tie to
+    the original (lower index), usually end with a count of 0, and the dead-code reset re-seeds
+    them in the first training steps. ``random_rows`` is vector-quantize-pytorch's choice: k
+    distinct row *indices* (k draws with replacement when N < k), so rows that repeat a value,
+    e.g. a query and its identical positive, can seed two equal codes.
+
+    A cluster that loses all its members keeps its centroid. The counts are those of the
+    assignment the final centroids were averaged from (as the library returns them), so
+    centroid x count is that cluster's member sum. Stops once the assignment repeats: from there
+    on every further iteration would reproduce the same centroids.
     """
-    distinct = torch.unique(x, dim=0)
-    order = torch.randperm(len(distinct), generator=generator).to(x.device)
-    if len(distinct) >= k:
-        centroids = distinct[order[:k]].clone()
+    if seeds == "random_rows":
+        rows = (torch.randperm(len(x), generator=generator)[:k] if len(x) >= k
+                else torch.randint(len(x), (k,), generator=generator))
+        centroids = x[rows.to(x.device)].clone()
     else:
-        log.warning("k-means: only %d distinct vectors for %d codes; %d codes start unused",
-                    len(distinct), k, k - len(distinct))
-        extra = torch.randint(len(distinct), (k - len(distinct),), generator=generator).to(x.device)
-        centroids = torch.cat([distinct[order], distinct[extra]])
-    assignment = None
+        distinct = torch.unique(x, dim=0)
+        order = torch.randperm(len(distinct), generator=generator).to(x.device)
+        if len(distinct) >= k:
+            centroids = distinct[order[:k]].clone()
+        else:
+            log.warning("k-means: only %d distinct vectors for %d codes; %d codes start unused",
+                        len(distinct), k, k - len(distinct))
+            extra = torch.randint(len(distinct), (k - len(distinct),), generator=generator).to(x.device)
+            centroids = torch.cat([distinct[order], distinct[extra]])
+    assignment, counts = None, torch.zeros(k, dtype=x.dtype, device=x.device)
     for _ in range(iters):
         new_assignment = nearest_codes(x, centroids)
         if assignment is not None and torch.equal(new_assignment, assignment):
@@ -80,8 +106,19 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> t
         sums = torch.zeros_like(centroids).index_add_(0, assignment, x)
         filled = counts > 0
         centroids[filled] = sums[filled] / counts[filled, None]
-    counts = torch.bincount(nearest_codes(x, centroids), minlength=k).to(x.dtype)
     return centroids, counts
+
+
+def rotation_trick(e: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Rows of ``c`` in value; backward, the gradient rotated from e's direction to c's and scaled
+    by |c|/|e| (see the module docstring). ``e`` [N, d] carries the gradient, ``c`` is constant."""
+    e_norm = e.detach().norm(dim=-1, keepdim=True).clamp(min=ROTATION_EPS)
+    c_norm = c.detach().norm(dim=-1, keepdim=True)
+    u = e.detach() / e_norm
+    q = c.detach() / c_norm.clamp(min=ROTATION_EPS)
+    w = F.normalize(u + q, dim=-1, eps=ROTATION_EPS)
+    rotated = e - 2 * (e * w).sum(-1, keepdim=True) * w + 2 * (e * u).sum(-1, keepdim=True) * q
+    return rotated * (c_norm / e_norm)
 
 
 class EMACodebook(nn.Module):
@@ -152,7 +189,7 @@ class EMACodebook(nn.Module):
 
 @dataclass
 class QuantizerOutput:
-    quantized: torch.Tensor  # [B, dim] value = sum of the selected codewords; gradient = identity to z
+    quantized: torch.Tensor  # [B, dim] value = sum of the selected codewords; gradient: the estimator
     codes: torch.Tensor  # [B, L] int64
     commit_loss: torch.Tensor  # scalar: mean over levels of MSE(level input, detached codeword)
     resets: torch.Tensor  # [L] int64, codes re-seeded this step (zeros unless updating)
@@ -160,13 +197,17 @@ class QuantizerOutput:
 
 class ResidualQuantizer(nn.Module):
     def __init__(self, dim: int, num_levels: int, codebook_size: int, modality_mode: ModalityMode = "assigned",
-                 decay: float = 0.9, eps: float = 1e-5, dead_code_threshold: float = 2.0):
+                 decay: float = 0.9, eps: float = 1e-5, dead_code_threshold: float = 2.0,
+                 gradient_estimator: GradientEstimator = "straight_through"):
         super().__init__()
-        if modality_mode not in ("assigned", "learned"):
+        if modality_mode not in get_args(ModalityMode):
             raise ValueError(f"modality_mode must be 'assigned' or 'learned', got {modality_mode!r}")
+        if gradient_estimator not in get_args(GradientEstimator):
+            raise ValueError(f"gradient_estimator must be one of {', '.join(get_args(GradientEstimator))}, "
+                             f"got {gradient_estimator!r}")
         if num_levels < 1:
             raise ValueError(f"num_levels must be at least 1 (the modality level), got {num_levels}")
-        self.dim, self.modality_mode = dim, modality_mode
+        self.dim, self.modality_mode, self.gradient_estimator = dim, modality_mode, gradient_estimator
         # The modality level never re-seeds codes (threshold 0), as in the official code.
         modality_level = EMACodebook(NUM_MODALITIES, dim, decay, eps, 0.0,
                                      update_only_present=modality_mode == "assigned")
@@ -205,11 +246,11 @@ class ResidualQuantizer(nn.Module):
 
     @torch.no_grad()
     def initialise(self, z: torch.Tensor, modality: torch.Tensor | None, kmeans_iters: int,
-                   generator: torch.Generator) -> None:
+                   generator: torch.Generator, seeds: KmeansSeeds = "distinct_rows") -> None:
         """Fit every level on a sample ``z`` [N, dim], level by level on the residuals.
 
-        Assigned modality level: per-modality means. Other levels: k-means. Call it on the same
-        sample on every rank, or on rank 0 and broadcast the buffers.
+        Assigned modality level: per-modality means. Other levels: k-means seeded as ``seeds``
+        says. Call it on the same sample on every rank, or on rank 0 and broadcast the buffers.
         """
         residual = z.float()
         for level, book in enumerate(self.levels):
@@ -219,7 +260,7 @@ class ResidualQuantizer(nn.Module):
                 sums = torch.zeros_like(book.embed).index_add_(0, codes, residual)
                 book.set_codewords(sums / counts.clamp(min=1)[:, None], counts)
             else:
-                book.set_codewords(*kmeans(residual, book.size, kmeans_iters, generator))
+                book.set_codewords(*kmeans(residual, book.size, kmeans_iters, generator, seeds))
             residual = residual - book.embed[self._level_codes(level, residual, modality)]
 
     def forward(self, z: torch.Tensor, modality: torch.Tensor | None = None,
@@ -231,7 +272,7 @@ class ResidualQuantizer(nn.Module):
                                "of training vectors before training")
         with torch.autocast(device_type=z.device.type, enabled=False):  # distances need fp32
             x = z.float()
-            residual, codeword_sum = x, torch.zeros_like(x)
+            residual, codeword_sum, carrier = x, torch.zeros_like(x), torch.zeros_like(x)
             chosen, commit, resets = [], [], []
             for level, book in enumerate(self.levels):
                 codes = self._level_codes(level, residual, modality)
@@ -241,11 +282,18 @@ class ResidualQuantizer(nn.Module):
                     with torch.no_grad():
                         book.ema_update(residual.detach(), codes)
                         resets.append(book.reset_dead_codes(residual.detach()))
+                if self.gradient_estimator == "straight_through_per_level":
+                    carrier = carrier + residual
+                elif self.gradient_estimator == "rotation" and residual.requires_grad:
+                    carrier = carrier + rotation_trick(residual, codeword)
                 residual = residual - codeword
                 codeword_sum = codeword_sum + codeword
                 chosen.append(codes)
-            # Straight-through estimator: forward the codewords, backward the identity.
-            quantized = x + (codeword_sum - x).detach()
+            if self.gradient_estimator == "straight_through":
+                carrier = x
+            # The value is exactly the codeword sum (carrier - carrier.detach() is 0); the
+            # gradient is the carrier's.
+            quantized = codeword_sum + (carrier - carrier.detach())
         return QuantizerOutput(
             quantized=quantized,
             codes=torch.stack(chosen, dim=1),

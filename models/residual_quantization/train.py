@@ -12,6 +12,12 @@ normalised quantized vectors; codebooks move by EMA only), and writes to ``out_d
 does nothing when ``rq.pt`` is up to date; a run whose config or inputs changed starts afresh and
 the old files move to ``out_dir/stale/<time>/``.
 
+The defaults are the paper's settings with this project's fixes (assigned modality level,
+whole-stack straight-through gradient, all-rank contrastive gradients, per-epoch positives,
+distinct k-means seeds); ``model.modality_mode``, ``model.gradient_estimator``,
+``train.contrastive_gather``, ``train.positives`` and ``train.kmeans_seeds`` select the official
+code's behaviour instead (configs_scripts/large/train_rq.yaml sets all of them).
+
 Single process: ``genius train-rq --config F``; several: ``torchrun --nproc_per_node N -m
 genius.models.residual_quantization.train --config F`` (``train.batch_size`` is per process).
 """
@@ -37,6 +43,7 @@ from genius.common.checkpoint import (
 from genius.common.config import config_to_dict, resolve_path
 from genius.common.distributed import (
     DistInfo,
+    GatherGradient,
     all_gather_with_grad,
     all_reduce_mean,
     barrier,
@@ -46,6 +53,7 @@ from genius.common.distributed import (
 )
 from genius.common.io import file_fingerprint
 from genius.common.pairs import (
+    PositiveDraw,
     TrainingPairs,
     batches_per_epoch,
     iterate_batches,
@@ -71,6 +79,9 @@ from genius.models.residual_quantization.model import (
     save_rq,
 )
 from genius.models.residual_quantization.quantizer import (
+    GradientEstimator,
+    KmeansSeeds,
+    ModalityMode,
     broadcast_codebooks,
     check_codebooks_in_sync,
 )
@@ -97,10 +108,21 @@ class ModelConfig:
     hidden_dim: int = 5120
     num_levels: int = 9  # including the modality level
     codebook_size: int = 4096  # K of levels 1..L-1 (level 0 always has 3)
-    modality_mode: Literal["assigned", "learned"] = "assigned"
+    # Level 0. assigned: the code is the modality (a candidate's own, for a query the one its
+    # instruction asks for) and its codeword that modality's EMA mean, so 0/1/2 = image/text/
+    # image+text by construction. learned: the official code's 3-code k-means/EMA level with no
+    # dead-code reset, whose codes mean whatever k-means made of them.
+    modality_mode: ModalityMode = "assigned"
     decay: float = 0.9
     eps: float = 1e-5
     dead_code_threshold: float = 2.0
+    # The gradient the quantized output passes back to the Combiner (quantizer.py's docstring
+    # gives the formulas). straight_through: the identity once for the whole stack.
+    # straight_through_per_level: vector-quantize-pytorch <= 1.17.x as the official code calls it,
+    # the identity per level summed over levels, i.e. num_levels x the identity (MSE gradient 9x
+    # ours at paper size). rotation: the rotation trick per level, the library's default since
+    # 1.18 (October 2024) and so what an unpinned install of June-July 2025 ran.
+    gradient_estimator: GradientEstimator = "straight_through"
 
     def validate(self) -> None:
         if self.num_levels < 1 or self.codebook_size < 2:
@@ -109,6 +131,10 @@ class ModelConfig:
             raise ValueError(f"decay must lie in (0, 1), got {self.decay}")
         if min(self.proj_dim, self.hidden_dim, self.dim or 1) < 1:
             raise ValueError("dim, proj_dim and hidden_dim must be positive")
+        if not 0 < self.eps <= 1:
+            raise ValueError(f"eps must lie in (0, 1], got {self.eps}")
+        if self.dead_code_threshold < 0:
+            raise ValueError(f"dead_code_threshold must be >= 0 (0: never re-seed), got {self.dead_code_threshold}")
 
 
 @dataclass
@@ -126,6 +152,20 @@ class TrainConfig:
     seed: int = 2023
     kmeans_iters: int = 1000
     kmeans_init_vectors: int = 16384  # query+positive vectors (all ranks) gathered for k-means init
+    # k-means seeds. distinct_rows: K rows with distinct values, so no two codes start equal.
+    # random_rows: K random rows as vector-quantize-pytorch draws them (distinct indices), so a
+    # value that occurs twice in the sample (a query identical to its positive) can seed two
+    # equal codes, one of which then stays empty until the dead-code reset.
+    kmeans_seeds: KmeansSeeds = "distinct_rows"
+    # The InfoNCE's gathered embeddings. all_ranks: each rank's vectors get the gradient of every
+    # rank's (identical, global) loss, so the update is the global loss's gradient. local_only:
+    # the official GatherLayer, which keeps only this rank's own loss's gradient; with DDP's
+    # average the contrastive gradient is then 1/processes of the true one (1/4 in the official
+    # 4-GPU run) against unchanged MSE and commitment gradients. One process: no difference.
+    contrastive_gather: GatherGradient = "all_ranks"
+    # per_epoch: each query's positive is drawn anew every epoch (all positives get used).
+    # fixed: one draw for the whole run, as the official dataset drew once at construction.
+    positives: PositiveDraw = "per_epoch"
     save_every: int = 5
     stop_after_epochs: int | None = None  # end this run early (as if killed) once this many epochs are done
     log_every: int = 50  # steps
@@ -134,12 +174,20 @@ class TrainConfig:
 
     def validate(self) -> None:
         positive = {"batch_size": self.batch_size, "epochs": self.epochs, "save_every": self.save_every,
-                    "log_every": self.log_every, "kmeans_iters": self.kmeans_iters, "temperature": self.temperature}
+                    "log_every": self.log_every, "kmeans_iters": self.kmeans_iters, "temperature": self.temperature,
+                    "lr": self.lr, "adam_eps": self.adam_eps, "kmeans_init_vectors": self.kmeans_init_vectors,
+                    "stop_after_epochs": 1 if self.stop_after_epochs is None else self.stop_after_epochs,
+                    "cpu_threads": 1 if self.cpu_threads is None else self.cpu_threads}
         bad = [name for name, value in positive.items() if value <= 0]
         if bad:
             raise ValueError(f"{', '.join(bad)} must be positive")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr, got min_lr {self.min_lr}, lr {self.lr}")
+        non_negative = {"weight_decay": self.weight_decay, "mse_weight": self.mse_weight,
+                        "commit_weight": self.commit_weight, "seed": self.seed}
+        bad = [name for name, value in non_negative.items() if value < 0]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} must be >= 0")
 
 
 @dataclass
@@ -152,7 +200,7 @@ class RQTrainConfig:
     def validate(self) -> None:
         if self.train.kmeans_init_vectors < self.model.codebook_size:
             raise ValueError(f"train.kmeans_init_vectors ({self.train.kmeans_init_vectors}) must be at least "
-                             f"model.codebook_size ({self.model.codebook_size}) so k-means seeds distinct codes")
+                             f"model.codebook_size ({self.model.codebook_size}) so every code gets a seed row")
 
 
 # Keys that do not change what a run computes: a resumed run may differ in them.
@@ -188,7 +236,8 @@ def open_training_data(cfg: DataConfig, dim: int | None) -> TrainingData:
 def model_arch(cfg: ModelConfig, dim: int) -> dict:
     return {"dim": dim, "proj_dim": cfg.proj_dim, "hidden_dim": cfg.hidden_dim, "num_levels": cfg.num_levels,
             "codebook_size": cfg.codebook_size, "modality_mode": cfg.modality_mode, "decay": cfg.decay,
-            "eps": cfg.eps, "dead_code_threshold": cfg.dead_code_threshold}
+            "eps": cfg.eps, "dead_code_threshold": cfg.dead_code_threshold,
+            "gradient_estimator": cfg.gradient_estimator}
 
 
 # ---- run identity, stale runs, resume --------------------------------------------------------
@@ -280,7 +329,7 @@ def initialise_codebooks(model: RQModel, data: TrainingData, cfg: TrainConfig, i
     """
     vectors, modalities, count = [], [], 0
     for batch in iterate_batches(data.pairs, data.queries, data.pool, batch_size=cfg.batch_size, epoch=0,
-                                 seed=cfg.seed, rank=info.rank, world_size=info.world_size):
+                                 seed=cfg.seed, rank=info.rank, world_size=info.world_size, positives=cfg.positives):
         for side, level0 in (("q", "q_target_modality"), ("c", "c_modality")):
             z = model.embed(*(batch[f"{side}_{k}"] for k in ("img", "txt", "img_mask", "txt_mask")))
             vectors.append(all_gather_with_grad(z))
@@ -291,15 +340,17 @@ def initialise_codebooks(model: RQModel, data: TrainingData, cfg: TrainConfig, i
     log.info("initialising codebooks by k-means on %d vectors", count)
     if info.is_main:
         generator = torch.Generator().manual_seed(cfg.seed)
-        model.quantizer.initialise(torch.cat(vectors), torch.cat(modalities), cfg.kmeans_iters, generator)
+        model.quantizer.initialise(torch.cat(vectors), torch.cat(modalities), cfg.kmeans_iters, generator,
+                                   cfg.kmeans_seeds)
     broadcast_codebooks(model.quantizer)
 
 
 # ---- one step -------------------------------------------------------------------------------
-def contrastive_loss(z_q: torch.Tensor, z_c: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE over the global batch; gathered with gradients, so every rank's local
-    embeddings receive the gradient of every rank's loss terms (DDP then averages)."""
-    q, c = all_gather_with_grad(z_q), all_gather_with_grad(z_c)
+def contrastive_loss(z_q: torch.Tensor, z_c: torch.Tensor, temperature: float,
+                     gather: GatherGradient = "all_ranks") -> torch.Tensor:
+    """Symmetric InfoNCE over the global batch, gathered with gradients as ``gather`` says
+    (``TrainConfig.contrastive_gather``)."""
+    q, c = all_gather_with_grad(z_q, gather), all_gather_with_grad(z_c, gather)
     logits = q @ c.T / temperature
     target = torch.arange(len(q), device=q.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
@@ -317,7 +368,7 @@ def training_step(net, batch: dict, cfg: TrainConfig, device: torch.device, use_
         out = net(both("img"), both("txt"), both("img_mask"), both("txt_mask"), level0)
     quantized = F.normalize(out.quantized, dim=-1)
     losses = {
-        "contrastive": contrastive_loss(out.z[:size], out.z[size:], cfg.temperature),
+        "contrastive": contrastive_loss(out.z[:size], out.z[size:], cfg.temperature, cfg.contrastive_gather),
         "mse": cfg.mse_weight * F.mse_loss(quantized[:size], quantized[size:]),
         "commit": cfg.commit_weight * out.commit_loss,
     }
@@ -444,7 +495,7 @@ def _train(cfg: RQTrainConfig, info: DistInfo) -> Path | None:
     for epoch in range(t.start_epoch, tc.epochs):
         tally = EpochTally(t.model.codebook_sizes, info.device)
         batches = iterate_batches(data.pairs, data.queries, data.pool, batch_size=tc.batch_size, epoch=epoch,
-                                  seed=tc.seed, rank=info.rank, world_size=info.world_size)
+                                  seed=tc.seed, rank=info.rank, world_size=info.world_size, positives=tc.positives)
         for step, batch in enumerate(tqdm(batches, total=t.steps_per_epoch, desc=f"epoch {epoch}",
                                           disable=progress_disabled())):
             losses, out = training_step(net, batch, tc, info.device, t.use_amp)
