@@ -423,6 +423,21 @@ def union_pool_path(root: str | os.PathLike, split: str) -> Path:
     return next((path for path in paths if path.is_file()), paths[0])
 
 
+def older_revision_twin(path: str | os.PathLike) -> Path:
+    """``path`` as configured, or its twin under ``cand_pool/union_pool/`` when only that exists.
+
+    Every stage's defaults name today's ``cand_pool/global/``; a root of the older M-BEIR
+    revision then works unchanged, and a path found in neither folder keeps its configured name
+    for the error message."""
+    path = Path(path)
+    parts = path.parts
+    for i in range(1, len(parts)):
+        if parts[i - 1] == "cand_pool" and parts[i] == "global" and not path.exists():
+            twin = Path(*parts[:i], "union_pool", *parts[i + 1:])
+            return twin if twin.exists() else path
+    return path
+
+
 _QUERY_FILE = re.compile(r"^mbeir_(?P<dataset>[a-z0-9]+)_task(?P<task>\d+)_(?P<split>train|val|test)\.jsonl$")
 
 

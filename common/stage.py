@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -31,6 +32,18 @@ def parse_stage_config(cls: type[T], parser: argparse.ArgumentParser, argv: list
         return load_config(cls, args.config, args.overrides), args
     except ConfigError as err:
         parser.exit(2, f"{parser.prog}: config error: {err}\n")
+
+
+@contextlib.contextmanager
+def user_errors_exit(parser: argparse.ArgumentParser):
+    """Inside the block, a user mistake (a missing, unreadable or refused file, bad data, stale or
+    mismatched inputs: FileNotFoundError, PermissionError, ValueError and its subclasses) ends the
+    command with its one-line message and exit status 2 instead of a traceback."""
+    try:
+        yield
+    except (FileNotFoundError, PermissionError, ValueError) as err:
+        log.debug("%s failed", parser.prog, exc_info=True)
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
 def setup_logging() -> None:

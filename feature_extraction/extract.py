@@ -46,10 +46,13 @@ from genius.common.mbeir import (
     iter_candidates,
     iter_queries,
     load_pool_index,
+    older_revision_twin,
     target_modality,
     unhash_did,
 )
-from genius.common.stage import MetricsLog, parse_stage_config, progress_disabled, record_run, setup_logging, stage_parser
+from genius.common.stage import (
+    MetricsLog, parse_stage_config, progress_disabled, record_run, setup_logging, stage_parser, user_errors_exit,
+)
 from genius.common.store import (
     FORMAT_VERSION,
     EmbeddingStore,
@@ -148,13 +151,13 @@ def plan_jobs(cfg: ExtractConfig) -> tuple[list[Job], Job | None]:
         return Job(split, kind, source, store_path(out, name, split, source), tuple(target_pools))
 
     jobs: list[Job] = []
-    train_pool = root / d.train_pool if d.train_pool else None
+    train_pool = older_revision_twin(root / d.train_pool) if d.train_pool else None
     if train_pool is not None:
         jobs.append(job("train", "candidate", train_pool))
     if d.train_queries:
         jobs.append(job("train", "query", root / d.train_queries, [train_pool] if train_pool else []))
     local_pools = _listed_or_all(root, d.local_pools, "cand_pool/local")
-    union = root / d.union_pool if d.union_pool else None
+    union = older_revision_twin(root / d.union_pool) if d.union_pool else None
     test_targets = [union] if union is not None and union.is_file() else local_pools
     jobs += [job("test", "query", q, test_targets) for q in _listed_or_all(root, d.test_queries, "query/test")]
     jobs += [job("cand", "candidate", p) for p in local_pools]
@@ -462,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = stage_parser("genius extract", "Stage 0: embed queries and candidate pools into embedding stores.")
     cfg, _ = parse_stage_config(ExtractConfig, parser, argv)
     try:
-        extract(cfg)
+        with user_errors_exit(parser):
+            extract(cfg)
     except ExtractionInterrupted as err:
         log.warning("%s", err)
         return 3

@@ -58,7 +58,7 @@ from genius.common.distributed import (
 )
 from genius.common.fusion import score_fusion
 from genius.common.io import atomic_torch_save, file_fingerprint
-from genius.common.mbeir import hash_did, iter_candidates, load_queries, target_modality
+from genius.common.mbeir import hash_did, iter_candidates, load_queries, older_revision_twin, target_modality
 from genius.common.pairs import TrainingPairs, batches_per_epoch
 from genius.common.stage import (
     MetricsLog,
@@ -68,6 +68,7 @@ from genius.common.stage import (
     record_run,
     setup_logging,
     stage_parser,
+    user_errors_exit,
 )
 from genius.feature_extraction.clip_model import (
     ImagePreprocess,
@@ -157,6 +158,11 @@ class TrainClipConfig:
 
 
 # ---- data ----------------------------------------------------------------------------------
+def data_file(cfg: TrainClipConfig, name: str) -> Path:
+    """``data.<name>`` under the data root (an older M-BEIR's cand_pool/union_pool/ is found too)."""
+    return older_revision_twin(resolve_path(cfg.data.root) / getattr(cfg.data, name))
+
+
 class PairData(Dataset):
     """(query, positive candidate) pairs from the raw jsonl files; item = (query, candidate, epoch).
 
@@ -165,9 +171,8 @@ class PairData(Dataset):
     """
 
     def __init__(self, cfg: TrainClipConfig, preprocess: ImagePreprocess, tokenizer):
-        root = resolve_path(cfg.data.root)
-        self.queries = load_queries(root / cfg.data.train_queries)
-        self.pool = [candidate_item(c) for c in iter_candidates(root / cfg.data.train_pool)]
+        self.queries = load_queries(data_file(cfg, "train_queries"))
+        self.pool = [candidate_item(c) for c in iter_candidates(data_file(cfg, "train_pool"))]
         row_of = {item.id: row for row, item in enumerate(self.pool)}
         modality_of = {item.id: item.modality for item in self.pool}
         query_rows, offsets, positives = [], [0], []
@@ -178,13 +183,13 @@ class PairData(Dataset):
                 positives += rows
                 offsets.append(len(positives))
         if not query_rows:
-            raise ValueError(f"no training query has a positive in {root / cfg.data.train_pool}")
+            raise ValueError(f"no training query has a positive in {data_file(cfg, 'train_pool')}")
         self.pairs = TrainingPairs(np.array(query_rows, np.int64), np.array(offsets, np.int64),
                                    np.array(positives, np.int64), len(self.queries) - len(query_rows))
         self.targets = [target_modality(q, modality_of) for q in self.queries]
-        self.query_text = QueryText(root / cfg.data.instructions, cfg.instructions.mode)
+        self.query_text = QueryText(data_file(cfg, "instructions"), cfg.instructions.mode)
         self.seed = cfg.seed
-        self.reader = ImageReader(root, preprocess, cache=cfg.data.cache_images)
+        self.reader = ImageReader(resolve_path(cfg.data.root), preprocess, cache=cfg.data.cache_images)
         self.tokenizer = tokenizer
 
     def __len__(self) -> int:
@@ -342,8 +347,7 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -
 # ---- run state -----------------------------------------------------------------------------
 def inputs_key(cfg: TrainClipConfig) -> dict:
     """What the trained weights depend on; ``runtime`` settings (device, workers) do not count."""
-    root = resolve_path(cfg.data.root)
-    files = {name: file_fingerprint(root / getattr(cfg.data, name))
+    files = {name: file_fingerprint(data_file(cfg, name))
              for name in ("train_queries", "train_pool", "instructions")
              if cfg.instructions.mode != "none" or name != "instructions"}
     init = resolve_path(cfg.model.init_checkpoint) if cfg.model.init_checkpoint else None
@@ -504,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     parser = stage_parser("genius train-clip", "Stage 0: train CLIP-SF with UniIR's score-fusion contrastive recipe.")
     cfg, _ = parse_stage_config(TrainClipConfig, parser, argv)
-    train(cfg)
+    with user_errors_exit(parser):
+        train(cfg)
     return 0
 
 

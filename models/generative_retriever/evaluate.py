@@ -45,9 +45,12 @@ from genius.common.config import config_to_dict, project_root, resolve_path
 from genius.common.distributed import DistInfo, barrier, cleanup, init_distributed
 from genius.common.fusion import fused_store_embeddings
 from genius.common.io import atomic_dir, atomic_path, atomic_write_json, atomic_write_text, sha256_file, sha256_json
-from genius.common.mbeir import MBEIR_DATASET_IDS, QID_BASE, load_qrels, parse_query_file_name, unhash_qid
+from genius.common.mbeir import (
+    MBEIR_DATASET_IDS, QID_BASE, load_qrels, older_revision_twin, parse_query_file_name, unhash_qid,
+)
 from genius.common.stage import (
     is_up_to_date, mark_done, parse_stage_config, record_run, setup_logging, stage_fingerprint, stage_parser,
+    user_errors_exit,
 )
 from genius.common.store import ARRAYS, EmbeddingStore, StoreArrays, store_path
 from genius.models.generative_retriever import metrics
@@ -270,6 +273,10 @@ def discover_files(data_root: Path) -> list[EvalFile]:
         raise FileNotFoundError(f"no query files matching {data_root}/query/test/mbeir_*_test.jsonl; "
                                 "list them under 'files'")
     return files
+
+
+def union_pool_file(cfg: EvalConfig) -> Path:
+    return older_revision_twin(resolve_path(cfg.paths.union_pool, resolve_path(cfg.paths.data_root)))
 
 
 def resolve_files(cfg: EvalConfig) -> list[QueryFile]:
@@ -582,7 +589,7 @@ def _evaluate(cfg: EvalConfig, models: Models | None, info: DistInfo) -> EvalRep
         for pool_path in dict.fromkeys(qf.pool for qf in files):
             passes.append(("task-specific", pool_path, [qf for qf in files if qf.pool == pool_path]))
     if cfg.union:
-        passes.append(("universal", resolve_path(cfg.paths.union_pool, resolve_path(cfg.paths.data_root)), files))
+        passes.append(("universal", union_pool_file(cfg), files))
 
     outcomes: list[PairOutcome | None] = []
     pools_manifest = {}
@@ -610,10 +617,10 @@ def _evaluate(cfg: EvalConfig, models: Models | None, info: DistInfo) -> EvalRep
 
 def evaluation_inputs(cfg: EvalConfig, files: list[QueryFile]) -> list[Path]:
     """Every file whose change must redo the evaluation: models, codes, stores, queries, qrels."""
-    stores_root, root = resolve_path(cfg.paths.stores_root), resolve_path(cfg.paths.data_root)
+    stores_root = resolve_path(cfg.paths.stores_root)
     pools = list(dict.fromkeys(qf.pool for qf in files)) if cfg.task_specific else []
     if cfg.union:
-        pools.append(resolve_path(cfg.paths.union_pool, root))
+        pools.append(union_pool_file(cfg))
     paths = cfg.checkpoint_files()
     for qf in files:
         paths += [qf.path, qf.qrels, store_path(stores_root, cfg.paths.encoder, "test", qf.path) / "meta.json"]
@@ -671,11 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     parser = stage_parser("genius eval", "Stage 3: constrained decoding and M-BEIR evaluation (GENIUS, GENIUS^R, dense).")
     cfg, _ = parse_stage_config(EvalConfig, parser, argv)
-    try:
+    with user_errors_exit(parser):
         report = evaluate(cfg)
-    except (FileNotFoundError, ValueError) as err:  # missing or stale inputs: the message says what to run
-        log.debug("evaluation failed", exc_info=True)
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
     if report is not None:  # rank 0
         print(report.markdown)
     return 0

@@ -36,6 +36,7 @@ from genius.common.checkpoint import (
     set_rng_state,
 )
 from genius.common.config import config_to_dict, resolve_path
+from genius.common.mbeir import older_revision_twin
 from genius.common.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -65,6 +66,7 @@ from genius.common.stage import (
     setup_logging,
     stage_fingerprint,
     stage_parser,
+    user_errors_exit,
 )
 from genius.common.store import EmbeddingStore, store_path
 from genius.models.generative_retriever.generator import (
@@ -296,7 +298,7 @@ def load_frozen_rq(path: Path, device: torch.device):
 def open_training_data(cfg: TrainGenConfig, dim: int) -> tuple[TrainingPairs, EmbeddingStore, EmbeddingStore, list[Path]]:
     """Training pairs over the query and pool stores; also the files the result depends on."""
     root, embed_root = resolve_path(cfg.data.root), resolve_path(cfg.data.embed_root)
-    query_file, pool_file = root / cfg.data.train_queries, root / cfg.data.train_pool
+    query_file, pool_file = root / cfg.data.train_queries, older_revision_twin(root / cfg.data.train_pool)
     stores = []
     for source, kind in ((query_file, "query"), (pool_file, "candidate")):
         path = store_path(embed_root, cfg.data.encoder, "train", source)
@@ -437,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = stage_parser("genius train-gen", "Stage 2: train the T5 ID generator on frozen stage-1 codes.")
     cfg, _ = parse_stage_config(TrainGenConfig, parser, argv)
     try:
-        train(cfg)
+        with user_errors_exit(parser):
+            train(cfg)
     finally:
         cleanup()
     return 0

@@ -39,7 +39,7 @@ import torch
 from genius.common.config import resolve_path
 from genius.common.distributed import DistInfo, barrier, cleanup, init_distributed
 from genius.common.io import atomic_dir, file_fingerprint
-from genius.common.stage import parse_stage_config, record_run, setup_logging, stage_parser
+from genius.common.stage import parse_stage_config, record_run, setup_logging, stage_parser, user_errors_exit
 from genius.common.store import EmbeddingStore, StoreError, read_meta
 from genius.models.residual_quantization.code_stats import collision_stats, level_usage, rank_in_bucket
 from genius.models.residual_quantization.model import RQModel, load_rq, rq_fingerprint
@@ -213,11 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_stage_config(AssignCodesConfig, parser, argv)
     info = init_distributed(cfg.device)
     try:
-        assign_codes(cfg, info)
-        barrier()
-    except (FileNotFoundError, ValueError) as err:  # a missing or unloadable quantizer / store: say which
-        log.debug("assign-codes failed", exc_info=True)
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+        with user_errors_exit(parser):
+            assign_codes(cfg, info)
+            barrier()
     finally:
         cleanup()
     return 0

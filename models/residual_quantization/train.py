@@ -41,6 +41,7 @@ from genius.common.checkpoint import (
     set_rng_state,
 )
 from genius.common.config import config_to_dict, resolve_path
+from genius.common.mbeir import older_revision_twin
 from genius.common.distributed import (
     DistInfo,
     GatherGradient,
@@ -68,6 +69,7 @@ from genius.common.stage import (
     record_run,
     setup_logging,
     stage_parser,
+    user_errors_exit,
 )
 from genius.common.store import EmbeddingStore, StoreError
 from genius.models.residual_quantization.code_stats import perplexity
@@ -218,7 +220,7 @@ class TrainingData:
 
 
 def open_training_data(cfg: DataConfig, dim: int | None) -> TrainingData:
-    query_file, pool_file = resolve_path(cfg.query_file), resolve_path(cfg.pool_file)
+    query_file, pool_file = resolve_path(cfg.query_file), older_revision_twin(resolve_path(cfg.pool_file))
     query_store, pool_store = resolve_path(cfg.query_store), resolve_path(cfg.pool_store)
     for path in (query_file, pool_file):
         if not path.is_file():
@@ -532,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     parser = stage_parser("genius train-rq", "Stage 1: train the Combiner and the residual quantizer.")
     cfg, _ = parse_stage_config(RQTrainConfig, parser, argv)
-    train(cfg)
+    with user_errors_exit(parser):
+        train(cfg)
     return 0
 
 
