@@ -134,6 +134,27 @@ def test_train_rq_resume(planted, tmp_path):
         train_rq.resumable_checkpoint(tmp_path, {}, init_distributed("cpu"))
 
 
+def test_rq_pt_read_by_later_stages(planted, tmp_path):
+    """rq.pt as train-gen, eval and search read it (``load_rq``, and the mmapped record)."""
+    from genius.models.residual_quantization.model import load_rq, rq_record
+
+    write, _ = planted
+    path = write(tmp_path / "rq.pt", arch={}, fingerprint="0")
+    with refused(path):
+        load_rq(path)
+    with refused(path):
+        rq_record(path)
+
+
+def test_assign_codes_quantizer(planted, tmp_path):
+    from genius.models.residual_quantization.assign_codes import load_quantizer
+
+    write, _ = planted
+    path = write(tmp_path / "rq.pt", arch={}, fingerprint="0")
+    with refused(path):
+        load_quantizer(path)
+
+
 # ---- stage 2 and search ----------------------------------------------------------------------
 def test_official_generator(planted, tmp_path):
     from genius.models.generative_retriever.official import load_official_generator

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genius.common.checkpoint import CheckpointMismatchError, load_state_dict_strict
+from genius.common.checkpoint import CheckpointMismatchError, load_state_dict_strict, safe_load
 from genius.common.io import atomic_torch_save
 from genius.models.residual_quantization.quantizer import GradientEstimator, ModalityMode, ResidualQuantizer
 
@@ -155,7 +155,7 @@ def _read_rq(path: str | os.PathLike, mmap: bool = False) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no RQ checkpoint at {path} (run genius train-rq first)")
-    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    obj = safe_load(path, mmap=mmap, hint="rq.pt is written by genius train-rq")
     missing = [key for key in ("model", "arch", "fingerprint") if not (isinstance(obj, dict) and key in obj)]
     if missing:
         raise CheckpointMismatchError(f"{path} is not an rq.pt written by genius train-rq (lacks {', '.join(missing)})")
