@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from genius.common.config import load_config
 from genius.common.distributed import seed_everything
 from genius.common.fusion import fused_store_embeddings
 from genius.common.mbeir import hash_did, load_pool_index, load_queries
-from genius.common.store import ARRAYS, EmbeddingStore, StoreError, parts_dir
+from genius.common.store import ARRAYS, EmbeddingStore, parts_dir
 from genius.common.world import write_world
 from genius.feature_extraction import extract, train_clip
 from genius.feature_extraction.clip_model import build_clip, model_config, own_checkpoint
@@ -105,7 +106,7 @@ def test_two_process_extraction_resumes_and_matches_one_process(world, random_cl
                                        np.asarray(getattr(store.arrays, array), np.float32), rtol=2e-3, atol=2e-3)
 
 
-def test_stores_follow_the_source_files(world, random_clip, tmp_path):
+def test_stores_follow_the_source_files(world, random_clip, tmp_path, capsys):
     out = tmp_path / "embed"
     assert extract.main(extract_args(world, random_clip, out)) == 0
     got = stores(out)
@@ -146,20 +147,24 @@ def test_stores_follow_the_source_files(world, random_clip, tmp_path):
     assert changed == {"cand/mbeir_shapesnews_task0_cand_pool", "cand/mbeir_union_test_cand_pool"}
 
     # A union did that no local store holds is an error naming it.
-    with pytest.raises(StoreError, match="in none of the local stores.*first missing: 2"):
+    with pytest.raises(SystemExit) as exit_info:
         extract.main(extract_args(world, random_clip, out,
                                   "data.local_pools=[cand_pool/local/mbeir_shapesnews_task0_cand_pool.jsonl]"))
+    assert exit_info.value.code == 2
+    assert re.search(r"genius extract: error: .* in none of the local stores.*first missing: 2", capsys.readouterr().err)
 
 
-def test_missing_image_is_named(random_clip, tmp_path):
+def test_missing_image_is_named(random_clip, tmp_path, capsys):
     root = tmp_path / "data"
     (root / "cand_pool/local").mkdir(parents=True)
     record = {"did": "20:1", "txt": None, "img_path": "mbeir_images/none/missing.png", "modality": "image"}
     (root / "cand_pool/local/mbeir_x_task0_cand_pool.jsonl").write_text(json.dumps(record) + "\n")
     args = extract_args(root, random_clip, tmp_path / "out", "data.train_queries=null", "data.train_pool=null",
                         "data.test_queries=[]", "data.union_pool=null", "instructions.mode=none")
-    with pytest.raises(FileNotFoundError, match=str(root / "mbeir_images/none/missing.png")):
+    with pytest.raises(SystemExit) as exit_info:
         extract.main(args)
+    assert exit_info.value.code == 2
+    assert str(root / "mbeir_images/none/missing.png") in capsys.readouterr().err
 
 
 # ---- training ------------------------------------------------------------------------------
