@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 
 from genius.common.io import atomic_torch_save, sha256_file
-from genius.common.stage import setup_logging
+from genius.common.stage import setup_logging, user_errors_exit
 from genius.models.generative_retriever import official as gen_official
 from genius.models.generative_retriever.generator import T5_SMALL, IDGenerator, load_generator
 from genius.models.residual_quantization import official as rq_official
@@ -173,11 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                              "by nearest codeword (some candidates then get other IDs)")
     parser.add_argument("--overwrite", action="store_true", help=f"replace {RQ_FILE} / {GENERATOR_FILE} in --out")
     args = parser.parse_args(argv)
-    try:
+    with user_errors_exit(parser):
         written = export_official(args.rq, args.out, args.generator, args.allow_assigned, args.overwrite)
-    except (FileNotFoundError, ValueError) as err:
-        log.debug("export failed", exc_info=True)
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
     for path in written:
         print(path)
     return 0

@@ -34,7 +34,7 @@ import genius.trie_cpp as trie_lib
 from genius.common.config import load_config, project_root, project_root_set_to, resolve_path
 from genius.common.distributed import init_distributed
 from genius.common.mbeir import MODALITIES, Instructions, iter_candidates, query_text_with_instruction, unhash_did
-from genius.common.stage import setup_logging
+from genius.common.stage import setup_logging, user_errors_exit
 from genius.common.store import EmbeddingStore
 from genius.models.generative_retriever.evaluate import (
     EvalConfig,
@@ -227,11 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-rerank", dest="rerank", action="store_false", default=None, help="GENIUS without re-ranking")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = parser.parse_args(argv)
-    try:
+    with user_errors_exit(parser):
         hits = search(args.run, args.text, args.image, args.instruction, args.target_modality, args.k, args.pool,
                       args.rerank, args.dataset, args.device)
-    except (FileNotFoundError, ValueError) as err:
-        parser.exit(2, f"genius search: {err}\n")
     print(format_hits(hits))
     return 0
 
