@@ -82,6 +82,14 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def load_scaler_state(scaler: torch.amp.GradScaler, state: dict) -> None:
+    """Restore a GradScaler from a checkpoint, across devices and precision settings: a scaler
+    saved disabled (a CPU run, or amp off) has an empty state, so the live one starts fresh; a
+    disabled live scaler has nothing to restore."""
+    if state and scaler.is_enabled():
+        scaler.load_state_dict(state)
+
+
 def rng_state() -> dict:
     """Python's, numpy's and torch's global RNG states as plain data (what ``weights_only`` reads)."""
     import random

@@ -55,6 +55,12 @@ def init_distributed(device: str = "auto", cpu_threads: int | None = None) -> Di
     return DistInfo(rank, world_size, local_rank, dev)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """The low precision autocast uses for inference here: fp16 on a GPU; bf16 on a CPU, whose
+    fp16 matmuls have no fast kernels."""
+    return torch.bfloat16 if device.type == "cpu" else torch.float16
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

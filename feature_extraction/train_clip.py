@@ -41,6 +41,7 @@ from tqdm import tqdm
 from genius.common.checkpoint import (
     latest_checkpoint,
     load_own_checkpoint,
+    load_scaler_state,
     rng_state,
     save_training_checkpoint,
     remove_step_checkpoints,
@@ -419,7 +420,7 @@ def _train(cfg: TrainClipConfig, dist) -> Path:
         model.clip.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        load_scaler_state(scaler, state["scaler"])
         set_rng_state(state["rng"])
         if state.get("step") is None:
             start_epoch = state["epoch"] + 1

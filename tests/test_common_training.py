@@ -150,3 +150,25 @@ def test_init_distributed_applies_cpu_threads():
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_scaler_state_resumes_across_devices_and_precision_settings():
+    """A checkpoint of a disabled scaler (a CPU run, or amp off) holds an empty state; resuming it
+    with amp on starts a fresh scaler instead of failing, and a disabled scaler ignores a saved one."""
+    from genius.common.checkpoint import load_scaler_state
+
+    saved_disabled = torch.amp.GradScaler("cpu", enabled=False).state_dict()
+    assert saved_disabled == {}
+    with pytest.raises(RuntimeError):  # what resuming did before
+        torch.amp.GradScaler("cpu", enabled=True).load_state_dict(saved_disabled)
+    fresh = torch.amp.GradScaler("cpu", enabled=True)
+    load_scaler_state(fresh, saved_disabled)
+    assert fresh.get_scale() == torch.amp.GradScaler("cpu", enabled=True).get_scale()
+
+    trained = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
+    resumed = torch.amp.GradScaler("cpu", enabled=True)
+    load_scaler_state(resumed, trained.state_dict())
+    assert resumed.get_scale() == 1024.0
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    load_scaler_state(disabled, trained.state_dict())
+    assert not disabled.is_enabled()

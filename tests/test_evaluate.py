@@ -22,6 +22,7 @@ from genius.models.generative_retriever.evaluate import (
     Models,
     PathsConfig,
     StaleInputError,
+    decode_key,
     evaluate,
 )
 from genius.models.generative_retriever.metrics import read_run_file
@@ -210,6 +211,25 @@ def test_changed_codes_or_generator_invalidate_cached_decodings_and_trie(tmp_pat
 
     regenerated = evaluate(cfg, fake_models(cfg, generator_fp="other-gen"))
     assert not any(s.cached for s in regenerated.stats)
+
+
+def test_decode_cache_key_records_the_device_and_the_precisions_used():
+    """A decoding made on a CPU (bf16 autocast) is never reused by a GPU run (fp16) or an fp32 run."""
+    cfg = EvalConfig()
+    models = SimpleNamespace(fingerprints={"rq": "r", "generator": "g"})
+    pool = SimpleNamespace(codes_hash="c", trie_path=Path("trie-0.bin"))
+    queries = SimpleNamespace(meta={"n": 1})
+
+    def key(device: str, autocast: bool, combiner_autocast: bool = False) -> dict:
+        cfg.decoding.autocast, cfg.decoding.combiner_autocast = autocast, combiner_autocast
+        return decode_key(cfg, models, pool, queries, torch.device(device))
+
+    cpu = key("cpu", autocast=True)
+    assert (cpu["device"], cpu["generator_dtype"], cpu["combiner_dtype"]) == ("cpu", "bfloat16", "float32")
+    assert key("cpu", autocast=False)["generator_dtype"] == "float32"
+    gpu = key("cuda", autocast=True, combiner_autocast=True)  # building the key does not touch a GPU
+    assert (gpu["device"], gpu["generator_dtype"], gpu["combiner_dtype"]) == ("cuda", "float16", "float16")
+    assert len({json.dumps(k, sort_keys=True) for k in (cpu, key("cpu", autocast=False), gpu)}) == 3
 
 
 def test_stale_or_mismatched_inputs_are_refused(tmp_path):

@@ -41,6 +41,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from genius.common.distributed import autocast_dtype
 from genius.models.generative_retriever.generator import IDGenerator
 from genius.models.generative_retriever.vocab import PAD
 
@@ -92,7 +93,7 @@ def _autocast(device: torch.device, enabled: bool):
     """bf16 on CPU, fp16 on GPU (decoding only; scores are always accumulated in fp32)."""
     if not enabled:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
+    return torch.autocast(device.type, dtype=autocast_dtype(device))
 
 
 def constrained_beam_search(generator: IDGenerator, z_query: torch.Tensor, trie, codebook_sizes: Sequence[int],

@@ -42,7 +42,7 @@ import torch
 
 import genius.trie_cpp as trie_lib
 from genius.common.config import config_to_dict, project_root, resolve_path
-from genius.common.distributed import DistInfo, barrier, cleanup, init_distributed
+from genius.common.distributed import DistInfo, autocast_dtype, barrier, cleanup, init_distributed
 from genius.common.fusion import fused_store_embeddings
 from genius.common.io import atomic_dir, atomic_path, atomic_write_json, atomic_write_text, sha256_file, sha256_json
 from genius.common.mbeir import (
@@ -441,7 +441,10 @@ class Decoded:
 def decode_key(cfg: EvalConfig, models: Models, pool: Pool, queries: EmbeddingStore, device: torch.device) -> dict:
     return {"models": models.fingerprints, "codes": pool.codes_hash, "trie": pool.trie_path.name,
             "queries": sha256_json(queries.meta), "num_beams": cfg.decoding.num_beams,
-            "level_head": cfg.decoding.level_head, "autocast": cfg.decoding.autocast,
+            "level_head": cfg.decoding.level_head, "device": device.type,
+            # the precisions actually used: autocast means bf16 on a CPU and fp16 on a GPU
+            "generator_dtype": str(autocast_dtype(device) if cfg.decoding.autocast
+                                   else torch.float32).removeprefix("torch."),
             "combiner_dtype": combiner_dtype(device, cfg.decoding.combiner_autocast),
             "modality_threshold": cfg.decoding.modality_threshold}
 
@@ -572,7 +575,8 @@ def evaluate(cfg: EvalConfig, models: Models | None = None) -> EvalReport | None
 def _evaluate(cfg: EvalConfig, models: Models | None, info: DistInfo) -> EvalReport | None:
     out = resolve_path(cfg.paths.results)
     files = resolve_files(cfg)
-    fingerprint = stage_fingerprint(cfg, evaluation_inputs(cfg, files))
+    # The device type counts (autocast precision and kernels differ): a CPU run is not a GPU run's result.
+    fingerprint = sha256_json([stage_fingerprint(cfg, evaluation_inputs(cfg, files)), info.device.type])
     if models is None and is_up_to_date(out, fingerprint):
         log.info("%s is up to date with the config, models, codes and stores; nothing to evaluate", out)
         if info.is_main:

@@ -30,6 +30,7 @@ from genius.common.checkpoint import (
     checkpoint_file,
     latest_checkpoint,
     load_own_checkpoint,
+    load_scaler_state,
     load_state_dict_strict,
     rng_state,
     save_training_checkpoint,
@@ -423,7 +424,7 @@ def restore(state: dict, generator: IDGenerator, optimizer, scheduler, scaler, i
     load_state_dict_strict(generator, state["model"], "training checkpoint")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    load_scaler_state(scaler, state["scaler"])
     rng = state["rng"]
     if len(rng) == info.world_size:  # same world size: continue every rank's random streams exactly
         set_rng_state(rng[info.rank]["host"])

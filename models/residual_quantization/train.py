@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from genius.common.checkpoint import (
     latest_checkpoint,
     load_own_checkpoint,
+    load_scaler_state,
     load_state_dict_strict,
     rng_state,
     save_training_checkpoint,
@@ -295,7 +296,7 @@ def restore(checkpoint: dict, model, optimizer, scheduler, scaler, info: DistInf
     load_state_dict_strict(model, checkpoint["model"], "RQ training checkpoint")
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
-    scaler.load_state_dict(checkpoint["scaler"])
+    load_scaler_state(scaler, checkpoint["scaler"])
     set_rng_state(checkpoint["rng"][info.rank])
     log.info("resumed after epoch %d", checkpoint["epoch"])
     return int(checkpoint["epoch"])
