@@ -55,7 +55,7 @@ from pathlib import Path
 from genius.common.mbeir import (
     DID_BASE, MBEIR_DATASET_IDS, MBEIR_EVAL_TASKS, MODALITIES, QID_BASE, TASKS, UNION_POOL_DIRS,
     DataFormatError, Instructions, candidate_problems, hash_did, load_qrels, parse_id,
-    parse_query_file_name, query_problems, union_pool_path,
+    parse_query_file_name, query_problems, text_lines, union_pool_path,
 )
 
 SPLITS = ("train", "val", "test")
@@ -106,16 +106,15 @@ class QueryFile:
 
 def _records(path: Path, report: Report):
     """(line, object or _NOT_JSON, raw line) for every non-blank line; bad JSON becomes a problem."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                report.add(path, lineno, f"not valid JSON ({err.msg} at column {err.colno})")
-                obj = _NOT_JSON
-            yield lineno, obj, line
+    for lineno, line in text_lines(path, lambda lineno, message: report.add(path, lineno, message)):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            report.add(path, lineno, f"not valid JSON ({err.msg} at column {err.colno})")
+            obj = _NOT_JSON
+        yield lineno, obj, line
 
 
 def _row_id(obj: object, line: str, key: str, base: int) -> str | None:
@@ -267,7 +266,8 @@ def check_qrels(path: Path, queries: QueryFile, query_file: Path, report: Report
 
     def malformed(lineno: int, fields: list[str], message: str) -> None:
         report.add(path, lineno, message)
-        bad.add(fields[0])
+        if fields:  # a line that is not UTF-8 has no readable qid
+            bad.add(fields[0])
 
     qrels = load_qrels(path, on_error=malformed)
     relevant, task_of = qrels.relevant, qrels.task_of

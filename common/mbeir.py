@@ -189,16 +189,31 @@ def candidate_problems(obj: object) -> list[str]:
     return problems
 
 
+def text_lines(path: str | os.PathLike,
+               on_error: Callable[[int, str], None] | None = None) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every line of a UTF-8 file. A line that is not UTF-8 raises naming
+    file and line (Python's own error names neither), or goes to ``on_error(lineno, message)``
+    and is skipped."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                message = f"not valid UTF-8 (byte {err.start + 1} of the line); save the file as UTF-8"
+                if on_error is None:
+                    raise DataFormatError(f"{path}:{lineno}: {message}") from None
+                on_error(lineno, message)
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
     """(line number, parsed JSON) for each non-blank line; bad JSON raises naming file and line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
 
 
 def _record_or_raise(path, lineno, obj, check) -> None:
@@ -258,21 +273,20 @@ def load_pool_index(path: str | os.PathLike) -> PoolIndex:
     which then names what is wrong.
     """
     ids, mods = array("q"), array("b")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            did_m, mod_m = _DID_FIELD.search(line), _MOD_FIELD.search(line)
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        did_m, mod_m = _DID_FIELD.search(line), _MOD_FIELD.search(line)
+        try:
+            ids.append(hash_did(did_m.group(1)))
+            mods.append(MODALITY_CODE[mod_m.group(1)])
+        except (AttributeError, KeyError, ValueError):
             try:
-                ids.append(hash_did(did_m.group(1)))
-                mods.append(MODALITY_CODE[mod_m.group(1)])
-            except (AttributeError, KeyError, ValueError):
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataFormatError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
-                _record_or_raise(path, lineno, obj, candidate_problems)
-                raise DataFormatError(f"{path}:{lineno}: could not read did and modality") from None
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFormatError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+            _record_or_raise(path, lineno, obj, candidate_problems)
+            raise DataFormatError(f"{path}:{lineno}: could not read did and modality") from None
     return PoolIndex(Path(path), np.frombuffer(ids, dtype=np.int64).copy(), np.frombuffer(mods, dtype=np.int8).copy())
 
 
@@ -306,21 +320,21 @@ def load_qrels(path: str | os.PathLike, on_error: Callable[[int, list[str], str]
     is handed to it and skipped (check-data collects every problem instead of stopping)."""
     relevant: dict[str, set[str]] = {}
     task_of: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            try:
-                qid, did, rel, task = parse_qrels_line(parts)
-            except ValueError as err:
-                if on_error is None:
-                    raise DataFormatError(f"{path}:{lineno}: {err}") from None
-                on_error(lineno, parts, str(err))
-                continue
-            task_of[qid] = task
-            if rel > 0:
-                relevant.setdefault(qid, set()).add(did)
+    not_text = None if on_error is None else (lambda lineno, message: on_error(lineno, [], message))
+    for lineno, line in text_lines(path, not_text):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            qid, did, rel, task = parse_qrels_line(parts)
+        except ValueError as err:
+            if on_error is None:
+                raise DataFormatError(f"{path}:{lineno}: {err}") from None
+            on_error(lineno, parts, str(err))
+            continue
+        task_of[qid] = task
+        if rel > 0:
+            relevant.setdefault(qid, set()).add(did)
     return Qrels(relevant, task_of)
 
 
@@ -339,8 +353,7 @@ class Instructions:
     def load(cls, path: str | os.PathLike) -> "Instructions":
         prompts: dict[tuple[int, str, str], list[str]] = {}
         names: dict[int, str] = {}
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.reader(f, delimiter="\t"))
+        rows = list(csv.reader((line for _, line in text_lines(path)), delimiter="\t"))
         if not rows:
             raise DataFormatError(f"{path}:1: empty instructions file (expected a header row)")
         for lineno, row in enumerate(rows[1:], 2):

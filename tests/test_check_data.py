@@ -130,6 +130,15 @@ def test_repeated_qid_outside_union_train_is_a_problem(mbeir, rel):
         f"{rel}:{len(rows) + 1}: qid {qid} appears more than once in this file (first on line 1)"]
 
 
+def test_a_line_that_is_not_utf8_is_one_problem(mbeir):
+    rel = "query/test/mbeir_nights_task4_test.jsonl"
+    path = mbeir.root / rel
+    rows = lines(path)
+    path.write_bytes(("\n".join(rows) + "\n").encode() + b'{"qid": "4:\xff"}\n')
+    assert check_root(mbeir.root).problems == [f"{rel}:{len(rows) + 1}: not valid UTF-8 (byte 12 of the line); "
+                                               "save the file as UTF-8"]
+
+
 def test_conflicting_repeat_in_union_train_is_a_problem(mbeir):
     path = mbeir.root / "query/union_train/mbeir_union_up_train.jsonl"
     rows = [json.loads(line) for line in lines(path)]

@@ -110,6 +110,23 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
         load_pool_index(pool)
 
 
+def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path):
+    good = {"did": "1:1", "txt": "x", "img_path": None, "modality": "text"}
+    pool = tmp_path / "p.jsonl"
+    pool.write_bytes(json.dumps(good).encode() + b"\n" + b'{"did": "1:2", "txt": "caf\xe9", "modality": "text"}\n')
+    for read in (lambda: list(iter_candidates(pool)), lambda: load_pool_index(pool)):
+        with pytest.raises(DataFormatError, match=r"p\.jsonl:2: not valid UTF-8 \(byte 27 of the line\)"):
+            read()
+    qrels = tmp_path / "q.txt"
+    qrels.write_bytes(b"1:1 0 1:1 1 1\n1:2 0 1:\xff 1 1\n")
+    with pytest.raises(DataFormatError, match=r"q\.txt:2: not valid UTF-8"):
+        load_qrels(qrels)
+    tsv = tmp_path / "i.tsv"
+    tsv.write_bytes(b"header\ntext\timage\tX\t1\tfind \xe9\n")
+    with pytest.raises(DataFormatError, match=r"i\.tsv:2: not valid UTF-8"):
+        Instructions.load(tsv)
+
+
 def test_qrels_need_five_columns(tmp_path):
     path = tmp_path / "qrels.txt"
     path.write_text("9:1 0 9:1 1 0\n9:2 0 9:1 1\n")
