@@ -113,6 +113,13 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
     return obj
 
 
+def require_positive(values: dict[str, float | int | None]) -> None:
+    """For a section's ``validate``: every named value that is set (not None) must be > 0."""
+    bad = [name for name, value in values.items() if value is not None and value <= 0]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} must be positive")
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 

@@ -36,7 +36,7 @@ from genius.common.checkpoint import (
     save_training_checkpoint,
     set_rng_state,
 )
-from genius.common.config import config_to_dict, resolve_path
+from genius.common.config import config_to_dict, require_positive, resolve_path
 from genius.common.mbeir import older_revision_twin
 from genius.common.distributed import (
     DistInfo,
@@ -108,12 +108,9 @@ class ModelConfig:
     code_embedding_scale: float = 100.0
 
     def validate(self) -> None:
-        sizes = {"num_prefix": self.num_prefix, "d_model": self.d_model, "num_heads": self.num_heads,
-                 "d_kv": self.d_kv, "d_ff": self.d_ff, "num_decoder_layers": self.num_decoder_layers,
-                 "code_embedding_scale": self.code_embedding_scale}
-        bad = [name for name, value in sizes.items() if value <= 0]
-        if bad:
-            raise ValueError(f"{', '.join(bad)} must be positive")
+        require_positive({"num_prefix": self.num_prefix, "d_model": self.d_model, "num_heads": self.num_heads,
+                          "d_kv": self.d_kv, "d_ff": self.d_ff, "num_decoder_layers": self.num_decoder_layers,
+                          "code_embedding_scale": self.code_embedding_scale})
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
 
@@ -173,12 +170,9 @@ class TrainConfig:
     force: bool = False  # retrain even when done.json matches
 
     def validate(self) -> None:
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "log_every": self.log_every,
-                    "checkpoint_every": self.checkpoint_every, "keep_checkpoints": self.keep_checkpoints,
-                    "cpu_threads": 1 if self.cpu_threads is None else self.cpu_threads}
-        bad = [name for name, value in positive.items() if value <= 0]
-        if bad:
-            raise ValueError(f"{', '.join(bad)} must be positive")
+        require_positive({"epochs": self.epochs, "batch_size": self.batch_size, "log_every": self.log_every,
+                          "checkpoint_every": self.checkpoint_every, "keep_checkpoints": self.keep_checkpoints,
+                          "cpu_threads": self.cpu_threads})
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 

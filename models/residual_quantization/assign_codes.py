@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from genius.common.checkpoint import UnsafeCheckpointError, safe_load
 from genius.common.config import resolve_path
 from genius.common.distributed import DistInfo, barrier, cleanup, init_distributed
 from genius.common.io import atomic_dir, file_fingerprint
@@ -94,8 +94,8 @@ def combiner_autocast(device: torch.device, autocast: bool):
 def is_native_rq(path: Path) -> bool:
     """Whether ``path`` is an rq.pt of genius train-rq (reads the pickle only; the weights are mmapped)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:  # the released .pth files pickle an OmegaConf config
+        obj = safe_load(path, mmap=True)
+    except UnsafeCheckpointError:  # the released .pth files pickle an OmegaConf config
         return False
     return isinstance(obj, dict) and {"arch", "fingerprint"} <= set(obj)
 

@@ -41,7 +41,7 @@ from genius.common.checkpoint import (
     save_training_checkpoint,
     set_rng_state,
 )
-from genius.common.config import config_to_dict, resolve_path
+from genius.common.config import config_to_dict, require_positive, resolve_path
 from genius.common.mbeir import older_revision_twin
 from genius.common.distributed import (
     DistInfo,
@@ -176,14 +176,11 @@ class TrainConfig:
     cpu_threads: int | None = None  # torch threads on CPU (null: torch's default, one per core)
 
     def validate(self) -> None:
-        positive = {"batch_size": self.batch_size, "epochs": self.epochs, "save_every": self.save_every,
-                    "log_every": self.log_every, "kmeans_iters": self.kmeans_iters, "temperature": self.temperature,
-                    "lr": self.lr, "adam_eps": self.adam_eps, "kmeans_init_vectors": self.kmeans_init_vectors,
-                    "stop_after_epochs": 1 if self.stop_after_epochs is None else self.stop_after_epochs,
-                    "cpu_threads": 1 if self.cpu_threads is None else self.cpu_threads}
-        bad = [name for name, value in positive.items() if value <= 0]
-        if bad:
-            raise ValueError(f"{', '.join(bad)} must be positive")
+        require_positive({"batch_size": self.batch_size, "epochs": self.epochs, "save_every": self.save_every,
+                          "log_every": self.log_every, "kmeans_iters": self.kmeans_iters,
+                          "temperature": self.temperature, "lr": self.lr, "adam_eps": self.adam_eps,
+                          "kmeans_init_vectors": self.kmeans_init_vectors, "stop_after_epochs": self.stop_after_epochs,
+                          "cpu_threads": self.cpu_threads})
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr, got min_lr {self.min_lr}, lr {self.lr}")
         non_negative = {"weight_decay": self.weight_decay, "mse_weight": self.mse_weight,
