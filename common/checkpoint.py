@@ -2,9 +2,12 @@
 user points at without letting it run code."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import IO, Any, Iterable, Mapping
 
@@ -56,7 +59,7 @@ def save_training_checkpoint(run_dir: str | os.PathLike, epoch: int, state: dict
     """Atomically write the state after ``epoch``, or after ``step`` steps of it (model, optimizer,
     scheduler, scaler, rng...); the file records both (``step`` None: the epoch is complete)."""
     path = checkpoint_file(run_dir, epoch, step)
-    atomic_torch_save({**state, "epoch": epoch, "step": step}, path)
+    save_own_checkpoint({**state, "epoch": epoch, "step": step}, path)
     return path
 
 
@@ -134,8 +137,25 @@ def safe_load(source: str | os.PathLike | IO[bytes], stand_ins: Iterable[tuple[A
     with torch.serialization.safe_globals(list(stand_ins)):
         try:
             return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
-        except pickle.UnpicklingError:
+        except pickle.UnpicklingError as err:
+            if _malformed(err):
+                raise CorruptCheckpointError(_unreadable(name, err, hint)) from None
             raise UnsafeCheckpointError(_refusal(source, name, contents, hint)) from None
+        except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, AttributeError) as err:
+            # torch's zip reader on a truncated or overwritten file, or a pickle cut short.
+            raise CorruptCheckpointError(_unreadable(name, err, hint)) from None
+
+
+def _malformed(err: pickle.UnpicklingError) -> bool:
+    """An unpickling error from damaged bytes, not from a refused global."""
+    text = str(err)
+    return "Unsupported global" not in text and "not an allowed global" not in text and "GLOBAL" not in text
+
+
+def _unreadable(name: str | os.PathLike, err: BaseException, hint: str) -> str:
+    detail = " ".join(str(err).split())[:160]
+    return (f"{name}: cannot be read: the file is truncated, corrupt or not a PyTorch checkpoint ({detail})"
+            f"{'; ' + hint if hint else ''}")
 
 
 def _refusal(source: str | os.PathLike | IO[bytes], name: str | os.PathLike, contents: str, hint: str) -> str:
@@ -154,10 +174,70 @@ def _refusal(source: str | os.PathLike | IO[bytes], name: str | os.PathLike, con
     return f"{name}: refused to load: {reason}; this file could run code when loaded{'; ' + hint if hint else ''}"
 
 
-def load_own_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint this project wrote: tensors and plain Python data only."""
-    return safe_load(path, hint="if an older version of genius wrote it (its RNG state held numpy arrays), "
-                                "delete it and re-run the stage that writes it")
+# ---- the project's own checkpoints: a content digest written in, checked on every read -------
+CONTENT_KEY = "content_sha256"
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint whose bytes no longer match the digest written into it."""
+
+
+def content_digest(obj: Any) -> str:
+    """SHA-256 over a checkpoint's whole content: every tensor's name, dtype, shape and bytes and
+    every plain value, in a fixed order (dict keys sorted), so it does not depend on pickling."""
+    digest = hashlib.sha256()
+
+    def feed(node: Any, where: str) -> None:
+        if isinstance(node, torch.Tensor):
+            tensor = node.detach().cpu().contiguous()
+            digest.update(f"T|{where}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            if tensor.numel():
+                digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        elif isinstance(node, Mapping):
+            digest.update(f"D|{where}|{len(node)}|".encode())
+            for key in sorted(node, key=repr):
+                feed(node[key], f"{where}.{key!r}")
+        elif isinstance(node, (list, tuple)):
+            digest.update(f"L|{where}|{len(node)}|".encode())
+            for i, item in enumerate(node):
+                feed(item, f"{where}[{i}]")
+        else:
+            digest.update(f"V|{where}|{json.dumps(node, default=repr)}|".encode())
+
+    feed(obj, "")
+    return digest.hexdigest()
+
+
+def save_own_checkpoint(obj: dict, path: str | os.PathLike) -> str:
+    """Write ``obj`` atomically with its content digest inside; returns the digest."""
+    digest = content_digest(obj)
+    atomic_torch_save({**obj, CONTENT_KEY: digest}, path)
+    return digest
+
+
+def load_own_checkpoint(path: str | os.PathLike, verify: bool = True, mmap: bool = False) -> dict:
+    """Load a checkpoint this project wrote (tensors and plain Python data only) and check its
+    content against the digest written into it: a flipped byte or a truncated file is refused,
+    naming the file, instead of changing results silently. ``verify=False`` with ``mmap=True``
+    reads only the recorded metadata cheaply (the digest is checked where the weights are used)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint does not exist")
+    return check_own_content(safe_load(path, hint=_OWN_HINT, mmap=mmap), path, verify)
+
+
+_OWN_HINT = "delete it and re-run the stage that writes it"
+
+
+def check_own_content(obj: Any, path: str | os.PathLike, verify: bool = True) -> dict:
+    """``obj`` (read from ``path``) if it is one of our checkpoints whose content matches its digest."""
+    if not isinstance(obj, dict) or CONTENT_KEY not in obj:
+        raise CorruptCheckpointError(f"{path}: not a checkpoint written by this version of genius (no content "
+                                     f"digest); {_OWN_HINT}")
+    if verify and content_digest({k: v for k, v in obj.items() if k != CONTENT_KEY}) != obj[CONTENT_KEY]:
+        raise CorruptCheckpointError(f"{path}: the content does not match the digest written into it (the file "
+                                     f"is corrupt); {_OWN_HINT}")
+    return obj
 
 
 # ---- official checkpoints -----------------------------------------------------------------

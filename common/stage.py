@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -22,28 +23,68 @@ def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="the stage's YAML file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable); the YAML file is not modified")
+    add_debug_flag(parser)
     return parser
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an error (also: {DEBUG_ENV}=1)")
+
+
+DEBUG_ENV = "GENIUS_DEBUG"
+
+
+def debugging(args: argparse.Namespace | None = None) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 def parse_stage_config(cls: type[T], parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[T, argparse.Namespace]:
     """Parse the command line and the config; a config error exits with status 2 and its message."""
     args = parser.parse_args(argv)
+    if debugging(args):
+        os.environ[DEBUG_ENV] = "1"  # user_errors_exit reads it; so do subprocesses (torchrun workers)
     try:
         return load_config(cls, args.config, args.overrides), args
     except ConfigError as err:
-        parser.exit(2, f"{parser.prog}: config error: {err}\n")
+        parser.exit(2, f"{parser.prog}: error: {one_line(err)}\n")
+
+
+def one_line(err: BaseException) -> str:
+    """The message of a user error on one line; an OSError names its file and what to do."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:  # raised by the OS, not by us
+        return f"{err.filename}: {err.strerror}; {_OS_HINTS.get(err.errno, 'check the path and try again')}"
+    text = str(err).strip() or type(err).__name__
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+_OS_HINTS = {
+    errno.EACCES: "check the permissions of the file or folder, or choose another path",
+    errno.EPERM: "check the permissions of the file or folder, or choose another path",
+    errno.EROFS: "the file system is read-only; choose an output path on a writable disk",
+    errno.ENOSPC: "the disk is full; free space or choose an output path on another disk",
+    errno.ENOENT: "check the path (relative paths resolve against $GENIUS_ROOT or the repository)",
+    errno.EISDIR: "a folder is where a file was expected; check the path",
+    errno.ENOTDIR: "a file is where a folder was expected; check the path",
+}
 
 
 @contextlib.contextmanager
 def user_errors_exit(parser: argparse.ArgumentParser):
     """Inside the block, a user mistake (a missing, unreadable or refused file, bad data, stale or
-    mismatched inputs: FileNotFoundError, PermissionError, ValueError and its subclasses) ends the
-    command with its one-line message and exit status 2 instead of a traceback."""
+    mismatched inputs, a full or read-only disk: ValueError and its subclasses, OSError) ends the
+    command with ``<prog>: error: <one line>`` and exit status 2 instead of a traceback;
+    ``--debug`` (or GENIUS_DEBUG=1) shows the traceback. Other exceptions are bugs and keep theirs."""
     try:
         yield
-    except (FileNotFoundError, PermissionError, ValueError) as err:
-        log.debug("%s failed", parser.prog, exc_info=True)
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    except (OSError, ValueError) as err:
+        if debugging():
+            raise
+        parser.exit(2, f"{parser.prog}: error: {one_line(err)}\n")
+    except KeyboardInterrupt:
+        if debugging():
+            raise
+        parser.exit(130, f"{parser.prog}: interrupted; re-run the same command to resume from the last checkpoint\n")
 
 
 def setup_logging() -> None:

@@ -42,6 +42,7 @@ from torchvision.transforms import CenterCrop, InterpolationMode, PILToTensor, R
 from genius.common.checkpoint import (
     PLAIN_CONTENTS,
     CheckpointMismatchError,
+    check_own_content,
     check_state_dict,
     official_checkpoint,
     read_official_file,
@@ -278,6 +279,7 @@ def read_clip_checkpoint(path: str | os.PathLike) -> ClipWeights:
                                       f"'state_dict', or a TorchScript archive)") from None
     state = dict(obj["model"])
     if obj.get("format") == OWN_CHECKPOINT_FORMAT:
+        check_own_content(obj, path)  # the digest train-clip wrote into it
         return ClipWeights(state, "own", "", obj["model_name"], obj["model_config"])
     if any(k.startswith(UNIIR_PREFIX) for k in state):
         return ClipWeights(_strip(state, UNIIR_PREFIX), "uniir", UNIIR_PREFIX)

@@ -454,7 +454,7 @@ def _train(cfg: TrainClipConfig, dist) -> Path:
             save(epoch)
     final = run_dir / FINAL_NAME
     if dist.is_main:
-        atomic_torch_save(own_checkpoint(model.clip, model_name, arch, inputs=key, config=config_to_dict(cfg)), final)
+        save_own_checkpoint(own_checkpoint(model.clip, model_name, arch, inputs=key, config=config_to_dict(cfg)), final)
         log.info("wrote %s", final)
         plot_training_curves(run_dir / "metrics.jsonl", run_dir / "training_curves.png", "stage 0: CLIP-SF training")
     barrier()

@@ -21,8 +21,7 @@ from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
 from transformers.cache_utils import EncoderDecoderCache
 
-from genius.common.checkpoint import load_own_checkpoint, load_state_dict_strict
-from genius.common.io import atomic_torch_save
+from genius.common.checkpoint import load_own_checkpoint, load_state_dict_strict, save_own_checkpoint
 from genius.models.generative_retriever.vocab import EOS, PAD, code_offsets, codes_to_tokens, vocab_size
 
 # t5-small's shapes (google-t5/t5-small config.json); the encoder's 6 layers are dropped.
@@ -135,7 +134,7 @@ class IDGenerator(nn.Module):
 def save_generator(path: str | os.PathLike, generator: IDGenerator, config: dict, rq_fingerprint: str) -> None:
     """The final ``generator.pt``: weights, arch, resolved config and the rq.pt it was trained with."""
     state = {k: v.detach().cpu() for k, v in generator.state_dict().items()}
-    atomic_torch_save({"model": state, "arch": generator.arch, "config": config, "rq": rq_fingerprint}, path)
+    save_own_checkpoint({"model": state, "arch": generator.arch, "config": config, "rq": rq_fingerprint}, path)
 
 
 def load_generator(path: str | os.PathLike) -> tuple[IDGenerator, dict]:

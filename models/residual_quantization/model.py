@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genius.common.checkpoint import CheckpointMismatchError, load_state_dict_strict, safe_load
-from genius.common.io import atomic_torch_save
+from genius.common.checkpoint import CheckpointMismatchError, load_own_checkpoint, load_state_dict_strict, save_own_checkpoint
 from genius.models.residual_quantization.quantizer import GradientEstimator, ModalityMode, ResidualQuantizer
 
 ARCH_KEYS = ("dim", "proj_dim", "hidden_dim", "num_levels", "codebook_size", "modality_mode", "decay", "eps",
@@ -146,8 +145,8 @@ def save_rq(path: str | os.PathLike, model: RQModel, config: dict, **record) -> 
     alongside (train-rq stores its inputs and run identity)."""
     state = cpu_state(model)
     fingerprint = state_fingerprint(state)
-    atomic_torch_save({"model": state, "arch": dict(model.arch), "config": config, **record,
-                       "fingerprint": fingerprint}, path)
+    save_own_checkpoint({"model": state, "arch": dict(model.arch), "config": config, **record,
+                         "fingerprint": fingerprint}, path)
     return fingerprint
 
 
@@ -155,7 +154,7 @@ def _read_rq(path: str | os.PathLike, mmap: bool = False) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no RQ checkpoint at {path} (run genius train-rq first)")
-    obj = safe_load(path, mmap=mmap, hint="rq.pt is written by genius train-rq")
+    obj = load_own_checkpoint(path, verify=not mmap, mmap=mmap)
     missing = [key for key in ("model", "arch", "fingerprint") if not (isinstance(obj, dict) and key in obj)]
     if missing:
         raise CheckpointMismatchError(f"{path} is not an rq.pt written by genius train-rq (lacks {', '.join(missing)})")
