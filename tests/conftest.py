@@ -29,3 +29,41 @@ def coco_mini(shared_data: Path) -> Path:
     if not root.is_dir():
         pytest.skip(f"{root} not found")
     return root
+
+
+# ---- a finished tiny pipeline, built once per session -------------------------------------
+TINY = REPO / "configs_scripts" / "tiny"
+
+
+def run_tiny_stage(root: Path, script: str, *args: str, check: bool = True, timeout: int = 1800,
+                   env: dict | None = None):
+    """Run ``configs_scripts/tiny/<script>.sh`` with GENIUS_ROOT=root; returns the CompletedProcess
+    (stdout and stderr as text). ``check``: fail the test on a non-zero exit, showing the output."""
+    import subprocess
+
+    full_env = {**os.environ, "GENIUS_ROOT": str(root), "GENIUS_LOG_LEVEL": "INFO", **(env or {})}
+    result = subprocess.run(["bash", str(TINY / f"{script}.sh"), *args], env=full_env, capture_output=True,
+                            text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="session")
+def finished_tiny_root(tmp_path_factory) -> Path:
+    """A GENIUS_ROOT in which ``configs_scripts/tiny/run_all.sh`` has run every stage. Shared by
+    the whole session: never change it; take ``tiny_root_copy`` to change things."""
+    root = tmp_path_factory.mktemp("finished_tiny_root")
+    result = run_tiny_stage(root, "run_all")
+    (root / "run_all.log").write_text(result.stdout + result.stderr)
+    return root
+
+
+@pytest.fixture
+def tiny_root_copy(finished_tiny_root: Path, tmp_path: Path) -> Path:
+    """A private copy of the finished tiny root (file times kept, as ``cp -a`` does)."""
+    import shutil
+
+    copy = tmp_path / "genius_root"
+    shutil.copytree(finished_tiny_root, copy, symlinks=True)
+    return copy

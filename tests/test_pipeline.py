@@ -53,10 +53,8 @@ def chance_recall(pool_size: int, positives: list[int], k: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("genius_root")
-    first_log = run_all(root)
-    return root, first_log
+def tiny_run(finished_tiny_root):
+    return finished_tiny_root, (finished_tiny_root / "run_all.log").read_text()
 
 
 @pytest.mark.slow
@@ -131,10 +129,13 @@ def test_search_finds_a_test_caption(tiny_run):
 
 
 @pytest.mark.slow
-def test_second_run_skips_every_stage(tiny_run):
-    root, _ = tiny_run
+def test_a_copied_root_skips_every_stage(tiny_root_copy):
+    """A finished GENIUS_ROOT copied to another path (file times kept) is still finished: run keys
+    hold paths relative to the root and content fingerprints, so nothing is redone."""
+    root = tiny_root_copy
     before = {name: path.stat().st_mtime_ns for name, path in outputs(root).items()}
     log = run_all(root)
     after = {name: path.stat().st_mtime_ns for name, path in outputs(root).items()}
     assert before == after, {k for k in before if before[k] != after[k]}
     assert "up to date" in log
+    assert not list(root.rglob("stale")), "a stage set its finished run aside in the copy"
