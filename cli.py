@@ -9,7 +9,7 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "world": ("genius.common.world", "write the synthetic M-BEIR-mini world"),
+    "world": ("genius.synthetic.world", "write the synthetic M-BEIR-mini world"),
     "check-data": ("genius.common.check_data", "validate an M-BEIR-format data root"),
     "extract": ("genius.feature_extraction.extract", "stage 0: embed queries and candidate pools"),
     "train-clip": ("genius.feature_extraction.train_clip", "stage 0: train CLIP-SF (score-fusion contrastive)"),

@@ -1,11 +1,16 @@
 """``genius check-data --root DIR``: validate an M-BEIR-format data root.
 
-Checks every line of every query and candidate file (schema, modality strings, id formats),
-that positives exist in the pool the query is evaluated against and have the task's modality,
-that qrels agree with the query files, that instructions exist for every query kind used, and
-that every referenced image exists. Each problem is printed as ``file:line: what is wrong``;
-informational lines (counts of what M-BEIR does on purpose) are printed too, and the exit status
-is 0 only when nothing is wrong.
+Checks every line of every query and candidate file: that it is UTF-8 and JSON, its schema,
+modality strings and id formats, that the modality a record declares matches what it holds (text,
+image path) and what its task asks for, and that no id repeats in a file; that no file is empty;
+that positives, in the query files and in the qrels, exist in the pool the query is evaluated
+against and have the task's modality; that qrels agree with the query files; that instructions
+exist for every query kind used; and that every referenced image exists and decodes whole (a
+truncated or corrupt file is named with the file:line that references it; ``--no-decode`` only
+checks existence). Each problem is printed as ``file:line: what is wrong``; informational lines
+(counts of what M-BEIR does on purpose) are printed too, and the exit status is 0 only when
+nothing is wrong (1 when problems are found; 2, with one ``genius check-data: error:`` line, when
+the command itself is wrong, e.g. ``--root`` is not a folder).
 
 M-BEIR as published (TIGER-Lab/M-BEIR on Hugging Face, built by TIGER-AI-Lab/UniIR) passes:
 
@@ -46,17 +51,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from genius.common.mbeir import (
     DID_BASE, MBEIR_DATASET_IDS, MBEIR_EVAL_TASKS, MODALITIES, QID_BASE, TASKS, UNION_POOL_DIRS,
-    DataFormatError, Instructions, candidate_problems, hash_did, load_qrels, parse_id,
+    DataFormatError, Instructions, candidate_problems, hash_did, parse_id, parse_qrels_line,
     parse_query_file_name, query_problems, text_lines, union_pool_path,
 )
+from genius.common.stage import DEBUG_ENV, add_debug_flag, user_errors_exit
 
 SPLITS = ("train", "val", "test")
 # (query dataset, positive dataset) pairs M-BEIR links on purpose (see the module docstring).
@@ -72,6 +80,7 @@ class Report:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     files_checked: int = 0
+    images: ImageChecker | None = None
 
     def rel(self, path: Path) -> str:
         return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
@@ -132,15 +141,108 @@ def _row_id(obj: object, line: str, key: str, base: int) -> str | None:
     return value
 
 
-def _check_image(root: Path, rel: object, path: Path, lineno: int, report: Report) -> None:
-    if isinstance(rel, str) and rel and not (root / rel).is_file():
-        report.add(path, lineno, f"image {rel} does not exist under {root}")
+class ImageChecker:
+    """Checks every referenced image: that it exists and (with ``decode``) that it decodes whole,
+    so truncated and corrupt files are caught. Each image is read once however many records
+    reference it; a bad one is reported at every line that references it. References are
+    buffered and decoded by a few threads (PIL releases the GIL while it decodes)."""
+
+    BATCH = 512
+
+    def __init__(self, report: Report, decode: bool = True, workers: int | None = None) -> None:
+        self.report, self.decode = report, decode
+        self.results: dict[str, str | None] = {}  # relative path -> problem (None: fine)
+        self.pending: list[tuple[Path, int, str]] = []
+        self.workers = workers or min(8, os.cpu_count() or 1)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def add(self, path: Path, lineno: int, rel: object) -> None:
+        if isinstance(rel, str) and rel:
+            self.pending.append((path, lineno, rel))
+            if len(self.pending) >= self.BATCH:
+                self.flush()
+
+    def flush(self) -> None:
+        todo = sorted({rel for _, _, rel in self.pending if rel not in self.results})
+        if len(todo) > 1 and self.workers > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="check-image")
+            self.results.update(zip(todo, self._pool.map(self.probe, todo)))
+        else:
+            self.results.update((rel, self.probe(rel)) for rel in todo)
+        for path, lineno, rel in self.pending:
+            problem = self.results[rel]
+            if problem:
+                self.report.add(path, lineno, problem)
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.flush()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def probe(self, rel: str) -> str | None:
+        root = self.report.root
+        full = root / rel
+        if not full.is_file():
+            return f"image {rel} does not exist under {root}"
+        if not self.decode:
+            return None
+        from PIL import Image
+
+        try:
+            with Image.open(full) as image:
+                image.load()  # decodes every byte: a truncated file fails here, not at open
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            return f"image {rel} cannot be decoded ({one_line_error(err)}); replace it with a complete image file"
+        return None
+
+
+def one_line_error(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return " ".join(text.split())
+
+
+def _check_image(rel: object, path: Path, lineno: int, report: Report) -> None:
+    if report.images is None:
+        report.images = ImageChecker(report)
+    report.images.add(path, lineno, rel)
+
+
+def _finish_file(path: Path, report: Report, records: int) -> None:
+    """What every checked file ends with: its image references checked, an empty file reported."""
+    if report.images is not None:
+        report.images.flush()
+    if records == 0:
+        report.add(path, None, "empty file (no records); check that it was downloaded or written completely")
+    report.files_checked += 1
+
+
+def undeclared_parts(obj: dict, modality_key: str, text_key: str, image_key: str) -> list[str]:
+    """A record that holds text or an image its modality does not declare (the shared record checks
+    catch the opposite: a declared part that is missing). Extraction embeds what a record holds,
+    so such a record's vectors and its modality token would disagree. M-BEIR leaves the absent
+    part null."""
+    modality, problems = obj[modality_key], []
+    text, image = obj.get(text_key), obj.get(image_key)
+    if "text" not in modality and isinstance(text, str) and text.strip():
+        problems.append(f"{modality_key} is {modality!r} but the record holds text ({text_key}); set {modality_key} "
+                        f"to {'image,text'!r} or make {text_key} null")
+    if "image" not in modality and isinstance(image, str) and image:
+        problems.append(f"{modality_key} is {modality!r} but the record holds an image ({image_key}); set "
+                        f"{modality_key} to {'image,text'!r} or make {image_key} null")
+    return problems
 
 
 def check_pool(path: Path, report: Report) -> PoolInfo:
     info = PoolInfo(report.rel(path))
+    records, repeated = 0, []  # (line, did) of repeated dids: their first lines are looked up afterwards
     for lineno, obj, line in _records(path, report):
+        records += 1
         problems = [] if obj is _NOT_JSON else candidate_problems(obj)
+        if obj is not _NOT_JSON and not problems:
+            problems = undeclared_parts(obj, "modality", "txt", "img_path")
         for problem in problems:
             report.add(path, lineno, problem)
         if obj is _NOT_JSON or problems:
@@ -150,11 +252,20 @@ def check_pool(path: Path, report: Report) -> PoolInfo:
             continue
         did = hash_did(obj["did"])
         if did in info.modality:
-            report.add(path, lineno, f"did {obj['did']} appears more than once in this pool")
+            repeated.append((lineno, obj["did"], len(report.problems)))
             continue
         info.modality[did] = obj["modality"]
-        _check_image(report.root, obj.get("img_path"), path, lineno, report)
-    report.files_checked += 1
+        _check_image(obj.get("img_path"), path, lineno, report)
+    if repeated:  # rare: one more pass names the first occurrence without keeping every line number
+        wanted = {did for _, did, _ in repeated}
+        first: dict[str, int] = {}
+        for lineno, obj, _ in _records(path, Report(report.root)):
+            if isinstance(obj, dict) and obj.get("did") in wanted and obj["did"] not in first:
+                first[obj["did"]] = lineno
+        for offset, (lineno, did, at) in enumerate(repeated):
+            message = f"{report.rel(path)}:{lineno}: did {did} appears more than once in this pool (first on line {first.get(did)})"
+            report.problems.insert(at + offset, message)
+    _finish_file(path, report, records)
     return info
 
 
@@ -196,8 +307,12 @@ def check_queries(path: Path, pool: PoolInfo | None, instructions: Instructions 
     upsampled = path.parent.name == "union_train"
     result, cross = QueryFile(), Counter()
     repeats = conflicting = 0
+    records = 0
     for lineno, obj, line in _records(path, report):
+        records += 1
         problems = [] if obj is _NOT_JSON else query_problems(obj)
+        if obj is not _NOT_JSON and not problems:
+            problems = undeclared_parts(obj, "query_modality", "query_txt", "query_img_path")
         for problem in problems:
             report.add(path, lineno, problem)
         if obj is _NOT_JSON or problems:
@@ -224,7 +339,7 @@ def check_queries(path: Path, pool: PoolInfo | None, instructions: Instructions 
         result.rows[qid] = QueryRow(lineno, set(obj["pos_cand_list"]), task, digest)
         if not obj["pos_cand_list"]:
             report.add(path, lineno, f"query {qid} has no positive candidate")
-        _check_image(report.root, obj.get("query_img_path"), path, lineno, report)
+        _check_image(obj.get("query_img_path"), path, lineno, report)
         if pool is not None:
             _check_positives(obj, pool, cross_pool, path, lineno, report, cross)
         if instructions is not None and task is not None:
@@ -236,54 +351,90 @@ def check_queries(path: Path, pool: PoolInfo | None, instructions: Instructions 
     for label, count in sorted(cross.items()):
         where = f"in {label}" if pool is None or label == pool.label else f"not in {pool.label} but in {label}"
         report.note(path, f"{count:,} cross-dataset positives (OVEN/InfoSeek, kept in the qrels as UniIR does), {where}")
-    report.files_checked += 1
+    _finish_file(path, report, records)
     return result
+
+
+def _positive_problem(did: str, query_dataset: int, task: int | None, pool: PoolInfo,
+                      cross_pool: PoolInfo | None) -> tuple[str | None, str | None]:
+    """(what is wrong with one positive or None, the label of the other pool it was found in when
+    it is an OVEN/InfoSeek cross-dataset positive that is fine)."""
+    hashed = hash_did(did)
+    crossing = (query_dataset, int(did.split(":")[0])) in CROSS_DATASET_PAIRS
+    where = pool
+    if crossing and cross_pool is not None and hashed not in pool.modality and hashed not in pool.invalid:
+        where = cross_pool
+    if hashed in where.invalid:
+        return None, None  # its pool row was reported already
+    modality = where.modality.get(hashed)
+    if modality is None:
+        also = f" nor in {where.label}" if where is not pool else ""
+        return f"positive {did} is not in the candidate pool {pool.label}{also}", None
+    if task is not None and task in TASKS and modality != TASKS[task][1]:
+        return f"positive {did} has modality {modality!r} but task {task} asks for {TASKS[task][1]!r}", None
+    return None, where.label if crossing else None
 
 
 def _check_positives(obj: dict, pool: PoolInfo, cross_pool: PoolInfo | None, path: Path, lineno: int,
                      report: Report, cross: Counter) -> None:
     task, query_dataset = obj.get("task_id"), int(obj["qid"].split(":")[0])
     for did in obj["pos_cand_list"]:
-        hashed = hash_did(did)
-        crossing = (query_dataset, int(did.split(":")[0])) in CROSS_DATASET_PAIRS
-        where = pool
-        if crossing and cross_pool is not None and hashed not in pool.modality and hashed not in pool.invalid:
-            where = cross_pool
-        if hashed in where.invalid:
-            continue  # its pool row was reported already
-        modality = where.modality.get(hashed)
-        if modality is None:
-            also = f" nor in {where.label}" if where is not pool else ""
-            report.add(path, lineno, f"positive {did} is not in the candidate pool {pool.label}{also}")
-        elif task is not None and modality != TASKS[task][1]:
-            report.add(path, lineno, f"positive {did} has modality {modality!r} but task {task} asks for {TASKS[task][1]!r}")
-        elif crossing:
-            cross[where.label] += 1
+        problem, crossed = _positive_problem(did, query_dataset, task, pool, cross_pool)
+        if problem:
+            report.add(path, lineno, problem)
+        elif crossed:
+            cross[crossed] += 1
 
 
-def check_qrels(path: Path, queries: QueryFile, query_file: Path, report: Report) -> None:
+def check_qrels(path: Path, queries: QueryFile, query_file: Path, report: Report, pool: PoolInfo | None = None,
+                cross_pool: PoolInfo | None = None) -> None:
+    """Compare a qrels file with its query file and, for a positive only the qrels list, with the
+    pool the query file is evaluated against (a qrels positive missing from the pool would
+    silently lower recall)."""
     bad: set[str] = set()  # qids of lines reported as malformed: their queries are not compared
-
-    def malformed(lineno: int, fields: list[str], message: str) -> None:
-        report.add(path, lineno, message)
-        if fields:  # a line that is not UTF-8 has no readable qid
-            bad.add(fields[0])
-
-    qrels = load_qrels(path, on_error=malformed)
-    relevant, task_of = qrels.relevant, qrels.task_of
-    report.files_checked += 1
+    relevant: dict[str, set[str]] = {}
+    task_of: dict[str, int] = {}
+    reported: dict[str, set[str]] = {}  # qid -> qrels-only positives already reported at their qrels line
+    records = 0
+    for lineno, line in text_lines(path, lambda lineno, message: report.add(path, lineno, message)):
+        parts = line.split()
+        if not parts:
+            continue
+        records += 1
+        try:
+            qid, did, rel, task = parse_qrels_line(parts)
+        except ValueError as err:
+            report.add(path, lineno, str(err))
+            bad.add(parts[0])
+            continue
+        task_of[qid] = task
+        if rel <= 0:
+            continue
+        relevant.setdefault(qid, set()).add(did)
+        row = queries.rows.get(qid)
+        # Positives the query file lists were checked against the pool on its line already.
+        if pool is not None and row is not None and did not in row.positives:
+            problem, _ = _positive_problem(did, int(qid.split(":")[0]), task, pool, cross_pool)
+            if problem:
+                report.add(path, lineno, f"{problem} (qid {qid}); remove the line or add the candidate to the pool")
+                reported.setdefault(qid, set()).add(did)
+    _finish_file(path, report, records)
+    if records == 0:
+        return  # reported once as empty; its queries are not listed again one by one
     for qid, row in queries.rows.items():
         if qid in bad:
             continue
         listed = relevant.get(qid, set())
         if listed != row.positives:
-            missing, extra = sorted(row.positives - listed), sorted(listed - row.positives)
+            missing = sorted(row.positives - listed)
+            extra = sorted(listed - row.positives - reported.get(qid, set()))
             detail = "; ".join(filter(None, [missing and f"missing from qrels: {', '.join(missing)}",
                                              extra and f"only in qrels: {', '.join(extra)}"]))
-            report.add(query_file, row.line, f"positives of {qid} disagree with {path.name} ({detail})")
+            if detail:
+                report.add(query_file, row.line, f"positives of {qid} disagree with {path.name} ({detail})")
         if row.task is not None and qid in task_of and task_of[qid] != row.task:
             report.add(path, None, f"qid {qid} has task {task_of[qid]} in qrels but {row.task} in {query_file.name}")
-    for qid in sorted(set(task_of) - set(queries.rows) - queries.invalid):
+    for qid in sorted(set(task_of) - set(queries.rows) - queries.invalid - bad):
         report.add(path, None, f"qid {qid} is not in {query_file.name}")
 
 
@@ -322,12 +473,22 @@ class _SplitPools:
         return self.merged[split]
 
 
-def check_root(root: str | Path) -> Report:
+def check_root(root: str | Path, decode_images: bool = True) -> Report:
+    """Check a data root; ``decode_images=False`` only checks that referenced images exist."""
     root = Path(root).resolve()
     report = Report(root)
     if not root.is_dir():
         report.problems.append(f"{root}: not a directory")
         return report
+    report.images = ImageChecker(report, decode=decode_images)
+    try:
+        _check_root(root, report)
+    finally:
+        report.images.close()
+    return report
+
+
+def _check_root(root: Path, report: Report) -> None:
     for sub in ("query", "cand_pool", "instructions"):
         if not (root / sub).is_dir():
             report.add(root / sub, None, "missing folder (an M-BEIR root has query/, cand_pool/, instructions/, qrels/)")
@@ -351,25 +512,37 @@ def check_root(root: str | Path) -> Report:
             union = union_pool_path(root, split).name
             report.add(query_file, None, f"no candidate pool found for this query file: expected its local pool in "
                                          f"cand_pool/local/ or {union} in {' or '.join(f'{d}/' for d in UNION_POOL_DIRS)}")
-        queries = check_queries(query_file, pools.get(pool_path), instructions, report, split_pools.get(split))
+        cross_pool = split_pools.get(split)
+        queries = check_queries(query_file, pools.get(pool_path), instructions, report, cross_pool)
         if split is None:
             continue
         qrels = root / "qrels" / split / f"{query_file.stem}_qrels.txt"
         if qrels.is_file():
-            check_qrels(qrels, queries, query_file, report)
+            check_qrels(qrels, queries, query_file, report, pools.get(pool_path), cross_pool)
         elif split == "test" and query_file.parent.name == "test":
             report.add(qrels, None, f"missing qrels for {query_file.name}")
         elif split != "test" and _mbeir_ships_qrels(query_file, split):
             report.note(qrels, f"not found (M-BEIR ships it; only evaluating on {query_file.name} needs it)")
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="genius check-data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="the M-BEIR-format data root")
     parser.add_argument("--max-problems", type=int, default=200, help="print at most this many problems")
+    parser.add_argument("--no-decode", dest="decode", action="store_false",
+                        help="only check that referenced images exist (decoding every image of the full M-BEIR "
+                             "takes a while)")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    report = check_root(args.root)
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"
+    with user_errors_exit(parser):
+        if args.max_problems < 0:
+            raise ValueError(f"--max-problems: {args.max_problems} is negative; give 0 or more")
+        if not Path(args.root).is_dir():
+            raise ValueError(f"{args.root}: not a directory; --root takes the M-BEIR-format data root "
+                             "(the folder holding query/, cand_pool/, qrels/ and instructions/)")
+        report = check_root(args.root, decode_images=args.decode)
     for note in report.notes:
         print(f"note: {note}")
     for problem in report.problems[: args.max_problems]:

@@ -163,9 +163,21 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     data = apply_overrides(data, overrides or [])
     try:
-        return _build(cls, data)
+        cfg = _build(cls, data)
+        _check_declared_ranges(cfg)
+        return cfg
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
+
+
+def _check_declared_ranges(cfg: Any) -> None:
+    """Every number whose field declares a range (``common.ranges.ranged``) lies in it."""
+    from genius.common.ranges import check_ranges
+
+    try:
+        check_ranges(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def config_to_dict(cfg: Any) -> dict:

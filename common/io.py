@@ -1,4 +1,4 @@
-"""Atomic file output and input fingerprints.
+"""Atomic file output and content hashes.
 
 Every output goes to a temporary name in the same directory and is renamed into place, so an
 interrupted run never leaves a file (or a store) that a reader would accept. Fingerprints record
@@ -84,12 +84,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-
-
-def file_fingerprint(path: str | os.PathLike) -> dict:
-    """Cheap identity of an input file: resolved path, size and mtime (nanoseconds)."""
-    st = os.stat(path)
-    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

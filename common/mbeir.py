@@ -1,8 +1,11 @@
 """M-BEIR data: ids, tasks, modalities, instructions, and readers for queries, pools and qrels.
 
-Readers stream line by line and report a malformed record as ``file:line: what is wrong``. The
-checks themselves (``query_problems``, ``candidate_problems``) are shared with ``genius
-check-data``, which collects every problem instead of stopping at the first.
+Readers stream line by line and raise :class:`DataFormatError` (a ValueError, so a stage ends
+with a one-line ``file:line: what is wrong`` and exit status 2) for a line that is not UTF-8 or
+not JSON, a record that breaks the schema, a repeated id, an empty file and, when given the data
+root, a referenced image that does not exist. The record checks (``query_problems``,
+``candidate_problems``) are shared with ``genius check-data``, which collects every problem
+instead of stopping at the first and also decodes the images.
 """
 from __future__ import annotations
 
@@ -222,25 +225,99 @@ def _record_or_raise(path, lineno, obj, check) -> None:
         raise DataFormatError(f"{path}:{lineno}: {problems[0]}")
 
 
-def iter_queries(path: str | os.PathLike) -> Iterator[Query]:
+def empty_file_error(path: str | os.PathLike, what: str = "one JSON record per line") -> DataFormatError:
+    return DataFormatError(f"{path}: empty file (no records); it should hold {what}: check that it was "
+                           "downloaded or written completely")
+
+
+def _check_image(path, lineno: int, rel: str | None, image_root: Path | None) -> None:
+    if rel is not None and image_root is not None and not (image_root / rel).is_file():
+        raise DataFormatError(f"{path}:{lineno}: image {rel} does not exist under {image_root}; restore the image "
+                              "or check that data.root is the folder the image paths are relative to")
+
+
+def _first_line_with(path, key: str, value: str) -> int | None:
+    """The line of the first record whose ``key`` is ``value`` (only read again to name a duplicate)."""
     for lineno, obj in iter_jsonl(path):
+        if isinstance(obj, dict) and obj.get(key) == value:
+            return lineno
+    return None
+
+
+def _canonical(line: str) -> int:
+    return hash(json.dumps(json.loads(line), sort_keys=True))
+
+
+def iter_queries(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> Iterator[Query]:
+    """The query records of a jsonl file, validated; every problem raises naming file and line.
+
+    A qid may repeat only as an exact copy of its first record (UniIR's up-sampled training file
+    repeats queries that way, and the copies are yielded, since they weight training); a repeat
+    with a different record is an error. An empty file is an error. With ``image_root`` every
+    query image must exist under it."""
+    image_root = Path(image_root) if image_root is not None else None
+    seen: dict[int, int] = {}  # hashed qid -> hash of its first line (canonical JSON when copies differ in layout)
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
         _record_or_raise(path, lineno, obj, query_problems)
+        hashed, digest = hash_qid(obj["qid"]), hash(line.strip())
+        first = seen.get(hashed)
+        if first is None:
+            seen[hashed] = digest
+        elif first != digest:
+            first_line = _first_line_with(path, "qid", obj["qid"])
+            if first_line is None or _canonical(_line_of(path, first_line)) != _canonical(line):
+                raise DataFormatError(
+                    f"{path}:{lineno}: qid {obj['qid']} appears again with a different record (first on line "
+                    f"{first_line}); give each query its own qid (only an exact copy may repeat, as up-sampling does)")
+        img = obj.get("query_img_path") or None
+        _check_image(path, lineno, img, image_root)
         yield Query(
-            qid=obj["qid"], text=obj.get("query_txt") or "", img_path=obj.get("query_img_path") or None,
+            qid=obj["qid"], text=obj.get("query_txt") or "", img_path=img,
             modality=obj["query_modality"], pos=list(obj["pos_cand_list"]), neg=list(obj.get("neg_cand_list") or []),
             task_id=obj.get("task_id"),
         )
+    if not seen:
+        raise empty_file_error(path, "one query record per line")
 
 
-def load_queries(path: str | os.PathLike) -> list[Query]:
-    return list(iter_queries(path))
+def _line_of(path, lineno: int) -> str:
+    for n, line in text_lines(path):
+        if n == lineno:
+            return line
+    raise DataFormatError(f"{path}: line {lineno} is gone (the file changed while it was read)")
 
 
-def iter_candidates(path: str | os.PathLike) -> Iterator[Candidate]:
+def load_queries(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[Query]:
+    return list(iter_queries(path, image_root))
+
+
+def iter_candidates(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> Iterator[Candidate]:
+    """The candidate records of a pool jsonl file, validated; every problem raises naming file and
+    line: a did that repeats, an empty file, and (with ``image_root``) an image that does not exist."""
+    image_root = Path(image_root) if image_root is not None else None
+    seen: set[int] = set()
     for lineno, obj in iter_jsonl(path):
         _record_or_raise(path, lineno, obj, candidate_problems)
-        yield Candidate(did=obj["did"], text=obj.get("txt") or "", img_path=obj.get("img_path") or None,
-                        modality=obj["modality"])
+        hashed = hash_did(obj["did"])
+        if hashed in seen:
+            raise _duplicate_did(path, lineno, obj["did"], _first_line_with(path, "did", obj["did"]))
+        seen.add(hashed)
+        img = obj.get("img_path") or None
+        _check_image(path, lineno, img, image_root)
+        yield Candidate(did=obj["did"], text=obj.get("txt") or "", img_path=img, modality=obj["modality"])
+    if not seen:
+        raise empty_file_error(path, "one candidate record per line")
+
+
+def _duplicate_did(path, lineno: int, did: str, first_line: int | None) -> DataFormatError:
+    return DataFormatError(f"{path}:{lineno}: did {did} appears more than once in this pool (first on line "
+                           f"{first_line}); every candidate needs its own did")
 
 
 @dataclass
@@ -272,7 +349,7 @@ def load_pool_index(path: str | os.PathLike) -> PoolIndex:
     are pulled out with a regex; a line where that fails falls back to the validating parser,
     which then names what is wrong.
     """
-    ids, mods = array("q"), array("b")
+    ids, mods, lines = array("q"), array("b"), array("q")
     for lineno, line in text_lines(path):
         if not line.strip():
             continue
@@ -280,6 +357,7 @@ def load_pool_index(path: str | os.PathLike) -> PoolIndex:
         try:
             ids.append(hash_did(did_m.group(1)))
             mods.append(MODALITY_CODE[mod_m.group(1)])
+            lines.append(lineno)
         except (AttributeError, KeyError, ValueError):
             try:
                 obj = json.loads(line)
@@ -287,7 +365,16 @@ def load_pool_index(path: str | os.PathLike) -> PoolIndex:
                 raise DataFormatError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
             _record_or_raise(path, lineno, obj, candidate_problems)
             raise DataFormatError(f"{path}:{lineno}: could not read did and modality") from None
-    return PoolIndex(Path(path), np.frombuffer(ids, dtype=np.int64).copy(), np.frombuffer(mods, dtype=np.int8).copy())
+    if not ids:
+        raise empty_file_error(path, "one candidate record per line")
+    index = PoolIndex(Path(path), np.frombuffer(ids, dtype=np.int64).copy(), np.frombuffer(mods, dtype=np.int8).copy())
+    order = np.argsort(index.ids, kind="stable")
+    repeated = np.flatnonzero(index.ids[order][1:] == index.ids[order][:-1])
+    if len(repeated):
+        # Among the repeats, the one that comes first in the file is the one to name.
+        first_dup, first_orig = min((order[k + 1], order[k]) for k in repeated)
+        raise _duplicate_did(path, lines[first_dup], unhash_did(index.ids[first_dup]), lines[first_orig])
+    return index
 
 
 # ---- qrels ----------------------------------------------------------------------------------
@@ -317,7 +404,8 @@ def load_qrels(path: str | os.PathLike, on_error: Callable[[int, list[str], str]
     """M-BEIR qrels: ``qid 0 did relevance task_id``; relevance > 0 counts as relevant.
 
     A malformed line raises naming file and line, or, with ``on_error(lineno, fields, message)``,
-    is handed to it and skipped (check-data collects every problem instead of stopping)."""
+    is handed to it and skipped (check-data collects every problem instead of stopping). A file
+    without a single line raises too (without ``on_error``; check-data reports it itself)."""
     relevant: dict[str, set[str]] = {}
     task_of: dict[str, int] = {}
     not_text = None if on_error is None else (lambda lineno, message: on_error(lineno, [], message))
@@ -335,6 +423,8 @@ def load_qrels(path: str | os.PathLike, on_error: Callable[[int, list[str], str]
         task_of[qid] = task
         if rel > 0:
             relevant.setdefault(qid, set()).add(did)
+    if not task_of and on_error is None:
+        raise empty_file_error(path, "one line 'qid 0 did relevance task_id' per relevant candidate")
     return Qrels(relevant, task_of)
 
 

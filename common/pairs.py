@@ -25,6 +25,7 @@ class TrainingPairs:
     pos_offsets: np.ndarray  # int64 [Q + 1] CSR offsets into pos_rows
     pos_rows: np.ndarray  # int64 rows of the candidate store
     dropped_queries: int = 0  # queries with no positive in the candidate store
+    missing_positives: int = 0  # positives (of kept and dropped queries) that are not in the candidate store
 
     def __len__(self) -> int:
         return len(self.query_rows)
@@ -37,11 +38,17 @@ class TrainingPairs:
 
 
 def load_training_pairs(query_file: str | os.PathLike, queries: EmbeddingStore, pool: EmbeddingStore) -> TrainingPairs:
-    """Join a query jsonl's positives with the rows of the query and candidate stores."""
+    """Join a query jsonl's positives with the rows of the query and candidate stores.
+
+    The query file is read with :func:`iter_queries`, so a malformed line, a qid repeated with a
+    different record or an empty file raises naming file and line. Positives that are not in the
+    candidate store are counted (``missing_positives``), and queries left without any are
+    counted and skipped (``dropped_queries``): the trainers print both."""
     pool_rows = dict(zip(np.asarray(pool.ids).tolist(), range(len(pool))))
-    query_ids, offsets, positives, dropped = [], [0], [], 0
+    query_ids, offsets, positives, dropped, missing = [], [0], [], 0, 0
     for query in iter_queries(query_file):
         rows = [pool_rows[h] for h in map(hash_did, query.pos) if h in pool_rows]
+        missing += len(query.pos) - len(rows)
         if not rows:
             dropped += 1
             continue
@@ -49,12 +56,14 @@ def load_training_pairs(query_file: str | os.PathLike, queries: EmbeddingStore, 
         positives.extend(rows)
         offsets.append(len(positives))
     if not query_ids:
-        raise ValueError(f"{query_file}: no query has a positive in the candidate store {pool.path}")
+        raise ValueError(f"{query_file}: no query has a positive in the candidate store {pool.path}; check that "
+                         "the store was extracted from the pool these queries' positives are in")
     return TrainingPairs(
         query_rows=queries.rows_of(np.array(query_ids, dtype=np.int64)),
         pos_offsets=np.array(offsets, dtype=np.int64),
         pos_rows=np.array(positives, dtype=np.int64),
         dropped_queries=dropped,
+        missing_positives=missing,
     )
 
 

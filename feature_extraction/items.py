@@ -50,8 +50,9 @@ class QueryText:
         if mode == "none":
             self.instructions = None
         elif instructions_file is None or not Path(instructions_file).is_file():
-            raise FileNotFoundError(f"instruction mode {mode!r} needs the instructions file, but {instructions_file} "
-                                    "does not exist (set instructions.mode: none to embed queries without instructions)")
+            raise FileNotFoundError(f"data.instructions: {instructions_file} does not exist, and instructions.mode "
+                                    f"{mode!r} needs it; fix data.instructions (relative to data.root) or set "
+                                    "instructions.mode: none to embed queries without instructions")
         else:
             self.instructions = Instructions.load(instructions_file)
 

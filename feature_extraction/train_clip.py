@@ -13,14 +13,16 @@ warm-up), fp16 autocast + GradScaler on GPU, fp32 on CPU; ``logit_scale`` is lea
 at most ``loss.max_logit_scale`` (CLIP's clamp). Training reads raw images and texts, not stores.
 
 Outputs in ``output.run_dir``: ``checkpoints/epoch_XXXX.pt`` (resume state), ``metrics.jsonl``,
-``config.yaml`` and the final ``clip_sf.pt`` (weights + architecture) that ``genius extract``
-loads. A re-run resumes from the last epoch checkpoint, or does nothing when ``clip_sf.pt`` was
-made from the same config and data; checkpoints of a different config or data are moved to
-``stale/<time>/`` and training starts over.
+``config.yaml``, ``training_curves.png``, ``done.json`` and the final ``clip_sf.pt`` (weights +
+architecture) that ``genius extract`` loads. A re-run does nothing when ``done.json`` records the
+same run (semantic config; the content of the training files, the instructions and the initial
+checkpoint; the size and time of every image; the global batch: genius.common.runstate), resumes
+from the last checkpoint of the same run, or else moves the old run with its logs to
+``stale/<time>/`` and starts over; ``output.force=true`` always retrains. Every number of the
+config is range-checked before any work.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -38,14 +40,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from genius.common import training
 from genius.common.checkpoint import (
-    latest_checkpoint,
-    load_own_checkpoint,
     load_scaler_state,
-    rng_state,
-    save_training_checkpoint,
     remove_step_checkpoints,
-    set_rng_state,
+    save_own_checkpoint,
+    save_training_checkpoint,
 )
 from genius.common.config import config_to_dict, resolve_path
 from genius.common.plots import plot_training_curves
@@ -58,12 +58,12 @@ from genius.common.distributed import (
     seed_everything,
 )
 from genius.common.fusion import score_fusion
-from genius.common.io import atomic_torch_save, file_fingerprint
 from genius.common.mbeir import hash_did, iter_candidates, load_queries, older_revision_twin, target_modality
 from genius.common.pairs import TrainingPairs, batches_per_epoch
+from genius.common.ranges import check_ranges, ranged
+from genius.common.runstate import RunKey, file_content, files_digest
 from genius.common.stage import (
     MetricsLog,
-    archive_stale_run,
     parse_stage_config,
     progress_disabled,
     record_run,
@@ -103,47 +103,41 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = 20
-    batch_size: int = 105  # per process; the global batch (the negatives) is batch_size x processes
-    lr: float = 1e-5
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    weight_decay: float = 0.2  # matrices only (ndim >= 2); gains, biases, embeddings' 1-d vectors, logit_scale: 0
-    warmup_steps: int = 0
-    grad_clip_norm: float | None = None
-
-    def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.warmup_steps < 0:
-            raise ValueError("epochs, batch_size and lr must be positive and warmup_steps non-negative")
+    epochs: int = ranged(20, ">= 1")
+    batch_size: int = ranged(105, ">= 1")  # per process; the global batch (the negatives) is batch_size x processes
+    lr: float = ranged(1e-5, "> 0")
+    betas: tuple[float, float] = ranged((0.9, 0.98), "[0, 1)")
+    eps: float = ranged(1e-6, "> 0")
+    # matrices only (ndim >= 2); gains, biases, embeddings' 1-d vectors, logit_scale: 0
+    weight_decay: float = ranged(0.2, ">= 0")
+    warmup_steps: int = ranged(0, ">= 0")
+    grad_clip_norm: float | None = ranged(None, "> 0")  # null: no clipping
 
 
 @dataclass
 class LossConfig:
     direction: Literal["symmetric", "query_to_candidate"] = "symmetric"  # UniIR: query_to_candidate
     mask_own_positives: bool = True  # an in-batch copy of the query's own positive is not a negative
-    max_logit_scale: float = 100.0
+    max_logit_scale: float = ranged(100.0, ">= 1")  # logit_scale is clamped to [0, log(max_logit_scale)]
 
 
 @dataclass
 class OutputConfig:
     run_dir: str = "checkpoint/large/clip_sf"
-    save_every_epochs: int = 1
+    save_every_epochs: int = ranged(1, ">= 1")
     # Also save every N optimiser steps inside an epoch (0: at epoch ends only). An M-BEIR epoch
     # is hours of GPU time; a re-run resumes from the step, with the same batches still to come.
-    save_every_steps: int = 0
-    log_every_steps: int = 50
-
-    def validate(self) -> None:
-        if self.save_every_epochs < 1 or self.save_every_steps < 0 or self.log_every_steps < 0:
-            raise ValueError("save_every_epochs must be >= 1, save_every_steps and log_every_steps >= 0")
+    save_every_steps: int = ranged(0, ">= 0")
+    log_every_steps: int = ranged(50, ">= 0")  # 0: epoch lines only
+    force: bool = False  # retrain even when run_dir holds this run finished (the old run moves to stale/)
 
 
 @dataclass
 class RuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     fp16: bool = True  # autocast + GradScaler on GPU; CPU always trains in fp32
-    num_workers: int = 4
-    cpu_threads: int | None = None  # torch threads on CPU (null: torch's default, one per core)
+    num_workers: int = ranged(4, ">= 0")
+    cpu_threads: int | None = ranged(None, ">= 1")  # torch threads on CPU (null: torch's default, one per core)
 
 
 @dataclass
@@ -155,7 +149,19 @@ class TrainClipConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    seed: int = 2023
+    seed: int = ranged(2023, ">= 0")
+
+
+def check_config(cfg: TrainClipConfig) -> None:
+    """Every number in its range (before any work)."""
+    check_ranges(cfg)
+
+
+# What does not change what a run computes (logging, cadence, workers, device, paths: the inputs
+# are fingerprinted by content instead); the per-process batch size counts as the global batch.
+NOT_IN_RUN_KEY = ("output", "runtime.device", "runtime.num_workers", "runtime.cpu_threads", "optim.batch_size",
+                  "data.root", "data.train_queries", "data.train_pool", "data.instructions", "data.cache_images",
+                  "model.init_checkpoint")
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -168,10 +174,11 @@ class PairData(Dataset):
     """(query, positive candidate) pairs from the raw jsonl files; item = (query, candidate, epoch).
 
     Positives are re-drawn every epoch by ``epoch_batches``. Each item becomes the encoders'
-    inputs: CLIP tokens of the text (if any) and the uint8 crop of the image (if any).
+    inputs (once ``attach`` gave the model's image preprocessing and tokenizer): CLIP tokens of
+    the text (if any) and the uint8 crop of the image (if any).
     """
 
-    def __init__(self, cfg: TrainClipConfig, preprocess: ImagePreprocess, tokenizer):
+    def __init__(self, cfg: TrainClipConfig):
         self.queries = load_queries(data_file(cfg, "train_queries"))
         self.pool = [candidate_item(c) for c in iter_candidates(data_file(cfg, "train_pool"))]
         row_of = {item.id: row for row, item in enumerate(self.pool)}
@@ -190,8 +197,18 @@ class PairData(Dataset):
         self.targets = [target_modality(q, modality_of) for q in self.queries]
         self.query_text = QueryText(data_file(cfg, "instructions"), cfg.instructions.mode)
         self.seed = cfg.seed
-        self.reader = ImageReader(resolve_path(cfg.data.root), preprocess, cache=cfg.data.cache_images)
+        self.root, self.cache_images = resolve_path(cfg.data.root), cfg.data.cache_images
+        self.reader, self.tokenizer = None, None
+
+    def attach(self, preprocess: ImagePreprocess, tokenizer) -> None:
+        self.reader = ImageReader(self.root, preprocess, cache=self.cache_images)
         self.tokenizer = tokenizer
+
+    def image_paths(self) -> list[Path]:
+        """Every image training reads: those of the queries with a positive and of the positives."""
+        rel = {self.queries[i].img_path for i in self.pairs.query_rows.tolist()}
+        rel |= {self.pool[row].img_path for row in set(self.pairs.pos_rows.tolist())}
+        return [self.root / p for p in sorted(r for r in rel if r)]
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -328,56 +345,25 @@ def contrastive_loss(q: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, q_id
 
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-
-
-def cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    """UniIR's AdamW: weight decay on matrices only (cosine schedule: ``training.warmup_cosine``)."""
+    return training.adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.eps, betas=cfg.betas)
 
 
 # ---- run state -----------------------------------------------------------------------------
-def inputs_key(cfg: TrainClipConfig) -> dict:
-    """What the trained weights depend on; ``runtime`` settings (device, workers) do not count."""
-    files = {name: file_fingerprint(data_file(cfg, name))
-             for name in ("train_queries", "train_pool", "instructions")
-             if cfg.instructions.mode != "none" or name != "instructions"}
-    init = resolve_path(cfg.model.init_checkpoint) if cfg.model.init_checkpoint else None
-    settings = {k: v for k, v in config_to_dict(cfg).items() if k not in ("runtime", "output")}
-    return {"config": settings, "files": files, "init_checkpoint": file_fingerprint(init) if init else None}
-
-
-def _resume_state(run_dir: Path, key: dict, is_main: bool) -> dict | None:
-    """The last epoch checkpoint of this setup; checkpoints of another setup are set aside."""
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        return None
-    state = load_own_checkpoint(path)
-    if state.get("inputs") == key:
-        return state
-    barrier()  # every rank has read the directory before rank 0 moves it
-    if is_main:
-        archive_stale_run(run_dir, ("checkpoints",), "config or training data changed")
-    barrier()
-    return None
-
-
-def _is_done(run_dir: Path, key: dict) -> bool:
-    final = run_dir / FINAL_NAME
-    return final.is_file() and load_own_checkpoint(final).get("inputs") == key
+def run_key(cfg: TrainClipConfig, data: PairData, world_size: int) -> RunKey:
+    """What the trained weights depend on: the semantic config, the training files' and the
+    initial checkpoint's content, every image's size and time, the global batch."""
+    inputs = {name: file_content(data_file(cfg, name)) for name in ("train_queries", "train_pool", "instructions")
+              if cfg.instructions.mode != "none" or name != "instructions"}
+    if cfg.model.init_checkpoint:
+        inputs["init_checkpoint"] = file_content(resolve_path(cfg.model.init_checkpoint))
+    inputs["images"] = files_digest(data.image_paths(), relative_to=data.root)
+    return RunKey.of(cfg, NOT_IN_RUN_KEY, inputs, **training.batch_extra(cfg.optim.batch_size, world_size))
 
 
 # ---- training ------------------------------------------------------------------------------
 def train(cfg: TrainClipConfig) -> Path:
+    check_config(cfg)
     dist = init_distributed(cfg.runtime.device, cfg.runtime.cpu_threads)
     try:
         return _train(cfg, dist)
@@ -387,59 +373,67 @@ def train(cfg: TrainClipConfig) -> Path:
 
 def _train(cfg: TrainClipConfig, dist) -> Path:
     run_dir = resolve_path(cfg.output.run_dir)
-    key = json.loads(json.dumps(inputs_key(cfg)))  # as it reads back from a checkpoint
-    if _is_done(run_dir, key):
-        log.info("%s is up to date (same config and data), nothing to train", run_dir / FINAL_NAME)
-        return run_dir / FINAL_NAME
-    if dist.is_main:
-        record_run(run_dir, cfg)
+    data = PairData(cfg)
+    run = training.make_run(run_dir, run_key(cfg, data, dist.world_size), FINAL_NAME, stage="genius train-clip",
+                            force=cfg.output.force, info=dist)
+    with run.hold():
+        if training.skip_if_done(run, run_dir / FINAL_NAME, "output.force"):
+            return run_dir / FINAL_NAME
+        return _train_run(cfg, dist, data, run)
+
+
+def _train_run(cfg: TrainClipConfig, dist, data: PairData, run) -> Path:
+    run_dir = run.out_dir
+    sampler = EpochBatchSampler(data.pairs, cfg.optim.batch_size, cfg.seed, dist.rank, dist.world_size)
+    training.steps_per_epoch(len(data), cfg.optim.batch_size, dist.world_size, "optim.batch_size")
+    state = training.resume_point(run, dist, batch_key="optim.batch_size", force_key="output.force")
     seed_everything(cfg.seed)  # identical initial weights on every rank
     clip, model_name, arch = load_clip(resolve_path(cfg.model.init_checkpoint) if cfg.model.init_checkpoint else None,
                                        cfg.model.name)
     preprocess = ImagePreprocess(image_size(arch))
     model = ScoreFusionCLIP(clip, preprocess).to(dist.device)
-    data = PairData(cfg, preprocess, tokenizer_for(arch))
+    data.attach(preprocess, tokenizer_for(arch))
     log.info("%d training pairs (%d queries without a positive in the pool dropped), %s, %d process(es)",
              len(data), data.pairs.dropped_queries, model_name, dist.world_size)
-    sampler = EpochBatchSampler(data.pairs, cfg.optim.batch_size, cfg.seed, dist.rank, dist.world_size)
-    if len(sampler) == 0:
-        raise ValueError(f"{len(data)} pairs do not fill one global batch of {cfg.optim.batch_size} x "
-                         f"{dist.world_size}; lower optim.batch_size")
     # The loader draws its worker seeds from its own generator, not the global RNG, so a run resumed
     # mid-epoch (which creates one more iterator) continues the global RNG exactly.
     loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.runtime.num_workers,
                         persistent_workers=cfg.runtime.num_workers > 0, pin_memory=dist.device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.seed))
     optimizer = make_optimizer(model, cfg.optim)
-    scheduler = cosine_schedule(optimizer, cfg.optim.warmup_steps, cfg.optim.epochs * len(sampler))
+    scheduler = training.warmup_cosine(optimizer, cfg.optim.warmup_steps, cfg.optim.epochs * len(sampler))
     use_fp16 = cfg.runtime.fp16 and dist.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
+    scaler = training.grad_scaler(cfg.runtime.fp16, dist.device)
     start_epoch, skip = 0, 0
-    state = _resume_state(run_dir, key, dist.is_main)
     if state is not None:
         model.clip.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         load_scaler_state(scaler, state["scaler"])
-        set_rng_state(state["rng"])
         if state.get("step") is None:
             start_epoch = state["epoch"] + 1
             log.info("resuming after epoch %d", state["epoch"])
         else:
             start_epoch, skip = state["epoch"], state["step"]
             log.info("resuming epoch %d after step %d", start_epoch, skip)
+        training.restore_rng_states(state["rng"], dist, cfg.seed, (start_epoch, skip))
+    if dist.is_main:
+        record_run(run_dir, cfg)
+        training.keep_metrics(run_dir / "metrics.jsonl", lambda r: r["epoch"] < start_epoch or (
+            r["epoch"] == start_epoch and "step" in r and r["step"] <= skip))
     # find_unused_parameters: a rank whose batch holds no image (or no text) leaves a tower unused.
     ddp = DistributedDataParallel(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,
                                   find_unused_parameters=True) if dist.world_size > 1 else model
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main)
+    record = training.checkpoint_record(run, dist)
 
     def save(epoch: int, step: int | None = None) -> None:
         """Rank 0 writes the resume state; step checkpoints before it are removed (all ranks wait)."""
+        rng = training.gather_rng_states(dist)
         if dist.is_main:
             path = save_training_checkpoint(run_dir, epoch, {
                 "model": model.clip.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-                "inputs": key}, step=step)
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng, **record}, step=step)
             remove_step_checkpoints(run_dir, keep=path)
         barrier()
 
@@ -454,9 +448,11 @@ def _train(cfg: TrainClipConfig, dist) -> Path:
             save(epoch)
     final = run_dir / FINAL_NAME
     if dist.is_main:
-        save_own_checkpoint(own_checkpoint(model.clip, model_name, arch, inputs=key, config=config_to_dict(cfg)), final)
+        save_own_checkpoint(own_checkpoint(model.clip, model_name, arch, run_key=run.key.as_dict(),
+                                           config=config_to_dict(cfg)), final)
         log.info("wrote %s", final)
         plot_training_curves(run_dir / "metrics.jsonl", run_dir / "training_curves.png", "stage 0: CLIP-SF training")
+        run.finish(world_size=dist.world_size, epochs=cfg.optim.epochs)
     barrier()
     return final
 

@@ -15,6 +15,26 @@ SHARED_DATA = Path(os.environ.get("GENIUS_SHARED_DATA", REPO.parent / "shared" /
 torch.set_num_threads(1)
 
 
+# ---- warnings: deprecated calls of our own fail --------------------------------------------
+# pyproject.toml's filterwarnings covers this process. The stages the tests start as processes
+# (run scripts, ``python -m genius...``) get the same rule through PYTHONWARNINGS, whose module
+# field is an exact name, not a pattern: so every module of the package is listed, and __main__
+# (a stage run with ``python -m`` is __main__). Not tests' own business otherwise, so it is set once here.
+def _strict_warnings_for_subprocesses() -> str:
+    modules = ["__main__"]
+    for path in sorted(REPO.rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        if parts[0] in ("tests", ".venv", "build") or any(p.startswith(".") for p in parts):
+            continue
+        modules.append(".".join(("genius", *parts[:-1])) if parts[-1] == "__init__" else ".".join(("genius", *parts)))
+    rules = [f"error::{category}:{module}" for module in modules
+             for category in ("DeprecationWarning", "PendingDeprecationWarning", "FutureWarning")]
+    return ",".join(filter(None, [os.environ.get("PYTHONWARNINGS", ""), *rules]))
+
+
+os.environ["PYTHONWARNINGS"] = _strict_warnings_for_subprocesses()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` (or $GENIUS_SHARED_DATA); tests that need it skip cleanly when it is absent."""

@@ -10,7 +10,7 @@ import pytest
 
 from genius.common.check_data import check_root
 from genius.common.mbeir import TASKS
-from genius.common.world import write_world
+from genius.synthetic.world import write_world
 
 # pytest runs with --import-mode=importlib, which leaves tests/ off sys.path; the layout builder is
 # a plain module next to this file.
@@ -40,8 +40,8 @@ def rewrite_line(path: Path, lineno: int, edit) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def run_cli(root: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "genius.cli", "check-data", "--root", str(root)],
+def run_cli(root: Path, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "genius.cli", "check-data", "--root", str(root), *options],
                           capture_output=True, text=True)
 
 
@@ -61,7 +61,7 @@ def test_bad_json_line_is_named(world, tmp_path):
     shutil.copytree(world, root)
     query_file = sorted((root / "query" / "test").glob("*.jsonl"))[0]
     rewrite_line(query_file, 3, lambda line: line[:-5])
-    result = run_cli(root)
+    result = run_cli(root, "--no-decode")  # the images were decoded in the test above
     assert result.returncode == 1
     assert f"query/test/{query_file.name}:3: not valid JSON" in result.stdout
 
@@ -168,9 +168,12 @@ def test_train_qrels_are_checked(mbeir):
     queries = lines(mbeir.root / "query/train/mbeir_oven_train.jsonl")
     lineno = next(i for i, row in enumerate(queries, 1) if json.loads(row)["qid"] == qid)
     old = json.loads(queries[lineno - 1])["pos_cand_list"][1]
+    # 5:999 is in no pool: named at its qrels line, and not again as "only in qrels"
     assert check_root(mbeir.root).problems == [
+        f"qrels/train/mbeir_oven_train_qrels.txt:2: positive 5:999 is not in the candidate pool "
+        f"cand_pool/global/mbeir_union_train_cand_pool.jsonl (qid {qid}); remove the line or add the candidate to the pool",
         f"query/train/mbeir_oven_train.jsonl:{lineno}: positives of {qid} disagree with mbeir_oven_train_qrels.txt "
-        f"(missing from qrels: {old}; only in qrels: 5:999)"]
+        f"(missing from qrels: {old})"]
 
 
 def test_missing_qrels(mbeir):
@@ -260,3 +263,62 @@ def test_layout_positives_are_in_their_local_and_union_pools(mbeir):
                 own = [did for did in q["pos_cand_list"] if did.split(":")[0] == q["qid"].split(":")[0]]
                 assert own and all(local[did] == target for did in own)
                 assert all(union[did] == target for did in q["pos_cand_list"])
+
+
+def test_images_are_decoded_so_truncated_and_corrupt_files_are_named(mbeir):
+    rel = "query/test/mbeir_nights_task4_test.jsonl"
+    rows = [json.loads(line) for line in lines(mbeir.root / rel)]
+    truncated, corrupt = rows[0]["query_img_path"], rows[1]["query_img_path"]
+    data = (mbeir.root / truncated).read_bytes()
+    (mbeir.root / truncated).write_bytes(data[: len(data) // 2])
+    (mbeir.root / corrupt).write_bytes(b"not an image at all")
+    problems = check_root(mbeir.root).problems
+    assert len(problems) == 2, problems
+    # PIL's own words for the two differ by version; the file:line, the image and what to do do not.
+    for problem, lineno, image in zip(problems, (1, 2), (truncated, corrupt)):
+        assert problem.startswith(f"{rel}:{lineno}: image {image} cannot be decoded (")
+        assert problem.endswith("); replace it with a complete image file")
+    assert check_root(mbeir.root, decode_images=False).problems == []  # --no-decode: existence only
+
+
+def test_empty_files_and_repeated_dids_are_named(mbeir):
+    (mbeir.root / "query/test/mbeir_cirr_task7_test.jsonl").write_text("")
+    (mbeir.root / "qrels/test/mbeir_cirr_task7_test_qrels.txt").write_text("\n")
+    pool = mbeir.root / "cand_pool/local/mbeir_nights_task4_cand_pool.jsonl"
+    rows = lines(pool)
+    pool.write_text("\n".join(rows + [json.dumps({**json.loads(rows[1]), "src_content": None})]) + "\n")
+    did = json.loads(rows[1])["did"]
+    assert check_root(mbeir.root).problems == [
+        f"cand_pool/local/mbeir_nights_task4_cand_pool.jsonl:{len(rows) + 1}: did {did} appears more than once in "
+        "this pool (first on line 2)",
+        "query/test/mbeir_cirr_task7_test.jsonl: empty file (no records); check that it was downloaded or written completely",
+        "qrels/test/mbeir_cirr_task7_test_qrels.txt: empty file (no records); check that it was downloaded or written "
+        "completely"]
+
+
+def test_cli_mistakes_are_one_line_with_exit_2(tmp_path, capsys, monkeypatch):
+    from genius.common.check_data import main
+
+    monkeypatch.setenv("GENIUS_DEBUG", "0")  # --debug sets it; restored after the test
+    with pytest.raises(SystemExit) as exited:
+        main(["--root", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"genius check-data: error: {tmp_path / 'nowhere'}: not a directory; --root takes")
+    with pytest.raises(SystemExit) as exited:
+        main(["--root", str(tmp_path), "--max-problems", "-3"])
+    assert exited.value.code == 2 and "--max-problems: -3 is negative" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="not a directory"):  # --debug shows the traceback instead
+        main(["--root", str(tmp_path / "nowhere"), "--debug"])
+
+
+def test_a_record_holding_what_its_modality_does_not_declare_is_a_problem(mbeir):
+    pool = mbeir.root / "cand_pool/local/mbeir_nights_task4_cand_pool.jsonl"  # images
+    rewrite_line(pool, 3, lambda line: json.dumps({**json.loads(line), "txt": "a caption nobody declared"}))
+    queries = mbeir.root / "query/test/mbeir_webqa_task1_test.jsonl"  # text -> text
+    rewrite_line(queries, 1, lambda line: json.dumps({**json.loads(line), "query_img_path": "mbeir_images/x.jpg"}))
+    assert check_root(mbeir.root).problems == [
+        "cand_pool/local/mbeir_nights_task4_cand_pool.jsonl:3: modality is 'image' but the record holds text (txt); "
+        "set modality to 'image,text' or make txt null",
+        "query/test/mbeir_webqa_task1_test.jsonl:1: query_modality is 'text' but the record holds an image "
+        "(query_img_path); set query_modality to 'image,text' or make query_img_path null"]

@@ -172,3 +172,98 @@ def test_a_scaler_state_resumes_across_devices_and_precision_settings():
     disabled = torch.amp.GradScaler("cpu", enabled=False)
     load_scaler_state(disabled, trained.state_dict())
     assert not disabled.is_enabled()
+
+
+# ---- common/training.py: the optimiser, schedule, RNG and world-size policy the trainers share --
+def test_warmup_cosine_starts_one_step_in_or_at_zero_and_cuts_a_warmup_longer_than_the_run():
+    from genius.common.training import warmup_cosine
+
+    def factors(warmup, total, start):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = warmup_cosine(opt, warmup, total, start)
+        out = []
+        for _ in range(total):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    assert factors(4, 10, "first_step")[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors(4, 10, "zero")[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert factors(0, 4, "first_step")[0] == 1.0 and factors(0, 4, "first_step")[-1] < 0.2
+    cut = factors(50, 5, "first_step")  # warm-up cut to total - 1 steps: the lr reaches 1 at the last step
+    assert cut == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+
+
+def test_adamw_decays_matrices_only_unless_told_otherwise():
+    from genius.common.training import adamw
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    model[1].weight.requires_grad_(False)
+    opt = adamw(model, lr=0.1, weight_decay=0.5, eps=1e-6, betas=(0.8, 0.9))
+    (decayed, plain) = opt.param_groups
+    assert [p.shape for p in decayed["params"]] == [(4, 3)] and decayed["weight_decay"] == 0.5
+    assert [p.shape for p in plain["params"]] == [(4,), (4,)] and plain["weight_decay"] == 0.0  # frozen one left out
+    assert decayed["betas"] == (0.8, 0.9)
+    by_name = adamw(model, lr=0.1, weight_decay=0.5, eps=1e-6, decays=lambda name, p: name.endswith("bias"))
+    assert len(by_name.param_groups[0]["params"]) == 2
+
+
+def test_rng_states_restore_exactly_on_the_same_world_and_reseed_deterministically_on_another(caplog):
+    import random
+
+    from genius.common.distributed import DistInfo
+    from genius.common.training import gather_rng_states, restore_rng_states
+
+    one = DistInfo(0, 1, 0, torch.device("cpu"))
+    torch.manual_seed(3)
+    random.seed(3)
+    saved = gather_rng_states(one)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(99)
+    restore_rng_states(saved, one, seed=1, position=(2,))
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1] and np.random.rand() == expected[2]
+
+    draws = []
+    for _ in range(2):  # saved by one process, resumed by two: rank 1 reseeds from (seed, position, rank)
+        restore_rng_states(saved, DistInfo(1, 2, 1, torch.device("cpu")), seed=1, position=(2,))
+        draws.append(torch.rand(3))
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], expected[0])
+    restore_rng_states(saved, DistInfo(0, 2, 0, torch.device("cpu")), seed=1, position=(2,))
+    assert not torch.equal(torch.rand(3), draws[0])  # ranks get distinct streams
+    assert "not bit-identical" in caplog.text
+
+
+def test_a_changed_process_count_that_changes_the_global_batch_is_refused_naming_the_fix(tmp_path):
+    from genius.common.runstate import RunKey, RunState
+    from genius.common.training import batch_extra, check_world_size
+
+    def key(batch, world, **extra):
+        return RunKey({"train.lr": 0.1}, {"data": "abc"}, {**batch_extra(batch, world), **extra})
+
+    run = RunState(tmp_path, key(32, 1), ("x",), stage="test")
+    recorded = key(32, 2).as_dict()  # 2 x 32 before, 1 x 32 now
+    with pytest.raises(ValueError) as err:
+        check_world_size(recorded, 2, run, 1, tmp_path / "ckpt.pt", "train.batch_size", "train.force")
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'ckpt.pt'}: ") and "\n" not in message
+    assert "set train.batch_size=64 to keep its global batch of 64" in message and "train.force=true" in message
+    # same process count: a changed batch size is a changed setting, left to RunState (set aside)
+    check_world_size(key(16, 1).as_dict(), 1, run, 1, tmp_path, "train.batch_size", "train.force")
+    # another config anyway: left to RunState
+    other = {**recorded, "config": {"train.lr": 0.2}}
+    check_world_size(other, 2, run, 1, tmp_path, "train.batch_size", "train.force")
+    # a result that depends on the process count itself: run with the old count
+    local = RunState(tmp_path, key(64, 1, world_size=1), ("x",), stage="test")
+    with pytest.raises(ValueError, match=r"run with 2 process\(es\) to go on with it"):
+        check_world_size(key(32, 2, world_size=2).as_dict(), 2, local, 1, tmp_path, "train.batch_size", "train.force")
+
+
+def test_keep_metrics_drops_the_lines_past_the_resumed_checkpoint(tmp_path):
+    from genius.common.training import keep_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 2, 3)))
+    keep_metrics(path, lambda r: r["step"] <= 2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 2]
+    keep_metrics(tmp_path / "none.jsonl", lambda r: True)  # no log yet: nothing to do

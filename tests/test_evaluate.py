@@ -15,17 +15,11 @@ import torch
 from genius.common.config import ConfigError, load_config
 from genius.common.fusion import score_fusion
 from genius.common.mbeir import MODALITY_CODE, TASKS
-from genius.common.store import ARRAYS, StoreArrays, store_path, write_store
-from genius.models.generative_retriever.evaluate import (
-    EvalConfig,
-    EvalFile,
-    Models,
-    PathsConfig,
-    StaleInputError,
-    decode_key,
-    evaluate,
-)
+from genius.common.store import ARRAYS, EmbeddingStore, StoreArrays, store_path, write_store
+from genius.models.generative_retriever.decode_cache import decode_key
+from genius.models.generative_retriever.evaluate import EvalConfig, EvalFile, PathsConfig, evaluate
 from genius.models.generative_retriever.metrics import read_run_file
+from genius.models.generative_retriever.run_models import Models, StaleInputError, checkpoint_files
 
 DIM = 8
 ENCODER = "FAKE"
@@ -56,13 +50,14 @@ def _codes(scene_vectors: np.ndarray, modality: int, projections) -> np.ndarray:
     return np.stack(levels, axis=1).astype(np.int64)
 
 
-def _write_codes(rq_run: Path, pool: Path, ids, codes, rq_fp="fake-rq") -> None:
+def _write_codes(rq_run: Path, pool: Path, ids, codes, store: Path, rq_fp="fake-rq") -> None:
     out = rq_run / "codes" / pool.name.removesuffix(".jsonl")
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "codes.npy", codes)
     np.save(out / "ids.npy", np.asarray(ids, np.int64))
     (out / "meta.json").write_text(json.dumps({"rq": rq_fp, "modality_mode": "assigned", "num_levels": codes.shape[1],
-                                               "codebook_sizes": CODEBOOK_SIZES}))
+                                               "codebook_sizes": CODEBOOK_SIZES,
+                                               "store_content": EmbeddingStore.open(store).content_id}))
 
 
 def make_world(tmp: Path, seed: int = 0) -> EvalConfig:
@@ -88,7 +83,7 @@ def make_world(tmp: Path, seed: int = 0) -> EvalConfig:
         arrays = _store(stores, "cand", pool, "candidate", [DATASET * 10_000_000 + base + i + 1 for i in range(SCENES)],
                         cand_vecs, np.full(SCENES, code), code)
         codes = _codes(scenes, code, projections)
-        _write_codes(rq_run, pool, arrays.ids, codes)
+        _write_codes(rq_run, pool, arrays.ids, codes, store_path(stores, ENCODER, "cand", pool))
         pools[task] = (arrays, codes)
 
         query_mod = TASKS[task][0]
@@ -108,7 +103,8 @@ def make_world(tmp: Path, seed: int = 0) -> EvalConfig:
     _write_jsonl(union, union_rows)
     merged = StoreArrays(**{name: np.concatenate([getattr(pools[k][0], name) for k in (0, 3)]) for name in ARRAYS})
     write_store(store_path(stores, ENCODER, "cand", union), merged, encoder=ENCODER, kind="candidate", source=union)
-    _write_codes(rq_run, union, merged.ids, np.concatenate([pools[0][1], pools[3][1]]))
+    _write_codes(rq_run, union, merged.ids, np.concatenate([pools[0][1], pools[3][1]]),
+                 store_path(stores, ENCODER, "cand", union))
     return EvalConfig(paths=PathsConfig(data_root=str(data), stores_root=str(stores), encoder=ENCODER, rq_run=str(rq_run),
                                         gen_run=str(tmp / "gen"), results=str(tmp / "results")),
                       trie_backend="python", device="cpu")
@@ -218,7 +214,7 @@ def test_decode_cache_key_records_the_device_and_the_precisions_used():
     cfg = EvalConfig()
     models = SimpleNamespace(fingerprints={"rq": "r", "generator": "g"})
     pool = SimpleNamespace(codes_hash="c", trie_path=Path("trie-0.bin"))
-    queries = SimpleNamespace(meta={"n": 1})
+    queries = SimpleNamespace(content_id="q")
 
     def key(device: str, autocast: bool, combiner_autocast: bool = False) -> dict:
         cfg.decoding.autocast, cfg.decoding.combiner_autocast = autocast, combiner_autocast
@@ -270,7 +266,7 @@ def test_eval_config_takes_a_native_run_or_an_official_checkpoint(tmp_path):
             load_config(EvalConfig, path)
     path.write_text("paths: {official_checkpoint: c.pth, codes: d}\n")
     cfg = load_config(EvalConfig, path)
-    assert cfg.codes_root().name == "d" and [p.name for p in cfg.checkpoint_files()] == ["c.pth"]
+    assert cfg.codes_root().name == "d" and [p.name for p in checkpoint_files(cfg.paths)] == ["c.pth"]
     path.write_text("paths: {rq_run: a, gen_run: b}\n")
     assert load_config(EvalConfig, path).codes_root().parts[-2:] == ("a", "codes")
 
@@ -402,3 +398,60 @@ def test_two_process_decoding_equals_one_process(tmp_path):
             np.testing.assert_array_equal(np.load(decoded / name), np.load(other / name))
         assert json.loads((other / "meta.json").read_text())["processes"] == 2
     assert (one / "results.tsv").read_text() == (two / "results.tsv").read_text()
+
+
+# ---- positives outside the pool, validation ------------------------------------------------
+def test_positives_missing_from_the_pool_are_an_error_or_counted(tmp_path):
+    cfg = make_world(tmp_path)
+    cfg.dense = cfg.rerank = False
+    qrels = Path(cfg.paths.data_root) / "qrels" / "test" / "mbeir_shapes_task0_test_qrels.txt"
+    lines = qrels.read_text().splitlines()
+    lines[3] = "20:4 0 20:999 1 0"  # query 20:4's only positive is now outside both pools
+    qrels.write_text("\n".join(lines + ["20:5 0 20:998 1 0"]) + "\n")  # 20:5 keeps its other positive
+    with pytest.raises(ValueError, match=rf"{qrels}:4: qrels positive 20:999 of query 20:4 is not in the evaluated "
+                                         r"pool .*mbeir_shapes_task0_cand_pool.jsonl \(2 of the file's 31 positives"):
+        evaluate(cfg, fake_models(cfg))
+
+    cfg.missing_positives = "keep"  # M-BEIR's protocol: 20:4 scores a miss
+    kept = evaluate(cfg, fake_models(cfg))
+    cfg.missing_positives = "exclude"  # 20:4 leaves the scores
+    excluded = evaluate(cfg, fake_models(cfg))
+    out = Path(cfg.paths.results)
+    summary = json.loads((out / "metrics.json").read_text())["positives_not_in_pool"]
+    assert {(s["pool"], s["qrels_positives_not_in_pool"], s["queries_excluded"]) for s in summary} == {
+        ("mbeir_shapes_task0_cand_pool", 2, 1), ("mbeir_union_test_cand_pool", 2, 1)}
+    assert "2 of 31 qrels positives and 0 of 30 pos_cand_list entries are not in the pool; excluded, with 1 " \
+           "queries" in (out / "results.md").read_text()
+    assert "counted as not retrieved" in kept.markdown
+
+    def recall(report, pool_kind):
+        return next(r.value for r in report.results if r.reported and r.pool_kind == pool_kind and r.task_id == 0)
+
+    for pool_kind in ("task-specific", "universal"):
+        hits = recall(kept, pool_kind) * SCENES  # 20:4 counted as a miss among 30 queries
+        assert recall(excluded, pool_kind) == pytest.approx(hits / (SCENES - 1))
+
+
+def test_a_query_files_positive_missing_from_the_pool_names_its_line(tmp_path):
+    cfg = make_world(tmp_path)
+    queries = Path(cfg.paths.data_root) / "query" / "test" / "mbeir_shapes_task3_test.jsonl"
+    rows = [json.loads(line) for line in queries.read_text().splitlines()]
+    rows[6]["pos_cand_list"].append("20:1999")
+    queries.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=rf"{queries}:7: pos_cand_list entry 20:1999 of query 20:1007 is not in the "
+                                         r"evaluated pool .*\(1 of the file's 31 entries are not, and 0 queries"):
+        evaluate(cfg, fake_models(cfg))
+
+
+def test_every_number_is_range_checked_before_any_work(tmp_path):
+    """(Every key, through ``genius eval``: tests/test_reliability_eval.py.)"""
+    cfg = make_world(tmp_path)
+    cfg.decoding.modality_threshold = 1.5
+    with pytest.raises(ValueError, match=r"decoding.modality_threshold: 1.5 is out of range; it must be a number in "
+                                         r"\[0, 1\]"):
+        evaluate(cfg, fake_models(cfg))
+    cfg.decoding.modality_threshold = 0.0
+    cfg.files = [EvalFile("q.jsonl", "p.jsonl", "r.txt", k=0)]
+    with pytest.raises(ValueError, match=r"files\[0\].k: 0 is out of range"):
+        evaluate(cfg, fake_models(cfg))
+    assert not Path(cfg.paths.results).exists()

@@ -25,7 +25,9 @@ from genius.common.store import EmbeddingStore, store_path
 from genius.models.generative_retriever import evaluate as evaluate_mod
 from genius.models.generative_retriever import export_official
 from genius.models.generative_retriever import official as gen_official
-from genius.models.generative_retriever.evaluate import StaleInputError, evaluate
+from genius.models.generative_retriever.evaluate import evaluate
+from genius.models.generative_retriever.pool_assets import load_codes
+from genius.models.generative_retriever.run_models import StaleInputError
 from genius.models.generative_retriever.generator import IDGenerator, load_generator, make_arch, save_generator
 from genius.models.generative_retriever.vocab import codes_to_tokens
 from genius.models.residual_quantization import assign_codes
@@ -299,7 +301,7 @@ def test_assigned_modality_runs_are_refused_unless_allowed(runs, tmp_path, capsy
     store = EmbeddingStore.open(store_path(runs["native"].paths.stores_root, ENCODER, "cand",
                                            Path(runs["native"].paths.data_root) / runs["native"].paths.union_pool))
     with pytest.raises(StaleInputError, match="modality mode 'assigned'"):
-        evaluate_mod.load_codes(tmp_path / "assigned_codes" / "mbeir_union_test_cand_pool", store, models)
+        load_codes(tmp_path / "assigned_codes" / "mbeir_union_test_cand_pool", store, models)
 
 
 def test_a_generator_of_another_quantizer_is_not_exported(runs, tmp_path):

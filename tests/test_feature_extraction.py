@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from genius.common.checkpoint import CheckpointMismatchError
+from genius.common.checkpoint import CheckpointMismatchError, save_own_checkpoint
 from genius.common.config import load_config
 from genius.common.mbeir import hash_did, load_pool_index, load_queries
 from genius.common.store import EmbeddingStore
@@ -213,7 +213,7 @@ def test_open_clip_openai_and_own_checkpoints_load(tmp_path):
                tmp_path / "open_clip.pt")
     torch.save(state, tmp_path / "bare.pt")
     _torchscript_archive(state, tmp_path / "openai.pt")
-    torch.save(own_checkpoint(build_clip(cfg), "clip-sf-tiny", cfg), tmp_path / "own.pt")
+    save_own_checkpoint(own_checkpoint(build_clip(cfg), "clip-sf-tiny", cfg), tmp_path / "own.pt")
     for file, layout in (("open_clip.pt", "open_clip"), ("bare.pt", "open_clip"), ("openai.pt", "openai_jit")):
         weights = read_clip_checkpoint(tmp_path / file)
         assert weights.layout == layout
@@ -363,7 +363,7 @@ def test_minilm_coco_caption_retrieval(shared_data):
 def test_extraction_reads_real_coco_jpegs(coco_mini, tmp_path):
     torch.manual_seed(0)
     cfg = model_config("clip-sf-tiny")
-    torch.save(own_checkpoint(build_clip(cfg), "clip-sf-tiny", cfg), tmp_path / "clip.pt")
+    save_own_checkpoint(own_checkpoint(build_clip(cfg), "clip-sf-tiny", cfg), tmp_path / "clip.pt")
     sets = [f"data.root={coco_mini}", f"encoder.checkpoint={tmp_path / 'clip.pt'}", f"output.root={tmp_path}",
             "data.train_queries=null", "data.train_pool=null", "runtime.device=cpu", "output.chunk_rows=512"]
     args = ["--config", str(REPO / "configs_scripts/tiny/extract.yaml")] + [a for s in sets for a in ("--set", s)]

@@ -15,7 +15,9 @@ from genius.common.config import load_config
 from genius.common.mbeir import MODALITY_CODE
 from genius.common.store import StoreArrays, store_path, write_store
 from genius.models.generative_retriever import official, train as train_gen
-from genius.models.generative_retriever.generator import IDGenerator, load_generator, make_arch, save_generator, t5_config
+from genius.models.generative_retriever.generator import (
+    IDGenerator, generator_fingerprint, load_generator, make_arch, save_generator, t5_config,
+)
 from genius.models.generative_retriever.mixing import mix_query_target, sample_mixing_weights
 from genius.models.generative_retriever.vocab import code_offsets, codes_to_tokens, tokens_to_codes, vocab_size
 from genius.models.residual_quantization.model import RQModel, load_rq, rq_fingerprint, save_rq
@@ -95,9 +97,10 @@ def test_teacher_forcing_starts_from_pad_and_is_causal():
 def test_generator_file_round_trip_and_pretrained_t5(tmp_path):
     torch.manual_seed(2)
     generator = IDGenerator(tiny_arch())
-    save_generator(tmp_path / "generator.pt", generator, {"x": 1}, rq_fingerprint="abc")
+    fingerprint = save_generator(tmp_path / "generator.pt", generator, {"x": 1}, rq_fingerprint="abc")
     loaded, meta = load_generator(tmp_path / "generator.pt")
-    assert meta == {"arch": generator.arch, "config": {"x": 1}, "rq": "abc"} and not loaded.training
+    assert meta == {"arch": generator.arch, "config": {"x": 1}, "rq": "abc", "fingerprint": fingerprint}
+    assert not loaded.training and generator_fingerprint(tmp_path / "generator.pt") == fingerprint
     assert all(torch.equal(a, b) for a, b in zip(generator.state_dict().values(), loaded.state_dict().values()))
     assert loaded.t5.shared.weight is loaded.t5.lm_head.weight
 

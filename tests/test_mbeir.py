@@ -174,3 +174,40 @@ def test_union_pool_index_memory_is_small(tmp_path):
     pool = load_pool_index(path)
     assert len(pool) == 200_000 and pool.ids.nbytes + pool.modality.nbytes == 200_000 * 9
     assert pool.ids[0] == 30_000_001 and (pool.modality == 1).all()
+
+
+def test_repeated_ids_empty_files_and_missing_images_name_file_and_line(tmp_path):
+    query = {"qid": "1:1", "query_txt": "a", "query_img_path": None, "query_modality": "text", "pos_cand_list": ["1:2"]}
+    path = tmp_path / "q.jsonl"
+    # An exact copy repeats (UniIR's up-sampling) and is yielded again; a different record is an error.
+    compact = json.dumps(query, separators=(",", ":"))  # the same record, written without spaces
+    path.write_text(json.dumps(query) + "\n" + json.dumps({**query, "qid": "1:2"}) + "\n" + compact + "\n")
+    assert [q.qid for q in iter_queries(path)] == ["1:1", "1:2", "1:1"]
+    path.write_text(json.dumps(query) + "\n\n" + json.dumps({**query, "query_txt": "b"}) + "\n")
+    with pytest.raises(DataFormatError, match=r"q\.jsonl:3: qid 1:1 appears again with a different record \(first on line 1\)"):
+        list(iter_queries(path))
+
+    cand = {"did": "1:1", "txt": "x", "img_path": None, "modality": "text"}
+    pool = tmp_path / "p.jsonl"
+    pool.write_text("".join(json.dumps(c) + "\n" for c in [cand, {**cand, "did": "1:2"}, cand]))
+    for read in (lambda: list(iter_candidates(pool)), lambda: load_pool_index(pool)):
+        with pytest.raises(DataFormatError, match=r"p\.jsonl:3: did 1:1 appears more than once in this pool \(first on line 1\)"):
+            read()
+
+    readers = [(path, lambda p: list(iter_queries(p))), (pool, lambda p: list(iter_candidates(p))),
+               (pool, load_pool_index), (tmp_path / "r.txt", load_qrels)]
+    for empty, read in readers:
+        empty.write_text("\n")
+        with pytest.raises(DataFormatError, match=rf"{empty.name}: empty file \(no records\)"):
+            read(empty)
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(b"")
+    pool.write_text(json.dumps({**cand, "img_path": "img/a.png", "modality": "image,text"}) + "\n"
+                    + json.dumps({**cand, "did": "1:2", "img_path": "img/b.png", "modality": "image,text"}) + "\n")
+    assert len(list(iter_candidates(pool))) == 2  # without the data root, images are not looked at
+    with pytest.raises(DataFormatError, match=rf"p\.jsonl:2: image img/b\.png does not exist under {tmp_path}"):
+        list(iter_candidates(pool, image_root=tmp_path))
+    path.write_text(json.dumps({**query, "query_img_path": "img/c.png", "query_modality": "image,text"}) + "\n")
+    with pytest.raises(DataFormatError, match=r"q\.jsonl:1: image img/c\.png does not exist"):
+        list(iter_queries(path, image_root=tmp_path))

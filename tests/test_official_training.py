@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from genius.common.config import config_to_dict, load_config
 from genius.common.pairs import TrainingPairs, iterate_batches
+from genius.common.runstate import flatten, semantic_config
 from genius.common.store import EmbeddingStore, StoreArrays, write_store
 from genius.models.generative_retriever import train as train_gen
 from genius.models.generative_retriever.generator import IDGenerator, make_arch
@@ -382,7 +383,7 @@ def test_the_improved_setting_differs_from_the_official_one_only_by_its_listed_i
         "all_ranks", "per_epoch", "distinct_rows")
     changed = {"model.modality_mode", "model.gradient_estimator", "train.contrastive_gather", "train.positives",
                "train.kmeans_seeds", "out_dir"}
-    a, b = train_rq.semantic_config(official), train_rq.semantic_config(improved)
+    a, b = (semantic_config(c, train_rq.NOT_IN_RUN_KEY) for c in (official, improved))
     assert {k for k in a if a[k] != b[k]} | {"out_dir"} == changed
     assert improved.out_dir == "checkpoint/large_improved/rq"
 
@@ -392,7 +393,7 @@ def test_the_improved_setting_differs_from_the_official_one_only_by_its_listed_i
         "first_step", "ndim", "per_epoch")
     assert improved.data.rq == "checkpoint/large_improved/rq/rq.pt"
     assert improved.out_dir == "checkpoint/large_improved/gen"
-    a, b = train_rq._flatten(config_to_dict(official)), train_rq._flatten(config_to_dict(improved))
+    a, b = flatten(config_to_dict(official)), flatten(config_to_dict(improved))
     assert {k for k in a if a[k] != b[k]} == {"optim.warmup_start", "optim.no_decay", "train.positives", "data.rq",
                                              "out_dir"}
 

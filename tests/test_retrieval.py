@@ -1,4 +1,5 @@
-"""Stage 3 retrieval: ID -> candidates, GENIUS and GENIUS^R rankings, dense search, the GENIUS index.
+"""Stage 3 retrieval: ID -> candidates, GENIUS and GENIUS^R rankings, dense search, the one ranking
+function and the GENIUS index built on it.
 
 Every fast path is compared with a plain Python (or full-matmul) reference on random inputs.
 """
@@ -11,14 +12,15 @@ import pytest
 import torch
 
 from genius.common.fusion import score_fusion
+from genius.models.generative_retriever.ranking import GeniusIndex, pack_query_features, rank
 from genius.models.generative_retriever.retrieval import (
     ABSENT,
     CandidateMap,
     ExactIPIndex,
-    GeniusIndex,
+    Ranking,
+    beam_leaves,
     dense_index,
     genius_ranking,
-    pack_query_features,
     rerank_ranking,
     target_modality_share,
     union_sizes,
@@ -187,6 +189,36 @@ def test_dense_index_checks_its_inputs():
         dense_index(np.zeros((4, 3), np.float32), backend="annoy")
 
 
+def _opened_pool(cmap, labels, cand, dim):
+    """A stand-in for an opened ``pool_assets.Pool``: what ``rank`` and ``GeniusIndex`` read."""
+    dense = ExactIPIndex(cand)
+    return SimpleNamespace(cmap=cmap, ids=labels, trie="the pool's trie", store=SimpleNamespace(dim=dim),
+                           fused=lambda: cand,
+                           dense_search=lambda q, k, *_: Ranking(*dense.search(q, k)[::-1]))
+
+
+def test_rank_is_the_three_methods(pool):
+    """One ranking function for eval and search: GENIUS, GENIUS^R and dense, in the order asked."""
+    codes, cmap = pool
+    rng = np.random.default_rng(3)
+    beams, scores = random_beams(rng, codes, num_queries=6)
+    valid = (beams >= 0).all(-1)
+    leaves = beam_leaves(cmap, beams, valid)
+    np.testing.assert_array_equal(leaves, np.where(valid, cmap.leaves_of(beams), ABSENT))
+    cand = rng.normal(size=(len(codes), 5)).astype(np.float32)
+    queries = rng.normal(size=(6, 5)).astype(np.float32)
+    opened = _opened_pool(cmap, np.arange(len(codes)), cand, 5)
+    got = rank(opened, leaves, scores, queries, 4, ["dense", "genius", "genius_r"])
+    assert list(got) == ["dense", "genius", "genius_r"]
+    np.testing.assert_array_equal(got["genius"].rows, genius_ranking(cmap, leaves, scores, 4).rows)
+    np.testing.assert_array_equal(got["genius_r"].rows, rerank_ranking(cmap, leaves, queries, cand, 4).rows)
+    np.testing.assert_array_equal(got["dense"].rows, ExactIPIndex(cand).search(queries, 4)[1])
+    with pytest.raises(ValueError, match="valid choices"):
+        rank(opened, leaves, scores, queries, 4, ["bm25"])
+    with pytest.raises(ValueError, match="fused CLIP-SF"):
+        rank(opened, leaves, scores, None, 4, ["genius_r"])
+
+
 def test_genius_index_search_is_the_pipeline(pool):
     """The index = embed -> decode -> ID lookup -> rank, behind faiss's search()."""
     codes, cmap = pool
@@ -201,24 +233,26 @@ def test_genius_index_search_is_the_pipeline(pool):
         seen["masks"] = (im.numpy().copy(), tm.numpy().copy())
         return score_fusion(i, t, im, tm)
 
-    def decode(z):
-        assert z.shape == (5, dim)
+    def decode(z, trie):
+        assert z.shape == (5, dim) and trie == "the pool's trie"
         valid = torch.from_numpy((beams >= 0).all(-1))
         return SimpleNamespace(codes=torch.from_numpy(beams), scores=torch.from_numpy(scores), valid=valid)
 
     labels = 10_000_000 * 22 + np.arange(len(codes))
+    cand = rng.normal(size=(len(codes), dim)).astype(np.float32)
+    opened = _opened_pool(cmap, labels, cand, dim)
+    models = SimpleNamespace(embed=embed, decode=decode)
     packed = pack_query_features(img, txt, img_mask, txt_mask)
     assert packed.shape == (5, 2 * dim + 2) and packed.dtype == np.float32
-    out_scores, out_ids = GeniusIndex(embed, decode, cmap, labels, dim).search(packed, 7)
+    index = GeniusIndex(models, opened)
+    assert (index.d, index.ntotal) == (2 * dim + 2, len(codes))
+    out_scores, out_ids = index.search(packed, 7)
     np.testing.assert_array_equal(seen["masks"][0], img_mask)
     expected = genius_ranking(cmap, cmap.leaves_of(beams), scores, 7)
     np.testing.assert_array_equal(out_ids, expected.ids(labels))
     np.testing.assert_array_equal(out_scores, expected.scores)
 
-    cand = rng.normal(size=(len(codes), dim)).astype(np.float32)
-    r_scores, r_ids = GeniusIndex(embed, decode, cmap, labels, dim, cand_emb=cand, rerank=True).search(packed, 7)
+    r_scores, r_ids = GeniusIndex(models, opened, rerank=True).search(packed, 7)
     fused = score_fusion(*(torch.from_numpy(np.asarray(a, np.float32)) for a in (img, txt, img_mask, txt_mask))).numpy()
     expected = rerank_ranking(cmap, cmap.leaves_of(beams), fused, cand, 7)
     np.testing.assert_array_equal(r_ids, expected.ids(labels))
-    with pytest.raises(ValueError, match="re-ranking needs"):
-        GeniusIndex(embed, decode, cmap, labels, dim, rerank=True)

@@ -200,9 +200,12 @@ def test_assign_codes_skips_up_to_date_pools_and_recomputes_stale_ones(trained, 
     meta = json.loads((out / "meta.json").read_text())
     assert codes.shape[1] == 4 and len(np.unique(codes, axis=0)) == len(codes)
     assert meta["codebook_sizes"] == [3, 16, 16, stats["largest_bucket"]] and codes[:, 3].max() < stats["largest_bucket"]
-    # a re-extracted store makes its codes stale
-    meta_path = world["cand_dir"] / "mbeir_a_task0_cand_pool" / "meta.json"
-    meta_path.write_text(meta_path.read_text() + "\n")  # same content, new size and mtime
+    # a re-extracted store (other vectors: another content id) makes its codes stale
+    store = world["cand_dir"] / "mbeir_a_task0_cand_pool"
+    arrays = {name: np.load(store / f"{name}.npy") for name in
+              ("ids", "img", "txt", "img_mask", "txt_mask", "modality", "target_modality")}
+    arrays["img"][0] += 1
+    write_store(store, StoreArrays(**arrays), encoder=ENCODER, kind="candidate", source=world["pool_file"])
     assign_codes.main(["--config", str(assign_yaml)])
     assert codes_file.stat().st_mtime_ns != before
 
@@ -386,7 +389,7 @@ def _store_from_jsonl(path: Path, out: Path, kind: str, rng: np.random.Generator
 def test_the_tiny_setting_runs_on_a_generated_world(tmp_path):
     """The shipped tiny YAMLs, unchanged but for their paths, on the M-BEIR-mini world's files
     (random vectors stand in for stage 0)."""
-    from genius.common.world import write_world
+    from genius.synthetic.world import write_world
     world, embed, rng = tmp_path / "world", tmp_path / "extracted_embed" / "clip_sf_tiny", np.random.default_rng(0)
     write_world(world, "test")
     _store_from_jsonl(world / "query/union_train/mbeir_union_up_train.jsonl", embed / "train/mbeir_union_up_train",

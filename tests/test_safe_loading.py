@@ -4,6 +4,7 @@ appears; official files with a real pickled OmegaConf config still load, and our
 round-trip through torch's weights-only unpickler."""
 from __future__ import annotations
 
+import json
 import pickle
 import random
 import re
@@ -90,9 +91,13 @@ def train_clip_config(tmp_path: Path, **model) -> train_clip.TrainClipConfig:
     cfg = train_clip.TrainClipConfig(model=train_clip.ModelConfig(name="clip-sf-tiny", **model),
                                      runtime=train_clip.RuntimeConfig(device="cpu", num_workers=0))
     cfg.data.root, cfg.output.run_dir = str(data), str(tmp_path / "run")
-    for name in ("train_queries", "train_pool", "instructions"):
+    cfg.instructions.mode, cfg.optim.batch_size = "none", 1
+    records = {"train_queries": {"qid": "1:1", "query_txt": "a dog", "query_img_path": None, "query_modality": "text",
+                                 "pos_cand_list": ["1:1"], "neg_cand_list": [], "task_id": 1},
+               "train_pool": {"did": "1:1", "txt": "a dog", "img_path": None, "modality": "text"}}
+    for name, record in records.items():
         (data / getattr(cfg.data, name)).parent.mkdir(parents=True, exist_ok=True)
-        (data / getattr(cfg.data, name)).touch()
+        (data / getattr(cfg.data, name)).write_text(json.dumps(record) + "\n")
     return cfg
 
 
@@ -103,16 +108,16 @@ def test_train_clip_init_checkpoint(planted, tmp_path):
         train_clip.train(train_clip_config(tmp_path, init_checkpoint=str(path)))
 
 
-def test_train_clip_resume_and_finished_run(planted, tmp_path):
+def test_training_resume_reads_checkpoints_safely(planted, tmp_path):
+    """train-clip, train-rq and train-gen all resume through ``common.training.resume_point``."""
+    from genius.common import training
+    from genius.common.runstate import RunKey, RunState
+
     write, _ = planted
-    cfg = train_clip_config(tmp_path)
-    run = Path(cfg.output.run_dir)
-    path = write(run / "checkpoints" / "epoch_0000.pt")
+    path = write(tmp_path / "checkpoints" / "epoch_0001.pt")
+    run = RunState(tmp_path, RunKey({}, {}), training.run_outputs("x.pt"), stage="test")
     with refused(path):
-        train_clip._resume_state(run, {}, is_main=True)
-    final = write(run / train_clip.FINAL_NAME)
-    with refused(final):
-        train_clip.train(cfg)  # the up-to-date check reads clip_sf.pt first
+        training.resume_point(run, init_distributed("cpu"), batch_key="train.batch_size", force_key="train.force")
 
 
 # ---- stage 1 ---------------------------------------------------------------------------------
@@ -123,15 +128,6 @@ def test_official_rq(planted, tmp_path):
     path = write(tmp_path / "rq_clip_large.pth", epoch=20)
     with refused(path):
         load_official_rq(path)
-
-
-def test_train_rq_resume(planted, tmp_path):
-    from genius.models.residual_quantization import train as train_rq
-
-    write, _ = planted
-    path = write(tmp_path / "checkpoints" / "epoch_0003.pt")
-    with refused(path):
-        train_rq.resumable_checkpoint(tmp_path, {}, init_distributed("cpu"))
 
 
 def test_rq_pt_read_by_later_stages(planted, tmp_path):
@@ -185,15 +181,6 @@ def test_search_run_with_planted_generator(planted, tmp_path):
     cfg = EvalConfig(paths=PathsConfig(rq_run=str(tmp_path / "rq"), gen_run=str(tmp_path / "gen")))
     with refused(path):
         load_models(cfg, torch.device("cpu"))
-
-
-def test_train_gen_resume(planted, tmp_path):
-    from genius.models.generative_retriever import train as train_gen
-
-    write, _ = planted
-    path = write(tmp_path / "checkpoints" / "epoch_0001.pt")
-    with refused(path):
-        train_gen.load_resume_state(tmp_path, "run", "rq", 8, init_distributed("cpu"))
 
 
 def test_a_raw_pickle_is_refused_too(planted, tmp_path):

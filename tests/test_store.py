@@ -10,8 +10,12 @@ import pytest
 import torch
 
 from genius.common.fusion import fused_store_embeddings, score_fusion
+import json
+import shutil
+
 from genius.common.store import (
-    EmbeddingStore, StoreArrays, StoreError, finished_parts, merge_parts, parts_dir, store_writer, write_part, write_store,
+    VERIFY_ENV, EmbeddingStore, StoreArrays, StoreError, finished_parts, merge_parts, part_path, parts_dir, store_writer,
+    write_part, write_store,
 )
 
 
@@ -60,7 +64,7 @@ def test_refuses_mismatched_store(tmp_path, source):
         EmbeddingStore.open(tmp_path / "s", kind="query")
     time.sleep(0.01)
     source.write_text('{"did": "1:1"}\n{"did": "1:2"}\n')
-    with pytest.raises(StoreError, match="stale.*size"):
+    with pytest.raises(StoreError, match="stale.*other content.*re-run genius extract"):
         EmbeddingStore.open(tmp_path / "s", source=source)
     with pytest.raises(StoreError, match="no embedding store"):
         EmbeddingStore.open(tmp_path / "missing")
@@ -156,6 +160,73 @@ st.write_store({str(tmp_path / 's')!r}, make(), encoder='e', kind='query')
     assert result.returncode == 9
     with pytest.raises(StoreError, match="no embedding store"):
         EmbeddingStore.open(tmp_path / "s")
+
+
+def test_content_id_follows_the_arrays_and_is_checked_on_open(tmp_path, source, monkeypatch):
+    arrays = make_arrays(30)
+    write_store(tmp_path / "a", arrays, encoder="e", kind="candidate", source=source)
+    write_store(tmp_path / "b", arrays, encoder="e", kind="candidate", source=source, config={"other": 1})
+    a, b = EmbeddingStore.open(tmp_path / "a"), EmbeddingStore.open(tmp_path / "b")
+    assert len(a.content_id) == 64 and a.content_id == b.content_id  # same arrays, same id
+    changed = make_arrays(30)
+    changed.img[3, 0] += 1.0
+    write_store(tmp_path / "c", changed, encoder="e", kind="candidate", source=source)
+    assert EmbeddingStore.open(tmp_path / "c").content_id != a.content_id
+
+    # A moved store (and a moved source with the same bytes) is the same store.
+    shutil.copytree(tmp_path / "a", tmp_path / "moved" / "a")
+    shutil.copy2(source, tmp_path / "moved" / "pool.jsonl")
+    moved = EmbeddingStore.open(tmp_path / "moved" / "a", source=tmp_path / "moved" / "pool.jsonl")
+    assert moved.content_id == a.content_id and moved.meta["source"]["sha256"] == a.meta["source"]["sha256"]
+
+    # Flipped bytes in a vector: small stores are verified on every open, unless told not to.
+    img = tmp_path / "moved" / "a" / "img.npy"
+    data = bytearray(img.read_bytes())
+    data[-3] ^= 0xFF
+    img.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="do not match the content fingerprint.*re-run genius extract"):
+        EmbeddingStore.open(tmp_path / "moved" / "a")
+    EmbeddingStore.open(tmp_path / "moved" / "a", verify=False)
+    monkeypatch.setenv(VERIFY_ENV, "0")
+    EmbeddingStore.open(tmp_path / "moved" / "a")
+    monkeypatch.setenv(VERIFY_ENV, "1")
+    with pytest.raises(StoreError, match="content fingerprint"):
+        EmbeddingStore.open(tmp_path / "moved" / "a")
+
+
+def test_damaged_or_old_stores_are_named(tmp_path, source):
+    write_store(tmp_path / "s", make_arrays(40), encoder="e", kind="candidate", source=source)
+    txt = tmp_path / "s" / "txt.npy"
+    good = txt.read_bytes()
+    txt.write_bytes(good[: len(good) // 2])  # truncated: refused without reading the data
+    with pytest.raises(StoreError, match=f"{txt}: not a readable array.*re-run genius extract"):
+        EmbeddingStore.open(tmp_path / "s", verify=False)
+    np.save(txt, np.zeros((41, 8), np.float16))  # a readable array of the wrong shape
+    with pytest.raises(StoreError, match=r"txt.npy: holds float16 \[41, 8\], meta.json says float16 \[40, 8\]"):
+        EmbeddingStore.open(tmp_path / "s", verify=False)
+    txt.unlink()
+    with pytest.raises(StoreError, match="incomplete.*txt.npy is missing"):
+        EmbeddingStore.open(tmp_path / "s")
+    meta = tmp_path / "s" / "meta.json"
+    old = json.loads(meta.read_text())
+    old["format_version"] = 1
+    del old["content_sha256"]
+    meta.write_text(json.dumps(old))
+    with pytest.raises(StoreError, match="store format 1.*re-run genius extract"):
+        EmbeddingStore.open(tmp_path / "s")
+    meta.write_text("{not json")
+    with pytest.raises(StoreError, match="meta.json: not valid JSON"):
+        EmbeddingStore.open(tmp_path / "s")
+
+
+def test_damaged_part_is_named(tmp_path, source):
+    full = make_arrays(10)
+    write_part(tmp_path / "s", 0, 5, full.take(np.arange(0, 5)))
+    write_part(tmp_path / "s", 5, 10, full.take(np.arange(5, 10)))
+    part = part_path(tmp_path / "s", 5, 10)
+    part.write_bytes(part.read_bytes()[:-40])
+    with pytest.raises(StoreError, match=f"{part}: damaged part file.*delete it"):
+        merge_parts(tmp_path / "s", 10, encoder="e", kind="candidate", source=source)
 
 
 def test_score_fusion_matches_uniir_rule():

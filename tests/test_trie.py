@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import genius.trie_cpp
 from genius.trie_cpp import ABSENT, TRIE_BACKENDS, build_trie, load_trie
-from genius.trie_cpp.python_trie import MAGIC, PythonTrie
+from genius.trie_cpp.python_trie import HEADER_BYTES, MAGIC_V2, PythonTrie
 
 
 def _code_sets() -> dict[str, np.ndarray]:
@@ -224,21 +224,50 @@ def _saved(tmp_path, codes=None) -> bytes:
     return path.read_bytes()
 
 
+def _as_v2(good: bytes) -> bytes:
+    """The same trie in the previous file format (no size and checksum header), still readable."""
+    return MAGIC_V2 + good[HEADER_BYTES:]
+
+
 def test_truncated_and_padded_files_raise(tmp_path, backend):
     good = _saved(tmp_path, CODE_SETS["single"])
     bad = tmp_path / "bad.trie"
     for cut in range(len(good)):
         bad.write_bytes(good[:cut])
+        with pytest.raises(ValueError, match=r"magic|truncated|corrupt") as err:
+            load_trie(bad, backend)
+        assert str(bad) in str(err.value) and "re-run genius eval" in str(err.value)
+    bad.write_bytes(good + b"\0" * 8)
+    with pytest.raises(ValueError, match="longer than written"):
+        load_trie(bad, backend)
+    legacy = _as_v2(good)
+    bad.write_bytes(legacy)
+    np.testing.assert_array_equal(load_trie(bad, backend).ids(), CODE_SETS["single"].astype(np.int32))
+    for cut in range(len(legacy)):
+        bad.write_bytes(legacy[:cut])
         with pytest.raises(ValueError, match="magic|truncated|corrupt"):
             load_trie(bad, backend)
-    bad.write_bytes(good + b"\0" * 8)
+    bad.write_bytes(legacy + b"\0" * 8)
     with pytest.raises(ValueError, match="trailing"):
         load_trie(bad, backend)
 
 
+def test_flipped_bytes_fail_the_checksum(tmp_path):
+    # The checksum is checked by the shared file reader, before any backend sees the arrays.
+    good = _saved(tmp_path)
+    bad = tmp_path / "bad.trie"
+    for i, position in enumerate(range(HEADER_BYTES, len(good), 29)):
+        corrupt = bytearray(good)
+        corrupt[position] ^= 0x10
+        bad.write_bytes(bytes(corrupt))
+        with pytest.raises(ValueError, match=f"{bad}: damaged trie file.*re-run genius eval"):
+            load_trie(bad, TRIE_BACKENDS[i % 2])  # python and cpp
+
+
 def test_corrupt_arrays_raise(tmp_path, backend):
-    good = bytearray(_saved(tmp_path))
-    first_offsets = len(MAGIC) + 8 + 16  # after the level count and level 0's two lengths
+    # Structure checks, through a file without a checksum (the previous format) so they are reached.
+    good = bytearray(_as_v2(_saved(tmp_path)))
+    first_offsets = len(MAGIC_V2) + 8 + 16  # after the level count and level 0's two lengths
     bad = tmp_path / "bad.trie"
     for position, value in [(0, 0x47), (first_offsets + 8, 10**9), (first_offsets, 1)]:
         corrupt = bytearray(good)

@@ -138,7 +138,7 @@ def test_a_world_of_other_numbers_for_its_size_is_not_current(root, tmp_path, mo
 
 def test_summary_matches_the_files(root):
     summary = json.loads((root / "world.json").read_text())
-    assert (summary["seed"], summary["size"], summary["generator"]) == (0, "test", "genius.common.world")
+    assert (summary["seed"], summary["size"], summary["generator"]) == (0, "test", "genius.synthetic.world")
     for split in SPLITS:
         assert summary["queries"][split] == sum(len(records(p)) for p, _, _ in query_files(root, split))
         assert summary["candidates"][split] == len(union_pool(root, split))

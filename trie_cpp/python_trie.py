@@ -16,6 +16,7 @@ backend rejects the same bad input with the same ``ValueError``.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Sequence
@@ -23,8 +24,13 @@ from typing import Sequence
 import numpy as np
 
 # 16 bytes, so that every array in the file starts 8-byte aligned (the C++ backend and numpy
-# memory maps read the int64 offsets in place).
-MAGIC = b"GENIUS-TRIE-v2\0\0"
+# memory maps read the int64 offsets in place). v3 follows the magic with the payload's size
+# (int64) and SHA-256 (32 bytes), checked on load; v2 files (no checksum) are still read.
+MAGIC = b"GENIUS-TRIE-v3\0\0"
+MAGIC_V2 = b"GENIUS-TRIE-v2\0\0"
+HEADER_BYTES = len(MAGIC) + 8 + 32
+REBUILD = ("delete it and re-run genius eval (or genius search), which rebuilds a pool's trie from its codes "
+           "(checkpoint/<setting>/rq/codes/<pool>/)")
 ABSENT = -1  # node id of a prefix that is not in the trie
 
 
@@ -172,49 +178,79 @@ class PythonTrie:
 
 # ---- the binary file ---------------------------------------------------------------------------
 def save_csr(path: str | os.PathLike, child_start: list[np.ndarray], child_code: list[np.ndarray]) -> None:
-    """Binary trie file: magic, level count, then per level the two arrays (8-byte aligned).
+    """Binary trie file: magic, payload size and SHA-256, then the payload: level count, then per
+    level the two arrays (8-byte aligned).
 
     Written to a temporary file and renamed, so a reader never sees a half-written trie.
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    digest, size = hashlib.sha256(), 0
     with open(tmp, "wb") as f:
-        f.write(MAGIC)
-        f.write(np.array([len(child_code)], dtype=np.int64).tobytes())
+        f.write(MAGIC + bytes(HEADER_BYTES - len(MAGIC)))  # size and checksum, filled in below
+
+        def put(data: bytes) -> None:
+            nonlocal size
+            f.write(data)
+            digest.update(data)
+            size += len(data)
+
+        put(np.array([len(child_code)], dtype=np.int64).tobytes())
         for start, code in zip(child_start, child_code):
-            f.write(np.array([len(start), len(code)], dtype=np.int64).tobytes())
-            f.write(np.ascontiguousarray(start, dtype=np.int64).tobytes())
+            put(np.array([len(start), len(code)], dtype=np.int64).tobytes())
+            put(np.ascontiguousarray(start, dtype=np.int64).tobytes())
             code_bytes = np.ascontiguousarray(code, dtype=np.int32).tobytes()
-            f.write(code_bytes)
-            f.write(b"\0" * (-len(code_bytes) % 8))
+            put(code_bytes)
+            put(b"\0" * (-len(code_bytes) % 8))
+        f.seek(len(MAGIC))
+        f.write(np.array([size], dtype=np.int64).tobytes() + digest.digest())
     os.replace(tmp, path)
 
 
 def load_csr(path: str | os.PathLike, mmap: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The CSR arrays of a file written by ``save_csr``, checked (``check_csr``) before use.
+    """The CSR arrays of a file written by ``save_csr``, checked before use: the payload's size
+    and SHA-256 against the header (v3), then the structure (``check_csr``). Every failure is a
+    ValueError naming the file and what to do.
 
     With ``mmap`` the arrays are read-only views of the memory-mapped file.
     """
-    if os.path.getsize(path) < len(MAGIC):  # also keeps np.memmap away from empty files
-        raise ValueError(f"{path} is truncated: too short ({os.path.getsize(path)} bytes) to be a trie file")
+    file_size = os.path.getsize(path)
+    if file_size < len(MAGIC):  # also keeps np.memmap away from empty files
+        raise ValueError(f"{path}: truncated trie file ({file_size} bytes, too short to be one); {REBUILD}")
     raw = np.memmap(path, dtype=np.uint8, mode="r") if mmap else np.fromfile(path, dtype=np.uint8)
-    if bytes(raw[: len(MAGIC)]) != MAGIC:
-        raise ValueError(f"{path} is not a trie file written by this project (bad magic bytes)")
-    pos = len(MAGIC)
+    magic = bytes(raw[: len(MAGIC)])
+    if magic == MAGIC:
+        if file_size < HEADER_BYTES:
+            raise ValueError(f"{path}: truncated trie file ({file_size} bytes, its header alone takes "
+                             f"{HEADER_BYTES}); {REBUILD}")
+        size = int(raw[len(MAGIC): len(MAGIC) + 8].view(np.int64)[0])
+        if file_size != HEADER_BYTES + size:
+            what = "truncated" if file_size < HEADER_BYTES + size else "longer than written"
+            raise ValueError(f"{path}: {what} trie file ({file_size} bytes, its header says "
+                             f"{HEADER_BYTES + size}); {REBUILD}")
+        if hashlib.sha256(memoryview(raw[HEADER_BYTES:])).digest() != bytes(raw[len(MAGIC) + 8: HEADER_BYTES]):
+            raise ValueError(f"{path}: damaged trie file (its content does not match the SHA-256 in its header); "
+                             f"{REBUILD}")
+        pos = HEADER_BYTES
+    elif magic == MAGIC_V2:
+        pos = len(MAGIC)
+    else:
+        raise ValueError(f"{path}: not a trie file written by this project (bad magic bytes); {REBUILD}")
 
     def take(dtype, count):
         nonlocal pos
         size = count * np.dtype(dtype).itemsize
         if count < 0 or pos + size > len(raw):
             needed = pos + max(size, 0)
-            raise ValueError(f"{path}: trie file is truncated or corrupt ({len(raw)} bytes, needs at least {needed})")
+            raise ValueError(f"{path}: truncated or corrupt trie file ({len(raw)} bytes, needs at least {needed}); "
+                             f"{REBUILD}")
         arr = raw[pos : pos + size].view(dtype)
         pos += size
         return arr
 
     (num_levels,) = take(np.int64, 1)
     if num_levels < 1:
-        raise ValueError(f"{path}: corrupt trie file (level count {num_levels})")
+        raise ValueError(f"{path}: corrupt trie file (level count {num_levels}); {REBUILD}")
     child_start, child_code = [], []
     for _ in range(int(num_levels)):
         n_start, n_code = (int(v) for v in take(np.int64, 2))
@@ -222,8 +258,11 @@ def load_csr(path: str | os.PathLike, mmap: bool = True) -> tuple[list[np.ndarra
         child_code.append(take(np.int32, n_code))
         take(np.uint8, -(n_code * 4) % 8)
     if pos != len(raw):
-        raise ValueError(f"{path}: trie file has trailing bytes ({len(raw)} bytes, expected {pos})")
-    check_csr(child_start, child_code, where=str(path))
+        raise ValueError(f"{path}: trie file has trailing bytes ({len(raw)} bytes, expected {pos}); {REBUILD}")
+    try:
+        check_csr(child_start, child_code, where=str(path))
+    except ValueError as err:
+        raise ValueError(f"{err}; {REBUILD}") from None
     return child_start, child_code
 
 

@@ -2,4 +2,4 @@
 # Write the synthetic M-BEIR-mini world this setting trains and evaluates on.
 set -euo pipefail
 source "$(dirname "$0")/../common.sh"
-run_stage genius.common.world --out worlds/demo --size demo --seed "${SEED:-0}" "$@"
+run_stage genius.synthetic.world --out worlds/demo --size demo --seed "${SEED:-0}" "$@"

@@ -38,6 +38,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import transformers
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -72,13 +73,19 @@ AttentionInterface.register(SHARED_CROSS_ATTENTION, shared_cross_attention)
 
 @contextlib.contextmanager
 def _decoder_attention(generator: IDGenerator, implementation: str):
-    config = generator.t5.decoder.config
-    previous = config._attn_implementation
-    config._attn_implementation = implementation
+    """The decoder's attention set to ``implementation`` (a name registered with ``AttentionInterface``)
+    through transformers' ``set_attn_implementation``, and the previous one restored on exit."""
+    decoder = generator.t5.decoder
+    previous = decoder.config._attn_implementation
+    decoder.set_attn_implementation(implementation)
+    if decoder.config._attn_implementation != implementation:  # transformers only logs when it refuses
+        decoder.set_attn_implementation(previous)
+        raise RuntimeError(f"transformers {transformers.__version__} did not switch the T5 decoder's attention to "
+                           f"{implementation!r}; constrained decoding needs it (see pyproject.toml's bounds)")
     try:
         yield
     finally:
-        config._attn_implementation = previous
+        decoder.set_attn_implementation(previous)
 
 
 @dataclass
@@ -135,7 +142,7 @@ def _search(generator: IDGenerator, z: torch.Tensor, trie, num_beams: int, level
     with _autocast(device, autocast):
         encoder_hidden = generator.encode(z)
     # One beam per query (the root) until the first step has chosen codes.
-    beams, cache = 1, None
+    beams, cache = 1, generator.new_decode_cache()
     nodes = np.full(num_queries, trie.root(), dtype=np.int64)
     scores = torch.zeros(num_queries, 1, device=device)
     codes = torch.zeros(num_queries, 1, 0, dtype=torch.long, device=device)
@@ -157,7 +164,9 @@ def _search(generator: IDGenerator, z: torch.Tensor, trie, num_beams: int, level
                            chosen[..., None]], dim=2)
         nodes = np.asarray(trie.advance(level, nodes[parents.cpu().numpy()], chosen.view(-1).cpu().numpy()), np.int64)
         nodes[~torch.isfinite(scores).view(-1).cpu().numpy()] = ABSENT_NODE
-        cache.self_attention_cache.reorder_cache(parents)  # the cross-attention cache stays one row per query
+        # Each surviving beam takes its parent's self-attention keys/values (transformers' beam
+        # reordering); the cross-attention cache stays one row per query.
+        cache.self_attention_cache.reorder_cache(parents)
         tokens = (chosen + generator.offsets[level]).view(-1, 1)
         beams = keep
     return _pad_absent(codes, scores, num_beams)

@@ -5,8 +5,9 @@
 The models come either from a native run (``paths.rq_run``/rq.pt and ``paths.gen_run``/generator.pt)
 or from an official-layout ``GENIUS_t5small.pth`` (``paths.official_checkpoint``: its embedded
 quantizer in learned modality mode and its T5); the pools' codes must have been assigned by
-``genius assign-codes`` with that same quantizer (checked by fingerprint, modality mode and
-codebook sizes; a mismatch names both files and what to run).
+``genius assign-codes`` with that same quantizer from the current candidate stores (checked by
+fingerprint, modality mode, codebook sizes and store content; a mismatch names the files and
+what to run).
 
 For every query file, against its task-specific pool and (optionally) the universal pool:
 decode the queries' IDs with trie-constrained beam search, map IDs to candidates, rank them
@@ -15,68 +16,71 @@ embeddings exhaustively (dense), and score UniIR's Recall@k per (dataset, task).
 default; under torchrun (NPROC=N) every rank decodes a contiguous shard of each query file and
 rank 0 gathers them in order, then ranks, scores and writes everything.
 
-Nothing stale is reused and nothing is overwritten by another pass. Every cached artefact
-lives under a path keyed by (pool, query file) and records the hashes of everything it was
-made from; a mismatch recomputes it:
+The pieces live by concern: ``run_models`` (loading the models), ``pool_assets`` (a pool's store,
+codes, trie and fused-embedding cache), ``decode_cache``, ``ranking``, ``positives`` (positives
+not in the pool), ``outputs`` (results files and run manifest). This module holds the stage's
+config, its loop and ``main``.
 
-    <codes dir = paths.codes (default rq_run/codes)>/<pool stem>/trie-<codes hash>.bin   trie over the pool's codes
-    results/<setting>/
-      config.yaml, run.json (manifest for genius search), metrics.json
-      results.tsv, results.md, recall_by_task.png
-      fused/<pool stem>/{fused.npy, meta.json}           fp16 fused CLIP-SF embeddings of a pool
-      decoded/<pool stem>/<query stem>/{codes,scores,valid}.npy + meta.json   beam search output
-      runs/<pool stem>/<query stem>/{dense,genius,genius_r}.run              TREC-style run files
+The run is keyed (``common.runstate``) by the config without ``NOT_IN_RUN_KEY`` and the content
+ids of every input: the models' fingerprints, each pool's codes and candidate store, each query
+file, its qrels and query store, and the device type. A finished run with the same key is
+skipped; ``force=true`` redoes it; otherwise the previous run's outputs move to ``stale/<time>/``.
+Decodings, tries and fused embeddings are cached by content (``decode_cache``, ``pool_assets``),
+so a GENIUS_ROOT copied elsewhere reuses everything.
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
-import torch
 
-import genius.trie_cpp as trie_lib
-from genius.common.config import config_to_dict, project_root, resolve_path
-from genius.common.distributed import DistInfo, autocast_dtype, barrier, cleanup, init_distributed
+from genius.common.config import resolve_path
+from genius.common.distributed import DistInfo, cleanup, init_distributed
 from genius.common.fusion import fused_store_embeddings
-from genius.common.io import atomic_dir, atomic_path, atomic_write_json, atomic_write_text, sha256_file, sha256_json
 from genius.common.mbeir import (
     MBEIR_DATASET_IDS, QID_BASE, load_qrels, older_revision_twin, parse_query_file_name, unhash_qid,
 )
-from genius.common.stage import (
-    is_up_to_date, mark_done, parse_stage_config, record_run, setup_logging, stage_fingerprint, stage_parser,
-    user_errors_exit,
-)
-from genius.common.store import ARRAYS, EmbeddingStore, StoreArrays, store_path
+from genius.common.ranges import check_ranges, ranged
+from genius.common.runstate import RunKey, RunState, file_content
+from genius.common.stage import parse_stage_config, record_run, setup_logging, stage_parser, user_errors_exit
+from genius.common.store import EmbeddingStore, store_path
 from genius.models.generative_retriever import metrics
+from genius.models.generative_retriever.decode_cache import decode_cached
+from genius.models.generative_retriever.outputs import RUN_OUTPUTS, EvalReport, report_markdown, write_outputs
 from genius.models.generative_retriever.paper_numbers import default_k
-from genius.models.generative_retriever.retrieval import (
-    ABSENT,
-    CandidateMap,
-    Ranking,
-    dense_index,
-    genius_ranking,
-    rerank_ranking,
-    target_modality_share,
-    union_sizes,
+from genius.models.generative_retriever.pool_assets import (
+    Pool,
+    codes_fingerprint,
+    open_candidate_store,
+    open_pool,
 )
-from genius.models.generative_retriever.tables import (
-    DecodeStats,
-    RecallResult,
-    markdown_report,
-    plot_recall_by_task,
-    results_tsv,
+from genius.models.generative_retriever.positives import (
+    FilePositives,
+    MissingPositives,
+    PoolPositives,
+    check_positives,
 )
-from genius.models.residual_quantization.assign_codes import combiner_autocast, combiner_dtype
+from genius.models.generative_retriever.ranking import rank
+from genius.models.generative_retriever.retrieval import beam_leaves, target_modality_share, union_sizes
+from genius.models.generative_retriever.run_models import (
+    Models,
+    load_models,
+    model_fingerprints,
+)
+from genius.models.generative_retriever.tables import DecodeStats, RecallResult
+from genius.models.residual_quantization.assign_codes import combiner_dtype
 
 log = logging.getLogger("genius.eval")
 
-MANIFEST_VERSION = 1
+# Config keys that do not change the results: where inputs and outputs lie (their content is in
+# the run key), the device (its type is in the key), batch sizes of exact computations, force.
+NOT_IN_RUN_KEY = ("paths.data_root", "paths.stores_root", "paths.rq_run", "paths.gen_run",
+                  "paths.official_checkpoint", "paths.codes", "paths.results", "paths.union_pool",
+                  "decoding.batch_size", "dense_chunk", "device", "force")
 
 
 # ---- config ----------------------------------------------------------------------------------
@@ -85,7 +89,7 @@ class EvalFile:
     queries: str  # query jsonl, relative to the data root
     pool: str  # its task-specific candidate pool
     qrels: str
-    k: int | None = None  # the Recall@k to report; null = 5, or 10 for Fashion200K and FashionIQ
+    k: int | None = ranged(None, ">= 1")  # the Recall@k to report; null = 5, or 10 for Fashion200K and FashionIQ
 
 
 @dataclass
@@ -105,8 +109,8 @@ class PathsConfig:
 
 @dataclass
 class DecodingConfig:
-    num_beams: int = 50
-    batch_size: int = 64
+    num_beams: int = ranged(50, ">= 1")
+    batch_size: int = ranged(64, ">= 1")
     # True: each step normalises over the level's codes only (fewer FLOPs, other beams); False:
     # full-vocabulary normalisation, the official decoding's exact scores and beams.
     level_head: bool = True
@@ -116,11 +120,7 @@ class DecodingConfig:
     combiner_autocast: bool = False
     # > 0: keep a modality (level-0 code) only if its probability is at least this fraction of the
     # best one's (beam_search module docstring); 0 is the official decoding.
-    modality_threshold: float = 0.0
-
-    def validate(self) -> None:
-        if not 0.0 <= self.modality_threshold <= 1.0:
-            raise ValueError(f"decoding.modality_threshold must be in [0, 1], got {self.modality_threshold}")
+    modality_threshold: float = ranged(0.0, "[0, 1]")
 
 
 @dataclass
@@ -129,23 +129,24 @@ class EvalConfig:
     files: list[EvalFile] = field(default_factory=list)  # empty: every query/test/*.jsonl of the data root
     task_specific: bool = True  # each file against its own pool
     union: bool = True  # each file against the universal pool
-    extra_ks: list[int] = field(default_factory=list)  # more Recall@k rows in the TSV (e.g. [1, 10])
+    extra_ks: list[int] = ranged(spec=">= 1", factory=list)  # more Recall@k rows in the TSV (e.g. [1, 10])
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     trie_backend: Literal["cpp", "python", "marisa"] = "cpp"
     rerank: bool = True  # GENIUS^R
     dense: bool = True  # the dense CLIP-SF baseline over the same fused embeddings
     dense_backend: Literal["torch", "faiss"] = "torch"
-    dense_chunk: int = 65536  # candidates scored per matmul
+    dense_chunk: int = ranged(65536, ">= 1")  # candidates scored per matmul
     device: Literal["auto", "cpu", "cuda"] = "auto"
     run_files: bool = True
+    # A qrels positive or pos_cand_list entry that is not in the evaluated pool: 'error', 'keep'
+    # (M-BEIR's protocol: it counts as not retrieved) or 'exclude' (left out of the scores); the
+    # last two are counted in results.md and metrics.json (module ``positives``).
+    missing_positives: MissingPositives = "error"
+    force: bool = False  # re-evaluate even when the results folder holds this run finished
 
     def validate(self) -> None:
         if not (self.task_specific or self.union):
             raise ValueError("task_specific and union are both false: nothing to evaluate")
-        if any(k < 1 for k in self.extra_ks) or any(f.k is not None and f.k < 1 for f in self.files):
-            raise ValueError("every Recall@k must have k >= 1")
-        if self.decoding.num_beams < 1 or self.decoding.batch_size < 1 or self.dense_chunk < 1:
-            raise ValueError("decoding.num_beams, decoding.batch_size and dense_chunk must be >= 1")
         paths = self.paths
         if paths.official_checkpoint is not None:
             if paths.rq_run is not None or paths.gen_run is not None:
@@ -158,84 +159,13 @@ class EvalConfig:
             raise ValueError("paths: set rq_run and gen_run (a native run's folders) or official_checkpoint "
                              "(an official-layout GENIUS_t5small.pth)")
 
+    def check_numbers(self) -> None:
+        """Every number in its declared range (before any work; one line naming the dotted key)."""
+        check_ranges(self)  # the files[i] entries too
+
     def codes_root(self) -> Path:
         """Where the pools' code folders are."""
         return resolve_path(self.paths.codes if self.paths.codes is not None else Path(self.paths.rq_run) / "codes")
-
-    def checkpoint_files(self) -> list[Path]:
-        """The model files the evaluation reads."""
-        if self.paths.official_checkpoint is not None:
-            return [resolve_path(self.paths.official_checkpoint)]
-        return [resolve_path(self.paths.rq_run) / "rq.pt", resolve_path(self.paths.gen_run) / "generator.pt"]
-
-
-class StaleInputError(ValueError):
-    """An input made from something other than what the rest of the evaluation uses."""
-
-
-# ---- models ----------------------------------------------------------------------------------
-@dataclass
-class Models:
-    """What decoding needs; ``load_models`` builds it from a native run or an official checkpoint.
-
-    ``embed(img, txt, img_mask, txt_mask) -> z [B, dim]`` (float32, CPU tensors in and out) and
-    ``decode(z, trie) -> BeamResult``; ``fingerprints`` key every cached decoding. Codes are only
-    accepted if made by the quantizer ``fingerprints["rq"]`` in ``modality_mode`` with
-    ``codebook_sizes`` (the generator's vocabulary).
-    """
-
-    embed: Callable[..., torch.Tensor]
-    decode: Callable
-    fingerprints: dict
-    codebook_sizes: list[int]
-    modality_mode: str
-    files: dict = field(default_factory=dict)  # "rq" / "generator" -> checkpoint path, for messages and the manifest
-
-
-def load_models(cfg: EvalConfig, device: torch.device) -> Models:
-    # Imported here: the driver and its tests run with stand-in models without loading transformers.
-    from genius.models.generative_retriever.beam_search import constrained_beam_search
-
-    missing = [path for path in cfg.checkpoint_files() if not path.is_file()]
-    if missing:
-        hint = ("download GENIUS_t5small.pth (Hugging Face Sungyeon/GENIUS) or run genius export-official"
-                if cfg.paths.official_checkpoint is not None else "run genius train-rq and genius train-gen first")
-        raise FileNotFoundError(f"{missing[0]} does not exist; {hint} (or fix paths in the eval config)")
-    if cfg.paths.official_checkpoint is not None:
-        from genius.models.generative_retriever.official import load_official_generator
-        from genius.models.residual_quantization.official import quantizer_fingerprint
-
-        (path,) = cfg.checkpoint_files()
-        generator, rq = load_official_generator(path)
-        rq_fp, files = quantizer_fingerprint(rq), {"rq": str(path), "generator": str(path)}
-    else:
-        from genius.models.generative_retriever.generator import load_generator
-        from genius.models.residual_quantization.model import load_rq, rq_fingerprint
-
-        rq_path, gen_path = cfg.checkpoint_files()
-        rq, rq_fp = load_rq(rq_path), rq_fingerprint(rq_path)
-        generator, meta = load_generator(gen_path)
-        if meta.get("rq") != rq_fp:
-            raise StaleInputError(f"{gen_path} was trained on a different rq.pt than {rq_path}; retrain the "
-                                  "generator (or point paths.rq_run at the quantizer it was trained with)")
-        files = {"rq": str(rq_path), "generator": str(gen_path)}
-    rq.to(device).eval()
-    generator.to(device)
-    dec = cfg.decoding
-
-    @torch.no_grad()
-    def embed(img, txt, img_mask, txt_mask):
-        with combiner_autocast(device, dec.combiner_autocast):
-            z = rq.embed(img.to(device), txt.to(device), img_mask.to(device), txt_mask.to(device))
-        return z.float().cpu()
-
-    def decode(z, trie):
-        return constrained_beam_search(generator, z.to(device), trie, rq.codebook_sizes, num_beams=dec.num_beams,
-                                       batch_size=dec.batch_size, level_head=dec.level_head, autocast=dec.autocast,
-                                       modality_threshold=dec.modality_threshold)
-
-    return Models(embed, decode, {"rq": rq_fp, "generator": sha256_file(Path(files["generator"]))},
-                  list(generator.codebook_sizes), rq.arch["modality_mode"], files)
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -305,205 +235,6 @@ def open_query_store(cfg: EvalConfig, qf: QueryFile) -> EmbeddingStore:
     return store
 
 
-@dataclass
-class Pool:
-    """One candidate pool with everything retrieval needs, rows in store (= code file) order."""
-
-    kind: str  # "task-specific" | "universal"
-    path: Path
-    stem: str
-    store: EmbeddingStore
-    codes_dir: Path
-    codes_hash: str
-    trie_path: Path
-    trie: object
-    cmap: CandidateMap
-    fused_dir: Path
-    _fused: np.ndarray | None = None
-    _dense: object | None = None
-
-    @property
-    def ids(self) -> np.ndarray:
-        return np.asarray(self.store.ids)
-
-    def fused(self) -> np.ndarray:
-        """fp16 fused CLIP-SF embeddings [N, D] (memory-mapped), cached under results/fused/."""
-        if self._fused is None:
-            self._fused = cached_fused_embeddings(self.store, self.fused_dir)
-        return self._fused
-
-    def dense_search(self, queries: np.ndarray, k: int, cfg: EvalConfig, device: torch.device) -> Ranking:
-        """The dense baseline: exact inner product with the pool's fused embeddings (index built once)."""
-        if self._dense is None:
-            self._dense = dense_index(self.fused(), backend=cfg.dense_backend, chunk_size=cfg.dense_chunk,
-                                      device=device)
-        scores, rows = self._dense.search(queries, k)
-        return Ranking(rows, scores)
-
-
-def codes_fingerprint(codes_dir: Path) -> str:
-    """Content hash of a pool's code files (codes, ids and their meta.json)."""
-    return sha256_json({name: sha256_file(codes_dir / name) for name in ("codes.npy", "ids.npy", "meta.json")})
-
-
-def load_codes(codes_dir: Path, store: EmbeddingStore, models: Models) -> np.ndarray:
-    """A pool's codes [N, L] in store order, refusing codes made by another quantizer, in another
-    modality mode, with other codebook sizes than the generator's, or for another store."""
-    if not (codes_dir / "meta.json").is_file():
-        raise FileNotFoundError(f"no codes at {codes_dir}; run genius assign-codes for this pool first "
-                                f"(rq_path: {models.files.get('rq', 'the evaluated quantizer')})")
-    meta = _read_json(codes_dir / "meta.json")
-    rerun = (f"re-run genius assign-codes with rq_path: {models.files.get('rq', 'the evaluated quantizer')} "
-             f"and out_dir: {codes_dir.parent} (or point the eval config at the codes of that quantizer)")
-    made_by = meta.get("rq_path", "an unrecorded file")
-    if meta.get("rq") != models.fingerprints["rq"]:
-        raise StaleInputError(f"codes in {codes_dir} were assigned with the quantizer of {made_by}, not the one of "
-                              f"{models.files.get('rq', 'the evaluated models')} (fingerprints differ); {rerun}")
-    if meta.get("modality_mode") != models.modality_mode:
-        raise StaleInputError(f"codes in {codes_dir} were assigned in modality mode {meta.get('modality_mode')!r}, "
-                              f"the quantizer of {models.files.get('rq', 'the evaluated models')} is "
-                              f"{models.modality_mode!r}; {rerun}")
-    if meta.get("codebook_sizes") != models.codebook_sizes:
-        raise StaleInputError(f"codes in {codes_dir} (made by {made_by}) have codebook sizes "
-                              f"{meta.get('codebook_sizes')}, the generator of "
-                              f"{models.files.get('generator', 'the evaluated models')} decodes "
-                              f"{models.codebook_sizes} (unique_level codes cannot be generated); {rerun}")
-    codes, ids = np.load(codes_dir / "codes.npy"), np.load(codes_dir / "ids.npy")
-    if codes.ndim != 2 or len(codes) != len(ids) or not np.array_equal(ids, store.ids):
-        raise StaleInputError(f"codes in {codes_dir} do not match the candidates of {store.path} (ids differ); "
-                              "re-run genius assign-codes")
-    return codes
-
-
-def trie_for(codes: np.ndarray, codes_dir: Path, codes_hash: str, backend: str, build: bool = True) -> tuple[object, Path]:
-    """Load the pool's trie keyed by its codes' hash, building (and saving) it when absent or stale.
-
-    Under torchrun only rank 0 builds (``build``); the others wait at a barrier, then load it.
-    """
-    path = codes_dir / f"trie-{codes_hash[:16]}.bin"
-    if build and not path.is_file():
-        log.info("building the %s trie for %s (%d candidates)", backend, codes_dir.name, len(codes))
-        with atomic_path(path) as tmp:
-            trie_lib.build_trie(codes, backend).save(tmp)
-        for old in codes_dir.glob("trie-*.bin"):
-            if old != path:  # tries of earlier codes can never be used again
-                old.unlink()
-    barrier()
-    return trie_lib.load_trie(path, backend), path
-
-
-def cached_fused_embeddings(store: EmbeddingStore, cache_dir: Path, chunk: int = 65536) -> np.ndarray:
-    """The store's fused, normalised embeddings as fp16, written once per store version."""
-    key = sha256_json(store.meta)
-    meta = cache_dir / "meta.json"
-    if meta.is_file() and sha256_json(_read_json(meta).get("store")) == key:
-        return np.load(cache_dir / "fused.npy", mmap_mode="r")
-    with atomic_dir(cache_dir) as tmp:
-        out = np.lib.format.open_memmap(tmp / "fused.npy", mode="w+", dtype=np.float16, shape=(len(store), store.dim))
-        arrays = store.arrays
-        for start in range(0, len(store), chunk):
-            part = StoreArrays(**{name: np.array(getattr(arrays, name)[start : start + chunk]) for name in ARRAYS})
-            out[start : start + chunk] = fused_store_embeddings(part)
-        out.flush()
-        del out
-        atomic_write_json(tmp / "meta.json", {"store": store.meta, "store_path": str(store.path)})
-    return np.load(cache_dir / "fused.npy", mmap_mode="r")
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
-def open_pool(cfg: EvalConfig, kind: str, path: Path, models: Models, is_main: bool = True) -> Pool:
-    store = EmbeddingStore.open(store_path(resolve_path(cfg.paths.stores_root), cfg.paths.encoder, "cand", path),
-                                encoder=cfg.paths.encoder, kind="candidate", source=path)
-    stem = path.name.removesuffix(".jsonl")
-    codes_dir = cfg.codes_root() / stem
-    codes = load_codes(codes_dir, store, models)
-    codes_hash = codes_fingerprint(codes_dir)
-    trie, trie_path = trie_for(codes, codes_dir, codes_hash, cfg.trie_backend, build=is_main)
-    cmap = CandidateMap.build(trie, codes)
-    log.info("pool %s: %s", stem, cmap.collision_stats())
-    return Pool(kind, path, stem, store, codes_dir, codes_hash, trie_path, trie, cmap,
-                resolve_path(cfg.paths.results) / "fused" / stem)
-
-
-# ---- decoding, cached per (model, pool, query file) ------------------------------------------
-@dataclass
-class Decoded:
-    codes: np.ndarray  # [Q, B, L], -1 for absent beams
-    scores: np.ndarray  # [Q, B]
-    valid: np.ndarray  # bool [Q, B]
-    seconds: float
-    cached: bool
-
-
-def decode_key(cfg: EvalConfig, models: Models, pool: Pool, queries: EmbeddingStore, device: torch.device) -> dict:
-    return {"models": models.fingerprints, "codes": pool.codes_hash, "trie": pool.trie_path.name,
-            "queries": sha256_json(queries.meta), "num_beams": cfg.decoding.num_beams,
-            "level_head": cfg.decoding.level_head, "device": device.type,
-            # the precisions actually used: autocast means bf16 on a CPU and fp16 on a GPU
-            "generator_dtype": str(autocast_dtype(device) if cfg.decoding.autocast
-                                   else torch.float32).removeprefix("torch."),
-            "combiner_dtype": combiner_dtype(device, cfg.decoding.combiner_autocast),
-            "modality_threshold": cfg.decoding.modality_threshold}
-
-
-def embed_queries(models: Models, arrays: StoreArrays, batch_size: int = 4096) -> torch.Tensor:
-    parts = []
-    for start in range(0, len(arrays.ids), batch_size):
-        rows = slice(start, start + batch_size)
-        parts.append(models.embed(*(torch.from_numpy(np.asarray(getattr(arrays, n)[rows], dtype=np.float32))
-                                    for n in ("img", "txt", "img_mask", "txt_mask"))))
-    return torch.cat(parts) if parts else torch.zeros(0, 0)
-
-
-def decode_shard(models: Models, pool: Pool, arrays: StoreArrays, rank: int, world_size: int) -> tuple[np.ndarray, ...]:
-    """This rank's contiguous slice of the queries, decoded: (codes, scores, valid)."""
-    n = len(arrays.ids)
-    rows = np.arange(n * rank // world_size, n * (rank + 1) // world_size)
-    if not len(rows):
-        return ()
-    beams = models.decode(embed_queries(models, arrays.take(rows)), pool.trie)
-    return (beams.codes.cpu().numpy().astype(np.int64), beams.scores.float().cpu().numpy(),
-            beams.valid.cpu().numpy().astype(bool))
-
-
-def decode_cached(cfg: EvalConfig, models: Models, pool: Pool, queries: EmbeddingStore, out_dir: Path,
-                  info: DistInfo) -> Decoded | None:
-    """Beam search output for every query, reused when its key (all inputs' hashes) matches.
-
-    Under torchrun each rank decodes a contiguous shard; rank 0 gathers them in rank order (so
-    the rows are exactly the store's) and returns the result; the other ranks return None.
-    """
-    key = decode_key(cfg, models, pool, queries, info.device)
-    if (out_dir / "meta.json").is_file():
-        meta = _read_json(out_dir / "meta.json")
-        if meta.get("key") == key:
-            if not info.is_main:
-                return None
-            arrays = [np.load(out_dir / f"{n}.npy") for n in ("codes", "scores", "valid")]
-            return Decoded(*arrays, seconds=meta["seconds"], cached=True)
-    start = time.perf_counter()
-    shards = [decode_shard(models, pool, queries.arrays, info.rank, info.world_size)]
-    if info.enabled:
-        gathered: list = [None] * info.world_size
-        torch.distributed.all_gather_object(gathered, shards[0])
-        shards = gathered
-    if not info.is_main:
-        return None
-    codes, scores, valid = (np.concatenate(part) for part in zip(*(s for s in shards if s)))
-    seconds = time.perf_counter() - start
-    decoded = Decoded(codes, scores, valid, seconds, cached=False)
-    with atomic_dir(out_dir) as tmp:
-        for name in ("codes", "scores", "valid"):
-            np.save(tmp / f"{name}.npy", getattr(decoded, name))
-        atomic_write_json(tmp / "meta.json", {"key": key, "seconds": seconds, "num_queries": len(queries),
-                                              "pool": str(pool.path), "queries_store": str(queries.path),
-                                              "processes": info.world_size})
-    return decoded
-
-
 # ---- one (pool, query file) --------------------------------------------------------------------
 @dataclass
 class PairOutcome:
@@ -512,30 +243,29 @@ class PairOutcome:
 
 
 def evaluate_pair(cfg: EvalConfig, models: Models, pool: Pool, qf: QueryFile, queries: EmbeddingStore,
-                  info: DistInfo) -> PairOutcome | None:
+                  positives: PoolPositives, info: DistInfo) -> PairOutcome | None:
     """Decode (all ranks), then rank, score and write (rank 0 only; the others return None)."""
     out = resolve_path(cfg.paths.results)
     decoded = decode_cached(cfg, models, pool, queries, out / "decoded" / pool.stem / qf.stem, info)
     if decoded is None:
         return None
-    leaves = pool.cmap.leaves_of(decoded.codes)
-    leaves[~decoded.valid] = ABSENT
-    depth = max(qf.ks)
-    rankings: dict[str, Ranking] = {"genius": genius_ranking(pool.cmap, leaves, decoded.scores, depth)}
+    leaves = beam_leaves(pool.cmap, decoded.codes, decoded.valid)
+    methods = ["genius"] + ["genius_r"] * cfg.rerank + ["dense"] * cfg.dense
     fused_q = fused_store_embeddings(queries.arrays.take(np.arange(len(queries)))) if (cfg.rerank or cfg.dense) else None
-    if cfg.rerank:
-        rankings["genius_r"] = rerank_ranking(pool.cmap, leaves, fused_q, pool.fused(), depth)
-    if cfg.dense:
-        rankings["dense"] = pool.dense_search(fused_q, depth, cfg, info.device)
+    rankings = rank(pool, leaves, decoded.scores, fused_q, max(qf.ks), methods, cfg.dense_backend, cfg.dense_chunk,
+                    info.device)
 
     qids = np.asarray(queries.ids)
     qrels = load_qrels(qf.qrels)
     relevant = metrics.relevant_sets(qids, qrels)
     task_ids = np.array([qrels.task_of.get(unhash_qid(q), qf.task) for q in qids.tolist()], dtype=np.int64)
+    scored = np.array([unhash_qid(q) not in positives.excluded_qids for q in qids.tolist()], dtype=bool)
     results = []
     for method, ranking in rankings.items():
         retrieved = ranking.ids(pool.ids)
-        for task, by_k in metrics.recall_by_task(retrieved, relevant, task_ids, qf.ks).items():
+        by_task = metrics.recall_by_task(retrieved[scored], [r for r, s in zip(relevant, scored) if s],
+                                         task_ids[scored], qf.ks)
+        for task, by_k in by_task.items():
             results += [RecallResult(method, pool.kind, pool.stem, qf.stem, qf.dataset, task, qf.split, k, value,
                                      reported=k == qf.k, mbeir=qf.mbeir) for k, value in by_k.items()]
         if cfg.run_files:
@@ -556,15 +286,66 @@ def evaluate_pair(cfg: EvalConfig, models: Models, pool: Pool, qf: QueryFile, qu
 
 # ---- the whole evaluation --------------------------------------------------------------------
 @dataclass
-class EvalReport:
-    results: list[RecallResult]
-    stats: list[DecodeStats]
-    markdown: str
-    out_dir: Path
+class Pass:
+    """One pool and the query files evaluated against it."""
+
+    kind: str  # "task-specific" | "universal"
+    pool: Path
+    files: list[QueryFile]
+
+    @property
+    def stem(self) -> str:
+        return self.pool.name.removesuffix(".jsonl")
+
+
+def plan_passes(cfg: EvalConfig, files: list[QueryFile]) -> list[Pass]:
+    passes = []
+    if cfg.task_specific:
+        for pool_path in dict.fromkeys(qf.pool for qf in files):
+            passes.append(Pass("task-specific", pool_path, [qf for qf in files if qf.pool == pool_path]))
+    if cfg.union:
+        passes.append(Pass("universal", union_pool_file(cfg), files))
+    return passes
+
+
+def run_key(cfg: EvalConfig, files: list[QueryFile], stores: dict[str, EmbeddingStore],
+            candidate_stores: dict[str, EmbeddingStore], models: Models | None, info: DistInfo) -> RunKey:
+    """The evaluation's identity: semantic config, content ids of every input, device type."""
+    inputs: dict = {"models": models.fingerprints if models is not None else model_fingerprints(cfg.paths)}
+    for qf in files:
+        inputs[f"queries/{qf.stem}"] = file_content(qf.path)
+        inputs[f"qrels/{qf.stem}"] = file_content(qf.qrels)
+        inputs[f"query store/{qf.stem}"] = stores[qf.stem].content_id
+    for stem, store in candidate_stores.items():
+        inputs[f"candidate store/{stem}"] = store.content_id
+        codes_dir = cfg.codes_root() / stem
+        # missing codes: open_pool says what to run
+        inputs[f"codes/{stem}"] = codes_fingerprint(codes_dir) if (codes_dir / "meta.json").is_file() else None
+    # The device type counts (autocast precision and kernels differ): a CPU run is not a GPU run's result.
+    return RunKey.of(cfg, NOT_IN_RUN_KEY, inputs, device=info.device.type)
+
+
+def check_all_positives(cfg: EvalConfig, passes: list[Pass],
+                        candidate_stores: dict[str, EmbeddingStore]) -> dict[tuple[str, str], PoolPositives]:
+    """Every (pool, query file)'s positives against the pool, before any work (``positives``)."""
+    read: dict[Path, FilePositives] = {}
+    checked = {}
+    for p in passes:
+        pool_ids = np.sort(np.asarray(candidate_stores[p.stem].ids))
+        for qf in p.files:
+            if qf.path not in read:
+                read[qf.path] = FilePositives.read(qf.qrels, qf.path)
+            checked[p.stem, qf.stem] = check_positives(read[qf.path], pool_ids, p.pool, qf.stem, cfg.missing_positives)
+    return checked
 
 
 def evaluate(cfg: EvalConfig, models: Models | None = None) -> EvalReport | None:
-    """The whole evaluation; under torchrun decoding is sharded and rank 0 (alone) returns the report."""
+    """The whole evaluation; under torchrun decoding is sharded and rank 0 (alone) returns the report.
+
+    ``models`` (stand-ins, for tests) replace the run's and always evaluate (never skipped).
+    """
+    cfg.check_numbers()
+    cfg.validate()
     info = init_distributed(cfg.device)
     try:
         return _evaluate(cfg, models, info)
@@ -575,36 +356,42 @@ def evaluate(cfg: EvalConfig, models: Models | None = None) -> EvalReport | None
 def _evaluate(cfg: EvalConfig, models: Models | None, info: DistInfo) -> EvalReport | None:
     out = resolve_path(cfg.paths.results)
     files = resolve_files(cfg)
-    # The device type counts (autocast precision and kernels differ): a CPU run is not a GPU run's result.
-    fingerprint = sha256_json([stage_fingerprint(cfg, evaluation_inputs(cfg, files)), info.device.type])
-    if models is None and is_up_to_date(out, fingerprint):
-        log.info("%s is up to date with the config, models, codes and stores; nothing to evaluate", out)
+    passes = plan_passes(cfg, files)
+    candidate_stores = {p.stem: open_candidate_store(cfg, p.pool) for p in passes}
+    positives = check_all_positives(cfg, passes, candidate_stores)  # the data's own mistakes first
+    stores = {qf.stem: open_query_store(cfg, qf) for qf in files}
+    state = RunState(out, run_key(cfg, files, stores, candidate_stores, models, info), RUN_OUTPUTS,
+                     stage="genius eval", force=cfg.force, is_main=info.is_main)
+    if models is None and state.is_done():
+        log.info("%s is up to date with the config, models, codes and stores; nothing to evaluate "
+                 "(force=true re-evaluates)", out)
         if info.is_main:
             print((out / "results.md").read_text())
         return None
-    models = models or load_models(cfg, info.device)
-    stores = {qf.stem: open_query_store(cfg, qf) for qf in files}
-    if info.is_main:  # inputs found: this is a run
-        out.mkdir(parents=True, exist_ok=True)
-        record_run(out, cfg)
+    with state.hold():
+        models = models or load_models(cfg, info.device)
+        state.start()
+        if info.is_main:
+            record_run(out, cfg)
+        outcomes: list[PairOutcome | None] = []
+        pools_manifest = {}
+        for p in passes:
+            pool = open_pool(cfg, p.kind, p.pool, models, build_trie=info.is_main,
+                             store=candidate_stores.get(p.stem))
+            outcomes += [evaluate_pair(cfg, models, pool, qf, stores[qf.stem], positives[p.stem, qf.stem], info)
+                         for qf in p.files]
+            pools_manifest[pool.stem] = pool.manifest(cfg.trie_backend)
+            del pool  # one pool's codes, trie and embeddings in memory at a time
+        if not info.is_main:
+            return None
+        report = build_report(cfg, outcomes, list(positives.values()), out, info)
+        write_outputs(cfg, models, report, [qf.path for qf in files], stores, pools_manifest)
+        state.finish()
+    return report
 
-    passes: list[tuple[str, Path, list[QueryFile]]] = []
-    if cfg.task_specific:
-        for pool_path in dict.fromkeys(qf.pool for qf in files):
-            passes.append(("task-specific", pool_path, [qf for qf in files if qf.pool == pool_path]))
-    if cfg.union:
-        passes.append(("universal", union_pool_file(cfg), files))
 
-    outcomes: list[PairOutcome | None] = []
-    pools_manifest = {}
-    for kind, pool_path, pass_files in passes:
-        pool = open_pool(cfg, kind, pool_path, models, info.is_main)
-        outcomes += [evaluate_pair(cfg, models, pool, qf, stores[qf.stem], info) for qf in pass_files]
-        pools_manifest[pool.stem] = pool_manifest(pool, cfg)
-        del pool  # one pool's codes, trie and embeddings in memory at a time
-    if not info.is_main:
-        return None
-
+def build_report(cfg: EvalConfig, outcomes: list[PairOutcome], positives: list[PoolPositives], out: Path,
+                 info: DistInfo) -> EvalReport:
     results = [r for o in outcomes for r in o.results]
     stats = [o.stats for o in outcomes]
     dec = cfg.decoding
@@ -613,69 +400,8 @@ def _evaluate(cfg: EvalConfig, models: Models | None, info: DistInfo) -> EvalRep
             f"{', fp16 query Combiner' if combiner_dtype(info.device, dec.combiner_autocast) == 'float16' else ''}"
             f"{f', modality threshold {dec.modality_threshold:g}' if dec.modality_threshold else ''}; trie backend {cfg.trie_backend}; "
             f"Recall@k is UniIR's hit rate, in %.")
-    report = EvalReport(results, stats, markdown_report(results, stats, f"GENIUS evaluation: {out.name}", note), out)
-    write_outputs(cfg, models, report, files, stores, pools_manifest)
-    mark_done(out, fingerprint)
-    return report
-
-
-def evaluation_inputs(cfg: EvalConfig, files: list[QueryFile]) -> list[Path]:
-    """Every file whose change must redo the evaluation: models, codes, stores, queries, qrels."""
-    stores_root = resolve_path(cfg.paths.stores_root)
-    pools = list(dict.fromkeys(qf.pool for qf in files)) if cfg.task_specific else []
-    if cfg.union:
-        pools.append(union_pool_file(cfg))
-    paths = cfg.checkpoint_files()
-    for qf in files:
-        paths += [qf.path, qf.qrels, store_path(stores_root, cfg.paths.encoder, "test", qf.path) / "meta.json"]
-    for pool in pools:
-        stem = pool.name.removesuffix(".jsonl")
-        paths += [pool, store_path(stores_root, cfg.paths.encoder, "cand", pool) / "meta.json",
-                  cfg.codes_root() / stem / "meta.json"]
-    return [p for p in paths if p.exists()]  # a missing one fails later with its own message
-
-
-def pool_manifest(pool: Pool, cfg: EvalConfig) -> dict:
-    return {"kind": pool.kind, "jsonl": str(pool.path), "store": str(pool.store.path), "codes": str(pool.codes_dir),
-            "codes_hash": pool.codes_hash, "trie": str(pool.trie_path), "trie_backend": cfg.trie_backend,
-            "fused": str(pool.fused_dir),
-            "collisions": pool.cmap.collision_stats()}
-
-
-def write_outputs(cfg: EvalConfig, models: Models, report: EvalReport, files: list[QueryFile],
-                  stores: dict[str, EmbeddingStore], pools: dict) -> None:
-    out = report.out_dir
-    atomic_write_text(out / "results.tsv", results_tsv(report.results))
-    atomic_write_text(out / "results.md", report.markdown)
-    atomic_write_json(out / "metrics.json", {
-        "fingerprints": models.fingerprints,
-        "recall": [vars(r) for r in report.results],
-        "decoding": [{**vars(s), "queries_per_second": s.queries_per_second} for s in report.stats],
-        "collisions": {stem: p.get("collisions") for stem, p in pools.items()},
-    })
-    if plot_recall_by_task(report.results, out / "recall_by_task.png"):
-        log.info("wrote %s", out / "recall_by_task.png")
-    first_store = next(iter(stores.values()), None)
-    default_pool = next((stem for stem, p in pools.items() if p["kind"] == "universal"), next(iter(pools), None))
-    atomic_write_json(out / "run.json", {
-        "manifest_version": MANIFEST_VERSION,
-        "config": str(out / "config.yaml"),
-        "project_root": str(project_root()),
-        "eval_config": config_to_dict(cfg),
-        "data_root": str(resolve_path(cfg.paths.data_root)),
-        "instructions": str(resolve_path(cfg.paths.instructions, resolve_path(cfg.paths.data_root))),
-        "encoder": {"name": cfg.paths.encoder,
-                    "query_store": str(first_store.path) if first_store is not None else None,
-                    "dtype": first_store.meta.get("dtype") if first_store is not None else None,
-                    "extraction": first_store.meta.get("config", {}) if first_store is not None else {}},
-        "checkpoints": models.files,
-        "fingerprints": models.fingerprints,
-        "decoding": config_to_dict(cfg.decoding),
-        "rerank": cfg.rerank,
-        "pools": pools,
-        "default_pool": default_pool,
-        "query_files": [str(qf.path) for qf in files],
-    })
+    markdown = report_markdown(results, stats, positives, f"GENIUS evaluation: {out.name}", note)
+    return EvalReport(results, stats, markdown, out, positives)
 
 
 def main(argv: list[str] | None = None) -> int:

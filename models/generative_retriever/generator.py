@@ -12,17 +12,26 @@ it, never from the YAML of a later run.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
-from transformers import T5Config, T5ForConditionalGeneration
-from transformers.cache_utils import EncoderDecoderCache
+from transformers import DynamicCache, EncoderDecoderCache, T5Config, T5ForConditionalGeneration
+from transformers.models.t5.modeling_t5 import T5Stack
 
-from genius.common.checkpoint import load_own_checkpoint, load_state_dict_strict, save_own_checkpoint
+from genius.common.checkpoint import content_digest, load_own_checkpoint, load_state_dict_strict, save_own_checkpoint
 from genius.models.generative_retriever.vocab import EOS, PAD, code_offsets, codes_to_tokens, vocab_size
+
+# The cached decoder step passes its KV cache as ``cache=``, the name transformers 5.24 introduced
+# (``past_key_values`` is deprecated there). Earlier releases would take ``cache=`` into **kwargs
+# and decode silently without the cache, so refuse them here rather than return wrong beams.
+if "cache" not in inspect.signature(T5Stack.forward).parameters:
+    raise ImportError(f"genius needs transformers>=5.24 (the T5 decoder's `cache` argument); installed: "
+                      f"{transformers.__version__}. Reinstall with `bash scripts/env.sh` (it follows the lock file).")
 
 # t5-small's shapes (google-t5/t5-small config.json); the encoder's 6 layers are dropped.
 T5_SMALL = {
@@ -111,35 +120,60 @@ class IDGenerator(nn.Module):
         decoder_input = torch.cat([torch.full_like(tokens[:, :1], PAD), tokens[:, :-1]], dim=1)
         return self.t5(inputs_embeds=self.prefix(z_query), decoder_input_ids=decoder_input).logits
 
+    def new_decode_cache(self) -> EncoderDecoderCache:
+        """An empty decoder cache: self-attention keys/values per row, cross-attention ones per query."""
+        config = self.t5.decoder.config
+        return EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+
     def code_log_probs(self, tokens: torch.Tensor, encoder_hidden: torch.Tensor, cache: EncoderDecoderCache | None,
                        level: int, level_head: bool) -> tuple[torch.Tensor, EncoderDecoderCache]:
         """One cached decoder step: fp32 log-probabilities [N, K_level] of level ``level``'s codes.
 
-        ``tokens`` [N, 1] is each row's last token; ``cache`` None starts a new cache. With
-        ``level_head`` only the level's K rows of the output head are scored and normalised
-        among themselves; otherwise the full vocabulary is scored and normalised (the official
-        decoding's numbers), then the level's slice is returned.
+        ``tokens`` [N, 1] is each row's last token; ``cache`` None starts a new cache (see
+        ``new_decode_cache``), which the step extends in place and returns. With ``level_head``
+        only the level's K rows of the output head are scored and normalised among themselves;
+        otherwise the full vocabulary is scored and normalised (the official decoding's numbers),
+        then the level's slice is returned.
         """
-        out = self.t5.decoder(input_ids=tokens, encoder_hidden_states=encoder_hidden, past_key_values=cache,
-                              use_cache=True)
-        hidden = out.last_hidden_state[:, -1]
+        if cache is None:
+            cache = self.new_decode_cache()
+        hidden = self.t5.decoder(input_ids=tokens, encoder_hidden_states=encoder_hidden, cache=cache,
+                                 use_cache=True).last_hidden_state[:, -1]
         if self.t5.config.scale_decoder_outputs:
             hidden = hidden * self.d_model**-0.5
         lo, hi = self.offsets[level], self.offsets[level] + self.codebook_sizes[level]
         if level_head:
-            return F.log_softmax(F.linear(hidden, self.t5.lm_head.weight[lo:hi]).float(), dim=-1), out.past_key_values
-        return F.log_softmax(self.t5.lm_head(hidden).float(), dim=-1)[:, lo:hi], out.past_key_values
+            return F.log_softmax(F.linear(hidden, self.t5.lm_head.weight[lo:hi]).float(), dim=-1), cache
+        return F.log_softmax(self.t5.lm_head(hidden).float(), dim=-1)[:, lo:hi], cache
 
 
-def save_generator(path: str | os.PathLike, generator: IDGenerator, config: dict, rq_fingerprint: str) -> None:
-    """The final ``generator.pt``: weights, arch, resolved config and the rq.pt it was trained with."""
+def save_generator(path: str | os.PathLike, generator: IDGenerator, config: dict, rq_fingerprint: str,
+                   **record) -> str:
+    """The final ``generator.pt``: weights, arch, resolved config, the fingerprint of the rq.pt it
+    was trained with, ``record`` (plain data: train-gen's run key) and ``fingerprint``, a content
+    digest of the weights that later stages record (as rq.pt's). The file also carries a digest
+    of its whole content, checked on every read. Returns the fingerprint."""
     state = {k: v.detach().cpu() for k, v in generator.state_dict().items()}
-    save_own_checkpoint({"model": state, "arch": generator.arch, "config": config, "rq": rq_fingerprint}, path)
+    fingerprint = content_digest(state)
+    save_own_checkpoint({"model": state, "arch": generator.arch, "config": config, "rq": rq_fingerprint, **record,
+                         "fingerprint": fingerprint}, path)
+    return fingerprint
 
 
 def load_generator(path: str | os.PathLike) -> tuple[IDGenerator, dict]:
-    """Rebuild from the saved arch, load strictly, eval mode. Meta: arch, config, rq fingerprint."""
+    """Rebuild from the saved arch, load strictly, eval mode. A file whose bytes no longer match
+    its digest (a flipped byte, a truncated copy) is refused naming it. Meta: arch, config, rq
+    (the fingerprint of its rq.pt), fingerprint (of these weights)."""
     ckpt = load_own_checkpoint(path)
     generator = IDGenerator(ckpt["arch"])
     load_state_dict_strict(generator, ckpt["model"], f"generator checkpoint {path}")
-    return generator.eval(), {key: ckpt[key] for key in ("arch", "config", "rq")}
+    meta = {key: ckpt[key] for key in ("arch", "config", "rq")}
+    meta["fingerprint"] = ckpt.get("fingerprint") or content_digest(ckpt["model"])
+    return generator.eval(), meta
+
+
+def generator_fingerprint(path: str | os.PathLike) -> str:
+    """The weights' fingerprint recorded in ``generator.pt`` (a memory-mapped read of the record;
+    the content is checked where the weights are loaded)."""
+    ckpt = load_own_checkpoint(path, verify=False, mmap=True)
+    return str(ckpt.get("fingerprint") or content_digest(ckpt["model"]))

@@ -1,29 +1,25 @@
 """Stage 3 retrieval: from generated IDs, or from dense scores, to ranked candidates.
 
-Everything here is an index with faiss's interface, ``search(queries float32 [Q, D], k) ->
-(scores float32 [Q, k], ids int64 [Q, k])``, where missing results are padded with id -1 and
-score -inf:
+The dense indexes have faiss's interface, ``search(queries float32 [Q, D], k) -> (scores float32
+[Q, k], ids int64 [Q, k])``, where missing results are padded with id -1 and score -inf:
+``ExactIPIndex`` is exact inner product in chunks (torch matmul + running top-k), the dense
+CLIP-SF baseline; ``FaissFlatIPIndex`` is the same search through faiss's IndexFlatIP.
 
-- ``ExactIPIndex``: exact inner product in chunks (torch matmul + running top-k), the dense
-  CLIP-SF baseline; ``FaissFlatIPIndex`` is the same search through faiss's IndexFlatIP.
-- ``GeniusIndex``: the whole generative pipeline (Combiner embedding, trie-constrained beam
-  search, ID -> candidates, optional GENIUS^R re-ranking).
-
-The pieces GeniusIndex is made of are public so evaluation can cache decoded IDs per
-(model, pool, query file): ``CandidateMap`` (ID -> candidates sharing it, in trie leaf order),
-``genius_ranking`` (candidates of each beam in beam order) and ``rerank_ranking`` (GENIUS^R).
-Candidates are referred to by *row* (position in the pool's code file); an index's ``ids``
-array turns rows into hashed dids.
+The generative side works on decoded beams: ``CandidateMap`` (ID -> candidates sharing it, in trie
+leaf order), ``beam_leaves`` (each beam's leaf), ``genius_ranking`` (candidates of each beam in beam
+order) and ``rerank_ranking`` (GENIUS^R). ``ranking.rank`` combines them for evaluation and search,
+and ``ranking.GeniusIndex`` puts the whole pipeline behind faiss's ``search``. Candidates are
+referred to by *row* (position in the pool's code file); an index's ``ids`` array turns rows into
+hashed dids.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from genius.common.fusion import score_fusion
 
 ABSENT = -1
 PAD_SCORE = -np.inf
@@ -37,6 +33,12 @@ class BeamResultLike(Protocol):
     codes: torch.Tensor  # [Q, B, L], -1 for absent beams
     scores: torch.Tensor  # [Q, B]
     valid: torch.Tensor  # bool [Q, B]
+
+
+def beams_as_arrays(beams: BeamResultLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A beam search result as numpy: codes int64 [Q, B, L], scores float32 [Q, B], valid bool [Q, B]."""
+    return (beams.codes.cpu().numpy().astype(np.int64), beams.scores.float().cpu().numpy(),
+            beams.valid.cpu().numpy().astype(bool))
 
 
 # ---- ID -> candidates ------------------------------------------------------------------------
@@ -122,6 +124,13 @@ class CandidateMap:
             "candidates_sharing_an_id": int(sizes[sizes > 1].sum()),
             "largest_group": int(sizes.max()) if len(sizes) else 0,
         }
+
+
+def beam_leaves(cmap: CandidateMap, codes: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """int64 [Q, B]: the trie leaf of each decoded beam's ID, -1 for invalid beams and unknown IDs."""
+    leaves = cmap.leaves_of(codes)
+    leaves[~np.asarray(valid, dtype=bool)] = ABSENT
+    return leaves
 
 
 # ---- rankings --------------------------------------------------------------------------------
@@ -235,7 +244,7 @@ def target_modality_share(ranking: Ranking, cand_modality: np.ndarray, target: n
 
 
 # ---- dense baseline --------------------------------------------------------------------------
-def _check_queries(queries: np.ndarray, dim: int, k: int) -> np.ndarray:
+def check_queries(queries: np.ndarray, dim: int, k: int) -> np.ndarray:
     queries = np.asarray(queries)
     if queries.ndim != 2 or queries.shape[1] != dim:
         raise ValueError(f"queries must be a float array [Q, {dim}], got shape {queries.shape}")
@@ -270,7 +279,7 @@ class ExactIPIndex:
         return self.vectors.shape[1]
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        queries = torch.from_numpy(np.ascontiguousarray(_check_queries(queries, self.d, k), dtype=np.float32))
+        queries = torch.from_numpy(np.ascontiguousarray(check_queries(queries, self.d, k), dtype=np.float32))
         num_queries = len(queries)
         best_scores = torch.full((num_queries, k), -torch.inf, device=self.device)
         best_rows = torch.full((num_queries, k), ABSENT, dtype=torch.int64, device=self.device)
@@ -308,7 +317,7 @@ class FaissFlatIPIndex(ExactIPIndex):
             self.index.add(np.ascontiguousarray(vectors[start : start + chunk_size], dtype=np.float32))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        queries = np.ascontiguousarray(_check_queries(queries, self.d, k), dtype=np.float32)
+        queries = np.ascontiguousarray(check_queries(queries, self.d, k), dtype=np.float32)
         scores, rows = self.index.search(queries, k)
         return self._labelled(np.where(rows >= 0, scores, PAD_SCORE), rows.astype(np.int64))
 
@@ -325,58 +334,3 @@ def dense_index(vectors: np.ndarray, ids: np.ndarray | None = None, backend: str
                              "(pip install faiss-cpu)") from None
         return FaissFlatIPIndex(vectors, ids, **kwargs)
     raise ValueError(f"unknown dense backend {backend!r}; valid choices: 'torch', 'faiss'")
-
-
-# ---- the generative pipeline as an index ----------------------------------------------------
-def pack_query_features(img: np.ndarray, txt: np.ndarray, img_mask: np.ndarray, txt_mask: np.ndarray) -> np.ndarray:
-    """Raw stage-0 query features as one float32 matrix [Q, 2D + 2]: img | txt | img_mask | txt_mask.
-
-    GENIUS needs both the raw vectors (for the Combiner) and their fusion (for re-ranking), so
-    its index takes these packed features where a dense index takes one embedding.
-    """
-    img, txt = np.asarray(img, dtype=np.float32), np.asarray(txt, dtype=np.float32)
-    masks = np.stack([np.asarray(img_mask), np.asarray(txt_mask)], axis=1).astype(np.float32)
-    return np.concatenate([img, txt, masks], axis=1)
-
-
-def unpack_query_features(packed: np.ndarray, dim: int) -> tuple[torch.Tensor, ...]:
-    packed = torch.from_numpy(np.ascontiguousarray(packed, dtype=np.float32))
-    return packed[:, :dim], packed[:, dim : 2 * dim], packed[:, 2 * dim], packed[:, 2 * dim + 1]
-
-
-class GeniusIndex:
-    """The whole GENIUS pipeline behind faiss's ``search`` (queries = packed raw features).
-
-    ``embed(img, txt, img_mask, txt_mask) -> z [Q, dim]`` is the stage-1 Combiner (``rq.embed``),
-    ``decode(z) -> BeamResult`` the trie-constrained beam search over this pool's trie.
-    With ``cand_emb`` (fused CLIP-SF embeddings of the pool rows) and ``rerank``, results are
-    GENIUS^R; otherwise GENIUS, scored by beam score.
-    """
-
-    def __init__(self, embed: Callable, decode: Callable[[torch.Tensor], BeamResultLike], cmap: CandidateMap,
-                 ids: np.ndarray, feature_dim: int, cand_emb: np.ndarray | None = None, rerank: bool = False):
-        if rerank and cand_emb is None:
-            raise ValueError("re-ranking needs the pool's fused CLIP-SF embeddings (cand_emb)")
-        self.embed, self.decode, self.cmap, self.labels = embed, decode, cmap, np.asarray(ids, dtype=np.int64)
-        self.feature_dim, self.cand_emb, self.rerank = feature_dim, cand_emb, rerank
-
-    @property
-    def ntotal(self) -> int:
-        return self.cmap.num_candidates
-
-    @property
-    def d(self) -> int:
-        return 2 * self.feature_dim + 2
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        img, txt, img_mask, txt_mask = unpack_query_features(_check_queries(queries, self.d, k), self.feature_dim)
-        with torch.no_grad():
-            beams = self.decode(self.embed(img, txt, img_mask, txt_mask))
-        leaves = self.cmap.leaves_of(beams.codes.cpu().numpy())
-        leaves[~beams.valid.cpu().numpy()] = ABSENT
-        if self.rerank:
-            fused = score_fusion(img, txt, img_mask, txt_mask).numpy()
-            ranking = rerank_ranking(self.cmap, leaves, fused, self.cand_emb, k)
-        else:
-            ranking = genius_ranking(self.cmap, leaves, beams.scores.float().cpu().numpy(), k)
-        return ranking.scores, ranking.ids(self.labels)

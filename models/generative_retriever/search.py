@@ -4,15 +4,18 @@
     genius search --run configs_scripts/tiny --image photo.png --target-modality text
 
 ``--run`` is a results directory holding ``run.json`` (written by ``genius eval``) or a setting's
-config folder (its ``eval.yaml`` names the results directory). The manifest names everything
-needed: the stage-0 encoder config the query stores were extracted with, the checkpoints (rq.pt
-and generator.pt, or an official-layout GENIUS_t5small.pth), each pool's store, codes, trie and jsonl.
+config folder (its ``eval.yaml`` names the results directory). The manifest names the stage-0
+encoder config the query stores were extracted with, the evaluated pools and the models'
+fingerprints; the run's own config (``config.yaml`` beside it) loads the models and opens the pool
+exactly as ``genius eval`` did (``run_models``, ``pool_assets``), and the candidates are ranked by
+the same function (``ranking``). Paths resolve against the GENIUS_ROOT the results folder lies in
+now, so a root copied or moved elsewhere can be searched.
 
 The query is built as in extraction: the instruction for (dataset, query modality, target
 modality) from the run's instructions file, picked with the run's instruction mode
 (``deterministic``: a stable hash of the query, like evaluation's hash of the qid; ``first``;
 ``none``), or given with ``--instruction``; then it is encoded by the stage-0 encoder, decoded
-under the pool's trie, and the candidates are printed with their did, modality, text or image
+under the pool's trie, ranked, and the candidates are printed with their did, modality, text or image
 path and score (GENIUS^R cosine when the run re-ranked, else the beam log-probability).
 """
 from __future__ import annotations
@@ -30,21 +33,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-import genius.trie_cpp as trie_lib
 from genius.common.config import load_config, project_root, project_root_set_to, resolve_path
 from genius.common.distributed import init_distributed
 from genius.common.mbeir import MODALITIES, Instructions, iter_candidates, query_text_with_instruction, unhash_did
 from genius.common.stage import setup_logging, user_errors_exit
-from genius.common.store import EmbeddingStore
-from genius.models.generative_retriever.evaluate import (
-    EvalConfig,
-    Models,
-    StaleInputError,
-    cached_fused_embeddings,
-    codes_fingerprint,
-    load_models,
-)
-from genius.models.generative_retriever.retrieval import CandidateMap, GeniusIndex, pack_query_features
+from genius.models.generative_retriever.evaluate import EvalConfig
+from genius.models.generative_retriever.pool_assets import open_pool
+from genius.models.generative_retriever.ranking import GeniusIndex, pack_query_features
+from genius.models.generative_retriever.run_models import Models, StaleInputError, load_models
 
 log = logging.getLogger("genius.search")
 
@@ -75,10 +71,23 @@ def find_manifest(run: str | Path) -> Path:
 
 
 def load_manifest(run: str | Path) -> dict:
-    manifest = json.loads(find_manifest(run).read_text())
+    path = find_manifest(run)
+    manifest = json.loads(path.read_text())
     if manifest.get("manifest_version") != 1:
-        raise ValueError(f"{run}: run manifest version {manifest.get('manifest_version')!r} is not supported (expected 1)")
+        raise ValueError(f"{path}: run manifest version {manifest.get('manifest_version')!r} is not supported "
+                         "(expected 1); run genius eval again")
+    manifest["root"] = str(run_root(path, manifest))
     return manifest
+
+
+def run_root(manifest_path: Path, manifest: dict) -> Path:
+    """The GENIUS_ROOT the run's relative paths resolve against: found from where the results
+    folder lies now (so a root copied or moved elsewhere works), else the recorded one."""
+    results = Path(manifest["eval_config"]["paths"]["results"])
+    here = manifest_path.resolve().parent.parts
+    if not results.is_absolute() and len(here) > len(results.parts) and here[-len(results.parts):] == results.parts:
+        return Path(*here[: -len(results.parts)])
+    return Path(manifest.get("project_root", project_root()))
 
 
 # ---- the query --------------------------------------------------------------------------------
@@ -123,17 +132,13 @@ def encode_query(encoder, text: str, image: str | None) -> np.ndarray:
 
 
 # ---- the pool ---------------------------------------------------------------------------------
-def open_index(pool: dict, models: Models, rerank: bool) -> GeniusIndex:
-    """The GENIUS index over one pool of the run manifest."""
-    store = EmbeddingStore.open(pool["store"], kind="candidate", source=pool["jsonl"])
-    if codes_fingerprint(Path(pool["codes"])) != pool["codes_hash"]:
-        raise StaleInputError(f"the codes in {pool['codes']} changed after this run was evaluated; run genius eval again")
-    codes = np.load(Path(pool["codes"]) / "codes.npy")
-    trie = trie_lib.load_trie(pool["trie"], pool["trie_backend"])
-    cmap = CandidateMap.build(trie, codes)
-    fused = cached_fused_embeddings(store, Path(pool["fused"])) if rerank else None
-    return GeniusIndex(models.embed, lambda z: models.decode(z, trie), cmap, store.ids, store.dim,
-                       cand_emb=fused, rerank=rerank)
+def open_index(cfg: EvalConfig, pool: str, manifest: dict, models: Models, rerank: bool) -> GeniusIndex:
+    """The GENIUS index over one pool of the run, opened as genius eval opened it."""
+    entry = manifest["pools"][pool]
+    opened = open_pool(cfg, entry["kind"], resolve_path(entry["jsonl"]), models, build_trie=False)
+    if opened.codes_hash != entry["codes_hash"]:
+        raise StaleInputError(f"{opened.codes_dir}: the codes changed after this run was evaluated; run genius eval again")
+    return GeniusIndex(models, opened, rerank)
 
 
 def describe(pool_jsonl: str | Path, dids: list[int], scores: list[float]) -> list[Hit]:
@@ -169,28 +174,31 @@ def search(run: str | Path, text: str = "", image: str | None = None, instructio
     extraction = manifest["encoder"]["extraction"]
     if instruction is None:
         mode = extraction.get("instructions", {}).get("mode", "deterministic")
-        instructions = Instructions.load(manifest["instructions"]) if mode != "none" else None
+        with project_root_set_to(manifest["root"]):
+            instructions = Instructions.load(resolve_path(manifest["instructions"])) if mode != "none" else None
         instruction = choose_instruction(instructions, mode, qmod, target, f"{text}|{image or ''}", dataset) \
             if instructions else ""
     query_text = query_text_with_instruction(instruction, text)
     log.info("query text: %r (%s -> %s)", query_text, qmod, target)
 
     dev = init_distributed(device).device
-    with project_root_set_to(manifest.get("project_root", project_root())):
+    rerank = manifest["rerank"] if rerank is None else rerank
+    with project_root_set_to(manifest["root"]):
         encoder = (encoder_factory or _build_encoder)(extraction, dev)
-        cfg = load_config(EvalConfig, manifest["config"])
+        cfg = load_config(EvalConfig, resolve_path(manifest["config"]))
         models = models or load_models(cfg, dev)
+        if models.fingerprints != manifest["fingerprints"]:
+            raise StaleInputError("the run's checkpoints (rq.pt and generator.pt, or its official checkpoint) changed "
+                                  "after this run was evaluated; run genius eval again")
+        index = open_index(cfg, pool, manifest, models, rerank)
+        pool_jsonl = resolve_path(manifest["pools"][pool]["jsonl"])
     packed = encode_query(encoder, query_text, image)
     if manifest["encoder"].get("dtype"):  # round like the stored queries: a test query gets its stored features
         vectors = packed[:, : 2 * encoder.dim]
         packed[:, : 2 * encoder.dim] = vectors.astype(manifest["encoder"]["dtype"]).astype(np.float32)
-    if models.fingerprints != manifest["fingerprints"]:
-        raise StaleInputError("the run's checkpoints (rq.pt and generator.pt, or its official checkpoint) changed "
-                              "after this run was evaluated; run genius eval again")
-    rerank = manifest["rerank"] if rerank is None else rerank
-    scores, ids = open_index(manifest["pools"][pool], models, rerank).search(packed, k)
+    scores, ids = index.search(packed, k)
     keep = ids[0] >= 0
-    return describe(manifest["pools"][pool]["jsonl"], ids[0][keep].tolist(), scores[0][keep].tolist())
+    return describe(pool_jsonl, ids[0][keep].tolist(), scores[0][keep].tolist())
 
 
 def _build_encoder(extraction: dict, device: torch.device):

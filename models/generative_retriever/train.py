@@ -5,67 +5,43 @@ normalised Combiner outputs z_q and z_c and the positive's L codes (recomputed e
 0 from the candidate's modality). The generator reads the query-target mix of z_q and z_c and is
 trained with cross-entropy on the L code tokens (teacher forcing). AdamW with linear warm-up and
 cosine decay to 0, per step; gradient clipping; fp16 autocast with GradScaler on GPU; DDP under
-torchrun. Checkpoints after every ``checkpoint_every`` epochs; a re-run resumes from the last one.
+torchrun. Checkpoints after every ``checkpoint_every`` epochs.
 ``optim.warmup_start``, ``optim.no_decay`` and ``train.positives`` select the official code's
 warm-up, weight-decay rule and fixed positives (configs_scripts/large/train_gen.yaml sets them).
 
 Outputs in ``out_dir``: ``generator.pt`` (see ``generator.load_generator``), ``metrics.jsonl``
 (loss, teacher-forced exact match, per-level accuracy, lr), ``config.yaml``, ``checkpoints/``,
-``done.json`` (a re-run with the same config and inputs is skipped).
+``training_curves.png``, ``done.json``. A re-run does nothing when ``done.json`` records the same
+run (semantic config, the query file's content, the two stores' content ids, rq.pt's fingerprint,
+the global batch: genius.common.runstate), resumes from the last checkpoint of the same run, or
+else moves the old run with its logs to ``out_dir/stale/<time>/`` and starts afresh;
+``train.force=true`` always retrains. Every number of the config is range-checked before any work.
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from genius.common.checkpoint import (
-    checkpoint_file,
-    latest_checkpoint,
-    load_own_checkpoint,
-    load_scaler_state,
-    load_state_dict_strict,
-    rng_state,
-    save_training_checkpoint,
-    set_rng_state,
-)
-from genius.common.config import config_to_dict, require_positive, resolve_path
+from genius.common import training
+from genius.common.checkpoint import checkpoint_file, load_scaler_state, load_state_dict_strict, save_training_checkpoint
+from genius.common.config import config_to_dict, resolve_path
 from genius.common.mbeir import older_revision_twin
-from genius.common.distributed import (
-    DistInfo,
-    all_reduce_mean,
-    barrier,
-    cleanup,
-    init_distributed,
-    seed_everything,
-)
-from genius.common.io import atomic_write_text
-from genius.common.pairs import (
-    PositiveDraw,
-    TrainingPairs,
-    batches_per_epoch,
-    iterate_batches,
-    load_training_pairs,
-)
+from genius.common.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, seed_everything
+from genius.common.pairs import PositiveDraw, TrainingPairs, iterate_batches, load_training_pairs
 from genius.common.plots import plot_training_curves
+from genius.common.ranges import check_ranges, ranged
+from genius.common.runstate import RunKey, file_content
 from genius.common.stage import (
-    DONE_FILE,
     MetricsLog,
-    archive_stale_run,
-    is_up_to_date,
-    mark_done,
     parse_stage_config,
     progress_disabled,
     record_run,
     setup_logging,
-    stage_fingerprint,
     stage_parser,
     user_errors_exit,
 )
@@ -97,84 +73,57 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    num_prefix: int = 30
-    d_model: int = T5_SMALL["d_model"]
-    num_heads: int = T5_SMALL["num_heads"]
-    d_kv: int = T5_SMALL["d_kv"]
-    d_ff: int = T5_SMALL["d_ff"]
-    num_decoder_layers: int = T5_SMALL["num_decoder_layers"]
-    dropout: float = T5_SMALL["dropout"]
+    num_prefix: int = ranged(30, ">= 1")
+    d_model: int = ranged(T5_SMALL["d_model"], ">= 1")
+    num_heads: int = ranged(T5_SMALL["num_heads"], ">= 1")
+    d_kv: int = ranged(T5_SMALL["d_kv"], ">= 1")
+    d_ff: int = ranged(T5_SMALL["d_ff"], ">= 1")
+    num_decoder_layers: int = ranged(T5_SMALL["num_decoder_layers"], ">= 1")
+    dropout: float = ranged(T5_SMALL["dropout"], "[0, 1)")
     pretrained: str | None = None  # a local T5 directory (save_pretrained format); shapes then come from it
-    code_embedding_scale: float = 100.0
-
-    def validate(self) -> None:
-        require_positive({"num_prefix": self.num_prefix, "d_model": self.d_model, "num_heads": self.num_heads,
-                          "d_kv": self.d_kv, "d_ff": self.d_ff, "num_decoder_layers": self.num_decoder_layers,
-                          "code_embedding_scale": self.code_embedding_scale})
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+    code_embedding_scale: float = ranged(100.0, "> 0")
 
 
 @dataclass
 class MixingConfig:
     enabled: bool = True
-    alpha: float = 2.0
-
-    def validate(self) -> None:
-        if self.alpha <= 0:
-            raise ValueError(f"mixing.alpha must be > 0, got {self.alpha}")
+    alpha: float = ranged(2.0, "> 0")  # the mixing weights' Beta(alpha, alpha)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
-    weight_decay: float = 1e-4  # on the parameters no_decay leaves decayed
+    lr: float = ranged(1e-4, "> 0")
+    betas: list[float] = ranged(spec="[0, 1)", factory=lambda: [0.9, 0.98])
+    eps: float = ranged(1e-6, "> 0")
+    weight_decay: float = ranged(1e-4, ">= 0")  # on the parameters no_decay leaves decayed
     # Which parameters get no weight decay. ndim: those with < 2 dimensions (biases, norms).
     # official_names: the official rule, < 2 dimensions or a name containing 'bn', 'ln', 'bias'
     # or 'logit_scale'; on this model that also exempts T5's relative_attention_bias embedding
     # [buckets, heads], the only matrix whose name says bias.
     no_decay: Literal["ndim", "official_names"] = "ndim"
-    warmup_steps: int = 500
+    warmup_steps: int = ranged(500, ">= 0")
     # Linear warm-up factor at step t (counted from 0). first_step: (t + 1) / warmup_steps, so the
     # first update already moves the weights and the last warm-up step reaches lr. zero: the
     # official t / warmup_steps, whose first update has lr 0 (it only fills AdamW's moments).
-    warmup_start: Literal["first_step", "zero"] = "first_step"
-    grad_clip: float = 1.0
-
-    def validate(self) -> None:
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must hold two numbers in [0, 1), got {self.betas}")
-        if self.lr <= 0 or self.eps <= 0 or self.grad_clip <= 0:
-            raise ValueError(f"lr, eps and grad_clip must be positive, got {self.lr}, {self.eps}, {self.grad_clip}")
-        if self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ValueError(f"weight_decay and warmup_steps must be >= 0, got {self.weight_decay}, "
-                             f"{self.warmup_steps}")
+    warmup_start: training.WarmupStart = "first_step"
+    grad_clip: float = ranged(1.0, "> 0")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 31
-    batch_size: int = 256  # per process
-    seed: int = 2023
+    epochs: int = ranged(31, ">= 1")
+    batch_size: int = ranged(256, ">= 1")  # per process (the run key records batch_size x processes)
+    seed: int = ranged(2023, ">= 0")
     # per_epoch: each query's positive is drawn anew every epoch. fixed: one draw for the whole
     # run, as the official dataset drew once at construction.
     positives: PositiveDraw = "per_epoch"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    cpu_threads: int | None = None  # torch threads on CPU (null: torch's default, one per core)
+    cpu_threads: int | None = ranged(None, ">= 1")  # torch threads on CPU (null: torch's default, one per core)
     amp: bool = True  # fp16 autocast + GradScaler (GPU only)
-    log_every: int = 50  # steps
-    checkpoint_every: int = 1  # epochs
-    keep_checkpoints: int = 2
-    force: bool = False  # retrain even when done.json matches
-
-    def validate(self) -> None:
-        require_positive({"epochs": self.epochs, "batch_size": self.batch_size, "log_every": self.log_every,
-                          "checkpoint_every": self.checkpoint_every, "keep_checkpoints": self.keep_checkpoints,
-                          "cpu_threads": self.cpu_threads})
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+    log_every: int = ranged(50, ">= 1")  # steps
+    checkpoint_every: int = ranged(1, ">= 1")  # epochs
+    keep_checkpoints: int = ranged(2, ">= 1")
+    force: bool = False  # retrain even when out_dir holds this run finished (the old run moves to stale/)
 
 
 @dataclass
@@ -187,54 +136,73 @@ class TrainGenConfig:
     out_dir: str = "checkpoint/large/gen"
 
 
+def check_config(cfg: TrainGenConfig) -> None:
+    """Every number in its range (before any work)."""
+    check_ranges(cfg)
+    if len(cfg.optim.betas) != 2:
+        raise ValueError(f"optim.betas: {cfg.optim.betas} must hold two numbers in [0, 1), e.g. [0.9, 0.98]")
+
+
+# What does not change what a run computes (logging, cadence, device, paths: the inputs are
+# fingerprinted by content instead); the per-process batch size counts as the global batch.
+NOT_IN_RUN_KEY = ("out_dir", "train.device", "train.cpu_threads", "train.force", "train.log_every",
+                  "train.checkpoint_every", "train.keep_checkpoints", "train.batch_size", "data.root",
+                  "data.embed_root", "data.train_queries", "data.train_pool", "data.rq", "model.pretrained")
+FINAL = "generator.pt"
+
+
 # ---- the loop -------------------------------------------------------------------------------
 def train(cfg: TrainGenConfig) -> Path:
-    """Train (or resume, or skip when up to date); returns the path of ``generator.pt``."""
+    """Train (or resume, or skip when done); returns the path of ``generator.pt``."""
+    check_config(cfg)
     info = init_distributed(cfg.train.device, cfg.train.cpu_threads)
     out_dir = resolve_path(cfg.out_dir)
     rq, rq_print = load_frozen_rq(resolve_path(cfg.data.rq), info.device)
     pairs, queries, pool, inputs = open_training_data(cfg, rq.arch["dim"])
-    # What the weights depend on: logging and checkpoint cadence do not count.
-    fingerprint = stage_fingerprint(cfg, inputs + [resolve_path(cfg.data.rq)],
-                                    ignore=("device", "cpu_threads", "force", "log_every", "checkpoint_every",
-                                            "keep_checkpoints"))
-    if is_up_to_date(out_dir, fingerprint) and not cfg.train.force:
-        log.info("%s is up to date with its config and inputs; skipping (set train.force=true to retrain)", out_dir)
-        return out_dir / "generator.pt"
-    seed_everything(cfg.train.seed + info.rank)
-    steps_per_epoch = batches_per_epoch(len(pairs), cfg.train.batch_size, info.world_size)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(pairs)} training pairs give no full batch of {cfg.train.batch_size} x {info.world_size}")
-    resume = load_resume_state(out_dir, fingerprint, rq_print, cfg.train.batch_size * info.world_size, info)
-    generator = (IDGenerator(resume["arch"]) if resume else new_generator(cfg.model, rq)).to(info.device)
-    optimizer, scheduler = make_optimizer(generator, cfg.optim, steps_per_epoch * cfg.train.epochs)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.amp and info.device.type == "cuda")
-    start_epoch = restore(resume, generator, optimizer, scheduler, scaler, info, cfg.train.seed) if resume else 0
-    model = wrap_ddp(generator, info)
-    step = start_epoch * steps_per_epoch
-    if info.is_main:
-        record_run(out_dir, cfg)
-        drop_metrics_after(out_dir / "metrics.jsonl", step)
-    metrics, window = MetricsLog(out_dir / "metrics.jsonl", enabled=info.is_main), Window()
-    for epoch in range(start_epoch, cfg.train.epochs):
-        model.train()
-        batches = iterate_batches(pairs, queries, pool, batch_size=cfg.train.batch_size, epoch=epoch,
-                                  seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
-                                  positives=cfg.train.positives)
-        for batch in tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", disable=progress_disabled()):
-            window.add(*train_step(model, rq, batch, optimizer, scheduler, scaler, cfg, info.device))
-            step += 1
-            if step % cfg.train.log_every == 0 or step % steps_per_epoch == 0:
-                metrics.write(epoch=epoch, step=step, lr=scheduler.get_last_lr()[0], **window.flush())
-        if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
-            save_checkpoint(out_dir, epoch, generator, optimizer, scheduler, scaler, rq_print, fingerprint, info, cfg)
-    final = out_dir / "generator.pt"
-    if info.is_main:
-        save_generator(final, generator, config_to_dict(cfg), rq_print)
-        mark_done(out_dir, fingerprint, epochs=cfg.train.epochs, steps=step, last=metrics.read()[-1:])
-        log.info("wrote %s", final)
-        plot_training_curves(out_dir / "metrics.jsonl", out_dir / "training_curves.png", "stage 2: ID generator")
-    return final
+    inputs["rq"] = rq_print
+    if cfg.model.pretrained:
+        inputs["pretrained"] = folder_content(resolve_path(cfg.model.pretrained))
+    key = RunKey.of(cfg, NOT_IN_RUN_KEY, inputs, **training.batch_extra(cfg.train.batch_size, info.world_size))
+    run = training.make_run(out_dir, key, FINAL, stage="genius train-gen", force=cfg.train.force, info=info)
+    with run.hold():
+        if training.skip_if_done(run, out_dir / FINAL, "train.force"):
+            return out_dir / FINAL
+        steps_per_epoch = training.steps_per_epoch(len(pairs), cfg.train.batch_size, info.world_size,
+                                                   "train.batch_size")
+        seed_everything(cfg.train.seed + info.rank)
+        resume = training.resume_point(run, info, batch_key="train.batch_size", force_key="train.force")
+        generator = (IDGenerator(resume["arch"]) if resume else new_generator(cfg.model, rq)).to(info.device)
+        optimizer, scheduler = make_optimizer(generator, cfg.optim, steps_per_epoch * cfg.train.epochs)
+        scaler = training.grad_scaler(cfg.train.amp, info.device)
+        start_epoch = restore(resume, generator, optimizer, scheduler, scaler, info, cfg.train.seed) if resume else 0
+        model = wrap_ddp(generator, info)
+        step = start_epoch * steps_per_epoch
+        if info.is_main:
+            record_run(out_dir, cfg)
+            training.keep_metrics(out_dir / "metrics.jsonl", lambda r: r["step"] <= step)
+        metrics, window = MetricsLog(out_dir / "metrics.jsonl", enabled=info.is_main), Window()
+        record = {**training.checkpoint_record(run, info), "rq": rq_print}
+        for epoch in range(start_epoch, cfg.train.epochs):
+            model.train()
+            batches = iterate_batches(pairs, queries, pool, batch_size=cfg.train.batch_size, epoch=epoch,
+                                      seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
+                                      positives=cfg.train.positives)
+            for batch in tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", disable=progress_disabled()):
+                window.add(*train_step(model, rq, batch, optimizer, scheduler, scaler, cfg, info.device))
+                step += 1
+                if step % cfg.train.log_every == 0 or step % steps_per_epoch == 0:
+                    metrics.write(epoch=epoch, step=step, lr=scheduler.get_last_lr()[0], **window.flush())
+            if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
+                save_checkpoint(out_dir, epoch, generator, optimizer, scheduler, scaler, record, info, cfg)
+        final = out_dir / FINAL
+        if info.is_main:
+            fingerprint = save_generator(final, generator, config_to_dict(cfg), rq_print, run_key=key.as_dict())
+            log.info("wrote %s", final)
+            plot_training_curves(out_dir / "metrics.jsonl", out_dir / "training_curves.png", "stage 2: ID generator")
+            run.finish(fingerprint=fingerprint, world_size=info.world_size, epochs=cfg.train.epochs, steps=step,
+                       last=metrics.read()[-1:])
+        barrier()
+        return final
 
 
 def train_step(model, rq, batch: dict, optimizer, scheduler, scaler, cfg: TrainGenConfig,
@@ -290,8 +258,9 @@ def load_frozen_rq(path: Path, device: torch.device):
     return rq, rq_fingerprint(path)
 
 
-def open_training_data(cfg: TrainGenConfig, dim: int) -> tuple[TrainingPairs, EmbeddingStore, EmbeddingStore, list[Path]]:
-    """Training pairs over the query and pool stores; also the files the result depends on."""
+def open_training_data(cfg: TrainGenConfig, dim: int) -> tuple[TrainingPairs, EmbeddingStore, EmbeddingStore, dict]:
+    """Training pairs over the query and pool stores; also the fingerprints of what the result
+    depends on (the query file's content, the stores' content ids)."""
     root, embed_root = resolve_path(cfg.data.root), resolve_path(cfg.data.embed_root)
     query_file, pool_file = root / cfg.data.train_queries, older_revision_twin(root / cfg.data.train_pool)
     stores = []
@@ -301,7 +270,17 @@ def open_training_data(cfg: TrainGenConfig, dim: int) -> tuple[TrainingPairs, Em
     pairs = load_training_pairs(query_file, *stores)
     if pairs.dropped_queries:
         log.warning("%d training queries have no positive in %s; skipped", pairs.dropped_queries, stores[1].path)
-    return pairs, stores[0], stores[1], [query_file, pool_file] + [s.path / "meta.json" for s in stores]
+    inputs = {"train_queries": file_content(query_file), "query_store": stores[0].content_id,
+              "pool_store": stores[1].content_id}
+    return pairs, stores[0], stores[1], inputs
+
+
+def folder_content(folder: Path) -> dict:
+    """The content fingerprints of every file in ``folder`` (a pretrained T5 directory)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model.pretrained: {folder} is not a folder; point it at a T5 directory saved with "
+                                "save_pretrained")
+    return {p.relative_to(folder).as_posix(): file_content(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def new_generator(cfg: ModelConfig, rq) -> IDGenerator:
@@ -330,19 +309,9 @@ def decays(name: str, param: torch.Tensor, rule: str) -> bool:
 
 def make_optimizer(generator: IDGenerator, cfg: OptimConfig, total_steps: int):
     """AdamW (weight decay as ``cfg.no_decay`` says) and warm-up + cosine-to-zero, per iteration."""
-    named = list(generator.named_parameters())  # each tied tensor once
-    groups = [{"params": [p for n, p in named if decays(n, p, cfg.no_decay)], "weight_decay": cfg.weight_decay},
-              {"params": [p for n, p in named if not decays(n, p, cfg.no_decay)], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-    offset = 1 if cfg.warmup_start == "first_step" else 0
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + offset) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    optimizer = training.adamw(generator, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.eps, betas=cfg.betas,
+                               decays=lambda name, param: decays(name, param, cfg.no_decay))
+    return optimizer, training.warmup_cosine(optimizer, cfg.warmup_steps, total_steps, cfg.warmup_start)
 
 
 def wrap_ddp(generator: IDGenerator, info: DistInfo):
@@ -354,63 +323,16 @@ def wrap_ddp(generator: IDGenerator, info: DistInfo):
 
 
 # ---- checkpoints ----------------------------------------------------------------------------
-def _rng_states(info: DistInfo) -> list[dict]:
-    """Every rank's RNG state (dropout and mixing draws differ per rank), gathered for rank 0."""
-    state = {"host": rng_state(), "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None}
-    if not info.enabled:
-        return [state]
-    states = [None] * info.world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
-def save_checkpoint(out_dir: Path, epoch: int, generator: IDGenerator, optimizer, scheduler, scaler,
-                    rq_print: str, fingerprint: str, info: DistInfo, cfg: TrainGenConfig) -> None:
-    states = _rng_states(info)
+def save_checkpoint(out_dir: Path, epoch: int, generator: IDGenerator, optimizer, scheduler, scaler, record: dict,
+                    info: DistInfo, cfg: TrainGenConfig) -> None:
+    states = training.gather_rng_states(info)  # dropout and mixing draws differ per rank
     if not info.is_main:
         return
     save_training_checkpoint(out_dir, epoch, {
-        "model": generator.state_dict(), "arch": generator.arch, "rq": rq_print, "run": fingerprint,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": states,
-        "global_batch": cfg.train.batch_size * info.world_size,
-    })
+        "model": generator.state_dict(), "arch": generator.arch, "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": states, **record})
     for old in range(epoch - cfg.train.keep_checkpoints * cfg.train.checkpoint_every, -1, -1):
         checkpoint_file(out_dir, old).unlink(missing_ok=True)
-
-
-def load_resume_state(out_dir: Path, fingerprint: str, rq_print: str, global_batch: int, info: DistInfo) -> dict | None:
-    """The last training checkpoint of this same run in ``out_dir``, if any.
-
-    A run of another config, other training data or another rq.pt is set aside (moved to
-    ``out_dir/stale/``) and training starts afresh. The same run with another global batch
-    (batch_size x processes) is refused: it would change the step count the learning-rate
-    schedule was laid out for.
-    """
-    path = latest_checkpoint(out_dir)
-    if path is None:
-        return None
-    state = load_own_checkpoint(path)
-    if state.get("run") != fingerprint or state["rq"] != rq_print:
-        reason = "stage-1 model changed" if state["rq"] != rq_print else "config or training data changed"
-        barrier()  # every rank has read the old checkpoint before rank 0 moves it
-        if info.is_main:
-            archive_stale_run(out_dir, ("checkpoints", "generator.pt", "metrics.jsonl", "config.yaml", DONE_FILE,
-                                        "training_curves.png"), reason)
-        barrier()
-        return None
-    if state["global_batch"] != global_batch:
-        raise ValueError(f"{path} was trained with a global batch of {state['global_batch']} (batch_size x processes), "
-                         f"this run has {global_batch}; set train.batch_size to keep the global batch to resume")
-    log.info("resuming from %s", path)
-    return state
-
-
-def drop_metrics_after(path: Path, step: int) -> None:
-    """Forget the log lines of steps an interrupted attempt ran past its last checkpoint."""
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def restore(state: dict, generator: IDGenerator, optimizer, scheduler, scaler, info: DistInfo, seed: int) -> int:
@@ -419,13 +341,8 @@ def restore(state: dict, generator: IDGenerator, optimizer, scheduler, scaler, i
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     load_scaler_state(scaler, state["scaler"])
-    rng = state["rng"]
-    if len(rng) == info.world_size:  # same world size: continue every rank's random streams exactly
-        set_rng_state(rng[info.rank]["host"])
-        if rng[info.rank]["cuda"] is not None and info.device.type == "cuda":
-            torch.cuda.set_rng_state(rng[info.rank]["cuda"])
-    else:  # another world size: fresh, distinct streams per rank
-        seed_everything(seed + 1000 * (state["epoch"] + 1) + info.rank)
+    training.restore_rng_states(state["rng"], info, seed, (state["epoch"] + 1,))
+    log.info("resumed after epoch %d", state["epoch"])
     return state["epoch"] + 1
 
 

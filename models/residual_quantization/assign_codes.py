@@ -16,8 +16,19 @@ For each candidate store (stage 0 output, one per local pool plus the union pool
 quantizer of an official file is identified by the state fingerprint of its loaded state, the
 same definition rq.pt records, so ``genius eval`` can refuse codes of another quantizer.
 
-A pool whose meta.json already matches the current quantizer, settings and store is skipped. With
-``unique_level: true`` an extra last level numbers the candidates inside each shared ID
+Run state, per pool folder (``genius.common.runstate``): the run key is the semantic config (all
+but ``NOT_IN_RUN_KEY``: paths, batch size, device) with the quantizer's fingerprint, the
+candidate store's content id (``EmbeddingStore.content_id``), the modality mode and the Combiner's
+precision. A pool whose done.json records the same key, with its code files intact (their
+SHA-256 in meta.json), is skipped; otherwise whatever an earlier run left (codes, stats, meta,
+done.json) moves to ``<pool>/stale/<time>/`` with one log line saying what changed, and the codes
+are computed again. ``force: true`` recomputes every pool. A re-extracted store (another CLIP
+checkpoint, a replaced image) thus gets new codes, and meta.json's ``store_content`` lets a later
+stage refuse codes of another store. The main process holds the lock of ``out_dir``: a second
+assign-codes into the same folder exits naming the holder. :func:`read_codes` is the checked
+reader of a pool's codes.
+
+With ``unique_level: true`` an extra last level numbers the candidates inside each shared ID
 (0, 1, ...), so every ID is unique; its size is the largest bucket. The paper does not do this
 (shared IDs return all their candidates), so it is off by default. Under torchrun the pools are
 split among the processes.
@@ -27,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +50,10 @@ import torch
 from genius.common.checkpoint import UnsafeCheckpointError, safe_load
 from genius.common.config import resolve_path
 from genius.common.distributed import DistInfo, barrier, cleanup, init_distributed
-from genius.common.io import atomic_dir, file_fingerprint
+from genius.common.config_checks import check_dir
+from genius.common.ranges import check_ranges, ranged
+from genius.common.io import atomic_save_npy, atomic_write_json
+from genius.common.runstate import RunKey, RunState, acquire_lock, content_sha256, portable_path, release_lock
 from genius.common.stage import parse_stage_config, record_run, setup_logging, stage_parser, user_errors_exit
 from genius.common.store import EmbeddingStore, StoreError, read_meta
 from genius.models.residual_quantization.code_stats import collision_stats, level_usage, rank_in_bucket
@@ -55,18 +70,42 @@ class AssignCodesConfig:
     pools: list[str] | None = None  # store names (pool file stems) under embed_dir; None: every store there
     encoder: str | None = None  # the encoder name every store must record (None: not checked)
     out_dir: str = "checkpoint/large/rq/codes"
-    batch_size: int = 4096
+    batch_size: int = ranged(4096, ">= 1")
     unique_level: bool = False
     # The Combiner under fp16 autocast on CUDA, as the official evaluation ran it; on CPU it stays
     # fp32. Nearest-codeword search is fp32 either way.
     autocast: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    force: bool = False  # recompute every pool's codes, even those whose done.json records the same run key
 
     def validate(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.pools is not None and not self.pools:
-            raise ValueError("pools is an empty list; list pool names or leave it out to take every store")
+            raise ValueError("pools: an empty list; list pool names or leave it out to take every store")
+
+
+# Keys the codes do not depend on: where things are (the inputs' fingerprints stand for them), how
+# fast it runs, and autocast (the Combiner's effective precision is in the key instead).
+NOT_IN_RUN_KEY = ("rq_path", "embed_dir", "pools", "encoder", "out_dir", "batch_size", "autocast", "device", "force")
+CODE_FILES = ("codes.npy", "ids.npy")
+OUTPUTS = (*CODE_FILES, "stats.json", "meta.json")
+STAGE = "genius assign-codes"
+RQ_FILES = ("rq_path is an rq.pt of genius train-rq, or a released rq_clip_large.pth / GENIUS_t5small.pth "
+            "(Hugging Face Sungyeon/GENIUS, folder checkpoint/), or one written by genius export-official")
+RERUN = "re-run genius assign-codes (run_assign_codes.sh) to write the codes again"
+
+
+def check_config(cfg: AssignCodesConfig) -> None:
+    """Every number in its declared range, the quantizer and the stores present (before any work;
+    one-line errors naming the key and the allowed range)."""
+    check_ranges(cfg)
+    rq = resolve_path(cfg.rq_path)
+    if not rq.is_file():
+        raise FileNotFoundError(f"rq_path: {rq} does not exist; {RQ_FILES}")
+    embed_dir = check_dir("embed_dir", resolve_path(cfg.embed_dir), "candidate stores of genius extract")
+    for i, name in enumerate(cfg.pools or []):
+        if not (embed_dir / name / "meta.json").is_file():
+            raise FileNotFoundError(f"pools[{i}]: no candidate store {embed_dir / name}; run genius extract for that "
+                                    "pool or fix the name (a pool file's stem)")
 
 
 def pool_stores(embed_dir: Path, pools: list[str] | None) -> list[Path]:
@@ -103,31 +142,58 @@ def is_native_rq(path: Path) -> bool:
 def load_quantizer(path: Path) -> tuple[RQModel, str]:
     """(model in eval mode, fingerprint) of an rq.pt or an official-layout .pth (module docstring)."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; rq_path is an rq.pt of genius train-rq, or a released "
-                                "rq_clip_large.pth / GENIUS_t5small.pth (Hugging Face Sungyeon/GENIUS, folder "
-                                "checkpoint/), or one written by genius export-official")
+        raise FileNotFoundError(f"{path} does not exist; {RQ_FILES}")
     if is_native_rq(path):
         return load_rq(path), rq_fingerprint(path)
     model = load_official_rq(path)
     return model, quantizer_fingerprint(model)
 
 
-def source_record(fingerprint: str, model: RQModel, store: EmbeddingStore, cfg: AssignCodesConfig,
-                  device: torch.device) -> dict:
-    """What a pool's codes are made from; equal records mean the codes are up to date."""
-    return {"rq": fingerprint, "modality_mode": model.arch["modality_mode"],
-            "combiner_dtype": combiner_dtype(device, cfg.autocast),
-            "store": {"path": str(store.path.resolve()), "source": store.meta.get("source"),
-                      "meta": file_fingerprint(store.path / "meta.json")},
-            "unique_level": cfg.unique_level}
+def run_key(cfg: AssignCodesConfig, fingerprint: str, model: RQModel, store: EmbeddingStore,
+            device: torch.device) -> RunKey:
+    """What a pool's codes are made from (module docstring)."""
+    return RunKey.of(cfg, NOT_IN_RUN_KEY, {"rq": fingerprint, "store": store.content_id},
+                     modality_mode=model.arch["modality_mode"], combiner_dtype=combiner_dtype(device, cfg.autocast))
 
 
-def is_up_to_date(out: Path, record: dict) -> bool:
-    meta_path = out / "meta.json"
-    if not meta_path.is_file() or not (out / "codes.npy").is_file():
-        return False
-    meta = json.loads(meta_path.read_text())
-    return all(meta.get(key) == value for key, value in json.loads(json.dumps(record)).items())
+def codes_intact(out: Path) -> str | None:
+    """None when the pool's code files are present with the content meta.json records; else why not."""
+    meta = _meta(out)
+    if meta is None:
+        return f"{out / 'meta.json'} is missing or unreadable"
+    for name in CODE_FILES:
+        path = out / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if meta.get("files", {}).get(name) != {"size": path.stat().st_size, "sha256": content_sha256(path)}:
+            return f"{path} does not match the size and SHA-256 in meta.json"
+    return None
+
+
+def _meta(out: Path) -> dict | None:
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def read_codes(codes_dir: str | os.PathLike, store: EmbeddingStore | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A pool's (codes [N, L], ids [N], meta), checked: the files exist with the size and SHA-256
+    meta.json records, and (given ``store``) were made from that store's content. Every failure is
+    a one-line ValueError naming the file and what to re-run."""
+    codes_dir = Path(codes_dir)
+    if not (codes_dir / "meta.json").is_file():
+        raise StoreError(f"{codes_dir / 'meta.json'}: no codes for this pool; run genius assign-codes "
+                         f"(run_assign_codes.sh) with out_dir {codes_dir.parent} first")
+    problem = codes_intact(codes_dir)
+    if problem is not None:
+        raise StoreError(f"{problem}; {RERUN}")
+    meta = _meta(codes_dir)
+    if store is not None and meta.get("store_content") != store.content_id:
+        raise StoreError(f"{codes_dir / 'meta.json'}: the codes were made from another version of the store "
+                         f"{store.path} (its content changed, e.g. re-extracted with another encoder); {RERUN}")
+    return np.load(codes_dir / "codes.npy"), np.load(codes_dir / "ids.npy"), meta
 
 
 @torch.no_grad()
@@ -173,10 +239,20 @@ def pool_stats(codes: np.ndarray, codebook_sizes: list[int], errors: np.ndarray,
 def assign_pool(model: RQModel, fingerprint: str, store_path: Path, cfg: AssignCodesConfig, device: torch.device) -> None:
     store = EmbeddingStore.open(store_path, dim=model.arch["dim"], encoder=cfg.encoder, kind="candidate")
     out = resolve_path(cfg.out_dir) / store_path.name
-    record = source_record(fingerprint, model, store, cfg, device)
-    if is_up_to_date(out, record):
-        log.info("%s: codes are up to date, skipped", store_path.name)
-        return
+    key = run_key(cfg, fingerprint, model, store, device)
+    state = RunState(out, key, OUTPUTS, stage=STAGE, force=cfg.force)
+    if state.is_done():
+        problem = codes_intact(out)
+        if problem is None:
+            log.info("%s: codes are up to date, skipped", store_path.name)
+            return
+        reason = f"{problem}, computing them again"
+    elif cfg.force:
+        reason = "force is set"
+    else:
+        reason = key.changes_from(state.recorded())
+    if state.leftovers():
+        state.archive(reason)  # not state.start(): ranks hold different pools, so no barrier here
     codes, errors = encode_store(model, store, cfg.batch_size, device, cfg.autocast)
     sizes = list(model.codebook_sizes)
     stats = pool_stats(codes, sizes, errors, np.asarray(store.arrays.modality, dtype=np.int64))
@@ -185,26 +261,48 @@ def assign_pool(model: RQModel, fingerprint: str, store_path: Path, cfg: AssignC
         codes = np.concatenate([codes, rank_in_bucket(codes)[:, None]], axis=1)
         sizes.append(max(stats["largest_bucket"], 1))
         stats["unique_level_size"] = sizes[-1]
-    with atomic_dir(out) as tmp:
-        np.save(tmp / "codes.npy", codes)
-        np.save(tmp / "ids.npy", np.asarray(store.ids, dtype=np.int64))
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-        # meta.json last: a directory without it is never taken as up to date.
-        meta = {**record, "num_levels": len(sizes), "codebook_sizes": sizes, "rq_path": str(resolve_path(cfg.rq_path))}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save_npy(out / "codes.npy", codes)
+    atomic_save_npy(out / "ids.npy", np.asarray(store.ids, dtype=np.int64))
+    atomic_write_json(out / "stats.json", stats)
+    files = {name: {"size": (out / name).stat().st_size, "sha256": content_sha256(out / name)} for name in CODE_FILES}
+    # meta.json, then done.json last: a folder without them is never taken as up to date.
+    atomic_write_json(out / "meta.json", {
+        "rq": fingerprint, "modality_mode": model.arch["modality_mode"],
+        "combiner_dtype": combiner_dtype(device, cfg.autocast),
+        "store_content": store.content_id,  # the candidate store's content_id: codes belong to that store
+        "store": {"path": portable_path(store.path), "source": store.meta.get("source")},
+        "unique_level": cfg.unique_level, "num_levels": len(sizes), "codebook_sizes": sizes,
+        "rq_path": portable_path(resolve_path(cfg.rq_path)), "files": files})
+    state.finish(candidates=stats["num_candidates"])
     log.info("%s: %d candidates, %d distinct IDs, collision rate %.4f, largest bucket %d, quantization error %.4g",
              store_path.name, stats["num_candidates"], stats["distinct_ids"], stats["collision_rate"],
              stats["largest_bucket"], stats["mean_quantization_error"])
 
 
+@contextlib.contextmanager
+def hold_output(out_dir: Path, is_main: bool):
+    """The main process holds ``out_dir``'s lock for the block (a second run exits naming the
+    holder; an output folder that cannot be written is an OSError naming it)."""
+    fd = acquire_lock(out_dir, STAGE) if is_main else None
+    try:
+        yield
+    finally:
+        release_lock(fd)
+
+
 def assign_codes(cfg: AssignCodesConfig, info: DistInfo) -> None:
-    model, fingerprint = load_quantizer(resolve_path(cfg.rq_path))
-    model.to(info.device)
-    stores = pool_stores(resolve_path(cfg.embed_dir), cfg.pools)
-    if info.is_main:
-        record_run(resolve_path(cfg.out_dir), cfg)
-    for store_path in stores[info.rank::info.world_size]:
-        assign_pool(model, fingerprint, store_path, cfg, info.device)
+    check_config(cfg)
+    out_dir = resolve_path(cfg.out_dir)
+    with hold_output(out_dir, info.is_main):
+        model, fingerprint = load_quantizer(resolve_path(cfg.rq_path))
+        model.to(info.device)
+        stores = pool_stores(resolve_path(cfg.embed_dir), cfg.pools)
+        if info.is_main:
+            record_run(out_dir, cfg)
+        for store_path in stores[info.rank::info.world_size]:
+            assign_pool(model, fingerprint, store_path, cfg, info.device)
+        barrier()  # the lock is held until every rank has written its pools
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,7 +313,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with user_errors_exit(parser):
             assign_codes(cfg, info)
-            barrier()
     finally:
         cleanup()
     return 0

@@ -4,9 +4,10 @@
 the generator reads and the trie is built over), ``encode`` (discrete IDs), ``decode``. It is
 always rebuilt from its ``arch`` dict, which every saved file carries.
 
-``rq.pt`` = {"model": state dict, "arch": arch, "config": resolved training config,
-"inputs" and "identity": what it was trained from, "fingerprint": sha256 of the state dict}; the fingerprint
-identifies the quantizer in every artefact made from it (codes, generator).
+``rq.pt`` = {"model": state dict, "arch": arch, "config": resolved training config, "run_key": what
+it was trained from (genius.common.runstate), "fingerprint": sha256 of the state dict, and the
+digest of the whole content that every read checks}; the fingerprint identifies the quantizer in
+every artefact made from it (codes, generator).
 """
 from __future__ import annotations
 
@@ -142,7 +143,7 @@ def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_rq(path: str | os.PathLike, model: RQModel, config: dict, **record) -> str:
     """Write the final ``rq.pt`` atomically; returns its fingerprint. ``record``: plain data kept
-    alongside (train-rq stores its inputs and run identity)."""
+    alongside (train-rq stores its run key)."""
     state = cpu_state(model)
     fingerprint = state_fingerprint(state)
     save_own_checkpoint({"model": state, "arch": dict(model.arch), "config": config, **record,

@@ -8,9 +8,11 @@ positives), trains on (query, positive) pairs with
 (symmetric InfoNCE at temperature 0.01 over the batch gathered from every rank; q_hat, c_hat the
 normalised quantized vectors; codebooks move by EMA only), and writes to ``out_dir``:
 ``rq.pt`` (see model.py), ``checkpoints/epoch_XXXX.pt`` every ``save_every`` epochs and at the end,
-``metrics.jsonl`` and the resolved ``config.yaml``. A re-run resumes from the last checkpoint, or
-does nothing when ``rq.pt`` is up to date; a run whose config or inputs changed starts afresh and
-the old files move to ``out_dir/stale/<time>/``.
+``metrics.jsonl``, the resolved ``config.yaml`` and ``done.json``. A re-run does nothing when
+``done.json`` records the same run (semantic config, the query file's content and the two stores'
+content ids, the global batch: genius.common.runstate), resumes from the last checkpoint of the
+same run, or else moves the old run with its logs to ``out_dir/stale/<time>/`` and starts afresh;
+``train.force=true`` always retrains. Every number of the config is range-checked before any work.
 
 The defaults are the paper's settings with this project's fixes (assigned modality level,
 whole-stack straight-through gradient, all-rank contrastive gradients, per-epoch positives,
@@ -32,16 +34,8 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from genius.common.checkpoint import (
-    latest_checkpoint,
-    load_own_checkpoint,
-    load_scaler_state,
-    load_state_dict_strict,
-    rng_state,
-    save_training_checkpoint,
-    set_rng_state,
-)
-from genius.common.config import config_to_dict, require_positive, resolve_path
+from genius.common.checkpoint import load_scaler_state, load_state_dict_strict, save_training_checkpoint
+from genius.common.config import config_to_dict, resolve_path
 from genius.common.mbeir import older_revision_twin
 from genius.common.distributed import (
     DistInfo,
@@ -53,18 +47,18 @@ from genius.common.distributed import (
     init_distributed,
     seed_everything,
 )
-from genius.common.io import file_fingerprint
+from genius.common import training
+from genius.common.ranges import check_ranges, ranged
+from genius.common.runstate import RunKey, file_content
 from genius.common.pairs import (
     PositiveDraw,
     TrainingPairs,
-    batches_per_epoch,
     iterate_batches,
     load_training_pairs,
 )
 from genius.common.plots import plot_training_curves
 from genius.common.stage import (
     MetricsLog,
-    archive_stale_run,
     parse_stage_config,
     progress_disabled,
     record_run,
@@ -74,13 +68,7 @@ from genius.common.stage import (
 )
 from genius.common.store import EmbeddingStore, StoreError
 from genius.models.residual_quantization.code_stats import perplexity
-from genius.models.residual_quantization.model import (
-    RQModel,
-    RQOutput,
-    cpu_state,
-    rq_record,
-    save_rq,
-)
+from genius.models.residual_quantization.model import RQModel, RQOutput, cpu_state, save_rq
 from genius.models.residual_quantization.quantizer import (
     GradientEstimator,
     KmeansSeeds,
@@ -106,19 +94,19 @@ class DataConfig:  # defaults: M-BEIR with UniIR's CLIP-SF features
 
 @dataclass
 class ModelConfig:
-    dim: int | None = None  # None: the stores' vector width
-    proj_dim: int = 2560
-    hidden_dim: int = 5120
-    num_levels: int = 9  # including the modality level
-    codebook_size: int = 4096  # K of levels 1..L-1 (level 0 always has 3)
+    dim: int | None = ranged(None, ">= 1")  # None: the stores' vector width
+    proj_dim: int = ranged(2560, ">= 1")
+    hidden_dim: int = ranged(5120, ">= 1")
+    num_levels: int = ranged(9, ">= 1")  # including the modality level
+    codebook_size: int = ranged(4096, ">= 2")  # K of levels 1..L-1 (level 0 always has 3)
     # Level 0. assigned: the code is the modality (a candidate's own, for a query the one its
     # instruction asks for) and its codeword that modality's EMA mean, so 0/1/2 = image/text/
     # image+text by construction. learned: the official code's 3-code k-means/EMA level with no
     # dead-code reset, whose codes mean whatever k-means made of them.
     modality_mode: ModalityMode = "assigned"
-    decay: float = 0.9
-    eps: float = 1e-5
-    dead_code_threshold: float = 2.0
+    decay: float = ranged(0.9, "(0, 1)")
+    eps: float = ranged(1e-5, "(0, 1]")
+    dead_code_threshold: float = ranged(2.0, ">= 0")  # 0: never re-seed a dead code
     # The gradient the quantized output passes back to the Combiner (quantizer.py's docstring
     # gives the formulas). straight_through: the identity once for the whole stack.
     # straight_through_per_level: vector-quantize-pytorch <= 1.17.x as the official code calls it,
@@ -127,34 +115,23 @@ class ModelConfig:
     # 1.18 (October 2024) and so what an unpinned install of June-July 2025 ran.
     gradient_estimator: GradientEstimator = "straight_through"
 
-    def validate(self) -> None:
-        if self.num_levels < 1 or self.codebook_size < 2:
-            raise ValueError(f"need num_levels >= 1 and codebook_size >= 2, got {self.num_levels}, {self.codebook_size}")
-        if not 0 < self.decay < 1:
-            raise ValueError(f"decay must lie in (0, 1), got {self.decay}")
-        if min(self.proj_dim, self.hidden_dim, self.dim or 1) < 1:
-            raise ValueError("dim, proj_dim and hidden_dim must be positive")
-        if not 0 < self.eps <= 1:
-            raise ValueError(f"eps must lie in (0, 1], got {self.eps}")
-        if self.dead_code_threshold < 0:
-            raise ValueError(f"dead_code_threshold must be >= 0 (0: never re-seed), got {self.dead_code_threshold}")
-
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 2000  # pairs per process
-    epochs: int = 21
-    lr: float = 1e-4
-    min_lr: float = 1e-5  # cosine floor, stepped per iteration
-    adam_eps: float = 1e-6
-    weight_decay: float = 0.2  # matrices only
-    temperature: float = 0.01
-    mse_weight: float = 100.0
-    commit_weight: float = 100.0
+    batch_size: int = ranged(2000, ">= 1")  # pairs per process (the run key records batch_size x processes)
+    epochs: int = ranged(21, ">= 1")
+    lr: float = ranged(1e-4, "> 0")
+    min_lr: float = ranged(1e-5, ">= 0")  # cosine floor (<= lr), stepped per iteration
+    adam_eps: float = ranged(1e-6, "> 0")
+    weight_decay: float = ranged(0.2, ">= 0")  # matrices only
+    temperature: float = ranged(0.01, "> 0")
+    mse_weight: float = ranged(100.0, ">= 0")
+    commit_weight: float = ranged(100.0, ">= 0")
     amp: bool = True  # fp16 autocast + GradScaler on CUDA; ignored on CPU
-    seed: int = 2023
-    kmeans_iters: int = 1000
-    kmeans_init_vectors: int = 16384  # query+positive vectors (all ranks) gathered for k-means init
+    seed: int = ranged(2023, ">= 0")
+    kmeans_iters: int = ranged(1000, ">= 1")
+    # query+positive vectors (all ranks) gathered for k-means init; at least model.codebook_size
+    kmeans_init_vectors: int = ranged(16384, ">= 1")
     # k-means seeds. distinct_rows: K rows with distinct values, so no two codes start equal.
     # random_rows: K random rows as vector-quantize-pytorch draws them (distinct indices), so a
     # value that occurs twice in the sample (a query identical to its positive) can seed two
@@ -169,25 +146,13 @@ class TrainConfig:
     # per_epoch: each query's positive is drawn anew every epoch (all positives get used).
     # fixed: one draw for the whole run, as the official dataset drew once at construction.
     positives: PositiveDraw = "per_epoch"
-    save_every: int = 5
-    stop_after_epochs: int | None = None  # end this run early (as if killed) once this many epochs are done
-    log_every: int = 50  # steps
+    save_every: int = ranged(5, ">= 1")  # epochs
+    # end this run early (as if killed) once this many epochs are done
+    stop_after_epochs: int | None = ranged(None, ">= 1")
+    log_every: int = ranged(50, ">= 1")  # steps
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    cpu_threads: int | None = None  # torch threads on CPU (null: torch's default, one per core)
-
-    def validate(self) -> None:
-        require_positive({"batch_size": self.batch_size, "epochs": self.epochs, "save_every": self.save_every,
-                          "log_every": self.log_every, "kmeans_iters": self.kmeans_iters,
-                          "temperature": self.temperature, "lr": self.lr, "adam_eps": self.adam_eps,
-                          "kmeans_init_vectors": self.kmeans_init_vectors, "stop_after_epochs": self.stop_after_epochs,
-                          "cpu_threads": self.cpu_threads})
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"need 0 <= min_lr <= lr, got min_lr {self.min_lr}, lr {self.lr}")
-        non_negative = {"weight_decay": self.weight_decay, "mse_weight": self.mse_weight,
-                        "commit_weight": self.commit_weight, "seed": self.seed}
-        bad = [name for name, value in non_negative.items() if value < 0]
-        if bad:
-            raise ValueError(f"{', '.join(bad)} must be >= 0")
+    cpu_threads: int | None = ranged(None, ">= 1")  # torch threads on CPU (null: torch's default, one per core)
+    force: bool = False  # retrain even when out_dir holds this run finished (the old run moves to stale/)
 
 
 @dataclass
@@ -197,15 +162,24 @@ class RQTrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     out_dir: str = "checkpoint/large/rq"
 
-    def validate(self) -> None:
-        if self.train.kmeans_init_vectors < self.model.codebook_size:
-            raise ValueError(f"train.kmeans_init_vectors ({self.train.kmeans_init_vectors}) must be at least "
-                             f"model.codebook_size ({self.model.codebook_size}) so every code gets a seed row")
+
+def check_config(cfg: RQTrainConfig) -> None:
+    """Every number in its range, and the limits between values (before any work)."""
+    check_ranges(cfg)
+    if cfg.train.min_lr > cfg.train.lr:
+        raise ValueError(f"train.min_lr: {cfg.train.min_lr} is above train.lr ({cfg.train.lr}); the cosine floor "
+                         "must lie in [0, train.lr]")
+    if cfg.train.kmeans_init_vectors < cfg.model.codebook_size:
+        raise ValueError(f"train.kmeans_init_vectors: {cfg.train.kmeans_init_vectors} is below model.codebook_size "
+                         f"({cfg.model.codebook_size}); it must be at least that, so every code gets a seed row")
 
 
-# Keys that do not change what a run computes: a resumed run may differ in them.
-NON_SEMANTIC_KEYS = ("out_dir", "train.save_every", "train.stop_after_epochs", "train.log_every", "train.device",
-                     "train.cpu_threads")
+# What does not change what a run computes (logging, cadence, device, paths: the inputs are
+# fingerprinted by content instead); the per-process batch size counts as the global batch.
+NOT_IN_RUN_KEY = ("out_dir", "train.save_every", "train.stop_after_epochs", "train.log_every", "train.device",
+                  "train.cpu_threads", "train.force", "train.batch_size", "data.query_file", "data.pool_file",
+                  "data.query_store", "data.pool_store")
+FINAL = "rq.pt"
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -214,7 +188,7 @@ class TrainingData:
     queries: EmbeddingStore
     pool: EmbeddingStore
     pairs: TrainingPairs
-    inputs: dict  # fingerprints of the files the run reads
+    inputs: dict  # fingerprints of what the run reads (portable: a copied GENIUS_ROOT keeps them)
 
 
 def open_training_data(cfg: DataConfig, dim: int | None) -> TrainingData:
@@ -228,8 +202,8 @@ def open_training_data(cfg: DataConfig, dim: int | None) -> TrainingData:
     if queries.dim != pool.dim:
         raise StoreError(f"query store {query_store} holds {queries.dim}-d vectors, pool store {pool_store} {pool.dim}-d")
     pairs = load_training_pairs(query_file, queries, pool)
-    inputs = {"query_file": file_fingerprint(query_file), "query_store": file_fingerprint(query_store / "meta.json"),
-              "pool_store": file_fingerprint(pool_store / "meta.json")}
+    inputs = {"query_file": file_content(query_file), "query_store": queries.content_id,
+              "pool_store": pool.content_id}
     return TrainingData(queries, pool, pairs, inputs)
 
 
@@ -240,83 +214,25 @@ def model_arch(cfg: ModelConfig, dim: int) -> dict:
             "gradient_estimator": cfg.gradient_estimator}
 
 
-# ---- run identity, stale runs, resume --------------------------------------------------------
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        flat.update(_flatten(value, name + ".") if isinstance(value, dict) else {name: value})
-    return flat
-
-
-def semantic_config(cfg: RQTrainConfig) -> dict:
-    return {k: v for k, v in _flatten(config_to_dict(cfg)).items() if k not in NON_SEMANTIC_KEYS}
-
-
-def run_identity(cfg: RQTrainConfig, inputs: dict, world_size: int) -> dict:
-    """What makes two runs the same run: the semantic config, the inputs and the process count."""
-    return {"config": semantic_config(cfg), "inputs": inputs, "world_size": world_size}
-
-
-def _describe_change(old: dict, new: dict) -> str:
-    changed = [k for k in sorted(set(old["config"]) | set(new["config"])) if old["config"].get(k) != new["config"].get(k)]
-    parts = [f"{k}: {old['config'].get(k)!r} -> {new['config'].get(k)!r}" for k in changed[:5]]
-    if old.get("inputs") != new["inputs"]:
-        parts.append("input stores or query file changed")
-    if old.get("world_size") != new["world_size"]:
-        parts.append(f"world size {old.get('world_size')} -> {new['world_size']}")
-    return "; ".join(parts) or "unknown difference"
-
-
-def resumable_checkpoint(run_dir: Path, identity: dict, info: DistInfo) -> dict | None:
-    """The latest checkpoint of this same run, or None to start afresh (archiving a different run)."""
-    path = latest_checkpoint(run_dir)
-    checkpoint = load_own_checkpoint(path) if path is not None else None
-    if checkpoint is not None:
-        recorded = checkpoint.get("identity")
-    elif (run_dir / "rq.pt").is_file():
-        recorded = rq_record(run_dir / "rq.pt").get("identity")
-    else:
-        return None
-    if recorded == identity:
-        return checkpoint
-    barrier()  # every rank has read the old run before rank 0 moves it
-    if info.is_main:
-        archive_stale_run(run_dir, ("rq.pt", "checkpoints", "metrics.jsonl", "config.yaml"),
-                          _describe_change(recorded or {"config": {}}, identity))
-    barrier()
-    return None
-
-
-def restore(checkpoint: dict, model, optimizer, scheduler, scaler, info: DistInfo) -> int:
+# ---- resume -----------------------------------------------------------------------------------
+def restore(checkpoint: dict, model, optimizer, scheduler, scaler, info: DistInfo, seed: int) -> int:
     """Load a training checkpoint into the live objects; returns the number of epochs done."""
     load_state_dict_strict(model, checkpoint["model"], "RQ training checkpoint")
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     load_scaler_state(scaler, checkpoint["scaler"])
-    set_rng_state(checkpoint["rng"][info.rank])
+    training.restore_rng_states(checkpoint["rng"], info, seed, (int(checkpoint["epoch"]),))
     log.info("resumed after epoch %d", checkpoint["epoch"])
     return int(checkpoint["epoch"])
 
 
-def gathered_rng_states(info: DistInfo) -> list:
-    if not info.enabled:
-        return [rng_state()]
-    states = [None] * info.world_size
-    dist.all_gather_object(states, rng_state())
-    return states
-
-
 # ---- optimisation ---------------------------------------------------------------------------
 def make_optimisation(model: RQModel, cfg: TrainConfig, total_steps: int, use_amp: bool, device: torch.device):
-    """AdamW (weight decay on matrices only), per-step cosine to ``min_lr``, GradScaler (fp16 on GPU)."""
-    matrices = [p for p in model.parameters() if p.ndim >= 2]
-    others = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": cfg.weight_decay},
-                                   {"params": others, "weight_decay": 0.0}], lr=cfg.lr, eps=cfg.adam_eps)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=cfg.min_lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
-    return optimizer, scheduler, scaler
+    """AdamW (torch's default betas; weight decay on matrices only), per-step cosine to ``min_lr``,
+    GradScaler (fp16 on GPU)."""
+    optimizer = training.adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    scheduler = training.cosine_to_floor(optimizer, total_steps, cfg.min_lr)
+    return optimizer, scheduler, training.grad_scaler(use_amp, device)
 
 
 @torch.no_grad()
@@ -428,7 +344,9 @@ def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 
 # ---- the run --------------------------------------------------------------------------------
 def train(cfg: RQTrainConfig) -> Path | None:
-    """Run (or resume) training; returns the final ``rq.pt`` path, or None when stopped early."""
+    """Run (or resume, or skip when done) training; returns the final ``rq.pt`` path, or None when
+    stopped early."""
+    check_config(cfg)
     owns_group = not (dist.is_available() and dist.is_initialized())
     info = init_distributed(cfg.train.device, cfg.train.cpu_threads)
     try:
@@ -452,42 +370,58 @@ class Trainer:
 def build_trainer(cfg: RQTrainConfig, data: TrainingData, checkpoint: dict | None, info: DistInfo) -> Trainer:
     """Model, optimizer, schedule and scaler, restored from ``checkpoint`` or freshly initialised."""
     tc = cfg.train
-    steps = batches_per_epoch(len(data.pairs), tc.batch_size, info.world_size)
-    if steps == 0:
-        raise ValueError(f"{len(data.pairs)} training pairs do not fill one global batch of "
-                         f"{tc.batch_size} x {info.world_size}; lower train.batch_size")
+    steps = training.steps_per_epoch(len(data.pairs), tc.batch_size, info.world_size, "train.batch_size")
     use_amp = tc.amp and info.device.type == "cuda"
     seed_everything(tc.seed)  # identical initial weights on every rank
     model = RQModel.from_arch(model_arch(cfg.model, data.queries.dim)).to(info.device)
     optimizer, scheduler, scaler = make_optimisation(model, tc, tc.epochs * steps, use_amp, info.device)
     seed_everything(tc.seed + info.rank)
     if checkpoint is not None:
-        start = restore(checkpoint, model, optimizer, scheduler, scaler, info)
+        start = restore(checkpoint, model, optimizer, scheduler, scaler, info, tc.seed)
     else:
         start = 0
         initialise_codebooks(model, data, tc, info)
     return Trainer(model, optimizer, scheduler, scaler, steps, use_amp, start)
 
 
-def save_checkpoint(run_dir: Path, epochs_done: int, t: Trainer, identity: dict, info: DistInfo) -> None:
-    rng = gathered_rng_states(info)
+def save_checkpoint(run_dir: Path, epochs_done: int, t: Trainer, record: dict, info: DistInfo) -> None:
+    rng = training.gather_rng_states(info)
     if info.is_main:
         save_training_checkpoint(run_dir, epochs_done, {
             "model": cpu_state(t.model), "arch": t.model.arch, "optimizer": t.optimizer.state_dict(),
-            "scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict(), "rng": rng, "identity": identity})
+            "scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict(), "rng": rng, **record})
+
+
+def run_key(cfg: RQTrainConfig, data: TrainingData, world_size: int) -> RunKey:
+    """What rq.pt depends on: the semantic config, the inputs' content, the global batch (and the
+    process count where train.contrastive_gather=local_only makes the gradient depend on it)."""
+    extra = training.batch_extra(cfg.train.batch_size, world_size)
+    if cfg.train.contrastive_gather == "local_only":
+        extra["world_size"] = world_size
+    return RunKey.of(cfg, NOT_IN_RUN_KEY, data.inputs, **extra)
 
 
 def _train(cfg: RQTrainConfig, info: DistInfo) -> Path | None:
     tc, run_dir = cfg.train, resolve_path(cfg.out_dir)
     data = open_training_data(cfg.data, cfg.model.dim)
-    identity = run_identity(cfg, data.inputs, info.world_size)
-    if (run_dir / "rq.pt").is_file() and rq_record(run_dir / "rq.pt").get("identity") == identity:
-        log.info("%s is up to date with the config and inputs; nothing to do", run_dir / "rq.pt")
-        return run_dir / "rq.pt"
-    t = build_trainer(cfg, data, resumable_checkpoint(run_dir, identity, info), info)
+    run = training.make_run(run_dir, run_key(cfg, data, info.world_size), FINAL, stage="genius train-rq",
+                            force=tc.force, info=info)
+    with run.hold():
+        if training.skip_if_done(run, run_dir / FINAL, "train.force"):
+            return run_dir / FINAL
+        training.steps_per_epoch(len(data.pairs), tc.batch_size, info.world_size, "train.batch_size")
+        checkpoint = training.resume_point(run, info, batch_key="train.batch_size", force_key="train.force")
+        t = build_trainer(cfg, data, checkpoint, info)
+        return _run_epochs(cfg, data, t, run, info)
+
+
+def _run_epochs(cfg: RQTrainConfig, data: TrainingData, t: Trainer, run, info: DistInfo) -> Path | None:
+    tc, run_dir = cfg.train, run.out_dir
     if info.is_main:
         record_run(run_dir, cfg)
+        training.keep_metrics(run_dir / "metrics.jsonl", lambda r: r["epoch"] < t.start_epoch)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=info.is_main)
+    record = training.checkpoint_record(run, info)
     net = DistributedDataParallel(t.model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
                                   broadcast_buffers=False) if info.enabled else t.model
     log.info("training on %d pairs, %d steps per epoch, epochs %d..%d", len(data.pairs), t.steps_per_epoch,
@@ -514,18 +448,18 @@ def _train(cfg: RQTrainConfig, info: DistInfo) -> Path | None:
         done = epoch + 1
         stopping = tc.stop_after_epochs is not None and tc.stop_after_epochs <= done < tc.epochs
         if done % tc.save_every == 0 or done == tc.epochs or stopping:
-            save_checkpoint(run_dir, done, t, identity, info)
+            save_checkpoint(run_dir, done, t, record, info)
         if stopping:
             log.info("stopping after epoch %d as train.stop_after_epochs asks; re-run to resume", epoch)
             barrier()
             return None
     if info.is_main:
-        fingerprint = save_rq(run_dir / "rq.pt", t.model, config=config_to_dict(cfg), inputs=data.inputs,
-                              identity=identity)
-        log.info("wrote %s (fingerprint %s)", run_dir / "rq.pt", fingerprint[:12])
+        fingerprint = save_rq(run_dir / FINAL, t.model, config=config_to_dict(cfg), run_key=run.key.as_dict())
+        log.info("wrote %s (fingerprint %s)", run_dir / FINAL, fingerprint[:12])
         plot_training_curves(run_dir / "metrics.jsonl", run_dir / "training_curves.png", "stage 1: residual quantizer")
+        run.finish(fingerprint=fingerprint, world_size=info.world_size, epochs=tc.epochs)
     barrier()
-    return run_dir / "rq.pt"
+    return run_dir / FINAL
 
 
 def main(argv: list[str] | None = None) -> int:

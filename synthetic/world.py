@@ -27,6 +27,7 @@ import io
 import itertools
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -41,8 +42,10 @@ from PIL import Image, ImageDraw
 from genius.common.config import resolve_path
 from genius.common.io import atomic_dir, atomic_write_json, atomic_write_text
 from genius.common.mbeir import MBEIR_DATASET_IDS, TASKS
+from genius.common.runstate import RunKey, RunState
+from genius.common.stage import DEBUG_ENV, add_debug_flag, user_errors_exit
 
-GENERATOR = "genius.common.world"
+GENERATOR = "genius.synthetic.world"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 
@@ -775,22 +778,49 @@ def _is_world(path: Path) -> bool:
         return False
 
 
-def _is_current(path: Path, size: str, seed: int) -> bool:
-    """A world of this generator version, size (with its current numbers) and seed is already
-    there (rewriting it would change every file's mtime and so make every later stage redo its work)."""
-    if not _is_world(path):
+# What `genius world` writes into its folder; done.json (the run state) is written last.
+WORLD_OUTPUTS = ("world.json", "query", "cand_pool", "qrels", "instructions", "mbeir_images")
+
+
+def world_key(size: str, seed: int) -> RunKey:
+    """What a world's files depend on: its size (the numbers behind the name too, since they change
+    between versions of WORLD_SIZES), its seed and the generator's format version."""
+    return RunKey(config={"size": size, "size_spec": dataclasses.asdict(WORLD_SIZES[size]), "seed": seed},
+                  inputs={}, extra={"generator": GENERATOR, "format_version": FORMAT_VERSION})
+
+
+def world_state(path: str | Path, size: str, seed: int, force: bool = False) -> RunState:
+    return RunState(path, world_key(size, seed), WORLD_OUTPUTS, stage="genius world", force=force)
+
+
+def _legacy_current(path: Path, size: str, seed: int) -> bool:
+    """A world written before worlds recorded their run state (no done.json) that has this key: its
+    world.json says so (older ones without size_spec by their per-task query counts)."""
+    try:
+        summary = json.loads((path / "world.json").read_text())
+    except (OSError, ValueError):
         return False
-    summary = json.loads((path / "world.json").read_text())
+    if not isinstance(summary, dict) or summary.get("generator") != GENERATOR:
+        return False
     if (summary.get("format_version"), summary.get("size"), summary.get("seed")) != (FORMAT_VERSION, size, seed):
         return False
-    # The numbers behind a size name change between versions of WORLD_SIZES (the test size grew),
-    # and a world of the old numbers must not pass for the new one. Worlds written before
-    # world.json recorded them are checked by their per-task query counts.
     spec = dataclasses.asdict(WORLD_SIZES[size])
     if "size_spec" in summary:
         return summary["size_spec"] == spec
     tasks = summary.get("tasks") or []
     return bool(tasks) and all(task.get("queries") == spec["queries"] for task in tasks)
+
+
+def _is_current(path: Path, size: str, seed: int) -> bool:
+    """A world of this key is already there (rewriting it would change every file's mtime and so
+    make every later stage redo its work): its run state says so, or, for a world written before
+    worlds recorded one, its world.json does."""
+    if size not in WORLD_SIZES:
+        return False
+    state = world_state(path, size, seed)
+    if state.is_done():
+        return True
+    return state.recorded() is None and _legacy_current(Path(path), size, seed)
 
 
 def write_world(out_dir: str | Path, size: Literal["test", "demo"], seed: int = 0) -> dict:
@@ -820,16 +850,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", required=True, choices=tuple(WORLD_SIZES), help="test: seconds; demo: the CPU demo")
     parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files (default 0)")
     parser.add_argument("--force", action="store_true", help="rewrite the world even if it is up to date")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"
     args.out = resolve_path(args.out)
+    state = world_state(args.out, args.size, args.seed, force=args.force)
     if not args.force and _is_current(args.out, args.size, args.seed):
+        if state.recorded() is None:  # written before worlds recorded a run state: record it, keep the files
+            state.finish(images=json.loads((args.out / "world.json").read_text()).get("images"))
         print(f"the {args.size} world (seed {args.seed}) at {args.out} is up to date; nothing to do")
         return
     start = time.perf_counter()
-    try:
+    with user_errors_exit(parser):
         summary = write_world(args.out, args.size, args.seed)
-    except ValueError as err:
-        parser.error(str(err))
+        # The run state that makes the next `genius world` with this key skip. write_world replaced
+        # the folder whole, so no older done.json survives. It is not one of the world's data files
+        # (those are byte-identical for one seed); it records when the world was finished.
+        state.finish(images=summary["images"])
     queries, candidates = summary["queries"], summary["candidates"]
     print(f"wrote the {args.size} world (seed {args.seed}) to {args.out} in {time.perf_counter() - start:.1f} s")
     print(f"  {len(DATASETS)} datasets, {len(summary['tasks'])} (dataset, task) pairs, {summary['images']} images")

@@ -1,0 +1,134 @@
+"""Positives that are not in the evaluated pool: never a silent drop.
+
+A qrels positive (or a query's ``pos_cand_list`` entry) missing from the pool cannot be retrieved,
+so it silently lowers recall. ``missing_positives`` in the eval config decides what happens:
+
+- ``error`` (default): stop before any work, naming the first such line (file:line) and how many;
+- ``keep``: M-BEIR's own protocol. UniIR scores against the qrels as they are: OVEN and InfoSeek
+  list positives of the other dataset, which their task-specific pools do not hold, so such a
+  positive counts as not retrieved and a query whose positives all lie outside the pool is a miss.
+  The paper's numbers were computed so; the counts are printed with the results;
+- ``exclude``: drop those positives and leave the queries left without one out of the scores;
+  the counts are printed with the results.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from genius.common.mbeir import DataFormatError, hash_did, iter_jsonl, parse_qrels_line, query_problems, text_lines
+
+MissingPositives = Literal["error", "keep", "exclude"]
+
+
+@dataclass
+class FilePositives:
+    """The positives of one query file: its qrels lines and its queries' ``pos_cand_list``."""
+
+    qrels: Path
+    queries: Path
+    qrels_lines: list[tuple[int, str, str]]  # (line number, qid, did) of each relevant line
+    query_lines: list[tuple[int, str, str]]  # (line number, qid, did) of each pos_cand_list entry
+
+    @classmethod
+    def read(cls, qrels: Path, queries: Path) -> "FilePositives":
+        qrels_lines = []
+        for lineno, line in text_lines(qrels):
+            parts = line.split()
+            if not parts:
+                continue
+            try:
+                qid, did, relevance, _ = parse_qrels_line(parts)
+            except ValueError as err:
+                raise DataFormatError(f"{qrels}:{lineno}: {err}") from None
+            if relevance > 0:
+                qrels_lines.append((lineno, qid, did))
+        query_lines = []
+        for lineno, obj in iter_jsonl(queries):
+            problems = query_problems(obj)
+            if problems:
+                raise DataFormatError(f"{queries}:{lineno}: {problems[0]}")
+            query_lines += [(lineno, obj["qid"], did) for did in obj["pos_cand_list"]]
+        return cls(qrels, queries, qrels_lines, query_lines)
+
+
+@dataclass
+class PoolPositives:
+    """What is missing from one pool for one query file, and what the scores leave out."""
+
+    pool: str  # pool file stem
+    query_file: str  # query file stem
+    mode: str
+    qrels_missing: int = 0  # relevant qrels lines whose did is not in the pool
+    qrels_total: int = 0
+    queries_missing: int = 0  # pos_cand_list entries not in the pool
+    queries_total: int = 0
+    queries_without_positive: int = 0  # queries with qrels positives, none of them in the pool
+    excluded_qids: set[str] = field(default_factory=set, repr=False)  # left out of the scores (exclude)
+
+    @property
+    def any_missing(self) -> bool:
+        return bool(self.qrels_missing or self.queries_missing)
+
+    def summary(self) -> dict:
+        return {"pool": self.pool, "query_file": self.query_file, "mode": self.mode,
+                "qrels_positives_not_in_pool": self.qrels_missing, "qrels_positives": self.qrels_total,
+                "pos_cand_list_entries_not_in_pool": self.queries_missing, "pos_cand_list_entries": self.queries_total,
+                "queries_without_positive_in_pool": self.queries_without_positive,
+                "queries_excluded": len(self.excluded_qids)}
+
+    def describe(self) -> str:
+        """One Markdown line for results.md."""
+        what = {"keep": "kept in the qrels (counted as not retrieved, M-BEIR's protocol)",
+                "exclude": f"excluded, with {len(self.excluded_qids)} queries left without a positive"}[self.mode]
+        return (f"- {self.query_file} on {self.pool}: {self.qrels_missing} of {self.qrels_total} qrels positives and "
+                f"{self.queries_missing} of {self.queries_total} pos_cand_list entries are not in the pool; {what}")
+
+
+def _absent(dids: list[str], sorted_pool_ids: np.ndarray) -> np.ndarray:
+    """bool per did: not among the sorted hashed pool ids."""
+    if not dids or not len(sorted_pool_ids):
+        return np.ones(len(dids), dtype=bool)
+    hashed = np.fromiter((hash_did(d) for d in dids), dtype=np.int64, count=len(dids))
+    found = np.searchsorted(sorted_pool_ids, hashed).clip(max=len(sorted_pool_ids) - 1)
+    return sorted_pool_ids[found] != hashed
+
+
+def check_positives(positives: FilePositives, sorted_pool_ids: np.ndarray, pool_file: Path, query_stem: str,
+                    mode: MissingPositives) -> PoolPositives:
+    """Count the positives of one query file missing from a pool (its hashed dids, sorted); with
+    ``mode`` 'error' the first one raises, naming its file and line."""
+    stem = pool_file.name.removesuffix(".jsonl")
+    out = PoolPositives(stem, query_stem, mode, qrels_total=len(positives.qrels_lines),
+                        queries_total=len(positives.query_lines))
+    qrels_absent = _absent([did for _, _, did in positives.qrels_lines], sorted_pool_ids)
+    query_absent = _absent([did for _, _, did in positives.query_lines], sorted_pool_ids)
+    out.qrels_missing, out.queries_missing = int(qrels_absent.sum()), int(query_absent.sum())
+    with_positive = {qid for _, qid, _ in positives.qrels_lines}
+    present = {qid for (_, qid, _), absent in zip(positives.qrels_lines, qrels_absent) if not absent}
+    without = with_positive - present
+    out.queries_without_positive = len(without)
+    if mode == "error" and out.any_missing:
+        raise ValueError(_error_message(positives, out, pool_file, qrels_absent, query_absent))
+    if mode == "exclude":
+        out.excluded_qids = without
+    return out
+
+
+def _error_message(positives: FilePositives, out: PoolPositives, pool_file: Path, qrels_absent: np.ndarray,
+                   query_absent: np.ndarray) -> str:
+    if out.qrels_missing:
+        lineno, qid, did = positives.qrels_lines[int(np.flatnonzero(qrels_absent)[0])]
+        where, what = f"{positives.qrels}:{lineno}", f"qrels positive {did} of query {qid}"
+        count = f"{out.qrels_missing} of the file's {out.qrels_total} positives are not"
+    else:
+        lineno, qid, did = positives.query_lines[int(np.flatnonzero(query_absent)[0])]
+        where, what = f"{positives.queries}:{lineno}", f"pos_cand_list entry {did} of query {qid}"
+        count = f"{out.queries_missing} of the file's {out.queries_total} entries are not"
+    return (f"{where}: {what} is not in the evaluated pool {pool_file} ({count}, and "
+            f"{out.queries_without_positive} queries have no positive in it); fix the qrels, the queries or the "
+            "pool, or set missing_positives: keep (M-BEIR's protocol: counted as not retrieved) or exclude "
+            "(left out of the scores); either is counted in results.md and metrics.json")
