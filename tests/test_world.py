@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from genius.common import world
+from genius.synthetic import world
 from genius.common.mbeir import (
     MBEIR_DATASET_IDS, TASKS, Instructions, iter_candidates, iter_queries, load_qrels, parse_query_file_name,
 )

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from genius.common import world
+from genius.synthetic import world
 
 
 @pytest.fixture
