@@ -74,10 +74,9 @@ def cleanup() -> None:
 GatherGradient = Literal["all_ranks", "local_only"]
 
 
-class _GatherLocalGradient(torch.autograd.Function):
-    """All-gather whose backward hands each rank only its own slice of *its own* incoming
-    gradient, dropping what the other ranks' losses put on this rank's vectors (the official
-    code's GatherLayer)."""
+class _Gather(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each rank the sum, over every rank's loss, of
+    the gradient on this rank's slice (what torch.distributed.nn's deprecated all_gather does)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -85,6 +84,19 @@ class _GatherLocalGradient(torch.autograd.Function):
         dist.all_gather(parts, x.contiguous())
         ctx.rows = len(x)
         return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+class _GatherLocalGradient(_Gather):
+    """All-gather whose backward hands each rank only its own slice of *its own* incoming
+    gradient, dropping what the other ranks' losses put on this rank's vectors (the official
+    code's GatherLayer)."""
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -96,7 +108,7 @@ def all_gather_with_grad(x: torch.Tensor, gradient: GatherGradient = "all_ranks"
     """Concatenate ``x`` (the same shape on every rank) from every rank along dim 0.
 
     ``gradient``: ``all_ranks`` sums, in backward, the gradients every rank's loss puts on this
-    rank's slice (torch.distributed.nn's all_gather), which is what an in-batch contrastive loss
+    rank's slice, which is what an in-batch contrastive loss
     over the global batch needs: every rank computes the same global loss, so with DDP's average
     the update is that loss's gradient. ``local_only`` keeps only this rank's own loss's gradient
     (the official GatherLayer): after DDP's average the gathered loss's gradient is 1/world_size
@@ -104,11 +116,7 @@ def all_gather_with_grad(x: torch.Tensor, gradient: GatherGradient = "all_ranks"
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    if gradient == "local_only":
-        return _GatherLocalGradient.apply(x)
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+    return (_GatherLocalGradient if gradient == "local_only" else _Gather).apply(x)
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
@@ -123,3 +131,24 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def wrap_ddp(module: torch.nn.Module, info: "DistInfo", sync_buffers: bool = True) -> torch.nn.Module:
+    """``module`` under DistributedDataParallel when the run is distributed, else itself.
+
+    ``sync_buffers=False`` keeps rank-local buffers (the quantizer's, which it synchronises
+    itself). torch 2.14 deprecates ``broadcast_buffers`` but tells users who rely on buffers *not*
+    being synchronised at init to keep it until its replacement exists, so its warning is
+    silenced here, at the one place that passes it."""
+    if not info.enabled:
+        return module
+    import warnings
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [info.local_rank] if info.device.type == "cuda" else None
+    if sync_buffers:
+        return DistributedDataParallel(module, device_ids=device_ids)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)

@@ -172,10 +172,16 @@ def test_missing_image_is_named(random_clip, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         extract.main(args)
     assert exit_info.value.code == 2
-    assert str(root / "mbeir_images/none/missing.png") in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{root / 'cand_pool/local/mbeir_x_task0_cand_pool.jsonl'}:1" in err  # the jsonl line that names it
+    assert "mbeir_images/none/missing.png" in err and len(err.splitlines()) == 1
 
 
 # ---- training ------------------------------------------------------------------------------
+class Killed(BaseException):
+    """Stands for the process dying: nothing in the stage catches it (not even as an interrupt)."""
+
+
 def train_args(world: Path, run_dir: Path, *extra: str) -> list[str]:
     sets = [f"data.root={world}", f"output.run_dir={run_dir}", "runtime.device=cpu", *extra]
     return ["--config", str(TINY / "train_clip.yaml")] + [a for s in sets for a in ("--set", s)]
@@ -277,11 +283,11 @@ def test_training_resumes_exactly_and_two_processes_match_one(world, tmp_path, m
     def save_then_die(run_dir, epoch, state, step=None):
         path = real_save(run_dir, epoch, state, step=step)
         if epoch == 1 and step is not None:
-            raise KeyboardInterrupt(f"killed after {path.name}")
+            raise Killed(f"killed after {path.name}")
         return path
 
     monkeypatch.setattr(train_clip, "save_training_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt, match="killed after epoch_0001_step_0000002.pt"):
+    with pytest.raises(Killed, match="killed after epoch_0001_step_0000002.pt"):
         train_clip.main(train_args(world, stepped, *short, "optim.batch_size=32", "output.save_every_steps=2"))
     monkeypatch.undo()
     assert sorted(p.name for p in (stepped / "checkpoints").iterdir()) == ["epoch_0000.pt", "epoch_0001_step_0000002.pt"]

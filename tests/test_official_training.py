@@ -221,7 +221,7 @@ def test_fixed_positives_are_the_same_in_every_epoch_and_the_batch_order_is_unch
 WORKER = textwrap.dedent('''
     import json, os, sys
     import torch, torch.distributed as dist, torch.nn.functional as F
-    from torch.nn.parallel import DistributedDataParallel
+    from genius.common.distributed import init_distributed, wrap_ddp
     from genius.models.residual_quantization import train
     from genius.models.residual_quantization.model import RQModel
 
@@ -253,7 +253,7 @@ WORKER = textwrap.dedent('''
         model = RQModel(dim, 16, 16, 2, 4, "learned")
         sample = F.normalize(torch.randn(40, dim, generator=torch.Generator().manual_seed(1)), dim=-1)
         model.quantizer.initialise(sample, None, 5, torch.Generator().manual_seed(2))
-        net = DistributedDataParallel(model.train(), broadcast_buffers=False)
+        net = wrap_ddp(model.train(), init_distributed("cpu"), sync_buffers=False)
         cfg = train.TrainConfig(mse_weight=0.0, commit_weight=0.0, temperature=temperature, contrastive_gather=mode)
         losses, _ = train.training_step(net, batch, cfg, torch.device("cpu"), False)
         losses["loss"].backward()

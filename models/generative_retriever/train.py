@@ -31,7 +31,9 @@ from genius.common import training
 from genius.common.checkpoint import checkpoint_file, load_scaler_state, load_state_dict_strict, save_training_checkpoint
 from genius.common.config import config_to_dict, resolve_path
 from genius.common.mbeir import older_revision_twin
-from genius.common.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, seed_everything
+from genius.common.distributed import (
+    DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, seed_everything, wrap_ddp,
+)
 from genius.common.pairs import PositiveDraw, TrainingPairs, iterate_batches, load_training_pairs
 from genius.common.plots import plot_training_curves
 from genius.common.ranges import check_ranges, ranged
@@ -312,14 +314,6 @@ def make_optimizer(generator: IDGenerator, cfg: OptimConfig, total_steps: int):
     optimizer = training.adamw(generator, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.eps, betas=cfg.betas,
                                decays=lambda name, param: decays(name, param, cfg.no_decay))
     return optimizer, training.warmup_cosine(optimizer, cfg.warmup_steps, total_steps, cfg.warmup_start)
-
-
-def wrap_ddp(generator: IDGenerator, info: DistInfo):
-    if not info.enabled:
-        return generator
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(generator, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
 
 
 # ---- checkpoints ----------------------------------------------------------------------------

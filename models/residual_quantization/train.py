@@ -46,6 +46,7 @@ from genius.common.distributed import (
     cleanup,
     init_distributed,
     seed_everything,
+    wrap_ddp,
 )
 from genius.common import training
 from genius.common.ranges import check_ranges, ranged
@@ -76,7 +77,6 @@ from genius.models.residual_quantization.quantizer import (
     broadcast_codebooks,
     check_codebooks_in_sync,
 )
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 log = logging.getLogger("genius.train_rq")
@@ -422,8 +422,7 @@ def _run_epochs(cfg: RQTrainConfig, data: TrainingData, t: Trainer, run, info: D
         training.keep_metrics(run_dir / "metrics.jsonl", lambda r: r["epoch"] < t.start_epoch)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=info.is_main)
     record = training.checkpoint_record(run, info)
-    net = DistributedDataParallel(t.model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-                                  broadcast_buffers=False) if info.enabled else t.model
+    net = wrap_ddp(t.model, info, sync_buffers=False)
     log.info("training on %d pairs, %d steps per epoch, epochs %d..%d", len(data.pairs), t.steps_per_epoch,
              t.start_epoch, tc.epochs - 1)
     for epoch in range(t.start_epoch, tc.epochs):
