@@ -46,6 +46,8 @@ from genius.common.runstate import RunKey, RunState
 from genius.common.stage import DEBUG_ENV, add_debug_flag, user_errors_exit
 
 GENERATOR = "genius.synthetic.world"
+# Worlds written before the module moved out of common/ name it so; they are the same worlds.
+GENERATORS = (GENERATOR, "genius.common.world")
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 
@@ -773,7 +775,7 @@ def summarize(tasks: list[TaskData], pools: dict[str, list[dict]], size_name: st
 
 def _is_world(path: Path) -> bool:
     try:
-        return json.loads((path / "world.json").read_text()).get("generator") == GENERATOR
+        return json.loads((path / "world.json").read_text()).get("generator") in GENERATORS
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -800,7 +802,7 @@ def _legacy_current(path: Path, size: str, seed: int) -> bool:
         summary = json.loads((path / "world.json").read_text())
     except (OSError, ValueError):
         return False
-    if not isinstance(summary, dict) or summary.get("generator") != GENERATOR:
+    if not isinstance(summary, dict) or summary.get("generator") not in GENERATORS:
         return False
     if (summary.get("format_version"), summary.get("size"), summary.get("seed")) != (FORMAT_VERSION, size, seed):
         return False
