@@ -400,6 +400,23 @@ def parse_qrels_line(parts: list[str]) -> tuple[str, str, int, int]:
     return qid, did, rel_value, task_value
 
 
+def qrels_lines(path: str | os.PathLike, on_error: Callable[[int, list[str], str], None] | None = None
+                ) -> Iterator[tuple[int, str, str, int, int]]:
+    """(line number, qid, did, relevance, task_id) of every qrels line; a malformed line raises
+    naming file and line, or is handed to ``on_error(lineno, fields, message)`` and skipped."""
+    not_text = None if on_error is None else (lambda lineno, message: on_error(lineno, [], message))
+    for lineno, line in text_lines(path, not_text):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            yield (lineno, *parse_qrels_line(parts))
+        except ValueError as err:
+            if on_error is None:
+                raise DataFormatError(f"{path}:{lineno}: {err}") from None
+            on_error(lineno, parts, str(err))
+
+
 def load_qrels(path: str | os.PathLike, on_error: Callable[[int, list[str], str], None] | None = None) -> Qrels:
     """M-BEIR qrels: ``qid 0 did relevance task_id``; relevance > 0 counts as relevant.
 
@@ -408,18 +425,7 @@ def load_qrels(path: str | os.PathLike, on_error: Callable[[int, list[str], str]
     without a single line raises too (without ``on_error``; check-data reports it itself)."""
     relevant: dict[str, set[str]] = {}
     task_of: dict[str, int] = {}
-    not_text = None if on_error is None else (lambda lineno, message: on_error(lineno, [], message))
-    for lineno, line in text_lines(path, not_text):
-        parts = line.split()
-        if not parts:
-            continue
-        try:
-            qid, did, rel, task = parse_qrels_line(parts)
-        except ValueError as err:
-            if on_error is None:
-                raise DataFormatError(f"{path}:{lineno}: {err}") from None
-            on_error(lineno, parts, str(err))
-            continue
+    for _, qid, did, rel, task in qrels_lines(path, on_error):
         task_of[qid] = task
         if rel > 0:
             relevant.setdefault(qid, set()).add(did)

@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 
-from genius.common.mbeir import DataFormatError, hash_did, iter_jsonl, parse_qrels_line, query_problems, text_lines
+from genius.common.mbeir import DataFormatError, hash_did, iter_jsonl, qrels_lines, query_problems
 
 MissingPositives = Literal["error", "keep", "exclude"]
 
@@ -35,24 +35,14 @@ class FilePositives:
 
     @classmethod
     def read(cls, qrels: Path, queries: Path) -> "FilePositives":
-        qrels_lines = []
-        for lineno, line in text_lines(qrels):
-            parts = line.split()
-            if not parts:
-                continue
-            try:
-                qid, did, relevance, _ = parse_qrels_line(parts)
-            except ValueError as err:
-                raise DataFormatError(f"{qrels}:{lineno}: {err}") from None
-            if relevance > 0:
-                qrels_lines.append((lineno, qid, did))
+        relevant = [(lineno, qid, did) for lineno, qid, did, rel, _ in qrels_lines(qrels) if rel > 0]
         query_lines = []
         for lineno, obj in iter_jsonl(queries):
             problems = query_problems(obj)
             if problems:
                 raise DataFormatError(f"{queries}:{lineno}: {problems[0]}")
             query_lines += [(lineno, obj["qid"], did) for did in obj["pos_cand_list"]]
-        return cls(qrels, queries, qrels_lines, query_lines)
+        return cls(qrels, queries, relevant, query_lines)
 
 
 @dataclass
