@@ -182,6 +182,11 @@ class CorruptCheckpointError(ValueError):
     """A checkpoint whose bytes no longer match the digest written into it."""
 
 
+class OlderCheckpointError(CorruptCheckpointError):
+    """A checkpoint without the content digest: written by an older version of this code (or not
+    by it at all), so its content cannot be checked."""
+
+
 def content_digest(obj: Any) -> str:
     """SHA-256 over a checkpoint's whole content: every tensor's name, dtype, shape and bytes and
     every plain value, in a fixed order (dict keys sorted), so it does not depend on pickling."""
@@ -232,7 +237,7 @@ _OWN_HINT = "delete it and re-run the stage that writes it"
 def check_own_content(obj: Any, path: str | os.PathLike, verify: bool = True) -> dict:
     """``obj`` (read from ``path``) if it is one of our checkpoints whose content matches its digest."""
     if not isinstance(obj, dict) or CONTENT_KEY not in obj:
-        raise CorruptCheckpointError(f"{path}: not a checkpoint written by this version of genius (no content "
+        raise OlderCheckpointError(f"{path}: not a checkpoint written by this version of genius (no content "
                                      f"digest); {_OWN_HINT}")
     if verify and content_digest({k: v for k, v in obj.items() if k != CONTENT_KEY}) != obj[CONTENT_KEY]:
         raise CorruptCheckpointError(f"{path}: the content does not match the digest written into it (the file "

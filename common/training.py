@@ -37,7 +37,8 @@ from typing import Callable, Iterable, Literal
 import torch
 import torch.distributed as dist
 
-from genius.common.checkpoint import latest_checkpoint, load_own_checkpoint, rng_state, set_rng_state
+from genius.common.checkpoint import (OlderCheckpointError, UnsafeCheckpointError, latest_checkpoint,
+                                      load_own_checkpoint, rng_state, set_rng_state)
 from genius.common.distributed import DistInfo, seed_everything
 from genius.common.io import atomic_write_text
 from genius.common.runstate import RunKey, RunState
@@ -172,7 +173,16 @@ def resume_point(run: RunState, info: DistInfo, *, batch_key: str, force_key: st
     corrupt checkpoint is an error naming it; a run of another process count is refused
     (:func:`check_world_size`). Call it on every rank, inside ``run.hold()``."""
     path = latest_checkpoint(run.out_dir)
-    checkpoint = load_own_checkpoint(path) if path is not None else None
+    checkpoint = None
+    if path is not None:
+        try:
+            checkpoint = load_own_checkpoint(path)
+        except (UnsafeCheckpointError, OlderCheckpointError) as err:
+            # Our own run folder, holding a checkpoint an older version of this code wrote (no
+            # content digest, or numpy objects in its RNG state): it cannot be checked or read
+            # safely, so its run is set aside below like a run of another key: never loaded, never
+            # deleted.
+            log.warning("%s: cannot resume from it (%s)", run.stage, str(err).split("; ")[0])
     if checkpoint is not None:
         recorded, recorded_world, where = checkpoint.get("run_key"), checkpoint.get("world_size"), path
     else:

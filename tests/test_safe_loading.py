@@ -109,15 +109,35 @@ def test_train_clip_init_checkpoint(planted, tmp_path):
 
 
 def test_training_resume_reads_checkpoints_safely(planted, tmp_path):
-    """train-clip, train-rq and train-gen all resume through ``common.training.resume_point``."""
+    """train-clip, train-rq and train-gen all resume through ``common.training.resume_point``: a
+    checkpoint in the run folder that needs more than plain data (an older version of this code
+    pickled numpy objects) is never unpickled; its run is set aside in ``stale/`` and training
+    starts afresh (the fixture asserts the planted object never ran)."""
     from genius.common import training
     from genius.common.runstate import RunKey, RunState
 
     write, _ = planted
     path = write(tmp_path / "checkpoints" / "epoch_0001.pt")
     run = RunState(tmp_path, RunKey({}, {}), training.run_outputs("x.pt"), stage="test")
-    with refused(path):
-        training.resume_point(run, init_distributed("cpu"), batch_key="train.batch_size", force_key="train.force")
+    assert training.resume_point(run, init_distributed("cpu"), batch_key="train.batch_size",
+                                 force_key="train.force") is None
+    assert not path.exists()
+    assert [p.name for p in (tmp_path / "stale").glob("*/checkpoints/*.pt")] == ["epoch_0001.pt"]
+
+
+def test_a_checkpoint_from_an_older_version_is_set_aside_not_resumed(tmp_path):
+    """A training checkpoint without the content digest (what this code wrote before digests)
+    cannot be checked, so resuming sets its run aside instead of stopping or trusting it."""
+    from genius.common import training
+    from genius.common.runstate import RunKey, RunState
+
+    path = tmp_path / "checkpoints" / "epoch_0003.pt"
+    path.parent.mkdir()
+    torch.save({"model": {"w": torch.zeros(2)}, "epoch": 3}, path)
+    run = RunState(tmp_path, RunKey({}, {}), training.run_outputs("x.pt"), stage="test")
+    assert training.resume_point(run, init_distributed("cpu"), batch_key="train.batch_size",
+                                 force_key="train.force") is None
+    assert [p.name for p in (tmp_path / "stale").glob("*/checkpoints/*.pt")] == ["epoch_0003.pt"]
 
 
 # ---- stage 1 ---------------------------------------------------------------------------------
