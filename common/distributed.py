@@ -5,6 +5,7 @@ so multi-process behaviour is testable on a CPU-only machine.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import random
 from dataclasses import dataclass
@@ -31,27 +32,51 @@ class DistInfo:
         return self.world_size > 1
 
 
+# Minutes any collective may wait for the slowest rank before the job fails. NCCL's default is 10
+# minutes (gloo's 30): too short for the minutes of one-rank work a 5.6M-candidate pool can take
+# on network storage (building its trie, a rank's share of its fused-embedding cache), long
+# enough that a genuinely hung rank still ends the job within the hour.
+TIMEOUT_ENV = "GENIUS_DIST_TIMEOUT_MIN"
+DEFAULT_TIMEOUT_MIN = 30.0
+
+
+def collective_timeout() -> datetime.timedelta:
+    """The process group's collective timeout: ``$GENIUS_DIST_TIMEOUT_MIN`` minutes (default 30)."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return datetime.timedelta(minutes=DEFAULT_TIMEOUT_MIN)
+    try:
+        minutes = float(raw)
+    except ValueError:
+        minutes = float("nan")
+    if not minutes > 0 or minutes == float("inf"):
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: not a positive number of minutes; set it to e.g. 60, or unset it "
+                         f"for the default {DEFAULT_TIMEOUT_MIN:g}")
+    return datetime.timedelta(minutes=minutes)
+
+
 def init_distributed(device: str = "auto", cpu_threads: int | None = None) -> DistInfo:
     """Join the torchrun process group if launched by torchrun; otherwise a world of one.
 
     ``cpu_threads``: torch threads per process when running on the CPU (None: torch's default,
     one per core). On shared cores fewer threads can be much faster: an op with a descheduled
-    thread waits for it."""
+    thread waits for it. Collectives time out after :func:`collective_timeout`."""
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but no GPU is available; use device: cpu or auto")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+    dev = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
     if want_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
-        if cpu_threads:
-            torch.set_num_threads(cpu_threads)
+        # Before the process group: NCCL binds each rank's communicator to the current device.
+        torch.cuda.set_device(dev)
+    elif cpu_threads:
+        torch.set_num_threads(cpu_threads)
+    if world_size > 1 and not dist.is_initialized():
+        # device_id binds the group to this rank's GPU now rather than guessing it at the first collective
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo", timeout=collective_timeout(),
+                                device_id=dev if want_cuda else None)
     return DistInfo(rank, world_size, local_rank, dev)
 
 
@@ -61,9 +86,43 @@ def autocast_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cpu" else torch.float16
 
 
+def _group_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def group_rank() -> tuple[int, int]:
+    """(rank, world size) of the process group; (0, 1) without one."""
+    return (dist.get_rank(), _group_size()) if _group_size() > 1 else (0, 1)
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows [start, stop) of rank ``rank``'s contiguous share of ``n`` rows (balanced, in rank order)."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def gather_to_main(obj) -> list | None:
+    """Every rank's ``obj`` in rank order on rank 0, None on the others (``[obj]`` without a group).
+    Only rank 0 needs the parts, so this is a gather, not an all-gather."""
+    rank, world_size = group_rank()
+    if world_size == 1:
+        return [obj]
+    gathered = [None] * world_size if rank == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def broadcast_from_main(obj):
+    """Rank 0's ``obj`` on every rank: its decisions, which the others follow."""
+    if _group_size() == 1:
+        return obj
+    box = [obj if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def cleanup() -> None:

@@ -1,5 +1,6 @@
 """What the three trainers (train-clip, train-rq, train-gen) share: the optimiser and schedule
-builders, RNG state across ranks, the global-batch checks, and the resume point of a run folder.
+builders, the optimiser step under loss scaling, RNG state across ranks, the global-batch checks,
+and the resume point of a run folder.
 
 Run state (skip / resume / set aside, ``force``, the folder lock) is :mod:`genius.common.runstate`;
 this module adds what is particular to training on top of it.
@@ -95,6 +96,30 @@ def cosine_to_floor(optimizer: torch.optim.Optimizer, total_steps: int,
 def grad_scaler(amp: bool, device: torch.device) -> torch.amp.GradScaler:
     """fp16 loss scaling where fp16 autocast runs: on a GPU with ``amp`` on; disabled otherwise."""
     return torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+
+
+def optimizer_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler, clip: tuple[Iterable, float] | None = None) -> bool:
+    """The optimiser step of a loss ``scaler.scale(loss).backward()`` has back-propagated, then
+    the schedule's step unless the scaler skipped the optimiser's (inf/NaN gradients under fp16
+    loss scaling): a skipped step is no step of the schedule. ``clip`` (parameters, max norm)
+    clips the unscaled gradients' norm first. Returns whether the optimiser stepped.
+
+    The skip is seen through the optimiser's post-step hook, so finding out costs no host sync;
+    with the scaler disabled the calls are exactly ``optimizer.step(); scheduler.step()``."""
+    if clip is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(clip[0], clip[1])
+    stepped = []
+    hook = optimizer.register_step_post_hook(lambda *_: stepped.append(True))
+    try:
+        scaler.step(optimizer)
+    finally:
+        hook.remove()
+    scaler.update()
+    if stepped:
+        scheduler.step()
+    return bool(stepped)
 
 
 # ---- global batch ----------------------------------------------------------------------------

@@ -13,6 +13,14 @@ export HF_HUB_OFFLINE=1
 run_stage() {
     local module="$1"; shift
     if [ "${NPROC:-1}" -gt 1 ]; then
+        # torchrun sets OMP_NUM_THREADS=1 when it is unset, leaving each rank's host-side work
+        # (reading and fusing stores, ranking, code statistics) on one core: share the cores instead.
+        if [ -z "${OMP_NUM_THREADS:-}" ]; then
+            local cores
+            cores="$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)"
+            OMP_NUM_THREADS=$(( cores / NPROC > 0 ? cores / NPROC : 1 ))
+            export OMP_NUM_THREADS
+        fi
         "$GENIUS_PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m "$module" "$@"
     else
         "$GENIUS_PYTHON" -m "$module" "$@"

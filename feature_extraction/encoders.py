@@ -133,7 +133,7 @@ class ClipSFEncoder(Encoder):
 
     @torch.inference_mode()
     def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        pixels = self.preprocess.normalize(pixels.to(self.device))
+        pixels = self.preprocess.normalize(pixels.to(self.device, non_blocking=True))
         with self.autocast():
             return self.model.encode_image(pixels, normalize=False).float().cpu()
 

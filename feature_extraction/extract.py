@@ -62,7 +62,7 @@ from tqdm import tqdm
 
 from genius.common.config import config_to_dict, resolve_path
 from genius.common.config_checks import check_dir, check_file
-from genius.common.distributed import barrier, cleanup, init_distributed
+from genius.common.distributed import barrier, cleanup, gather_to_main, init_distributed
 from genius.common.io import atomic_write_json, sha256_json
 from genius.common.mbeir import (
     iter_candidates,
@@ -257,8 +257,10 @@ def embed_chunks(chunks: list[Chunk], encoder: Encoder, reader: ImageReader | No
         per_chunk.append(-(-(last - first) // batch_size))
         batches += [list(range(b, min(b + batch_size, last))) for b in range(first, last, batch_size)]
         first = last
+    # Pinned batches on a GPU, so the encoder's non_blocking upload is an asynchronous DMA copy
+    # (from pageable memory it is staged through a pinned buffer and blocks the host).
     images = iter(DataLoader(_Images(entries, reader), batch_sampler=batches, num_workers=num_workers,
-                             collate_fn=_collate)) if batches else iter(())
+                             collate_fn=_collate, pin_memory=encoder.device.type == "cuda")) if batches else iter(())
     for k, chunk in enumerate(chunks):
         items = chunk.items
         img = np.zeros((len(items), encoder.dim), np.float32)
@@ -294,6 +296,17 @@ class Context:
     metrics: MetricsLog
     parts_written: int = 0
     stop_after: int | None = None
+    held: list[dict] = field(default_factory=list)  # a rank > 0's metrics records, for rank 0 to write
+
+    def record(self, **fields) -> None:
+        """One metrics record of this rank. Only rank 0 appends to the file (concurrent appends from
+        several hosts to one file on network storage can interleave or be lost); the other ranks
+        hold theirs until :func:`_extract` hands them to rank 0, so a killed run loses only those."""
+        entry = {"time": round(time.time(), 3), "rank": self.rank, **fields}
+        if self.rank == 0:
+            self.metrics.write(**entry)
+        else:
+            self.held.append(entry)
 
     def _key(self, kind: str, inputs: dict, **extra) -> RunKey:
         ins = self.cfg.instructions
@@ -343,7 +356,7 @@ class Context:
             log.warning("%s; extracting it again", err)
             return False
         log.info("%s is up to date, skipping", store)
-        self.metrics.write(store=str(store), rank=self.rank, status="up_to_date")
+        self.record(store=str(store), status="up_to_date")
         return True
 
 
@@ -459,8 +472,8 @@ def embed_job(job: Job, ctx: Context) -> Pending | None:
         if ctx.stop_after is not None and ctx.parts_written >= ctx.stop_after:
             raise ExtractionInterrupted(f"stopped after {ctx.parts_written} parts ({STOP_AFTER_PARTS_ENV})")
     progress.close()
-    ctx.metrics.write(store=str(job.store), rank=ctx.rank, status="extracted", rows=num_rows,
-                      parts_embedded=len(todo), parts_reused=reused, seconds=round(time.time() - started, 3))
+    ctx.record(store=str(job.store), status="extracted", rows=num_rows,
+               parts_embedded=len(todo), parts_reused=reused, seconds=round(time.time() - started, 3))
     return Pending(job, num_rows, key)
 
 
@@ -492,7 +505,7 @@ def build_union(job: Job, local_stores: list[Path], ctx: Context) -> None:
             raise StoreError(f"{job.source}: did {int(union.ids[bad])} has modality {int(union.modality[bad])} but "
                              f"{int(out.modality[bad])} in its local pool; the union file and the local pools disagree")
     log.info("wrote %s (%d rows from %d local stores)", job.store, len(union), len(stores))
-    ctx.metrics.write(store=str(job.store), rank=ctx.rank, status="assembled", rows=len(union))
+    ctx.record(store=str(job.store), status="assembled", rows=len(union))
 
 
 def union_sources(union_ids: np.ndarray, stores: list[EmbeddingStore], source: Path) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -557,10 +570,12 @@ def _extract(cfg: ExtractConfig, dist, jobs: list[Job], union_job: Job | None, o
     ctx = Context(cfg, encoder, reader, query_text, dist.rank, dist.world_size,
                   MetricsLog(out_dir / "extract_metrics.jsonl"), stop_after=int(stop_after) if stop_after else None)
     pending = [p for p in (embed_job(job, ctx) for job in jobs) if p is not None]
-    # Every part of every store is on disk once all ranks pass here. The other ranks are done:
-    # rank 0 merges alone, so no rank idles in a collective (and its timeout) meanwhile.
-    barrier()
+    # Every part of every store is on disk once rank 0 has every rank's records. The other ranks
+    # are done: rank 0 merges alone, so no rank idles in a collective (and its timeout) meanwhile.
+    held = gather_to_main(ctx.held)
     if dist.is_main:
+        for entry in (entry for records in held for entry in records):
+            ctx.metrics.write(**entry)
         for p in pending:
             merge(p, ctx)
         if union_job is not None:

@@ -477,12 +477,8 @@ def run_epoch(ddp, model, loader, optimizer, scheduler, scaler, use_fp16, cfg, d
                                      "lower optim.lr or check the data")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        if cfg.optim.grad_clip_norm is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        clip = None if cfg.optim.grad_clip_norm is None else (model.parameters(), cfg.optim.grad_clip_norm)
+        training.optimizer_step(scaler, optimizer, scheduler, clip)
         with torch.no_grad():  # CLIP's clamp: a temperature below 1/max_logit_scale destabilises training
             model.clip.logit_scale.clamp_(0, math.log(cfg.loss.max_logit_scale))
         totals += torch.stack([loss.detach(), accuracy.detach()])

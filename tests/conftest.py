@@ -35,6 +35,22 @@ def _strict_warnings_for_subprocesses() -> str:
 os.environ["PYTHONWARNINGS"] = _strict_warnings_for_subprocesses()
 
 
+# ---- parallel runs: what must share a worker --------------------------------------------
+# scripts/test.sh runs one pytest-xdist worker per core with ``--dist loadgroup``. A session or
+# module fixture is built once per worker that needs it, so a test file stays on one worker (its
+# module fixtures are built once), and every test of the finished tiny root (minutes to build)
+# joins one group wherever its file is.
+TINY_ROOT_FIXTURES = {"finished_tiny_root", "tiny_root_copy"}
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        group = "finished_tiny_root" if TINY_ROOT_FIXTURES & set(item.fixturenames) else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` (or $GENIUS_SHARED_DATA); tests that need it skip cleanly when it is absent."""

@@ -1,6 +1,9 @@
 """Constrained beam search: exact agreement with transformers ``generate``, trie validity, absent beams."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +14,10 @@ from genius.models.generative_retriever.generator import IDGenerator, make_arch
 from genius.trie_cpp import build_trie
 from genius.trie_cpp.python_trie import PythonTrie
 
+# pytest runs with --import-mode=importlib, which leaves tests/ off sys.path; the sync counter is
+# a plain module next to this file.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from host_syncs import count_host_syncs  # noqa: E402
 
 
 def tiny_generator(seed: int, sizes: list[int], dim: int = 12, d_model: int = 16, layers: int = 2) -> IDGenerator:
@@ -169,3 +176,69 @@ def test_bad_arguments_are_named():
         constrained_beam_search(generator, queries(np.random.default_rng(0), 1), trie, sizes, modality_threshold=1.5)
     with pytest.raises(ValueError, match=r"z_query must be \[Q, 12\]"):
         constrained_beam_search(generator, torch.zeros(2, 7), trie, sizes)
+
+
+# ---- numerics under autocast, and host syncs (the GPU path, checked on the CPU) ----------------
+@pytest.mark.parametrize("level_head", [True, False])
+def test_head_logits_are_fp32_under_autocast(level_head):
+    # Under bf16 autocast the decoder runs in bf16 but the head must not: the level's
+    # log-probabilities equal an fp32 head (outside autocast) on the same decoder state.
+    sizes = [3, 8, 8]
+    generator = tiny_generator(4, sizes)
+    z = queries(np.random.default_rng(4), 3)
+    states = []
+    hook = generator.t5.decoder.register_forward_hook(lambda m, i, out: states.append(out.last_hidden_state[:, -1]))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = torch.zeros(len(z), 1, dtype=torch.long)
+        log_probs, _ = generator.code_log_probs(tokens, generator.encode(z), None, 0, level_head)
+    hook.remove()
+    weight = generator.t5.lm_head.weight.detach()
+    hidden = states[0].float() * generator.d_model**-0.5
+    lo, hi = generator.offsets[0], generator.offsets[0] + sizes[0]
+
+    def level_log_probs(logits_of):  # normalised as the search does
+        return logits_of(weight[lo:hi]).log_softmax(-1) if level_head else logits_of(weight).log_softmax(-1)[:, lo:hi]
+
+    with torch.no_grad():
+        expected = level_log_probs(lambda rows: F.linear(hidden, rows))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            head = generator.head_logits(states[0], slice(lo, hi))
+            in_autocast = level_log_probs(lambda rows: F.linear(hidden, rows).float())  # a head inside autocast
+    assert log_probs.dtype == head.dtype == torch.float32
+    assert torch.equal(log_probs, expected) and torch.equal(head, F.linear(hidden, weight[lo:hi]))
+    assert not torch.equal(in_autocast, expected)  # so the equalities above are the fp32 head's
+
+
+@pytest.mark.parametrize("where,level", [("head_row_level0", 0), ("head_row_level1", 1), ("query", 0)])
+@pytest.mark.parametrize("level_head", [True, False])
+def test_nan_in_the_weights_or_the_query_is_an_error_not_a_dropped_beam(where, level, level_head):
+    sizes = [3, 6, 6]
+    generator = tiny_generator(9, sizes)
+    rng = np.random.default_rng(9)
+    trie = build_trie(random_codes(rng, sizes, 40), backend="cpp")
+    z = queries(rng, 4)
+    if where == "query":
+        z[2, 5] = float("nan")
+    else:  # one row of the (tied) output head: a code of level 0 or 1
+        with torch.no_grad():
+            generator.t5.lm_head.weight[generator.offsets[level] + 1, 3] = float("nan")
+    # The full-vocabulary head normalises over every row: a NaN anywhere breaks the first level.
+    expected_level = level if level_head else 0
+    queries_hit = "1 of 4" if where == "query" else "4 of 4"
+    with pytest.raises(FloatingPointError, match=rf"NaN or \+inf scores at level {expected_level} for {queries_hit} "
+                                                 r"queries; the generator's weights or inputs hold NaN/inf"):
+        constrained_beam_search(generator, z, trie, sizes, num_beams=5, level_head=level_head)
+
+
+def test_decode_loop_copies_to_the_host_once_per_level():
+    # The trie needs the chosen parents, codes and beam states on the host at every level: one
+    # copy for all of them; the masks go the other way from a reused (on a GPU, pinned) buffer.
+    rng = np.random.default_rng(2)
+    for sizes in ([3, 8, 8], [3, 8, 8, 8, 8, 8]):
+        generator = tiny_generator(2, sizes)
+        trie = build_trie(random_codes(rng, sizes, 200), backend="cpp")
+        z = queries(rng, 6)
+        for autocast in (False, True):
+            with count_host_syncs() as calls:
+                constrained_beam_search(generator, z, trie, sizes, num_beams=8, batch_size=3, autocast=autocast)
+            assert sum(calls.values()) == 2 * len(sizes), (sizes, autocast, dict(calls))  # 2 batches x 1 per level

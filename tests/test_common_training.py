@@ -267,3 +267,58 @@ def test_keep_metrics_drops_the_lines_past_the_resumed_checkpoint(tmp_path):
     keep_metrics(path, lambda r: r["step"] <= 2)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 2]
     keep_metrics(tmp_path / "none.jsonl", lambda r: True)  # no log yet: nothing to do
+
+
+# ---- the optimiser step under loss scaling ---------------------------------------------------
+def _scaled_step(scaler, optimizer, scheduler, model, inf_grad: bool = False, clip=None) -> bool:
+    from genius.common.training import optimizer_step
+
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(model(torch.ones(2, 3)).square().sum()).backward()
+    if inf_grad:  # what an fp16 overflow in the backward pass leaves
+        model.weight.grad[0, 0] = float("inf")
+    return optimizer_step(scaler, optimizer, scheduler, clip)
+
+
+def test_the_schedule_does_not_step_when_the_scaler_skips_the_optimiser_step():
+    from genius.common.training import warmup_cosine
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = warmup_cosine(optimizer, warmup_steps=3, total_steps=10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # enabled: loss scaling as fp16 on a GPU uses it
+    assert scaler.is_enabled()
+
+    assert _scaled_step(scaler, optimizer, scheduler, model)
+    assert scheduler.last_epoch == 1 and scaler.get_scale() == 1024.0
+    weights, lr = model.weight.detach().clone(), scheduler.get_last_lr()
+    assert not _scaled_step(scaler, optimizer, scheduler, model, inf_grad=True)
+    assert scheduler.last_epoch == 1 and scheduler.get_last_lr() == lr  # no step of the schedule either
+    assert torch.equal(model.weight, weights) and scaler.get_scale() == 512.0  # skipped, scale backed off
+    assert _scaled_step(scaler, optimizer, scheduler, model, clip=(model.parameters(), 1e-3))
+    assert scheduler.last_epoch == 2 and not torch.equal(model.weight, weights)
+    assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()])) <= 1e-3 * 1.0001
+
+
+def test_with_the_scaler_disabled_the_step_is_a_plain_optimiser_and_schedule_step():
+    from genius.common.training import warmup_cosine
+
+    runs = []
+    for helper in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        scheduler = warmup_cosine(optimizer, warmup_steps=2, total_steps=5)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        for _ in range(4):
+            if helper:
+                _scaled_step(scaler, optimizer, scheduler, model, clip=(model.parameters(), 0.5))
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                model(torch.ones(2, 3)).square().sum().backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                optimizer.step()
+                scheduler.step()
+        runs.append((model.weight.detach(), scheduler.last_epoch))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1] == 4

@@ -386,3 +386,42 @@ def test_extraction_reads_real_coco_jpegs(coco_mini, tmp_path):
     union = EmbeddingStore.open(out / "cand/mbeir_union_test_cand_pool")
     np.testing.assert_array_equal(union.ids, load_pool_index(coco_mini / "cand_pool/global/mbeir_union_test_cand_pool.jsonl").ids)
     assert hash_did("9:1") in set(np.asarray(union.ids).tolist())
+
+
+# ---- the GPU path's host side ------------------------------------------------------------------
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_image_batches_are_pinned_for_a_gpu(monkeypatch, device):
+    """On a GPU the crops come in pinned memory, so the encoder's non_blocking upload is asynchronous."""
+    made = []
+
+    def data_loader(*args, pin_memory=False, **kwargs):  # no GPU here: record the flag, load unpinned
+        made.append(pin_memory)
+        return torch.utils.data.DataLoader(*args, **kwargs)
+
+    class Encoder:
+        dim, has_images = 4, True
+
+        def __init__(self):
+            self.device = torch.device(device)
+
+        def embed_pixels(self, pixels):
+            return pixels.float().mean((2, 3)).repeat(1, 2)[:, :4]
+
+    monkeypatch.setattr(extract, "DataLoader", data_loader)
+    items = [types.SimpleNamespace(id=i, text="", img_path=f"{i}.png", modality=0, target_modality=0) for i in range(3)]
+    chunk = extract.Chunk(0, 3, items)
+    reader = lambda path: torch.full((3, 2, 2), int(path[0]), dtype=torch.uint8)  # noqa: E731
+    (_, arrays), = extract.embed_chunks([chunk], Encoder(), reader, batch_size=2, num_workers=0)
+    assert made == [device == "cuda"]
+    assert arrays.img[:, 0].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_only_rank_0_appends_to_the_extraction_metrics(tmp_path):
+    """Ranks > 0 hold their records for rank 0 (several hosts appending to one file on shared
+    storage can interleave lines); ``_extract`` gathers them to rank 0 at the end."""
+    log = extract.MetricsLog(tmp_path / "extract_metrics.jsonl")
+    contexts = [extract.Context(None, None, None, None, rank, 2, log) for rank in (0, 1)]
+    for ctx in contexts:
+        ctx.record(store="s", status="extracted")
+    assert [r["rank"] for r in log.read()] == [0]
+    assert [(r["rank"], r["status"]) for r in contexts[1].held] == [(1, "extracted")] and not contexts[0].held

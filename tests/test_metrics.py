@@ -83,9 +83,10 @@ def test_results_tsv_puts_union_beside_local():
     lines = [line.split("\t") for line in results_tsv(rows).splitlines()]
     assert lines[0] == ["Model", "TaskID", "Task", "Dataset", "Split", "Metric", "CandPool", "Value",
                         "UnionPool", "UnionValue"]
-    assert lines[1] == ["GENIUS", "0", "T→I", "mscoco", "test", "Recall@5", "mbeir_mscoco_task0_cand_pool", "0.7123",
+    assert lines[1] == ["GENIUS", "0", "T→I", "mscoco", "test", "HitRate@5 (UniIR's Recall@5)",
+                        "mbeir_mscoco_task0_cand_pool", "0.7123",
                         "mbeir_union_test_cand_pool", "0.7000"]
-    assert lines[2][5:] == ["Recall@10", "mbeir_mscoco_task0_cand_pool", "0.8000", "", ""]
+    assert lines[2][5:] == ["HitRate@10 (UniIR's Recall@10)", "mbeir_mscoco_task0_cand_pool", "0.8000", "", ""]
 
 
 def test_markdown_table_in_paper_layout_with_paper_numbers():
@@ -97,11 +98,11 @@ def test_markdown_table_in_paper_layout_with_paper_numbers():
     rows.append(result("genius", "universal", "mbeir_mscoco_task0", "mscoco", 0, 0.99, k=10, reported=False))
     table = recall_table(rows, "universal")
     lines = table.splitlines()
-    assert lines[0] == "### Universal pool"
+    assert lines[0] == "### Universal pool: hit rate (UniIR's Recall@k), %"
     assert lines[2] == ("| Task | Dataset | Metric | Dense CLIP-SF | GENIUS | GENIUS^R | paper CLIP-SF | paper GENIUS "
                         "| paper GENIUS^R |")
-    assert lines[4] == "| T→I | MSCOCO | R@5 | 80.0 | 50.0 | 60.0 | 77.9 | 55.1 | 68.0 |"
-    assert lines[5] == "| I→T | MSCOCO | R@5 | 90.0 | 70.0 | 85.0 | 92.3 | 82.7 | 90.6 |"
+    assert lines[4] == "| T→I | MSCOCO | HitRate@5 | 80.0 | 50.0 | 60.0 | 77.9 | 55.1 | 68.0 |"
+    assert lines[5] == "| I→T | MSCOCO | HitRate@5 | 90.0 | 70.0 | 85.0 | 92.3 | 82.7 | 90.6 |"
     assert lines[6] == "|  | **Average** |  | **85.0** | **60.0** | **72.5** | 85.1 | 68.9 | 79.3 |"
     assert recall_table(rows, "task-specific") == ""
 
@@ -111,7 +112,7 @@ def test_markdown_without_paper_numbers_for_other_datasets_and_decode_table():
             result("genius", "task-specific", "mbeir_shapesedit_task7", "shapesedit", 7, 0.5, mbeir=False)]
     table = recall_table(rows, "task-specific")
     assert "paper" not in table
-    assert "| T→I | shapesnews | R@5 | 25.0 |" in table and "| (I,T)→I | shapesedit | R@5 | 50.0 |" in table
+    assert "| T→I | shapesnews | HitRate@5 | 25.0 |" in table and "| (I,T)→I | shapesedit | HitRate@5 | 50.0 |" in table
     assert "| **37.5** |" in table
     stats = [DecodeStats("universal", "union", "mbeir_shapesnews_task0_test", 40, 2.0, False, 12.0, 30.5, 1.0)]
     assert stats[0].queries_per_second == 20.0

@@ -273,6 +273,35 @@ def test_a_non_finite_loss_stops_training_with_a_clear_message(tmp_path):
         train.train(load_config(train.RQTrainConfig, train_yaml))
 
 
+def test_a_training_step_reads_device_values_a_fixed_few_times_whatever_the_number_of_levels(tmp_path):
+    """On a GPU every read of a device value stalls the step. Counted on the CPU (tests/host_syncs.py),
+    4 reads per step for 2 levels as for 6: the finite check, the quantizer's initialised check,
+    the dead-code counts of all levels (3 syncs), and the check of the level-0 modality codes,
+    which stay on the host. A log step adds 1."""
+    from genius.common.distributed import init_distributed
+    from genius.common.pairs import iterate_batches
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from host_syncs import count_host_syncs
+
+    world = make_world(tmp_path, num_items=96)
+    train_yaml, _ = write_configs(tmp_path, world, batch_size=16)
+    info = init_distributed("cpu")
+    for levels in (2, 6):
+        cfg = load_config(train.RQTrainConfig, train_yaml, [f"model.num_levels={levels}"])
+        data = train.open_training_data(cfg.data, cfg.model.dim)
+        t = train.build_trainer(cfg, data, None, info)
+        net, tally = t.model.train(), train.EpochTally(t.model.codebook_sizes, info.device)
+        batches = iterate_batches(data.pairs, data.queries, data.pool, batch_size=16, epoch=0, seed=0)
+        counts = []
+        for step, batch in zip(range(3), batches):
+            with count_host_syncs(project_only=True) as calls:
+                train.optimise(net, t, batch, cfg.train, info.device, tally, 0, step)
+            counts.append(sum(calls.values()))
+        assert counts == [4, 4, 4], (levels, counts)
+        assert sum(tally.resets.tolist()) > 0  # the dead-code reset ran (its sync is the one counted)
+
+
 # ---- two processes ---------------------------------------------------------------------------
 WORKER = textwrap.dedent('''
     import json, os, sys

@@ -7,7 +7,7 @@ node by its chosen code. Beams whose prefix is not in the trie score -inf; when 
 reachable IDs than beams, the surplus beams come back marked absent (codes -1, score -inf,
 valid False).
 
-Two details keep it fast:
+Three details keep it fast:
 - Level head: at step l only level l's codes can follow, so by default only those K_l rows of
   the tied output head are scored and the log-softmax runs over them. ``level_head=False``
   scores and normalises the full vocabulary and gives exactly the numbers (and beams) of the
@@ -17,6 +17,12 @@ Two details keep it fast:
   kept once per query (not once per beam, which at paper size is 37 MB per query) and never
   reordered: during the search the decoder's attention is ``shared_cross_attention``, which lets
   the B beams of a query attend to them as B query positions of one row.
+- Host traffic: the masks are filled in one host buffer per search (pinned on a GPU, uploaded
+  without blocking), and each step makes one device-to-host copy, of what the trie needs.
+
+Under ``autocast`` the decoder runs in bf16 (CPU) or fp16 (GPU), but the output head and the
+scores stay fp32 (``IDGenerator.head_logits``). A NaN or +inf score is an error naming the level,
+never a beam silently dropped or kept; -inf marks what the trie disallows.
 
 Modality decision (``modality_threshold``, off by default): level 0 is the modality code. Plain
 beam search adds log-probabilities over all levels, so a wrong modality the generator gives 0.3%
@@ -47,6 +53,9 @@ from genius.models.generative_retriever.generator import IDGenerator
 from genius.models.generative_retriever.vocab import PAD
 
 ABSENT_NODE = -1
+# Raised whenever the search's numbers change on purpose, so decodings cached and evaluations
+# finished before are redone, not reused: 2 = output head and scores in fp32 under autocast.
+NUMERICS_VERSION = 2
 SHARED_CROSS_ATTENTION = "genius_shared_cross_attention"
 
 
@@ -141,6 +150,7 @@ def _search(generator: IDGenerator, z: torch.Tensor, trie, num_beams: int, level
     query_base = torch.arange(num_queries, device=device)[:, None]
     with _autocast(device, autocast):
         encoder_hidden = generator.encode(z)
+    masks = _MaskBuffer(num_queries * num_beams, max(generator.codebook_sizes), device)
     # One beam per query (the root) until the first step has chosen codes.
     beams, cache = 1, generator.new_decode_cache()
     nodes = np.full(num_queries, trie.root(), dtype=np.int64)
@@ -150,9 +160,8 @@ def _search(generator: IDGenerator, z: torch.Tensor, trie, num_beams: int, level
     for level, width in enumerate(generator.codebook_sizes):
         with _autocast(device, autocast):
             log_probs, cache = generator.code_log_probs(tokens, encoder_hidden, cache, level, level_head)
-        allowed = np.empty((len(nodes), width), dtype=bool)  # fill_mask clears it
-        trie.fill_mask(level, nodes, allowed)
-        total = (scores.view(-1, 1) + log_probs).masked_fill(~torch.from_numpy(allowed).to(device), -torch.inf)
+        allowed = masks.fill(trie, level, nodes, width)
+        total = (scores.view(-1, 1) + log_probs).masked_fill(~allowed, -torch.inf)
         if level == 0 and modality_threshold > 0:  # one beam (the root) per query here, so total is [Q, K_0]
             best = total.max(dim=1, keepdim=True).values
             total = total.masked_fill(total < best + float(np.log(modality_threshold)), -torch.inf)
@@ -162,14 +171,56 @@ def _search(generator: IDGenerator, z: torch.Tensor, trie, num_beams: int, level
         chosen = flat % width
         codes = torch.cat([codes.view(num_queries * beams, -1)[parents].view(num_queries, keep, -1),
                            chosen[..., None]], dim=2)
-        nodes = np.asarray(trie.advance(level, nodes[parents.cpu().numpy()], chosen.view(-1).cpu().numpy()), np.int64)
-        nodes[~torch.isfinite(scores).view(-1).cpu().numpy()] = ABSENT_NODE
+        # What the trie needs, in one device-to-host copy (the level's only sync): parent rows,
+        # chosen codes, and each beam's state (-inf: absent; NaN or +inf: broken numerics).
+        state = torch.where(torch.isfinite(scores), _FINITE, torch.where(torch.isneginf(scores), _ABSENT, _BROKEN))
+        host_parents, host_chosen, host_state = torch.stack([parents, chosen.view(-1), state.view(-1)]).cpu().numpy()
+        _check_scores(host_state, keep, level)
+        nodes = np.asarray(trie.advance(level, nodes[host_parents], host_chosen), np.int64)
+        nodes[host_state == _ABSENT] = ABSENT_NODE
         # Each surviving beam takes its parent's self-attention keys/values (transformers' beam
         # reordering); the cross-attention cache stays one row per query.
         cache.self_attention_cache.reorder_cache(parents)
         tokens = (chosen + generator.offsets[level]).view(-1, 1)
         beams = keep
     return _pad_absent(codes, scores, num_beams)
+
+
+_ABSENT, _FINITE, _BROKEN = 0, 1, 2  # a beam's state, as _search copies it to the host
+
+
+def _check_scores(state: np.ndarray, beams: int, level: int) -> None:
+    """A NaN or +inf score is an error: CUDA's topk ranks NaN first, and the beam would pass for
+    a real one (or, read as not finite, vanish as absent). -inf is a trie-disallowed code."""
+    broken = state.reshape(-1, beams) == _BROKEN
+    if broken.any():
+        raise FloatingPointError(
+            f"decoding produced NaN or +inf scores at level {level} for {int(broken.any(1).sum())} of {len(broken)} "
+            f"queries; the generator's weights or inputs hold NaN/inf (check the generator checkpoint and the query "
+            f"features), or the decoder overflows in low precision (set decoding.autocast=false)")
+
+
+class _MaskBuffer:
+    """The trie's allowed-code masks of one search, in host memory allocated once and reused at
+    every level (a level's mask is its first rows x width entries, viewed as [rows, width]).
+
+    On a GPU the host buffer is pinned and copied into a device buffer without blocking. Reusing
+    it is safe: the next ``fill`` runs after the level's device-to-host copy in ``_search``, which
+    waits for all work queued before it, the mask's upload included."""
+
+    def __init__(self, max_rows: int, max_width: int, device: torch.device):
+        size = max_rows * max_width
+        self.host = torch.empty(size, dtype=torch.bool, pin_memory=device.type == "cuda")
+        self.host_array = self.host.numpy()
+        self.device = None if device.type == "cpu" else torch.empty(size, dtype=torch.bool, device=device)
+
+    def fill(self, trie, level: int, nodes: np.ndarray, width: int) -> torch.Tensor:
+        """The [len(nodes), width] mask of the codes allowed after ``nodes``, on the search's device."""
+        count = len(nodes) * width
+        trie.fill_mask(level, nodes, self.host_array[:count].reshape(len(nodes), width))  # fill_mask clears it
+        if self.device is None:
+            return self.host[:count].view(len(nodes), width)
+        return self.device[:count].copy_(self.host[:count], non_blocking=True).view(len(nodes), width)
 
 
 def _pad_absent(codes: torch.Tensor, scores: torch.Tensor, num_beams: int):

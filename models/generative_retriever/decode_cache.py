@@ -5,7 +5,8 @@
 The key (meta.json "key") holds only content ids (the models' fingerprints, the codes' hash, the
 query store's content id) and the decoding settings that change the beams, so a GENIUS_ROOT
 copied elsewhere reuses every decoding, and anything else recomputes it. Under torchrun each
-rank decodes a contiguous shard and rank 0 gathers them in order.
+rank decodes a contiguous shard of the queries and keeps it for ranking; rank 0 gathers the shards
+in order and writes the cache.
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from genius.common.distributed import DistInfo, autocast_dtype
+from genius.common.distributed import DistInfo, autocast_dtype, gather_to_main, shard_bounds
 from genius.common.io import atomic_dir, atomic_write_json
 from genius.common.runstate import portable_path
 from genius.common.store import EmbeddingStore, StoreArrays
+from genius.models.generative_retriever.beam_search import NUMERICS_VERSION
 from genius.models.generative_retriever.pool_assets import Pool
 from genius.models.generative_retriever.retrieval import beams_as_arrays
 from genius.models.generative_retriever.run_models import Models
@@ -32,11 +34,19 @@ ARRAY_NAMES = ("codes", "scores", "valid")
 
 @dataclass
 class Decoded:
+    """The beams of queries ``start .. start + len(codes)`` of the query store (a rank's shard)."""
+
     codes: np.ndarray  # [Q, B, L], -1 for absent beams
     scores: np.ndarray  # [Q, B]
     valid: np.ndarray  # bool [Q, B]
     seconds: float
     cached: bool
+    start: int = 0
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The query store rows these beams belong to."""
+        return np.arange(self.start, self.start + len(self.codes))
 
 
 def decode_key(cfg: Any, models: Models, pool: Pool, queries: EmbeddingStore, device: torch.device) -> dict:
@@ -47,7 +57,7 @@ def decode_key(cfg: Any, models: Models, pool: Pool, queries: EmbeddingStore, de
             "generator_dtype": str(autocast_dtype(device) if cfg.decoding.autocast
                                    else torch.float32).removeprefix("torch."),
             "combiner_dtype": combiner_dtype(device, cfg.decoding.combiner_autocast),
-            "modality_threshold": cfg.decoding.modality_threshold}
+            "modality_threshold": cfg.decoding.modality_threshold, "numerics": NUMERICS_VERSION}
 
 
 def embed_queries(models: Models, arrays: StoreArrays, batch_size: int = 4096) -> torch.Tensor:
@@ -59,46 +69,39 @@ def embed_queries(models: Models, arrays: StoreArrays, batch_size: int = 4096) -
     return torch.cat(parts) if parts else torch.zeros(0, 0)
 
 
-def decode_shard(models: Models, pool: Pool, arrays: StoreArrays, rank: int, world_size: int) -> tuple[np.ndarray, ...]:
-    """This rank's contiguous slice of the queries, decoded: (codes, scores, valid)."""
-    n = len(arrays.ids)
-    rows = np.arange(n * rank // world_size, n * (rank + 1) // world_size)
-    if not len(rows):
-        return ()
-    return beams_as_arrays(models.decode(embed_queries(models, arrays.take(rows)), pool.trie))
+def decode_rows(models: Models, pool: Pool, arrays: StoreArrays, start: int, stop: int) -> tuple[np.ndarray, ...]:
+    """Queries ``start .. stop`` decoded: (codes, scores, valid); empty arrays for no rows."""
+    if stop <= start:
+        return (np.zeros((0, 0, pool.cmap.num_levels), np.int64), np.zeros((0, 0), np.float32), np.zeros((0, 0), bool))
+    return beams_as_arrays(models.decode(embed_queries(models, arrays.take(np.arange(start, stop))), pool.trie))
 
 
 def decode_cached(cfg: Any, models: Models, pool: Pool, queries: EmbeddingStore, out_dir: Path,
-                  info: DistInfo) -> Decoded | None:
-    """Beam search output for every query, reused when its key matches.
+                  info: DistInfo) -> Decoded:
+    """Beam search output for this rank's contiguous shard of the queries (all of them in a world
+    of one), reused when its key matches.
 
-    Under torchrun each rank decodes a contiguous shard; rank 0 gathers them in rank order (so
-    the rows are exactly the store's) and returns the result; the other ranks return None.
+    Every rank decodes (or reads from the cache) its own shard and returns it; on a fresh decoding
+    rank 0 gathers the shards in rank order (so the rows are exactly the store's) and writes the cache.
     """
     key = decode_key(cfg, models, pool, queries, info.device)
+    start, stop = shard_bounds(len(queries), info.rank, info.world_size)
     if (out_dir / "meta.json").is_file():
         meta = json.loads((out_dir / "meta.json").read_text())
         if meta.get("key") == key:
-            if not info.is_main:
-                return None
-            arrays = [np.load(out_dir / f"{n}.npy") for n in ARRAY_NAMES]
-            return Decoded(*arrays, seconds=meta["seconds"], cached=True)
-    start = time.perf_counter()
-    shards = [decode_shard(models, pool, queries.arrays, info.rank, info.world_size)]
-    if info.enabled:
-        gathered: list = [None] * info.world_size
-        torch.distributed.all_gather_object(gathered, shards[0])
-        shards = gathered
-    if not info.is_main:
-        return None
-    codes, scores, valid = (np.concatenate(part) for part in zip(*(s for s in shards if s)))
-    seconds = time.perf_counter() - start
-    decoded = Decoded(codes, scores, valid, seconds, cached=False)
-    with atomic_dir(out_dir) as tmp:
-        for name in ARRAY_NAMES:
-            np.save(tmp / f"{name}.npy", getattr(decoded, name))
-        atomic_write_json(tmp / "meta.json", {"key": key, "seconds": seconds, "num_queries": len(queries),
-                                              "pool": portable_path(pool.path),
-                                              "queries_store": portable_path(queries.path),
-                                              "processes": info.world_size})
-    return decoded
+            arrays = [np.array(np.load(out_dir / f"{n}.npy", mmap_mode="r")[start:stop]) for n in ARRAY_NAMES]
+            return Decoded(*arrays, seconds=meta["seconds"], cached=True, start=start)
+    began = time.perf_counter()
+    shard = decode_rows(models, pool, queries.arrays, start, stop)
+    shards = gather_to_main(shard)
+    seconds = time.perf_counter() - began
+    if info.is_main:
+        every = [np.concatenate(part) for part in zip(*(s for s in shards if len(s[0])))]
+        with atomic_dir(out_dir) as tmp:
+            for name, array in zip(ARRAY_NAMES, every):
+                np.save(tmp / f"{name}.npy", array)
+            atomic_write_json(tmp / "meta.json", {"key": key, "seconds": seconds, "num_queries": len(queries),
+                                                  "pool": portable_path(pool.path),
+                                                  "queries_store": portable_path(queries.path),
+                                                  "processes": info.world_size})
+    return Decoded(*shard, seconds=seconds, cached=False, start=start)

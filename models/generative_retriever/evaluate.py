@@ -13,8 +13,10 @@ For every query file, against its task-specific pool and (optionally) the univer
 decode the queries' IDs with trie-constrained beam search, map IDs to candidates, rank them
 (GENIUS), re-rank their union by fused CLIP-SF cosine (GENIUS^R), search the same fused
 embeddings exhaustively (dense), and score UniIR's Recall@k per (dataset, task). One process by
-default; under torchrun (NPROC=N) every rank decodes a contiguous shard of each query file and
-rank 0 gathers them in order, then ranks, scores and writes everything.
+default; under torchrun (NPROC=N) every rank decodes and ranks a contiguous shard of each query
+file (ranking is per query), the ranks build each pool's fused-embedding cache together, and rank 0
+gathers the rankings in order, then scores and writes. No rank works alone for long while the
+others wait on a collective (whose timeout is ``common.distributed.collective_timeout``).
 
 The pieces live by concern: ``run_models`` (loading the models), ``pool_assets`` (a pool's store,
 codes, trie and fused-embedding cache), ``decode_cache``, ``ranking``, ``positives`` (positives
@@ -37,9 +39,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 
 from genius.common.config import resolve_path
-from genius.common.distributed import DistInfo, cleanup, init_distributed
+from genius.common.distributed import DistInfo, cleanup, gather_to_main, init_distributed
 from genius.common.fusion import fused_store_embeddings
 from genius.common.mbeir import (
     MBEIR_DATASET_IDS, QID_BASE, load_qrels, older_revision_twin, parse_query_file_name, unhash_qid,
@@ -49,8 +52,11 @@ from genius.common.runstate import RunKey, RunState, file_content
 from genius.common.stage import parse_stage_config, record_run, setup_logging, stage_parser, user_errors_exit
 from genius.common.store import EmbeddingStore, store_path
 from genius.models.generative_retriever import metrics
-from genius.models.generative_retriever.decode_cache import decode_cached
-from genius.models.generative_retriever.outputs import RUN_OUTPUTS, EvalReport, report_markdown, write_outputs
+from genius.models.generative_retriever.beam_search import NUMERICS_VERSION
+from genius.models.generative_retriever.decode_cache import Decoded, decode_cached
+from genius.models.generative_retriever.outputs import (
+    OUTPUTS_VERSION, RUN_OUTPUTS, EvalReport, report_markdown, write_outputs,
+)
 from genius.models.generative_retriever.paper_numbers import default_k
 from genius.models.generative_retriever.pool_assets import (
     Pool,
@@ -65,7 +71,7 @@ from genius.models.generative_retriever.positives import (
     check_positives,
 )
 from genius.models.generative_retriever.ranking import rank
-from genius.models.generative_retriever.retrieval import beam_leaves, target_modality_share, union_sizes
+from genius.models.generative_retriever.retrieval import Ranking, beam_leaves, target_modality_share, union_sizes
 from genius.models.generative_retriever.run_models import (
     Models,
     load_models,
@@ -242,18 +248,37 @@ class PairOutcome:
     stats: DecodeStats
 
 
-def evaluate_pair(cfg: EvalConfig, models: Models, pool: Pool, qf: QueryFile, queries: EmbeddingStore,
-                  positives: PoolPositives, info: DistInfo) -> PairOutcome | None:
-    """Decode (all ranks), then rank, score and write (rank 0 only; the others return None)."""
-    out = resolve_path(cfg.paths.results)
-    decoded = decode_cached(cfg, models, pool, queries, out / "decoded" / pool.stem / qf.stem, info)
-    if decoded is None:
-        return None
+@dataclass
+class RankedShard:
+    """A rank's queries ranked by every method, and the size of each query's GENIUS^R re-rank set."""
+
+    rankings: dict[str, Ranking]
+    rerank_set_sizes: np.ndarray  # int64 [Q]
+
+
+def rank_shard(cfg: EvalConfig, pool: Pool, queries: EmbeddingStore, decoded: Decoded, k: int,
+               device: torch.device) -> RankedShard:
+    """Rank the decoded queries (a shard of the file): ranking is per query, so ranks split it like decoding."""
     leaves = beam_leaves(pool.cmap, decoded.codes, decoded.valid)
     methods = ["genius"] + ["genius_r"] * cfg.rerank + ["dense"] * cfg.dense
-    fused_q = fused_store_embeddings(queries.arrays.take(np.arange(len(queries)))) if (cfg.rerank or cfg.dense) else None
-    rankings = rank(pool, leaves, decoded.scores, fused_q, max(qf.ks), methods, cfg.dense_backend, cfg.dense_chunk,
-                    info.device)
+    fused_q = fused_store_embeddings(queries.arrays.take(decoded.rows)) if (cfg.rerank or cfg.dense) else None
+    rankings = rank(pool, leaves, decoded.scores, fused_q, k, methods, cfg.dense_backend, cfg.dense_chunk, device)
+    return RankedShard(rankings, union_sizes(pool.cmap, leaves))
+
+
+def evaluate_pair(cfg: EvalConfig, models: Models, pool: Pool, qf: QueryFile, queries: EmbeddingStore,
+                  positives: PoolPositives, info: DistInfo) -> PairOutcome | None:
+    """Decode and rank (each rank its shard of the queries), then score and write (rank 0, from the
+    gathered rankings; the others return None)."""
+    out = resolve_path(cfg.paths.results)
+    decoded = decode_cached(cfg, models, pool, queries, out / "decoded" / pool.stem / qf.stem, info)
+    shards = gather_to_main(rank_shard(cfg, pool, queries, decoded, max(qf.ks), info.device))
+    if shards is None:
+        return None
+    rankings = {method: Ranking(np.concatenate([s.rankings[method].rows for s in shards]),
+                                np.concatenate([s.rankings[method].scores for s in shards]))
+                for method in shards[0].rankings}
+    rerank_set_sizes = np.concatenate([s.rerank_set_sizes for s in shards])
 
     qids = np.asarray(queries.ids)
     qrels = load_qrels(qf.qrels)
@@ -275,7 +300,7 @@ def evaluate_pair(cfg: EvalConfig, models: Models, pool: Pool, qf: QueryFile, qu
     stats = DecodeStats(
         pool.kind, pool.stem, qf.stem, len(qids), decoded.seconds, decoded.cached,
         genius_candidates_per_query=float((genius.rows >= 0).sum(1).mean()) if len(qids) else 0.0,
-        rerank_candidates_per_query=float(union_sizes(pool.cmap, leaves).mean()) if len(qids) else 0.0,
+        rerank_candidates_per_query=float(rerank_set_sizes.mean()) if len(qids) else 0.0,
         target_modality_share=target_modality_share(genius, np.asarray(pool.store.arrays.modality),
                                                     np.asarray(queries.arrays.target_modality)))
     log.info("%s on %s: %s; %.1f queries/s%s", qf.stem, pool.stem,
@@ -322,7 +347,8 @@ def run_key(cfg: EvalConfig, files: list[QueryFile], stores: dict[str, Embedding
         # missing codes: open_pool says what to run
         inputs[f"codes/{stem}"] = codes_fingerprint(codes_dir) if (codes_dir / "meta.json").is_file() else None
     # The device type counts (autocast precision and kernels differ): a CPU run is not a GPU run's result.
-    return RunKey.of(cfg, NOT_IN_RUN_KEY, inputs, device=info.device.type)
+    return RunKey.of(cfg, NOT_IN_RUN_KEY, inputs, device=info.device.type, numerics=NUMERICS_VERSION,
+                     outputs=OUTPUTS_VERSION)
 
 
 def check_all_positives(cfg: EvalConfig, passes: list[Pass],
@@ -340,7 +366,8 @@ def check_all_positives(cfg: EvalConfig, passes: list[Pass],
 
 
 def evaluate(cfg: EvalConfig, models: Models | None = None) -> EvalReport | None:
-    """The whole evaluation; under torchrun decoding is sharded and rank 0 (alone) returns the report.
+    """The whole evaluation; under torchrun decoding and ranking are sharded and rank 0 (alone)
+    returns the report.
 
     ``models`` (stand-ins, for tests) replace the run's and always evaluate (never skipped).
     """
@@ -378,6 +405,8 @@ def _evaluate(cfg: EvalConfig, models: Models | None, info: DistInfo) -> EvalRep
         for p in passes:
             pool = open_pool(cfg, p.kind, p.pool, models, build_trie=info.is_main,
                              store=candidate_stores.get(p.stem))
+            if cfg.rerank or cfg.dense:
+                pool.fused()  # every rank at once: each builds its share of a missing cache
             outcomes += [evaluate_pair(cfg, models, pool, qf, stores[qf.stem], positives[p.stem, qf.stem], info)
                          for qf in p.files]
             pools_manifest[pool.stem] = pool.manifest(cfg.trie_backend)
@@ -385,7 +414,8 @@ def _evaluate(cfg: EvalConfig, models: Models | None, info: DistInfo) -> EvalRep
         if not info.is_main:
             return None
         report = build_report(cfg, outcomes, list(positives.values()), out, info)
-        write_outputs(cfg, models, report, [qf.path for qf in files], stores, pools_manifest)
+        write_outputs(cfg, models, report, [qf.path for qf in files], stores, pools_manifest,
+                      {qf.stem: qf.qrels for qf in files})
         state.finish()
     return report
 

@@ -139,12 +139,22 @@ class IDGenerator(nn.Module):
             cache = self.new_decode_cache()
         hidden = self.t5.decoder(input_ids=tokens, encoder_hidden_states=encoder_hidden, cache=cache,
                                  use_cache=True).last_hidden_state[:, -1]
-        if self.t5.config.scale_decoder_outputs:
-            hidden = hidden * self.d_model**-0.5
         lo, hi = self.offsets[level], self.offsets[level] + self.codebook_sizes[level]
         if level_head:
-            return F.log_softmax(F.linear(hidden, self.t5.lm_head.weight[lo:hi]).float(), dim=-1), cache
-        return F.log_softmax(self.t5.lm_head(hidden).float(), dim=-1)[:, lo:hi], cache
+            return F.log_softmax(self.head_logits(hidden, slice(lo, hi)), dim=-1), cache
+        return F.log_softmax(self.head_logits(hidden), dim=-1)[:, lo:hi], cache
+
+    def head_logits(self, hidden: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """fp32 logits [N, len(rows)] of the output head's ``rows`` for decoder states [N, d_model].
+
+        Computed outside autocast on fp32 copies of the state and the weights: fp16 rounds a logit
+        in 32..64 to 1/32, enough to reorder near-tied beams, and overflows to inf (then NaN after
+        the log-softmax); the head is a small share of a decoder step's FLOPs."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            hidden = hidden.float()
+            if self.t5.config.scale_decoder_outputs:
+                hidden = hidden * self.d_model**-0.5
+            return F.linear(hidden, self.t5.lm_head.weight[rows].float())
 
 
 def save_generator(path: str | os.PathLike, generator: IDGenerator, config: dict, rq_fingerprint: str,

@@ -11,8 +11,10 @@ content, never by path:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ import torch
 
 import genius.trie_cpp as trie_lib
 from genius.common.config import resolve_path
-from genius.common.distributed import barrier
+from genius.common.distributed import barrier, broadcast_from_main, group_rank, shard_bounds
 from genius.common.fusion import fused_store_embeddings
 from genius.common.io import atomic_dir, atomic_path, atomic_write_json, sha256_file, sha256_json
 from genius.common.runstate import portable_path
@@ -67,9 +69,11 @@ class Pool:
         return self._fused
 
     def dense_search(self, queries: np.ndarray, k: int, backend: str, chunk: int, device: torch.device) -> Ranking:
-        """Exact inner product with the pool's fused embeddings (the index is built once)."""
+        """Exact inner product with the pool's fused embeddings. The index, and with it the vectors
+        it keeps resident (:func:`dense_vectors`), is built once per pool and serves every query file."""
         if self._dense is None:
-            self._dense = dense_index(self.fused(), backend=backend, chunk_size=chunk, device=device)
+            vectors = self.fused() if backend == "faiss" else dense_vectors(self.fused(), device)
+            self._dense = dense_index(vectors, backend=backend, chunk_size=chunk, device=device)
         scores, rows = self._dense.search(queries, k)
         return Ranking(rows, scores)
 
@@ -97,6 +101,49 @@ def open_pool(cfg: Any, kind: str, path: Path, models: Models, build_trie: bool 
     log.info("pool %s: %s", stem, cmap.collision_stats())
     return Pool(kind, path, stem, store, codes_dir, codes_hash, trie_path, trie, cmap,
                 resolve_path(cfg.paths.results) / "fused" / stem)
+
+
+GiB = 1 << 30
+
+
+def resident_budget(device: torch.device) -> int:
+    """Bytes the dense search may keep resident on ``device``.
+
+    On a GPU: its free memory (with what this process's allocator holds unused, e.g. the previous
+    pool's vectors) less a margin for the search's own working set (a 4096 x chunk fp32 score block,
+    1 GiB at the default chunk) and the decoder of the next query file. On the CPU: half the free
+    host memory, shared by the processes of this node, each holding its own copy.
+    """
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return free - max(4 * GiB, total // 10)
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # not reported on this platform: stream
+        return 0
+    return free // 2 // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+
+
+def dense_vectors(fused: np.ndarray, device: torch.device, chunk: int = 65536) -> np.ndarray | torch.Tensor:
+    """A pool's fused vectors as the dense search should hold them across query files: on a GPU an
+    fp16 copy in device memory (widened to fp32 chunk by chunk there), on the CPU an fp32 copy in
+    host memory, when it fits in :func:`resident_budget`; otherwise the memmap itself, read and
+    converted chunk by chunk on every search. The scores are the same either way (fp16 -> fp32 is exact)."""
+    on_gpu = device.type == "cuda"
+    need = fused.size * (2 if on_gpu else 4)
+    budget = resident_budget(device)
+    if need > budget:
+        log.info("dense search: the pool's %.1f GiB of vectors exceed the %.1f GiB budget on %s; streaming them",
+                 need / GiB, max(budget, 0) / GiB, device)
+        return fused
+    if not on_gpu:
+        return np.asarray(fused, dtype=np.float32)
+    resident = torch.empty(fused.shape, dtype=torch.float16, device=device)
+    for start in range(0, len(fused), chunk):
+        # np.array copies the memmap chunk: torch cannot wrap read-only memory without a warning
+        resident[start : start + chunk] = torch.from_numpy(np.array(fused[start : start + chunk])).to(device)
+    return resident
 
 
 CODE_FILES = ("codes.npy", "ids.npy", "meta.json")
@@ -169,18 +216,34 @@ def trie_for(codes: np.ndarray, codes_dir: Path, codes_hash: str, backend: str, 
 
 
 def cached_fused_embeddings(store: EmbeddingStore, cache_dir: Path, chunk: int = 65536) -> np.ndarray:
-    """The store's fused, normalised embeddings as fp16, written once per store content."""
+    """The store's fused, normalised embeddings as fp16, written once per store content.
+
+    Under torchrun every rank calls this at the same point and a missing cache is built by all of
+    them, each a contiguous slice of rows into one preallocated file, so the collectives in between
+    wait for one rank's share (1/N of a 5.6M-candidate pool's minutes), never for the whole.
+    """
     key = store.content_id
     meta = cache_dir / "meta.json"
+    # Every rank decides before the first collective below, and rank 0 publishes only after the
+    # second, so all ranks see the same answer.
     if meta.is_file() and _read_json(meta).get("store_content") == key:
         return np.load(cache_dir / "fused.npy", mmap_mode="r")
-    with atomic_dir(cache_dir) as tmp:
-        out = np.lib.format.open_memmap(tmp / "fused.npy", mode="w+", dtype=np.float16, shape=(len(store), store.dim))
+    rank, world_size = group_rank()
+    with atomic_dir(cache_dir) if rank == 0 else contextlib.nullcontext() as tmp:
+        if rank == 0:
+            np.lib.format.open_memmap(tmp / "fused.npy", mode="w+", dtype=np.float16, shape=(len(store), store.dim))
+        tmp = broadcast_from_main(tmp)  # the staging folder, once it holds the file
+        out = np.load(tmp / "fused.npy", mmap_mode="r+")
         arrays = store.arrays
-        for start in range(0, len(store), chunk):
-            part = StoreArrays(**{name: np.array(getattr(arrays, name)[start : start + chunk]) for name in ARRAYS})
-            out[start : start + chunk] = fused_store_embeddings(part)
+        start, stop = shard_bounds(len(store), rank, world_size)
+        for begin in range(start, stop, chunk):
+            rows = slice(begin, min(begin + chunk, stop))
+            part = StoreArrays(**{name: np.array(getattr(arrays, name)[rows]) for name in ARRAYS})
+            out[rows] = fused_store_embeddings(part)
         out.flush()
         del out
-        atomic_write_json(tmp / "meta.json", {"store_content": key, "store_path": portable_path(store.path)})
+        barrier()  # every slice written
+        if rank == 0:
+            atomic_write_json(tmp / "meta.json", {"store_content": key, "store_path": portable_path(store.path)})
+    barrier()  # published
     return np.load(cache_dir / "fused.npy", mmap_mode="r")

@@ -256,14 +256,15 @@ def check_queries(queries: np.ndarray, dim: int, k: int) -> np.ndarray:
 class ExactIPIndex:
     """Exact inner-product search, faiss-style, in candidate chunks.
 
-    ``vectors`` [N, D] may be a memmap (fp16 or fp32); each chunk is moved to ``device`` once
-    and scored against all queries, keeping a running top-k, so memory stays at
-    chunk x D + Q x k whatever N is. Returned ids are rows, or ``ids[row]`` when given.
+    ``vectors`` [N, D] may be a memmap (fp16 or fp32), each chunk of which is moved to ``device``
+    once per search, so memory stays at chunk x D + Q x k whatever N is; or a tensor already on
+    ``device`` (``pool_assets.dense_vectors``), sliced in place. Each chunk is scored in fp32
+    against all queries, keeping a running top-k. Returned ids are rows, or ``ids[row]`` when given.
     """
 
-    def __init__(self, vectors: np.ndarray, ids: np.ndarray | None = None, *, chunk_size: int = 65536,
+    def __init__(self, vectors: np.ndarray | torch.Tensor, ids: np.ndarray | None = None, *, chunk_size: int = 65536,
                  query_batch: int = 4096, device: str | torch.device = "cpu"):
-        if np.asarray(vectors[:0]).ndim != 2:
+        if len(getattr(vectors, "shape", ())) != 2:  # any row container with a shape (memmap, tensor, tiled view)
             raise ValueError(f"vectors must be [N, D], got shape {getattr(vectors, 'shape', None)}")
         if ids is not None and len(ids) != len(vectors):
             raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
@@ -280,14 +281,14 @@ class ExactIPIndex:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = torch.from_numpy(np.ascontiguousarray(check_queries(queries, self.d, k), dtype=np.float32))
+        queries = queries.to(self.device)
         num_queries = len(queries)
         best_scores = torch.full((num_queries, k), -torch.inf, device=self.device)
         best_rows = torch.full((num_queries, k), ABSENT, dtype=torch.int64, device=self.device)
         for start in range(0, self.ntotal, self.chunk_size):
-            chunk = np.asarray(self.vectors[start : start + self.chunk_size], dtype=np.float32)
-            chunk = torch.from_numpy(chunk).to(self.device)
+            chunk = self._chunk(start)
             for q0 in range(0, num_queries, self.query_batch):
-                q = queries[q0 : q0 + self.query_batch].to(self.device)
+                q = queries[q0 : q0 + self.query_batch]
                 scores = q @ chunk.T
                 top = scores.topk(min(k, scores.shape[1]), dim=1)
                 merged_scores = torch.cat([best_scores[q0 : q0 + len(q)], top.values], dim=1)
@@ -296,6 +297,13 @@ class ExactIPIndex:
                 best_scores[q0 : q0 + len(q)] = keep.values
                 best_rows[q0 : q0 + len(q)] = merged_rows.gather(1, keep.indices)
         return self._labelled(best_scores.cpu().numpy().astype(np.float32), best_rows.cpu().numpy())
+
+    def _chunk(self, start: int) -> torch.Tensor:
+        """Rows ``start .. start + chunk_size`` in fp32 on the device."""
+        part = self.vectors[start : start + self.chunk_size]
+        if isinstance(part, torch.Tensor):
+            return part.to(self.device, torch.float32)
+        return torch.from_numpy(np.asarray(part, dtype=np.float32)).to(self.device)
 
     def _labelled(self, scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows = np.where(np.isfinite(scores), rows, ABSENT)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from genius.models.generative_retriever.paper_numbers import DISPLAY_NAME, paper_rank, paper_recall
 
@@ -16,6 +17,8 @@ METHOD_COLUMNS = {
 POOL_TITLES = {"task-specific": "Task-specific pools", "universal": "Universal pool"}
 TASK_LABEL = {0: "T→I", 1: "T→T", 2: "T→(I,T)", 3: "I→T", 4: "I→I",
               6: "(I,T)→T", 7: "(I,T)→I", 8: "(I,T)→(I,T)"}
+# UniIR calls its hit rate "Recall@k"; trec_eval, pyserini and ranx mean another thing by that name.
+HIT_RATE = "hit rate (UniIR's Recall@k)"
 TSV_COLUMNS = ["Model", "TaskID", "Task", "Dataset", "Split", "Metric", "CandPool", "Value", "UnionPool", "UnionValue"]
 
 
@@ -60,14 +63,22 @@ def _pct(value: float | None) -> str:
 
 
 # ---- TSV ------------------------------------------------------------------------------------
-def results_tsv(results: list[RecallResult]) -> str:
-    """UniIR's result TSV, one row per (method, query file, task, k): local value beside the union value."""
+def hit_rate_label(k: int) -> str:
+    return f"HitRate@{k} (UniIR's Recall@{k})"
+
+
+def results_tsv(results: list, label: Callable[[Any], str] = lambda r: hit_rate_label(r.k)) -> str:
+    """UniIR's result TSV, one row per (method, query file, task, metric): local value beside the union value.
+
+    ``results``: RecallResults (the hit rate), or any results with the same fields and a ``label``
+    naming their metric (``ir_metrics.IRResult``).
+    """
     rows: dict[tuple, dict] = {}
     for r in results:
-        key = (r.method, r.query_file, r.task_id, r.k)
+        key = (r.method, r.query_file, r.task_id, label(r))
         row = rows.setdefault(key, {"Model": METHOD_COLUMNS[r.method][0], "TaskID": r.task_id,
                                     "Task": TASK_LABEL.get(r.task_id, str(r.task_id)), "Dataset": r.dataset,
-                                    "Split": r.split, "Metric": f"Recall@{r.k}", "CandPool": "", "Value": "",
+                                    "Split": r.split, "Metric": label(r), "CandPool": "", "Value": "",
                                     "UnionPool": "", "UnionValue": ""})
         pool_col, value_col = ("UnionPool", "UnionValue") if r.pool_kind == "universal" else ("CandPool", "Value")
         row[pool_col], row[value_col] = r.pool, f"{r.value:.4f}"
@@ -107,11 +118,11 @@ def recall_table(results: list[RecallResult], pool_kind: str) -> str:
     header = ["Task", "Dataset", "Metric"] + [METHOD_COLUMNS[m][0] for m in methods]
     if with_paper:
         header += [f"paper {METHOD_COLUMNS[m][1]}" for m in methods]
-    out = [f"### {POOL_TITLES.get(pool_kind, pool_kind)}", "", "| " + " | ".join(header) + " |",
+    out = [f"### {POOL_TITLES.get(pool_kind, pool_kind)}: {HIT_RATE}, %", "", "| " + " | ".join(header) + " |",
            "|" + "---|" * len(header)]
     for line in ordered:
         r = line["result"]
-        cells = [TASK_LABEL.get(r.task_id, str(r.task_id)), DISPLAY_NAME.get(r.dataset, r.dataset), f"R@{r.k}"]
+        cells = [TASK_LABEL.get(r.task_id, str(r.task_id)), DISPLAY_NAME.get(r.dataset, r.dataset), f"HitRate@{r.k}"]
         cells += [_pct(line["ours"].get(m)) for m in methods]
         if with_paper:
             cells += [_pct(paper(line, m)) for m in methods]
@@ -178,7 +189,7 @@ def plot_recall_by_task(results: list[RecallResult], path: str | os.PathLike) ->
                    width, label=METHOD_COLUMNS[method][0])
         ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(rows))])
         ax.set_xticklabels([f"{TASK_LABEL.get(t, t)}\n{DISPLAY_NAME.get(d, d)}" for _, _, t, d in rows], fontsize=8)
-        ax.set_ylabel("Recall@k (%)")
+        ax.set_ylabel(f"{HIT_RATE}, %")
         ax.set_title(POOL_TITLES[kind])
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -222,11 +222,7 @@ def train_step(model, rq, batch: dict, optimizer, scheduler, scaler, cfg: TrainG
     loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
+    training.optimizer_step(scaler, optimizer, scheduler, (model.parameters(), cfg.optim.grad_clip))
     return loss.detach(), (logits.detach().argmax(-1) == tokens)
 
 

@@ -30,8 +30,9 @@ reader of a pool's codes.
 
 With ``unique_level: true`` an extra last level numbers the candidates inside each shared ID
 (0, 1, ...), so every ID is unique; its size is the largest bucket. The paper does not do this
-(shared IDs return all their candidates), so it is off by default. Under torchrun the pools are
-split among the processes.
+(shared IDs return all their candidates), so it is off by default. Under torchrun every pool's
+candidates are split among the processes (contiguous runs of batches) and rank 0 writes the pool's
+files, so a big pool is not one rank's work while the others wait.
 """
 from __future__ import annotations
 
@@ -49,7 +50,9 @@ import torch
 
 from genius.common.checkpoint import UnsafeCheckpointError, safe_load
 from genius.common.config import resolve_path
-from genius.common.distributed import DistInfo, barrier, cleanup, init_distributed
+from genius.common.distributed import (
+    DistInfo, barrier, broadcast_from_main, cleanup, gather_to_main, group_rank, init_distributed, shard_bounds,
+)
 from genius.common.config_checks import check_dir
 from genius.common.ranges import check_ranges, ranged
 from genius.common.io import atomic_save_npy, atomic_write_json
@@ -197,15 +200,16 @@ def read_codes(codes_dir: str | os.PathLike, store: EmbeddingStore | None = None
 
 
 @torch.no_grad()
-def encode_store(model: RQModel, store: EmbeddingStore, batch_size: int, device: torch.device,
-                 autocast: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(codes int64 [N, L], mean ||z - decode(codes[:, :l+1])||^2 for each l)."""
+def encode_rows(model: RQModel, store: EmbeddingStore, start: int, stop: int, batch_size: int, device: torch.device,
+                autocast: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``start .. stop`` of the store: (codes int64 [n, L], per-batch sums of ||z - decode(codes[:, :l+1])||^2
+    float64 [batches, L]), in batches of ``batch_size`` starting at ``start``."""
     arrays, levels = store.arrays, model.num_levels
-    codes = np.empty((len(store), levels), dtype=np.int64)
-    error_sums = np.zeros(levels)
+    codes = np.empty((stop - start, levels), dtype=np.int64)
+    error_sums = np.zeros((len(range(start, stop, batch_size)), levels))
     codebooks = model.codebooks()
-    for start in range(0, len(store), batch_size):
-        rows = slice(start, start + batch_size)
+    for batch, begin in enumerate(range(start, stop, batch_size)):
+        rows = slice(begin, min(begin + batch_size, stop))
 
         def take(arr, dtype=np.float32):
             return torch.from_numpy(np.asarray(arr[rows], dtype=dtype)).to(device)
@@ -213,11 +217,34 @@ def encode_store(model: RQModel, store: EmbeddingStore, batch_size: int, device:
         with combiner_autocast(device, autocast):
             z = model.embed(take(arrays.img), take(arrays.txt), take(arrays.img_mask), take(arrays.txt_mask))
         batch_codes = model.encode(z, take(arrays.modality, np.int64))
-        codes[rows] = batch_codes.cpu().numpy()
+        codes[rows.start - start : rows.stop - start] = batch_codes.cpu().numpy()
         reconstruction = torch.zeros_like(z)
         for level in range(levels):
             reconstruction += codebooks[level][batch_codes[:, level]]
-            error_sums[level] += (z - reconstruction).pow(2).sum().item()
+            error_sums[batch, level] = (z - reconstruction).pow(2).sum().item()
+    return codes, error_sums
+
+
+def encode_store(model: RQModel, store: EmbeddingStore, batch_size: int, device: torch.device,
+                 autocast: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """(codes int64 [N, L], mean ||z - decode(codes[:, :l+1])||^2 for each l) on rank 0, None on the others.
+
+    Under torchrun each rank encodes a contiguous run of whole batches (a 5.6M-candidate pool is
+    the long part of this stage) and rank 0 gathers them. The batches are those of one process, and
+    the error sums are added in the same order, so the codes and statistics equal a one-process run's.
+    """
+    rank, world_size = group_rank()
+    num_batches = -(-len(store) // batch_size)
+    first, last = shard_bounds(num_batches, rank, world_size)
+    shard = encode_rows(model, store, min(first * batch_size, len(store)), min(last * batch_size, len(store)),
+                        batch_size, device, autocast)
+    shards = gather_to_main(shard)
+    if shards is None:
+        return None
+    codes = np.concatenate([c for c, _ in shards])
+    error_sums = np.zeros(model.num_levels)
+    for batch_errors in np.concatenate([e for _, e in shards]):
+        error_sums += batch_errors  # one batch at a time, as a single process adds them
     return codes, error_sums / max(len(store), 1)
 
 
@@ -236,24 +263,23 @@ def pool_stats(codes: np.ndarray, codebook_sizes: list[int], errors: np.ndarray,
     }
 
 
-def assign_pool(model: RQModel, fingerprint: str, store_path: Path, cfg: AssignCodesConfig, device: torch.device) -> None:
+def assign_pool(model: RQModel, fingerprint: str, store_path: Path, cfg: AssignCodesConfig, info: DistInfo) -> None:
+    """One pool's codes, stats and meta. Every rank takes part (``encode_store``); rank 0 decides
+    whether the pool is up to date, and alone archives and writes."""
     store = EmbeddingStore.open(store_path, dim=model.arch["dim"], encoder=cfg.encoder, kind="candidate")
     out = resolve_path(cfg.out_dir) / store_path.name
-    key = run_key(cfg, fingerprint, model, store, device)
-    state = RunState(out, key, OUTPUTS, stage=STAGE, force=cfg.force)
-    if state.is_done():
-        problem = codes_intact(out)
-        if problem is None:
-            log.info("%s: codes are up to date, skipped", store_path.name)
-            return
-        reason = f"{problem}, computing them again"
-    elif cfg.force:
-        reason = "force is set"
-    else:
-        reason = key.changes_from(state.recorded())
-    if state.leftovers():
-        state.archive(reason)  # not state.start(): ranks hold different pools, so no barrier here
-    codes, errors = encode_store(model, store, cfg.batch_size, device, cfg.autocast)
+    key = run_key(cfg, fingerprint, model, store, info.device)
+    state = RunState(out, key, OUTPUTS, stage=STAGE, force=cfg.force, is_main=info.is_main)
+    reason = broadcast_from_main(redo_reason(state, out) if info.is_main else None)
+    if reason is None:
+        log.info("%s: codes are up to date, skipped", store_path.name)
+        return
+    if info.is_main and state.leftovers():
+        state.archive(reason)
+    encoded = encode_store(model, store, cfg.batch_size, info.device, cfg.autocast)
+    if encoded is None:  # not rank 0: its rows are with rank 0, which writes them
+        return
+    codes, errors = encoded
     sizes = list(model.codebook_sizes)
     stats = pool_stats(codes, sizes, errors, np.asarray(store.arrays.modality, dtype=np.int64))
     if cfg.unique_level:
@@ -269,7 +295,7 @@ def assign_pool(model: RQModel, fingerprint: str, store_path: Path, cfg: AssignC
     # meta.json, then done.json last: a folder without them is never taken as up to date.
     atomic_write_json(out / "meta.json", {
         "rq": fingerprint, "modality_mode": model.arch["modality_mode"],
-        "combiner_dtype": combiner_dtype(device, cfg.autocast),
+        "combiner_dtype": combiner_dtype(info.device, cfg.autocast),
         "store_content": store.content_id,  # the candidate store's content_id: codes belong to that store
         "store": {"path": portable_path(store.path), "source": store.meta.get("source")},
         "unique_level": cfg.unique_level, "num_levels": len(sizes), "codebook_sizes": sizes,
@@ -278,6 +304,14 @@ def assign_pool(model: RQModel, fingerprint: str, store_path: Path, cfg: AssignC
     log.info("%s: %d candidates, %d distinct IDs, collision rate %.4f, largest bucket %d, quantization error %.4g",
              store_path.name, stats["num_candidates"], stats["distinct_ids"], stats["collision_rate"],
              stats["largest_bucket"], stats["mean_quantization_error"])
+
+
+def redo_reason(state: RunState, out: Path) -> str | None:
+    """Why the pool's codes must be computed (again); None when they are up to date."""
+    if state.is_done():
+        problem = codes_intact(out)
+        return None if problem is None else f"{problem}, computing them again"
+    return "force is set" if state.force else state.key.changes_from(state.recorded())
 
 
 @contextlib.contextmanager
@@ -300,21 +334,21 @@ def assign_codes(cfg: AssignCodesConfig, info: DistInfo) -> None:
         stores = pool_stores(resolve_path(cfg.embed_dir), cfg.pools)
         if info.is_main:
             record_run(out_dir, cfg)
-        for store_path in stores[info.rank::info.world_size]:
-            assign_pool(model, fingerprint, store_path, cfg, info.device)
-        barrier()  # the lock is held until every rank has written its pools
+        for store_path in stores:
+            assign_pool(model, fingerprint, store_path, cfg, info)
+        barrier()  # the lock is held until rank 0 has written the last pool
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     parser = stage_parser("genius assign-codes", "Stage 1: discrete IDs and collision statistics for every pool.")
     cfg, _ = parse_stage_config(AssignCodesConfig, parser, argv)
-    info = init_distributed(cfg.device)
-    try:
-        with user_errors_exit(parser):
+    with user_errors_exit(parser):  # a bad GENIUS_DIST_TIMEOUT_MIN too
+        info = init_distributed(cfg.device)
+        try:
             assign_codes(cfg, info)
-    finally:
-        cleanup()
+        finally:
+            cleanup()
     return 0
 
 

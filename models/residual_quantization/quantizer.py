@@ -65,6 +65,12 @@ def nearest_codes(x: torch.Tensor, codewords: torch.Tensor) -> torch.Tensor:
     return distances.argmin(dim=1)
 
 
+def code_counts(codes: torch.Tensor, size: int) -> torch.Tensor:
+    """How often each of ``size`` codes occurs in ``codes`` [N] -> int64 [size]. Unlike
+    ``torch.bincount``, which reads the largest code back to the host on a GPU, no sync."""
+    return torch.zeros(size, dtype=torch.long, device=codes.device).index_add_(0, codes, torch.ones_like(codes))
+
+
 def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator,
            seeds: KmeansSeeds = "distinct_rows") -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means on ``x`` [N, d]: (centroids [k, d], member counts [k]).
@@ -102,7 +108,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator,
         if assignment is not None and torch.equal(new_assignment, assignment):
             break
         assignment = new_assignment
-        counts = torch.bincount(assignment, minlength=k).to(x.dtype)
+        counts = code_counts(assignment, k).to(x.dtype)
         sums = torch.zeros_like(centroids).index_add_(0, assignment, x)
         filled = counts > 0
         centroids[filled] = sums[filled] / counts[filled, None]
@@ -145,7 +151,7 @@ class EMACodebook(nn.Module):
 
     def ema_update(self, x: torch.Tensor, codes: torch.Tensor) -> None:
         """Move codewords towards the mean of the vectors assigned to them (sums over all ranks)."""
-        counts = torch.bincount(codes, minlength=self.size).to(x.dtype)
+        counts = code_counts(codes, self.size).to(x.dtype)
         sums = torch.zeros_like(self.embed).index_add_(0, codes, x)
         if _distributed():
             stats = torch.cat([counts[:, None], sums], dim=1)
@@ -160,20 +166,16 @@ class EMACodebook(nn.Module):
         smoothed = (self.cluster_size + self.eps) / (total + self.size * self.eps) * total  # Laplace smoothing
         self.embed.copy_(self.embed_avg / smoothed[:, None])
 
-    def reset_dead_codes(self, x: torch.Tensor) -> int:
-        """Re-seed codes whose EMA count fell below the threshold with random rows of ``x``.
+    def dead_codes(self) -> torch.Tensor:
+        """bool [size]: the codes whose EMA count fell below the threshold (none when it is 0)."""
+        return self.cluster_size < self.dead_code_threshold
 
-        Rank 0 decides and draws (from its own batch); both are broadcast, so all ranks agree.
-        Returns the number of codes replaced.
-        """
-        if self.dead_code_threshold <= 0:
-            return 0
-        dead = self.cluster_size < self.dead_code_threshold
-        if _distributed():
-            dead = broadcast_from_rank0(dead)
-        num_dead = int(dead.sum())
+    def reset_dead_codes(self, x: torch.Tensor, dead: torch.Tensor, num_dead: int) -> None:
+        """Re-seed the ``num_dead`` codes ``dead`` marks (rank 0's mask) with random rows of ``x``.
+
+        Rank 0 draws (from its own batch) and broadcasts, so all ranks agree."""
         if num_dead == 0:
-            return 0
+            return
         if _is_rank0():
             rows = torch.randperm(len(x))[:num_dead] if len(x) >= num_dead else torch.randint(len(x), (num_dead,))
             samples = x[rows.to(x.device)]
@@ -181,10 +183,12 @@ class EMACodebook(nn.Module):
             samples = torch.empty(num_dead, self.dim, dtype=x.dtype, device=x.device)
         if _distributed():
             dist.broadcast(samples, src=0)
-        self.embed[dead] = samples
-        self.embed_avg[dead] = samples * self.dead_code_threshold
-        self.cluster_size[dead] = self.dead_code_threshold
-        return num_dead
+        # The dead codes in ascending order, as a bool-mask assignment takes them, but without the
+        # host sync a mask index costs on a GPU (the count is known).
+        codes = torch.nonzero_static(dead, size=num_dead).squeeze(1)
+        self.embed.index_copy_(0, codes, samples)
+        self.embed_avg.index_copy_(0, codes, samples * self.dead_code_threshold)
+        self.cluster_size.index_fill_(0, codes, self.dead_code_threshold)
 
 
 @dataclass
@@ -225,7 +229,7 @@ class ResidualQuantizer(nn.Module):
 
     @property
     def initialised(self) -> bool:
-        return all(bool(book.initted) for book in self.levels)
+        return bool(torch.stack([book.initted for book in self.levels]).all())  # one host sync
 
     def _modality_codes(self, modality: torch.Tensor | None, n: int) -> torch.Tensor:
         if modality is None:
@@ -234,8 +238,9 @@ class ResidualQuantizer(nn.Module):
         modality = torch.as_tensor(modality).long().reshape(-1)
         if len(modality) != n:
             raise ValueError(f"got {len(modality)} modality codes for {n} vectors")
-        if len(modality) and (modality.min() < 0 or modality.max() >= NUM_MODALITIES):
-            bad = modality[(modality < 0) | (modality >= NUM_MODALITIES)][0]
+        invalid = (modality < 0) | (modality >= NUM_MODALITIES)
+        if invalid.any():
+            bad = modality[invalid][0]
             raise ValueError(f"modality code {int(bad)} is not 0 (image), 1 (text) or 2 (image+text)")
         return modality
 
@@ -256,7 +261,7 @@ class ResidualQuantizer(nn.Module):
         for level, book in enumerate(self.levels):
             if level == 0 and self.modality_mode == "assigned":
                 codes = self._modality_codes(modality, len(residual)).to(residual.device)
-                counts = torch.bincount(codes, minlength=book.size).to(residual.dtype)
+                counts = code_counts(codes, book.size).to(residual.dtype)
                 sums = torch.zeros_like(book.embed).index_add_(0, codes, residual)
                 book.set_codewords(sums / counts.clamp(min=1)[:, None], counts)
             else:
@@ -273,15 +278,12 @@ class ResidualQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):  # distances need fp32
             x = z.float()
             residual, codeword_sum, carrier = x, torch.zeros_like(x), torch.zeros_like(x)
-            chosen, commit, resets = [], [], []
+            chosen, commit, level_inputs = [], [], []
             for level, book in enumerate(self.levels):
                 codes = self._level_codes(level, residual, modality)
                 codeword = book.embed[codes]  # a copy: later EMA updates do not change it
                 commit.append(F.mse_loss(residual, codeword.detach()))
-                if update:
-                    with torch.no_grad():
-                        book.ema_update(residual.detach(), codes)
-                        resets.append(book.reset_dead_codes(residual.detach()))
+                level_inputs.append(residual.detach())
                 if self.gradient_estimator == "straight_through_per_level":
                     carrier = carrier + residual
                 elif self.gradient_estimator == "rotation" and residual.requires_grad:
@@ -294,12 +296,31 @@ class ResidualQuantizer(nn.Module):
             # The value is exactly the codeword sum (carrier - carrier.detach() is 0); the
             # gradient is the carrier's.
             quantized = codeword_sum + (carrier - carrier.detach())
+        resets = self._update_codebooks(level_inputs, chosen) if update else [0] * self.num_levels
         return QuantizerOutput(
             quantized=quantized,
             codes=torch.stack(chosen, dim=1),
             commit_loss=torch.stack(commit).mean(),
-            resets=torch.tensor(resets if update else [0] * self.num_levels, dtype=torch.long),
+            resets=torch.tensor(resets, dtype=torch.long),
         )
+
+    @torch.no_grad()
+    def _update_codebooks(self, level_inputs: list[torch.Tensor], codes: list[torch.Tensor]) -> list[int]:
+        """EMA update, then dead-code reset, of every level; returns the codes re-seeded per level.
+
+        A level's update changes only its own codebook, after its codeword was taken, so running
+        them once the codes of all levels are chosen gives what updating level by level gives,
+        with one host sync for the dead-code counts of all levels instead of one per level (and
+        the random draws of the resets in the same order)."""
+        for book, x, level_codes in zip(self.levels, level_inputs, codes):
+            book.ema_update(x, level_codes)
+        dead = [book.dead_codes() for book in self.levels]
+        if _distributed():  # rank 0 decides
+            dead = broadcast_from_rank0(torch.cat(dead)).split([book.size for book in self.levels])
+        counts = torch.stack([mask.sum() for mask in dead]).tolist()
+        for book, x, mask, num_dead in zip(self.levels, level_inputs, dead, counts):
+            book.reset_dead_codes(x, mask, num_dead)
+        return counts
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Sum of the codewords named by ``codes`` [B, L'] (L' <= L levels, a prefix)."""

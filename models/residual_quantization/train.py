@@ -76,6 +76,7 @@ from genius.models.residual_quantization.quantizer import (
     ModalityMode,
     broadcast_codebooks,
     check_codebooks_in_sync,
+    code_counts,
 )
 from tqdm import tqdm
 
@@ -279,7 +280,8 @@ def training_step(net, batch: dict, cfg: TrainConfig, device: torch.device, use_
     def both(key: str) -> torch.Tensor:
         return torch.cat([batch[f"q_{key}"], batch[f"c_{key}"]]).to(device, non_blocking=True)
 
-    level0 = torch.cat([batch["q_target_modality"], batch["c_modality"]]).to(device)
+    # Left on the host: the quantizer checks the codes there (no sync) and moves them itself.
+    level0 = torch.cat([batch["q_target_modality"], batch["c_modality"]])
     with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
         out = net(both("img"), both("txt"), both("img_mask"), both("txt_mask"), level0)
     quantized = F.normalize(out.quantized, dim=-1)
@@ -302,6 +304,21 @@ def check_finite(losses: dict, epoch: int, step: int) -> None:
                                  "or lower train.lr.")
 
 
+def optimise(net, t: Trainer, batch: dict, cfg: TrainConfig, device: torch.device, tally: EpochTally, epoch: int,
+             step: int) -> dict:
+    """One training step (forward, finite check, backward, optimiser and schedule, tally); the losses.
+
+    Its host syncs, whatever the number of levels: the finite check, the quantizer's check that
+    it is initialised, and its dead-code counts of all levels (test_rq_training counts them)."""
+    losses, out = training_step(net, batch, cfg, device, t.use_amp)
+    check_finite(losses, epoch, step)
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scaler.scale(losses["loss"]).backward()
+    training.optimizer_step(t.scaler, t.optimizer, t.scheduler)
+    tally.add(losses, out)
+    return losses
+
+
 class EpochTally:
     """Per-epoch sums of losses, code usage and query/positive code agreement (reduced over ranks)."""
 
@@ -318,7 +335,7 @@ class EpochTally:
         for key, value in losses.items():
             self.losses[key] = self.losses.get(key, 0) + value.detach().float()
         for level, usage in enumerate(self.usage):
-            usage += torch.bincount(out.codes[:, level], minlength=len(usage))
+            usage += code_counts(out.codes[:, level], len(usage))
         size = len(out.codes) // 2
         # share of queries whose first l+1 codes equal their positive's
         self.prefix_match += (out.codes[:size] == out.codes[size:]).long().cumprod(dim=1).sum(0)
@@ -431,17 +448,11 @@ def _run_epochs(cfg: RQTrainConfig, data: TrainingData, t: Trainer, run, info: D
                                   seed=tc.seed, rank=info.rank, world_size=info.world_size, positives=tc.positives)
         for step, batch in enumerate(tqdm(batches, total=t.steps_per_epoch, desc=f"epoch {epoch}",
                                           disable=progress_disabled())):
-            losses, out = training_step(net, batch, tc, info.device, t.use_amp)
-            check_finite(losses, epoch, step)
-            t.optimizer.zero_grad(set_to_none=True)
-            t.scaler.scale(losses["loss"]).backward()
-            t.scaler.step(t.optimizer)
-            t.scaler.update()
-            t.scheduler.step()
-            tally.add(losses, out)
-            if step % tc.log_every == 0:
+            losses = optimise(net, t, batch, tc, info.device, tally, epoch, step)
+            if step % tc.log_every == 0:  # the step's losses, read in one host sync
+                values = all_reduce_mean(torch.stack([v.detach().float() for v in losses.values()])).tolist()
                 metrics.write(epoch=epoch, step=epoch * t.steps_per_epoch + step, lr=t.scheduler.get_last_lr()[0],
-                              **{k: all_reduce_mean(v.detach().float()).item() for k, v in losses.items()})
+                              **dict(zip(losses, values)))
         check_codebooks_in_sync(t.model.quantizer)
         metrics.write(epoch=epoch, epoch_summary=True, **tally.summary())
         done = epoch + 1
