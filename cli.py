@@ -11,6 +11,7 @@ import sys
 SUBCOMMANDS = {
     "world": ("genius.synthetic.world", "write the synthetic M-BEIR-mini world"),
     "check-data": ("genius.common.check_data", "validate an M-BEIR-format data root"),
+    "new-setting": ("genius.scaffold", "write a setting (stage YAMLs and run scripts) for your own data root"),
     "extract": ("genius.feature_extraction.extract", "stage 0: embed queries and candidate pools"),
     "train-clip": ("genius.feature_extraction.train_clip", "stage 0: train CLIP-SF (score-fusion contrastive)"),
     "train-rq": ("genius.models.residual_quantization.train", "stage 1: train the Combiner and residual quantizer"),
@@ -18,6 +19,8 @@ SUBCOMMANDS = {
     "train-gen": ("genius.models.generative_retriever.train", "stage 2: train the T5 ID generator"),
     "eval": ("genius.models.generative_retriever.evaluate", "stage 3: constrained decoding and M-BEIR evaluation"),
     "search": ("genius.models.generative_retriever.search", "search a finished run with a text and/or image query"),
+    "export-qrels": ("genius.models.generative_retriever.ir_metrics",
+                     "write M-BEIR qrels as plain TREC qrels (for trec_eval on the run files)"),
     "export-official": ("genius.models.generative_retriever.export_official",
                         "write a run as rq_clip_large.pth / GENIUS_t5small.pth (the official layout)"),
 }
