@@ -14,6 +14,6 @@ if ! [[ "$workers" =~ ^[1-9][0-9]*$ ]]; then
     exit 2
 fi
 if [ "$workers" -gt 1 ]; then
-    set -- -n "$workers" --dist loadgroup "$@"
+    set -- -n "$workers" "$@"
 fi
 python -m pytest "$@"

@@ -36,19 +36,47 @@ os.environ["PYTHONWARNINGS"] = _strict_warnings_for_subprocesses()
 
 
 # ---- parallel runs: what must share a worker --------------------------------------------
-# scripts/test.sh runs one pytest-xdist worker per core with ``--dist loadgroup``. A session or
-# module fixture is built once per worker that needs it, so a test file stays on one worker (its
-# module fixtures are built once), and every test of the finished tiny root (minutes to build)
-# joins one group wherever its file is.
+# scripts/test.sh runs one pytest-xdist worker per core. A session or module fixture is built once
+# per worker that needs it, so every test of a file goes to one worker (its module fixtures are
+# built once), and every test that uses the finished tiny root (minutes to build) goes to one
+# worker wherever its file is. xdist's own ``loadgroup`` marks do not work with pytest 9 (they
+# rewrite a node id attribute pytest no longer reads), and the scheduler sees only node ids, so
+# the tests that need the root are found from the test files' source: test functions taking one
+# of TINY_ROOT_FIXTURES, directly or through a fixture of their own file.
 TINY_ROOT_FIXTURES = {"finished_tiny_root", "tiny_root_copy"}
 
 
-def pytest_collection_modifyitems(config, items):
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        group = "finished_tiny_root" if TINY_ROOT_FIXTURES & set(item.fixturenames) else item.path.name
-        item.add_marker(pytest.mark.xdist_group(group))
+def tests_needing_the_tiny_root(test_file: Path) -> set[str]:
+    import ast
+
+    functions = [node for node in ast.walk(ast.parse(test_file.read_text(encoding="utf-8")))
+                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    needing, grew = set(TINY_ROOT_FIXTURES), True
+    while grew:  # a fixture of the file that takes a root-needing fixture needs it too
+        before = len(needing)
+        needing |= {f.name for f in functions if {a.arg for a in f.args.args} & needing}
+        grew = len(needing) > before
+    return {f.name for f in functions if f.name.startswith("test") and f.name in needing}
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: without xdist installed it is never called
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "load":  # another --dist asked for explicitly
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    needing = {str(path.relative_to(REPO)): tests_needing_the_tiny_root(path)
+               for path in (REPO / "tests").glob("test_*.py")}
+
+    class FileOrTinyRoot(LoadScopeScheduling):
+        """Work units: the tests of the finished tiny root, then one unit per test file."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            path, _, rest = nodeid.partition("::")
+            name = rest.split("::")[-1].split("[")[0]
+            return "finished_tiny_root" if name in needing.get(path, ()) else path
+
+    return FileOrTinyRoot(config, log)
 
 
 @pytest.fixture(scope="session")
