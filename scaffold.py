@@ -311,7 +311,7 @@ def extract_yaml(s: Setting, base: dict) -> str:
             "train_pool": s.data_path(p.train_pool),
             "test_queries": [s.data_path(t.queries) for t in p.tests],
             "local_pools": [s.data_path(x) for x in p.local_pools],
-            "union_pool": s.data_path(p.union_pool) if p.union_pool else None}
+            "union_pool": s.data_path(p.union_pool) if p.union_pool else None, "empty_text": "error"}
     notes.update({
         "data.train_queries": "the training queries: " + (
             "a query/union_train file is preferred to query/train files, as UniIR trains on it"
@@ -320,6 +320,8 @@ def extract_yaml(s: Setting, base: dict) -> str:
         "data.train_pool": "the training pool: where genius check-data looks the training queries' positives up",
         "data.union_pool": "the universal pool, assembled from the local stores" if p.union_pool else
                            f"no {UNION_TEST_POOL} in the root: no universal-pool evaluation",
+        "data.empty_text": "a query or document with an empty text: error (stop at its file:line) or skip (leave it out; "
+                           "counted in the log and the results; README, Stage 0, 'Empty texts')",
         "instructions.mode": mode_note})
     runtime = dict(base.get("runtime", {}))
     if s.encoder == "hf_text":

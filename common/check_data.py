@@ -5,7 +5,9 @@ modality strings and id formats, that the modality a record declares matches wha
 image path) and what its task asks for, and that no id repeats in a file; that no file is empty;
 that positives, in the query files and in the qrels, exist in the pool the query is evaluated
 against and have the task's modality; that qrels agree with the query files; that instructions
-exist for every query kind used; and that every referenced image exists and decodes whole (a
+exist for every query kind used, when the root has an instructions file (without one it is a note:
+queries are then embedded with ``instructions.mode: none``, as ``genius new-setting`` sets it for
+such a root and for text encoders); and that every referenced image exists and decodes whole (a
 truncated or corrupt file is named with the file:line that references it; ``--no-decode`` only
 checks existence). Each problem is printed as ``file:line: what is wrong``; informational lines
 (counts of what M-BEIR does on purpose) are printed too, and the exit status is 0 only when
@@ -489,12 +491,16 @@ def check_root(root: str | Path, decode_images: bool = True) -> Report:
 
 
 def _check_root(root: Path, report: Report) -> None:
-    for sub in ("query", "cand_pool", "instructions"):
+    for sub in ("query", "cand_pool"):
         if not (root / sub).is_dir():
-            report.add(root / sub, None, "missing folder (an M-BEIR root has query/, cand_pool/, instructions/, qrels/)")
+            report.add(root / sub, None, "missing folder (an M-BEIR root has query/, cand_pool/, qrels/ and, to "
+                                         "instruct queries, instructions/)")
     instructions = None
     tsv = root / "instructions" / "query_instructions.tsv"
-    if tsv.is_file():
+    if not tsv.is_file():
+        report.note(tsv, "not found: queries can only be embedded without instructions (instructions.mode: none, "
+                         "what genius new-setting writes for this root)")
+    else:
         try:
             instructions = Instructions.load(tsv)
             report.files_checked += 1

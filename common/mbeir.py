@@ -131,19 +131,34 @@ class Candidate:
         return hash_did(self.did)
 
 
-def _check_modality(value: object, key: str, text: object, img: object) -> list[str]:
+def lacks_text(obj: object, modality_key: str, text_key: str) -> bool:
+    """A record whose modality includes text but whose text is empty once normalised
+    (``format_string``: what the text encoder would see). Extraction's ``data.empty_text``
+    decides whether such a row is an error or left out; later stages read the files as it did."""
+    if not isinstance(obj, dict) or obj.get(modality_key) not in MODALITY_CODE or "text" not in obj[modality_key]:
+        return False
+    text = obj.get(text_key)
+    return not (isinstance(text, str) and format_string(text))
+
+
+def empty_text_problem(key: str, value: str) -> str:
+    return f"{key} is {value!r} but the text is empty"
+
+
+def _check_modality(value: object, key: str, text: object, img: object, text_required: bool = True) -> list[str]:
     if value not in MODALITY_CODE:
         return [f"{key} {value!r} is not one of {', '.join(map(repr, MODALITIES))}"]
     problems = []
-    if "text" in value and not (isinstance(text, str) and text.strip()):
-        problems.append(f"{key} is {value!r} but the text is empty")
+    if "text" in value and text_required and not (isinstance(text, str) and format_string(text)):
+        problems.append(empty_text_problem(key, value))
     if "image" in value and not (isinstance(img, str) and img):
         problems.append(f"{key} is {value!r} but there is no image path")
     return problems
 
 
-def query_problems(obj: object) -> list[str]:
-    """Everything wrong with one query record (empty list when it is valid)."""
+def query_problems(obj: object, text_required: bool = True) -> list[str]:
+    """Everything wrong with one query record (empty list when it is valid); ``text_required=False``
+    accepts an empty text where the modality has one (``lacks_text``)."""
     if not isinstance(obj, dict):
         return [f"expected a JSON object, got {type(obj).__name__}"]
     problems = [f"missing field '{k}'" for k in ("qid", "query_modality", "pos_cand_list") if k not in obj]
@@ -156,7 +171,8 @@ def query_problems(obj: object) -> list[str]:
     for key in ("query_txt", "query_img_path"):
         if obj.get(key) is not None and not isinstance(obj[key], str):
             problems.append(f"{key} must be a string or null, got {type(obj[key]).__name__}")
-    problems += _check_modality(obj["query_modality"], "query_modality", obj.get("query_txt"), obj.get("query_img_path"))
+    problems += _check_modality(obj["query_modality"], "query_modality", obj.get("query_txt"), obj.get("query_img_path"),
+                                text_required)
     for key in ("pos_cand_list", "neg_cand_list"):
         value = obj.get(key, [])
         if not isinstance(value, list):
@@ -175,7 +191,7 @@ def query_problems(obj: object) -> list[str]:
     return problems
 
 
-def candidate_problems(obj: object) -> list[str]:
+def candidate_problems(obj: object, text_required: bool = True) -> list[str]:
     if not isinstance(obj, dict):
         return [f"expected a JSON object, got {type(obj).__name__}"]
     problems = [f"missing field '{k}'" for k in ("did", "modality") if k not in obj]
@@ -188,7 +204,7 @@ def candidate_problems(obj: object) -> list[str]:
     for key in ("txt", "img_path"):
         if obj.get(key) is not None and not isinstance(obj[key], str):
             problems.append(f"{key} must be a string or null, got {type(obj[key]).__name__}")
-    problems += _check_modality(obj["modality"], "modality", obj.get("txt"), obj.get("img_path"))
+    problems += _check_modality(obj["modality"], "modality", obj.get("txt"), obj.get("img_path"), text_required)
     return problems
 
 
@@ -248,13 +264,16 @@ def _canonical(line: str) -> int:
     return hash(json.dumps(json.loads(line), sort_keys=True))
 
 
-def iter_queries(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> Iterator[Query]:
+def iter_queries(path: str | os.PathLike, image_root: str | os.PathLike | None = None,
+                 on_empty_text: Callable[[int, str, str], None] | None = None) -> Iterator[Query]:
     """The query records of a jsonl file, validated; every problem raises naming file and line.
 
     A qid may repeat only as an exact copy of its first record (UniIR's up-sampled training file
     repeats queries that way, and the copies are yielded, since they weight training); a repeat
     with a different record is an error. An empty file is an error. With ``image_root`` every
-    query image must exist under it."""
+    query image must exist under it. A record whose modality has text but whose text is empty
+    (``lacks_text``) is an error, or, with ``on_empty_text(lineno, qid, problem)``, handed to it
+    and not yielded (the callback may raise)."""
     image_root = Path(image_root) if image_root is not None else None
     seen: dict[int, int] = {}  # hashed qid -> hash of its first line (canonical JSON when copies differ in layout)
     for lineno, line in text_lines(path):
@@ -264,7 +283,8 @@ def iter_queries(path: str | os.PathLike, image_root: str | os.PathLike | None =
             obj = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataFormatError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
-        _record_or_raise(path, lineno, obj, query_problems)
+        empty = on_empty_text is not None and lacks_text(obj, "query_modality", "query_txt")
+        _record_or_raise(path, lineno, obj, lambda o: query_problems(o, text_required=not empty))
         hashed, digest = hash_qid(obj["qid"]), hash(line.strip())
         first = seen.get(hashed)
         if first is None:
@@ -275,6 +295,9 @@ def iter_queries(path: str | os.PathLike, image_root: str | os.PathLike | None =
                 raise DataFormatError(
                     f"{path}:{lineno}: qid {obj['qid']} appears again with a different record (first on line "
                     f"{first_line}); give each query its own qid (only an exact copy may repeat, as up-sampling does)")
+        if empty:
+            on_empty_text(lineno, obj["qid"], empty_text_problem("query_modality", obj["query_modality"]))
+            continue
         img = obj.get("query_img_path") or None
         _check_image(path, lineno, img, image_root)
         yield Query(
@@ -297,17 +320,24 @@ def load_queries(path: str | os.PathLike, image_root: str | os.PathLike | None =
     return list(iter_queries(path, image_root))
 
 
-def iter_candidates(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> Iterator[Candidate]:
+def iter_candidates(path: str | os.PathLike, image_root: str | os.PathLike | None = None,
+                    on_empty_text: Callable[[int, str, str], None] | None = None) -> Iterator[Candidate]:
     """The candidate records of a pool jsonl file, validated; every problem raises naming file and
-    line: a did that repeats, an empty file, and (with ``image_root``) an image that does not exist."""
+    line: a did that repeats, an empty file, and (with ``image_root``) an image that does not exist.
+    An empty text where the modality has one is an error too, or, with ``on_empty_text(lineno,
+    did, problem)``, handed to it and not yielded (as ``iter_queries``)."""
     image_root = Path(image_root) if image_root is not None else None
     seen: set[int] = set()
     for lineno, obj in iter_jsonl(path):
-        _record_or_raise(path, lineno, obj, candidate_problems)
+        empty = on_empty_text is not None and lacks_text(obj, "modality", "txt")
+        _record_or_raise(path, lineno, obj, lambda o: candidate_problems(o, text_required=not empty))
         hashed = hash_did(obj["did"])
         if hashed in seen:
             raise _duplicate_did(path, lineno, obj["did"], _first_line_with(path, "did", obj["did"]))
         seen.add(hashed)
+        if empty:
+            on_empty_text(lineno, obj["did"], empty_text_problem("modality", obj["modality"]))
+            continue
         img = obj.get("img_path") or None
         _check_image(path, lineno, img, image_root)
         yield Candidate(did=obj["did"], text=obj.get("txt") or "", img_path=img, modality=obj["modality"])

@@ -8,6 +8,7 @@ run on W processes with batch B sees exactly the samples of a 1-process run with
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Iterator, Literal
@@ -18,6 +19,8 @@ import torch
 from genius.common.mbeir import hash_did, iter_queries
 from genius.common.store import EmbeddingStore
 
+log = logging.getLogger("genius.pairs")
+
 
 @dataclass
 class TrainingPairs:
@@ -26,6 +29,7 @@ class TrainingPairs:
     pos_rows: np.ndarray  # int64 rows of the candidate store
     dropped_queries: int = 0  # queries with no positive in the candidate store
     missing_positives: int = 0  # positives (of kept and dropped queries) that are not in the candidate store
+    empty_queries: int = 0  # queries with an empty text, which extraction left out (data.empty_text: skip)
 
     def __len__(self) -> int:
         return len(self.query_rows)
@@ -43,10 +47,14 @@ def load_training_pairs(query_file: str | os.PathLike, queries: EmbeddingStore, 
     The query file is read with :func:`iter_queries`, so a malformed line, a qid repeated with a
     different record or an empty file raises naming file and line. Positives that are not in the
     candidate store are counted (``missing_positives``), and queries left without any are
-    counted and skipped (``dropped_queries``): the trainers print both."""
+    counted and skipped (``dropped_queries``): the trainers print both. Queries with an empty text
+    are not in the query store (extraction left them out, or there is no store: it stops at them),
+    so they are counted, logged and skipped too (``empty_queries``); candidates it left out are
+    missing positives."""
     pool_rows = dict(zip(np.asarray(pool.ids).tolist(), range(len(pool))))
     query_ids, offsets, positives, dropped, missing = [], [0], [], 0, 0
-    for query in iter_queries(query_file):
+    empty: set[str] = set()
+    for query in iter_queries(query_file, on_empty_text=lambda _, qid, __: empty.add(qid)):
         rows = [pool_rows[h] for h in map(hash_did, query.pos) if h in pool_rows]
         missing += len(query.pos) - len(rows)
         if not rows:
@@ -55,6 +63,9 @@ def load_training_pairs(query_file: str | os.PathLike, queries: EmbeddingStore, 
         query_ids.append(query.hashed)
         positives.extend(rows)
         offsets.append(len(positives))
+    if empty:
+        log.warning("%s: %d queries with an empty text have no embedding (extraction left them out, "
+                    "data.empty_text: skip); not trained on", query_file, len(empty))
     if not query_ids:
         raise ValueError(f"{query_file}: no query has a positive in the candidate store {pool.path}; check that "
                          "the store was extracted from the pool these queries' positives are in")
@@ -64,6 +75,7 @@ def load_training_pairs(query_file: str | os.PathLike, queries: EmbeddingStore, 
         pos_rows=np.array(positives, dtype=np.int64),
         dropped_queries=dropped,
         missing_positives=missing,
+        empty_queries=len(empty),
     )
 
 

@@ -7,7 +7,6 @@ import errno
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, TypeVar
@@ -91,11 +90,6 @@ def setup_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=os.environ.get("GENIUS_LOG_LEVEL", "INFO"),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-
-
-def progress_disabled() -> bool:
-    """tqdm bars only on an interactive terminal, so CI and log files stay readable."""
-    return not sys.stderr.isatty()
 
 
 class MetricsLog:

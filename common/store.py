@@ -9,7 +9,9 @@ One directory per (encoder, split, source file)::
     modality.npy         int8  [N]     the item's own modality code (0 image, 1 text, 2 both)
     target_modality.npy  int8  [N]     queries: the modality the task asks for; candidates: = modality
     meta.json            encoder, dim, dtype, count, kind, source file fingerprint, config,
-                         content_sha256 (and, from genius extract, the run key it was made with)
+                         content_sha256 (and, from genius extract, the run key it was made with
+                         and ``skipped_empty_text``: the source rows left out for an empty text,
+                         as {rows, ids, first_lines})
 
 Arrays are memory-mapped on read. The store is written into a temporary directory and renamed,
 so a reader never accepts a half-written store. Extraction writes *parts* (row ranges, one file
@@ -64,6 +66,8 @@ def array_dtype(name: str, vector_dtype: str) -> np.dtype:
     (fp16 by default) for the img and txt vectors."""
     return np.dtype(_FIXED_DTYPES.get(name, vector_dtype))
 
+
+SKIPPED_META = "skipped_empty_text"
 
 _PART_RE = re.compile(r"^part-(\d{10})-(\d{10})\.npz$")
 
@@ -194,6 +198,11 @@ class EmbeddingStore:
             raise StoreError(f"store {path}: its arrays do not match the content fingerprint in meta.json "
                              f"(a file was changed or damaged after it was written); {REEXTRACT}")
         return cls(path, meta, arrays)
+
+    @property
+    def skipped_empty_text(self) -> int:
+        """Source rows genius extract left out of this store for an empty text (data.empty_text: skip)."""
+        return int(self.meta.get(SKIPPED_META, {}).get("rows", 0))
 
     @property
     def content_id(self) -> str:

@@ -15,7 +15,7 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from genius.common.config import resolve_path
 from genius.common.io import sha256_json
 from genius.common.ranges import check_ranges, ranged
 from genius.common.runstate import file_content, portable_path
-from genius.common.stage import progress_disabled
+from genius.common.progress import on_terminal
 from genius.feature_extraction.clip_model import ImagePreprocess, image_size, load_clip, tokenizer_for
 
 
@@ -96,13 +96,17 @@ class Encoder(ABC):
         return ValueError(f"encoder {self.name!r} ({type(self).__name__}) encodes text only and cannot embed images; "
                           "use a clip_sf encoder for corpora with images")
 
-    def encode_texts(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
-        """[N, dim] float32; batches are formed from texts of similar length, so little is padding."""
+    def encode_texts(self, texts: list[str], batch_size: int = 256,
+                     on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+        """[N, dim] float32; batches are formed from texts of similar length, so little is padding.
+        ``on_batch(n)`` is called after each batch of n texts (progress reporting)."""
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.zeros((len(texts), self.dim), np.float32)
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             out[rows] = self.embed_texts([texts[i] for i in rows]).numpy()
+            if on_batch is not None:
+                on_batch(len(rows))
         return out
 
     def encode_images(self, images: list[Image.Image], batch_size: int = 64) -> np.ndarray:
@@ -156,7 +160,7 @@ class HFTextEncoder(Encoder):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        if progress_disabled():
+        if not on_terminal():
             hf_logging.disable_progress_bar()
 
         model_dir = resolve_path(cfg.text_model_dir) if cfg.text_model_dir else minilm_dir()

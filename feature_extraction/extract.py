@@ -11,7 +11,10 @@ A source file is cut into chunks of ``output.chunk_rows`` rows; rank r of W embe
 i with i % W == r and writes each as a part (``genius.common.store.write_part``). Finished parts
 are kept when a run is interrupted (even by kill -9), so a re-run embeds only what is missing;
 rank 0 merges the parts once every rank is done. Duplicate ids in a source file (UniIR's
-up-sampled training queries repeat qids) keep their first occurrence.
+up-sampled training queries repeat qids) keep their first occurrence. A chunk whose encoder inputs
+equal a chunk embedded earlier in the run is copied from its part (``EmbeddedChunks``). A record
+whose text is empty where its modality has one stops the run at its file:line, or with
+``data.empty_text: skip`` is left out of the store and recorded in its meta.json (``EmptyTexts``).
 
 Run state, per store (``genius.common.runstate``). Each store has a run key: the semantic config
 (every key but ``NOT_IN_RUN_KEY``: which files to read, output paths, runtime settings, and the
@@ -58,13 +61,15 @@ from typing import Iterator, Literal
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from genius.common.config import config_to_dict, resolve_path
 from genius.common.config_checks import check_dir, check_file
 from genius.common.distributed import barrier, cleanup, gather_to_main, init_distributed
 from genius.common.io import atomic_write_json, sha256_json
 from genius.common.mbeir import (
+    DataFormatError,
+    hash_did,
+    hash_qid,
     iter_candidates,
     iter_queries,
     load_pool_index,
@@ -72,18 +77,21 @@ from genius.common.mbeir import (
     target_modality,
     unhash_did,
 )
+from genius.common.progress import Progress
 from genius.common.ranges import check_ranges, ranged
 from genius.common.runstate import RunKey, acquire_lock, file_content, files_digest, release_lock
 from genius.common.stage import (
-    MetricsLog, one_line, parse_stage_config, progress_disabled, record_run, setup_logging, stage_parser, user_errors_exit,
+    MetricsLog, one_line, parse_stage_config, record_run, setup_logging, stage_parser, user_errors_exit,
 )
 from genius.common.store import (
     FORMAT_VERSION,
+    SKIPPED_META,
     EmbeddingStore,
     StoreArrays,
     StoreError,
     finished_parts,
     merge_parts,
+    part_path,
     parts_dir,
     read_meta,
     store_path,
@@ -110,6 +118,10 @@ class DataConfig:
     local_pools: list[str] | None = None  # null: every cand_pool/local/*.jsonl
     union_pool: str | None = "cand_pool/global/mbeir_union_test_cand_pool.jsonl"
     instructions: str = "instructions/query_instructions.tsv"
+    # A query or candidate whose modality has text but whose text is empty (or only blanks):
+    # "error" stops at its file:line; "skip" leaves it out of the store, counts it in the log and
+    # the store's meta.json, and eval reports the count (README, "Empty texts").
+    empty_text: Literal["error", "skip"] = "error"
 
 
 @dataclass
@@ -139,6 +151,8 @@ class ExtractConfig:
 # Config keys a store's content does not depend on: which files to read (each store's key holds
 # its own inputs by content instead), where outputs go, how fast it runs, and the encoder section
 # (the encoder's fingerprint, an input, stands for it). Candidate stores ignore ``instructions``.
+# ``data.empty_text`` is left out too: a file without empty texts gives the same store under both
+# settings, and one with them has no store under "error".
 NOT_IN_RUN_KEY = ("data", "encoder", "output.root", "output.force", "runtime")
 
 
@@ -214,6 +228,11 @@ class Chunk:
     stop: int
     items: list[Item]
 
+    def inputs_key(self) -> str:
+        """What the encoder is given for this chunk, in order: each text (after instructions) and
+        image path. Within one run the data root is one, so a path names one image file."""
+        return sha256_json([[item.text, item.img_path] for item in self.items])
+
 
 class _Images(Dataset):
     """(row in its chunk, uint8 crop) of every item with an image; decoded in DataLoader workers.
@@ -241,8 +260,9 @@ def _collate(batch: list[tuple[int, torch.Tensor | str]]) -> tuple[list[int], to
 
 
 def embed_chunks(chunks: list[Chunk], encoder: Encoder, reader: ImageReader | None, batch_size: int,
-                 num_workers: int) -> Iterator[tuple[Chunk, StoreArrays]]:
+                 num_workers: int, progress: Progress | None = None) -> Iterator[tuple[Chunk, StoreArrays]]:
     """Each chunk with its raw vectors and masks (a missing modality: zero vector, mask 0).
+    ``progress`` advances by one per text or image embedded, batch by batch.
 
     One DataLoader decodes the images of all chunks (batches never straddle two chunks), so its
     workers start once per source file and keep decoding ahead across chunk boundaries.
@@ -267,18 +287,62 @@ def embed_chunks(chunks: list[Chunk], encoder: Encoder, reader: ImageReader | No
         txt = np.zeros((len(items), encoder.dim), np.float32)
         text_rows = [i for i, item in enumerate(items) if item.text]
         if text_rows:
-            txt[text_rows] = encoder.encode_texts([items[i].text for i in text_rows], batch_size)
+            txt[text_rows] = encoder.encode_texts([items[i].text for i in text_rows], batch_size,
+                                                  progress.update if progress is not None else None)
         for _ in range(per_chunk[k]):
             rows, pixels = next(images)
             if isinstance(pixels, str):
                 raise ValueError(pixels)
             img[rows] = encoder.embed_pixels(pixels).numpy()
-        yield chunk, StoreArrays(
-            ids=np.array([item.id for item in items], np.int64), img=img, txt=txt,
-            img_mask=np.array([item.img_path is not None for item in items], np.uint8),
-            txt_mask=np.array([bool(item.text) for item in items], np.uint8),
-            modality=np.array([item.modality for item in items], np.int8),
-            target_modality=np.array([item.target_modality for item in items], np.int8))
+            if progress is not None:
+                progress.update(len(rows))
+        yield chunk, chunk_arrays(items, img, txt)
+
+
+def chunk_arrays(items: list[Item], img: np.ndarray, txt: np.ndarray) -> StoreArrays:
+    """A chunk's store rows: its vectors, and ids, masks and modalities from its items."""
+    return StoreArrays(
+        ids=np.array([item.id for item in items], np.int64), img=img, txt=txt,
+        img_mask=np.array([item.img_path is not None for item in items], np.uint8),
+        txt_mask=np.array([bool(item.text) for item in items], np.uint8),
+        modality=np.array([item.modality for item in items], np.int8),
+        target_modality=np.array([item.target_modality for item in items], np.int8))
+
+
+class EmbeddedChunks:
+    """The chunks this process embedded in this run, by their inputs (``Chunk.inputs_key``).
+
+    A chunk whose inputs equal one embedded before (the same pool under two names, a query file
+    whose texts are a pool's in the same order, a chunk repeated within a file) is not embedded
+    again: its part is written from that chunk's vectors and its own ids, masks and modalities.
+    The unit is the chunk, not the row, because a row's vector depends slightly on its batch mates
+    (padding, GEMM blocking: for all-MiniLM-L6-v2 on CPU, 2 of 300 captions got other fp16 vectors
+    when batched with 300 others), and a store must be byte-identical to what embedding its file
+    alone gives.
+    """
+
+    def __init__(self) -> None:
+        self.parts: dict[str, Path] = {}  # inputs key -> a part file holding its vectors
+
+    def split(self, chunks: list[Chunk]) -> tuple[list[Chunk], list[Chunk]]:
+        """(chunks to embed, chunks to copy once those are written)."""
+        fresh, copies, keys = [], [], set(self.parts)
+        for chunk in chunks:
+            key = chunk.inputs_key()
+            (copies if key in keys else fresh).append(chunk)
+            keys.add(key)
+        return fresh, copies
+
+    def add(self, store: Path, chunks: list[Chunk]) -> None:
+        """Chunks whose parts of ``store`` are written (parts stay on disk until the merge, after
+        every store's parts are)."""
+        for chunk in chunks:
+            self.parts.setdefault(chunk.inputs_key(), part_path(store, chunk.start, chunk.stop))
+
+    def copy(self, store: Path, chunk: Chunk) -> None:
+        with np.load(self.parts[chunk.inputs_key()]) as part:
+            img, txt = part["img"], part["txt"]
+        write_part(store, chunk.start, chunk.stop, chunk_arrays(chunk.items, img, txt))
 
 
 class ExtractionInterrupted(RuntimeError):
@@ -297,6 +361,10 @@ class Context:
     parts_written: int = 0
     stop_after: int | None = None
     held: list[dict] = field(default_factory=list)  # a rank > 0's metrics records, for rank 0 to write
+    embedded: EmbeddedChunks = field(default_factory=EmbeddedChunks)
+
+    def empty_texts(self, job: Job) -> EmptyTexts:
+        return EmptyTexts(job.source, job.kind, self.cfg.data.empty_text)
 
     def record(self, **fields) -> None:
         """One metrics record of this rank. Only rank 0 appends to the file (concurrent appends from
@@ -321,7 +389,8 @@ class Context:
     def run_key(self, job: Job) -> RunKey:
         """What the store of ``job`` depends on (module docstring)."""
         data_root = resolve_path(self.cfg.data.root)
-        images = sorted({record.img_path for record in _unique_records(job, data_root) if record.img_path})
+        records = _unique_records(job, self.empty_texts(job), data_root)
+        images = sorted({record.img_path for record in records if record.img_path})
         inputs = {"source": file_content(job.source), "images": files_digest([data_root / p for p in images], data_root)}
         if job.kind == "query":
             inputs["target_pools"] = [file_content(p) for p in job.target_pools]
@@ -360,12 +429,38 @@ class Context:
         return True
 
 
-def _unique_records(job: Job, image_root: Path | None = None) -> Iterator:
-    """The source's records, first occurrence of each id only; with ``image_root``, a record whose
-    image file is missing is an error naming its file:line."""
+@dataclass
+class EmptyTexts:
+    """The records of one source file whose modality has text but whose text is empty
+    (``data.empty_text``): "error" raises naming file:line; "skip" remembers them, for the log and
+    the store's meta.json (eval reports the counts; the union pool leaves out what its local pools did)."""
+
+    source: Path
+    kind: str  # query | candidate
+    mode: str  # error | skip
+    first_line: dict[int, int] = field(default_factory=dict)  # hashed id -> line of its first record
+
+    def __call__(self, lineno: int, record_id: str, problem: str) -> None:
+        if self.mode == "error":
+            raise DataFormatError(f"{self.source}:{lineno}: {problem} ({self.kind} {record_id}); write its text, or set "
+                                  "data.empty_text: skip in the extract config to leave such rows out (counted in the "
+                                  "log and the results)")
+        self.first_line.setdefault(hash_qid(record_id) if self.kind == "query" else hash_did(record_id), lineno)
+
+    def __len__(self) -> int:
+        return len(self.first_line)
+
+    def meta(self) -> dict:
+        return {"rows": len(self), "ids": sorted(self.first_line), "first_lines": sorted(self.first_line.values())[:10]}
+
+
+def _unique_records(job: Job, empty: EmptyTexts, image_root: Path | None = None) -> Iterator:
+    """The source's records, first occurrence of each id only, less those with an empty text
+    (``empty`` decides); with ``image_root``, a record whose image file is missing is an error
+    naming its file:line."""
     seen: set[int] = set()
     read = iter_queries if job.kind == "query" else iter_candidates
-    records = read(job.source, image_root=image_root)
+    records = read(job.source, image_root=image_root, on_empty_text=empty)
     for record in records:
         if record.hashed not in seen:
             seen.add(record.hashed)
@@ -386,8 +481,9 @@ class _Targets:
         return target_modality(query, self._modality)
 
 
-def owned_chunks(job: Job, ctx: Context) -> tuple[int, list[Chunk], int]:
-    """(rows in the source, this rank's chunks still to embed, this rank's chunks already on disk).
+def owned_chunks(job: Job, ctx: Context) -> tuple[int, list[Chunk], int, EmptyTexts]:
+    """(rows of the store, this rank's chunks still to embed, this rank's chunks already on disk,
+    the records left out for an empty text).
 
     Chunk i (rows [i*C, (i+1)*C)) belongs to rank i % world_size. Every rank reads the whole
     file (it has to count the rows) but builds items only for its own unfinished chunks.
@@ -411,14 +507,15 @@ def owned_chunks(job: Job, ctx: Context) -> tuple[int, list[Chunk], int]:
             items = [query_item(q, t, ctx.query_text(q, t, rng)) for q in buffer for t in (targets(q),)]
             todo.append(Chunk(start, start + len(buffer), items))
 
-    for n, record in enumerate(_unique_records(job), 1):
+    empty = ctx.empty_texts(job)
+    for n, record in enumerate(_unique_records(job, empty), 1):
         buffer.append(record)
         if len(buffer) == size:
             close(n - size)
             buffer = []
     if buffer:
         close(n - len(buffer))
-    return n, todo, reused
+    return n, todo, reused, empty
 
 
 def _prepare_parts(job: Job, key: RunKey, ctx: Context) -> None:
@@ -450,6 +547,7 @@ class Pending:
     job: Job
     rows: int
     key: RunKey
+    empty: EmptyTexts
 
 
 def embed_job(job: Job, ctx: Context) -> Pending | None:
@@ -459,53 +557,75 @@ def embed_job(job: Job, ctx: Context) -> Pending | None:
         return None
     _prepare_parts(job, key, ctx)
     started = time.time()
-    num_rows, todo, reused = owned_chunks(job, ctx)
+    num_rows, todo, reused, empty = owned_chunks(job, ctx)
     if num_rows == 0:
-        raise StoreError(f"{job.source}: has no records; remove it from the config or fill it")
+        raise StoreError(f"{job.source}: every one of its {len(empty)} records has an empty text (data.empty_text: "
+                         "skip); write their texts or remove the file from the config")
+    if len(empty) and ctx.rank == 0:
+        what = "queries" if job.kind == "query" else "candidates"
+        log.warning("%s: %d %s with an empty text left out of its store (data.empty_text: skip; first on line %d)",
+                    job.source, len(empty), what, min(empty.first_line.values()))
+    todo, copies = ctx.embedded.split(todo)
     cfg = ctx.cfg.runtime
-    progress = tqdm(total=len(todo), desc=f"{job.split}/{job.store.name} [rank {ctx.rank}]", unit="part",
-                    disable=progress_disabled())
-    for chunk, arrays in embed_chunks(todo, ctx.encoder, ctx.reader, cfg.batch_size, cfg.num_workers):
+    # Counted in embeddings (a text and an image are one each): a part can take minutes.
+    inputs = sum(bool(item.text) + bool(item.img_path) for chunk in todo for item in chunk.items)
+    progress = Progress(inputs, f"extract: {job.split}/{job.store.name}", unit="embedding", logger=log)
+    for chunk, arrays in embed_chunks(todo, ctx.encoder, ctx.reader, cfg.batch_size, cfg.num_workers, progress):
         write_part(job.store, chunk.start, chunk.stop, arrays)
-        progress.update()
         ctx.parts_written += 1
         if ctx.stop_after is not None and ctx.parts_written >= ctx.stop_after:
             raise ExtractionInterrupted(f"stopped after {ctx.parts_written} parts ({STOP_AFTER_PARTS_ENV})")
     progress.close()
-    ctx.record(store=str(job.store), status="extracted", rows=num_rows,
-               parts_embedded=len(todo), parts_reused=reused, seconds=round(time.time() - started, 3))
-    return Pending(job, num_rows, key)
+    ctx.embedded.add(job.store, todo)
+    for chunk in copies:
+        ctx.embedded.copy(job.store, chunk)
+    if copies:
+        log.info("%s: %d of %d parts copied from identical chunks embedded earlier in this run", job.store,
+                 len(copies), len(todo) + len(copies))
+    ctx.record(store=str(job.store), status="extracted", rows=num_rows, skipped_empty_text=len(empty),
+               parts_embedded=len(todo), parts_copied=len(copies), parts_reused=reused,
+               seconds=round(time.time() - started, 3))
+    return Pending(job, num_rows, key, empty)
 
 
 def merge(pending: Pending, ctx: Context) -> None:
     job = pending.job
     merge_parts(job.store, pending.rows, encoder=ctx.encoder.name, kind=job.kind, source=job.source,
-                config=config_to_dict(ctx.cfg), extra_meta={"run_key": pending.key.as_dict()})
+                config=config_to_dict(ctx.cfg),
+                extra_meta={"run_key": pending.key.as_dict(), SKIPPED_META: pending.empty.meta()})
     log.info("wrote %s (%d rows)", job.store, pending.rows)
 
 
 # ---- the union pool ------------------------------------------------------------------------
 def build_union(job: Job, local_stores: list[Path], ctx: Context) -> None:
-    """Concatenate local stores' rows in the union file's order (rank 0 only)."""
+    """Concatenate local stores' rows in the union file's order (rank 0 only), less the candidates
+    the local stores left out for an empty text."""
     stores = [EmbeddingStore.open(p, encoder=ctx.encoder.name, kind="candidate") for p in local_stores]
     key = ctx.union_key(job, stores)
     if ctx.is_done(job.store, key):
         return
     union = load_pool_index(job.source)
-    source_rows = union_sources(union.ids, stores, job.source)
-    with store_writer(job.store, len(union.ids), stores[0].dim, encoder=ctx.encoder.name, kind="candidate",
+    skipped = np.array(sorted({i for s in stores for i in s.meta.get(SKIPPED_META, {}).get("ids", [])}), np.int64)
+    left_out = np.isin(union.ids, skipped)
+    ids, modality = union.ids[~left_out], union.modality[~left_out]
+    if left_out.any():
+        log.warning("%s: %d candidates left out, as in their local pools (empty text)", job.source, int(left_out.sum()))
+    source_rows = union_sources(ids, stores, job.source)
+    empty = {"rows": int(left_out.sum()), "ids": union.ids[left_out].tolist(), "first_lines": []}
+    with store_writer(job.store, len(ids), stores[0].dim, encoder=ctx.encoder.name, kind="candidate",
                       source=job.source, config=config_to_dict(ctx.cfg),
-                      extra_meta={"run_key": key.as_dict(), "built_from": [p.name for p in local_stores]}) as out:
-        out.ids[:] = union.ids
+                      extra_meta={"run_key": key.as_dict(), "built_from": [p.name for p in local_stores],
+                                  SKIPPED_META: empty}) as out:
+        out.ids[:] = ids
         for store, (dest, rows) in zip(stores, source_rows):  # one local store's rows at a time
             for name in ("img", "txt", "img_mask", "txt_mask", "modality", "target_modality"):
                 getattr(out, name)[dest] = getattr(store.arrays, name)[rows]
-        if not np.array_equal(out.modality, union.modality):
-            bad = int(np.flatnonzero(out.modality != union.modality)[0])
-            raise StoreError(f"{job.source}: did {int(union.ids[bad])} has modality {int(union.modality[bad])} but "
+        if not np.array_equal(out.modality, modality):
+            bad = int(np.flatnonzero(out.modality != modality)[0])
+            raise StoreError(f"{job.source}: did {int(ids[bad])} has modality {int(modality[bad])} but "
                              f"{int(out.modality[bad])} in its local pool; the union file and the local pools disagree")
-    log.info("wrote %s (%d rows from %d local stores)", job.store, len(union), len(stores))
-    ctx.record(store=str(job.store), status="assembled", rows=len(union))
+    log.info("wrote %s (%d rows from %d local stores)", job.store, len(ids), len(stores))
+    ctx.record(store=str(job.store), status="assembled", rows=len(ids), skipped_empty_text=int(left_out.sum()))
 
 
 def union_sources(union_ids: np.ndarray, stores: list[EmbeddingStore], source: Path) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -38,7 +38,6 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from genius.common import training
 from genius.common.checkpoint import (
@@ -60,12 +59,12 @@ from genius.common.distributed import (
 from genius.common.fusion import score_fusion
 from genius.common.mbeir import hash_did, iter_candidates, load_queries, older_revision_twin, target_modality
 from genius.common.pairs import TrainingPairs, batches_per_epoch
+from genius.common.progress import Progress, clock_time
 from genius.common.ranges import check_ranges, ranged
 from genius.common.runstate import RunKey, file_content, files_digest
 from genius.common.stage import (
     MetricsLog,
     parse_stage_config,
-    progress_disabled,
     record_run,
     setup_logging,
     stage_parser,
@@ -442,8 +441,8 @@ def _train_run(cfg: TrainClipConfig, dist, data: PairData, run) -> Path:
         stats = run_epoch(ddp, model, loader, optimizer, scheduler, scaler, use_fp16, cfg, dist, epoch, metrics,
                           first_step=sampler.skip, save_step=lambda step, epoch=epoch: save(epoch, step))
         metrics.write(epoch=epoch, **stats)
-        log.info("epoch %d: loss %.4f, in-batch accuracy %.3f, %.1f s", epoch, stats["loss"], stats["accuracy"],
-                 stats["seconds"])
+        log.info("train-clip: epoch %d: loss %.4f, in-batch accuracy %.3f, %s", epoch, stats["loss"],
+                 stats["accuracy"], clock_time(stats["seconds"]))
         if (epoch + 1) % cfg.output.save_every_epochs == 0 or epoch + 1 == cfg.optim.epochs:
             save(epoch)
     final = run_dir / FINAL_NAME
@@ -465,8 +464,9 @@ def run_epoch(ddp, model, loader, optimizer, scheduler, scaler, use_fp16, cfg, d
     device, started = dist.device, time.time()
     totals = torch.zeros(2, device=device)
     last_step = first_step + len(loader)
-    batches = tqdm(loader, desc=f"epoch {epoch}", disable=progress_disabled() or not dist.is_main)
-    for step, batch in enumerate(batches, start=first_step):
+    progress = Progress(last_step, f"train-clip: epoch {epoch}", done=first_step, logger=log, end_line=False,
+                        enabled=dist.is_main)
+    for step, batch in enumerate(progress.wrap(loader), start=first_step):
         q, c = (_to_device(batch[side], batch["n"], device) for side in ("q", "c"))
         with torch.autocast("cuda", dtype=torch.float16, enabled=use_fp16):
             fused_q, fused_c, scale = ddp(q, c)
@@ -482,6 +482,7 @@ def run_epoch(ddp, model, loader, optimizer, scheduler, scaler, use_fp16, cfg, d
         with torch.no_grad():  # CLIP's clamp: a temperature below 1/max_logit_scale destabilises training
             model.clip.logit_scale.clamp_(0, math.log(cfg.loss.max_logit_scale))
         totals += torch.stack([loss.detach(), accuracy.detach()])
+        progress.set_postfix(loss=loss.detach().item)  # read only when a progress line shows it
         if cfg.output.log_every_steps and (step + 1) % cfg.output.log_every_steps == 0:
             metrics.write(epoch=epoch, step=step + 1, loss=loss.item(), accuracy=accuracy.item(),
                           lr=scheduler.get_last_lr()[0], logit_scale=model.clip.logit_scale.exp().item())

@@ -298,69 +298,6 @@ def test_paper_settings_decode_like_the_official_code():
     assert combiner_dtype(torch.device("cpu"), True) == combiner_dtype(torch.device("cuda"), False) == "float32"
 
 
-def test_search_a_finished_run(tmp_path, capsys):
-    """genius search wiring: manifest -> pool, trie, codes, fused embeddings -> ranked, described hits."""
-    from genius.models.generative_retriever import search as search_mod
-
-    cfg = make_world(tmp_path)
-    evaluate(cfg, fake_models(cfg))
-    query_store = store_path(cfg.paths.stores_root, ENCODER, "test",
-                             Path(cfg.paths.data_root) / "query/test/mbeir_shapes_task0_test.jsonl")
-    caption_vectors = np.load(query_store / "txt.npy").astype(np.float32)
-
-    class Encoder:  # a stand-in stage-0 encoder: "encodes" the caption of query 20:4
-        dim = DIM
-
-        seen: list[str] = []
-
-        def encode_texts(self, texts):
-            self.seen += texts
-            return caption_vectors[3:4]
-
-    hits = search_mod.search(cfg.paths.results, text="a small red circle", instruction="", k=3,
-                             models=fake_models(cfg), encoder_factory=lambda extraction, device: Encoder())
-    assert Encoder.seen == ["A small red circle."]  # format_string, as extraction embeds query texts
-    assert hits[0].did == "20:4" and hits[0].modality == "image" and hits[0].img_path == "img/3.png"
-    assert [h.rank for h in hits] == [1, 2, 3] and hits[0].score >= hits[1].score
-    assert "20:4" in search_mod.format_hits(hits)
-    local = search_mod.search(tmp_path / "results", text="a small red circle", instruction="", k=8,
-                              pool="mbeir_shapes_task0_cand_pool", rerank=False, models=fake_models(cfg),
-                              encoder_factory=lambda extraction, device: Encoder())
-    # GENIUS without re-ranking: the best beam's ID holds 20:4 among others sharing it, tied on its beam score
-    best = [h for h in local if h.score == local[0].score]
-    assert "20:4" in [h.did for h in best] and len(local) == 8
-    with pytest.raises(ValueError, match="choices"):
-        search_mod.search(cfg.paths.results, text="x", instruction="", pool="nope", models=fake_models(cfg),
-                          encoder_factory=lambda extraction, device: Encoder())
-    with pytest.raises(FileNotFoundError, match="run.json"):
-        search_mod.find_manifest(tmp_path)
-    from genius.common.config import save_config
-
-    save_config(cfg, tmp_path / "setting" / "eval.yaml")  # a setting's config folder names its results
-    assert search_mod.find_manifest(tmp_path / "setting") == Path(cfg.paths.results) / "run.json"
-    with pytest.raises(StaleInputError, match="changed after"):
-        search_mod.search(cfg.paths.results, text="x", instruction="", models=fake_models(cfg, generator_fp="new"),
-                          encoder_factory=lambda extraction, device: Encoder())
-
-
-def test_search_instruction_choice():
-    from genius.common.mbeir import Instructions
-    from genius.models.generative_retriever.search import choose_instruction, query_modality
-
-    instructions = Instructions({(20, "text", "image"): ["find an image", "show a picture"],
-                                 (21, "text", "image"): ["other"], (20, "image", "text"): ["caption it"]}, {})
-    assert query_modality("x", None) == "text" and query_modality("x", "a.png") == "image,text"
-    with pytest.raises(ValueError, match="give a query"):
-        query_modality("", None)
-    first = choose_instruction(instructions, "deterministic", "text", "image", "a caption")
-    assert first == choose_instruction(instructions, "deterministic", "text", "image", "a caption")
-    assert first in ("find an image", "show a picture")  # dataset 20: the lowest id with this task
-    assert choose_instruction(instructions, "first", "text", "image", "k", dataset=21) == "other"
-    assert choose_instruction(instructions, "none", "text", "image", "k") == ""
-    with pytest.raises(ValueError, match="no row"):
-        choose_instruction(instructions, "first", "image", "image", "k")
-
-
 def test_two_process_decoding_equals_one_process(tmp_path):
     """torchrun-style sharded decoding (gloo, 2 ranks) gathers exactly the single-process rows."""
     import os

@@ -185,7 +185,7 @@ def test_the_exported_quantizer_file_assigns_the_same_codes(runs):
 
 
 def test_search_works_from_an_official_run_manifest(runs):
-    from genius.models.generative_retriever import search as search_mod
+    from genius.models.generative_retriever.api import Retriever
 
     cfg = runs["native"]
     captions = np.load(store_path(cfg.paths.stores_root, ENCODER, "test", Path(cfg.paths.data_root) /
@@ -197,8 +197,8 @@ def test_search_works_from_an_official_run_manifest(runs):
         def encode_texts(self, texts):
             return captions[3:4]
 
-    hits = {kind: search_mod.search(runs[kind].paths.results, text="a caption", instruction="", k=5, device="cpu",
-                                    encoder_factory=lambda extraction, device: Encoder())
+    hits = {kind: Retriever.load(runs[kind].paths.results, device="cpu", encoder=Encoder()).search(
+                text="a caption", instruction="", k=5)
             for kind in ("native", "official")}  # the models come from each run's manifest
     assert hits["official"] == hits["native"] and len(hits["official"]) == 5
 

@@ -11,6 +11,7 @@ in order and writes the cache.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 from genius.common.distributed import DistInfo, autocast_dtype, gather_to_main, shard_bounds
 from genius.common.io import atomic_dir, atomic_write_json
+from genius.common.progress import Progress
 from genius.common.runstate import portable_path
 from genius.common.store import EmbeddingStore, StoreArrays
 from genius.models.generative_retriever.beam_search import NUMERICS_VERSION
@@ -30,6 +32,7 @@ from genius.models.generative_retriever.run_models import Models
 from genius.models.residual_quantization.assign_codes import combiner_dtype
 
 ARRAY_NAMES = ("codes", "scores", "valid")
+log = logging.getLogger("genius.eval")
 
 
 @dataclass
@@ -69,11 +72,18 @@ def embed_queries(models: Models, arrays: StoreArrays, batch_size: int = 4096) -
     return torch.cat(parts) if parts else torch.zeros(0, 0)
 
 
-def decode_rows(models: Models, pool: Pool, arrays: StoreArrays, start: int, stop: int) -> tuple[np.ndarray, ...]:
-    """Queries ``start .. stop`` decoded: (codes, scores, valid); empty arrays for no rows."""
+def decode_rows(models: Models, pool: Pool, arrays: StoreArrays, start: int, stop: int, batch_size: int,
+                label: str) -> tuple[np.ndarray, ...]:
+    """Queries ``start .. stop`` decoded: (codes, scores, valid); empty arrays for no rows.
+
+    The beam search's batches of ``batch_size`` queries are handed to it one at a time, so a long
+    decoding reports its progress (``label``); each batch is decoded as it would be within one call."""
     if stop <= start:
         return (np.zeros((0, 0, pool.cmap.num_levels), np.int64), np.zeros((0, 0), np.float32), np.zeros((0, 0), bool))
-    return beams_as_arrays(models.decode(embed_queries(models, arrays.take(np.arange(start, stop))), pool.trie))
+    z = embed_queries(models, arrays.take(np.arange(start, stop)))
+    progress = Progress(-(-len(z) // batch_size), label, unit="batch", logger=log, end_line=False)
+    parts = [beams_as_arrays(models.decode(batch, pool.trie)) for batch in progress.wrap(z.split(batch_size))]
+    return tuple(np.concatenate(part) for part in zip(*parts))
 
 
 def decode_cached(cfg: Any, models: Models, pool: Pool, queries: EmbeddingStore, out_dir: Path,
@@ -92,7 +102,8 @@ def decode_cached(cfg: Any, models: Models, pool: Pool, queries: EmbeddingStore,
             arrays = [np.array(np.load(out_dir / f"{n}.npy", mmap_mode="r")[start:stop]) for n in ARRAY_NAMES]
             return Decoded(*arrays, seconds=meta["seconds"], cached=True, start=start)
     began = time.perf_counter()
-    shard = decode_rows(models, pool, queries.arrays, start, stop)
+    shard = decode_rows(models, pool, queries.arrays, start, stop, cfg.decoding.batch_size,
+                        f"eval: decoding {queries.path.name} on {pool.stem}")
     shards = gather_to_main(shard)
     seconds = time.perf_counter() - began
     if info.is_main:

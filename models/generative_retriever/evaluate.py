@@ -55,7 +55,7 @@ from genius.models.generative_retriever import metrics
 from genius.models.generative_retriever.beam_search import NUMERICS_VERSION
 from genius.models.generative_retriever.decode_cache import Decoded, decode_cached
 from genius.models.generative_retriever.outputs import (
-    OUTPUTS_VERSION, RUN_OUTPUTS, EvalReport, report_markdown, write_outputs,
+    OUTPUTS_VERSION, RUN_OUTPUTS, EvalReport, empty_texts, report_markdown, write_outputs,
 )
 from genius.models.generative_retriever.paper_numbers import default_k
 from genius.models.generative_retriever.pool_assets import (
@@ -77,7 +77,7 @@ from genius.models.generative_retriever.run_models import (
     load_models,
     model_fingerprints,
 )
-from genius.models.generative_retriever.tables import DecodeStats, RecallResult
+from genius.models.generative_retriever.tables import DecodeStats, RecallResult, method_names
 from genius.models.residual_quantization.assign_codes import combiner_dtype
 
 log = logging.getLogger("genius.eval")
@@ -413,7 +413,8 @@ def _evaluate(cfg: EvalConfig, models: Models | None, info: DistInfo) -> EvalRep
             del pool  # one pool's codes, trie and embeddings in memory at a time
         if not info.is_main:
             return None
-        report = build_report(cfg, outcomes, list(positives.values()), out, info)
+        report = build_report(cfg, outcomes, list(positives.values()), out, info,
+                              method_names(next(iter(stores.values())).meta), empty_texts(stores, candidate_stores))
         write_outputs(cfg, models, report, [qf.path for qf in files], stores, pools_manifest,
                       {qf.stem: qf.qrels for qf in files})
         state.finish()
@@ -421,7 +422,7 @@ def _evaluate(cfg: EvalConfig, models: Models | None, info: DistInfo) -> EvalRep
 
 
 def build_report(cfg: EvalConfig, outcomes: list[PairOutcome], positives: list[PoolPositives], out: Path,
-                 info: DistInfo) -> EvalReport:
+                 info: DistInfo, names: dict[str, str], skipped: dict) -> EvalReport:
     results = [r for o in outcomes for r in o.results]
     stats = [o.stats for o in outcomes]
     dec = cfg.decoding
@@ -430,8 +431,8 @@ def build_report(cfg: EvalConfig, outcomes: list[PairOutcome], positives: list[P
             f"{', fp16 query Combiner' if combiner_dtype(info.device, dec.combiner_autocast) == 'float16' else ''}"
             f"{f', modality threshold {dec.modality_threshold:g}' if dec.modality_threshold else ''}; trie backend {cfg.trie_backend}; "
             f"Recall@k is UniIR's hit rate, in %.")
-    markdown = report_markdown(results, stats, positives, f"GENIUS evaluation: {out.name}", note)
-    return EvalReport(results, stats, markdown, out, positives)
+    markdown = report_markdown(results, stats, positives, f"GENIUS evaluation: {out.name}", note, names, skipped)
+    return EvalReport(results, stats, markdown, out, positives, names, skipped)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,9 @@ from genius.common.stage import user_errors_exit
 from genius.models.generative_retriever.metrics import read_run_file
 from genius.models.generative_retriever.paper_numbers import DISPLAY_NAME, paper_rank
 from genius.models.generative_retriever.positives import PoolPositives
-from genius.models.generative_retriever.tables import METHOD_COLUMNS, POOL_TITLES, TASK_LABEL, RecallResult
+from genius.models.generative_retriever.tables import (
+    METHOD_COLUMNS, POOL_TITLES, TASK_LABEL, Names, RecallResult, method_names,
+)
 
 # our name -> ir_measures measure (taken @k)
 MEASURES = {"Recall": R, "P": P, "MAP": AP, "nDCG": nDCG, "MRR": RR}
@@ -168,11 +170,12 @@ def score_runs(runs_dir: Path, results: list[RecallResult], positives: list[Pool
     return out
 
 
-def ir_table(results: list[IRResult]) -> str:
+def ir_table(results: list[IRResult], names: Names | None = None) -> str:
     """Markdown: per pool kind, one row per (task, dataset, method), the metrics at the reported k."""
     shown = [r for r in results if r.reported]
     if not shown:
         return ""
+    names = names or method_names()
     out = ["### Standard IR metrics (ir_measures: trec_eval's definitions), %"]
     for kind in POOL_TITLES:
         cells: dict[tuple, dict[str, float]] = defaultdict(dict)
@@ -186,8 +189,8 @@ def ir_table(results: list[IRResult]) -> str:
                 "| Task | Dataset | Method | k | " + " | ".join(f"{m}@k" for m in MEASURES) + " |",
                 "|" + "---|" * (4 + len(MEASURES))]
         for (_, _, task, _, dataset, method, k), values in sorted(cells.items()):
-            names = [TASK_LABEL.get(task, str(task)), DISPLAY_NAME.get(dataset, dataset), METHOD_COLUMNS[method][0], str(k)]
-            out.append("| " + " | ".join(names + [f"{100 * values[m]:.1f}" for m in MEASURES]) + " |")
+            row = [TASK_LABEL.get(task, str(task)), DISPLAY_NAME.get(dataset, dataset), names[method], str(k)]
+            out.append("| " + " | ".join(row + [f"{100 * values[m]:.1f}" for m in MEASURES]) + " |")
     return "\n".join(out) + "\n"
 
 

@@ -26,6 +26,7 @@ from genius.models.generative_retriever.positives import PoolPositives
 from genius.models.generative_retriever.run_models import Models
 from genius.models.generative_retriever.tables import (
     DecodeStats,
+    Names,
     RecallResult,
     markdown_report,
     plot_recall_by_task,
@@ -36,8 +37,9 @@ log = logging.getLogger("genius.eval")
 
 MANIFEST_VERSION = 1
 # Raised when a finished evaluation lacks what eval now writes, so it is redone rather than
-# reported up to date: 2 = ir_metrics.tsv and the hit-rate labels.
-OUTPUTS_VERSION = 2
+# reported up to date: 2 = ir_metrics.tsv and the hit-rate labels; 3 = the dense column named after
+# the encoder, and the rows extraction left out for an empty text.
+OUTPUTS_VERSION = 3
 # Everything a run writes in its results folder (the caches decoded/ and fused/ are keyed by
 # content and outlive runs); a run set aside moves these to stale/<time>/.
 RUN_OUTPUTS = ("config.yaml", "run.json", "metrics.json", "results.tsv", "ir_metrics.tsv", "results.md",
@@ -51,12 +53,33 @@ class EvalReport:
     markdown: str
     out_dir: Path
     positives: list[PoolPositives]
+    names: Names  # method key -> column header (the dense one names the run's encoder)
+    empty_texts: dict[str, dict[str, int]]  # "queries"/"candidates" -> file stem -> rows extraction left out
+
+
+def empty_texts(query_stores: dict[str, EmbeddingStore], pool_stores: dict[str, EmbeddingStore]) -> dict:
+    """Rows extraction left out for an empty text (data.empty_text: skip), by query file and pool stem."""
+    return {"queries": {stem: s.skipped_empty_text for stem, s in query_stores.items() if s.skipped_empty_text},
+            "candidates": {stem: s.skipped_empty_text for stem, s in pool_stores.items() if s.skipped_empty_text}}
+
+
+def describe_empty_texts(skipped: dict) -> str:
+    """results.md's section on them (empty when there were none)."""
+    lines = [f"- {stem}: {n} queries skipped as empty; not scored (the scores average the file's other queries)"
+             for stem, n in skipped["queries"].items()]
+    lines += [f"- {stem}: {n} candidates skipped as empty; a positive among them is a positive not in the pool "
+              "(missing_positives)" for stem, n in skipped["candidates"].items()]
+    title = "### Rows left out at extraction (empty text, data.empty_text: skip)"
+    return f"{title}\n\n" + "\n".join(lines) if lines else ""
 
 
 def report_markdown(results: list[RecallResult], stats: list[DecodeStats], positives: list[PoolPositives],
-                    title: str, note: str) -> str:
-    """The paper-layout tables, then (only when any) the positives that are not in their pool."""
-    markdown = markdown_report(results, stats, title, note)
+                    title: str, note: str, names: Names, skipped: dict) -> str:
+    """The paper-layout tables, then (only when any) the rows extraction left out and the
+    positives that are not in their pool."""
+    markdown = markdown_report(results, stats, title, note, names)
+    if section := describe_empty_texts(skipped):
+        markdown += "\n\n" + section
     missing = [p for p in positives if p.any_missing]
     if missing:
         markdown += "\n\n### Positives not in the evaluated pool\n\n" + "\n".join(p.describe() for p in missing)
@@ -73,11 +96,12 @@ def write_outputs(cfg: Any, models: Models, report: EvalReport, query_files: lis
                     for stem, p in pools.items()} if cfg.missing_positives == "exclude" else {}
         ir = ir_metrics.score_runs(out / "runs", report.results, report.positives, qrels_files,
                                    {stem: np.asarray(s.ids) for stem, s in stores.items()}, pool_ids)
-        atomic_write_text(out / "ir_metrics.tsv", results_tsv(ir, label=lambda r: r.label))
+        atomic_write_text(out / "ir_metrics.tsv", results_tsv(ir, label=lambda r: r.label, names=report.names))
     else:
         log.info("run_files: false, so no standard IR metrics (they are computed from the run files)")
-    atomic_write_text(out / "results.tsv", results_tsv(report.results))
-    atomic_write_text(out / "results.md", report.markdown + (f"\n{ir_metrics.ir_table(ir)}" if ir else ""))
+    atomic_write_text(out / "results.tsv", results_tsv(report.results, names=report.names))
+    atomic_write_text(out / "results.md",
+                      report.markdown + (f"\n{ir_metrics.ir_table(ir, report.names)}" if ir else ""))
     metrics = {
         "fingerprints": models.fingerprints,
         "recall": [vars(r) for r in report.results],
@@ -88,8 +112,10 @@ def write_outputs(cfg: Any, models: Models, report: EvalReport, query_files: lis
     missing = [p.summary() for p in report.positives if p.any_missing]
     if missing:
         metrics["positives_not_in_pool"] = missing
+    if any(report.empty_texts.values()):
+        metrics["skipped_empty_text"] = report.empty_texts
     atomic_write_json(out / "metrics.json", metrics)
-    if plot_recall_by_task(report.results, out / "recall_by_task.png"):
+    if plot_recall_by_task(report.results, out / "recall_by_task.png", report.names):
         log.info("wrote %s", out / "recall_by_task.png")
     atomic_write_json(out / "run.json", run_manifest(cfg, models, out, query_files, stores, pools))
 

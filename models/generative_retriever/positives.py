@@ -19,14 +19,15 @@ from typing import Literal
 
 import numpy as np
 
-from genius.common.mbeir import DataFormatError, hash_did, iter_jsonl, qrels_lines, query_problems
+from genius.common.mbeir import DataFormatError, hash_did, iter_jsonl, lacks_text, qrels_lines, query_problems
 
 MissingPositives = Literal["error", "keep", "exclude"]
 
 
 @dataclass
 class FilePositives:
-    """The positives of one query file: its qrels lines and its queries' ``pos_cand_list``."""
+    """The positives of one query file: its qrels lines and its queries' ``pos_cand_list``, less
+    those of queries with an empty text (extraction left them out: they are not scored)."""
 
     qrels: Path
     queries: Path
@@ -35,13 +36,17 @@ class FilePositives:
 
     @classmethod
     def read(cls, qrels: Path, queries: Path) -> "FilePositives":
-        relevant = [(lineno, qid, did) for lineno, qid, did, rel, _ in qrels_lines(qrels) if rel > 0]
-        query_lines = []
+        query_lines, empty = [], set()
         for lineno, obj in iter_jsonl(queries):
-            problems = query_problems(obj)
+            problems = query_problems(obj, text_required=False)
             if problems:
                 raise DataFormatError(f"{queries}:{lineno}: {problems[0]}")
-            query_lines += [(lineno, obj["qid"], did) for did in obj["pos_cand_list"]]
+            if lacks_text(obj, "query_modality", "query_txt"):
+                empty.add(obj["qid"])
+            else:
+                query_lines += [(lineno, obj["qid"], did) for did in obj["pos_cand_list"]]
+        relevant = [(lineno, qid, did) for lineno, qid, did, rel, _ in qrels_lines(qrels)
+                    if rel > 0 and qid not in empty]
         return cls(qrels, queries, relevant, query_lines)
 
 

@@ -14,12 +14,16 @@ hashed dids.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from genius.common.progress import Progress
+
+log = logging.getLogger("genius.retrieval")
 
 ABSENT = -1
 PAD_SCORE = -np.inf
@@ -285,7 +289,10 @@ class ExactIPIndex:
         num_queries = len(queries)
         best_scores = torch.full((num_queries, k), -torch.inf, device=self.device)
         best_rows = torch.full((num_queries, k), ABSENT, dtype=torch.int64, device=self.device)
-        for start in range(0, self.ntotal, self.chunk_size):
+        # Silent in a log unless it runs for longer than the progress interval (a large pool on a CPU).
+        progress = Progress(-(-self.ntotal // self.chunk_size), f"dense search ({num_queries} queries)", unit="chunk",
+                            logger=log, end_line=False)
+        for start in progress.wrap(range(0, self.ntotal, self.chunk_size)):
             chunk = self._chunk(start)
             for q0 in range(0, num_queries, self.query_batch):
                 q = queries[q0 : q0 + self.query_batch]

@@ -1,9 +1,15 @@
-"""Evaluation results as UniIR's TSV, Markdown tables in the paper's layout, and a bar chart."""
+"""Evaluation results as UniIR's TSV, Markdown tables in the paper's layout, and a bar chart.
+
+Each writer takes ``names`` (method key -> column header, ``method_names``), so the dense
+baseline is named after the encoder the run's stores were made with; without it the headers are
+METHOD_COLUMNS' (CLIP-SF, the paper's dense baseline).
+"""
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any, Callable
 
 from genius.models.generative_retriever.paper_numbers import DISPLAY_NAME, paper_rank, paper_recall
@@ -14,6 +20,23 @@ METHOD_COLUMNS = {
     "genius": ("GENIUS", "GENIUS"),
     "genius_r": ("GENIUS^R", "GENIUS^R"),
 }
+Names = dict[str, str]  # method key -> column header
+
+
+def method_names(store_meta: dict | None = None) -> Names:
+    """Each method's column header; the dense baseline's names the encoder of the stores
+    (``store_meta``: a store's meta.json): "Dense CLIP-SF", "Dense MiniLM" (the packaged
+    all-MiniLM-L6-v2), "Dense (<model folder>)" for another text encoder, or "Dense (<encoder
+    name>)" for a store that records no extraction config."""
+    names = {method: header for method, (header, _) in METHOD_COLUMNS.items()}
+    if store_meta is not None:
+        encoder = (store_meta.get("config") or {}).get("encoder") or {}
+        kind, folder = encoder.get("kind"), encoder.get("text_model_dir")
+        if kind == "hf_text":
+            names["dense"] = f"Dense ({PurePath(folder).name})" if folder else "Dense MiniLM"
+        elif kind != "clip_sf":
+            names["dense"] = f"Dense ({store_meta.get('encoder')})"
+    return names
 POOL_TITLES = {"task-specific": "Task-specific pools", "universal": "Universal pool"}
 TASK_LABEL = {0: "T→I", 1: "T→T", 2: "T→(I,T)", 3: "I→T", 4: "I→I",
               6: "(I,T)→T", 7: "(I,T)→I", 8: "(I,T)→(I,T)"}
@@ -67,16 +90,18 @@ def hit_rate_label(k: int) -> str:
     return f"HitRate@{k} (UniIR's Recall@{k})"
 
 
-def results_tsv(results: list, label: Callable[[Any], str] = lambda r: hit_rate_label(r.k)) -> str:
+def results_tsv(results: list, label: Callable[[Any], str] = lambda r: hit_rate_label(r.k),
+                names: Names | None = None) -> str:
     """UniIR's result TSV, one row per (method, query file, task, metric): local value beside the union value.
 
     ``results``: RecallResults (the hit rate), or any results with the same fields and a ``label``
     naming their metric (``ir_metrics.IRResult``).
     """
+    names = names or method_names()
     rows: dict[tuple, dict] = {}
     for r in results:
         key = (r.method, r.query_file, r.task_id, label(r))
-        row = rows.setdefault(key, {"Model": METHOD_COLUMNS[r.method][0], "TaskID": r.task_id,
+        row = rows.setdefault(key, {"Model": names[r.method], "TaskID": r.task_id,
                                     "Task": TASK_LABEL.get(r.task_id, str(r.task_id)), "Dataset": r.dataset,
                                     "Split": r.split, "Metric": label(r), "CandPool": "", "Value": "",
                                     "UnionPool": "", "UnionValue": ""})
@@ -92,7 +117,7 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(values) / len(values) if values and all(v is not None for v in values) else None
 
 
-def recall_table(results: list[RecallResult], pool_kind: str) -> str:
+def recall_table(results: list[RecallResult], pool_kind: str, names: Names | None = None) -> str:
     """The paper's layout: Task, Dataset, then one column per method, then an Average row.
 
     Only each file's reported k is shown. When the files are M-BEIR's, the paper's numbers for
@@ -115,7 +140,8 @@ def recall_table(results: list[RecallResult], pool_kind: str) -> str:
         value = paper_recall(pool_kind, METHOD_COLUMNS[method][1], r.dataset, r.task_id) if r.mbeir else None
         return None if value is None else value / 100
 
-    header = ["Task", "Dataset", "Metric"] + [METHOD_COLUMNS[m][0] for m in methods]
+    names = names or method_names()
+    header = ["Task", "Dataset", "Metric"] + [names[m] for m in methods]
     if with_paper:
         header += [f"paper {METHOD_COLUMNS[m][1]}" for m in methods]
     out = [f"### {POOL_TITLES.get(pool_kind, pool_kind)}: {HIT_RATE}, %", "", "| " + " | ".join(header) + " |",
@@ -152,15 +178,16 @@ def decode_table(stats: list[DecodeStats]) -> str:
     return "\n".join(out) + "\n"
 
 
-def markdown_report(results: list[RecallResult], stats: list[DecodeStats], title: str, note: str = "") -> str:
+def markdown_report(results: list[RecallResult], stats: list[DecodeStats], title: str, note: str = "",
+                    names: Names | None = None) -> str:
     parts = [f"## {title}", ""] + ([note, ""] if note else [])
-    parts += [t for kind in POOL_TITLES if (t := recall_table(results, kind))]
+    parts += [t for kind in POOL_TITLES if (t := recall_table(results, kind, names))]
     parts.append(decode_table(stats))
     return "\n".join(p for p in parts if p is not None)
 
 
 # ---- chart -----------------------------------------------------------------------------------
-def plot_recall_by_task(results: list[RecallResult], path: str | os.PathLike) -> bool:
+def plot_recall_by_task(results: list[RecallResult], path: str | os.PathLike, names: Names | None = None) -> bool:
     """Bar chart of each method's reported Recall per (task, dataset), one panel per pool kind.
 
     Returns False (and writes nothing) when matplotlib is not installed.
@@ -177,6 +204,7 @@ def plot_recall_by_task(results: list[RecallResult], path: str | os.PathLike) ->
     kinds = [k for k in POOL_TITLES if any(r.pool_kind == k and r.reported for r in results)]
     if not kinds:
         return False
+    names = names or method_names()
     fig, axes = plt.subplots(len(kinds), 1, figsize=(10, 3.6 * len(kinds)), squeeze=False)
     for ax, kind in zip(axes[:, 0], kinds):
         shown = [r for r in results if r.pool_kind == kind and r.reported]
@@ -186,7 +214,7 @@ def plot_recall_by_task(results: list[RecallResult], path: str | os.PathLike) ->
         for i, method in enumerate(methods):
             value = {(r.query_file, r.task_id): r.value for r in shown if r.method == method}
             ax.bar([x + i * width for x in range(len(rows))], [100 * value.get((q, t), 0.0) for _, q, t, _ in rows],
-                   width, label=METHOD_COLUMNS[method][0])
+                   width, label=names[method])
         ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(rows))])
         ax.set_xticklabels([f"{TASK_LABEL.get(t, t)}\n{DISPLAY_NAME.get(d, d)}" for _, _, t, d in rows], fontsize=8)
         ax.set_ylabel(f"{HIT_RATE}, %")

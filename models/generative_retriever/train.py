@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -36,12 +37,12 @@ from genius.common.distributed import (
 )
 from genius.common.pairs import PositiveDraw, TrainingPairs, iterate_batches, load_training_pairs
 from genius.common.plots import plot_training_curves
+from genius.common.progress import Progress, clock_time
 from genius.common.ranges import check_ranges, ranged
 from genius.common.runstate import RunKey, file_content
 from genius.common.stage import (
     MetricsLog,
     parse_stage_config,
-    progress_disabled,
     record_run,
     setup_logging,
     stage_parser,
@@ -57,7 +58,6 @@ from genius.models.generative_retriever.generator import (
 )
 from genius.models.generative_retriever.mixing import mix_query_target
 from genius.models.generative_retriever.vocab import codes_to_tokens
-from tqdm import tqdm
 
 log = logging.getLogger("genius.train_gen")
 
@@ -186,14 +186,23 @@ def train(cfg: TrainGenConfig) -> Path:
         record = {**training.checkpoint_record(run, info), "rq": rq_print}
         for epoch in range(start_epoch, cfg.train.epochs):
             model.train()
+            started, epoch_loss = time.monotonic(), EpochLoss()
             batches = iterate_batches(pairs, queries, pool, batch_size=cfg.train.batch_size, epoch=epoch,
                                       seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
                                       positives=cfg.train.positives)
-            for batch in tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", disable=progress_disabled()):
-                window.add(*train_step(model, rq, batch, optimizer, scheduler, scaler, cfg, info.device))
+            progress = Progress(steps_per_epoch, f"train-gen: epoch {epoch}", logger=log, end_line=False,
+                                enabled=info.is_main)
+            for batch in progress.wrap(batches):
+                loss, hits = train_step(model, rq, batch, optimizer, scheduler, scaler, cfg, info.device)
+                window.add(loss, hits)
+                progress.set_postfix(loss=loss.item)  # read only when a progress line shows it
                 step += 1
                 if step % cfg.train.log_every == 0 or step % steps_per_epoch == 0:
-                    metrics.write(epoch=epoch, step=step, lr=scheduler.get_last_lr()[0], **window.flush())
+                    metrics.write(epoch=epoch, step=step, lr=scheduler.get_last_lr()[0],
+                                  **epoch_loss.add(window.count, window.flush()))
+            if info.is_main:
+                log.info("train-gen: epoch %d: loss %.4f, exact match %.3f, %s", epoch, epoch_loss.loss,
+                         epoch_loss.exact_match, clock_time(time.monotonic() - started))
             if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
                 save_checkpoint(out_dir, epoch, generator, optimizer, scheduler, scaler, record, info, cfg)
         final = out_dir / FINAL
@@ -243,6 +252,21 @@ class Window:
         values = all_reduce_mean(torch.cat([self.loss.reshape(1), self.hits]) / self.count).tolist()
         self.__init__()
         return {"loss": values[0], "exact_match": values[-1], "level_acc": values[1:-1]}
+
+
+class EpochLoss:
+    """An epoch's mean loss and exact match, from the logged windows (host numbers: no sync)."""
+
+    def __init__(self):
+        self.pairs, self.loss, self.exact_match = 0, 0.0, 0.0
+
+    def add(self, pairs: int, window: dict) -> dict:
+        """Count a flushed window of ``pairs`` pairs in; returns the window."""
+        total = self.pairs + pairs
+        self.loss += (window["loss"] - self.loss) * pairs / total
+        self.exact_match += (window["exact_match"] - self.exact_match) * pairs / total
+        self.pairs = total
+        return window
 
 
 # ---- pieces ---------------------------------------------------------------------------------

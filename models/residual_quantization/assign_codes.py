@@ -54,6 +54,7 @@ from genius.common.distributed import (
     DistInfo, barrier, broadcast_from_main, cleanup, gather_to_main, group_rank, init_distributed, shard_bounds,
 )
 from genius.common.config_checks import check_dir
+from genius.common.progress import Progress
 from genius.common.ranges import check_ranges, ranged
 from genius.common.io import atomic_save_npy, atomic_write_json
 from genius.common.runstate import RunKey, RunState, acquire_lock, content_sha256, portable_path, release_lock
@@ -208,7 +209,8 @@ def encode_rows(model: RQModel, store: EmbeddingStore, start: int, stop: int, ba
     codes = np.empty((stop - start, levels), dtype=np.int64)
     error_sums = np.zeros((len(range(start, stop, batch_size)), levels))
     codebooks = model.codebooks()
-    for batch, begin in enumerate(range(start, stop, batch_size)):
+    progress = Progress(len(error_sums), f"assign-codes: {store.path.name}", unit="batch", logger=log)
+    for batch, begin in enumerate(progress.wrap(range(start, stop, batch_size))):
         rows = slice(begin, min(begin + batch_size, stop))
 
         def take(arr, dtype=np.float32):

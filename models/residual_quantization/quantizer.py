@@ -41,6 +41,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from genius.common.progress import Progress
+
 log = logging.getLogger("genius.rq")
 
 NUM_MODALITIES = 3
@@ -258,7 +260,9 @@ class ResidualQuantizer(nn.Module):
         says. Call it on the same sample on every rank, or on rank 0 and broadcast the buffers.
         """
         residual = z.float()
-        for level, book in enumerate(self.levels):
+        # At paper size (16384 vectors, K = 4096, up to 1000 iterations) a level can take a while.
+        progress = Progress(self.num_levels, "k-means initialisation", unit="level", logger=log)
+        for level, book in enumerate(progress.wrap(self.levels)):
             if level == 0 and self.modality_mode == "assigned":
                 codes = self._modality_codes(modality, len(residual)).to(residual.device)
                 counts = code_counts(codes, book.size).to(residual.dtype)
@@ -320,6 +324,8 @@ class ResidualQuantizer(nn.Module):
         counts = torch.stack([mask.sum() for mask in dead]).tolist()
         for book, x, mask, num_dead in zip(self.levels, level_inputs, dead, counts):
             book.reset_dead_codes(x, mask, num_dead)
+        if any(counts):  # the trainer logs each epoch's sums; this step's detail only when debugging
+            log.debug("dead codes reset per level this step: %s", counts)
         return counts
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

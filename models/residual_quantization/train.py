@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -58,10 +59,10 @@ from genius.common.pairs import (
     load_training_pairs,
 )
 from genius.common.plots import plot_training_curves
+from genius.common.progress import Progress, clock_time
 from genius.common.stage import (
     MetricsLog,
     parse_stage_config,
-    progress_disabled,
     record_run,
     setup_logging,
     stage_parser,
@@ -78,7 +79,6 @@ from genius.models.residual_quantization.quantizer import (
     check_codebooks_in_sync,
     code_counts,
 )
-from tqdm import tqdm
 
 log = logging.getLogger("genius.train_rq")
 
@@ -352,6 +352,15 @@ class EpochTally:
                 "dead_code_resets": self.resets.tolist()}
 
 
+def log_epoch(epoch: int, summary: dict, seconds: float) -> None:
+    """The epoch's figures on the console (metrics.jsonl has them all); the dead-code resets of the
+    epoch in one line per epoch (each step's are logged at DEBUG level by the quantizer)."""
+    log.info("train-rq: epoch %d: loss %.4f (contrastive %.4f, mse %.4f, commit %.4f), codes used per level %s, %s",
+             epoch, summary["loss"], summary["contrastive"], summary["mse"], summary["commit"], summary["codes_used"],
+             clock_time(seconds))
+    log.info("train-rq: epoch %d: dead codes reset per level %s", epoch, summary["dead_code_resets"])
+
+
 def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         value = value.clone()
@@ -443,18 +452,23 @@ def _run_epochs(cfg: RQTrainConfig, data: TrainingData, t: Trainer, run, info: D
     log.info("training on %d pairs, %d steps per epoch, epochs %d..%d", len(data.pairs), t.steps_per_epoch,
              t.start_epoch, tc.epochs - 1)
     for epoch in range(t.start_epoch, tc.epochs):
-        tally = EpochTally(t.model.codebook_sizes, info.device)
+        started, tally = time.monotonic(), EpochTally(t.model.codebook_sizes, info.device)
         batches = iterate_batches(data.pairs, data.queries, data.pool, batch_size=tc.batch_size, epoch=epoch,
                                   seed=tc.seed, rank=info.rank, world_size=info.world_size, positives=tc.positives)
-        for step, batch in enumerate(tqdm(batches, total=t.steps_per_epoch, desc=f"epoch {epoch}",
-                                          disable=progress_disabled())):
+        progress = Progress(t.steps_per_epoch, f"train-rq: epoch {epoch}", logger=log, end_line=False,
+                            enabled=info.is_main)
+        for step, batch in enumerate(progress.wrap(batches)):
             losses = optimise(net, t, batch, tc, info.device, tally, epoch, step)
+            progress.set_postfix(loss=losses["loss"].detach().item)  # read only when a progress line shows it
             if step % tc.log_every == 0:  # the step's losses, read in one host sync
                 values = all_reduce_mean(torch.stack([v.detach().float() for v in losses.values()])).tolist()
                 metrics.write(epoch=epoch, step=epoch * t.steps_per_epoch + step, lr=t.scheduler.get_last_lr()[0],
                               **dict(zip(losses, values)))
         check_codebooks_in_sync(t.model.quantizer)
-        metrics.write(epoch=epoch, epoch_summary=True, **tally.summary())
+        summary = tally.summary()
+        metrics.write(epoch=epoch, epoch_summary=True, **summary)
+        if info.is_main:
+            log_epoch(epoch, summary, time.monotonic() - started)
         done = epoch + 1
         stopping = tc.stop_after_epochs is not None and tc.stop_after_epochs <= done < tc.epochs
         if done % tc.save_every == 0 or done == tc.epochs or stopping:
