@@ -12,6 +12,8 @@ SUBCOMMANDS = {
     "world": ("genius.synthetic.world", "write the synthetic M-BEIR-mini world"),
     "check-data": ("genius.common.check_data", "validate an M-BEIR-format data root"),
     "new-setting": ("genius.scaffold", "write a setting (stage YAMLs and run scripts) for your own data root"),
+    "import-images": ("genius.common.image_collections",
+                      "a class-per-folder image collection as an M-BEIR-layout root (image->image, task 4)"),
     "extract": ("genius.feature_extraction.extract", "stage 0: embed queries and candidate pools"),
     "train-clip": ("genius.feature_extraction.train_clip", "stage 0: train CLIP-SF (score-fusion contrastive)"),
     "train-rq": ("genius.models.residual_quantization.train", "stage 1: train the Combiner and residual quantizer"),

@@ -448,17 +448,9 @@ RUN_ALL_SH = """\
 # skips itself when its inputs and config did not change since its last complete run.
 set -euo pipefail
 here="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
-start=$(date +%s)
-stage() {{
-    local name="$1"; shift
-    local t0=$(date +%s)
-    echo "==> $name"
-    bash "$here/$name.sh" "$@"
-    echo "    $name took $(( $(date +%s) - t0 )) s"
-}}
-{stages}
-echo "==> pipeline finished in $(( $(date +%s) - start )) s; results in results/{name}/" \
-     "under \\$GENIUS_ROOT (default: the repository)"
+source "$here/setting.sh"
+run_pipeline "$here" {stages}
+echo "    results in results/{name}/ under \\$GENIUS_ROOT (default: the repository)"
 """
 
 
@@ -476,7 +468,7 @@ def setting_files(s: Setting) -> dict[str, str]:
     stages = [(script, module, stem, what) for script, module, stem, what in STAGES if f"{stem}.yaml" in files]
     for script, module, stem, what in stages:
         files[f"{script}.sh"] = STAGE_SH.format(what=what, yaml=stem, module=module)
-    files["run_all.sh"] = RUN_ALL_SH.format(name=s.name, stages="\n".join(f"stage {script}" for script, *_ in stages))
+    files["run_all.sh"] = RUN_ALL_SH.format(name=s.name, stages=" ".join(script for script, *_ in stages))
     return files
 
 

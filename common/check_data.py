@@ -3,7 +3,8 @@
 Checks every line of every query and candidate file: that it is UTF-8 and JSON, its schema,
 modality strings and id formats, that the modality a record declares matches what it holds (text,
 image path) and what its task asks for, and that no id repeats in a file; that no file is empty;
-that positives, in the query files and in the qrels, exist in the pool the query is evaluated
+that positives, in the query files and in the qrels, and the candidates a query excludes
+(``exclude_cand_list``, never one of its positives) exist in the pool the query is evaluated
 against and have the task's modality; that qrels agree with the query files; that instructions
 exist for every query kind used, when the root has an instructions file (without one it is a note:
 queries are then embedded with ``instructions.mode: none``, as ``genius new-setting`` sets it for
@@ -358,9 +359,10 @@ def check_queries(path: Path, pool: PoolInfo | None, instructions: Instructions 
 
 
 def _positive_problem(did: str, query_dataset: int, task: int | None, pool: PoolInfo,
-                      cross_pool: PoolInfo | None) -> tuple[str | None, str | None]:
-    """(what is wrong with one positive or None, the label of the other pool it was found in when
-    it is an OVEN/InfoSeek cross-dataset positive that is fine)."""
+                      cross_pool: PoolInfo | None, what: str = "positive") -> tuple[str | None, str | None]:
+    """(what is wrong with one positive (or, as ``what`` says, an excluded candidate) or None, the
+    label of the other pool it was found in when it is an OVEN/InfoSeek cross-dataset positive
+    that is fine)."""
     hashed = hash_did(did)
     crossing = (query_dataset, int(did.split(":")[0])) in CROSS_DATASET_PAIRS
     where = pool
@@ -371,9 +373,9 @@ def _positive_problem(did: str, query_dataset: int, task: int | None, pool: Pool
     modality = where.modality.get(hashed)
     if modality is None:
         also = f" nor in {where.label}" if where is not pool else ""
-        return f"positive {did} is not in the candidate pool {pool.label}{also}", None
+        return f"{what} {did} is not in the candidate pool {pool.label}{also}", None
     if task is not None and task in TASKS and modality != TASKS[task][1]:
-        return f"positive {did} has modality {modality!r} but task {task} asks for {TASKS[task][1]!r}", None
+        return f"{what} {did} has modality {modality!r} but task {task} asks for {TASKS[task][1]!r}", None
     return None, where.label if crossing else None
 
 
@@ -386,6 +388,12 @@ def _check_positives(obj: dict, pool: PoolInfo, cross_pool: PoolInfo | None, pat
             report.add(path, lineno, problem)
         elif crossed:
             cross[crossed] += 1
+    # An excluded candidate is the query's own image in the pool it is searched against: one the
+    # pool lacks, or of another modality, means the pool or the exclusion list is not the right one.
+    for did in obj.get("exclude_cand_list", []):
+        problem, _ = _positive_problem(did, query_dataset, task, pool, cross_pool, what="excluded candidate")
+        if problem:
+            report.add(path, lineno, problem)
 
 
 def check_qrels(path: Path, queries: QueryFile, query_file: Path, report: Report, pool: PoolInfo | None = None,

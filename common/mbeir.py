@@ -109,6 +109,9 @@ class Query:
     pos: list[str]
     neg: list[str] = field(default_factory=list)
     task_id: int | None = None
+    # exclude_cand_list: candidates never to return for this query (its own image in a gallery that
+    # holds it, the metric-learning protocol); absent in M-BEIR's files
+    exclude: list[str] = field(default_factory=list)
 
     @property
     def hashed(self) -> int:
@@ -173,7 +176,7 @@ def query_problems(obj: object, text_required: bool = True) -> list[str]:
             problems.append(f"{key} must be a string or null, got {type(obj[key]).__name__}")
     problems += _check_modality(obj["query_modality"], "query_modality", obj.get("query_txt"), obj.get("query_img_path"),
                                 text_required)
-    for key in ("pos_cand_list", "neg_cand_list"):
+    for key in ("pos_cand_list", "neg_cand_list", "exclude_cand_list"):
         value = obj.get(key, [])
         if not isinstance(value, list):
             problems.append(f"{key} must be a list of did strings")
@@ -183,6 +186,12 @@ def query_problems(obj: object, text_required: bool = True) -> list[str]:
                 parse_id(did, DID_BASE, f"{key} entry")
             except ValueError as err:
                 problems.append(str(err))
+    excluded = obj.get("exclude_cand_list", [])
+    if isinstance(excluded, list) and isinstance(obj["pos_cand_list"], list):
+        both = [did for did in excluded if did in obj["pos_cand_list"]]
+        if both:
+            problems.append(f"exclude_cand_list entry {both[0]} is also in pos_cand_list: a candidate that is never "
+                            "returned cannot be relevant; remove it from one of the two lists")
     task = obj.get("task_id")
     if task is not None and task not in TASKS:
         problems.append(f"task_id {task!r} is not an M-BEIR task id ({', '.join(map(str, TASKS))})")
@@ -303,7 +312,7 @@ def iter_queries(path: str | os.PathLike, image_root: str | os.PathLike | None =
         yield Query(
             qid=obj["qid"], text=obj.get("query_txt") or "", img_path=img,
             modality=obj["query_modality"], pos=list(obj["pos_cand_list"]), neg=list(obj.get("neg_cand_list") or []),
-            task_id=obj.get("task_id"),
+            task_id=obj.get("task_id"), exclude=list(obj.get("exclude_cand_list") or []),
         )
     if not seen:
         raise empty_file_error(path, "one query record per line")

@@ -5,6 +5,9 @@ draws one per query once for the whole run, as the official code did (it drew at
 construction and kept the draw for every epoch). Batches are cut from one global,
 seeded permutation and each rank takes its own contiguous slice of every global batch, so a
 run on W processes with batch B sees exactly the samples of a 1-process run with batch W x B.
+
+Classes (for objectives that classify, as IRGen's tokenizer does) are not a field of the data:
+:func:`class_labels` derives them from the relevance of the training query file.
 """
 from __future__ import annotations
 
@@ -79,6 +82,39 @@ def load_training_pairs(query_file: str | os.PathLike, queries: EmbeddingStore, 
     )
 
 
+@dataclass
+class ClassLabels:
+    pool: np.ndarray  # int64 [N] class of every candidate-store row; -1: in no training query's class
+    pairs: np.ndarray  # int64 [Q] class of every training pair (its query's positives' class)
+    num_classes: int
+
+
+def _root(parent: np.ndarray, row: int) -> int:
+    while parent[row] != row:
+        parent[row] = parent[parent[row]]  # path halving keeps the trees flat
+        row = int(parent[row])
+    return row
+
+
+def class_labels(query_file: str | os.PathLike, pool: EmbeddingStore, pairs: TrainingPairs) -> ClassLabels:
+    """The classes of the training data: the connected groups of candidates that some query
+    relates (a query's positives and the dids of its ``exclude_cand_list``, its own image in a
+    gallery that holds it, are one class), by union-find over the candidate-store rows. A class
+    holds at least one positive; candidates related by no query are labelled -1."""
+    pool_rows = dict(zip(np.asarray(pool.ids).tolist(), range(len(pool))))
+    parent = np.arange(len(pool), dtype=np.int64)
+    for query in iter_queries(query_file, on_empty_text=lambda *_: None):
+        rows = [pool_rows[h] for h in map(hash_did, [*query.pos, *query.exclude]) if h in pool_rows]
+        for row in rows[1:]:
+            parent[_root(parent, row)] = _root(parent, rows[0])
+    roots = np.array([_root(parent, row) for row in range(len(pool))], dtype=np.int64)
+    classes, pair_labels = np.unique(roots[pairs.pos_rows[pairs.pos_offsets[:-1]]], return_inverse=True)
+    position = np.searchsorted(classes, roots).clip(max=len(classes) - 1)
+    pool_labels = np.where(classes[position] == roots, position, -1)
+    return ClassLabels(pool=pool_labels.astype(np.int64), pairs=pair_labels.astype(np.int64).reshape(-1),
+                       num_classes=len(classes))
+
+
 def _side(store: EmbeddingStore, rows: np.ndarray, prefix: str) -> dict[str, torch.Tensor]:
     a = store.arrays
     # memmap fancy indexing wants sorted rows for locality; restore the batch order afterwards.
@@ -105,13 +141,16 @@ PositiveDraw = Literal["per_epoch", "fixed"]
 
 def iterate_batches(pairs: TrainingPairs, queries: EmbeddingStore, pool: EmbeddingStore, *, batch_size: int,
                     epoch: int, seed: int, rank: int = 0, world_size: int = 1, drop_last: bool = True,
-                    positives: PositiveDraw = "per_epoch") -> Iterator[dict[str, torch.Tensor]]:
+                    positives: PositiveDraw = "per_epoch",
+                    labels: np.ndarray | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's slice of each global batch of ``batch_size * world_size`` pairs for ``epoch``.
 
     ``positives``: ``per_epoch`` draws each query's positive anew every epoch; ``fixed`` makes the
     same draw in every epoch (from ``seed`` alone). Keys: ``q_img, q_txt, q_img_mask, q_txt_mask,
     q_modality, q_target_modality`` and the same with ``c_`` for the positive candidate (fp32
-    vectors and masks, int64 modality codes).
+    vectors and masks, int64 modality codes), ``q_row`` and ``c_row`` (the store rows, int64, for
+    what a stage reads by row besides the stores: train-gen's query images); with ``labels``
+    (``ClassLabels.pool``) also ``label``, the pair's class (int64).
     """
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(pairs))
@@ -124,7 +163,11 @@ def iterate_batches(pairs: TrainingPairs, queries: EmbeddingStore, pool: Embeddi
         mine = chunk[rank * batch_size : (rank + 1) * batch_size]
         if len(mine) == 0:
             continue
-        yield {**_side(queries, pairs.query_rows[mine], "q"), **_side(pool, positive_rows[mine], "c")}
+        batch = {**_side(queries, pairs.query_rows[mine], "q"), **_side(pool, positive_rows[mine], "c"),
+                 "q_row": torch.from_numpy(pairs.query_rows[mine]), "c_row": torch.from_numpy(positive_rows[mine])}
+        if labels is not None:
+            batch["label"] = torch.from_numpy(labels[positive_rows[mine]])
+        yield batch
 
 
 def batches_per_epoch(num_pairs: int, batch_size: int, world_size: int = 1, drop_last: bool = True) -> int:

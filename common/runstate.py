@@ -103,14 +103,19 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def semantic_config(cfg: Any, not_in_key: Iterable[str]) -> dict:
-    """The flattened config without the dotted keys ``not_in_key`` (a key also drops its subtree)."""
+def semantic_config(cfg: Any, not_in_key: Iterable[str], added_later: dict | None = None) -> dict:
+    """The flattened config without the dotted keys ``not_in_key`` (a key also drops its subtree).
+
+    ``added_later`` maps keys that a later version added to the value every run before them
+    computed with; at that value such a key stays out, so adding an option does not make every
+    finished run look stale (and retrain) while nothing it computes has changed."""
     from genius.common.config import config_to_dict
 
     tree = config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else json.loads(json.dumps(cfg, default=str))
-    drop = tuple(not_in_key)
+    drop, added_later = tuple(not_in_key), added_later or {}
     return {k: v for k, v in flatten(tree).items()
-            if not any(k == d or k.startswith(d + ".") for d in drop)}
+            if not any(k == d or k.startswith(d + ".") for d in drop)
+            and not (k in added_later and v == added_later[k])}
 
 
 @dataclasses.dataclass
@@ -123,8 +128,10 @@ class RunKey:
     extra: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def of(cls, cfg: Any, not_in_key: Iterable[str], inputs: dict, **extra: Any) -> "RunKey":
-        return cls(semantic_config(cfg, not_in_key), json.loads(json.dumps(inputs, default=str)),
+    def of(cls, cfg: Any, not_in_key: Iterable[str], inputs: dict, *, added_later: dict | None = None,
+           **extra: Any) -> "RunKey":
+        """``added_later``: see ``semantic_config``."""
+        return cls(semantic_config(cfg, not_in_key, added_later), json.loads(json.dumps(inputs, default=str)),
                    json.loads(json.dumps(extra, default=str)))
 
     def as_dict(self) -> dict:

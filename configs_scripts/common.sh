@@ -26,3 +26,19 @@ run_stage() {
         "$GENIUS_PYTHON" -m "$module" "$@"
     fi
 }
+
+# run_pipeline DIR SCRIPT...: DIR/SCRIPT.sh for each SCRIPT in turn (a setting's run_all.sh), with
+# each one's time. Every stage skips itself when its inputs and config did not change since its
+# last complete run, so re-running a pipeline is cheap.
+run_pipeline() {
+    local dir="$1"; shift
+    local start t0 name
+    start=$(date +%s)
+    for name in "$@"; do
+        t0=$(date +%s)
+        echo "==> $name"
+        bash "$dir/$name.sh"
+        echo "    $name took $(( $(date +%s) - t0 )) s"
+    done
+    echo "==> pipeline finished in $(( $(date +%s) - start )) s"
+}

@@ -117,6 +117,10 @@ class OptimConfig:
 class LossConfig:
     direction: Literal["symmetric", "query_to_candidate"] = "symmetric"  # UniIR: query_to_candidate
     mask_own_positives: bool = True  # an in-batch copy of the query's own positive is not a negative
+    # Every in-batch candidate that is one of the query's positives is not a negative either. For
+    # class-level relevance (genius import-images: every image of the query's class is relevant)
+    # a batch holds several; scoring them as negatives pushes a class apart. UniIR: false.
+    mask_all_positives: bool = False
     max_logit_scale: float = ranged(100.0, ">= 1")  # logit_scale is clamped to [0, log(max_logit_scale)]
 
 
@@ -161,6 +165,8 @@ def check_config(cfg: TrainClipConfig) -> None:
 NOT_IN_RUN_KEY = ("output", "runtime.device", "runtime.num_workers", "runtime.cpu_threads", "optim.batch_size",
                   "data.root", "data.train_queries", "data.train_pool", "data.instructions", "data.cache_images",
                   "model.init_checkpoint")
+# Options added after runs were recorded, at the value those runs computed with.
+ADDED_LATER = {"loss.mask_all_positives": False}
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -194,6 +200,7 @@ class PairData(Dataset):
         self.pairs = TrainingPairs(np.array(query_rows, np.int64), np.array(offsets, np.int64),
                                    np.array(positives, np.int64), len(self.queries) - len(query_rows))
         self.targets = [target_modality(q, modality_of) for q in self.queries]
+        self.positive_ids = [frozenset(map(hash_did, q.pos)) for q in self.queries]
         self.query_text = QueryText(data_file(cfg, "instructions"), cfg.instructions.mode)
         self.seed = cfg.seed
         self.root, self.cache_images = resolve_path(cfg.data.root), cfg.data.cache_images
@@ -220,7 +227,8 @@ class PairData(Dataset):
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[Item, Item, dict]:
         query_index, pool_row, epoch = key
         q, c = self.query_item(query_index, epoch), self.pool[pool_row]
-        return q, c, {side: self._inputs(item) for side, item in (("q", q), ("c", c))}
+        inputs = {side: self._inputs(item) for side, item in (("q", q), ("c", c))}
+        return q, c, {**inputs, "positives": self.positive_ids[query_index]}
 
     def _inputs(self, item: Item) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         tokens = self.tokenizer([item.text])[0] if item.text else None
@@ -279,7 +287,8 @@ def _side(inputs: list[tuple[torch.Tensor | None, torch.Tensor | None]]) -> dict
 def collate(batch: list[tuple[Item, Item, dict]]) -> dict:
     queries, cands, inputs = zip(*batch)
     return {"q": _side([x["q"] for x in inputs]), "c": _side([x["c"] for x in inputs]), "n": len(batch),
-            "q_ids": torch.tensor([q.id for q in queries]), "c_ids": torch.tensor([c.id for c in cands])}
+            "q_ids": torch.tensor([q.id for q in queries]), "c_ids": torch.tensor([c.id for c in cands]),
+            "positives": [x["positives"] for x in inputs]}
 
 
 # ---- model ---------------------------------------------------------------------------------
@@ -325,15 +334,24 @@ def _gather_ids(ids: torch.Tensor) -> torch.Tensor:
 
 
 def contrastive_loss(q: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, q_ids: torch.Tensor,
-                     c_ids: torch.Tensor, cfg: LossConfig, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """In-batch InfoNCE of this rank's pairs against the global batch -> (loss, q->c top-1 accuracy)."""
+                     c_ids: torch.Tensor, cfg: LossConfig, rank: int,
+                     positives: list[frozenset[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-batch InfoNCE of this rank's pairs against the global batch -> (loss, q->c top-1 accuracy).
+
+    ``positives``: each query's positive (hashed) dids, for ``cfg.mask_all_positives``."""
     all_q, all_c = all_gather_with_grad(q), all_gather_with_grad(c)
     labels = torch.arange(len(q), device=q.device) + rank * len(q)
     own = torch.zeros(len(q), len(all_c), dtype=torch.bool, device=q.device)
-    if cfg.mask_own_positives:
+    if cfg.mask_own_positives or cfg.mask_all_positives:
         all_q_ids, all_c_ids = _gather_ids(q_ids), _gather_ids(c_ids)
+    if cfg.mask_own_positives:
         own = (c_ids[:, None] == all_c_ids[None, :]) | (q_ids[:, None] == all_q_ids[None, :])
-        own[torch.arange(len(q)), labels] = False
+    if cfg.mask_all_positives:
+        if positives is None:
+            raise ValueError("loss.mask_all_positives needs each query's positives")
+        batch_ids = all_c_ids.tolist()
+        own |= torch.tensor([[did in pos for did in batch_ids] for pos in positives], device=q.device)
+    own[torch.arange(len(q)), labels] = False
     logits_qc = (scale * q @ all_c.T).masked_fill(own, float("-inf"))
     loss = F.cross_entropy(logits_qc, labels)
     if cfg.direction == "symmetric":
@@ -357,7 +375,8 @@ def run_key(cfg: TrainClipConfig, data: PairData, world_size: int) -> RunKey:
     if cfg.model.init_checkpoint:
         inputs["init_checkpoint"] = file_content(resolve_path(cfg.model.init_checkpoint))
     inputs["images"] = files_digest(data.image_paths(), relative_to=data.root)
-    return RunKey.of(cfg, NOT_IN_RUN_KEY, inputs, **training.batch_extra(cfg.optim.batch_size, world_size))
+    return RunKey.of(cfg, NOT_IN_RUN_KEY, inputs, added_later=ADDED_LATER,
+                     **training.batch_extra(cfg.optim.batch_size, world_size))
 
 
 # ---- training ------------------------------------------------------------------------------
@@ -471,7 +490,7 @@ def run_epoch(ddp, model, loader, optimizer, scheduler, scaler, use_fp16, cfg, d
         with torch.autocast("cuda", dtype=torch.float16, enabled=use_fp16):
             fused_q, fused_c, scale = ddp(q, c)
         loss, accuracy = contrastive_loss(fused_q, fused_c, scale.float(), batch["q_ids"].to(device),
-                                          batch["c_ids"].to(device), cfg.loss, dist.rank)
+                                          batch["c_ids"].to(device), cfg.loss, dist.rank, batch["positives"])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch} step {step}; "
                                      "lower optim.lr or check the data")

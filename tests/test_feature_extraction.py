@@ -305,6 +305,22 @@ def test_contrastive_loss_directions_and_own_positives():
     torch.testing.assert_close(plain, one_way)
 
 
+def test_contrastive_loss_masks_every_positive_of_a_class():
+    """Class-level relevance: the other in-batch images of the query's class are not negatives."""
+    torch.manual_seed(0)
+    q, c = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    scale, labels = torch.tensor(10.0), torch.arange(4)
+    q_ids, c_ids = torch.tensor([1, 2, 3, 4]), torch.tensor([11, 12, 13, 14])
+    classes = [frozenset({11, 12}), frozenset({11, 12}), frozenset({13}), frozenset({14})]  # pairs 0, 1: one class
+    cfg = LossConfig(direction="query_to_candidate", mask_all_positives=True)
+    masked, _ = contrastive_loss(q, c, scale, q_ids, c_ids, cfg, 0, classes)
+    logits = scale * q @ c.T
+    logits[0, 1] = logits[1, 0] = float("-inf")
+    torch.testing.assert_close(masked, F.cross_entropy(logits, labels))
+    with pytest.raises(ValueError, match="mask_all_positives"):
+        contrastive_loss(q, c, scale, q_ids, c_ids, cfg, 0)
+
+
 # ---- text backend --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def minilm():

@@ -2,7 +2,8 @@
 
 ``common`` is the library and imports no stage; stages import ``common`` and earlier stages only;
 ``trie_cpp`` stands alone; commands that need a stage-0 encoder at query time (``genius search``)
-may import ``feature_extraction.encoders`` and nothing else of stage 0.
+may import ``feature_extraction.encoders``, and the image_tokens generator ``feature_extraction.clip_model``;
+nothing else of stage 0.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ ALLOWED = {
     "feature_extraction": {"common", "feature_extraction"},
     "models.residual_quantization": {"common", "models.residual_quantization"},
     "models.generative_retriever": {"common", "trie_cpp", "models.residual_quantization",
-                                    "models.generative_retriever", "feature_extraction.encoders"},
+                                    "models.generative_retriever", "feature_extraction.encoders",
+                                    # image_tokens: the stage-0 CLIP-SF's vision tower and image crops
+                                    "feature_extraction.clip_model"},
 }
 
 

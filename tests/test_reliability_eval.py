@@ -84,7 +84,7 @@ def _out_of_range():
     for key, allowed in ranged_fields(EvalConfig).items():
         bad = allowed.outside()
         value = int(bad) if float(bad).is_integer() else bad
-        listed = key == "extra_ks"
+        listed = key in ("extra_ks", "report.ks")
         yield pytest.param(f"{key}=[{value}]" if listed else f"{key}={value}", f"{key}[0]" if listed else key, id=key)
     yield pytest.param("files=[{queries: q.jsonl, pool: p.jsonl, qrels: r.txt, k: 0}]", "files[0].k", id="files.k")
     yield pytest.param("decoding.modality_threshold=.nan", "decoding.modality_threshold", id="nan")

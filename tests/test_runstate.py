@@ -56,6 +56,32 @@ def test_key_ignores_listed_keys_and_names_what_changed(tmp_path):
         assert "input data changed" in key_for(Cfg(), data).changes_from(base.as_dict())
 
 
+@dataclass
+class NewerTrain(Train):
+    objective: str = "contrastive"  # an option a later version added
+
+
+@dataclass
+class NewerCfg(Cfg):
+    train: NewerTrain = field(default_factory=NewerTrain)
+
+
+def test_an_option_added_later_keeps_finished_runs_current_at_its_old_value(tmp_path):
+    """A run recorded before ``train.objective`` existed is still this run's at the value it
+    computed with (no retraining for a new option); any other value is a different run."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"a": 1}\n')
+    added = {"train.objective": "contrastive"}
+    with project_root_set_to(tmp_path):
+        recorded = key_for(Cfg(), data)
+        now = RunKey.of(NewerCfg(), NOT_IN_KEY, {"data": file_content(data)}, added_later=added, world_size=1)
+        assert now.digest == recorded.digest
+        other = RunKey.of(NewerCfg(train=NewerTrain(objective="classification")), NOT_IN_KEY,
+                          {"data": file_content(data)}, added_later=added, world_size=1)
+        assert other.digest != recorded.digest
+        assert "train.objective: '<unset>' -> 'classification'" in other.changes_from(recorded.as_dict())
+
+
 def test_fingerprints_survive_moving_the_root(tmp_path):
     """Paths are recorded relative to the root and files by content, so a moved root keeps its keys."""
     for name in ("a", "b"):

@@ -18,7 +18,9 @@ from the run's instructions file, picked with the run's instruction mode (``dete
 stable hash of the query, like evaluation's hash of the qid; ``first``; ``none``), or given; then
 it is encoded by the stage-0 encoder, rounded to the query stores' dtype (so a test query gets its
 stored features, and the evaluation's ranking), decoded under the pool's trie and ranked by the
-function evaluation ranks with (``ranking``).
+function evaluation ranks with (``ranking``). A run whose generator reads the query image
+(``model.condition: image_tokens``) decodes the image itself, cropped as the generator's arch
+says; the features still serve GENIUS^R's re-ranking and dense search.
 
 The target modality defaults to the pool's only modality when it holds one (a text corpus: text);
 in a mixed pool, to the modality M-BEIR's tasks most often pair with the query's (text -> image,
@@ -30,7 +32,7 @@ import json
 import logging
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -273,7 +275,8 @@ class Retriever:
         if dtype:  # round like the stored queries: a test query gets its stored features
             vectors = packed[:, : 2 * self.encoder.dim]
             packed[:, : 2 * self.encoder.dim] = vectors.astype(dtype).astype(np.float32)
-        scores, ids = self._rank(packed, k, method)
+        pixels = self._query_pixels(queries) if self.models.preprocess is not None and method != "dense" else None
+        scores, ids = self._rank(packed, k, method, pixels)
         return self._describe(scores, ids, method)
 
     # ---- steps ----
@@ -314,11 +317,23 @@ class Retriever:
                      ", ".join(self.pool_modalities))
         return target
 
-    def _rank(self, packed: np.ndarray, k: int, method: str) -> tuple[np.ndarray, np.ndarray]:
+    def _query_pixels(self, queries: list[Query]) -> torch.Tensor:
+        """uint8 images [Q, 3, S, S] for a generator that reads the query image (image_tokens)."""
+        if any(q.image is None for q in queries):
+            raise ValueError("this run's generator reads the query image (model.condition: image_tokens); give "
+                             "every query an image, or search with method='dense' (genius search --method dense)")
+        return torch.stack([self.models.preprocess.to_uint8(_open_image(q.image)) for q in queries])
+
+    def _rank(self, packed: np.ndarray, k: int, method: str,
+              pixels: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, hashed dids) [Q, k], -1 padded: the pipeline for genius / genius_r, the fused
-        query against every candidate for dense."""
+        query against every candidate for dense. ``pixels``: the query images an image_tokens
+        generator decodes instead of the Combiner output."""
         if method != "dense":
-            return GeniusIndex(self.models, self.pool, rerank=method == "genius_r").search(packed, k)
+            models = self.models
+            if pixels is not None:  # the index's embedding step hands the decoder the images instead
+                models = replace(models, embed=lambda *_: pixels)
+            return GeniusIndex(models, self.pool, rerank=method == "genius_r").search(packed, k)
         fused = score_fusion(*unpack_query_features(packed, self.encoder.dim)).numpy()
         ranking = rank(self.pool, None, None, fused, k, ["dense"], self.cfg.dense_backend, self.cfg.dense_chunk,
                        self.device)["dense"]

@@ -31,7 +31,8 @@ that its later beams fall below that (they routinely do: the deep residual level
 unpredictable). With a threshold t > 0 a modality survives the first step only if its probability
 is at least t times the most probable allowed modality's, so the beams are spent inside the
 modalities the generator actually considers; the decision stays the model's own (no task label
-is used). t = 0 is the official decoding.
+is used). t = 0 is the official decoding. With ``modality_level=False`` (a quantizer without a
+modality level, whose level 0 is a semantic level like any other) the threshold is ignored.
 
 ``generate_reference`` is the slow reference (``transformers.generate`` with
 ``prefix_allowed_tokens_fn``) that the tests and benchmarks compare against.
@@ -112,13 +113,17 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=autocast_dtype(device))
 
 
-def constrained_beam_search(generator: IDGenerator, z_query: torch.Tensor, trie, codebook_sizes: Sequence[int],
+def constrained_beam_search(generator: IDGenerator, queries: torch.Tensor, trie, codebook_sizes: Sequence[int],
                             num_beams: int = 50, batch_size: int = 64, level_head: bool = True,
-                            autocast: bool = False, modality_threshold: float = 0.0) -> BeamResult:
-    """Top ``num_beams`` trie IDs per query [Q, dim] (normalised Combiner outputs); see module docstring.
+                            autocast: bool = False, modality_threshold: float = 0.0,
+                            modality_level: bool = True) -> BeamResult:
+    """Top ``num_beams`` trie IDs per query; see module docstring. ``queries``: what the generator
+    encodes, normalised Combiner outputs [Q, dim] (prefix) or uint8 images [Q, 3, S, S] (image_tokens).
 
     ``trie``: any object with the trie node API (``root``, ``fill_mask``, ``advance``) built over
-    level-local codes [N, L] with L = len(codebook_sizes).
+    level-local codes [N, L] with L = len(codebook_sizes). ``modality_level``: whether level 0 is
+    the modality code (the quantizer's ``has_modality_level``); without it ``modality_threshold``
+    is ignored.
     """
     if list(codebook_sizes) != generator.codebook_sizes:
         raise ValueError(f"codebook sizes {list(codebook_sizes)} differ from the generator's {generator.codebook_sizes}")
@@ -126,14 +131,14 @@ def constrained_beam_search(generator: IDGenerator, z_query: torch.Tensor, trie,
         raise ValueError(f"num_beams ({num_beams}) and batch_size ({batch_size}) must be >= 1")
     if not 0.0 <= modality_threshold <= 1.0:
         raise ValueError(f"modality_threshold must be in [0, 1], got {modality_threshold}")
-    if z_query.ndim != 2 or z_query.shape[1] != generator.arch["dim"]:
-        raise ValueError(f"z_query must be [Q, {generator.arch['dim']}], got {tuple(z_query.shape)}")
+    generator.check_inputs(queries)
     was_training = generator.training
     generator.eval()
     try:
         with _decoder_attention(generator, SHARED_CROSS_ATTENTION):  # _search's cache layout needs it
-            parts = [_search(generator, chunk, trie, num_beams, level_head, autocast, modality_threshold)
-                     for chunk in z_query.split(batch_size)]
+            threshold = modality_threshold if modality_level else 0.0
+            parts = [_search(generator, chunk, trie, num_beams, level_head, autocast, threshold)
+                     for chunk in queries.split(batch_size)]
     finally:
         generator.train(was_training)
     if not parts:
@@ -144,12 +149,12 @@ def constrained_beam_search(generator: IDGenerator, z_query: torch.Tensor, trie,
 
 
 @torch.inference_mode()
-def _search(generator: IDGenerator, z: torch.Tensor, trie, num_beams: int, level_head: bool,
+def _search(generator: IDGenerator, queries: torch.Tensor, trie, num_beams: int, level_head: bool,
             autocast: bool, modality_threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    device, num_queries = z.device, len(z)
+    device, num_queries = queries.device, len(queries)
     query_base = torch.arange(num_queries, device=device)[:, None]
     with _autocast(device, autocast):
-        encoder_hidden = generator.encode(z)
+        encoder_hidden = generator.encode(queries)
     masks = _MaskBuffer(num_queries * num_beams, max(generator.codebook_sizes), device)
     # One beam per query (the root) until the first step has chosen codes.
     beams, cache = 1, generator.new_decode_cache()

@@ -3,10 +3,12 @@
     decoded/<pool stem>/<query stem>/{codes,scores,valid}.npy + meta.json
 
 The key (meta.json "key") holds only content ids (the models' fingerprints, the codes' hash, the
-query store's content id) and the decoding settings that change the beams, so a GENIUS_ROOT
-copied elsewhere reuses every decoding, and anything else recomputes it. Under torchrun each
-rank decodes a contiguous shard of the queries and keeps it for ranking; rank 0 gathers the shards
-in order and writes the cache.
+query store's content id; for an image_tokens generator also the query images' paths, sizes and
+mtimes) and the decoding settings that change the beams, so a GENIUS_ROOT copied elsewhere
+reuses every decoding, and anything else recomputes it. An image_tokens generator decodes the
+query images (``paths.data_root`` + each query's ``query_img_path``) instead of the Combiner
+outputs. Under torchrun each rank decodes a contiguous shard of the queries and keeps it for
+ranking; rank 0 gathers the shards in order and writes the cache.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from genius.common.config import resolve_path
 from genius.common.distributed import DistInfo, autocast_dtype, gather_to_main, shard_bounds
 from genius.common.io import atomic_dir, atomic_write_json
 from genius.common.progress import Progress
@@ -27,6 +30,7 @@ from genius.common.runstate import portable_path
 from genius.common.store import EmbeddingStore, StoreArrays
 from genius.models.generative_retriever.beam_search import NUMERICS_VERSION
 from genius.models.generative_retriever.pool_assets import Pool
+from genius.models.generative_retriever.query_images import QueryImages, query_image_paths
 from genius.models.generative_retriever.retrieval import beams_as_arrays
 from genius.models.generative_retriever.run_models import Models
 from genius.models.residual_quantization.assign_codes import combiner_dtype
@@ -52,8 +56,9 @@ class Decoded:
         return np.arange(self.start, self.start + len(self.codes))
 
 
-def decode_key(cfg: Any, models: Models, pool: Pool, queries: EmbeddingStore, device: torch.device) -> dict:
-    return {"models": models.fingerprints, "codes": pool.codes_hash, "trie": pool.trie_path.name,
+def decode_key(cfg: Any, models: Models, pool: Pool, queries: EmbeddingStore, device: torch.device,
+               images: QueryImages | None = None) -> dict:
+    key = {"models": models.fingerprints, "codes": pool.codes_hash, "trie": pool.trie_path.name,
             "queries": queries.content_id, "num_beams": cfg.decoding.num_beams,
             "level_head": cfg.decoding.level_head, "device": device.type,
             # the precisions actually used: autocast means bf16 on a CPU and fp16 on a GPU
@@ -61,6 +66,9 @@ def decode_key(cfg: Any, models: Models, pool: Pool, queries: EmbeddingStore, de
                                    else torch.float32).removeprefix("torch."),
             "combiner_dtype": combiner_dtype(device, cfg.decoding.combiner_autocast),
             "modality_threshold": cfg.decoding.modality_threshold, "numerics": NUMERICS_VERSION}
+    if images is not None:
+        key["query_images"] = images.digest
+    return key
 
 
 def embed_queries(models: Models, arrays: StoreArrays, batch_size: int = 4096) -> torch.Tensor:
@@ -73,28 +81,44 @@ def embed_queries(models: Models, arrays: StoreArrays, batch_size: int = 4096) -
 
 
 def decode_rows(models: Models, pool: Pool, arrays: StoreArrays, start: int, stop: int, batch_size: int,
-                label: str) -> tuple[np.ndarray, ...]:
+                label: str, images: QueryImages | None = None) -> tuple[np.ndarray, ...]:
     """Queries ``start .. stop`` decoded: (codes, scores, valid); empty arrays for no rows.
 
     The beam search's batches of ``batch_size`` queries are handed to it one at a time, so a long
-    decoding reports its progress (``label``); each batch is decoded as it would be within one call."""
+    decoding reports its progress (``label``); each batch is decoded as it would be within one call.
+    ``images`` (required for an image_tokens generator) reads the batches' query images."""
     if stop <= start:
         return (np.zeros((0, 0, pool.cmap.num_levels), np.int64), np.zeros((0, 0), np.float32), np.zeros((0, 0), bool))
-    z = embed_queries(models, arrays.take(np.arange(start, stop)))
-    progress = Progress(-(-len(z) // batch_size), label, unit="batch", logger=log, end_line=False)
-    parts = [beams_as_arrays(models.decode(batch, pool.trie)) for batch in progress.wrap(z.split(batch_size))]
+    if models.preprocess is None:
+        z = embed_queries(models, arrays.take(np.arange(start, stop)))
+        batches = z.split(batch_size)
+    else:
+        batches = (images(np.arange(first, min(first + batch_size, stop))) for first in range(start, stop, batch_size))
+    progress = Progress(-(-(stop - start) // batch_size), label, unit="batch", logger=log, end_line=False)
+    parts = [beams_as_arrays(models.decode(batch, pool.trie)) for batch in progress.wrap(batches)]
     return tuple(np.concatenate(part) for part in zip(*parts))
 
 
+def open_query_images(models: Models, queries: EmbeddingStore, query_file: Path,
+                      data_root: str) -> QueryImages | None:
+    """The query images of ``query_file`` for an image_tokens generator (None for the others)."""
+    if models.preprocess is None:
+        return None
+    root = resolve_path(data_root)
+    return QueryImages(root, query_image_paths(query_file, queries, root), models.preprocess)
+
+
 def decode_cached(cfg: Any, models: Models, pool: Pool, queries: EmbeddingStore, out_dir: Path,
-                  info: DistInfo) -> Decoded:
+                  info: DistInfo, query_file: Path) -> Decoded:
     """Beam search output for this rank's contiguous shard of the queries (all of them in a world
     of one), reused when its key matches.
 
     Every rank decodes (or reads from the cache) its own shard and returns it; on a fresh decoding
     rank 0 gathers the shards in rank order (so the rows are exactly the store's) and writes the cache.
+    ``query_file`` (the store's jsonl) names the query images an image_tokens generator reads.
     """
-    key = decode_key(cfg, models, pool, queries, info.device)
+    images = open_query_images(models, queries, query_file, cfg.paths.data_root)
+    key = decode_key(cfg, models, pool, queries, info.device, images)
     start, stop = shard_bounds(len(queries), info.rank, info.world_size)
     if (out_dir / "meta.json").is_file():
         meta = json.loads((out_dir / "meta.json").read_text())
@@ -103,7 +127,7 @@ def decode_cached(cfg: Any, models: Models, pool: Pool, queries: EmbeddingStore,
             return Decoded(*arrays, seconds=meta["seconds"], cached=True, start=start)
     began = time.perf_counter()
     shard = decode_rows(models, pool, queries.arrays, start, stop, cfg.decoding.batch_size,
-                        f"eval: decoding {queries.path.name} on {pool.stem}")
+                        f"eval: decoding {queries.path.name} on {pool.stem}", images)
     shards = gather_to_main(shard)
     seconds = time.perf_counter() - began
     if info.is_main:

@@ -12,7 +12,9 @@ what to run).
 For every query file, against its task-specific pool and (optionally) the universal pool:
 decode the queries' IDs with trie-constrained beam search, map IDs to candidates, rank them
 (GENIUS), re-rank their union by fused CLIP-SF cosine (GENIUS^R), search the same fused
-embeddings exhaustively (dense), and score UniIR's Recall@k per (dataset, task). One process by
+embeddings exhaustively (dense), and score UniIR's Recall@k per (dataset, task); with
+``report.metrics: irgen`` also IRGen's P@k, R@k and MAP@100 (``ir_metrics``). No method ever returns
+a candidate in the query's ``exclude_cand_list`` (``ranking``). One process by
 default; under torchrun (NPROC=N) every rank decodes and ranks a contiguous shard of each query
 file (ranking is per query), the ranks build each pool's fused-embedding cache together, and rank 0
 gathers the rankings in order, then scores and writes. No rank works alone for long while the
@@ -51,7 +53,7 @@ from genius.common.ranges import check_ranges, ranged
 from genius.common.runstate import RunKey, RunState, file_content
 from genius.common.stage import parse_stage_config, record_run, setup_logging, stage_parser, user_errors_exit
 from genius.common.store import EmbeddingStore, store_path
-from genius.models.generative_retriever import metrics
+from genius.models.generative_retriever import ir_metrics, metrics
 from genius.models.generative_retriever.beam_search import NUMERICS_VERSION
 from genius.models.generative_retriever.decode_cache import Decoded, decode_cached
 from genius.models.generative_retriever.outputs import (
@@ -70,12 +72,13 @@ from genius.models.generative_retriever.positives import (
     PoolPositives,
     check_positives,
 )
+from genius.models.generative_retriever.query_images import images_digest, query_image_paths
 from genius.models.generative_retriever.ranking import rank
-from genius.models.generative_retriever.retrieval import Ranking, beam_leaves, target_modality_share, union_sizes
+from genius.models.generative_retriever.retrieval import (
+    Ranking, beam_leaves, excluded_rows, target_modality_share, union_sizes,
+)
 from genius.models.generative_retriever.run_models import (
-    Models,
-    load_models,
-    model_fingerprints,
+    Models, load_models, model_fingerprints, reads_query_images,
 )
 from genius.models.generative_retriever.tables import DecodeStats, RecallResult, method_names
 from genius.models.residual_quantization.assign_codes import combiner_dtype
@@ -87,6 +90,8 @@ log = logging.getLogger("genius.eval")
 NOT_IN_RUN_KEY = ("paths.data_root", "paths.stores_root", "paths.rq_run", "paths.gen_run",
                   "paths.official_checkpoint", "paths.codes", "paths.results", "paths.union_pool",
                   "decoding.batch_size", "dense_chunk", "device", "force")
+# Options added after runs were recorded, at the value those runs computed with.
+ADDED_LATER = {"report.metrics": "mbeir", "report.ks": [1, 10, 20, 30]}
 
 
 # ---- config ----------------------------------------------------------------------------------
@@ -130,12 +135,22 @@ class DecodingConfig:
 
 
 @dataclass
+class ReportConfig:
+    # 'mbeir': UniIR's hit rate and the standard IR metrics; 'irgen' adds IRGen's table
+    # (irgen_table.md, irgen_metrics.tsv): P@k and R@k (IRGen's R@k, the hit rate) at ``ks``, and
+    # MAP@100, by ir_measures from the run files (``ir_metrics.IRGEN_MEASURES``)
+    metrics: Literal["mbeir", "irgen"] = "mbeir"
+    ks: list[int] = ranged(spec=">= 1", factory=lambda: [1, 10, 20, 30])
+
+
+@dataclass
 class EvalConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     files: list[EvalFile] = field(default_factory=list)  # empty: every query/test/*.jsonl of the data root
     task_specific: bool = True  # each file against its own pool
     union: bool = True  # each file against the universal pool
     extra_ks: list[int] = ranged(spec=">= 1", factory=list)  # more Recall@k rows in the TSV (e.g. [1, 10])
+    report: ReportConfig = field(default_factory=ReportConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     trie_backend: Literal["cpp", "python", "marisa"] = "cpp"
     rerank: bool = True  # GENIUS^R
@@ -153,6 +168,9 @@ class EvalConfig:
     def validate(self) -> None:
         if not (self.task_specific or self.union):
             raise ValueError("task_specific and union are both false: nothing to evaluate")
+        if self.report.metrics == "irgen" and not self.run_files:
+            raise ValueError("report.metrics: irgen computes its metrics from the run files, but run_files is "
+                             "false; set run_files: true")
         paths = self.paths
         if paths.official_checkpoint is not None:
             if paths.rq_run is not None or paths.gen_run is not None:
@@ -168,6 +186,12 @@ class EvalConfig:
     def check_numbers(self) -> None:
         """Every number in its declared range (before any work; one line naming the dotted key)."""
         check_ranges(self)  # the files[i] entries too
+
+    def ranking_depth(self, qf: "QueryFile") -> int:
+        """How many candidates each method ranks (and the run files hold) for a query file: its
+        largest hit-rate k, and with IRGen's metrics their largest k and MAP's depth."""
+        extra = [*self.report.ks, ir_metrics.IRGEN_MAP_DEPTH] if self.report.metrics == "irgen" else []
+        return max(qf.ks + extra)
 
     def codes_root(self) -> Path:
         """Where the pools' code folders are."""
@@ -257,12 +281,18 @@ class RankedShard:
 
 
 def rank_shard(cfg: EvalConfig, pool: Pool, queries: EmbeddingStore, decoded: Decoded, k: int,
-               device: torch.device) -> RankedShard:
-    """Rank the decoded queries (a shard of the file): ranking is per query, so ranks split it like decoding."""
+               device: torch.device, exclusions: dict[int, list[int]]) -> RankedShard:
+    """Rank the decoded queries (a shard of the file): ranking is per query, so ranks split it like
+    decoding. ``exclusions``: hashed qid -> hashed dids never to return (``exclude_cand_list``)."""
     leaves = beam_leaves(pool.cmap, decoded.codes, decoded.valid)
     methods = ["genius"] + ["genius_r"] * cfg.rerank + ["dense"] * cfg.dense
     fused_q = fused_store_embeddings(queries.arrays.take(decoded.rows)) if (cfg.rerank or cfg.dense) else None
-    rankings = rank(pool, leaves, decoded.scores, fused_q, k, methods, cfg.dense_backend, cfg.dense_chunk, device)
+    excluded = None
+    if exclusions:
+        shard_qids = np.asarray(queries.ids)[decoded.rows].tolist()
+        excluded = excluded_rows(pool.ids, [exclusions.get(q, []) for q in shard_qids])
+    rankings = rank(pool, leaves, decoded.scores, fused_q, k, methods, cfg.dense_backend, cfg.dense_chunk, device,
+                    excluded)
     return RankedShard(rankings, union_sizes(pool.cmap, leaves))
 
 
@@ -271,8 +301,9 @@ def evaluate_pair(cfg: EvalConfig, models: Models, pool: Pool, qf: QueryFile, qu
     """Decode and rank (each rank its shard of the queries), then score and write (rank 0, from the
     gathered rankings; the others return None)."""
     out = resolve_path(cfg.paths.results)
-    decoded = decode_cached(cfg, models, pool, queries, out / "decoded" / pool.stem / qf.stem, info)
-    shards = gather_to_main(rank_shard(cfg, pool, queries, decoded, max(qf.ks), info.device))
+    decoded = decode_cached(cfg, models, pool, queries, out / "decoded" / pool.stem / qf.stem, info, qf.path)
+    shards = gather_to_main(rank_shard(cfg, pool, queries, decoded, cfg.ranking_depth(qf), info.device,
+                                       positives.exclusions))
     if shards is None:
         return None
     rankings = {method: Ranking(np.concatenate([s.rankings[method].rows for s in shards]),
@@ -337,18 +368,22 @@ def run_key(cfg: EvalConfig, files: list[QueryFile], stores: dict[str, Embedding
             candidate_stores: dict[str, EmbeddingStore], models: Models | None, info: DistInfo) -> RunKey:
     """The evaluation's identity: semantic config, content ids of every input, device type."""
     inputs: dict = {"models": models.fingerprints if models is not None else model_fingerprints(cfg.paths)}
+    reads_images = reads_query_images(cfg.paths, models)  # an image_tokens generator: the images count too
     for qf in files:
         inputs[f"queries/{qf.stem}"] = file_content(qf.path)
         inputs[f"qrels/{qf.stem}"] = file_content(qf.qrels)
         inputs[f"query store/{qf.stem}"] = stores[qf.stem].content_id
+        if reads_images:
+            root = resolve_path(cfg.paths.data_root)
+            inputs[f"query images/{qf.stem}"] = images_digest(root, query_image_paths(qf.path, stores[qf.stem], root))
     for stem, store in candidate_stores.items():
         inputs[f"candidate store/{stem}"] = store.content_id
         codes_dir = cfg.codes_root() / stem
         # missing codes: open_pool says what to run
         inputs[f"codes/{stem}"] = codes_fingerprint(codes_dir) if (codes_dir / "meta.json").is_file() else None
     # The device type counts (autocast precision and kernels differ): a CPU run is not a GPU run's result.
-    return RunKey.of(cfg, NOT_IN_RUN_KEY, inputs, device=info.device.type, numerics=NUMERICS_VERSION,
-                     outputs=OUTPUTS_VERSION)
+    return RunKey.of(cfg, NOT_IN_RUN_KEY, inputs, added_later=ADDED_LATER, device=info.device.type,
+                     numerics=NUMERICS_VERSION, outputs=OUTPUTS_VERSION)
 
 
 def check_all_positives(cfg: EvalConfig, passes: list[Pass],
@@ -443,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate(cfg)
     if report is not None:  # rank 0
         print(report.markdown)
+        if report.irgen_table:
+            print(report.irgen_table)
     return 0
 
 

@@ -7,8 +7,16 @@ these are the encoder's ``inputs_embeds`` with no attention mask. The decoder st
 (token 0) and is trained to emit the L code tokens of the target (no EOS). Input and output
 embeddings are one tied matrix, and T5 rescales the decoder output by d_model^-0.5 before it.
 
-``arch`` (plain JSON, saved in every checkpoint) fixes the shapes; a model is always rebuilt from
-it, never from the YAML of a later run.
+With ``condition`` ``image_tokens`` (IRGen's decoder) the generator owns a vision tower instead:
+the visual tower of a stage-0 CLIP-SF (open_clip's ``VisionTransformer``), whose class and patch
+tokens after ``ln_post`` (before CLIP's projection) go through one linear layer to ``d_model``
+and are the encoder's ``inputs_embeds``. Its inputs are uint8 images [B, 3, S, S] as stage 0's
+``ImageReader`` crops them; the generator normalises them itself, so a caller cannot feed it
+differently normalised pixels.
+
+``arch`` (plain JSON, saved in every checkpoint) fixes the shapes, the tower's architecture and
+image size included; a model is always rebuilt from it, never from the YAML of a later run or
+the stage-0 file. A prefix arch has no ``condition`` key, like every file written before it existed.
 """
 from __future__ import annotations
 
@@ -39,15 +47,49 @@ T5_SMALL = {
     "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128, "layer_norm_epsilon": 1e-6,
     "feed_forward_proj": "relu",
 }
+PREFIX, IMAGE_TOKENS = "prefix", "image_tokens"  # the arch's ``condition``: what the encoder reads
 
 
-def make_arch(dim: int, codebook_sizes: Sequence[int], num_prefix: int = 30, **t5_shape) -> dict:
-    """The generator's ``arch`` dict: query dim, codebook sizes, prefix count and T5 shapes."""
+def make_arch(dim: int, codebook_sizes: Sequence[int], num_prefix: int = 30, vision: dict | None = None,
+              **t5_shape) -> dict:
+    """The generator's ``arch`` dict: codeword dim, codebook sizes, the conditioning and T5 shapes.
+
+    ``vision`` None: the prefix condition with ``num_prefix`` vectors; a :func:`vision_arch` dict:
+    the ``image_tokens`` condition (``num_prefix`` is then not used)."""
     unknown = set(t5_shape) - set(T5_SMALL)
     if unknown:
         raise ValueError(f"unknown T5 shape keys {sorted(unknown)}; valid: {sorted(T5_SMALL)}")
-    return {"dim": int(dim), "codebook_sizes": [int(k) for k in codebook_sizes], "num_prefix": int(num_prefix),
-            **T5_SMALL, **t5_shape}
+    head = {"dim": int(dim), "codebook_sizes": [int(k) for k in codebook_sizes]}
+    condition = {"num_prefix": int(num_prefix)} if vision is None else {"condition": IMAGE_TOKENS, "vision": vision}
+    return {**head, **condition, **T5_SMALL, **t5_shape}
+
+
+def vision_arch(model_name: str, clip_cfg: dict) -> dict:
+    """The ``vision`` entry of an image_tokens arch: the visual tower of the CLIP-SF architecture
+    ``clip_cfg`` (as ``feature_extraction.clip_model.load_clip`` returns it) and its image size;
+    the pixels are normalised with CLIP's mean and std, as stage 0 does."""
+    from genius.feature_extraction.clip_model import image_size
+
+    return {"model_name": model_name, "embed_dim": int(clip_cfg["embed_dim"]),
+            "quick_gelu": bool(clip_cfg.get("quick_gelu", False)), "vision_cfg": dict(clip_cfg["vision_cfg"]),
+            "image_size": image_size(clip_cfg)}
+
+
+def build_vision_tower(vision: dict) -> nn.Module:
+    """A randomly initialised visual tower (open_clip's ``VisionTransformer``) from a
+    :func:`vision_arch` dict, without CLIP's final projection: the decoder reads the tokens before
+    it, and a parameter without gradients would stall DDP."""
+    # open_clip is imported by image_tokens generators only: it costs prefix decoding seconds of start-up.
+    import open_clip
+    from open_clip.transformer import VisionTransformer
+
+    tower = open_clip.model._build_vision_tower(vision["embed_dim"], vision["vision_cfg"],
+                                                 quick_gelu=vision["quick_gelu"])
+    if not isinstance(tower, VisionTransformer) or tower.attn_pool is not None or tower.final_ln_after_pool:
+        raise ValueError(f"model.vision_checkpoint: {vision['model_name']} has no plain ViT visual tower (a ResNet, "
+                         "timm or attention-pooled tower); image_tokens needs a ViT CLIP such as ViT-L-14-quickgelu")
+    tower.proj = None
+    return tower
 
 
 def t5_config(arch: dict) -> T5Config:
@@ -77,16 +119,27 @@ def load_pretrained_t5(path: str | os.PathLike, arch: dict) -> tuple[T5ForCondit
 
 
 class IDGenerator(nn.Module):
-    """T5 (0 encoder layers) fed by ``num_prefix`` projected query vectors; see the module docstring."""
+    """T5 (0 encoder layers) fed by ``num_prefix`` projected query vectors or by a vision tower's
+    projected tokens; see the module docstring."""
 
     def __init__(self, arch: dict, t5: T5ForConditionalGeneration | None = None):
         super().__init__()
         self.arch = dict(arch)
         self.codebook_sizes = list(arch["codebook_sizes"])
         self.offsets = code_offsets(self.codebook_sizes)
-        self.num_prefix, self.d_model = arch["num_prefix"], arch["d_model"]
+        self.condition, self.d_model = arch.get("condition", PREFIX), arch["d_model"]
         self.t5 = t5 if t5 is not None else T5ForConditionalGeneration(t5_config(arch))
-        self.embed_projector = nn.Linear(arch["dim"], self.num_prefix * self.d_model)
+        if self.condition == PREFIX:
+            self.num_prefix = arch["num_prefix"]
+            self.embed_projector = nn.Linear(arch["dim"], self.num_prefix * self.d_model)
+        elif self.condition == IMAGE_TOKENS:
+            from genius.feature_extraction.clip_model import ImagePreprocess
+
+            self.vision = build_vision_tower(arch["vision"])
+            self.token_projector = nn.Linear(self.vision.transformer.width, self.d_model)
+            self.preprocess = ImagePreprocess(arch["vision"]["image_size"])
+        else:
+            raise ValueError(f"generator arch: unknown condition {self.condition!r}; valid: {PREFIX}, {IMAGE_TOKENS}")
 
     @property
     def num_levels(self) -> int:
@@ -110,15 +163,42 @@ class IDGenerator(nn.Module):
         """[B, dim] normalised query features -> [B, P, d_model] encoder inputs."""
         return self.embed_projector(z_query).view(len(z_query), self.num_prefix, self.d_model)
 
-    def encode(self, z_query: torch.Tensor) -> torch.Tensor:
-        """Encoder output [B, P, d_model] (the 0-layer encoder: dropout, final norm, dropout)."""
-        return self.t5.encoder(inputs_embeds=self.prefix(z_query)).last_hidden_state
+    def vision_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 images [B, 3, S, S] -> the tower's class and patch tokens [B, 1 + grid^2, width]
+        after ``ln_post`` (CLIP's image feature is the class token times its projection)."""
+        out = self.vision.forward_intermediates(self.preprocess.normalize(pixels), indices=1,
+                                                normalize_intermediates=True, intermediates_only=True,
+                                                output_fmt="NLC", output_extra_tokens=True)
+        return torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
 
-    def forward(self, z_query: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
+    def encoder_inputs(self, queries: torch.Tensor) -> torch.Tensor:
+        """The encoder's ``inputs_embeds`` [B, T, d_model]: the prefix of z [B, dim], or the projected
+        tokens of uint8 images [B, 3, S, S] (see :meth:`check_inputs`)."""
+        if self.condition == PREFIX:
+            return self.prefix(queries)
+        return self.token_projector(self.vision_tokens(queries))
+
+    def check_inputs(self, queries: torch.Tensor) -> None:
+        """ValueError unless ``queries`` is what this generator reads: z [Q, dim] (prefix) or uint8
+        images [Q, 3, S, S] (image_tokens)."""
+        if self.condition == PREFIX:
+            if queries.ndim != 2 or queries.shape[1] != self.arch["dim"]:
+                raise ValueError(f"z_query must be [Q, {self.arch['dim']}], got {tuple(queries.shape)}")
+            return
+        size = self.arch["vision"]["image_size"]
+        if queries.ndim != 4 or tuple(queries.shape[1:]) != (3, size, size) or queries.dtype != torch.uint8:
+            raise ValueError(f"an image_tokens generator reads uint8 images [Q, 3, {size}, {size}], got "
+                             f"{queries.dtype} {tuple(queries.shape)}")
+
+    def encode(self, queries: torch.Tensor) -> torch.Tensor:
+        """Encoder output [B, T, d_model] (the 0-layer encoder: dropout, final norm, dropout)."""
+        return self.t5.encoder(inputs_embeds=self.encoder_inputs(queries)).last_hidden_state
+
+    def forward(self, queries: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits [B, L, V] for the target codes [B, L] (decoder input: pad, then codes)."""
         tokens = codes_to_tokens(target_codes, self.codebook_sizes)
         decoder_input = torch.cat([torch.full_like(tokens[:, :1], PAD), tokens[:, :-1]], dim=1)
-        return self.t5(inputs_embeds=self.prefix(z_query), decoder_input_ids=decoder_input).logits
+        return self.t5(inputs_embeds=self.encoder_inputs(queries), decoder_input_ids=decoder_input).logits
 
     def new_decode_cache(self) -> EncoderDecoderCache:
         """An empty decoder cache: self-attention keys/values per row, cross-attention ones per query."""

@@ -15,6 +15,21 @@ trec_eval, pyserini and ranx report. ir_measures computes it with trec_eval's ow
 
 ``genius export-qrels`` writes M-BEIR qrels as plain TREC qrels, so trec_eval and the like can be
 run on ``results/<setting>/runs/`` directly.
+
+IRGen's table (eval's ``report.metrics: irgen``; Zhang et al., ECCV 2024) comes from the same run
+files through the same library, with these definitions:
+
+- P@k = relevant in the top k / k: a list shorter than k counts its missing places as not relevant;
+- R@k is the metric-learning papers' Recall@k, a hit rate (ir_measures ``Success@k``, trec_eval's
+  ``success``): 1 when any relevant candidate is in the top k; *not* ir_measures' ``R@k`` recall;
+- MAP@100 = trec_eval's ``map_cut_100`` (ir_measures ``AP@100``): the precision at each relevant
+  rank <= 100, summed, divided by *all* the query's relevant candidates (not min(R, 100)).
+
+IRGen's own script (yakt00/IRGen ``test_ar.py`` with ``utils/evaluate.py``) differs: its "rank@k" is
+the same hit rate, but its mAP is the trapezoid-interpolated AP of the Oxford/Paris benchmarks over
+the returned beam list, divided by min(relevant, 10), and its precision at k divides by the rank of
+the last relevant candidate instead of k when every relevant one is returned above k. Numbers here
+therefore match the paper's R@k and are comparable but not identical for P@k and MAP@100.
 """
 from __future__ import annotations
 
@@ -28,7 +43,7 @@ from pathlib import Path
 
 import ir_measures
 import numpy as np
-from ir_measures import AP, RR, P, R, nDCG
+from ir_measures import AP, RR, P, R, Success, nDCG
 
 from genius.common.io import atomic_path
 from genius.common.mbeir import hash_did, qrels_lines, unhash_qid
@@ -42,6 +57,10 @@ from genius.models.generative_retriever.tables import (
 
 # our name -> ir_measures measure (taken @k)
 MEASURES = {"Recall": R, "P": P, "MAP": AP, "nDCG": nDCG, "MRR": RR}
+# IRGen's columns (module docstring): P and R (the hit rate) at the configured ks, MAP at one depth
+IRGEN_MEASURES = {"P": P, "R": Success}
+IRGEN_MAP = {"MAP": AP}
+IRGEN_MAP_DEPTH = 100
 
 
 @dataclass(frozen=True)
@@ -70,7 +89,7 @@ class IRResult:
     dataset: str
     task_id: int
     split: str
-    metric: str  # key of MEASURES
+    metric: str  # key of the measures it was computed with (MEASURES, IRGEN_MEASURES or IRGEN_MAP)
     k: int
     value: float
     queries: int  # how many queries the value averages
@@ -90,19 +109,20 @@ def ranked_run(path: str | os.PathLike) -> dict[str, list[str]]:
     return {qid: [e.did for e in entries] for qid, entries in read_run_file(path).items()}
 
 
-def per_query(run: dict[str, list[str]], qrels: dict[str, dict[str, int]],
-              ks: list[int]) -> dict[tuple[str, int], dict[str, float]]:
-    """(metric, k) -> qid -> value, for every query of ``qrels`` (``run``: qid -> ranked dids).
+def per_query(run: dict[str, list[str]], qrels: dict[str, dict[str, int]], ks: list[int],
+              measures: dict = MEASURES) -> dict[tuple[str, int], dict[str, float]]:
+    """(metric, k) -> qid -> value for each of ``measures`` (name -> ir_measures measure) at each
+    of ``ks``, for every query of ``qrels`` (``run``: qid -> ranked dids).
 
     The library gets scores that fall with the rank: trec_eval re-sorts by score and breaks ties
     by document id, but the candidates of one generated ID share GENIUS's score, and the ranking
     scored must be the one the hit rate scored.
     """
     scored = {q: {did: float(-rank) for rank, did in enumerate(run.get(q, []))} for q in qrels}
-    measures = {MEASURES[name] @ k: (name, k) for name in MEASURES for k in ks}
-    out: dict[tuple[str, int], dict[str, float]] = {key: {} for key in measures.values()}
-    for metric in ir_measures.iter_calc(list(measures), qrels, scored):
-        out[measures[metric.measure]][metric.query_id] = float(metric.value)
+    wanted = {measure @ k: (name, k) for name, measure in measures.items() for k in ks}
+    out: dict[tuple[str, int], dict[str, float]] = {key: {} for key in wanted.values()}
+    for metric in ir_measures.iter_calc(list(wanted), qrels, scored):
+        out[wanted[metric.measure]][metric.query_id] = float(metric.value)
     return out
 
 
@@ -117,7 +137,7 @@ def in_pool(qrels: dict[str, dict[str, int]], sorted_pool_ids: np.ndarray) -> di
 
 def score_pair(run_files: dict[str, Path], qrels: GradedQrels, query_ids: np.ndarray, positives: PoolPositives,
                like: RecallResult, ks: list[int], reported_k: int,
-               sorted_pool_ids: np.ndarray | None = None) -> list[IRResult]:
+               sorted_pool_ids: np.ndarray | None = None, measures: dict = MEASURES) -> list[IRResult]:
     """Each method's run file (method -> path) of one (pool, query file), per task as the hit rate is.
 
     ``query_ids``: the query file's hashed qids, less those ``positives`` excluded, are the queries
@@ -134,7 +154,7 @@ def score_pair(run_files: dict[str, Path], qrels: GradedQrels, query_ids: np.nda
         by_task[qrels.task_of[q]].append(q)
     out = []
     for method, path in run_files.items():
-        values = per_query(ranked_run(path), judged, ks)
+        values = per_query(ranked_run(path), judged, ks, measures)
         for task, task_qids in sorted(by_task.items()):
             out += [IRResult(method, like.pool_kind, like.pool, like.query_file, like.dataset, task, like.split,
                              name, k, float(np.mean([by_qid[q] for q in task_qids])), len(task_qids),
@@ -145,9 +165,11 @@ def score_pair(run_files: dict[str, Path], qrels: GradedQrels, query_ids: np.nda
 
 def score_runs(runs_dir: Path, results: list[RecallResult], positives: list[PoolPositives],
                qrels_files: dict[str, Path], query_ids: dict[str, np.ndarray],
-               pool_ids: dict[str, np.ndarray]) -> list[IRResult]:
-    """The standard metrics of every (pool, query file, method) an evaluation scored (``results``)
-    from its run files ``runs_dir/<pool>/<query file>/<method>.run``.
+               pool_ids: dict[str, np.ndarray], measures: dict = MEASURES,
+               ks: list[int] | None = None) -> list[IRResult]:
+    """``measures`` (the standard ones by default) of every (pool, query file, method) an
+    evaluation scored (``results``) from its run files ``runs_dir/<pool>/<query file>/<method>.run``,
+    at ``ks`` (default: each pair's hit-rate ks).
 
     ``qrels_files`` and ``query_ids``: by query file stem; ``pool_ids``: sorted hashed dids by
     pool stem, needed only for the pairs whose missing positives were excluded.
@@ -165,9 +187,30 @@ def score_runs(runs_dir: Path, results: list[RecallResult], positives: list[Pool
         reported = next(r.k for r in rows if r.reported)
         pair_missing = missing[pool, query_file]
         out += score_pair({m: runs_dir / pool / query_file / f"{m}.run" for m in methods}, qrels[query_file],
-                          query_ids[query_file], pair_missing, rows[0], sorted({r.k for r in rows}), reported,
-                          pool_ids[pool] if pair_missing.mode == "exclude" else None)
+                          query_ids[query_file], pair_missing, rows[0], ks or sorted({r.k for r in rows}), reported,
+                          pool_ids[pool] if pair_missing.mode == "exclude" else None, measures)
     return out
+
+
+def score_irgen(runs_dir: Path, results: list[RecallResult], positives: list[PoolPositives],
+                qrels_files: dict[str, Path], query_ids: dict[str, np.ndarray], pool_ids: dict[str, np.ndarray],
+                ks: list[int]) -> list[IRResult]:
+    """IRGen's metrics (module docstring) of every (pool, query file, method), as ``score_runs``:
+    P@k and R@k at ``ks``, and MAP@IRGEN_MAP_DEPTH."""
+    args = (runs_dir, results, positives, qrels_files, query_ids, pool_ids)
+    return (score_runs(*args, IRGEN_MEASURES, sorted(set(ks))) +
+            score_runs(*args, IRGEN_MAP, [IRGEN_MAP_DEPTH]))
+
+
+def table_cells(results: list[IRResult], kind: str, row_of, column_of) -> dict[tuple, dict[str, float]]:
+    """The values of one pool kind by table row, in the paper's row order (dataset, query file,
+    task, method), then ``row_of(result)``; within a row by ``column_of(result)``."""
+    cells: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for r in results:
+        if r.pool_kind == kind:
+            order = (paper_rank(r.dataset, r.task_id), r.query_file, r.task_id, list(METHOD_COLUMNS).index(r.method))
+            cells[order + row_of(r)][column_of(r)] = r.value
+    return cells
 
 
 def ir_table(results: list[IRResult], names: Names | None = None) -> str:
@@ -178,11 +221,7 @@ def ir_table(results: list[IRResult], names: Names | None = None) -> str:
     names = names or method_names()
     out = ["### Standard IR metrics (ir_measures: trec_eval's definitions), %"]
     for kind in POOL_TITLES:
-        cells: dict[tuple, dict[str, float]] = defaultdict(dict)
-        for r in shown:
-            if r.pool_kind == kind:
-                key = (paper_rank(r.dataset, r.task_id), r.query_file, r.task_id, list(METHOD_COLUMNS).index(r.method))
-                cells[key + (r.dataset, r.method, r.k)][r.metric] = r.value
+        cells = table_cells(shown, kind, lambda r: (r.dataset, r.method, r.k), lambda r: r.metric)
         if not cells:
             continue
         out += ["", f"#### {POOL_TITLES[kind]}", "",
@@ -191,6 +230,34 @@ def ir_table(results: list[IRResult], names: Names | None = None) -> str:
         for (_, _, task, _, dataset, method, k), values in sorted(cells.items()):
             row = [TASK_LABEL.get(task, str(task)), DISPLAY_NAME.get(dataset, dataset), names[method], str(k)]
             out.append("| " + " | ".join(row + [f"{100 * values[m]:.1f}" for m in MEASURES]) + " |")
+    return "\n".join(out) + "\n"
+
+
+def irgen_columns(results: list[IRResult]) -> list[str]:
+    """IRGen's column order: every P@k, every R@k (ascending k), then MAP@100."""
+    present = {r.label for r in results}
+    ks = sorted({r.k for r in results if r.metric in IRGEN_MEASURES})
+    return [f"{name}@{k}" for name in IRGEN_MEASURES for k in ks if f"{name}@{k}" in present] + \
+        [f"{name}@{IRGEN_MAP_DEPTH}" for name in IRGEN_MAP if f"{name}@{IRGEN_MAP_DEPTH}" in present]
+
+
+def irgen_table(results: list[IRResult], names: Names | None = None) -> str:
+    """Markdown in IRGen's layout: per pool kind, one row per (query file, task) and method (dense,
+    GENIUS, GENIUS^R), columns P@k | R@k | MAP@100 in percent."""
+    if not results:
+        return ""
+    names = names or method_names()
+    columns = irgen_columns(results)
+    out = ["### IRGen's metrics (R@k: hit rate; MAP@100: trec_eval map_cut_100), %"]
+    for kind in POOL_TITLES:
+        cells = table_cells(results, kind, lambda r: (r.dataset, r.method), lambda r: r.label)
+        if not cells:
+            continue
+        out += ["", f"#### {POOL_TITLES[kind]}", "", "| Dataset | Task | Method | " + " | ".join(columns) + " |",
+                "|" + "---|" * (3 + len(columns))]
+        for (_, _, task, _, dataset, method), values in sorted(cells.items()):
+            row = [DISPLAY_NAME.get(dataset, dataset), TASK_LABEL.get(task, str(task)), names[method]]
+            out.append("| " + " | ".join(row + [f"{100 * values[c]:.1f}" for c in columns]) + " |")
     return "\n".join(out) + "\n"
 
 

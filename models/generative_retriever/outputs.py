@@ -3,6 +3,7 @@
     results/<setting>/
       config.yaml, run.json (manifest for genius search), metrics.json, done.json
       results.tsv (UniIR's hit rate), ir_metrics.tsv (standard IR metrics), results.md, recall_by_task.png
+      irgen_table.md, irgen_metrics.tsv      IRGen's P@k / R@k / MAP@100 (report.metrics: irgen only)
       runs/<pool stem>/<query stem>/{dense,genius,genius_r}.run     TREC-style run files
 
 Paths in run.json are relative to the GENIUS_ROOT when they lie inside it, so a root copied
@@ -43,7 +44,7 @@ OUTPUTS_VERSION = 3
 # Everything a run writes in its results folder (the caches decoded/ and fused/ are keyed by
 # content and outlive runs); a run set aside moves these to stale/<time>/.
 RUN_OUTPUTS = ("config.yaml", "run.json", "metrics.json", "results.tsv", "ir_metrics.tsv", "results.md",
-               "recall_by_task.png", "runs")
+               "recall_by_task.png", "irgen_table.md", "irgen_metrics.tsv", "runs")
 
 
 @dataclass
@@ -55,6 +56,7 @@ class EvalReport:
     positives: list[PoolPositives]
     names: Names  # method key -> column header (the dense one names the run's encoder)
     empty_texts: dict[str, dict[str, int]]  # "queries"/"candidates" -> file stem -> rows extraction left out
+    irgen_table: str = ""  # IRGen's table (report.metrics: irgen), filled in by write_outputs
 
 
 def empty_texts(query_stores: dict[str, EmbeddingStore], pool_stores: dict[str, EmbeddingStore]) -> dict:
@@ -90,22 +92,31 @@ def write_outputs(cfg: Any, models: Models, report: EvalReport, query_files: lis
                   stores: dict[str, EmbeddingStore], pools: dict, qrels_files: dict[str, Path]) -> None:
     """``stores`` and ``qrels_files``: by query file stem; ``pools``: run.json's entries by pool stem."""
     out = report.out_dir
-    ir = []
+    ir, irgen = [], []
     if cfg.run_files:  # the standard metrics are computed from the run files, as other tools would
         pool_ids = {stem: np.sort(np.asarray(EmbeddingStore.open(resolve_path(p["store"]), verify=False).ids))
                     for stem, p in pools.items()} if cfg.missing_positives == "exclude" else {}
-        ir = ir_metrics.score_runs(out / "runs", report.results, report.positives, qrels_files,
-                                   {stem: np.asarray(s.ids) for stem, s in stores.items()}, pool_ids)
+        scoring = (out / "runs", report.results, report.positives, qrels_files,
+                   {stem: np.asarray(s.ids) for stem, s in stores.items()}, pool_ids)
+        ir = ir_metrics.score_runs(*scoring)
         atomic_write_text(out / "ir_metrics.tsv", results_tsv(ir, label=lambda r: r.label, names=report.names))
+        if cfg.report.metrics == "irgen":
+            irgen = ir_metrics.score_irgen(*scoring, cfg.report.ks)
+            report.irgen_table = ir_metrics.irgen_table(irgen, report.names)
+            atomic_write_text(out / "irgen_metrics.tsv",
+                              results_tsv(irgen, label=lambda r: r.label, names=report.names))
+            atomic_write_text(out / "irgen_table.md", report.irgen_table)
     else:
         log.info("run_files: false, so no standard IR metrics (they are computed from the run files)")
     atomic_write_text(out / "results.tsv", results_tsv(report.results, names=report.names))
-    atomic_write_text(out / "results.md",
-                      report.markdown + (f"\n{ir_metrics.ir_table(ir, report.names)}" if ir else ""))
+    ir_part = f"\n{ir_metrics.ir_table(ir, report.names)}" if ir else ""
+    irgen_part = f"\n{report.irgen_table}" if report.irgen_table else ""
+    atomic_write_text(out / "results.md", report.markdown + ir_part + irgen_part)
     metrics = {
         "fingerprints": models.fingerprints,
         "recall": [vars(r) for r in report.results],
         "ir_metrics": {"library": ir_metrics.library_versions(), "results": [vars(r) for r in ir]},
+        **({"irgen_metrics": [vars(r) for r in irgen]} if irgen else {}),
         "decoding": [{**vars(s), "queries_per_second": s.queries_per_second} for s in report.stats],
         "collisions": {stem: p.get("collisions") for stem, p in pools.items()},
     }

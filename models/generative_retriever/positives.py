@@ -10,6 +10,9 @@ so it silently lowers recall. ``missing_positives`` in the eval config decides w
   The paper's numbers were computed so; the counts are printed with the results;
 - ``exclude``: drop those positives and leave the queries left without one out of the scores;
   the counts are printed with the results.
+
+The same pass over a query file collects each query's ``exclude_cand_list`` (candidates never to
+return for it, e.g. its own image in a gallery that holds it), which ranking honours for every method.
 """
 from __future__ import annotations
 
@@ -19,7 +22,9 @@ from typing import Literal
 
 import numpy as np
 
-from genius.common.mbeir import DataFormatError, hash_did, iter_jsonl, lacks_text, qrels_lines, query_problems
+from genius.common.mbeir import (
+    DataFormatError, hash_did, hash_qid, iter_jsonl, lacks_text, qrels_lines, query_problems,
+)
 
 MissingPositives = Literal["error", "keep", "exclude"]
 
@@ -33,21 +38,24 @@ class FilePositives:
     queries: Path
     qrels_lines: list[tuple[int, str, str]]  # (line number, qid, did) of each relevant line
     query_lines: list[tuple[int, str, str]]  # (line number, qid, did) of each pos_cand_list entry
+    exclusions: dict[int, list[int]] = field(default_factory=dict)  # hashed qid -> hashed dids never returned
 
     @classmethod
     def read(cls, qrels: Path, queries: Path) -> "FilePositives":
-        query_lines, empty = [], set()
+        query_lines, empty, exclusions = [], set(), {}
         for lineno, obj in iter_jsonl(queries):
             problems = query_problems(obj, text_required=False)
             if problems:
                 raise DataFormatError(f"{queries}:{lineno}: {problems[0]}")
             if lacks_text(obj, "query_modality", "query_txt"):
                 empty.add(obj["qid"])
-            else:
-                query_lines += [(lineno, obj["qid"], did) for did in obj["pos_cand_list"]]
+                continue
+            query_lines += [(lineno, obj["qid"], did) for did in obj["pos_cand_list"]]
+            if obj.get("exclude_cand_list"):
+                exclusions[hash_qid(obj["qid"])] = [hash_did(did) for did in obj["exclude_cand_list"]]
         relevant = [(lineno, qid, did) for lineno, qid, did, rel, _ in qrels_lines(qrels)
                     if rel > 0 and qid not in empty]
-        return cls(qrels, queries, relevant, query_lines)
+        return cls(qrels, queries, relevant, query_lines, exclusions)
 
 
 @dataclass
@@ -63,6 +71,8 @@ class PoolPositives:
     queries_total: int = 0
     queries_without_positive: int = 0  # queries with qrels positives, none of them in the pool
     excluded_qids: set[str] = field(default_factory=set, repr=False)  # left out of the scores (exclude)
+    # hashed qid -> hashed dids ranking must never return for it (exclude_cand_list; any pool)
+    exclusions: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
     @property
     def any_missing(self) -> bool:
@@ -98,7 +108,7 @@ def check_positives(positives: FilePositives, sorted_pool_ids: np.ndarray, pool_
     ``mode`` 'error' the first one raises, naming its file and line."""
     stem = pool_file.name.removesuffix(".jsonl")
     out = PoolPositives(stem, query_stem, mode, qrels_total=len(positives.qrels_lines),
-                        queries_total=len(positives.query_lines))
+                        queries_total=len(positives.query_lines), exclusions=positives.exclusions)
     qrels_absent = _absent([did for _, _, did in positives.qrels_lines], sorted_pool_ids)
     query_absent = _absent([did for _, _, did in positives.query_lines], sorted_pool_ids)
     out.qrels_missing, out.queries_missing = int(qrels_absent.sum()), int(query_absent.sum())

@@ -6,6 +6,10 @@ file, ``genius search`` (through :class:`GeniusIndex`) on one fresh query. Metho
 - ``genius``: every candidate of each beam's ID, beams in score order (scored by the beam);
 - ``genius_r``: the union of all beams' candidates re-ranked by fused CLIP-SF cosine;
 - ``dense``: exact inner product of the fused query with every fused candidate.
+
+A query's excluded candidates (``exclude_cand_list``) are never returned by any method: each
+ranks as many places deeper as the query may lose, drops them, then truncates to k, so it still
+returns k candidates when the pool (or the beams) hold them.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from genius.models.generative_retriever.retrieval import (
     check_queries,
     genius_ranking,
     rerank_ranking,
+    without_excluded,
 )
 from genius.models.generative_retriever.run_models import Models
 
@@ -31,12 +36,23 @@ METHODS = ("genius", "genius_r", "dense")
 
 def rank(pool: Pool, leaves: np.ndarray, beam_scores: np.ndarray, fused_queries: np.ndarray | None, k: int,
          methods: Iterable[str], dense_backend: str = "torch", dense_chunk: int = 65536,
-         device: str | torch.device = "cpu") -> dict[str, Ranking]:
+         device: str | torch.device = "cpu", excluded: np.ndarray | None = None) -> dict[str, Ranking]:
     """Top-``k`` pool rows per query for each of ``methods`` (in that order).
 
     ``leaves`` [Q, B]: each beam's trie leaf (``retrieval.beam_leaves``); ``beam_scores`` [Q, B];
-    ``fused_queries`` [Q, D]: fused CLIP-SF query embeddings (needed by genius_r and dense).
+    ``fused_queries`` [Q, D]: fused CLIP-SF query embeddings (needed by genius_r and dense);
+    ``excluded`` [Q, E]: pool rows never to return per query, -1 padded (``retrieval.excluded_rows``).
     """
+    if excluded is None or not excluded.shape[1]:
+        return _rank(pool, leaves, beam_scores, fused_queries, k, methods, dense_backend, dense_chunk, device)
+    deeper = _rank(pool, leaves, beam_scores, fused_queries, k + excluded.shape[1], methods, dense_backend,
+                   dense_chunk, device)
+    return {method: without_excluded(ranking, excluded, k) for method, ranking in deeper.items()}
+
+
+def _rank(pool: Pool, leaves: np.ndarray, beam_scores: np.ndarray, fused_queries: np.ndarray | None, k: int,
+          methods: Iterable[str], dense_backend: str, dense_chunk: int, device: str | torch.device
+          ) -> dict[str, Ranking]:
     rankings: dict[str, Ranking] = {}
     for method in methods:
         if method not in METHODS:

@@ -150,6 +150,34 @@ class Ranking:
         return np.where(self.rows >= 0, np.asarray(pool_ids)[self.rows.clip(min=0)], ABSENT)
 
 
+def excluded_rows(pool_ids: np.ndarray, excluded_dids: list[list[int]]) -> np.ndarray:
+    """int64 [Q, E]: the pool rows of each query's excluded hashed dids, -1 padded; E is the most
+    any query has in this pool (0 when none has any), and dids not in the pool are dropped."""
+    pool_ids = np.asarray(pool_ids)
+    order = np.argsort(pool_ids, kind="stable")
+    per_query = []
+    for dids in excluded_dids:
+        dids = np.asarray(dids, dtype=np.int64)
+        at = np.searchsorted(pool_ids, dids, sorter=order).clip(max=max(len(order) - 1, 0))
+        found = pool_ids[order[at]] == dids if len(order) else np.zeros(len(dids), bool)
+        per_query.append(order[at[found]])
+    out = np.full((len(per_query), max((len(r) for r in per_query), default=0)), ABSENT, dtype=np.int64)
+    for q, rows in enumerate(per_query):
+        out[q, : len(rows)] = rows
+    return out
+
+
+def without_excluded(ranking: Ranking, excluded: np.ndarray, k: int) -> Ranking:
+    """``ranking`` less each query's ``excluded`` rows [Q, E] (-1 padding), the rest moved up in
+    order and truncated to ``k``: a ranking made ``E`` deeper still holds k results when it can."""
+    rows = ranking.rows
+    keep = (rows >= 0) & ~(rows[:, :, None] == excluded[:, None, :]).any(axis=2)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # stable: kept rows in their ranked order
+    kept = np.take_along_axis(keep, order, axis=1)
+    return Ranking(np.where(kept, np.take_along_axis(rows, order, axis=1), ABSENT),
+                   np.where(kept, np.take_along_axis(ranking.scores, order, axis=1), PAD_SCORE).astype(np.float32))
+
+
 def _drop_repeated_leaves(leaves: np.ndarray) -> np.ndarray:
     """Set every repeat of a leaf within a query's beams to -1, keeping its first (best) beam."""
     order = np.argsort(leaves, axis=1, kind="stable")

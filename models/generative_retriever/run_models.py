@@ -29,9 +29,11 @@ class Models:
     """What decoding needs; ``load_models`` builds it from a native run or an official checkpoint.
 
     ``embed(img, txt, img_mask, txt_mask) -> z [B, dim]`` (float32, CPU tensors in and out) and
-    ``decode(z, trie) -> BeamResult``; ``fingerprints`` key every cached decoding. Codes are only
-    accepted if made by the quantizer ``fingerprints["rq"]`` in ``modality_mode`` with
-    ``codebook_sizes`` (the generator's vocabulary).
+    ``decode(queries, trie) -> BeamResult``, where ``queries`` is z, or with ``preprocess`` set (an
+    image_tokens generator) the queries' uint8 images [B, 3, S, S] as ``preprocess.to_uint8`` crops
+    them; ``fingerprints`` key every cached decoding. Codes are only accepted if made by the
+    quantizer ``fingerprints["rq"]`` in ``modality_mode`` with ``codebook_sizes`` (the generator's
+    vocabulary).
     """
 
     embed: Callable[..., torch.Tensor]
@@ -40,6 +42,7 @@ class Models:
     codebook_sizes: list[int]
     modality_mode: str
     files: dict = field(default_factory=dict)  # "rq" / "generator" -> checkpoint path, for messages and the manifest
+    preprocess: Any = None  # the ImagePreprocess of an image_tokens generator's query images; None: it reads z
 
 
 def checkpoint_files(paths: Any) -> list[Path]:
@@ -74,6 +77,18 @@ def model_fingerprints(paths: Any) -> dict:
     rq_path, gen_path = files
     return {"rq": rq_fingerprint(rq_path),
             "generator": load_own_checkpoint(gen_path, verify=False, mmap=True)[CONTENT_KEY]}
+
+
+def reads_query_images(paths: Any, models: Models | None = None) -> bool:
+    """Whether the run's generator reads the query images (an image_tokens generator) rather than
+    the query store, from the loaded ``models`` or else from generator.pt's recorded arch."""
+    if models is not None:
+        return models.preprocess is not None
+    if paths.official_checkpoint is not None:
+        return False
+    _, gen_path = _require_files(paths)
+    # generator.IMAGE_TOKENS, spelt out: importing generator.py loads transformers
+    return load_own_checkpoint(gen_path, verify=False, mmap=True)["arch"].get("condition") == "image_tokens"
 
 
 def load_models(cfg: Any, device: torch.device) -> Models:
@@ -112,9 +127,11 @@ def load_models(cfg: Any, device: torch.device) -> Models:
             z = rq.embed(img.to(device), txt.to(device), img_mask.to(device), txt_mask.to(device))
         return z.float().cpu()
 
-    def decode(z, trie):
-        return constrained_beam_search(generator, z.to(device), trie, rq.codebook_sizes, num_beams=dec.num_beams,
+    def decode(queries, trie):
+        return constrained_beam_search(generator, queries.to(device), trie, rq.codebook_sizes, num_beams=dec.num_beams,
                                        batch_size=dec.batch_size, level_head=dec.level_head, autocast=dec.autocast,
-                                       modality_threshold=dec.modality_threshold)
+                                       modality_threshold=dec.modality_threshold,
+                                       modality_level=rq.has_modality_level)
 
-    return Models(embed, decode, fingerprints, list(generator.codebook_sizes), rq.arch["modality_mode"], files)
+    return Models(embed, decode, fingerprints, list(generator.codebook_sizes), rq.arch["modality_mode"], files,
+                  getattr(generator, "preprocess", None))

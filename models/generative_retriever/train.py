@@ -2,10 +2,15 @@
 
 For each (query, positive) pair of the training queries the frozen stage-1 model gives the
 normalised Combiner outputs z_q and z_c and the positive's L codes (recomputed every batch; level
-0 from the candidate's modality). The generator reads the query-target mix of z_q and z_c and is
-trained with cross-entropy on the L code tokens (teacher forcing). AdamW with linear warm-up and
-cosine decay to 0, per step; gradient clipping; fp16 autocast with GradScaler on GPU; DDP under
-torchrun. Checkpoints after every ``checkpoint_every`` epochs.
+0 from the candidate's modality when the quantizer has a modality level). The generator reads
+the query-target mix of z_q and z_c and is trained with cross-entropy on the L code tokens
+(teacher forcing). AdamW with linear warm-up and cosine decay to 0, per step; gradient clipping;
+fp16 autocast with GradScaler on GPU; DDP under torchrun. Checkpoints after every
+``checkpoint_every`` epochs.
+``model.condition: image_tokens`` (IRGen's decoder, generator module docstring) reads the query's
+image instead: its pixels from ``data.root`` + ``query_img_path``, through the visual tower of
+the stage-0 CLIP-SF ``model.vision_checkpoint``, trained at ``optim.lr`` x ``optim.vision_lr_scale``
+(0 freezes it); the targets are the positives' codes as above, and mixing does not apply.
 ``optim.warmup_start``, ``optim.no_decay`` and ``train.positives`` select the official code's
 warm-up, weight-decay rule and fixed positives (configs_scripts/large/train_gen.yaml sets them).
 
@@ -13,7 +18,8 @@ Outputs in ``out_dir``: ``generator.pt`` (see ``generator.load_generator``), ``m
 (loss, teacher-forced exact match, per-level accuracy, lr), ``config.yaml``, ``checkpoints/``,
 ``training_curves.png``, ``done.json``. A re-run does nothing when ``done.json`` records the same
 run (semantic config, the query file's content, the two stores' content ids, rq.pt's fingerprint,
-the global batch: genius.common.runstate), resumes from the last checkpoint of the same run, or
+the global batch; with image_tokens also the vision checkpoint's content and the query images'
+paths, sizes and mtimes: genius.common.runstate), resumes from the last checkpoint of the same run, or
 else moves the old run with its logs to ``out_dir/stale/<time>/`` and starts afresh;
 ``train.force=true`` always retrains. Every number of the config is range-checked before any work.
 """
@@ -50,14 +56,20 @@ from genius.common.stage import (
 )
 from genius.common.store import EmbeddingStore, store_path
 from genius.models.generative_retriever.generator import (
+    IMAGE_TOKENS,
+    PREFIX,
     T5_SMALL,
     IDGenerator,
     load_pretrained_t5,
     make_arch,
     save_generator,
+    vision_arch,
 )
 from genius.models.generative_retriever.mixing import mix_query_target
-from genius.models.generative_retriever.vocab import codes_to_tokens
+from genius.models.generative_retriever.query_images import (
+    QueryImages, images_digest, query_image_paths,
+)
+from genius.models.generative_retriever.vocab import code_offsets, codes_to_tokens
 
 log = logging.getLogger("genius.train_gen")
 
@@ -84,6 +96,10 @@ class ModelConfig:
     dropout: float = ranged(T5_SMALL["dropout"], "[0, 1)")
     pretrained: str | None = None  # a local T5 directory (save_pretrained format); shapes then come from it
     code_embedding_scale: float = ranged(100.0, "> 0")
+    # prefix: num_prefix vectors projected from the query's Combiner output (GENIUS). image_tokens:
+    # the query image's tokens from the visual tower of vision_checkpoint (IRGen); needs mixing off.
+    condition: Literal["prefix", "image_tokens"] = PREFIX
+    vision_checkpoint: str | None = None  # the stage-0 CLIP-SF checkpoint (clip_sf.pt); image_tokens only
 
 
 @dataclass
@@ -109,6 +125,8 @@ class OptimConfig:
     # official t / warmup_steps, whose first update has lr 0 (it only fills AdamW's moments).
     warmup_start: training.WarmupStart = "first_step"
     grad_clip: float = ranged(1.0, "> 0")
+    vision_lr_scale: float = ranged(0.01, ">= 0")  # the vision tower's lr = lr x this (image_tokens); 0 freezes it
+    label_smoothing: float = ranged(0.0, "[0, 1)")  # of the code-token cross-entropy, over the level's codes (code_loss)
 
 
 @dataclass
@@ -143,13 +161,25 @@ def check_config(cfg: TrainGenConfig) -> None:
     check_ranges(cfg)
     if len(cfg.optim.betas) != 2:
         raise ValueError(f"optim.betas: {cfg.optim.betas} must hold two numbers in [0, 1), e.g. [0.9, 0.98]")
+    if cfg.model.condition == IMAGE_TOKENS:
+        if cfg.mixing.enabled:
+            raise ValueError("mixing.enabled: query-target mixing mixes prefix vectors and does not apply to "
+                             "model.condition: image_tokens; set mixing.enabled: false")
+        if cfg.model.vision_checkpoint is None:
+            raise ValueError("model.vision_checkpoint: model.condition image_tokens needs the stage-0 CLIP-SF "
+                             "checkpoint whose visual tower reads the query images; set it (e.g. "
+                             "checkpoint/<setting>/clip_sf/clip_sf.pt)")
+    elif cfg.model.vision_checkpoint is not None:
+        raise ValueError("model.vision_checkpoint: only read with model.condition: image_tokens; set the condition "
+                         "or remove the checkpoint")
 
 
 # What does not change what a run computes (logging, cadence, device, paths: the inputs are
 # fingerprinted by content instead); the per-process batch size counts as the global batch.
 NOT_IN_RUN_KEY = ("out_dir", "train.device", "train.cpu_threads", "train.force", "train.log_every",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.batch_size", "data.root",
-                  "data.embed_root", "data.train_queries", "data.train_pool", "data.rq", "model.pretrained")
+                  "data.embed_root", "data.train_queries", "data.train_pool", "data.rq", "model.pretrained",
+                  "model.vision_checkpoint")
 FINAL = "generator.pt"
 
 
@@ -164,6 +194,11 @@ def train(cfg: TrainGenConfig) -> Path:
     inputs["rq"] = rq_print
     if cfg.model.pretrained:
         inputs["pretrained"] = folder_content(resolve_path(cfg.model.pretrained))
+    root, image_paths = resolve_path(cfg.data.root), None
+    if cfg.model.condition == IMAGE_TOKENS:
+        image_paths = query_image_paths(root / cfg.data.train_queries, queries, root, rows=pairs.query_rows)
+        inputs["vision"] = file_content(check_vision_checkpoint(cfg.model.vision_checkpoint))
+        inputs["query_images"] = images_digest(root, image_paths)
     key = RunKey.of(cfg, NOT_IN_RUN_KEY, inputs, **training.batch_extra(cfg.train.batch_size, info.world_size))
     run = training.make_run(out_dir, key, FINAL, stage="genius train-gen", force=cfg.train.force, info=info)
     with run.hold():
@@ -174,6 +209,11 @@ def train(cfg: TrainGenConfig) -> Path:
         seed_everything(cfg.train.seed + info.rank)
         resume = training.resume_point(run, info, batch_key="train.batch_size", force_key="train.force")
         generator = (IDGenerator(resume["arch"]) if resume else new_generator(cfg.model, rq)).to(info.device)
+        images = None
+        if image_paths is not None:
+            images = QueryImages(root, image_paths, generator.preprocess)
+            if cfg.optim.vision_lr_scale == 0:
+                generator.vision.requires_grad_(False)
         optimizer, scheduler = make_optimizer(generator, cfg.optim, steps_per_epoch * cfg.train.epochs)
         scaler = training.grad_scaler(cfg.train.amp, info.device)
         start_epoch = restore(resume, generator, optimizer, scheduler, scaler, info, cfg.train.seed) if resume else 0
@@ -185,7 +225,7 @@ def train(cfg: TrainGenConfig) -> Path:
         metrics, window = MetricsLog(out_dir / "metrics.jsonl", enabled=info.is_main), Window()
         record = {**training.checkpoint_record(run, info), "rq": rq_print}
         for epoch in range(start_epoch, cfg.train.epochs):
-            model.train()
+            train_mode(model, generator, cfg.optim.vision_lr_scale)
             started, epoch_loss = time.monotonic(), EpochLoss()
             batches = iterate_batches(pairs, queries, pool, batch_size=cfg.train.batch_size, epoch=epoch,
                                       seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
@@ -193,6 +233,8 @@ def train(cfg: TrainGenConfig) -> Path:
             progress = Progress(steps_per_epoch, f"train-gen: epoch {epoch}", logger=log, end_line=False,
                                 enabled=info.is_main)
             for batch in progress.wrap(batches):
+                if images is not None:
+                    batch["q_pixels"] = images(batch["q_row"].numpy())
                 loss, hits = train_step(model, rq, batch, optimizer, scheduler, scaler, cfg, info.device)
                 window.add(loss, hits)
                 progress.set_postfix(loss=loss.item)  # read only when a progress line shows it
@@ -218,17 +260,24 @@ def train(cfg: TrainGenConfig) -> Path:
 
 def train_step(model, rq, batch: dict, optimizer, scheduler, scaler, cfg: TrainGenConfig,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step; returns the loss and the teacher-forced hits [B, L] (detached)."""
+    """One optimiser step; returns the loss and the teacher-forced hits [B, L] (detached).
+
+    The generator reads the query-target mix of z_q and z_c, or with image_tokens the batch's
+    ``q_pixels`` (uint8 query images)."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     with torch.no_grad():
-        z_q = rq.embed(batch["q_img"], batch["q_txt"], batch["q_img_mask"], batch["q_txt_mask"])
         z_c = rq.embed(batch["c_img"], batch["c_txt"], batch["c_img_mask"], batch["c_txt_mask"])
-        target = rq.encode(z_c, batch["c_modality"])
+        target = rq.encode(z_c, batch["c_modality"] if rq.has_modality_level else None)
+        if "q_pixels" not in batch:
+            z_q = rq.embed(batch["q_img"], batch["q_txt"], batch["q_img_mask"], batch["q_txt_mask"])
     tokens = codes_to_tokens(target, rq.codebook_sizes)
-    z_in = mix_query_target(z_q, z_c, cfg.mixing.alpha, cfg.mixing.enabled)
+    if "q_pixels" in batch:
+        inputs = batch["q_pixels"]
+    else:
+        inputs = mix_query_target(z_q, z_c, cfg.mixing.alpha, cfg.mixing.enabled)
     with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
-        logits = model(z_in, target)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+        logits = model(inputs, target)
+    loss = code_loss(logits, tokens, rq.codebook_sizes, cfg.optim.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     training.optimizer_step(scaler, optimizer, scheduler, (model.parameters(), cfg.optim.grad_clip))
@@ -297,6 +346,20 @@ def open_training_data(cfg: TrainGenConfig, dim: int) -> tuple[TrainingPairs, Em
     return pairs, stores[0], stores[1], inputs
 
 
+def code_loss(logits: torch.Tensor, tokens: torch.Tensor, codebook_sizes: list[int], smoothing: float) -> torch.Tensor:
+    """Cross-entropy of the code tokens [B, L] under the full-vocabulary logits [B, L, V]. Label
+    smoothing puts its share on the level's own codes, uniformly: the only tokens the trie ever
+    allows at that step (IRGen's vocabulary is one level's codes), not the other levels' codes or
+    the special tokens."""
+    nll = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+    if smoothing == 0:
+        return nll
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    spread = torch.stack([-log_probs[:, level, lo : lo + size].mean(-1) for level, (lo, size)
+                          in enumerate(zip(code_offsets(codebook_sizes), codebook_sizes))], dim=1)
+    return (1 - smoothing) * nll + smoothing * spread.mean()
+
+
 def folder_content(folder: Path) -> dict:
     """The content fingerprints of every file in ``folder`` (a pretrained T5 directory)."""
     if not folder.is_dir():
@@ -306,16 +369,42 @@ def folder_content(folder: Path) -> dict:
 
 
 def new_generator(cfg: ModelConfig, rq) -> IDGenerator:
-    """Randomly initialised (or pretrained-T5) generator with code embeddings from the codebooks."""
+    """Randomly initialised (or pretrained-T5) generator with code embeddings from the codebooks;
+    with image_tokens, its vision tower holds the visual tower of ``cfg.vision_checkpoint``."""
     codebooks = [c.detach().float().cpu() for c in rq.codebooks()]
     shape = {k: getattr(cfg, k) for k in ("d_model", "num_heads", "d_kv", "d_ff", "num_decoder_layers", "dropout")}
-    arch = make_arch(codebooks[0].shape[1], rq.codebook_sizes, cfg.num_prefix, **shape)
+    clip, vision = None, None
+    if cfg.condition == IMAGE_TOKENS:
+        from genius.feature_extraction.clip_model import load_clip
+
+        clip, name, clip_cfg = load_clip(check_vision_checkpoint(cfg.vision_checkpoint), None)
+        vision = vision_arch(name, clip_cfg)
+    arch = make_arch(codebooks[0].shape[1], rq.codebook_sizes, cfg.num_prefix, vision, **shape)
     t5 = None
     if cfg.pretrained:
         t5, arch = load_pretrained_t5(resolve_path(cfg.pretrained), arch)
     generator = IDGenerator(arch, t5)
     generator.init_code_embeddings(codebooks, scale=cfg.code_embedding_scale)
+    if clip is not None:
+        tower = {k: v for k, v in clip.visual.state_dict().items() if k != "proj"}  # the tower keeps no projection
+        load_state_dict_strict(generator.vision, tower, f"visual tower of {cfg.vision_checkpoint}")
     return generator
+
+
+def check_vision_checkpoint(path: str) -> Path:
+    resolved = resolve_path(path)
+    if not resolved.is_file():
+        raise FileNotFoundError(f"model.vision_checkpoint: {resolved} does not exist; run genius train-clip (or point "
+                                "it at the stage-0 CLIP-SF checkpoint the stores were extracted with)")
+    return resolved
+
+
+def train_mode(model, generator: IDGenerator, vision_lr_scale: float) -> None:
+    """Training mode, except a frozen vision tower (``optim.vision_lr_scale`` 0), which stays in
+    eval mode (its patch dropout off) as well as without gradients."""
+    model.train()
+    if generator.condition == IMAGE_TOKENS and vision_lr_scale == 0:
+        generator.vision.eval()
 
 
 # Name parts that exempt a parameter from weight decay under the official rule.
@@ -330,9 +419,19 @@ def decays(name: str, param: torch.Tensor, rule: str) -> bool:
 
 
 def make_optimizer(generator: IDGenerator, cfg: OptimConfig, total_steps: int):
-    """AdamW (weight decay as ``cfg.no_decay`` says) and warm-up + cosine-to-zero, per iteration."""
+    """AdamW (weight decay as ``cfg.no_decay`` says) and warm-up + cosine-to-zero, per iteration.
+    A trainable vision tower's parameters get groups of their own at lr x ``cfg.vision_lr_scale``
+    (the schedule scales every group's lr alike); the first group stays the decoder's."""
     optimizer = training.adamw(generator, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.eps, betas=cfg.betas,
                                decays=lambda name, param: decays(name, param, cfg.no_decay))
+    if generator.condition == IMAGE_TOKENS:
+        tower = {id(p) for p in generator.vision.parameters()}
+        for group in list(optimizer.param_groups):
+            moved = [p for p in group["params"] if id(p) in tower]
+            group["params"] = [p for p in group["params"] if id(p) not in tower]
+            if moved:
+                optimizer.add_param_group({"params": moved, "weight_decay": group["weight_decay"],
+                                           "lr": cfg.lr * cfg.vision_lr_scale})
     return optimizer, training.warmup_cosine(optimizer, cfg.warmup_steps, total_steps, cfg.warmup_start)
 
 

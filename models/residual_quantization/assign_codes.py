@@ -4,10 +4,12 @@ For each candidate store (stage 0 output, one per local pool plus the union pool
 ``<out_dir>/<pool stem>/``:
 
 - ``codes.npy`` int64 [N, L]: level 0 = the candidate's modality (assigned mode), then one code
-  per residual level; ``ids.npy`` int64 [N]: hashed dids in store order;
+  per residual level (without a modality level, every level is a residual level);
+  ``ids.npy`` int64 [N]: hashed dids in store order;
 - ``stats.json``: codes used and perplexity per level, collision rate (share of candidates whose
   full ID another candidate shares), distinct IDs, largest bucket, mean quantization error
-  ||z - decode(codes)||^2 (and after each level);
+  ||z - decode(codes)||^2 (and after each level), and with a modality level the share of
+  candidates whose level-0 code is their modality;
 - ``meta.json``: what the codes were made from (the quantizer's fingerprint and modality mode,
   the Combiner's precision, the store) and num_levels, codebook_sizes, the quantizer's file.
 
@@ -250,9 +252,10 @@ def encode_store(model: RQModel, store: EmbeddingStore, batch_size: int, device:
     return codes, error_sums / max(len(store), 1)
 
 
-def pool_stats(codes: np.ndarray, codebook_sizes: list[int], errors: np.ndarray, modality: np.ndarray) -> dict:
+def pool_stats(codes: np.ndarray, codebook_sizes: list[int], errors: np.ndarray, modality: np.ndarray | None) -> dict:
+    """``modality``: the candidates' modalities when level 0 is the modality level, else None."""
     used, perplexities = level_usage(codes, codebook_sizes)
-    return {
+    stats = {
         "num_candidates": int(len(codes)),
         "num_levels": len(codebook_sizes),
         "codebook_sizes": codebook_sizes,
@@ -261,8 +264,10 @@ def pool_stats(codes: np.ndarray, codebook_sizes: list[int], errors: np.ndarray,
         **collision_stats(codes),
         "mean_quantization_error": float(errors[-1]) if len(errors) else 0.0,
         "quantization_error_per_level": [float(e) for e in errors],
-        "level0_matches_modality": float((codes[:, 0] == modality).mean()) if len(codes) else 1.0,
     }
+    if modality is not None:
+        stats["level0_matches_modality"] = float((codes[:, 0] == modality).mean()) if len(codes) else 1.0
+    return stats
 
 
 def assign_pool(model: RQModel, fingerprint: str, store_path: Path, cfg: AssignCodesConfig, info: DistInfo) -> None:
@@ -283,7 +288,8 @@ def assign_pool(model: RQModel, fingerprint: str, store_path: Path, cfg: AssignC
         return
     codes, errors = encoded
     sizes = list(model.codebook_sizes)
-    stats = pool_stats(codes, sizes, errors, np.asarray(store.arrays.modality, dtype=np.int64))
+    modality = np.asarray(store.arrays.modality, dtype=np.int64) if model.has_modality_level else None
+    stats = pool_stats(codes, sizes, errors, modality)
     if cfg.unique_level:
         # The stats above describe the ID without the extra level (which makes every ID unique).
         codes = np.concatenate([codes, rank_in_bucket(codes)[:, None]], axis=1)
@@ -296,7 +302,7 @@ def assign_pool(model: RQModel, fingerprint: str, store_path: Path, cfg: AssignC
     files = {name: {"size": (out / name).stat().st_size, "sha256": content_sha256(out / name)} for name in CODE_FILES}
     # meta.json, then done.json last: a folder without them is never taken as up to date.
     atomic_write_json(out / "meta.json", {
-        "rq": fingerprint, "modality_mode": model.arch["modality_mode"],
+        "rq": fingerprint, "modality_mode": model.arch["modality_mode"], "modality_level": model.has_modality_level,
         "combiner_dtype": combiner_dtype(info.device, cfg.autocast),
         "store_content": store.content_id,  # the candidate store's content_id: codes belong to that store
         "store": {"path": portable_path(store.path), "source": store.meta.get("source")},

@@ -29,8 +29,8 @@ ARCH_KEYS = ("dim", "proj_dim", "hidden_dim", "num_levels", "codebook_size", "mo
              "dead_code_threshold")
 # Arch keys added later, with the value every file written before them was trained with. The
 # estimator only shapes training gradients, so it is recorded but never changes what a loaded
-# model computes.
-ARCH_DEFAULTS = {"gradient_estimator": "straight_through"}
+# model computes; every file before ``modality_level`` had one.
+ARCH_DEFAULTS = {"gradient_estimator": "straight_through", "modality_level": True}
 
 
 class Combiner(nn.Module):
@@ -64,6 +64,7 @@ class RQOutput:
     quantized: torch.Tensor  # [B, dim] sum of codewords; gradient to z: the quantizer's estimator
     codes: torch.Tensor  # [B, L]
     commit_loss: torch.Tensor  # scalar
+    partials: torch.Tensor  # [L, B, dim] detached reconstruction after each level
     resets: torch.Tensor  # [L] dead codes re-seeded this step
 
 
@@ -74,14 +75,16 @@ def _column(mask: torch.Tensor) -> torch.Tensor:
 class RQModel(nn.Module):
     def __init__(self, dim: int, proj_dim: int, hidden_dim: int, num_levels: int, codebook_size: int,
                  modality_mode: ModalityMode = "assigned", decay: float = 0.9, eps: float = 1e-5,
-                 dead_code_threshold: float = 2.0, gradient_estimator: GradientEstimator = "straight_through"):
+                 dead_code_threshold: float = 2.0, gradient_estimator: GradientEstimator = "straight_through",
+                 modality_level: bool = True):
         super().__init__()
         self.arch = {"dim": dim, "proj_dim": proj_dim, "hidden_dim": hidden_dim, "num_levels": num_levels,
                      "codebook_size": codebook_size, "modality_mode": modality_mode, "decay": decay, "eps": eps,
-                     "dead_code_threshold": dead_code_threshold, "gradient_estimator": gradient_estimator}
+                     "dead_code_threshold": dead_code_threshold, "gradient_estimator": gradient_estimator,
+                     "modality_level": modality_level}
         self.combiner = Combiner(dim, proj_dim, hidden_dim)
         self.quantizer = ResidualQuantizer(dim, num_levels, codebook_size, modality_mode, decay, eps,
-                                           dead_code_threshold, gradient_estimator)
+                                           dead_code_threshold, gradient_estimator, modality_level)
 
     @classmethod
     def from_arch(cls, arch: Mapping) -> "RQModel":
@@ -99,6 +102,11 @@ class RQModel(nn.Module):
     def codebook_sizes(self) -> list[int]:
         return self.quantizer.codebook_sizes
 
+    @property
+    def has_modality_level(self) -> bool:
+        """Whether level 0 is the modality code (False: every level is a learned K-code level)."""
+        return self.quantizer.modality_level
+
     def codebooks(self) -> list[torch.Tensor]:
         return [book.embed for book in self.quantizer.levels]
 
@@ -111,10 +119,12 @@ class RQModel(nn.Module):
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, img_mask: torch.Tensor, txt_mask: torch.Tensor,
                 modality: torch.Tensor | None = None) -> RQOutput:
-        """Embed and quantize (training mode: EMA codebook updates). ``modality``: level-0 codes."""
+        """Embed and quantize (training mode: EMA codebook updates). ``modality``: level-0 codes
+        (read only by an assigned modality level)."""
         z = self.embed(img, txt, img_mask, txt_mask)
         out = self.quantizer(z, modality)
-        return RQOutput(z=z, quantized=out.quantized, codes=out.codes, commit_loss=out.commit_loss, resets=out.resets)
+        return RQOutput(z=z, quantized=out.quantized, codes=out.codes, commit_loss=out.commit_loss,
+                        partials=out.partials, resets=out.resets)
 
     @torch.no_grad()
     def encode(self, z: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:

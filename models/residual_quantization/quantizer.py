@@ -1,10 +1,12 @@
 """Residual vector quantizer with a modality level, EMA codebooks and dead-code reset.
 
-Level 0 has 3 codes, one per modality (0 image, 1 text, 2 image+text). In the default
-``"assigned"`` mode its code is *given* (a candidate's own modality, or for a query the modality
-its instruction asks for) and its codeword is the EMA mean of the vectors assigned to it, so the
-first code means what the paper says by construction. ``"learned"`` mode is the official code's
-plain 3-entry nearest-codeword level (needed to load the released checkpoint).
+With ``modality_level`` (the default) level 0 has 3 codes, one per modality (0 image, 1 text,
+2 image+text). In the default ``"assigned"`` mode its code is *given* (a candidate's own modality,
+or for a query the modality its instruction asks for) and its codeword is the EMA mean of the
+vectors assigned to it, so the first code means what the paper says by construction. ``"learned"``
+mode is the official code's plain 3-entry nearest-codeword level (needed to load the released
+checkpoint). Without a modality level (IRGen's IDs for an image-only collection) every level is a
+K-code level and the modality is never read.
 
 Levels 1..L-1 have K codes each. Every level quantizes the residual left by the levels before it,
 by Euclidean nearest codeword; the quantized vector is the sum of the selected codewords.
@@ -28,7 +30,8 @@ selected codewords; what differs is the gradient it passes back to its input z.
   back through (e - 2 (e.w) w + 2 (e.u) q) s, which equals c in value and maps u onto q: the
   gradient is rotated and scaled like the vector was. The levels' terms are summed.
 In every mode the commitment loss pulls each level's input residual towards its (constant)
-codeword.
+codeword. ``partials`` hands the training objectives the reconstruction after each level (as
+constants), which IRGen's tokenizer loss classifies.
 """
 from __future__ import annotations
 
@@ -198,13 +201,14 @@ class QuantizerOutput:
     quantized: torch.Tensor  # [B, dim] value = sum of the selected codewords; gradient: the estimator
     codes: torch.Tensor  # [B, L] int64
     commit_loss: torch.Tensor  # scalar: mean over levels of MSE(level input, detached codeword)
+    partials: torch.Tensor  # [L, B, dim] detached: sum of the codewords of levels 0..l, for each l
     resets: torch.Tensor  # [L] int64, codes re-seeded this step (zeros unless updating)
 
 
 class ResidualQuantizer(nn.Module):
     def __init__(self, dim: int, num_levels: int, codebook_size: int, modality_mode: ModalityMode = "assigned",
                  decay: float = 0.9, eps: float = 1e-5, dead_code_threshold: float = 2.0,
-                 gradient_estimator: GradientEstimator = "straight_through"):
+                 gradient_estimator: GradientEstimator = "straight_through", modality_level: bool = True):
         super().__init__()
         if modality_mode not in get_args(ModalityMode):
             raise ValueError(f"modality_mode must be 'assigned' or 'learned', got {modality_mode!r}")
@@ -212,13 +216,15 @@ class ResidualQuantizer(nn.Module):
             raise ValueError(f"gradient_estimator must be one of {', '.join(get_args(GradientEstimator))}, "
                              f"got {gradient_estimator!r}")
         if num_levels < 1:
-            raise ValueError(f"num_levels must be at least 1 (the modality level), got {num_levels}")
+            raise ValueError(f"num_levels must be at least 1, got {num_levels}")
         self.dim, self.modality_mode, self.gradient_estimator = dim, modality_mode, gradient_estimator
+        self.modality_level = modality_level
         # The modality level never re-seeds codes (threshold 0), as in the official code.
-        modality_level = EMACodebook(NUM_MODALITIES, dim, decay, eps, 0.0,
-                                     update_only_present=modality_mode == "assigned")
-        self.levels = nn.ModuleList([modality_level] + [
-            EMACodebook(codebook_size, dim, decay, eps, dead_code_threshold) for _ in range(num_levels - 1)
+        first = ([EMACodebook(NUM_MODALITIES, dim, decay, eps, 0.0, update_only_present=modality_mode == "assigned")]
+                 if modality_level else [])
+        self.levels = nn.ModuleList(first + [
+            EMACodebook(codebook_size, dim, decay, eps, dead_code_threshold)
+            for _ in range(num_levels - len(first))
         ])
 
     @property
@@ -246,8 +252,12 @@ class ResidualQuantizer(nn.Module):
             raise ValueError(f"modality code {int(bad)} is not 0 (image), 1 (text) or 2 (image+text)")
         return modality
 
+    def _assigned(self, level: int) -> bool:
+        """Whether ``level``'s code is given by the modality rather than chosen by nearest codeword."""
+        return level == 0 and self.modality_level and self.modality_mode == "assigned"
+
     def _level_codes(self, level: int, residual: torch.Tensor, modality: torch.Tensor | None) -> torch.Tensor:
-        if level == 0 and self.modality_mode == "assigned":
+        if self._assigned(level):
             return self._modality_codes(modality, len(residual)).to(residual.device)
         return nearest_codes(residual, self.levels[level].embed)
 
@@ -263,7 +273,7 @@ class ResidualQuantizer(nn.Module):
         # At paper size (16384 vectors, K = 4096, up to 1000 iterations) a level can take a while.
         progress = Progress(self.num_levels, "k-means initialisation", unit="level", logger=log)
         for level, book in enumerate(progress.wrap(self.levels)):
-            if level == 0 and self.modality_mode == "assigned":
+            if self._assigned(level):
                 codes = self._modality_codes(modality, len(residual)).to(residual.device)
                 counts = code_counts(codes, book.size).to(residual.dtype)
                 sums = torch.zeros_like(book.embed).index_add_(0, codes, residual)
@@ -282,7 +292,7 @@ class ResidualQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):  # distances need fp32
             x = z.float()
             residual, codeword_sum, carrier = x, torch.zeros_like(x), torch.zeros_like(x)
-            chosen, commit, level_inputs = [], [], []
+            chosen, commit, level_inputs, partials = [], [], [], []
             for level, book in enumerate(self.levels):
                 codes = self._level_codes(level, residual, modality)
                 codeword = book.embed[codes]  # a copy: later EMA updates do not change it
@@ -295,6 +305,7 @@ class ResidualQuantizer(nn.Module):
                 residual = residual - codeword
                 codeword_sum = codeword_sum + codeword
                 chosen.append(codes)
+                partials.append(codeword_sum.detach())
             if self.gradient_estimator == "straight_through":
                 carrier = x
             # The value is exactly the codeword sum (carrier - carrier.detach() is 0); the
@@ -305,6 +316,7 @@ class ResidualQuantizer(nn.Module):
             quantized=quantized,
             codes=torch.stack(chosen, dim=1),
             commit_loss=torch.stack(commit).mean(),
+            partials=torch.stack(partials),
             resets=torch.tensor(resets, dtype=torch.long),
         )
 

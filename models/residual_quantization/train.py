@@ -6,7 +6,11 @@ positives), trains on (query, positive) pairs with
     loss = InfoNCE(z_q, z_c) + 100 * MSE(q_hat, c_hat) + 100 * commitment
 
 (symmetric InfoNCE at temperature 0.01 over the batch gathered from every rank; q_hat, c_hat the
-normalised quantized vectors; codebooks move by EMA only), and writes to ``out_dir``:
+normalised quantized vectors; codebooks move by EMA only). ``train.objective: classification``
+trains IRGen's tokenizer instead (see ``classification_losses``): cross-entropy of a classifier on
+z and of a second one on each partial reconstruction, plus a residual penalty, over the classes
+the query file's relevance defines (genius.common.pairs.class_labels); the two classifiers exist
+only in the training checkpoints. It writes to ``out_dir``:
 ``rq.pt`` (see model.py), ``checkpoints/epoch_XXXX.pt`` every ``save_every`` epochs and at the end,
 ``metrics.jsonl``, the resolved ``config.yaml`` and ``done.json``. A re-run does nothing when
 ``done.json`` records the same run (semantic config, the query file's content and the two stores'
@@ -16,7 +20,8 @@ same run, or else moves the old run with its logs to ``out_dir/stale/<time>/`` a
 
 The defaults are the paper's settings with this project's fixes (assigned modality level,
 whole-stack straight-through gradient, all-rank contrastive gradients, per-epoch positives,
-distinct k-means seeds); ``model.modality_mode``, ``model.gradient_estimator``,
+distinct k-means seeds); ``model.modality_level: false`` drops the modality level (IRGen's IDs:
+``num_levels`` levels of ``codebook_size`` codes); ``model.modality_mode``, ``model.gradient_estimator``,
 ``train.contrastive_gather``, ``train.positives`` and ``train.kmeans_seeds`` select the official
 code's behaviour instead (configs_scripts/large/train_rq.yaml sets all of them).
 
@@ -35,6 +40,8 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+
 from genius.common.checkpoint import load_scaler_state, load_state_dict_strict, save_training_checkpoint
 from genius.common.config import config_to_dict, resolve_path
 from genius.common.mbeir import older_revision_twin
@@ -53,7 +60,9 @@ from genius.common import training
 from genius.common.ranges import check_ranges, ranged
 from genius.common.runstate import RunKey, file_content
 from genius.common.pairs import (
+    ClassLabels,
     PositiveDraw,
+    class_labels,
     TrainingPairs,
     iterate_batches,
     load_training_pairs,
@@ -99,7 +108,10 @@ class ModelConfig:
     proj_dim: int = ranged(2560, ">= 1")
     hidden_dim: int = ranged(5120, ">= 1")
     num_levels: int = ranged(9, ">= 1")  # including the modality level
-    codebook_size: int = ranged(4096, ">= 2")  # K of levels 1..L-1 (level 0 always has 3)
+    codebook_size: int = ranged(4096, ">= 2")  # K of levels 1..L-1 (of every level without a modality level)
+    # false: no level is the modality, all num_levels levels are k-means/EMA levels of codebook_size
+    # codes (IRGen's 4 x 256 IDs for an image-only collection, where the modality says nothing).
+    modality_level: bool = True
     # Level 0. assigned: the code is the modality (a candidate's own, for a query the one its
     # instruction asks for) and its codeword that modality's EMA mean, so 0/1/2 = image/text/
     # image+text by construction. learned: the official code's 3-code k-means/EMA level with no
@@ -117,6 +129,9 @@ class ModelConfig:
     gradient_estimator: GradientEstimator = "straight_through"
 
 
+Objective = Literal["contrastive", "classification"]
+
+
 @dataclass
 class TrainConfig:
     batch_size: int = ranged(2000, ">= 1")  # pairs per process (the run key records batch_size x processes)
@@ -128,6 +143,11 @@ class TrainConfig:
     temperature: float = ranged(0.01, "> 0")
     mse_weight: float = ranged(100.0, ">= 0")
     commit_weight: float = ranged(100.0, ">= 0")
+    # contrastive: the loss above. classification: IRGen's tokenizer loss over the classes of the
+    # query file's relevance (its weights below; temperature and the mse and commit weights unused).
+    objective: Objective = "contrastive"
+    classification_weight: float = ranged(1.0, ">= 0")  # both cross-entropies (on z, on the partial reconstructions)
+    residual_weight: float = ranged(1.0, ">= 0")  # sum over levels of mean((z - partial reconstruction)^2)
     amp: bool = True  # fp16 autocast + GradScaler on CUDA; ignored on CPU
     seed: int = ranged(2023, ">= 0")
     kmeans_iters: int = ranged(1000, ">= 1")
@@ -173,6 +193,9 @@ def check_config(cfg: RQTrainConfig) -> None:
     if cfg.train.kmeans_init_vectors < cfg.model.codebook_size:
         raise ValueError(f"train.kmeans_init_vectors: {cfg.train.kmeans_init_vectors} is below model.codebook_size "
                          f"({cfg.model.codebook_size}); it must be at least that, so every code gets a seed row")
+    if not cfg.model.modality_level and cfg.model.modality_mode == "learned":
+        raise ValueError("model.modality_mode: 'learned' names how the modality level is trained, but "
+                         "model.modality_level is false (no such level); drop one of the two")
 
 
 # What does not change what a run computes (logging, cadence, device, paths: the inputs are
@@ -180,6 +203,9 @@ def check_config(cfg: RQTrainConfig) -> None:
 NOT_IN_RUN_KEY = ("out_dir", "train.save_every", "train.stop_after_epochs", "train.log_every", "train.device",
                   "train.cpu_threads", "train.force", "train.batch_size", "data.query_file", "data.pool_file",
                   "data.query_store", "data.pool_store")
+# Options added after runs were recorded, at the value those runs computed with.
+ADDED_LATER = {"model.modality_level": True, "train.objective": "contrastive", "train.classification_weight": 1.0,
+               "train.residual_weight": 1.0}
 FINAL = "rq.pt"
 
 
@@ -189,10 +215,11 @@ class TrainingData:
     queries: EmbeddingStore
     pool: EmbeddingStore
     pairs: TrainingPairs
+    labels: ClassLabels | None  # the training classes (only the classification objective reads them)
     inputs: dict  # fingerprints of what the run reads (portable: a copied GENIUS_ROOT keeps them)
 
 
-def open_training_data(cfg: DataConfig, dim: int | None) -> TrainingData:
+def open_training_data(cfg: DataConfig, dim: int | None, objective: Objective = "contrastive") -> TrainingData:
     query_file, pool_file = resolve_path(cfg.query_file), older_revision_twin(resolve_path(cfg.pool_file))
     query_store, pool_store = resolve_path(cfg.query_store), resolve_path(cfg.pool_store)
     for path in (query_file, pool_file):
@@ -203,22 +230,28 @@ def open_training_data(cfg: DataConfig, dim: int | None) -> TrainingData:
     if queries.dim != pool.dim:
         raise StoreError(f"query store {query_store} holds {queries.dim}-d vectors, pool store {pool_store} {pool.dim}-d")
     pairs = load_training_pairs(query_file, queries, pool)
+    labels = class_labels(query_file, pool, pairs) if objective == "classification" else None
+    if labels is not None:
+        log.info("%d classes among the training pairs (connected groups of the relevance in %s)",
+                 labels.num_classes, query_file)
     inputs = {"query_file": file_content(query_file), "query_store": queries.content_id,
               "pool_store": pool.content_id}
-    return TrainingData(queries, pool, pairs, inputs)
+    return TrainingData(queries, pool, pairs, labels, inputs)
 
 
 def model_arch(cfg: ModelConfig, dim: int) -> dict:
     return {"dim": dim, "proj_dim": cfg.proj_dim, "hidden_dim": cfg.hidden_dim, "num_levels": cfg.num_levels,
             "codebook_size": cfg.codebook_size, "modality_mode": cfg.modality_mode, "decay": cfg.decay,
             "eps": cfg.eps, "dead_code_threshold": cfg.dead_code_threshold,
-            "gradient_estimator": cfg.gradient_estimator}
+            "gradient_estimator": cfg.gradient_estimator, "modality_level": cfg.modality_level}
 
 
 # ---- resume -----------------------------------------------------------------------------------
-def restore(checkpoint: dict, model, optimizer, scheduler, scaler, info: DistInfo, seed: int) -> int:
+def restore(checkpoint: dict, model, heads, optimizer, scheduler, scaler, info: DistInfo, seed: int) -> int:
     """Load a training checkpoint into the live objects; returns the number of epochs done."""
     load_state_dict_strict(model, checkpoint["model"], "RQ training checkpoint")
+    if heads is not None:
+        load_state_dict_strict(heads, checkpoint["heads"], "RQ training checkpoint (classifiers)")
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     load_scaler_state(scaler, checkpoint["scaler"])
@@ -228,9 +261,9 @@ def restore(checkpoint: dict, model, optimizer, scheduler, scaler, info: DistInf
 
 
 # ---- optimisation ---------------------------------------------------------------------------
-def make_optimisation(model: RQModel, cfg: TrainConfig, total_steps: int, use_amp: bool, device: torch.device):
-    """AdamW (torch's default betas; weight decay on matrices only), per-step cosine to ``min_lr``,
-    GradScaler (fp16 on GPU)."""
+def make_optimisation(model: nn.Module, cfg: TrainConfig, total_steps: int, use_amp: bool, device: torch.device):
+    """AdamW (torch's default betas; weight decay on matrices only) over ``model`` (the RQ model,
+    with the classifiers when there are), per-step cosine to ``min_lr``, GradScaler (fp16 on GPU)."""
     optimizer = training.adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     scheduler = training.cosine_to_floor(optimizer, total_steps, cfg.min_lr)
     return optimizer, scheduler, training.grad_scaler(use_amp, device)
@@ -273,8 +306,66 @@ def contrastive_loss(z_q: torch.Tensor, z_c: torch.Tensor, temperature: float,
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-def training_step(net, batch: dict, cfg: TrainConfig, device: torch.device, use_amp: bool) -> tuple[dict, RQOutput]:
-    """Queries then their positives through one forward; level 0 = target modality / own modality."""
+class ClassifierHeads(nn.Module):
+    """IRGen's two training-only linear classifiers: ``fc`` reads z, ``fc_rq`` every partial reconstruction."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, num_classes)
+        self.fc_rq = nn.Linear(dim, num_classes)
+
+    def forward(self, z: torch.Tensor, reconstructions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z [B, dim], reconstructions [L, B, dim] -> logits [B, C] and [L, B, C]."""
+        return self.fc(z), self.fc_rq(reconstructions)
+
+
+def classification_losses(heads, out: RQOutput, labels: torch.Tensor, cfg: TrainConfig) -> dict:
+    """IRGen's tokenizer loss on z [B, dim] with classes ``labels`` [B]: CE(fc(z)) + sum over levels
+    of CE(fc_rq(partial)) + sum over levels of mean((z - partial)^2), each partial reconstruction
+    passed straight-through (its value, z's gradient) to the classifier and held constant in the
+    penalty; the codebooks themselves move by EMA only."""
+    z_logits, rq_logits = heads(out.z, straight_through(out))
+    levels = len(out.partials)
+    losses = {
+        "classification": cfg.classification_weight * F.cross_entropy(z_logits, labels),
+        # the mean over levels x rows, times the levels: the sum over levels of each level's mean
+        "reconstruction_classification": cfg.classification_weight * levels * F.cross_entropy(
+            rq_logits.flatten(0, 1), labels.repeat(levels)),
+        "residual": cfg.residual_weight * (out.z - out.partials).pow(2).mean(dim=(1, 2)).sum(),
+    }
+    losses["loss"] = losses["classification"] + losses["reconstruction_classification"] + losses["residual"]
+    return losses
+
+
+def straight_through(out: RQOutput) -> torch.Tensor:
+    """The partial reconstructions [L, B, dim] in value, with z's gradient."""
+    return out.z + (out.partials - out.z).detach()
+
+
+@torch.no_grad()
+def classification_hits(heads: ClassifierHeads, out: RQOutput, labels: torch.Tensor, first_level: int) -> dict:
+    """The step's counts for the epoch metrics: rows the classifiers get right on z and on the full
+    reconstruction, and rows whose ``first_level`` code's most frequent class in the batch is their
+    own (none when there is no such level)."""
+    z_logits, rq_logits = heads(out.z, out.partials[-1:])
+    hits = {"classifier_accuracy": (z_logits.argmax(1) == labels).sum(),
+            "reconstruction_accuracy": (rq_logits[0].argmax(1) == labels).sum()}
+    if first_level < out.codes.shape[1]:
+        hits["first_level_purity"] = majority_hits(out.codes[:, first_level], labels, z_logits.shape[1])
+    return hits
+
+
+def majority_hits(codes: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """How many of the rows have their own class as their code's most frequent class among the rows."""
+    keys, counts = torch.unique(codes * num_classes + labels, return_counts=True)
+    majority = torch.zeros(int(keys.max()) // num_classes + 1, dtype=counts.dtype, device=counts.device)
+    return majority.scatter_reduce_(0, keys // num_classes, counts, "amax").sum()
+
+
+def training_step(net, batch: dict, cfg: TrainConfig, device: torch.device, use_amp: bool,
+                  heads=None) -> tuple[dict, RQOutput]:
+    """Queries then their positives through one forward; level 0 = target modality / own modality
+    (when the quantizer has a modality level). ``heads``: the classification objective's classifiers."""
     size = len(batch["q_img"])
 
     def both(key: str) -> torch.Tensor:
@@ -284,6 +375,8 @@ def training_step(net, batch: dict, cfg: TrainConfig, device: torch.device, use_
     level0 = torch.cat([batch["q_target_modality"], batch["c_modality"]])
     with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
         out = net(both("img"), both("txt"), both("img_mask"), both("txt_mask"), level0)
+    if cfg.objective == "classification":
+        return classification_losses(heads, out, pair_labels(batch, device), cfg), out
     quantized = F.normalize(out.quantized, dim=-1)
     losses = {
         "contrastive": contrastive_loss(out.z[:size], out.z[size:], cfg.temperature, cfg.contrastive_gather),
@@ -292,6 +385,11 @@ def training_step(net, batch: dict, cfg: TrainConfig, device: torch.device, use_
     }
     losses["loss"] = losses["contrastive"] + losses["mse"] + losses["commit"]
     return losses, out
+
+
+def pair_labels(batch: dict, device: torch.device) -> torch.Tensor:
+    """The class of every row of a step's forward: queries, then their positives (the same class)."""
+    return batch["label"].to(device, non_blocking=True).repeat(2)
 
 
 def check_finite(losses: dict, epoch: int, step: int) -> None:
@@ -305,25 +403,32 @@ def check_finite(losses: dict, epoch: int, step: int) -> None:
 
 
 def optimise(net, t: Trainer, batch: dict, cfg: TrainConfig, device: torch.device, tally: EpochTally, epoch: int,
-             step: int) -> dict:
+             step: int, heads=None) -> dict:
     """One training step (forward, finite check, backward, optimiser and schedule, tally); the losses.
 
     Its host syncs, whatever the number of levels: the finite check, the quantizer's check that
-    it is initialised, and its dead-code counts of all levels (test_rq_training counts them)."""
-    losses, out = training_step(net, batch, cfg, device, t.use_amp)
+    it is initialised, and its dead-code counts of all levels (test_rq_training counts them); the
+    classification objective's batch purity adds its own. ``heads``: ``t.heads`` as the step runs
+    them (under DDP when distributed)."""
+    losses, out = training_step(net, batch, cfg, device, t.use_amp, heads)
+    hits = ({} if t.heads is None else
+            classification_hits(t.heads, out, pair_labels(batch, device), int(t.model.has_modality_level)))
     check_finite(losses, epoch, step)
     t.optimizer.zero_grad(set_to_none=True)
     t.scaler.scale(losses["loss"]).backward()
     training.optimizer_step(t.scaler, t.optimizer, t.scheduler)
-    tally.add(losses, out)
+    tally.add(losses, out, hits)
     return losses
 
 
 class EpochTally:
-    """Per-epoch sums of losses, code usage and query/positive code agreement (reduced over ranks)."""
+    """Per-epoch sums of losses, code usage, query/positive code agreement and the classification
+    objective's counts (reduced over ranks)."""
 
-    def __init__(self, codebook_sizes: list[int], device: torch.device):
+    def __init__(self, codebook_sizes: list[int], device: torch.device, modality_level: bool = True):
+        self.modality_level = modality_level
         self.losses: dict[str, torch.Tensor] = {}
+        self.hits: dict[str, torch.Tensor] = {}
         self.usage = [torch.zeros(k, device=device) for k in codebook_sizes]
         self.prefix_match = torch.zeros(len(codebook_sizes), device=device)
         self.resets = torch.zeros(len(codebook_sizes), dtype=torch.long)
@@ -331,9 +436,11 @@ class EpochTally:
         self.steps = 0
 
     @torch.no_grad()
-    def add(self, losses: dict, out: RQOutput) -> None:
+    def add(self, losses: dict, out: RQOutput, hits: dict | None = None) -> None:
         for key, value in losses.items():
             self.losses[key] = self.losses.get(key, 0) + value.detach().float()
+        for key, value in (hits or {}).items():
+            self.hits[key] = self.hits.get(key, 0) + value.float()
         for level, usage in enumerate(self.usage):
             usage += code_counts(out.codes[:, level], len(usage))
         size = len(out.codes) // 2
@@ -346,18 +453,27 @@ class EpochTally:
     def summary(self) -> dict:
         means = {key: all_reduce_mean(value).item() / self.steps for key, value in self.losses.items()}
         usage = [_all_reduce_sum(u).cpu().numpy() for u in self.usage]
-        match = (_all_reduce_sum(self.prefix_match) / _all_reduce_sum(self.pairs)).tolist()
-        return {**means, "modality_accuracy": match[0], "prefix_match": match,
+        pairs = _all_reduce_sum(self.pairs)
+        match = (_all_reduce_sum(self.prefix_match) / pairs).tolist()
+        # shares of all rows, queries and positives alike
+        shares = {key: (_all_reduce_sum(value) / (2 * pairs)).item() for key, value in self.hits.items()}
+        modality = {"modality_accuracy": match[0]} if self.modality_level else {}
+        return {**means, **modality, "prefix_match": match, **shares,
                 "perplexity": [perplexity(u) for u in usage], "codes_used": [int((u > 0).sum()) for u in usage],
                 "dead_code_resets": self.resets.tolist()}
+
+
+LOSS_TERMS = ("contrastive", "mse", "commit", "classification", "reconstruction_classification", "residual")
+CLASSIFICATION_SHARES = ("classifier_accuracy", "reconstruction_accuracy", "first_level_purity")
 
 
 def log_epoch(epoch: int, summary: dict, seconds: float) -> None:
     """The epoch's figures on the console (metrics.jsonl has them all); the dead-code resets of the
     epoch in one line per epoch (each step's are logged at DEBUG level by the quantizer)."""
-    log.info("train-rq: epoch %d: loss %.4f (contrastive %.4f, mse %.4f, commit %.4f), codes used per level %s, %s",
-             epoch, summary["loss"], summary["contrastive"], summary["mse"], summary["commit"], summary["codes_used"],
-             clock_time(seconds))
+    terms = ", ".join(f"{key} {summary[key]:.4f}" for key in LOSS_TERMS if key in summary)
+    shares = "".join(f", {key} {summary[key]:.3f}" for key in CLASSIFICATION_SHARES if key in summary)
+    log.info("train-rq: epoch %d: loss %.4f (%s)%s, codes used per level %s, %s", epoch, summary["loss"], terms,
+             shares, summary["codes_used"], clock_time(seconds))
     log.info("train-rq: epoch %d: dead codes reset per level %s", epoch, summary["dead_code_resets"])
 
 
@@ -385,6 +501,7 @@ def train(cfg: RQTrainConfig) -> Path | None:
 @dataclass
 class Trainer:
     model: RQModel
+    heads: ClassifierHeads | None  # the classification objective's classifiers (training only)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -400,14 +517,17 @@ def build_trainer(cfg: RQTrainConfig, data: TrainingData, checkpoint: dict | Non
     use_amp = tc.amp and info.device.type == "cuda"
     seed_everything(tc.seed)  # identical initial weights on every rank
     model = RQModel.from_arch(model_arch(cfg.model, data.queries.dim)).to(info.device)
-    optimizer, scheduler, scaler = make_optimisation(model, tc, tc.epochs * steps, use_amp, info.device)
+    heads = (ClassifierHeads(data.queries.dim, data.labels.num_classes).to(info.device)
+             if tc.objective == "classification" else None)
+    trained = model if heads is None else nn.ModuleList([model, heads])
+    optimizer, scheduler, scaler = make_optimisation(trained, tc, tc.epochs * steps, use_amp, info.device)
     seed_everything(tc.seed + info.rank)
     if checkpoint is not None:
-        start = restore(checkpoint, model, optimizer, scheduler, scaler, info, tc.seed)
+        start = restore(checkpoint, model, heads, optimizer, scheduler, scaler, info, tc.seed)
     else:
         start = 0
         initialise_codebooks(model, data, tc, info)
-    return Trainer(model, optimizer, scheduler, scaler, steps, use_amp, start)
+    return Trainer(model, heads, optimizer, scheduler, scaler, steps, use_amp, start)
 
 
 def save_checkpoint(run_dir: Path, epochs_done: int, t: Trainer, record: dict, info: DistInfo) -> None:
@@ -415,7 +535,8 @@ def save_checkpoint(run_dir: Path, epochs_done: int, t: Trainer, record: dict, i
     if info.is_main:
         save_training_checkpoint(run_dir, epochs_done, {
             "model": cpu_state(t.model), "arch": t.model.arch, "optimizer": t.optimizer.state_dict(),
-            "scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict(), "rng": rng, **record})
+            "scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict(), "rng": rng,
+            **({} if t.heads is None else {"heads": cpu_state(t.heads)}), **record})
 
 
 def run_key(cfg: RQTrainConfig, data: TrainingData, world_size: int) -> RunKey:
@@ -424,12 +545,12 @@ def run_key(cfg: RQTrainConfig, data: TrainingData, world_size: int) -> RunKey:
     extra = training.batch_extra(cfg.train.batch_size, world_size)
     if cfg.train.contrastive_gather == "local_only":
         extra["world_size"] = world_size
-    return RunKey.of(cfg, NOT_IN_RUN_KEY, data.inputs, **extra)
+    return RunKey.of(cfg, NOT_IN_RUN_KEY, data.inputs, added_later=ADDED_LATER, **extra)
 
 
 def _train(cfg: RQTrainConfig, info: DistInfo) -> Path | None:
     tc, run_dir = cfg.train, resolve_path(cfg.out_dir)
-    data = open_training_data(cfg.data, cfg.model.dim)
+    data = open_training_data(cfg.data, cfg.model.dim, tc.objective)
     run = training.make_run(run_dir, run_key(cfg, data, info.world_size), FINAL, stage="genius train-rq",
                             force=tc.force, info=info)
     with run.hold():
@@ -449,16 +570,20 @@ def _run_epochs(cfg: RQTrainConfig, data: TrainingData, t: Trainer, run, info: D
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=info.is_main)
     record = training.checkpoint_record(run, info)
     net = wrap_ddp(t.model, info, sync_buffers=False)
+    heads = None if t.heads is None else wrap_ddp(t.heads, info)
+    labels = None if data.labels is None else data.labels.pool
     log.info("training on %d pairs, %d steps per epoch, epochs %d..%d", len(data.pairs), t.steps_per_epoch,
              t.start_epoch, tc.epochs - 1)
     for epoch in range(t.start_epoch, tc.epochs):
-        started, tally = time.monotonic(), EpochTally(t.model.codebook_sizes, info.device)
+        started = time.monotonic()
+        tally = EpochTally(t.model.codebook_sizes, info.device, t.model.has_modality_level)
         batches = iterate_batches(data.pairs, data.queries, data.pool, batch_size=tc.batch_size, epoch=epoch,
-                                  seed=tc.seed, rank=info.rank, world_size=info.world_size, positives=tc.positives)
+                                  seed=tc.seed, rank=info.rank, world_size=info.world_size, positives=tc.positives,
+                                  labels=labels)
         progress = Progress(t.steps_per_epoch, f"train-rq: epoch {epoch}", logger=log, end_line=False,
                             enabled=info.is_main)
         for step, batch in enumerate(progress.wrap(batches)):
-            losses = optimise(net, t, batch, tc, info.device, tally, epoch, step)
+            losses = optimise(net, t, batch, tc, info.device, tally, epoch, step, heads)
             progress.set_postfix(loss=losses["loss"].detach().item)  # read only when a progress line shows it
             if step % tc.log_every == 0:  # the step's losses, read in one host sync
                 values = all_reduce_mean(torch.stack([v.detach().float() for v in losses.values()])).tolist()
