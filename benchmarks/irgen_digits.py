@@ -33,6 +33,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from genius.benchmarks.common import OUT_DIR, load_average, machine_description, markdown_table, write_csv
@@ -94,6 +95,70 @@ def read_rows() -> list[dict]:
     return rows
 
 
+def read_run(path: Path) -> dict[str, list[str]]:
+    """A TREC run file: qid -> dids in rank order."""
+    ranked: dict[str, list[tuple[int, str]]] = {}
+    for line in path.read_text().splitlines():
+        qid, _, did, rank, *_ = line.split()
+        ranked.setdefault(qid, []).append((int(rank), did))
+    return {qid: [did for _, did in sorted(pairs)] for qid, pairs in ranked.items()}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Where one imported IRGen setting's files are, relative to the GENIUS root."""
+
+    world: str
+    name: str  # import-images --name
+    results: str
+    codes: str
+
+    @property
+    def pool(self) -> str:
+        return f"mbeir_{self.name}_task4_cand_pool"
+
+    @property
+    def queries(self) -> str:
+        return f"mbeir_{self.name}_task4_test"
+
+
+DIGITS = Setting("worlds/irgen_digits", "digits", RESULTS["IRGen setting"], "checkpoint/irgen_digits/rq/codes")
+
+
+def diagnose(setting: Setting, root: Path) -> dict:
+    """Where the generated IDs lose precision against dense, measured on the test queries: the
+    tokenizer (how pure the database's first-level codes are by class) or the decoder (whether
+    its first step lands in a code of the query's class). A class is an image's folder."""
+    import numpy as np
+
+    from genius.common.mbeir import hash_did
+
+    world = root / setting.world
+    class_of = {}
+    for line in open(world / "cand_pool" / "local" / f"{setting.pool}.jsonl"):
+        record = json.loads(line)
+        class_of[record["did"]] = Path(record["img_path"]).parent.name
+    query_class = {}
+    for line in open(world / "query" / "test" / f"{setting.queries}.jsonl"):
+        record = json.loads(line)
+        query_class[record["qid"]] = Path(record["query_img_path"]).parent.name
+    codes_path = root / setting.codes / setting.pool
+    first_code = dict(zip(np.load(codes_path / "ids.npy").tolist(), np.load(codes_path / "codes.npy")[:, 0].tolist()))
+    members: dict[int, list[str]] = {}
+    for did, label in class_of.items():
+        members.setdefault(first_code[hash_did(did)], []).append(label)
+    majority = {code: max(set(labels), key=labels.count) for code, labels in members.items()}
+    purity = sum(labels.count(majority[code]) for code, labels in members.items()) / len(class_of)
+    runs = root / setting.results / "runs" / setting.pool / setting.queries
+    generated, dense = read_run(runs / "genius.run"), read_run(runs / "dense.run")
+    step_right = [majority[first_code[hash_did(generated[q][0])]] == c for q, c in query_class.items() if generated.get(q)]
+    top_right = [class_of[generated[q][0]] == c for q, c in query_class.items() if generated.get(q)]
+    dense_right = [class_of[dense[q][0]] == c for q, c in query_class.items()]
+    return {"first_code_purity": purity, "first_step_in_class": float(np.mean(step_right)),
+            "generated_top1_in_class": float(np.mean(top_right)), "dense_top1_in_class": float(np.mean(dense_right)),
+            "queries": len(query_class)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR)
@@ -105,13 +170,22 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(["Method", *columns],
                            [[r["method"], *(f"{100 * r[c]:.1f}" if c in r else "" for c in columns)] for r in rows])
     timing = markdown_table(["Stage", "Seconds"], [[name, f"{s:.0f}"] for name, s in seconds.items()])
+    diagnosis = diagnose(DIGITS, results_root())
+    timing += "\n" + markdown_table(["IRGen setting, test queries", "%"], [
+        ["database images whose first code's majority class is their own (tokenizer)",
+         f"{100 * diagnosis['first_code_purity']:.1f}"],
+        ["queries whose first generated code is one of their class's (decoder, step 1)",
+         f"{100 * diagnosis['first_step_in_class']:.1f}"],
+        ["queries whose top generated image is of their class (P@1)", f"{100 * diagnosis['generated_top1_in_class']:.1f}"],
+        ["queries whose top dense image is of their class (dense P@1)", f"{100 * diagnosis['dense_top1_in_class']:.1f}"],
+    ])
     header = (f"Digits (scikit-learn, 1,797 real 8x8 images, 10 classes), holdout 0.2 seed 0: 359 queries "
               f"against 1,438 images. {machine_description()}; load average {load_average():.1f} at the end; "
               f"whole run {time.perf_counter() - began:.0f} s.\n\n")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "irgen_digits.md").write_text(header + table + "\n" + timing)
     write_csv(args.out_dir / "irgen_digits.csv", rows, ["method", *columns])
-    (args.out_dir / "irgen_digits.json").write_text(json.dumps({"rows": rows, "seconds": seconds}, indent=1))
+    (args.out_dir / "irgen_digits.json").write_text(json.dumps({"rows": rows, "seconds": seconds, "diagnosis": diagnosis}, indent=1))
     print(header + table + "\n" + timing)
     return 0
 

@@ -320,3 +320,16 @@ def test_existing_files_are_replaced_only_when_asked(runs, tmp_path, capsys):
     assert export_official.main(["--rq", str(runs["rq"]), "--out", str(out), "--overwrite"]) == 0
     # a generator file of the earlier export is not left beside the new quantizer
     assert sorted(p.name for p in out.iterdir()) == ["rq_clip_large.pth"]
+
+
+def test_irgen_shaped_runs_are_refused_naming_the_option(tmp_path):
+    """IRGen's ID shape (no modality level) and its image-token decoder have no official layout."""
+    rq = RQModel(dim=8, proj_dim=8, hidden_dim=8, num_levels=2, codebook_size=4, modality_mode="assigned",
+                 modality_level=False)
+    with pytest.raises(export_official.ExportError, match=r"no modality level \(model\.modality_level: false"):
+        export_official.check_rq(rq, tmp_path / "rq.pt", allow_assigned=True)
+    generator = IDGenerator(make_arch(8, [4, 4], num_prefix=2, d_model=8, num_heads=2, d_kv=4, d_ff=8,
+                                      num_decoder_layers=1))
+    generator.arch["condition"] = "image_tokens"  # the check reads the arch before any tensor
+    with pytest.raises(export_official.ExportError, match=r"model\.condition 'image_tokens'"):
+        export_official.check_generator(generator, generator.state_dict(), tmp_path / "generator.pt")

@@ -75,3 +75,16 @@ def test_the_tokenizers_first_code_predicts_the_class(irgen_root):
     purity = sum(Counter(labels).most_common(1)[0][1] for labels in members.values()) / len(classes)
     chance = max(Counter(classes).values()) / len(classes)  # always answering the largest class
     assert purity >= 0.6 and purity >= 5 * chance, f"first-code class purity {purity:.2f}, chance {chance:.2f}"
+
+
+def test_the_digits_benchmarks_diagnosis_agrees_with_eval(irgen_root):
+    """benchmarks/irgen_digits.py's diagnosis, run on this setting: its top-1 shares are eval's
+    P@1 (read from the same run files), its shares are shares."""
+    from genius.benchmarks.irgen_digits import Setting, diagnose
+
+    setting = Setting("worlds/irgen_tiny", "classes", "results/irgen_tiny", "checkpoint/irgen_tiny/rq/codes")
+    found = diagnose(setting, irgen_root)
+    assert found["queries"] == 72
+    assert found["generated_top1_in_class"] == pytest.approx(irgen_metric(irgen_root, "genius", "P", 1))
+    assert found["dense_top1_in_class"] == pytest.approx(irgen_metric(irgen_root, "dense", "P", 1))
+    assert 1 / 12 < found["first_code_purity"] <= 1 and 0 <= found["first_step_in_class"] <= 1

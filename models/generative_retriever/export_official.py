@@ -71,6 +71,10 @@ def _differences(arch: dict, official: dict) -> list[str]:
 
 
 def check_rq(rq: RQModel, rq_path: Path, allow_assigned: bool) -> None:
+    if not rq.has_modality_level:
+        raise ExportError(f"{rq_path} has no modality level (model.modality_level: false, IRGen's ID shape); the "
+                          "official layout's first level is the 3-code modality level, so the official code cannot "
+                          "load it (genius loads it as is)")
     if rq.arch["modality_mode"] != "learned":
         message = (f"{rq_path} is an {rq.arch['modality_mode']!r}-modality quantizer: its level 0 is each item's "
                    "modality, but the official code picks level 0 by nearest codeword, so some candidates would get "
@@ -88,6 +92,9 @@ def check_rq(rq: RQModel, rq_path: Path, allow_assigned: bool) -> None:
 def check_generator(generator: IDGenerator, state: dict, gen_path: Path) -> None:
     """Refuse settings the official loader would not rebuild from the shapes (dropout does not
     matter at evaluation); warn about shapes the official code does not build."""
+    if generator.arch.get("condition", "prefix") != "prefix":
+        raise ExportError(f"{gen_path}: model.condition {generator.arch['condition']!r} (IRGen's decoder over image "
+                          "tokens) has no official layout: the official generator reads prefix vectors")
     inferred = gen_official.official_arch(state, generator.codebook_sizes)
     lost = [key for key in generator.arch if key != "dropout" and inferred.get(key) != generator.arch[key]]
     if lost:

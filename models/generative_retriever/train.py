@@ -180,6 +180,8 @@ NOT_IN_RUN_KEY = ("out_dir", "train.device", "train.cpu_threads", "train.force",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.batch_size", "data.root",
                   "data.embed_root", "data.train_queries", "data.train_pool", "data.rq", "model.pretrained",
                   "model.vision_checkpoint")
+# Options added after runs were recorded, at the value those runs computed with.
+ADDED_LATER = {"model.condition": "prefix", "optim.vision_lr_scale": 0.01, "optim.label_smoothing": 0.0}
 FINAL = "generator.pt"
 
 
@@ -199,7 +201,8 @@ def train(cfg: TrainGenConfig) -> Path:
         image_paths = query_image_paths(root / cfg.data.train_queries, queries, root, rows=pairs.query_rows)
         inputs["vision"] = file_content(check_vision_checkpoint(cfg.model.vision_checkpoint))
         inputs["query_images"] = images_digest(root, image_paths)
-    key = RunKey.of(cfg, NOT_IN_RUN_KEY, inputs, **training.batch_extra(cfg.train.batch_size, info.world_size))
+    key = RunKey.of(cfg, NOT_IN_RUN_KEY, inputs, added_later=ADDED_LATER,
+                    **training.batch_extra(cfg.train.batch_size, info.world_size))
     run = training.make_run(out_dir, key, FINAL, stage="genius train-gen", force=cfg.train.force, info=info)
     with run.hold():
         if training.skip_if_done(run, out_dir / FINAL, "train.force"):
