@@ -97,10 +97,10 @@ cfg = load_config(ev.EvalConfig, sys.argv[1])
 shares = {"ranked": [], "fused": 0}
 rank_shard, fuse = ev.rank_shard, pool_assets.fused_store_embeddings
 
-def slow_rank_shard(cfg, pool, queries, decoded, k, device):
+def slow_rank_shard(cfg, pool, queries, decoded, *args):
     time.sleep(%(delay)r * len(decoded.rows))
     shares["ranked"].append([int(r) for r in decoded.rows])
-    return rank_shard(cfg, pool, queries, decoded, k, device)
+    return rank_shard(cfg, pool, queries, decoded, *args)
 
 def counted_fuse(arrays):
     shares["fused"] += len(arrays.ids)

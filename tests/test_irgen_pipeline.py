@@ -88,3 +88,57 @@ def test_the_digits_benchmarks_diagnosis_agrees_with_eval(irgen_root):
     assert found["generated_top1_in_class"] == pytest.approx(irgen_metric(irgen_root, "genius", "P", 1))
     assert found["dense_top1_in_class"] == pytest.approx(irgen_metric(irgen_root, "dense", "P", 1))
     assert 1 / 12 < found["first_code_purity"] <= 1 and 0 <= found["first_step_in_class"] <= 1
+
+
+def test_the_python_api_searches_an_irgen_run_with_image_queries(irgen_root):
+    """``Retriever.load`` on the finished IRGen run: an image query is read by the decoder's own
+    vision tower and returns eval's GENIUS ranking for that query."""
+    from genius.api import Retriever
+    from genius.benchmarks.irgen_digits import read_run
+    from genius.common.config import project_root_set_to
+
+    world = irgen_root / "worlds" / "irgen_tiny"
+    run = read_run(irgen_root / "results" / "irgen_tiny" / "runs" / POOL / "mbeir_classes_task4_test" / "genius.run")
+    queries = [json.loads(line) for line in open(world / "query" / "test" / "mbeir_classes_task4_test.jsonl")][:8]
+    with project_root_set_to(irgen_root):
+        retriever = Retriever.load(irgen_root / "results" / "irgen_tiny")
+        found = [[hit.id for hit in retriever.search(image=world / q["query_img_path"], k=10, method="genius")]
+                 for q in queries]
+    assert found == [run[q["qid"]][:10] for q in queries]
+
+
+@pytest.mark.parametrize("setting, ks", [("irgen_cub", [1, 2, 4, 8]), ("irgen_cars", [1, 2, 4, 8]),
+                                         ("irgen_inshop", [1, 10, 20, 30])])
+def test_the_paper_settings_hold_irgens_values_and_pass_their_checks(setting, ks):
+    """The GPU settings nobody can run here: every YAML loads strictly and passes its stage's
+    range and cross-field checks, with IRGen's published setting (train_ar.py / test_ar.py)."""
+    from genius.common.config import load_config
+    from genius.feature_extraction import train_clip
+    from genius.feature_extraction.extract import ExtractConfig
+    from genius.models.generative_retriever import evaluate as eval_stage
+    from genius.models.generative_retriever import train as train_gen
+    from genius.models.residual_quantization import train as train_rq
+
+    folder = REPO / "configs_scripts" / setting
+    clip = load_config(train_clip.TrainClipConfig, folder / "train_clip.yaml")
+    train_clip.check_config(clip)
+    assert clip.model.name == "ViT-B-16-quickgelu" and clip.loss.mask_all_positives
+    load_config(ExtractConfig, folder / "extract.yaml")
+    rq = load_config(train_rq.RQTrainConfig, folder / "train_rq.yaml")
+    train_rq.check_config(rq)
+    assert (rq.model.modality_level, rq.model.num_levels, rq.model.codebook_size, rq.train.objective) == \
+        (False, 4, 256, "classification")
+    gen = load_config(train_gen.TrainGenConfig, folder / "train_gen.yaml")
+    train_gen.check_config(gen)
+    assert (gen.model.condition, gen.model.d_model, gen.model.num_heads, gen.model.num_decoder_layers) == \
+        ("image_tokens", 768, 12, 12)
+    assert (gen.optim.lr, gen.optim.betas, gen.optim.weight_decay) == (8e-5, [0.9, 0.96], 0.05)
+    assert (gen.optim.label_smoothing, gen.optim.vision_lr_scale, gen.train.batch_size, gen.train.epochs) == \
+        (0.1, 0.01, 64, 400)
+    assert not gen.mixing.enabled
+    ev = load_config(eval_stage.EvalConfig, folder / "eval.yaml")
+    ev.check_numbers()
+    ev.validate()
+    assert (ev.decoding.num_beams, ev.report.metrics, ev.report.ks) == (30, "irgen", ks)
+    assert gen.model.vision_checkpoint == clip.output.run_dir + "/clip_sf.pt"
+    assert rq.data.encoder == gen.data.encoder == ev.paths.encoder
