@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "train-gen": ("genius.models.generative_retriever.train", "stage 2: train the T5 ID generator"),
     "eval": ("genius.models.generative_retriever.evaluate", "stage 3: constrained decoding and M-BEIR evaluation"),
     "search": ("genius.models.generative_retriever.search", "search a finished run with a text and/or image query"),
+    "index": ("genius.models.generative_retriever.index", "a living index: build, add, remove, stats (drift report)"),
     "export-qrels": ("genius.models.generative_retriever.ir_metrics",
                      "write M-BEIR qrels as plain TREC qrels (for trec_eval on the run files)"),
     "export-official": ("genius.models.generative_retriever.export_official",

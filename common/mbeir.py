@@ -261,7 +261,7 @@ def _check_image(path, lineno: int, rel: str | None, image_root: Path | None) ->
                               "or check that data.root is the folder the image paths are relative to")
 
 
-def _first_line_with(path, key: str, value: str) -> int | None:
+def first_line_with(path, key: str, value: str) -> int | None:
     """The line of the first record whose ``key`` is ``value`` (only read again to name a duplicate)."""
     for lineno, obj in iter_jsonl(path):
         if isinstance(obj, dict) and obj.get(key) == value:
@@ -299,7 +299,7 @@ def iter_queries(path: str | os.PathLike, image_root: str | os.PathLike | None =
         if first is None:
             seen[hashed] = digest
         elif first != digest:
-            first_line = _first_line_with(path, "qid", obj["qid"])
+            first_line = first_line_with(path, "qid", obj["qid"])
             if first_line is None or _canonical(_line_of(path, first_line)) != _canonical(line):
                 raise DataFormatError(
                     f"{path}:{lineno}: qid {obj['qid']} appears again with a different record (first on line "
@@ -342,7 +342,7 @@ def iter_candidates(path: str | os.PathLike, image_root: str | os.PathLike | Non
         _record_or_raise(path, lineno, obj, lambda o: candidate_problems(o, text_required=not empty))
         hashed = hash_did(obj["did"])
         if hashed in seen:
-            raise _duplicate_did(path, lineno, obj["did"], _first_line_with(path, "did", obj["did"]))
+            raise _duplicate_did(path, lineno, obj["did"], first_line_with(path, "did", obj["did"]))
         seen.add(hashed)
         if empty:
             on_empty_text(lineno, obj["did"], empty_text_problem("modality", obj["modality"]))
