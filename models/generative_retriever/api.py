@@ -3,6 +3,7 @@
     from genius.api import Query, Retriever
 
     retriever = Retriever.load("results/demo")          # or the setting folder configs_scripts/demo
+                                                         # or an index folder (genius index build)
     hits = retriever.search(text="a small red circle on the left", k=5)
     many = retriever.search_many(["a blue square", Query(image="photo.png", target_modality="text")])
 
@@ -12,6 +13,12 @@ fingerprints; the run's own config (``config.yaml`` beside it) loads the models 
 exactly as ``genius eval`` did (``run_models``, ``pool_assets``), refusing checkpoints or codes
 changed since. Paths resolve against the GENIUS_ROOT the results folder lies in now, so a root
 copied or moved elsewhere can be searched. ``genius search`` is a command line over this module.
+
+An index folder (``genius index``) is loaded the same way, through the run its manifest names,
+but searched in place of the run's pool: its version current at load (read once, so a search never
+mixes two versions), whose records describe the hits, added candidates included.
+:meth:`Retriever.refresh` moves to a version published since. The models must be the ones the
+index serves (its manifest's fingerprints).
 
 A query is built as in extraction: the instruction for (dataset, query modality, target modality)
 from the run's instructions file, picked with the run's instruction mode (``deterministic``: a
@@ -44,6 +51,7 @@ from genius.common.distributed import init_distributed
 from genius.common.fusion import score_fusion
 from genius.common.mbeir import MODALITIES, Instructions, hash_did, query_text_with_instruction, unhash_did
 from genius.models.generative_retriever.evaluate import EvalConfig
+from genius.models.generative_retriever.index import current_name, is_index, open_version, run_results
 from genius.models.generative_retriever.pool_assets import Pool, open_pool
 from genius.models.generative_retriever.ranking import (
     METHODS, GeniusIndex, pack_query_features, rank, unpack_query_features,
@@ -195,38 +203,55 @@ def encode_queries(encoder, texts: list[str], images: list) -> np.ndarray:
 # ---- the retriever ----------------------------------------------------------------------------
 class Retriever:
     """A finished run, loaded once: encoder, models, one pool's codes, trie, id map, fused vectors and
-    where its records lie in the pool file.
+    where its records lie in the pool file (or an index version's: ``index`` is its folder).
 
     Build it with :meth:`load`; :meth:`search` and :meth:`search_many` return ranked :class:`Hit` lists.
     """
 
-    def __init__(self, manifest: dict, cfg: EvalConfig, models: Models, encoder, pool: Pool, device: torch.device):
-        self.manifest, self.cfg, self.models, self.encoder, self.pool = manifest, cfg, models, encoder, pool
-        self.device = device
+    def __init__(self, manifest: dict, cfg: EvalConfig, models: Models, encoder, pool: Pool, device: torch.device,
+                 index: Path | None = None):
+        self.manifest, self.cfg, self.models, self.encoder = manifest, cfg, models, encoder
+        self.device, self.index = device, index
         self.instruction_mode = manifest["encoder"]["extraction"].get("instructions", {}).get("mode", "deterministic")
         self._instructions: Instructions | None = None
         self._defaults_told: set[str] = set()  # query modalities whose default target the log has explained
         self.default_method = "genius_r" if manifest["rerank"] else "genius"
-        self.pool_modalities = [MODALITIES[c] for c in np.unique(np.asarray(pool.store.arrays.modality))]
-        self.codes = np.load(pool.codes_dir / "codes.npy", mmap_mode="r")  # checked by open_pool (codes hash)
         with project_root_set_to(manifest["root"]):
             self.data_root = resolve_path(manifest["data_root"])
+        self._search_in(pool)
+
+    def _search_in(self, pool: Pool) -> None:
+        self.pool = pool
+        self.pool_modalities = [MODALITIES[c] for c in np.unique(np.asarray(pool.store.arrays.modality))]
+        self.codes = np.load(pool.codes_dir / "codes.npy", mmap_mode="r")  # checked by open_pool (codes hash)
         self.records = PoolRecords(pool.path)
 
     @classmethod
     def load(cls, run: str | Path, pool: str | None = None, device: str = "auto", *,
              models: Models | None = None, encoder=None) -> "Retriever":
-        """Load the run of ``run`` (a results folder with run.json, or a setting's config folder).
+        """Load the run of ``run`` (a results folder with run.json, or a setting's config folder), or
+        an index folder with the run it serves.
 
-        ``pool``: the pool file stem to search (default: the universal pool if it was evaluated);
-        ``device``: "auto", "cpu" or "cuda". ``models`` / ``encoder`` replace the run's (already
-        loaded ones, or stand-ins in tests); the models must have the run's fingerprints.
+        ``pool``: the pool file stem to search (default: the universal pool if it was evaluated; an
+        index is its own pool); ``device``: "auto", "cpu" or "cuda". ``models`` / ``encoder`` replace
+        the run's (already loaded ones, or stand-ins in tests); the models must have the run's
+        fingerprints (and the index's).
         """
-        manifest = load_manifest(run)
-        pool = pool or manifest["default_pool"]
-        if pool not in manifest["pools"]:
-            raise ValueError(f"{manifest['path']}: pool {pool!r} was not evaluated in this run; choices: "
-                             f"{', '.join(manifest['pools'])}")
+        version = open_version(run) if is_index(run) else None
+        if version is not None:
+            if pool is not None:
+                raise ValueError(f"{run}: an index folder is searched whole; leave out the pool (--pool {pool})")
+            manifest = load_manifest(run_results(version.manifest))
+        else:
+            manifest = load_manifest(run)
+            pool = pool or manifest["default_pool"]
+            if pool not in manifest["pools"]:
+                raise ValueError(f"{manifest['path']}: pool {pool!r} was not evaluated in this run; choices: "
+                                 f"{', '.join(manifest['pools'])}")
+            if "index" in manifest["pools"][pool]:  # evaluated against an index (paths.index): search it now
+                with project_root_set_to(manifest["root"]):
+                    index = resolve_path(manifest["pools"][pool]["index"])
+                return cls.load(index, None, device, models=models, encoder=encoder)
         dev = init_distributed(device).device
         with project_root_set_to(manifest["root"]):
             encoder = encoder or build_encoder(manifest["encoder"]["extraction"], dev)
@@ -236,6 +261,9 @@ class Retriever:
                 raise StaleInputError(f"{' and '.join(dict.fromkeys(models.files.values())) or 'the models'}: "
                                       f"changed after the run of {manifest['path']} was evaluated; "
                                       "run genius eval again")
+            if version is not None:
+                version.check_models(models)
+                return cls(manifest, cfg, models, encoder, version.pool(), dev, index=Path(run))
             entry = manifest["pools"][pool]
             opened = open_pool(cfg, entry["kind"], resolve_path(entry["jsonl"]), models, build_trie=False)
             if opened.codes_hash != entry["codes_hash"]:
@@ -244,6 +272,19 @@ class Retriever:
             if manifest["rerank"]:
                 opened.fused()  # the run's cache: memory-mapped now, not at the first query
         return cls(manifest, cfg, models, encoder, opened, dev)
+
+    def refresh(self) -> bool:
+        """Search the index's current version from now on, if another was published since load (or
+        the last refresh); whether it changed. Call it between searches, not during one."""
+        if self.index is None:
+            raise ValueError("refresh: this retriever searches a run's pool, which never changes; load an index "
+                             "folder (genius index build) to follow its versions")
+        if current_name(self.index) == self.pool.stem:
+            return False
+        version = open_version(self.index)
+        version.check_models(self.models)
+        self._search_in(version.pool())
+        return True
 
     def search(self, text: str | None = None, image: str | Path | Image.Image | None = None, k: int = 10,
                target_modality: str | None = None, instruction: str | None = None, method: str | None = None,

@@ -9,7 +9,9 @@ quantizer in learned modality mode and its T5); the pools' codes must have been 
 fingerprint, modality mode, codebook sizes and store content; a mismatch names the files and
 what to run).
 
-For every query file, against its task-specific pool and (optionally) the universal pool:
+For every query file, against its task-specific pool and (optionally) the universal pool, or,
+with ``paths.index``, against a living index's current version (``index``; its records, codes,
+trie and fused vectors, so added candidates can be returned and removed ones never are):
 decode the queries' IDs with trie-constrained beam search, map IDs to candidates, rank them
 (GENIUS), re-rank their union by fused CLIP-SF cosine (GENIUS^R), search the same fused
 embeddings exhaustively (dense), and score UniIR's Recall@k per (dataset, task); with
@@ -26,9 +28,10 @@ not in the pool), ``outputs`` (results files and run manifest). This module hold
 config, its loop and ``main``.
 
 The run is keyed (``common.runstate``) by the config without ``NOT_IN_RUN_KEY`` and the content
-ids of every input: the models' fingerprints, each pool's codes and candidate store, each query
-file, its qrels and query store, and the device type. A finished run with the same key is
-skipped; ``force=true`` redoes it; otherwise the previous run's outputs move to ``stale/<time>/``.
+ids of every input: the models' fingerprints, each pool's codes and candidate store (or the
+index version's ``content_id``, not its path), each query file, its qrels and query store, and the
+device type. A finished run with the same key is skipped; ``force=true`` redoes it; otherwise the
+previous run's outputs move to ``stale/<time>/``.
 Decodings, tries and fused embeddings are cached by content (``decode_cache``, ``pool_assets``),
 so a GENIUS_ROOT copied elsewhere reuses everything.
 """
@@ -36,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -44,18 +47,19 @@ import numpy as np
 import torch
 
 from genius.common.config import resolve_path
-from genius.common.distributed import DistInfo, cleanup, gather_to_main, init_distributed
+from genius.common.distributed import DistInfo, broadcast_from_main, cleanup, gather_to_main, init_distributed
 from genius.common.fusion import fused_store_embeddings
 from genius.common.mbeir import (
     MBEIR_DATASET_IDS, QID_BASE, load_qrels, older_revision_twin, parse_query_file_name, unhash_qid,
 )
 from genius.common.ranges import check_ranges, ranged
-from genius.common.runstate import RunKey, RunState, file_content
+from genius.common.runstate import RunKey, RunState, file_content, portable_path
 from genius.common.stage import parse_stage_config, record_run, setup_logging, stage_parser, user_errors_exit
 from genius.common.store import EmbeddingStore, store_path
 from genius.models.generative_retriever import ir_metrics, metrics
 from genius.models.generative_retriever.beam_search import NUMERICS_VERSION
 from genius.models.generative_retriever.decode_cache import Decoded, decode_cached
+from genius.models.generative_retriever.index import IndexVersion, current_name, open_version
 from genius.models.generative_retriever.outputs import (
     OUTPUTS_VERSION, RUN_OUTPUTS, EvalReport, empty_texts, report_markdown, write_outputs,
 )
@@ -88,7 +92,7 @@ log = logging.getLogger("genius.eval")
 # Config keys that do not change the results: where inputs and outputs lie (their content is in
 # the run key), the device (its type is in the key), batch sizes of exact computations, force.
 NOT_IN_RUN_KEY = ("paths.data_root", "paths.stores_root", "paths.rq_run", "paths.gen_run",
-                  "paths.official_checkpoint", "paths.codes", "paths.results", "paths.union_pool",
+                  "paths.official_checkpoint", "paths.codes", "paths.results", "paths.union_pool", "paths.index",
                   "decoding.batch_size", "dense_chunk", "device", "force")
 # Options added after runs were recorded, at the value those runs computed with.
 ADDED_LATER = {"report.metrics": "mbeir", "report.ks": [1, 10, 20, 30]}
@@ -116,6 +120,10 @@ class PathsConfig:
     results: str = "results/tiny"
     union_pool: str = "cand_pool/global/mbeir_union_test_cand_pool.jsonl"  # relative to the data root
     instructions: str = "instructions/query_instructions.tsv"  # for genius search; relative to the data root
+    # A living index folder (genius index) to evaluate every query file against (its current
+    # version) instead of its local pool; needs union: false. Positives not in the index (removed
+    # ones) follow missing_positives.
+    index: str | None = None
 
 
 @dataclass
@@ -168,6 +176,9 @@ class EvalConfig:
     def validate(self) -> None:
         if not (self.task_specific or self.union):
             raise ValueError("task_specific and union are both false: nothing to evaluate")
+        if self.paths.index is not None and (self.union or not self.task_specific):
+            raise ValueError("paths.index is set: every query file is evaluated against the index alone; set "
+                             "union: false and task_specific: true (or paths.index: null)")
         if self.report.metrics == "irgen" and not self.run_files:
             raise ValueError("report.metrics: irgen computes its metrics from the run files, but run_files is "
                              "false; set run_files: true")
@@ -348,13 +359,27 @@ class Pass:
     kind: str  # "task-specific" | "universal"
     pool: Path
     files: list[QueryFile]
+    opened: Pool | None = None  # an index version's pool (its records file is ``pool``)
 
     @property
     def stem(self) -> str:
-        return self.pool.name.removesuffix(".jsonl")
+        return self.opened.stem if self.opened is not None else self.pool.name.removesuffix(".jsonl")
 
 
-def plan_passes(cfg: EvalConfig, files: list[QueryFile]) -> list[Pass]:
+def open_index(cfg: EvalConfig, info: DistInfo) -> IndexVersion | None:
+    """The ``paths.index`` version to evaluate against: the one current when rank 0 looked, on every
+    rank (an add may publish another meanwhile)."""
+    if cfg.paths.index is None:
+        return None
+    folder = resolve_path(cfg.paths.index)
+    name = broadcast_from_main(current_name(folder) if info.is_main else None)
+    return open_version(folder, name, backend=cfg.trie_backend)
+
+
+def plan_passes(cfg: EvalConfig, files: list[QueryFile], index: IndexVersion | None = None) -> list[Pass]:
+    if index is not None:  # the index stands in for each file's own pool (config.validate: no union)
+        opened = replace(index.pool(), kind="task-specific")
+        return [Pass("task-specific", opened.path, files, opened)]
     passes = []
     if cfg.task_specific:
         for pool_path in dict.fromkeys(qf.pool for qf in files):
@@ -365,7 +390,8 @@ def plan_passes(cfg: EvalConfig, files: list[QueryFile]) -> list[Pass]:
 
 
 def run_key(cfg: EvalConfig, files: list[QueryFile], stores: dict[str, EmbeddingStore],
-            candidate_stores: dict[str, EmbeddingStore], models: Models | None, info: DistInfo) -> RunKey:
+            candidate_stores: dict[str, EmbeddingStore], models: Models | None, info: DistInfo,
+            index: IndexVersion | None = None) -> RunKey:
     """The evaluation's identity: semantic config, content ids of every input, device type."""
     inputs: dict = {"models": models.fingerprints if models is not None else model_fingerprints(cfg.paths)}
     reads_images = reads_query_images(cfg.paths, models)  # an image_tokens generator: the images count too
@@ -376,7 +402,9 @@ def run_key(cfg: EvalConfig, files: list[QueryFile], stores: dict[str, Embedding
         if reads_images:
             root = resolve_path(cfg.paths.data_root)
             inputs[f"query images/{qf.stem}"] = images_digest(root, query_image_paths(qf.path, stores[qf.stem], root))
-    for stem, store in candidate_stores.items():
+    if index is not None:
+        inputs["index"] = index.content_id()
+    for stem, store in candidate_stores.items() if index is None else ():
         inputs[f"candidate store/{stem}"] = store.content_id
         codes_dir = cfg.codes_root() / stem
         # missing codes: open_pool says what to run
@@ -396,7 +424,8 @@ def check_all_positives(cfg: EvalConfig, passes: list[Pass],
         for qf in p.files:
             if qf.path not in read:
                 read[qf.path] = FilePositives.read(qf.qrels, qf.path)
-            checked[p.stem, qf.stem] = check_positives(read[qf.path], pool_ids, p.pool, qf.stem, cfg.missing_positives)
+            found = check_positives(read[qf.path], pool_ids, p.pool, qf.stem, cfg.missing_positives)
+            checked[p.stem, qf.stem] = replace(found, pool=p.stem)  # an index's records file is not named after it
     return checked
 
 
@@ -418,11 +447,12 @@ def evaluate(cfg: EvalConfig, models: Models | None = None) -> EvalReport | None
 def _evaluate(cfg: EvalConfig, models: Models | None, info: DistInfo) -> EvalReport | None:
     out = resolve_path(cfg.paths.results)
     files = resolve_files(cfg)
-    passes = plan_passes(cfg, files)
-    candidate_stores = {p.stem: open_candidate_store(cfg, p.pool) for p in passes}
+    index = open_index(cfg, info)
+    passes = plan_passes(cfg, files, index)
+    candidate_stores = {p.stem: p.opened.store if p.opened else open_candidate_store(cfg, p.pool) for p in passes}
     positives = check_all_positives(cfg, passes, candidate_stores)  # the data's own mistakes first
     stores = {qf.stem: open_query_store(cfg, qf) for qf in files}
-    state = RunState(out, run_key(cfg, files, stores, candidate_stores, models, info), RUN_OUTPUTS,
+    state = RunState(out, run_key(cfg, files, stores, candidate_stores, models, info, index), RUN_OUTPUTS,
                      stage="genius eval", force=cfg.force, is_main=info.is_main)
     if models is None and state.is_done():
         log.info("%s is up to date with the config, models, codes and stores; nothing to evaluate "
@@ -432,24 +462,29 @@ def _evaluate(cfg: EvalConfig, models: Models | None, info: DistInfo) -> EvalRep
         return None
     with state.hold():
         models = models or load_models(cfg, info.device)
+        if index is not None:
+            index.check_models(models)
         state.start()
         if info.is_main:
             record_run(out, cfg)
         outcomes: list[PairOutcome | None] = []
         pools_manifest = {}
         for p in passes:
-            pool = open_pool(cfg, p.kind, p.pool, models, build_trie=info.is_main,
-                             store=candidate_stores.get(p.stem))
+            pool = p.opened or open_pool(cfg, p.kind, p.pool, models, build_trie=info.is_main,
+                                         store=candidate_stores.get(p.stem))
             if cfg.rerank or cfg.dense:
                 pool.fused()  # every rank at once: each builds its share of a missing cache
             outcomes += [evaluate_pair(cfg, models, pool, qf, stores[qf.stem], positives[p.stem, qf.stem], info)
                          for qf in p.files]
-            pools_manifest[pool.stem] = pool.manifest(cfg.trie_backend)
+            pools_manifest[pool.stem] = pool.manifest(cfg.trie_backend) | (
+                {"index": portable_path(index.path.parent)} if p.opened else {})
             del pool  # one pool's codes, trie and embeddings in memory at a time
         if not info.is_main:
             return None
+        # an index version holds no rows its extraction skipped (``add`` embeds every record it gets)
+        skipped = empty_texts(stores, {} if index is not None else candidate_stores)
         report = build_report(cfg, outcomes, list(positives.values()), out, info,
-                              method_names(next(iter(stores.values())).meta), empty_texts(stores, candidate_stores))
+                              method_names(next(iter(stores.values())).meta), skipped)
         write_outputs(cfg, models, report, [qf.path for qf in files], stores, pools_manifest,
                       {qf.stem: qf.qrels for qf in files})
         state.finish()

@@ -78,7 +78,7 @@ from genius.common.runstate import acquire_lock, portable_path, release_lock
 from genius.common.stage import add_debug_flag, debugging, setup_logging, user_errors_exit
 from genius.models.generative_retriever.pool_assets import Pool, open_pool
 from genius.models.generative_retriever.retrieval import CandidateMap
-from genius.models.generative_retriever.run_models import Models, checkpoint_files, model_fingerprints
+from genius.models.generative_retriever.run_models import Models, StaleInputError, checkpoint_files, model_fingerprints
 
 log = logging.getLogger("genius.index")
 
@@ -190,6 +190,7 @@ class VersionStore:
     ids: np.ndarray
     dim: int
     modality: np.ndarray
+    path: Path  # the version folder (where a pool's manifest entry says its store lies)
 
     @property
     def arrays(self):
@@ -222,10 +223,36 @@ class IndexVersion:
     def pool(self) -> Pool:
         """This version as the pool ``ranking.rank``, ``GeniusIndex`` and ``api.Retriever`` search."""
         fused = self.arrays["fused"]
-        store = VersionStore(np.asarray(self.arrays["ids"]), fused.shape[1], np.asarray(self.arrays["modality"]))
+        store = VersionStore(np.asarray(self.arrays["ids"]), fused.shape[1], np.asarray(self.arrays["modality"]),
+                             self.path)
         cmap = CandidateMap.build(self.trie, np.asarray(self.arrays["codes"]))
         return Pool("index", self.path / "records.jsonl", self.name, store, self.path, self.manifest["codes_hash"],
                     self.path / "trie.bin", self.trie, cmap, self.path, _fused=fused)
+
+    def content_id(self) -> dict:
+        """What a search over this version depends on besides the models: its rows (ids), their IDs
+        (codes) and the encoder of their vectors; the name tells versions of equal rows apart."""
+        return {"version": self.name, "codes": self.manifest["codes_hash"], "ids": sha256_file(self.path / "ids.npy"),
+                "encoder": self.manifest["encoder"]["fingerprint"]}
+
+    def check_models(self, models: Models) -> None:
+        """Refuse to search this version with models other than the ones its IDs were assigned for."""
+        if models.fingerprints != self.manifest["fingerprints"]:
+            files = ", ".join(dict.fromkeys(models.files.values())) or "the loaded models"
+            raise StaleInputError(f"{self.path / 'manifest.json'}: the index serves the models "
+                                  f"{self.manifest['fingerprints']}, {files} are {models.fingerprints}; search it "
+                                  "with the run it was built from, or build a new index (genius index build)")
+
+
+def is_index(path: str | Path) -> bool:
+    """Whether ``path`` is an index folder (it has CURRENT), as opposed to a results or setting folder."""
+    return (Path(path) / CURRENT).is_file()
+
+
+def run_results(manifest: dict) -> Path:
+    """The results folder of the run an index version serves (its manifest's ``run``)."""
+    with project_root_set_to(manifest["run"]["root"]):
+        return resolve_path(manifest["run"]["results"])
 
 
 def version_number(name: str) -> int | None:
@@ -599,9 +626,7 @@ def format_report(report: dict) -> str:
 # ---- command line -------------------------------------------------------------------------------
 def run_of(index: Path, device: str) -> RunContext:
     """The run an index serves, from its current manifest."""
-    manifest = open_version(index).manifest
-    with project_root_set_to(manifest["run"]["root"]):
-        return load_run(resolve_path(manifest["run"]["results"]), device)
+    return load_run(run_results(open_version(index).manifest), device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,9 +2,11 @@
 
     genius search --run results/tiny --text "a small red circle on the left" -k 10
     genius search --run configs_scripts/tiny --image photo.png --target-modality text
+    genius search --run my_index --text "a newly added caption"
 
-``--run`` is a results directory holding ``run.json`` (written by ``genius eval``) or a setting's
-config folder (its ``eval.yaml`` names the results directory). A command line over the Python API
+``--run`` is a results directory holding ``run.json`` (written by ``genius eval``), a setting's
+config folder (its ``eval.yaml`` names the results directory) or an index folder (``genius index``:
+its current version is searched, with the run it serves). A command line over the Python API
 (``api.Retriever``: how the run is loaded, the query built and ranked, the target modality
 chosen); it prints the candidates with their did, modality, score, generated ID and text or image
 path.
@@ -33,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     parser = argparse.ArgumentParser(prog="genius search",
                                      description="Search a finished GENIUS run with a text and/or image query.")
-    parser.add_argument("--run", required=True, help="results directory with run.json, or a setting's config folder")
+    parser.add_argument("--run", required=True,
+                        help="results directory with run.json, a setting's config folder, or an index folder")
     parser.add_argument("--text", default="", help="query text")
     parser.add_argument("--image", default=None, help="query image file")
     parser.add_argument("--instruction", default=None, help="instruction to prepend (default: chosen as in extraction)")
@@ -42,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
                              "text and image+text queries, text for image queries)")
     parser.add_argument("--dataset", type=int, default=None, help="dataset id whose instructions to use")
     parser.add_argument("-k", type=int, default=10, help="number of results")
-    parser.add_argument("--pool", default=None, help="pool file stem (default: the union pool if evaluated)")
+    parser.add_argument("--pool", default=None,
+                        help="pool file stem (default: the union pool if evaluated; not with an index folder)")
     parser.add_argument("--method", choices=METHODS, default=None,
                         help="genius_r (re-ranked), genius (beam order) or dense (default: genius_r if the run "
                              "re-ranked, else genius)")
