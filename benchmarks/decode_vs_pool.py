@@ -5,7 +5,8 @@ Methods (all on the same machine, in one run, same random pool size N per row):
 - ``genius`` / ``genius_bf16`` (a): the project's ``constrained_beam_search`` (KV cache, level
   head, one ``fill_mask`` + ``advance`` call of the C++ trie per step for all beams), then
   ID -> candidates (``CandidateMap.leaves_of`` + ``genius_ranking``, top 10); ``_bf16`` runs the
-  decoder under bf16 autocast on CPU. ``genius_full`` is (a) with the full-vocabulary
+  decoder under bf16 autocast on CPU. ``genius_device`` is (a) fp32 with the trie as tensors
+  (``DeviceTrie``: the GPU-ready loop, no host round trip per step) on the CPU. ``genius_full`` is (a) with the full-vocabulary
   normalisation the paper settings use (``level_head=False``: all V rows of the output head
   scored at every step) instead of the level head (the level's K rows only).
 - ``generate`` / ``generate_bf16`` (b): the official decoding: ``transformers`` ``generate``
@@ -50,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from genius.models.generative_retriever.beam_search import cpu_has_bf16
 from genius.benchmarks.common import (
     OUT_DIR,
     available_memory_gb,
@@ -65,10 +67,12 @@ from genius.benchmarks.common import (
     write_csv,
 )
 
-METHODS = ("genius", "genius_bf16", "genius_full", "generate", "generate_bf16", "dense_fp32", "dense_bf16", "faiss_flat", "faiss_ivf")
-DECODING = ("genius", "genius_bf16", "genius_full", "generate", "generate_bf16")
+METHODS = ("genius", "genius_bf16", "genius_device", "genius_full", "generate", "generate_bf16", "dense_fp32", "dense_bf16", "faiss_flat", "faiss_ivf")
+DECODING = ("genius", "genius_bf16", "genius_device", "genius_full", "generate", "generate_bf16")
+BF16 = ("genius_bf16", "generate_bf16", "dense_bf16")
 LABELS = {
     "genius": "(a) GENIUS fp32", "genius_bf16": "(a) GENIUS bf16 autocast",
+    "genius_device": "(a) GENIUS fp32, device trie",
     "genius_full": "(a) GENIUS fp32, full-vocabulary normalisation", "generate": "(b) generate + dict trie fp32",
     "generate_bf16": "(b) generate + dict trie bf16 autocast",
     "dense_fp32": "(c) dense fp32", "dense_bf16": "(c) dense bf16", "faiss_flat": "(d) faiss Flat",
@@ -135,6 +139,7 @@ class Pool:
     trie: object
     cmap: object
     build_s: float
+    device_trie: object = None  # the trie as tensors, built when a method asks for it
 
 
 def build_pool(size: int, sizes: list[int], seed: int) -> Pool:
@@ -154,16 +159,22 @@ def query_vectors(count: int, dim: int, seed: int) -> torch.Tensor:
 
 
 # ---- (a) GENIUS --------------------------------------------------------------------------
-def genius_retriever(generator, pool: Pool, args, autocast: bool, level_head: bool = True):
+def genius_retriever(generator, pool: Pool, args, autocast: bool, level_head: bool = True, on_device: bool = False):
     """A function queries -> (beams, top-10 ranking): beam search, then ID -> candidates.
 
     ``level_head`` False scores and normalises over the whole vocabulary at every step (the
-    official decoding's normalisation, what the paper settings use)."""
+    official decoding's normalisation, what the paper settings use). ``on_device``: search with
+    the pool's ``DeviceTrie`` instead of the C++ trie."""
     from genius.models.generative_retriever.beam_search import constrained_beam_search
+    from genius.models.generative_retriever.device_trie import DeviceTrie
     from genius.models.generative_retriever.retrieval import genius_ranking
 
+    if on_device and pool.device_trie is None:
+        pool.device_trie = DeviceTrie.from_trie(pool.trie, generator.codebook_sizes)
+    trie = pool.device_trie if on_device else pool.trie
+
     def retrieve(queries: torch.Tensor):
-        beams = constrained_beam_search(generator, queries, pool.trie, generator.codebook_sizes, num_beams=args.beams,
+        beams = constrained_beam_search(generator, queries, trie, generator.codebook_sizes, num_beams=args.beams,
                                         batch_size=args.genius_batch, autocast=autocast, level_head=level_head)
         leaves = pool.cmap.leaves_of(beams.codes.numpy())
         leaves[~beams.valid.numpy()] = -1
@@ -181,7 +192,8 @@ def measure_genius(generator, pools: dict[int, Pool], z: torch.Tensor, args, met
     of each pair is kept. The GEMM peak is sampled after every repeat (into ``gemm``), so the
     decoder's GFLOP/s is compared with a peak measured under the same conditions.
     """
-    runs = {(m, n): genius_retriever(generator, pool, args, m == "genius_bf16", level_head=m != "genius_full")
+    runs = {(m, n): genius_retriever(generator, pool, args, m == "genius_bf16", level_head=m != "genius_full",
+                                     on_device=m == "genius_device")
             for n, pool in pools.items()
             for m in methods}
     for (method, size), retrieve in runs.items():  # warm-up, and a sanity check of the output
@@ -390,11 +402,18 @@ def faiss_index(method: str, vectors: np.ndarray, args):
 # ---- the run ---------------------------------------------------------------------------------
 def sample_gemm(gemm: dict[str, list[float]], n: int) -> None:
     gemm.setdefault("fp32", []).append(gemm_gflops(torch.float32, n))
-    gemm.setdefault("bf16", []).append(gemm_gflops(torch.bfloat16, n))
+    if cpu_has_bf16():  # emulated bf16 GEMMs run at ~1 GFLOP/s: one sample would take minutes
+        gemm.setdefault("bf16", []).append(gemm_gflops(torch.bfloat16, n))
 
 
 def run(args, gemm: dict[str, list[float]]) -> list[dict]:
     methods, sizes = list(args.methods), sorted(int(s) for s in args.sizes)
+    if not cpu_has_bf16():
+        skipped = [m for m in methods if m in BF16]
+        methods = [m for m in methods if m not in BF16]
+        if skipped:
+            print(f"# skipped {', '.join(skipped)}: this CPU has no bf16 GEMM kernels (oneDNN reports none); "
+                  "bf16 would run emulated at about 1 GFLOP/s", flush=True)
     results: dict[tuple[str, int], dict] = {}
     distinct: dict[int, int] = {}
     if any(m in methods for m in DECODING):
@@ -402,7 +421,7 @@ def run(args, gemm: dict[str, list[float]]) -> list[dict]:
         pools = {size: build_pool(size, generator.codebook_sizes, args.seed) for size in sizes}
         distinct = {size: len(pool.trie) for size, pool in pools.items()}
         z = query_vectors(max(args.genius_queries, args.generate_queries), args.dim, args.seed)
-        genius = [m for m in ("genius", "genius_bf16", "genius_full") if m in methods]
+        genius = [m for m in ("genius", "genius_bf16", "genius_device", "genius_full") if m in methods]
         if genius:
             results.update(measure_genius(generator, pools, z[: args.genius_queries], args, genius, gemm))
         for size, pool in pools.items():
@@ -503,10 +522,11 @@ def summarise(rows: list[dict], args, gemm: dict) -> dict:
     arch = generator_arch(args)
     flops = {"genius": decoder_flops_per_query(arch, args.beams), "generate": generate_flops_per_query(arch, args.beams),
              "genius_full": decoder_flops_per_query(arch, args.beams, level_head=False)}
+    flops["genius_device"] = flops["genius"]
     summary = {"gemm_gflops": gemm, "decoder_gflop_per_query": flops["genius"] / 1e9,
                "generate_gflop_per_query": flops["generate"] / 1e9, "targets": {}}
-    for method, peak in (("genius", "fp32"), ("genius_bf16", "bf16"), ("genius_full", "fp32"), ("generate", "fp32"),
-                         ("generate_bf16", "bf16")):
+    for method, peak in (("genius", "fp32"), ("genius_bf16", "bf16"), ("genius_device", "fp32"), ("genius_full", "fp32"),
+                         ("generate", "fp32"), ("generate_bf16", "bf16")):
         qps = qps_by_size(rows, method)
         if not qps:
             continue
@@ -577,13 +597,14 @@ def markdown(rows: list[dict], summary: dict, args, command: str, machine: str, 
         markdown_table(["pool size"] + [LABELS[m] for m in methods], table_rows),
         (f"GEMM peak measured in this run (torch.matmul {args.gemm_n}^2, best of the samples taken at the start, after each "
          f"GENIUS repeat and at the end): fp32 {gemm['fp32']:.0f} GFLOP/s, "
-         f"bf16 {gemm['bf16']:.0f} GFLOP/s. Decoder work per query (formula in `decoder_flops_per_query`): "
+         + (f"bf16 {gemm['bf16']:.0f} GFLOP/s" if "bf16" in gemm else "bf16 not measured (no bf16 GEMM kernels)")
+         + ". Decoder work per query (formula in `decoder_flops_per_query`): "
          f"{summary['decoder_gflop_per_query']:.3g} GFLOP; `generate` does {summary['generate_gflop_per_query']:.3g} "
          "GFLOP for the same query (`generate_flops_per_query`: every beam from the first step, cross-attention "
          "keys/values per beam, full-vocabulary head)."),
     ]
-    for method, peak in (("genius", "fp32"), ("genius_bf16", "bf16"), ("genius_full", "fp32"), ("generate", "fp32"),
-                         ("generate_bf16", "bf16")):
+    for method, peak in (("genius", "fp32"), ("genius_bf16", "bf16"), ("genius_device", "fp32"), ("genius_full", "fp32"),
+                         ("generate", "fp32"), ("generate_bf16", "bf16")):
         if f"{method}_gflops" in summary:
             lines.append(f"- {LABELS[method]} at its best size: {summary[f'{method}_gflops']:.3g} GFLOP/s = "
                          f"{100 * summary[f'{method}_share_of_gemm']:.0f}% of the {peak} GEMM peak.")

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from genius.models.generative_retriever.beam_search import constrained_beam_search, generate_reference
+from genius.models.generative_retriever.device_trie import DeviceTrie
+from genius.models.generative_retriever.fused_decoder import FusedDecoder
 from genius.models.generative_retriever.generator import IDGenerator, make_arch
 from genius.trie_cpp import build_trie
 from genius.trie_cpp.python_trie import PythonTrie
@@ -181,19 +183,18 @@ def test_bad_arguments_are_named():
 # ---- numerics under autocast, and host syncs (the GPU path, checked on the CPU) ----------------
 @pytest.mark.parametrize("level_head", [True, False])
 def test_head_logits_are_fp32_under_autocast(level_head):
-    # Under bf16 autocast the decoder runs in bf16 but the head must not: the level's
-    # log-probabilities equal an fp32 head (outside autocast) on the same decoder state.
+    # With bf16 weights the decoder runs in bf16 but the head must not: the level's
+    # log-probabilities equal an fp32 head (outside autocast) on the same decoder state, also
+    # when the caller is inside autocast.
     sizes = [3, 8, 8]
     generator = tiny_generator(4, sizes)
     z = queries(np.random.default_rng(4), 3)
-    states = []
-    hook = generator.t5.decoder.register_forward_hook(lambda m, i, out: states.append(out.last_hidden_state[:, -1]))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        tokens = torch.zeros(len(z), 1, dtype=torch.long)
-        log_probs, _ = generator.code_log_probs(tokens, generator.encode(z), None, 0, level_head)
-    hook.remove()
+        decoder = FusedDecoder(generator, torch.bfloat16)
+        state = decoder.step(decoder.start(generator.encode(z), len(z), 1), torch.zeros(len(z), dtype=torch.long), None)
+        log_probs = generator.level_log_probs(state, 0, level_head)
     weight = generator.t5.lm_head.weight.detach()
-    hidden = states[0].float() * generator.d_model**-0.5
+    hidden = state.float() * generator.d_model**-0.5
     lo, hi = generator.offsets[0], generator.offsets[0] + sizes[0]
 
     def level_log_probs(logits_of):  # normalised as the search does
@@ -202,7 +203,7 @@ def test_head_logits_are_fp32_under_autocast(level_head):
     with torch.no_grad():
         expected = level_log_probs(lambda rows: F.linear(hidden, rows))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            head = generator.head_logits(states[0], slice(lo, hi))
+            head = generator.head_logits(state, slice(lo, hi))
             in_autocast = level_log_probs(lambda rows: F.linear(hidden, rows).float())  # a head inside autocast
     assert log_probs.dtype == head.dtype == torch.float32
     assert torch.equal(log_probs, expected) and torch.equal(head, F.linear(hidden, weight[lo:hi]))
@@ -242,3 +243,46 @@ def test_decode_loop_copies_to_the_host_once_per_level():
             with count_host_syncs() as calls:
                 constrained_beam_search(generator, z, trie, sizes, num_beams=8, batch_size=3, autocast=autocast)
             assert sum(calls.values()) == 2 * len(sizes), (sizes, autocast, dict(calls))  # 2 batches x 1 per level
+
+
+def test_decode_loop_with_a_device_trie_copies_to_the_host_once_per_batch():
+    # The GPU-ready loop: the trie's mask and step run on the decoding device, and the only host
+    # copy is the score check after the last level, however many levels there are.
+    rng = np.random.default_rng(2)
+    for sizes in ([3, 8, 8], [3, 8, 8, 8, 8, 8]):
+        generator = tiny_generator(2, sizes)
+        trie = DeviceTrie.from_trie(build_trie(random_codes(rng, sizes, 200), backend="cpp"), sizes)
+        z = queries(rng, 6)
+        with count_host_syncs() as calls:
+            constrained_beam_search(generator, z, trie, sizes, num_beams=8, batch_size=3)
+        assert sum(calls.values()) == 2, (sizes, dict(calls))  # 2 batches x 1
+
+
+@pytest.mark.parametrize("seed,sizes,pool,beams,layers", CASES[::3])
+@pytest.mark.parametrize("dense_budget", [0, 2**24])
+def test_a_device_trie_gives_the_host_tries_beams(seed, sizes, pool, beams, layers, dense_budget):
+    rng = np.random.default_rng(seed)
+    generator = tiny_generator(seed, sizes, layers=layers)
+    host = build_trie(random_codes(rng, sizes, pool), backend="cpp")
+    device = DeviceTrie.from_trie(host, sizes, dense_budget=dense_budget)
+    z = queries(rng, 5)
+    for level_head, threshold in ((True, 0.0), (False, 0.3)):
+        expected = constrained_beam_search(generator, z, host, sizes, num_beams=beams, level_head=level_head,
+                                           batch_size=2, modality_threshold=threshold)
+        ours = constrained_beam_search(generator, z, device, sizes, num_beams=beams, level_head=level_head,
+                                       batch_size=2, modality_threshold=threshold)
+        assert torch.equal(ours.codes, expected.codes) and torch.equal(ours.valid, expected.valid)
+        assert torch.equal(ours.scores, expected.scores)
+
+
+@pytest.mark.parametrize("level_head", [True, False])
+def test_nan_with_a_device_trie_is_the_same_error_after_the_search(level_head):
+    sizes = [3, 6, 6]
+    generator = tiny_generator(5, sizes)
+    with torch.no_grad():
+        generator.t5.shared.weight[generator.offsets[1] + 2] = float("nan")
+    rng = np.random.default_rng(5)
+    trie = DeviceTrie.from_trie(build_trie(random_codes(rng, sizes, 60), backend="cpp"), sizes)
+    expected_level = 1 if level_head else 0
+    with pytest.raises(FloatingPointError, match=rf"NaN or \+inf scores at level {expected_level} for 4 of 4 queries"):
+        constrained_beam_search(generator, queries(rng, 4), trie, sizes, num_beams=5, level_head=level_head)

@@ -108,6 +108,19 @@ def test_a_copied_root_is_already_evaluated(root, capsys, caplog):
     assert mtimes(root / RESULTS) == before and not (root / RESULTS / "stale").exists()
 
 
+def test_a_device_trie_writes_the_host_tries_run_files(root, capsys):
+    # decoding.device_trie keeps the trie on the decoding device (the GPU-ready loop); on the tiny
+    # run it must decode every pool to the very rankings the C++ trie gave.
+    code, _, _ = run_eval(capsys, "decoding.device_trie=true", "paths.results=results/on_device")
+    assert code == 0
+
+    def run_files(folder: Path) -> dict[str, str]:
+        return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*.run"))}
+
+    got, want = run_files(root / "results/on_device/runs"), run_files(root / RESULTS / "runs")
+    assert len(want) >= 10 and got == want
+
+
 def test_force_re_evaluates_and_sets_the_old_results_aside(root, capsys):
     out_dir = root / RESULTS
     table, done = (out_dir / "results.tsv").read_text(), json.loads((out_dir / "done.json").read_text())

@@ -12,17 +12,19 @@ Three details keep it fast:
   the tied output head are scored and the log-softmax runs over them. ``level_head=False``
   scores and normalises the full vocabulary and gives exactly the numbers (and beams) of the
   official ``transformers.generate`` decoding; results state which one produced them.
-- Cache: decoder self-attention keys/values are reordered by the surviving beams each step. The
-  cross-attention keys/values are the same for every beam of a query, so they are computed and
-  kept once per query (not once per beam, which at paper size is 37 MB per query) and never
-  reordered: during the search the decoder's attention is ``shared_cross_attention``, which lets
-  the B beams of a query attend to them as B query positions of one row.
-- Host traffic: the masks are filled in one host buffer per search (pinned on a GPU, uploaded
-  without blocking), and each step makes one device-to-host copy, of what the trie needs.
-
-Under ``autocast`` the decoder runs in bf16 (CPU) or fp16 (GPU), but the output head and the
-scores stay fp32 (``IDGenerator.head_logits``). A NaN or +inf score is an error naming the level,
-never a beam silently dropped or kept; -inf marks what the trie disallows.
+- Fused step: the decoder runs as :class:`~genius.models.generative_retriever.fused_decoder.FusedDecoder`,
+  the T5 decoder written out as plain tensor ops (q/k/v in one GEMM, the cross-attention keys and
+  values once per query, not per beam, which at paper size is 37 MB per query; the self-attention
+  history in buffers allocated once per batch and gathered by parent in one copy per layer).
+- Host traffic: with a host trie the masks are filled in one host buffer per search (pinned on a
+  GPU, uploaded without blocking), and each step makes one device-to-host copy, of what the trie
+  needs. With a :class:`~genius.models.generative_retriever.device_trie.DeviceTrie` the mask and
+  the trie step run on the decoding device and the search makes one host copy in all (the score
+  check), so a GPU never waits on the host mid-search.
+With ``autocast`` the decoder's weights are cast once to bf16 (CPU) or fp16 (GPU) and its GEMMs
+run in that type (the residual stream and norms stay fp32), but the output head and the scores
+stay fp32 (``IDGenerator.head_logits``). A NaN or +inf score is an error naming the level, never
+a beam silently dropped or kept; -inf marks what the trie disallows.
 
 Modality decision (``modality_threshold``, off by default): level 0 is the modality code. Plain
 beam search adds log-probabilities over all levels, so a wrong modality the generator gives 0.3%
@@ -40,62 +42,26 @@ modality level, whose level 0 is a semantic level like any other) the threshold 
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
-import transformers
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
 from genius.common.distributed import autocast_dtype
+from genius.models.generative_retriever.device_trie import DeviceTrie
+from genius.models.generative_retriever.fused_decoder import FusedDecoder
 from genius.models.generative_retriever.generator import IDGenerator
 from genius.models.generative_retriever.vocab import PAD
 
+log = logging.getLogger("genius.beam_search")
+
 ABSENT_NODE = -1
 # Raised whenever the search's numbers change on purpose, so decodings cached and evaluations
-# finished before are redone, not reused: 2 = output head and scores in fp32 under autocast.
-NUMERICS_VERSION = 2
-SHARED_CROSS_ATTENTION = "genius_shared_cross_attention"
-
-
-def shared_cross_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
-                           **kwargs):
-    """transformers' SDPA attention, except when ``key`` has one row per query and ``query`` one per beam.
-
-    Beam rows are grouped by query (rows q*B .. q*B+B-1 belong to query q) and each holds one new
-    token, so the B beams of a query are folded into the query-length axis of that query's row:
-    [Q*B, H, 1, d] -> [Q, H, B, d] against keys [Q, H, P, d], then unfolded. T5's cross-attention
-    has no mask and a position bias of zeros [1, H, 1, P], which broadcasts over the B positions.
-    """
-    beams = query.shape[0] // key.shape[0]
-    if beams == 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    rows, heads, _, head_dim = query.shape
-    folded = query.reshape(key.shape[0], beams, heads, head_dim).transpose(1, 2)
-    out, weights = sdpa_attention_forward(module, folded, key, value, attention_mask, **kwargs)
-    return out.reshape(rows, 1, heads, head_dim), weights
-
-
-AttentionInterface.register(SHARED_CROSS_ATTENTION, shared_cross_attention)
-
-
-@contextlib.contextmanager
-def _decoder_attention(generator: IDGenerator, implementation: str):
-    """The decoder's attention set to ``implementation`` (a name registered with ``AttentionInterface``)
-    through transformers' ``set_attn_implementation``, and the previous one restored on exit."""
-    decoder = generator.t5.decoder
-    previous = decoder.config._attn_implementation
-    decoder.set_attn_implementation(implementation)
-    if decoder.config._attn_implementation != implementation:  # transformers only logs when it refuses
-        decoder.set_attn_implementation(previous)
-        raise RuntimeError(f"transformers {transformers.__version__} did not switch the T5 decoder's attention to "
-                           f"{implementation!r}; constrained decoding needs it (see pyproject.toml's bounds)")
-    try:
-        yield
-    finally:
-        decoder.set_attn_implementation(previous)
+# finished before are redone, not reused: 2 = output head and scores in fp32 under autocast;
+# 3 = the fused decoder step (under autocast the weights are cast once, attention runs in bf16/fp16).
+NUMERICS_VERSION = 3
 
 
 @dataclass
@@ -104,6 +70,19 @@ class BeamResult:
     scores: torch.Tensor  # float32 [Q, B], sum of log-probabilities, descending; -inf for absent beams
     valid: torch.Tensor  # bool [Q, B]
     level_head: bool  # True: scores normalised over the level's codes; False: over the full vocabulary
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN has bf16 GEMM kernels for this CPU (AVX-512 and later). Without them (AVX2
+    only) a bf16 GEMM runs emulated at about 1 GFLOP/s, far slower than fp32."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@functools.cache
+def _warn_emulated_bf16() -> None:  # once per process, not once per batch
+    log.warning("decoding.autocast: this CPU has no bf16 GEMM kernels, so bf16 decoding runs emulated and slower "
+                "than fp32; set decoding.autocast=false on this machine (the beams may then differ slightly)")
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -120,8 +99,9 @@ def constrained_beam_search(generator: IDGenerator, queries: torch.Tensor, trie,
     """Top ``num_beams`` trie IDs per query; see module docstring. ``queries``: what the generator
     encodes, normalised Combiner outputs [Q, dim] (prefix) or uint8 images [Q, 3, S, S] (image_tokens).
 
-    ``trie``: any object with the trie node API (``root``, ``fill_mask``, ``advance``) built over
-    level-local codes [N, L] with L = len(codebook_sizes). ``modality_level``: whether level 0 is
+    ``trie``: any object with the host trie node API (``root``, ``fill_mask``, ``advance``) built
+    over level-local codes [N, L] with L = len(codebook_sizes), or a ``DeviceTrie`` on the
+    queries' device (identical beams, no host round trip per step). ``modality_level``: whether level 0 is
     the modality code (the quantizer's ``has_modality_level``); without it ``modality_threshold``
     is ignored.
     """
@@ -135,10 +115,12 @@ def constrained_beam_search(generator: IDGenerator, queries: torch.Tensor, trie,
     was_training = generator.training
     generator.eval()
     try:
-        with _decoder_attention(generator, SHARED_CROSS_ATTENTION):  # _search's cache layout needs it
-            threshold = modality_threshold if modality_level else 0.0
-            parts = [_search(generator, chunk, trie, num_beams, level_head, autocast, threshold)
-                     for chunk in queries.split(batch_size)]
+        threshold = modality_threshold if modality_level else 0.0
+        if autocast and queries.device.type == "cpu" and not cpu_has_bf16():
+            _warn_emulated_bf16()
+        decoder = FusedDecoder(generator, autocast_dtype(queries.device) if autocast else torch.float32)
+        parts = [_search(generator, decoder, chunk, trie, num_beams, level_head, autocast, threshold)
+                 for chunk in queries.split(batch_size)]
     finally:
         generator.train(was_training)
     if not parts:
@@ -149,22 +131,24 @@ def constrained_beam_search(generator: IDGenerator, queries: torch.Tensor, trie,
 
 
 @torch.inference_mode()
-def _search(generator: IDGenerator, queries: torch.Tensor, trie, num_beams: int, level_head: bool,
-            autocast: bool, modality_threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _search(generator: IDGenerator, decoder: FusedDecoder, queries: torch.Tensor, trie, num_beams: int,
+            level_head: bool, autocast: bool, modality_threshold: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     device, num_queries = queries.device, len(queries)
+    on_device = isinstance(trie, DeviceTrie)
     query_base = torch.arange(num_queries, device=device)[:, None]
     with _autocast(device, autocast):
         encoder_hidden = generator.encode(queries)
-    masks = _MaskBuffer(num_queries * num_beams, max(generator.codebook_sizes), device)
+    masks = _MaskBuffer(num_queries * num_beams, max(generator.codebook_sizes), device, on_device)
     # One beam per query (the root) until the first step has chosen codes.
-    beams, cache = 1, generator.new_decode_cache()
-    nodes = np.full(num_queries, trie.root(), dtype=np.int64)
+    beams, parents, broken = 1, None, []
+    state = decoder.start(encoder_hidden, num_queries * num_beams, generator.num_levels)
+    nodes = trie.root_nodes(num_queries) if on_device else np.full(num_queries, trie.root(), dtype=np.int64)
     scores = torch.zeros(num_queries, 1, device=device)
     codes = torch.zeros(num_queries, 1, 0, dtype=torch.long, device=device)
-    tokens = torch.full((num_queries, 1), PAD, dtype=torch.long, device=device)
+    tokens = torch.full((num_queries,), PAD, dtype=torch.long, device=device)
     for level, width in enumerate(generator.codebook_sizes):
-        with _autocast(device, autocast):
-            log_probs, cache = generator.code_log_probs(tokens, encoder_hidden, cache, level, level_head)
+        log_probs = generator.level_log_probs(decoder.step(state, tokens, parents), level, level_head)
         allowed = masks.fill(trie, level, nodes, width)
         total = (scores.view(-1, 1) + log_probs).masked_fill(~allowed, -torch.inf)
         if level == 0 and modality_threshold > 0:  # one beam (the root) per query here, so total is [Q, K_0]
@@ -176,52 +160,63 @@ def _search(generator: IDGenerator, queries: torch.Tensor, trie, num_beams: int,
         chosen = flat % width
         codes = torch.cat([codes.view(num_queries * beams, -1)[parents].view(num_queries, keep, -1),
                            chosen[..., None]], dim=2)
-        # What the trie needs, in one device-to-host copy (the level's only sync): parent rows,
-        # chosen codes, and each beam's state (-inf: absent; NaN or +inf: broken numerics).
-        state = torch.where(torch.isfinite(scores), _FINITE, torch.where(torch.isneginf(scores), _ABSENT, _BROKEN))
-        host_parents, host_chosen, host_state = torch.stack([parents, chosen.view(-1), state.view(-1)]).cpu().numpy()
-        _check_scores(host_state, keep, level)
-        nodes = np.asarray(trie.advance(level, nodes[host_parents], host_chosen), np.int64)
-        nodes[host_state == _ABSENT] = ABSENT_NODE
-        # Each surviving beam takes its parent's self-attention keys/values (transformers' beam
-        # reordering); the cross-attention cache stays one row per query.
-        cache.self_attention_cache.reorder_cache(parents)
-        tokens = (chosen + generator.offsets[level]).view(-1, 1)
+        if on_device:  # the trie steps on the device; the scores are checked once, after the search
+            broken.append((torch.isnan(scores) | torch.isposinf(scores)).any(dim=1))
+            nodes = torch.where(torch.isneginf(scores).view(-1), ABSENT_NODE,
+                                trie.advance(level, nodes[parents], chosen.view(-1)))
+        else:
+            # What the host trie needs, in one device-to-host copy (the level's only sync): parent
+            # rows, chosen codes, and each beam's state (-inf: absent; NaN or +inf: broken numerics).
+            beam_state = torch.where(torch.isfinite(scores), _FINITE, torch.where(torch.isneginf(scores), _ABSENT, _BROKEN))
+            host_parents, host_chosen, host_state = torch.stack([parents, chosen.view(-1), beam_state.view(-1)]).cpu().numpy()
+            _check_scores((host_state.reshape(num_queries, keep) == _BROKEN).any(axis=1), level)
+            nodes = np.asarray(trie.advance(level, nodes[host_parents], host_chosen), np.int64)
+            nodes[host_state == _ABSENT] = ABSENT_NODE
+        tokens = (chosen + generator.offsets[level]).view(-1)
         beams = keep
+    if on_device:
+        for level, queries_broken in enumerate(torch.stack(broken).cpu().numpy()):
+            _check_scores(queries_broken, level)
     return _pad_absent(codes, scores, num_beams)
 
 
 _ABSENT, _FINITE, _BROKEN = 0, 1, 2  # a beam's state, as _search copies it to the host
 
 
-def _check_scores(state: np.ndarray, beams: int, level: int) -> None:
+def _check_scores(broken: np.ndarray, level: int) -> None:
     """A NaN or +inf score is an error: CUDA's topk ranks NaN first, and the beam would pass for
-    a real one (or, read as not finite, vanish as absent). -inf is a trie-disallowed code."""
-    broken = state.reshape(-1, beams) == _BROKEN
+    a real one (or, read as not finite, vanish as absent). -inf is a trie-disallowed code.
+    ``broken``: bool [Q], whether a query has such a beam after ``level``."""
     if broken.any():
         raise FloatingPointError(
-            f"decoding produced NaN or +inf scores at level {level} for {int(broken.any(1).sum())} of {len(broken)} "
+            f"decoding produced NaN or +inf scores at level {level} for {int(broken.sum())} of {len(broken)} "
             f"queries; the generator's weights or inputs hold NaN/inf (check the generator checkpoint and the query "
             f"features), or the decoder overflows in low precision (set decoding.autocast=false)")
 
 
 class _MaskBuffer:
-    """The trie's allowed-code masks of one search, in host memory allocated once and reused at
-    every level (a level's mask is its first rows x width entries, viewed as [rows, width]).
+    """The trie's allowed-code masks of one search, in memory allocated once and reused at every
+    level (a level's mask is its first rows x width entries, viewed as [rows, width]).
 
-    On a GPU the host buffer is pinned and copied into a device buffer without blocking. Reusing
-    it is safe: the next ``fill`` runs after the level's device-to-host copy in ``_search``, which
-    waits for all work queued before it, the mask's upload included."""
+    A host trie fills a host buffer; on a GPU it is pinned and copied into a device buffer without
+    blocking. Reusing it is safe: the next ``fill`` runs after the level's device-to-host copy in
+    ``_search``, which waits for all work queued before it, the mask's upload included. A
+    :class:`DeviceTrie` fills the device buffer itself."""
 
-    def __init__(self, max_rows: int, max_width: int, device: torch.device):
+    def __init__(self, max_rows: int, max_width: int, device: torch.device, on_device: bool = False):
         size = max_rows * max_width
-        self.host = torch.empty(size, dtype=torch.bool, pin_memory=device.type == "cuda")
-        self.host_array = self.host.numpy()
+        self.host = None
+        if not on_device or device.type == "cpu":
+            self.host = torch.empty(size, dtype=torch.bool, pin_memory=device.type == "cuda" and not on_device)
+            self.host_array = self.host.numpy()
         self.device = None if device.type == "cpu" else torch.empty(size, dtype=torch.bool, device=device)
 
-    def fill(self, trie, level: int, nodes: np.ndarray, width: int) -> torch.Tensor:
+    def fill(self, trie, level: int, nodes, width: int) -> torch.Tensor:
         """The [len(nodes), width] mask of the codes allowed after ``nodes``, on the search's device."""
         count = len(nodes) * width
+        if isinstance(trie, DeviceTrie):
+            buffer = self.host if self.device is None else self.device
+            return trie.allowed(level, nodes, out=buffer[:count].view(len(nodes), width))
         trie.fill_mask(level, nodes, self.host_array[:count].reshape(len(nodes), width))  # fill_mask clears it
         if self.device is None:
             return self.host[:count].view(len(nodes), width)

@@ -93,7 +93,7 @@ log = logging.getLogger("genius.eval")
 # the run key), the device (its type is in the key), batch sizes of exact computations, force.
 NOT_IN_RUN_KEY = ("paths.data_root", "paths.stores_root", "paths.rq_run", "paths.gen_run",
                   "paths.official_checkpoint", "paths.codes", "paths.results", "paths.union_pool", "paths.index",
-                  "decoding.batch_size", "dense_chunk", "device", "force")
+                  "decoding.batch_size", "decoding.device_trie", "dense_chunk", "device", "force")
 # Options added after runs were recorded, at the value those runs computed with.
 ADDED_LATER = {"report.metrics": "mbeir", "report.ks": [1, 10, 20, 30]}
 
@@ -140,6 +140,10 @@ class DecodingConfig:
     # > 0: keep a modality (level-0 code) only if its probability is at least this fraction of the
     # best one's (beam_search module docstring); 0 is the official decoding.
     modality_threshold: float = ranged(0.0, "[0, 1]")
+    # True: the trie as tensors on the decoding device (dense top levels + CSR, device_trie.py), so
+    # a GPU search makes no host round trip per level; the same beams. On a CPU the C++ trie is
+    # faster (BENCHMARKS.md section 1).
+    device_trie: bool = False
 
 
 @dataclass

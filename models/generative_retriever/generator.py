@@ -20,26 +20,16 @@ the stage-0 file. A prefix arch has no ``condition`` key, like every file writte
 """
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import nn
-from transformers import DynamicCache, EncoderDecoderCache, T5Config, T5ForConditionalGeneration
-from transformers.models.t5.modeling_t5 import T5Stack
+from transformers import T5Config, T5ForConditionalGeneration
 
 from genius.common.checkpoint import content_digest, load_own_checkpoint, load_state_dict_strict, save_own_checkpoint
 from genius.models.generative_retriever.vocab import EOS, PAD, code_offsets, codes_to_tokens, vocab_size
-
-# The cached decoder step passes its KV cache as ``cache=``, the name transformers 5.24 introduced
-# (``past_key_values`` is deprecated there). Earlier releases would take ``cache=`` into **kwargs
-# and decode silently without the cache, so refuse them here rather than return wrong beams.
-if "cache" not in inspect.signature(T5Stack.forward).parameters:
-    raise ImportError(f"genius needs transformers>=5.24 (the T5 decoder's `cache` argument); installed: "
-                      f"{transformers.__version__}. Reinstall with `bash scripts/env.sh` (it follows the lock file).")
 
 # t5-small's shapes (google-t5/t5-small config.json); the encoder's 6 layers are dropped.
 T5_SMALL = {
@@ -200,29 +190,17 @@ class IDGenerator(nn.Module):
         decoder_input = torch.cat([torch.full_like(tokens[:, :1], PAD), tokens[:, :-1]], dim=1)
         return self.t5(inputs_embeds=self.encoder_inputs(queries), decoder_input_ids=decoder_input).logits
 
-    def new_decode_cache(self) -> EncoderDecoderCache:
-        """An empty decoder cache: self-attention keys/values per row, cross-attention ones per query."""
-        config = self.t5.decoder.config
-        return EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+    def level_log_probs(self, hidden: torch.Tensor, level: int, level_head: bool) -> torch.Tensor:
+        """fp32 log-probabilities [N, K_level] of level ``level``'s codes from decoder states [N, d_model].
 
-    def code_log_probs(self, tokens: torch.Tensor, encoder_hidden: torch.Tensor, cache: EncoderDecoderCache | None,
-                       level: int, level_head: bool) -> tuple[torch.Tensor, EncoderDecoderCache]:
-        """One cached decoder step: fp32 log-probabilities [N, K_level] of level ``level``'s codes.
-
-        ``tokens`` [N, 1] is each row's last token; ``cache`` None starts a new cache (see
-        ``new_decode_cache``), which the step extends in place and returns. With ``level_head``
-        only the level's K rows of the output head are scored and normalised among themselves;
-        otherwise the full vocabulary is scored and normalised (the official decoding's numbers),
-        then the level's slice is returned.
+        With ``level_head`` only the level's K rows of the output head are scored and normalised
+        among themselves; otherwise the full vocabulary is scored and normalised (the official
+        decoding's numbers), then the level's slice is returned.
         """
-        if cache is None:
-            cache = self.new_decode_cache()
-        hidden = self.t5.decoder(input_ids=tokens, encoder_hidden_states=encoder_hidden, cache=cache,
-                                 use_cache=True).last_hidden_state[:, -1]
         lo, hi = self.offsets[level], self.offsets[level] + self.codebook_sizes[level]
         if level_head:
-            return F.log_softmax(self.head_logits(hidden, slice(lo, hi)), dim=-1), cache
-        return F.log_softmax(self.head_logits(hidden), dim=-1)[:, lo:hi], cache
+            return F.log_softmax(self.head_logits(hidden, slice(lo, hi)), dim=-1)
+        return F.log_softmax(self.head_logits(hidden), dim=-1)[:, lo:hi]
 
     def head_logits(self, hidden: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
         """fp32 logits [N, len(rows)] of the output head's ``rows`` for decoder states [N, d_model].

@@ -9,6 +9,7 @@ everything.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -95,6 +96,7 @@ def load_models(cfg: Any, device: torch.device) -> Models:
     """The models of an eval config (``cfg.paths`` and ``cfg.decoding``), on ``device``."""
     # Imported here: the driver and its tests run with stand-in models without loading transformers.
     from genius.models.generative_retriever.beam_search import constrained_beam_search
+    from genius.models.generative_retriever.device_trie import DeviceTrie
 
     paths = cfg.paths
     fingerprints = model_fingerprints(paths)
@@ -127,7 +129,13 @@ def load_models(cfg: Any, device: torch.device) -> Models:
             z = rq.embed(img.to(device), txt.to(device), img_mask.to(device), txt_mask.to(device))
         return z.float().cpu()
 
+    device_tries = weakref.WeakKeyDictionary()  # host trie -> its DeviceTrie, built once per pool
+
     def decode(queries, trie):
+        if dec.device_trie:
+            if trie not in device_tries:
+                device_tries[trie] = DeviceTrie.from_trie(trie, rq.codebook_sizes, device)
+            trie = device_tries[trie]
         return constrained_beam_search(generator, queries.to(device), trie, rq.codebook_sizes, num_beams=dec.num_beams,
                                        batch_size=dec.batch_size, level_head=dec.level_head, autocast=dec.autocast,
                                        modality_threshold=dec.modality_threshold,

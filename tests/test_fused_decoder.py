@@ -1,0 +1,65 @@
+"""The fused decoder step computes transformers' T5 decoder: step by step, with beams reordered."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from genius.models.generative_retriever.fused_decoder import FusedDecoder
+from genius.models.generative_retriever.generator import IDGenerator, make_arch
+from genius.models.generative_retriever.vocab import PAD
+
+
+def generator_of(seed: int, feed_forward_proj: str, layers: int = 2, num_prefix: int = 3) -> IDGenerator:
+    torch.manual_seed(seed)
+    arch = make_arch(12, [3, 9, 9, 9], num_prefix=num_prefix, d_model=32, num_heads=4, d_kv=8, d_ff=48,
+                     num_decoder_layers=layers, feed_forward_proj=feed_forward_proj)
+    generator = IDGenerator(arch).eval()
+    with torch.no_grad():  # T5's random init is nearly flat; larger embeddings exercise the norms
+        generator.t5.shared.weight.mul_(4.0)
+    return generator
+
+
+def decoder_states(generator: IDGenerator, encoder_hidden: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
+    """transformers' decoder, no cache, on whole token sequences [R, T]: the last position's
+    final-norm state [R, d_model]. ``encoder_hidden`` has one row per sequence."""
+    with torch.no_grad():
+        return generator.t5.decoder(input_ids=sequences, encoder_hidden_states=encoder_hidden).last_hidden_state[:, -1]
+
+
+@pytest.mark.parametrize("feed_forward_proj,layers,beams", [("relu", 2, 5), ("gated-gelu", 3, 4), ("relu", 1, 1)])
+def test_each_step_equals_the_decoder_module_on_the_beams_token_paths(feed_forward_proj, layers, beams):
+    generator = generator_of(0, feed_forward_proj, layers)
+    num_queries, generator_rng = 3, torch.Generator().manual_seed(1)
+    z = torch.nn.functional.normalize(torch.randn(num_queries, 12, generator=generator_rng), dim=-1)
+    with torch.no_grad():
+        encoder_hidden = generator.encode(z)
+    decoder = FusedDecoder(generator)
+    state = decoder.start(encoder_hidden, num_queries * beams, 4)
+    paths = torch.full((num_queries, 1), PAD)  # each row's tokens so far
+    tokens, parents, rows_per_query = paths[:, 0], None, 1
+    for level in range(4):
+        with torch.no_grad():
+            fused = decoder.step(state, tokens, parents)
+        expected = decoder_states(generator, encoder_hidden.repeat_interleave(rows_per_query, 0), paths)
+        torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+        # Beams survive in a shuffled order, some twice, as in a beam search: row r of the next
+        # step continues row parents[r] of the same query.
+        choice = torch.randint(0, rows_per_query, (num_queries, beams), generator=generator_rng)
+        parents = (choice + torch.arange(num_queries)[:, None] * rows_per_query).view(-1)
+        new_tokens = generator.offsets[level] + torch.randint(0, generator.codebook_sizes[level], (len(parents),),
+                                                              generator=generator_rng)
+        paths = torch.cat([paths[parents], new_tokens[:, None]], dim=1)
+        tokens, rows_per_query = new_tokens, beams
+
+
+def test_bf16_weights_stay_close_and_the_residual_stream_stays_fp32():
+    generator = generator_of(2, "relu")
+    z = torch.nn.functional.normalize(torch.randn(2, 12, generator=torch.Generator().manual_seed(3)), dim=-1)
+    with torch.no_grad():
+        encoder_hidden = generator.encode(z)
+        exact = FusedDecoder(generator).step(FusedDecoder(generator).start(encoder_hidden, 2, 1), torch.full((2,), PAD), None)
+        low = FusedDecoder(generator, torch.bfloat16)
+        hidden = low.step(low.start(encoder_hidden, 2, 1), torch.full((2,), PAD), None)
+    assert hidden.dtype == torch.float32 and low.layers[0]["qkv"].dtype == torch.bfloat16
+    assert not torch.equal(hidden, exact)  # the GEMMs did run in bf16 ...
+    torch.testing.assert_close(hidden, exact, atol=0.05, rtol=0.05)  # ... to bf16's precision
