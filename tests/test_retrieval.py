@@ -179,6 +179,44 @@ def test_faiss_backend_equals_torch_backend():
     assert np.isneginf(faiss_scores[:, 80:]).all()
 
 
+def test_faiss_backend_streams_blocks_with_the_one_index_scores():
+    """A pool larger than resident_rows is searched block by block, with the same rows and scores."""
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(5000, 16)).astype(np.float16)
+    queries = rng.normal(size=(30, 16)).astype(np.float32)  # >= 20 queries: faiss's BLAS path
+    whole = dense_index(vectors, backend="faiss", chunk_size=512)
+    streamed = dense_index(vectors, backend="faiss", chunk_size=512, resident_rows=2100)
+    assert whole.index is not None and streamed.index is None and streamed.block_rows == 2048
+    np.testing.assert_array_equal(streamed.search(queries, 10)[1], whole.search(queries, 10)[1])
+    whole_scores, whole_rows = whole.search(queries, 6000)  # every row: deep down, some scores tie exactly
+    streamed_scores, streamed_rows = streamed.search(queries, 6000)
+    np.testing.assert_array_equal(streamed_scores, whole_scores)
+    score_of_row = np.take_along_axis(whole_scores, np.argsort(whole_rows[:, :5000], axis=1), axis=1)
+    # the same score for every row (tied rows may swap places, as faiss leaves their order open)
+    np.testing.assert_array_equal(np.take_along_axis(score_of_row, streamed_rows[:, :5000], axis=1),
+                                  streamed_scores[:, :5000])
+    assert (streamed_rows[:, 5000:] == ABSENT).all()
+
+
+def test_pool_faiss_search_holds_only_the_host_budget_in_fp32(monkeypatch):
+    """Pool.dense_search gives faiss as many fp32 rows as resident_budget allows, streaming the rest."""
+    pytest.importorskip("faiss")
+    from genius.models.generative_retriever import pool_assets
+
+    rng = np.random.default_rng(8)
+    fused = rng.normal(size=(3000, 8)).astype(np.float16)
+    queries = rng.normal(size=(25, 8)).astype(np.float32)
+    pool = SimpleNamespace(_dense=None, fused=lambda: fused)
+    monkeypatch.setattr(pool_assets, "resident_budget", lambda device: 1024 * 8 * 4)  # 1024 fp32 rows
+    streamed = pool_assets.Pool.dense_search(pool, queries, 10, "faiss", 512, torch.device("cpu"))
+    assert pool._dense.index is None and pool._dense.block_rows == 1024
+    exact = pool_assets.Pool.dense_search(SimpleNamespace(_dense=None, fused=lambda: fused), queries, 10, "torch", 512,
+                                          torch.device("cpu"))
+    np.testing.assert_array_equal(streamed.rows, exact.rows)
+    np.testing.assert_allclose(streamed.scores, exact.scores, rtol=1e-5, atol=1e-5)
+
+
 def test_dense_index_checks_its_inputs():
     index = ExactIPIndex(np.zeros((4, 3), np.float32))
     with pytest.raises(ValueError, match=r"\[Q, 3\]"):

@@ -66,8 +66,7 @@ class FusedDecoder:
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """T5's layer norm (RMS, no mean, no bias), in fp32, then the GEMM dtype."""
-        normed = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
-        return normed.to(self.dtype)
+        return F.rms_norm(x, weight.shape, weight, self.eps).to(self.dtype)
 
     def _position_bias(self, position: int) -> torch.Tensor:
         """[1, heads, 1, position + 1]: the bias of the query at ``position`` over keys 0..position."""
@@ -130,7 +129,7 @@ class FusedDecoder:
                 hidden = layer["act"](hidden)
             x = x + F.linear(hidden, layer["wo"])
         state.position += 1
-        return self.final_norm * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        return F.rms_norm(x, self.final_norm.shape, self.final_norm, self.eps)
 
 
 class DecodeState:

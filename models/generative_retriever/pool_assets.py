@@ -72,8 +72,13 @@ class Pool:
         """Exact inner product with the pool's fused embeddings. The index, and with it the vectors
         it keeps resident (:func:`dense_vectors`), is built once per pool and serves every query file."""
         if self._dense is None:
-            vectors = self.fused() if backend == "faiss" else dense_vectors(self.fused(), device)
-            self._dense = dense_index(vectors, backend=backend, chunk_size=chunk, device=device)
+            if backend == "faiss":  # faiss holds fp32 host copies: as many rows as the host budget allows
+                fused = self.fused()
+                rows = max(resident_budget(torch.device("cpu")) // (4 * fused.shape[1]), 1)
+                self._dense = dense_index(fused, backend=backend, chunk_size=chunk, resident_rows=rows)
+            else:
+                self._dense = dense_index(dense_vectors(self.fused(), device), backend=backend, chunk_size=chunk,
+                                          device=device)
         scores, rows = self._dense.search(queries, k)
         return Ranking(rows, scores)
 

@@ -349,20 +349,46 @@ class ExactIPIndex:
 
 
 class FaissFlatIPIndex(ExactIPIndex):
-    """The same exact search through faiss's IndexFlatIP (vectors copied in as fp32)."""
+    """The same exact search through faiss's IndexFlatIP (vectors copied in as fp32).
 
-    def __init__(self, vectors: np.ndarray, ids: np.ndarray | None = None, *, chunk_size: int = 65536, **_):
+    ``resident_rows``: the most rows held as fp32 at once (None: all). A larger pool (M-BEIR's
+    union pool is 17 GB in fp32) stays where it is, e.g. a memmap, and every search builds an
+    IndexFlatIP over one block of rows at a time, merging the blocks' top-k. Blocks are whole
+    multiples of faiss's 1024-row database block, so each score is the one-index search's bit for bit.
+    """
+
+    def __init__(self, vectors: np.ndarray, ids: np.ndarray | None = None, *, chunk_size: int = 65536,
+                 resident_rows: int | None = None, **_):
         super().__init__(vectors, ids, chunk_size=chunk_size)
+        if resident_rows is not None and resident_rows < len(vectors):
+            self.block_rows, self.index = max(resident_rows // 1024, 1) * 1024, None
+        else:
+            self.block_rows, self.index = len(vectors), self._flat_index(0, len(vectors))
+
+    def _flat_index(self, start: int, stop: int):
         import faiss
 
-        self.index = faiss.IndexFlatIP(vectors.shape[1])
-        for start in range(0, len(vectors), chunk_size):
-            self.index.add(np.ascontiguousarray(vectors[start : start + chunk_size], dtype=np.float32))
+        index = faiss.IndexFlatIP(self.d)
+        for begin in range(start, stop, self.chunk_size):
+            index.add(np.ascontiguousarray(self.vectors[begin : min(begin + self.chunk_size, stop)], dtype=np.float32))
+        return index
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(check_queries(queries, self.d, k), dtype=np.float32)
-        scores, rows = self.index.search(queries, k)
-        return self._labelled(np.where(rows >= 0, scores, PAD_SCORE), rows.astype(np.int64))
+        if self.index is not None:
+            scores, rows = self.index.search(queries, k)
+            return self._labelled(np.where(rows >= 0, scores, PAD_SCORE), rows.astype(np.int64))
+        best_scores = np.full((len(queries), 0), PAD_SCORE, dtype=np.float32)
+        best_rows = np.full((len(queries), 0), ABSENT, dtype=np.int64)
+        for start in range(0, self.ntotal, self.block_rows):
+            scores, rows = self._flat_index(start, min(start + self.block_rows, self.ntotal)).search(queries, k)
+            found = rows >= 0
+            merged_scores = np.concatenate([best_scores, np.where(found, scores, PAD_SCORE)], axis=1)
+            merged_rows = np.concatenate([best_rows, np.where(found, rows + start, ABSENT)], axis=1)
+            keep = np.argsort(-merged_scores, axis=1, kind="stable")[:, :k]  # stable: earlier rows first on ties
+            best_scores = np.take_along_axis(merged_scores, keep, axis=1)
+            best_rows = np.take_along_axis(merged_rows, keep, axis=1)
+        return self._labelled(best_scores, best_rows)
 
 
 def dense_index(vectors: np.ndarray, ids: np.ndarray | None = None, backend: str = "torch", **kwargs) -> ExactIPIndex:
