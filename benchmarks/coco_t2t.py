@@ -11,6 +11,9 @@ the only split hyperparameters were chosen on.
 - Evaluation: for each held-out image one caption (seeded choice) is the query; the pool is the
   remaining captions of all held-out images (shuffled); the positives are the other captions of
   the query's image. Recall@k = share of queries with a positive in the top k (UniIR's hit rate).
+  ``--pool full``: the pool is every caption of every chosen image (training, validation and test
+  images alike) except the query captions, so the re-ranked beams see a far smaller share of it;
+  queries, positives and training are unchanged.
 
 All items are text-only: image vectors are zero with image mask 0, and level 0 of every ID is
 the text modality code 1. Texts are ``format_string``-ed and encoded once with the MiniLM
@@ -24,10 +27,12 @@ vector); GENIUS^R re-ranks the union of the beams' candidates by that same cosin
 
 Outputs in ``--out-dir``: ``<run>/`` (data/ and embed/: the jsonl files and stores; train_rq.yaml,
 train_gen.yaml, assign_codes.yaml: the stage configs; rq/, gen/, codes/: the stages' outputs) and
-``coco_t2t_<split>.{md,csv,json,png}``.
+``coco_t2t_<split>[_full_pool].{md,csv,json,png}``; with ``--run-name`` the report goes into the run
+directory instead (``<run>/coco_t2t.*``), so named runs sharing an output directory (and its caption
+cache) keep their own results. The JSON, written last, records the result, timings and every flag.
 Finished stages are skipped on a re-run with the same settings (the stages' own up-to-date checks).
 
-    bash benchmarks/run_coco_t2t.sh [--split test|val] [--levels 3 --codebook 64] [--images 5000 ...]
+    bash benchmarks/run_coco_t2t.sh [--split test|val] [--pool heldout|full] [--levels 3 --codebook 64] [--images ...]
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import shlex
 import sys
@@ -196,7 +202,8 @@ class World:
         return store_path(self.embed_root, ENCODER, split, source)
 
 
-def build_world(run_dir: Path, split: Split, texts: list[str], vectors: np.ndarray, seed: int) -> World:
+def build_world(run_dir: Path, split: Split, texts: list[str], vectors: np.ndarray, seed: int,
+                pool: str = "heldout") -> World:
     rng = np.random.default_rng(seed + 1)
     query_rows, pool_rows, positives = [], [], []
     for rows in split.eval:
@@ -205,6 +212,9 @@ def build_world(run_dir: Path, split: Split, texts: list[str], vectors: np.ndarr
         others = [r for r in rows if r != query]
         pool_rows += others
         positives.append(set(others))
+    if pool == "full":
+        queries = set(query_rows)
+        pool_rows = [r for r in split.encoded if r not in queries]
     pool_rows = [pool_rows[i] for i in rng.permutation(len(pool_rows))]  # no image-grouped pool order
     root = run_dir / "data"
     world = World(root, run_dir / "embed", root / "query" / "train" / "coco_t2t_train.jsonl",
@@ -395,9 +405,11 @@ def report(result: dict, args, command: str, machine: str, timings: dict) -> str
     stats = result["pool_stats"]
     ratio5 = {m: recall[m][5] / dense[5] for m in ("genius", "genius_r")}
     split_name = "test (held-out images)" if args.split == "test" else "validation (carved from training images)"
+    pool_name = ("the other captions of those images" if args.pool == "heldout" else
+                 "every caption of every chosen image, training images included, except the queries")
     lines = [
         (f"Split evaluated: **{split_name}**; {result['queries']:,} queries (one caption per image), pool of "
-         f"{result['pool']:,} captions (the other captions of those images), positives = the other captions of "
+         f"{result['pool']:,} captions ({pool_name}), positives = the other captions of "
          f"the query's image. Training: {timings['train_images']:,} images, {timings['train_captions']:,} captions "
          f"as (caption -> another caption of the same image) pairs."),
         (f"Machine: {machine}. Load average (1 min) {timings['load_start']:.1f} at start, {timings['load_end']:.1f} "
@@ -435,6 +447,8 @@ def report(result: dict, args, command: str, machine: str, timings: dict) -> str
 def plot(result: dict, path: Path, title: str) -> None:
     import matplotlib
 
+    from genius.common.io import atomic_path
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -449,16 +463,19 @@ def plot(result: dict, path: Path, title: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
 # ---- main ------------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--captions", type=Path, default=DEFAULT_CAPTIONS)
     p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--pool", choices=("heldout", "full"), default="heldout",
+                   help="heldout: the other captions of the evaluated images; full: every caption of every chosen "
+                        "image except the queries")
     p.add_argument("--images", type=int, default=5000, help="images used (train + test)")
     p.add_argument("--test-images", type=int, default=1000)
     p.add_argument("--val-images", type=int, default=1000, help="with --split val: carved from the training images")
@@ -485,20 +502,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out-dir", type=Path, default=OUT_DIR / "coco_t2t")
-    p.add_argument("--run-name", default=None, help="subdirectory of the run (default: <split>_L<levels>_K<codebook>)")
-    args = p.parse_args(argv)
+    p.add_argument("--run-name", default=None,
+                   help="subdirectory of the run (default: <split>_L<levels>_K<codebook>[_full_pool])")
+    return p
+
+
+# Level 0 is the modality code, so an ID needs at least one semantic level after it.
+RANGES = {"images": ">= 2", "test_images": ">= 1", "val_images": ">= 1", "levels": ">= 2", "codebook": ">= 2",
+          "proj_dim": ">= 1", "hidden_dim": ">= 1", "rq_epochs": ">= 1", "rq_batch": ">= 1", "rq_lr": "> 0",
+          "kmeans_iters": ">= 1", "d_model": ">= 1", "layers": ">= 1", "heads": ">= 1", "d_ff": ">= 1",
+          "prefix": ">= 1", "gen_epochs": ">= 1", "gen_batch": ">= 1", "gen_lr": "> 0", "beams": ">= 1",
+          "encode_batch": ">= 1", "seed": ">= 0", "threads": ">= 1"}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ``ValueError`` (one line naming the flag and its range) for the first value out of range."""
+    from genius.common.ranges import parse_range
+
+    for name, spec in RANGES.items():
+        value, bound = getattr(args, name), parse_range(spec)
+        if not (math.isfinite(value) and (value > bound.low if bound.low_open else value >= bound.low)):
+            raise ValueError(f"--{name.replace('_', '-')} {value} is out of range: pass a value {spec}")
     if args.d_model % args.heads:
-        p.error(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
-    if args.levels < 2:
-        p.error("--levels must be at least 2 (the modality level and one semantic level)")
+        raise ValueError(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
+
+
+def parse_args(argv: list[str] | None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     return args
 
 
+def run_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The run directory and the stem of the report files; both name the pool, so runs never share stages."""
+    suffix = "" if args.pool == "heldout" else "_full_pool"
+    run_dir = args.out_dir / (args.run_name or f"{args.split}_L{args.levels}_K{args.codebook}{suffix}")
+    return run_dir, run_dir / "coco_t2t" if args.run_name else args.out_dir / f"coco_t2t_{args.split}{suffix}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    from genius.common.stage import setup_logging
+    from genius.common.stage import setup_logging, user_errors_exit
 
     setup_logging()
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parse_args(argv, parser)
+    with user_errors_exit(parser):
+        return run(args, argv)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from genius.common.io import atomic_path, atomic_write_json, atomic_write_text
+
     torch.set_num_threads(args.threads)
     command = ("bash benchmarks/run_coco_t2t.sh " + shlex.join(argv if argv is not None else sys.argv[1:])).strip()
     machine, started = machine_description(), time.perf_counter()
@@ -508,8 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     vectors = encoded_captions(texts, split.encoded, args.out_dir / "cache", args.encode_batch)
     timings["encode_s"] = time.perf_counter() - t0
-    run_dir = args.out_dir / (args.run_name or f"{args.split}_L{args.levels}_K{args.codebook}")
-    world = build_world(run_dir, split, texts, vectors, args.seed)
+    run_dir, stem = run_paths(args)
+    world = build_world(run_dir, split, texts, vectors, args.seed, args.pool)
     timings.update(train_images=len(split.train), train_captions=sum(len(r) for r in split.train))
     t0 = time.perf_counter()
     rq_path = train_quantizer(world, run_dir, args)
@@ -521,15 +579,15 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate(world, run_dir, rq_path, gen_path, args)
     timings.update(eval_s=time.perf_counter() - t0, total_s=time.perf_counter() - started, load_end=load_average())
     text = report(result, args, command, machine, timings)
-    stem = args.out_dir / f"coco_t2t_{args.split}"
-    (stem.with_suffix(".md")).write_text(text)
-    (stem.with_suffix(".json")).write_text(json.dumps({**result, "timings": timings, "args": vars(args)}, indent=2,
-                                                      default=str) + "\n")
-    write_csv(stem.with_suffix(".csv"), [{"method": m, **{f"R@{k}": result["recall"][m][k] for k in KS},
-                                          **{f"R@{k}_vs_dense": result["recall"][m][k] / result["recall"]["dense"][k]
-                                             for k in KS}} for m in METHODS],
-              ["method"] + [f"R@{k}" for k in KS] + [f"R@{k}_vs_dense" for k in KS])
-    plot(result, stem.with_suffix(".png"), f"COCO captions text-to-text ({args.split}), L={args.levels}, K={args.codebook}")
+    atomic_write_text(stem.with_suffix(".md"), text)
+    with atomic_path(stem.with_suffix(".csv")) as tmp:
+        write_csv(tmp, [{"method": m, **{f"R@{k}": result["recall"][m][k] for k in KS},
+                         **{f"R@{k}_vs_dense": result["recall"][m][k] / result["recall"]["dense"][k] for k in KS}}
+                        for m in METHODS], ["method"] + [f"R@{k}" for k in KS] + [f"R@{k}_vs_dense" for k in KS])
+    plot(result, stem.with_suffix(".png"), f"COCO captions text-to-text ({args.split}, {args.pool} pool), "
+                                           f"L={args.levels}, K={args.codebook}")
+    # Last, so that a JSON on disk means a finished run (the ablation harness relies on it).
+    atomic_write_json(stem.with_suffix(".json"), {**result, "timings": timings, "args": vars(args)})
     print(text)
     return 0
 

