@@ -1,15 +1,18 @@
 """Process-group set-up and the collectives the training stages need.
 
 Runs the same code single-process (no torchrun) and under torchrun: NCCL on GPUs, gloo on CPU,
-so multi-process behaviour is testable on a CPU-only machine.
+so multi-process behaviour is testable on a CPU-only machine. Also the CPU thread policy: how
+many torch threads a stage runs, from the size of its work and the load of the machine.
 """
 from __future__ import annotations
 
 import datetime
 import os
 import random
-from dataclasses import dataclass
-from typing import Literal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -55,12 +58,14 @@ def collective_timeout() -> datetime.timedelta:
     return datetime.timedelta(minutes=minutes)
 
 
-def init_distributed(device: str = "auto", cpu_threads: int | None = None) -> DistInfo:
+def init_distributed(device: str = "auto", cpu_threads: int | None = None, op_macs: float | None = None) -> DistInfo:
     """Join the torchrun process group if launched by torchrun; otherwise a world of one.
 
-    ``cpu_threads``: torch threads per process when running on the CPU (None: torch's default,
-    one per core). On shared cores fewer threads can be much faster: an op with a descheduled
-    thread waits for it. Collectives time out after :func:`collective_timeout`."""
+    ``cpu_threads``: torch threads per process on the CPU. An int pins them, and so does
+    $OMP_NUM_THREADS; otherwise ``op_macs`` (multiply-adds of the stage's typical op, e.g. batch
+    rows x width x width) hands them to :class:`ThreadPolicy`, which the stage's loop re-checks
+    with :func:`recheck_threads`; without it torch's setting stays. Collectives time out after
+    :func:`collective_timeout`."""
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but no GPU is available; use device: cpu or auto")
@@ -71,13 +76,133 @@ def init_distributed(device: str = "auto", cpu_threads: int | None = None) -> Di
     if want_cuda:
         # Before the process group: NCCL binds each rank's communicator to the current device.
         torch.cuda.set_device(dev)
-    elif cpu_threads:
-        torch.set_num_threads(cpu_threads)
+    else:
+        set_cpu_threads(cpu_threads, op_macs)
     if world_size > 1 and not dist.is_initialized():
         # device_id binds the group to this rank's GPU now rather than guessing it at the first collective
         dist.init_process_group(backend="nccl" if want_cuda else "gloo", timeout=collective_timeout(),
                                 device_id=dev if want_cuda else None)
     return DistInfo(rank, world_size, local_rank, dev)
+
+
+# ---- CPU thread policy ---------------------------------------------------------------------------
+# With torch's default of one thread per core, every op of a chain of small ops (a small model's
+# training step, a decoding step) waits at its join for the slowest thread; when another process
+# holds one of the cores, that thread first waits for the scheduler. Measured on this project's
+# 2-core machine with other jobs running: a 4M-multiply-add GEMM took 15 ms with 2 threads and
+# 0.14 ms with 1, a 540M one 1.4x longer with 2; with light load a second thread gained nothing up
+# to about 70M (0.93x at 29M, 1.02x at 68M); the demo's train-rq took 79 s with 2 threads and 42 s
+# with 1 at load ~6, 603 s and 125 s with three more busy processes (benchmarks/shared_cores.py).
+# So a second thread is used only for ops above PARALLEL_MIN_MACS, and only on idle cores.
+PARALLEL_MIN_MACS = 1e8
+RECHECK_SECONDS = 5.0
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, which a container or taskset narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _own_running_threads() -> int:
+    running = 0
+    for stat in Path("/proc/self/task").glob("*/stat"):
+        try:
+            # the state follows the command name, which is in parentheses and may hold spaces
+            running += stat.read_text().rpartition(")")[2].split()[0] == "R"
+        except (OSError, IndexError):  # a thread that ended while being read
+            pass
+    return running
+
+
+def others_running(samples: int = 5, gap_seconds: float = 0.002) -> int:
+    """Runnable threads of other processes right now: /proc/loadavg's running count minus this
+    process's own running threads, the median of a few samples (one sample often catches a
+    short-lived process). The 1-minute load average would lag a minute behind a job that starts."""
+    counts = []
+    for i in range(samples):
+        if i:
+            time.sleep(gap_seconds)
+        try:
+            running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+        except (OSError, IndexError, ValueError):  # no /proc (not Linux): assume idle cores
+            return 0
+        counts.append(max(0, running - _own_running_threads()))
+    return sorted(counts)[len(counts) // 2]
+
+
+@dataclass
+class ThreadPolicy:
+    """Torch threads for work whose typical op is ``op_macs`` multiply-adds: one below
+    :data:`PARALLEL_MIN_MACS`, else one per core of ``cores`` that no other process is running on
+    (so one on a busy machine), at most ``share`` (this process's part of the cores; all of them
+    by default). ``read_load`` counts other processes' runnable threads (tests inject one);
+    :meth:`recheck` applies the rule again at most every ``interval`` seconds of ``clock``."""
+
+    op_macs: float
+    cores: int = field(default_factory=usable_cores)
+    share: int | None = None
+    read_load: Callable[[], int] = others_running
+    interval: float = RECHECK_SECONDS
+    clock: Callable[[], float] = time.monotonic
+    _last: float = field(default=-float("inf"), init=False)
+
+    def threads(self) -> int:
+        share = self.cores if self.share is None else self.share
+        if self.op_macs < PARALLEL_MIN_MACS or share <= 1:
+            return 1
+        return max(1, min(share, self.cores - self.read_load()))
+
+    def apply(self) -> int:
+        self._last = self.clock()
+        threads = self.threads()
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        return threads
+
+    def recheck(self) -> None:
+        if self.clock() - self._last >= self.interval:
+            self.apply()
+
+
+_policy: ThreadPolicy | None = None
+
+
+def start_thread_policy(policy: ThreadPolicy | None) -> None:
+    """Make ``policy`` the process's thread policy and apply it now (None: stop re-checking)."""
+    global _policy
+    _policy = policy
+    if policy is not None:
+        policy.apply()
+
+
+def set_cpu_threads(cpu_threads: int | None, op_macs: float | None) -> None:
+    """Pin ``cpu_threads`` torch threads; or, when neither it nor $OMP_NUM_THREADS pins them, start
+    the :class:`ThreadPolicy` for ops of ``op_macs`` multiply-adds (None: leave torch's setting)."""
+    if op_macs is not None and not cpu_threads and not os.environ.get("OMP_NUM_THREADS"):
+        # torchrun's ranks on this machine share its cores; each counts the others as load
+        cores, local_ranks = usable_cores(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        start_thread_policy(ThreadPolicy(op_macs, cores, share=max(1, cores // local_ranks)))
+        return
+    start_thread_policy(None)
+    if cpu_threads:
+        torch.set_num_threads(cpu_threads)
+
+
+def transformer_op_macs(model: torch.nn.Module, rows: int) -> int:
+    """The typical op of a transformer over ``rows`` sequences: their tokens (``context_length``, as
+    open_clip's CLIP has it; else one per row) through the model's widest ``nn.Linear``."""
+    widest = max((m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)), default=0)
+    return rows * int(getattr(model, "context_length", 1)) * widest
+
+
+def recheck_threads() -> None:
+    """Re-apply the thread policy if its interval has passed (cheap: call it every step of a
+    loop); a no-op when threads are pinned or on a GPU."""
+    if _policy is not None:
+        _policy.recheck()
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype:

@@ -64,7 +64,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from genius.common.config import config_to_dict, resolve_path
 from genius.common.config_checks import check_dir, check_file
-from genius.common.distributed import barrier, cleanup, gather_to_main, init_distributed
+from genius.common.distributed import (
+    barrier, cleanup, gather_to_main, init_distributed, recheck_threads, set_cpu_threads, transformer_op_macs,
+)
 from genius.common.io import atomic_write_json, sha256_json
 from genius.common.mbeir import (
     DataFormatError,
@@ -136,7 +138,7 @@ class RuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = ranged(256, ">= 1")
     num_workers: int = ranged(4, "[0, 1024]")  # image decoding processes (0: decode in the main process)
-    cpu_threads: int | None = ranged(None, "[1, 4096]")  # torch threads on CPU (null: torch's default, one per core)
+    cpu_threads: int | None = ranged(None, "[1, 4096]")  # CPU torch threads (null: common.distributed.ThreadPolicy)
 
 
 @dataclass
@@ -282,6 +284,7 @@ def embed_chunks(chunks: list[Chunk], encoder: Encoder, reader: ImageReader | No
     images = iter(DataLoader(_Images(entries, reader), batch_sampler=batches, num_workers=num_workers,
                              collate_fn=_collate, pin_memory=encoder.device.type == "cuda")) if batches else iter(())
     for k, chunk in enumerate(chunks):
+        recheck_threads()
         items = chunk.items
         img = np.zeros((len(items), encoder.dim), np.float32)
         txt = np.zeros((len(items), encoder.dim), np.float32)
@@ -680,6 +683,8 @@ def extract(cfg: ExtractConfig) -> None:
 
 def _extract(cfg: ExtractConfig, dist, jobs: list[Job], union_job: Job | None, out_dir: Path) -> None:
     encoder = build_encoder(cfg.encoder, dist.device)
+    if dist.device.type == "cpu":
+        set_cpu_threads(cfg.runtime.cpu_threads, transformer_op_macs(encoder.model, cfg.runtime.batch_size))
     if dist.is_main:
         record_run(out_dir, cfg)
     reader = ImageReader(resolve_path(cfg.data.root), encoder.preprocess) if encoder.has_images else None

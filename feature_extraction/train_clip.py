@@ -54,7 +54,10 @@ from genius.common.distributed import (
     barrier,
     cleanup,
     init_distributed,
+    recheck_threads,
     seed_everything,
+    set_cpu_threads,
+    transformer_op_macs,
 )
 from genius.common.fusion import score_fusion
 from genius.common.mbeir import hash_did, iter_candidates, load_queries, older_revision_twin, target_modality
@@ -140,7 +143,7 @@ class RuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     fp16: bool = True  # autocast + GradScaler on GPU; CPU always trains in fp32
     num_workers: int = ranged(4, ">= 0")
-    cpu_threads: int | None = ranged(None, ">= 1")  # torch threads on CPU (null: torch's default, one per core)
+    cpu_threads: int | None = ranged(None, ">= 1")  # CPU torch threads (null: common.distributed.ThreadPolicy)
 
 
 @dataclass
@@ -408,6 +411,8 @@ def _train_run(cfg: TrainClipConfig, dist, data: PairData, run) -> Path:
     seed_everything(cfg.seed)  # identical initial weights on every rank
     clip, model_name, arch = load_clip(resolve_path(cfg.model.init_checkpoint) if cfg.model.init_checkpoint else None,
                                        cfg.model.name)
+    if dist.device.type == "cpu":
+        set_cpu_threads(cfg.runtime.cpu_threads, transformer_op_macs(clip, cfg.optim.batch_size))
     preprocess = ImagePreprocess(image_size(arch))
     model = ScoreFusionCLIP(clip, preprocess).to(dist.device)
     data.attach(preprocess, tokenizer_for(arch))
@@ -486,6 +491,7 @@ def run_epoch(ddp, model, loader, optimizer, scheduler, scaler, use_fp16, cfg, d
     progress = Progress(last_step, f"train-clip: epoch {epoch}", done=first_step, logger=log, end_line=False,
                         enabled=dist.is_main)
     for step, batch in enumerate(progress.wrap(loader), start=first_step):
+        recheck_threads()
         q, c = (_to_device(batch[side], batch["n"], device) for side in ("q", "c"))
         with torch.autocast("cuda", dtype=torch.float16, enabled=use_fp16):
             fused_q, fused_c, scale = ddp(q, c)

@@ -11,7 +11,8 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
   keys and values are computed once per query (not per beam) from the encoder output, and the B
   beams of a query attend to them as B query positions of one SDPA row;
 - the relative position bias of every step is looked up once, from T5's own bucket function;
-- the self-attention history lives in two buffers per layer allocated once per batch of queries:
+- the self-attention history lives in two buffers per layer, allocated once and reused by the
+  thread's later searches of the same shape:
   a step gathers it by the surviving beams' parents straight into the other buffer and writes its
   own keys and values after it (``transformers`` reorders, then concatenates into a new tensor:
   two copies and fresh pages at every layer and step);
@@ -24,6 +25,8 @@ In fp32 it gives the decoder's last hidden state to float rounding (the tests ho
 in ``eval()``.
 """
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -85,9 +88,8 @@ class FusedDecoder:
         for layer in self.layers:
             kv = F.linear(source, layer["kv_cross"]).view(num_queries, length, 2, self.heads, self.d_kv)
             cross.append(kv.permute(2, 0, 3, 1, 4))  # [2, Q, heads, T, d_kv]
-        shape = (2, max_rows, self.heads, num_steps, self.d_kv)
-        buffers = [[torch.empty(shape, dtype=self.dtype, device=source.device) for _ in range(2)] for _ in self.layers]
-        return DecodeState(cross=cross, buffers=buffers)
+        scratch = _scratch((len(self.layers), 2, 2, max_rows, self.heads, num_steps, self.d_kv), self.dtype, source.device)
+        return DecodeState(cross=cross, buffers=[[layer[0], layer[1]] for layer in scratch])
 
     def step(self, state: "DecodeState", tokens: torch.Tensor, parents: torch.Tensor | None) -> torch.Tensor:
         """The final-norm decoder state [R, d_model] (fp32) of ``tokens`` [R], each row's newest token.
@@ -130,6 +132,21 @@ class FusedDecoder:
             x = x + F.linear(hidden, layer["wo"])
         state.position += 1
         return F.rms_norm(x, self.final_norm.shape, self.final_norm, self.eps)
+
+
+_THREAD = threading.local()
+
+
+def _scratch(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor of ``shape``, the same one for every search of this thread while the
+    shape stays (an evaluation's batches): a fresh one would be hundreds of MB of new pages to fault
+    in per batch at paper size (glibc hands large blocks back to the system when they are freed).
+    Per thread, so two threads searching at once never share it."""
+    held = getattr(_THREAD, "scratch", None)
+    if held is None or held.shape != shape or held.dtype != dtype or held.device != device:
+        _THREAD.scratch = held = None  # free the old one first
+        _THREAD.scratch = held = torch.empty(shape, dtype=dtype, device=device)
+    return held
 
 
 class DecodeState:

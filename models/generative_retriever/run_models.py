@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from genius.common.checkpoint import CONTENT_KEY, load_own_checkpoint
+from genius.common.distributed import recheck_threads, set_cpu_threads
 from genius.common.runstate import content_sha256
 from genius.models.residual_quantization.assign_codes import combiner_autocast
 
@@ -122,6 +123,9 @@ def load_models(cfg: Any, device: torch.device) -> Models:
     rq.to(device).eval()
     generator.to(device)
     dec = cfg.decoding
+    if device.type == "cpu":  # threads by the size of a decoding step's feed-forward GEMM (common/distributed.py)
+        arch = generator.arch
+        set_cpu_threads(None, dec.batch_size * dec.num_beams * arch["d_model"] * arch["d_ff"])
 
     @torch.no_grad()
     def embed(img, txt, img_mask, txt_mask):
@@ -132,6 +136,7 @@ def load_models(cfg: Any, device: torch.device) -> Models:
     device_tries = weakref.WeakKeyDictionary()  # host trie -> its DeviceTrie, built once per pool
 
     def decode(queries, trie):
+        recheck_threads()
         if dec.device_trie:
             if trie not in device_tries:
                 device_tries[trie] = DeviceTrie.from_trie(trie, rq.codebook_sizes, device)

@@ -39,7 +39,7 @@ from genius.common.checkpoint import checkpoint_file, load_scaler_state, load_st
 from genius.common.config import config_to_dict, resolve_path
 from genius.common.mbeir import older_revision_twin
 from genius.common.distributed import (
-    DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, seed_everything, wrap_ddp,
+    DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, recheck_threads, seed_everything, wrap_ddp,
 )
 from genius.common.pairs import PositiveDraw, TrainingPairs, iterate_batches, load_training_pairs
 from genius.common.plots import plot_training_curves
@@ -138,7 +138,7 @@ class TrainConfig:
     # run, as the official dataset drew once at construction.
     positives: PositiveDraw = "per_epoch"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    cpu_threads: int | None = ranged(None, ">= 1")  # torch threads on CPU (null: torch's default, one per core)
+    cpu_threads: int | None = ranged(None, ">= 1")  # CPU torch threads (null: common.distributed.ThreadPolicy)
     amp: bool = True  # fp16 autocast + GradScaler (GPU only)
     log_every: int = ranged(50, ">= 1")  # steps
     checkpoint_every: int = ranged(1, ">= 1")  # epochs
@@ -189,7 +189,9 @@ FINAL = "generator.pt"
 def train(cfg: TrainGenConfig) -> Path:
     """Train (or resume, or skip when done); returns the path of ``generator.pt``."""
     check_config(cfg)
-    info = init_distributed(cfg.train.device, cfg.train.cpu_threads)
+    # a decoder layer's feed-forward matmul over the batch's prefix tokens
+    info = init_distributed(cfg.train.device, cfg.train.cpu_threads, op_macs=cfg.train.batch_size
+                            * cfg.model.num_prefix * cfg.model.d_model * cfg.model.d_ff)
     out_dir = resolve_path(cfg.out_dir)
     rq, rq_print = load_frozen_rq(resolve_path(cfg.data.rq), info.device)
     pairs, queries, pool, inputs = open_training_data(cfg, rq.arch["dim"])
@@ -238,6 +240,7 @@ def train(cfg: TrainGenConfig) -> Path:
             for batch in progress.wrap(batches):
                 if images is not None:
                     batch["q_pixels"] = images(batch["q_row"].numpy())
+                recheck_threads()
                 loss, hits = train_step(model, rq, batch, optimizer, scheduler, scaler, cfg, info.device)
                 window.add(loss, hits)
                 progress.set_postfix(loss=loss.item)  # read only when a progress line shows it

@@ -53,6 +53,7 @@ from genius.common.distributed import (
     barrier,
     cleanup,
     init_distributed,
+    recheck_threads,
     seed_everything,
     wrap_ddp,
 )
@@ -172,7 +173,7 @@ class TrainConfig:
     stop_after_epochs: int | None = ranged(None, ">= 1")
     log_every: int = ranged(50, ">= 1")  # steps
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    cpu_threads: int | None = ranged(None, ">= 1")  # torch threads on CPU (null: torch's default, one per core)
+    cpu_threads: int | None = ranged(None, ">= 1")  # CPU torch threads (null: common.distributed.ThreadPolicy)
     force: bool = False  # retrain even when out_dir holds this run finished (the old run moves to stale/)
 
 
@@ -490,7 +491,9 @@ def train(cfg: RQTrainConfig) -> Path | None:
     stopped early."""
     check_config(cfg)
     owns_group = not (dist.is_available() and dist.is_initialized())
-    info = init_distributed(cfg.train.device, cfg.train.cpu_threads)
+    # the Combiner's widest matmul
+    info = init_distributed(cfg.train.device, cfg.train.cpu_threads,
+                            op_macs=cfg.train.batch_size * cfg.model.hidden_dim * cfg.model.proj_dim)
     try:
         return _train(cfg, info)
     finally:
@@ -583,6 +586,7 @@ def _run_epochs(cfg: RQTrainConfig, data: TrainingData, t: Trainer, run, info: D
         progress = Progress(t.steps_per_epoch, f"train-rq: epoch {epoch}", logger=log, end_line=False,
                             enabled=info.is_main)
         for step, batch in enumerate(progress.wrap(batches)):
+            recheck_threads()
             losses = optimise(net, t, batch, tc, info.device, tally, epoch, step, heads)
             progress.set_postfix(loss=losses["loss"].detach().item)  # read only when a progress line shows it
             if step % tc.log_every == 0:  # the step's losses, read in one host sync
