@@ -51,7 +51,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from genius.models.generative_retriever.beam_search import cpu_has_bf16
 from genius.benchmarks.common import (
     OUT_DIR,
     available_memory_gb,
@@ -66,6 +65,7 @@ from genius.benchmarks.common import (
     read_csv,
     write_csv,
 )
+from genius.models.generative_retriever.beam_search import cpu_has_bf16
 
 METHODS = ("genius", "genius_bf16", "genius_device", "genius_full", "generate", "generate_bf16", "dense_fp32", "dense_bf16", "faiss_flat", "faiss_ivf")
 DECODING = ("genius", "genius_bf16", "genius_device", "genius_full", "generate", "generate_bf16")
