@@ -254,7 +254,7 @@ def train_quantizer(world: World, run_dir: Path, args) -> Path:
                   "codebook_size": args.codebook},
         "train": {"batch_size": args.rq_batch, "epochs": args.rq_epochs, "lr": args.rq_lr, "min_lr": args.rq_lr / 10,
                   "kmeans_iters": args.kmeans_iters, "seed": args.seed, "save_every": max(1, args.rq_epochs),
-                  "log_every": 10**6, "device": "cpu"},
+                  "log_every": 10**6, "device": "cpu", "cpu_threads": args.threads},
         "out_dir": str(run_dir / "rq")})
     path = rq_train.train(cfg)
     if path is None:
@@ -274,7 +274,9 @@ def train_generator(world: World, run_dir: Path, rq_path: Path, args) -> Path:
                   "d_kv": args.d_model // args.heads, "d_ff": args.d_ff, "num_decoder_layers": args.layers},
         "optim": {"lr": args.gen_lr, "warmup_steps": max(1, steps // 20)},
         "train": {"epochs": args.gen_epochs, "batch_size": args.gen_batch, "seed": args.seed, "device": "cpu",
-                  "amp": False, "log_every": 10**6, "checkpoint_every": max(1, args.gen_epochs)},
+                  "amp": False, "log_every": 10**6, "checkpoint_every": max(1, args.gen_epochs),
+                  # pinned, not the load-following thread policy: a benchmark's numbers must not move with the load
+                  "cpu_threads": args.threads},
         "out_dir": str(run_dir / "gen")})
     return gen_train.train(cfg)
 
