@@ -174,10 +174,10 @@ def measure(args: argparse.Namespace) -> list[dict]:
                         at_start = loadavg()
                         cmd = command(setting, stage, work, overrides, force=True)
                         seconds = run(cmd, environment(work, mode), log)
+                        drop_stale(setting, stage, work)  # before the digest: it must see this run's outputs only
                         rows.append({"stage": stage, "repeat": repeat, "load": load, "threads": mode,
                                      "seconds": round(seconds, 2), "loadavg_at_start": at_start,
                                      "result": digest(setting, stage, work)})
-                        drop_stale(setting, stage, work)
                         print(f"{stage:13s} {load:5s} threads {mode:4s} {seconds:8.1f} s  load {at_start}  "
                               f"{rows[-1]['result']}", flush=True)
                 finally:

@@ -15,12 +15,13 @@ Three details keep it fast:
 - Fused step: the decoder runs as :class:`~genius.models.generative_retriever.fused_decoder.FusedDecoder`,
   the T5 decoder written out as plain tensor ops (q/k/v in one GEMM, the cross-attention keys and
   values once per query, not per beam, which at paper size is 37 MB per query; the self-attention
-  history in buffers allocated once per batch and gathered by parent in one copy per layer).
+  history in buffers kept across searches and gathered by parent in one copy per layer).
 - Host traffic: with a host trie the masks are filled in one host buffer per search (pinned on a
   GPU, uploaded without blocking), and each step makes one device-to-host copy, of what the trie
   needs. With a :class:`~genius.models.generative_retriever.device_trie.DeviceTrie` the mask and
   the trie step run on the decoding device and the search makes one host copy in all (the score
   check), so a GPU never waits on the host mid-search.
+
 With ``autocast`` the decoder's weights are cast once to bf16 (CPU) or fp16 (GPU) and its GEMMs
 run in that type (the residual stream and norms stay fp32), but the output head and the scores
 stay fp32 (``IDGenerator.head_logits``). A NaN or +inf score is an error naming the level, never
@@ -49,6 +50,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
 from genius.common.distributed import autocast_dtype
 from genius.models.generative_retriever.device_trie import DeviceTrie
 from genius.models.generative_retriever.fused_decoder import FusedDecoder
@@ -207,7 +209,7 @@ class _MaskBuffer:
         size = max_rows * max_width
         self.host = None
         if not on_device or device.type == "cpu":
-            self.host = torch.empty(size, dtype=torch.bool, pin_memory=device.type == "cuda" and not on_device)
+            self.host = torch.empty(size, dtype=torch.bool, pin_memory=device.type == "cuda")
             self.host_array = self.host.numpy()
         self.device = None if device.type == "cpu" else torch.empty(size, dtype=torch.bool, device=device)
 

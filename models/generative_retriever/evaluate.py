@@ -141,8 +141,8 @@ class DecodingConfig:
     # best one's (beam_search module docstring); 0 is the official decoding.
     modality_threshold: float = ranged(0.0, "[0, 1]")
     # True: the trie as tensors on the decoding device (dense top levels + CSR, device_trie.py), so
-    # a GPU search makes no host round trip per level; the same beams. On a CPU the C++ trie is
-    # faster (BENCHMARKS.md section 1).
+    # a GPU search makes no host round trip per level; the same beams. On a CPU a search runs as
+    # fast as with the C++ trie (BENCHMARKS.md section 7).
     device_trie: bool = False
 
 

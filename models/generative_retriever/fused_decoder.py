@@ -27,6 +27,7 @@ in ``eval()``.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -149,10 +150,12 @@ def _scratch(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Te
     return held
 
 
+@dataclass
 class DecodeState:
     """Per batch of queries: cross-attention keys/values per layer [2, Q, heads, T, d_kv]; per
     layer the self-attention history of the rows in step order, in the first of its two buffers
     [2, max_rows, heads, steps, d_kv]; the next step's position."""
 
-    def __init__(self, cross: list, buffers: list):
-        self.cross, self.buffers, self.position = cross, buffers, 0
+    cross: list
+    buffers: list
+    position: int = 0
