@@ -272,7 +272,8 @@ def train_generator(world: World, run_dir: Path, rq_path: Path, args) -> Path:
                  "train_pool": str(world.train_pool.relative_to(world.root)), "rq": str(rq_path)},
         "model": {"num_prefix": args.prefix, "d_model": args.d_model, "num_heads": args.heads,
                   "d_kv": args.d_model // args.heads, "d_ff": args.d_ff, "num_decoder_layers": args.layers},
-        "optim": {"lr": args.gen_lr, "warmup_steps": max(1, steps // 20)},
+        "mixing": {"enabled": args.mixing == "on", "alpha": args.mix_alpha},
+        "optim": {"lr": args.gen_lr, "warmup_steps": max(1, steps // 20), "label_smoothing": args.label_smoothing},
         "train": {"epochs": args.gen_epochs, "batch_size": args.gen_batch, "seed": args.seed, "device": "cpu",
                   "amp": False, "log_every": 10**6, "checkpoint_every": max(1, args.gen_epochs),
                   # pinned, not the load-following thread policy: a benchmark's numbers must not move with the load
@@ -328,8 +329,9 @@ def evaluate(world: World, run_dir: Path, rq_path: Path, gen_path: Path, args) -
     pool = EmbeddingStore.open(world.store("cand", world.eval_pool), encoder=ENCODER, kind="candidate")
     codes, stats = pool_codes(world, run_dir, rq_path)
     trie = build_trie(codes, "cpp")
-    cmap = CandidateMap.build(trie, codes)
     z_q, z_c = combiner_embeddings(rq, queries), combiner_embeddings(rq, pool)
+    cmap = CandidateMap.build(trie, codes, order=None if args.within_id_order == "pool" else
+                              quantization_errors(rq, z_c, codes))
     q_fused, c_fused = fused_store_embeddings(queries.arrays), fused_store_embeddings(pool.arrays)
 
     def decode(queries: np.ndarray, level_head: bool):
@@ -389,6 +391,11 @@ def combiner_embeddings(rq, store) -> np.ndarray:
     return rq.embed(*tensors).numpy()
 
 
+def quantization_errors(rq, z: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """||z - decode(codes)||^2 per candidate: how far each caption lies from its ID's reconstruction."""
+    return ((z - rq.decode(torch.from_numpy(codes)).numpy()) ** 2).sum(1)
+
+
 def own_id_hit_rate(cmap, own_ids: np.ndarray, pool_ids: np.ndarray, relevant: list[set[int]]) -> float:
     leaves = cmap.leaves_of(own_ids)
     hits = [leaf >= 0 and not rel.isdisjoint(pool_ids[cmap.candidates(leaf)].tolist())
@@ -431,7 +438,9 @@ def report(result: dict, args, command: str, machine: str, timings: dict) -> str
         (f"Stage 1: Combiner proj {args.proj_dim} / hidden {args.hidden_dim}, {args.rq_epochs} epochs, batch "
          f"{args.rq_batch}, lr {args.rq_lr:g}. Stage 2: T5 decoder d_model {args.d_model}, {args.layers} layers, "
          f"{args.heads} heads, d_ff {args.d_ff}, P = {args.prefix}, {args.gen_epochs} epochs, batch {args.gen_batch}, "
-         f"lr {args.gen_lr:g}, query-target mixing on (alpha 2). Other settings: the stages' defaults."),
+         f"lr {args.gen_lr:g}, query-target mixing {args.mixing}" + (f" (alpha {args.mix_alpha:g})" if args.mixing == "on" else "")
+         + f", label smoothing {args.label_smoothing:g}. Captions sharing an ID ranked in {args.within_id_order} order. "
+         "Other settings: the stages' defaults."),
         (f"Diagnostics: the query's own quantized ID holds a positive for {result['own_id_holds_positive']:.3f} of "
          f"the queries (quantizer alone, no generator); the top beam equals the query's own ID for "
          f"{result['top_beam_is_own_id']:.3f}."),
@@ -499,6 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--gen-epochs", type=int, default=10)
     gen.add_argument("--gen-batch", type=int, default=256)
     gen.add_argument("--gen-lr", type=float, default=5e-4)
+    gen.add_argument("--mixing", choices=("on", "off"), default="on", help="query-target mixing (train-gen mixing.enabled)")
+    gen.add_argument("--mix-alpha", type=float, default=2.0, help="the mixing weights' Beta(alpha, alpha)")
+    gen.add_argument("--label-smoothing", type=float, default=0.0, help="of the code-token cross-entropy")
+    p.add_argument("--within-id-order", choices=("pool", "centre"), default="pool",
+                   help="order of the captions that share an ID in GENIUS's ranking: pool order (the paper), or "
+                        "closest to the ID's reconstruction first (query-independent typicality)")
     p.add_argument("--beams", type=int, default=50)
     p.add_argument("--encode-batch", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
@@ -513,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
 RANGES = {"images": ">= 2", "test_images": ">= 1", "val_images": ">= 1", "levels": ">= 2", "codebook": ">= 2",
           "proj_dim": ">= 1", "hidden_dim": ">= 1", "rq_epochs": ">= 1", "rq_batch": ">= 1", "rq_lr": "> 0",
           "kmeans_iters": ">= 1", "d_model": ">= 1", "layers": ">= 1", "heads": ">= 1", "d_ff": ">= 1",
-          "prefix": ">= 1", "gen_epochs": ">= 1", "gen_batch": ">= 1", "gen_lr": "> 0", "beams": ">= 1",
+          "prefix": ">= 1", "gen_epochs": ">= 1", "gen_batch": ">= 1", "gen_lr": "> 0", "mix_alpha": "> 0",
+          "label_smoothing": "[0, 1)", "beams": ">= 1",
           "encode_batch": ">= 1", "seed": ">= 0", "threads": ">= 1"}
 
 
@@ -523,7 +539,9 @@ def check_args(args: argparse.Namespace) -> None:
 
     for name, spec in RANGES.items():
         value, bound = getattr(args, name), parse_range(spec)
-        if not (math.isfinite(value) and (value > bound.low if bound.low_open else value >= bound.low)):
+        above_low = bound.low is None or (value > bound.low if bound.low_open else value >= bound.low)
+        below_high = bound.high is None or (value < bound.high if bound.high_open else value <= bound.high)
+        if not (math.isfinite(value) and above_low and below_high):
             raise ValueError(f"--{name.replace('_', '-')} {value} is out of range: pass a value {spec}")
     if args.d_model % args.heads:
         raise ValueError(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")

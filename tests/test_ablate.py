@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from genius.benchmarks import ablate, coco_t2t
 
@@ -180,3 +181,48 @@ def test_coco_t2t_range_checks_flags_in_one_line(capsys):
         coco_t2t.main(["--gen-lr", "nan"])
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and err.splitlines() == [err] and "--gen-lr nan is out of range" in err
+
+
+def test_coco_t2t_range_checks_upper_bounds_too(capsys):
+    with pytest.raises(SystemExit) as stop:
+        coco_t2t.main(["--label-smoothing", "1"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "--label-smoothing 1.0 is out of range: pass a value [0, 1)" in err
+
+
+def test_generator_and_ranking_flags_reach_the_stages(grid):
+    """--mixing, --mix-alpha and --label-smoothing land in train-gen's config; --within-id-order centre
+    ranks the captions sharing an ID by their distance to the ID's reconstruction."""
+    import yaml
+
+    argv = [w for flag, value in TOY.items() for w in (f"--{flag}", str(value))]
+    argv += ["--captions", str(grid.captions), "--split", "val", "--out-dir", str(grid.out), "--run-name", "flags",
+             "--mixing", "off", "--mix-alpha", "0.5", "--label-smoothing", "0.2", "--within-id-order", "centre"]
+    assert coco_t2t.main(argv) == 0
+    cfg = yaml.safe_load((grid.out / "flags" / "train_gen.yaml").read_text())
+    assert cfg["mixing"] == {"enabled": False, "alpha": 0.5} and cfg["optim"]["label_smoothing"] == 0.2
+    result = json.loads((grid.out / "flags" / "coco_t2t.json").read_text())
+    assert result["args"]["within_id_order"] == "centre"
+    assert "mixing off, label smoothing 0.2. Captions sharing an ID ranked in centre order" in \
+        (grid.out / "flags" / "coco_t2t.md").read_text()
+    for method in ablate.METHODS:
+        assert all(0 <= result["recall"][method][str(k)] <= 1 for k in coco_t2t.KS)
+
+
+def test_centre_order_puts_the_closest_caption_of_an_id_first():
+    import torch
+    from genius.models.generative_retriever.retrieval import CandidateMap
+    from genius.trie_cpp.python_trie import PythonTrie
+
+    class Quantizer:  # decode: the codebook row of the single level
+        book = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+
+        def decode(self, codes):
+            return self.book[codes[:, 0]]
+
+    codes = np.array([[0], [1], [0], [0], [1]])
+    z = np.array([[3.0, 0], [10, 2], [0.5, 0], [1, 1], [10, 1]], dtype=np.float32)
+    errors = coco_t2t.quantization_errors(Quantizer(), z, codes)
+    np.testing.assert_allclose(errors, [9, 4, 0.25, 2, 1])
+    cmap = CandidateMap.build(PythonTrie.build(codes), codes, order=errors)
+    assert cmap.candidates(0).tolist() == [2, 3, 0] and cmap.candidates(1).tolist() == [4, 1]

@@ -79,6 +79,21 @@ def test_candidate_map_groups_collisions_in_trie_leaf_order(pool):
     assert stats["largest_group"] == sizes.max()
 
 
+def test_candidate_map_orders_an_ids_rows_by_a_key(pool):
+    codes, _ = pool
+    key = np.random.default_rng(5).integers(0, 4, len(codes)).astype(np.float64)  # ties: pool order decides
+    cmap = CandidateMap.build(PythonTrie.build(codes), codes, order=key)
+    for leaf, id_ in enumerate(PythonTrie.build(codes).ids()):
+        members = np.flatnonzero((codes == id_).all(axis=1))
+        expected = sorted(members.tolist(), key=lambda r: (key[r], r))
+        np.testing.assert_array_equal(cmap.candidates(leaf), expected)
+    assert any(not np.array_equal(cmap.candidates(j), np.sort(cmap.candidates(j))) for j in range(cmap.num_ids))
+    with pytest.raises(ValueError, match="one finite key per pool row"):
+        CandidateMap.build(PythonTrie.build(codes), codes, order=key[:-1])
+    with pytest.raises(ValueError, match="one finite key per pool row"):
+        CandidateMap.build(PythonTrie.build(codes), codes, order=np.where(key > 2, np.nan, key))
+
+
 def test_leaves_of_maps_ids_and_marks_unknown_ones(pool):
     codes, cmap = pool
     trie_ids = PythonTrie.build(codes).ids()

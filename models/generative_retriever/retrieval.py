@@ -62,7 +62,8 @@ class CandidateMap:
     """Candidates grouped by ID, in trie leaf order (CSR).
 
     The candidates of leaf j (the ID ``trie.ids()[j]``) are the pool rows
-    ``rows[leaf_start[j]:leaf_start[j + 1]]``, in pool order; several rows per leaf are collisions.
+    ``rows[leaf_start[j]:leaf_start[j + 1]]``, in pool order (or by ``order``, see :meth:`build`);
+    several rows per leaf are collisions.
     """
 
     leaf_keys: np.ndarray  # void [M], sorted; key of each leaf's ID
@@ -71,8 +72,11 @@ class CandidateMap:
     num_levels: int
 
     @classmethod
-    def build(cls, trie: TrieLike, codes: np.ndarray) -> "CandidateMap":
+    def build(cls, trie: TrieLike, codes: np.ndarray, order: np.ndarray | None = None) -> "CandidateMap":
         """Group the pool's ``codes`` [N, L] by the trie leaf of each row.
+
+        ``order`` [N]: a key per row; the rows of one leaf are sorted by it (ascending, ties in
+        pool order). None keeps pool order, as the paper does.
 
         The trie must hold exactly the distinct IDs of ``codes``; anything else means it was
         built from other codes (stale), which is an error rather than silently missing items.
@@ -94,7 +98,14 @@ class CandidateMap:
                              "the trie is stale, rebuild it")
         leaf_start = np.zeros(len(leaf_keys) + 1, dtype=np.int64)
         np.cumsum(counts, out=leaf_start[1:])
-        rows = np.argsort(leaf_of_row, kind="stable").astype(np.int64)  # stable: pool order inside a leaf
+        if order is None:
+            rows = np.argsort(leaf_of_row, kind="stable")  # stable: pool order inside a leaf
+        else:
+            order = np.asarray(order)
+            if order.shape != (len(codes),) or not np.isfinite(order).all():
+                raise ValueError(f"order must hold one finite key per pool row ({len(codes)}), got shape {order.shape}")
+            rows = np.lexsort((order, leaf_of_row))  # by leaf, then key; lexsort is stable
+        rows = rows.astype(np.int64)
         return cls(leaf_keys, leaf_start, rows, codes.shape[1])
 
     @property
