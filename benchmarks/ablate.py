@@ -13,8 +13,9 @@ Every cell runs ``coco_t2t.main`` in this process on the validation split, as ru
 coco_t2t runs share one caption-embedding cache, but no stage). Resumable: a cell whose result JSON
 exists and records exactly the cell's flags is skipped; one whose flags changed is run again.
 
-``--choose [METRIC]`` names the best cell on validation (default ``genius_R@5``; all cells must be
-finished). ``--final`` commits to that choice in ``final.json`` and runs the cell once on the test
+``--choose [METRIC ...]`` names the best cell on validation (default ``genius_R@5``; all cells must
+be finished); further metrics break ties in order (e.g. ``genius_R@5 genius_r_R@5``: the best
+GENIUS, and among equals the best GENIUS^R), then grid order. ``--final`` commits to that choice in ``final.json`` and runs the cell once on the test
 split; a later ``--final`` that would choose differently refuses unless ``--force`` (every forced
 test run stays recorded and in the table).
 
@@ -170,14 +171,24 @@ def metric_value(result: dict, metric: str) -> float:
     return float(result["recall"][method][k])  # JSON keys are strings
 
 
-def choose(cells: list[Cell], results: dict[str, dict | None], metric: str, grid: Path) -> tuple[Cell, float]:
-    """The best cell on validation by ``metric`` (the first in grid order on a tie)."""
+def choose(cells: list[Cell], results: dict[str, dict | None], metrics: list[str], grid: Path) -> tuple[Cell, float]:
+    """The best cell on validation by ``metrics[0]``, ties broken by the next metrics in order, then by
+    grid order (the first wins); with the cell's value of ``metrics[0]``."""
     missing = [name for name, result in results.items() if result is None]
     if missing:
         raise ValueError(f"validation cells {missing} of {grid} are not finished; run the grid first "
                          f"(bash benchmarks/run_ablate.sh --grid {grid})")
-    best = max(cells, key=lambda c: (metric_value(results[c.name], metric), -cells.index(c)))
-    return best, metric_value(results[best.name], metric)
+    best = max(cells, key=lambda c: (*(metric_value(results[c.name], m) for m in metrics), -cells.index(c)))
+    return best, metric_value(results[best.name], metrics[0])
+
+
+def chosen_by(args: argparse.Namespace) -> list[str]:
+    """The metrics of ``--choose`` (the default when none is given)."""
+    return args.choose or [DEFAULT_METRIC]
+
+
+def describe(metrics: list[str]) -> str:
+    return ", then ".join(metrics)
 
 
 # ---- the test split, once --------------------------------------------------------------------
@@ -263,10 +274,10 @@ def refresh_table(cells: list[Cell], args: argparse.Namespace, table_dir: Path, 
         cell = Cell(run["cell"], run["flags"], run["own"])
         result = finished_result(coco_t2t.parse_args(cell_argv(cell, "test", args.out_dir, grid_name)))
         rows.append(table_row(cell.name, "test", cell.own, result))
-    metric = args.choose or DEFAULT_METRIC
+    metrics = chosen_by(args)
     if all(r is not None for r in val.values()):
-        best, value = choose(cells, val, metric, args.grid)
-        note = f"Best cell on validation by {metric}: **{best.name}** ({value:.3f})."
+        best, value = choose(cells, val, metrics, args.grid)
+        note = f"Best cell on validation by {describe(metrics)}: **{best.name}** ({metrics[0]} {value:.3f})."
     else:
         note = "Validation grid not finished yet."
     if runs:
@@ -282,9 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the grid runs on validation only; the test split is run once, by --final")
     p.add_argument("--out-dir", type=Path, default=OUT_DIR / "coco_t2t",
                    help="coco_t2t's output directory (its caption cache is shared by every cell)")
-    p.add_argument("--choose", nargs="?", const=DEFAULT_METRIC, choices=METRICS, metavar="METRIC",
-                   help=f"name the best validation cell by METRIC (default {DEFAULT_METRIC}; "
-                        f"one of {', '.join(METRICS)})")
+    p.add_argument("--choose", nargs="*", choices=METRICS, metavar="METRIC",
+                   help=f"name the best validation cell by METRIC (default {DEFAULT_METRIC}; one of "
+                        f"{', '.join(METRICS)}); further metrics break ties in order, then grid order")
     p.add_argument("--final", action="store_true", help="run the chosen cell once on the test split")
     p.add_argument("--force", action="store_true", help="with --final: allow a test run for a different choice")
     return p
@@ -305,14 +316,16 @@ def main(argv: list[str] | None = None) -> int:
         grid_name = args.grid.stem
         table_dir = args.out_dir / f"ablate_{grid_name}"
         if args.final:
-            metric = args.choose or DEFAULT_METRIC
-            best, value = choose(cells, cell_results(cells, "val", args.out_dir, grid_name), metric, args.grid)
-            if not commit_final(table_dir / "final.json", best, metric, value, args.force):
+            metrics = chosen_by(args)
+            best, value = choose(cells, cell_results(cells, "val", args.out_dir, grid_name), metrics, args.grid)
+            if not commit_final(table_dir / "final.json", best, describe(metrics), value, args.force):
                 log.info("the test run of %s was already committed; finishing or reusing it", best.name)
             ensure_cell(best, "test", args.out_dir, grid_name)
-        elif args.choose:
-            best, value = choose(cells, cell_results(cells, "val", args.out_dir, grid_name), args.choose, args.grid)
-            print(f"best cell on validation by {args.choose}: {best.name} ({value:.3f}): {' '.join(best.flags)}")
+        elif args.choose is not None:
+            metrics = chosen_by(args)
+            best, value = choose(cells, cell_results(cells, "val", args.out_dir, grid_name), metrics, args.grid)
+            print(f"best cell on validation by {describe(metrics)}: {best.name} ({metrics[0]} {value:.3f}): "
+                  f"{' '.join(best.flags)}")
         else:
             for cell in cells:
                 ensure_cell(cell, "val", args.out_dir, grid_name)

@@ -24,6 +24,10 @@ project's own stage functions run: ``train-rq`` (Combiner + residual quantizer),
 (C++ trie, ``constrained_beam_search``, ``CandidateMap``, ``genius_ranking``, ``rerank_ranking``,
 ``ExactIPIndex``). Dense = exact cosine over the MiniLM embeddings (score fusion of the text
 vector); GENIUS^R re-ranks the union of the beams' candidates by that same cosine.
+GENIUS ranks the beams' IDs by score and the captions sharing an ID in pool order (the paper);
+``--within-id-order centre`` puts the caption closest to its ID's reconstruction first instead (a
+query-independent order, one axis of benchmarks/ablate.py). ``--mixing``, ``--mix-alpha`` and
+``--label-smoothing`` set train-gen's query-target mixing and code loss.
 
 Outputs in ``--out-dir``: ``<run>/`` (data/ and embed/: the jsonl files and stores; train_rq.yaml,
 train_gen.yaml, assign_codes.yaml: the stage configs; rq/, gen/, codes/: the stages' outputs) and

@@ -226,3 +226,19 @@ def test_centre_order_puts_the_closest_caption_of_an_id_first():
     np.testing.assert_allclose(errors, [9, 4, 0.25, 2, 1])
     cmap = CandidateMap.build(PythonTrie.build(codes), codes, order=errors)
     assert cmap.candidates(0).tolist() == [2, 3, 0] and cmap.candidates(1).tolist() == [4, 1]
+
+
+def test_choose_breaks_ties_by_the_next_metrics_then_grid_order():
+    def result(genius5, genius_r5):
+        return {"recall": {"genius": {"5": genius5}, "genius_r": {"5": genius_r5}}}
+
+    cells = [ablate.Cell(name, [], []) for name in ("a", "b", "c", "d")]
+    results = {"a": result(0.5, 0.9), "b": result(0.6, 0.7), "c": result(0.6, 0.8), "d": result(0.6, 0.8)}
+    assert ablate.choose(cells, results, ["genius_R@5"], Path("g"))[0].name == "b"  # a tie: grid order
+    best, value = ablate.choose(cells, results, ["genius_R@5", "genius_r_R@5"], Path("g"))
+    assert (best.name, value) == ("c", 0.6)  # GENIUS^R breaks the tie; c and d tie again: grid order
+    assert ablate.choose(cells, results, ["genius_r_R@5"], Path("g"))[0].name == "a"
+    parser = ablate.build_parser()
+    assert ablate.chosen_by(parser.parse_args(["--choose"])) == [ablate.DEFAULT_METRIC]
+    assert ablate.chosen_by(parser.parse_args(["--choose", "genius_R@1", "dense_R@5"])) == ["genius_R@1", "dense_R@5"]
+    assert parser.parse_args([]).choose is None
