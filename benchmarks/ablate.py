@@ -15,9 +15,9 @@ exists and records exactly the cell's flags is skipped; one whose flags changed 
 
 ``--choose [METRIC ...]`` names the best cell on validation (default ``genius_R@5``; all cells must
 be finished); further metrics break ties in order (e.g. ``genius_R@5 genius_r_R@5``: the best
-GENIUS, and among equals the best GENIUS^R), then grid order. ``--final`` commits to that choice in ``final.json`` and runs the cell once on the test
-split; a later ``--final`` that would choose differently refuses unless ``--force`` (every forced
-test run stays recorded and in the table).
+GENIUS, and among equals the best GENIUS^R), then grid order. ``--final`` commits to that choice
+in ``final.json`` and runs the cell once on the test split; a later ``--final`` that would choose
+differently refuses unless ``--force`` (every forced test run stays recorded and in the table).
 
 Outputs in ``<out-dir>/ablate_<grid>/``: ``ablation.{md,csv,json}`` (one row per cell and split:
 Recall@1/5/10 of dense, GENIUS and GENIUS^R, the pool's ID statistics, decoding speed, training

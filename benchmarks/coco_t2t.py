@@ -441,9 +441,10 @@ def report(result: dict, args, command: str, machine: str, timings: dict) -> str
         (f"Stage 1: Combiner proj {args.proj_dim} / hidden {args.hidden_dim}, {args.rq_epochs} epochs, batch "
          f"{args.rq_batch}, lr {args.rq_lr:g}. Stage 2: T5 decoder d_model {args.d_model}, {args.layers} layers, "
          f"{args.heads} heads, d_ff {args.d_ff}, P = {args.prefix}, {args.gen_epochs} epochs, batch {args.gen_batch}, "
-         f"lr {args.gen_lr:g}, query-target mixing {args.mixing}" + (f" (alpha {args.mix_alpha:g})" if args.mixing == "on" else "")
-         + f", label smoothing {args.label_smoothing:g}. Captions sharing an ID ranked in {args.within_id_order} order. "
-         "Other settings: the stages' defaults."),
+         f"lr {args.gen_lr:g}, query-target mixing {args.mixing}"
+         + (f" (alpha {args.mix_alpha:g})" if args.mixing == "on" else "")
+         + f", label smoothing {args.label_smoothing:g}. Captions sharing an ID ranked in "
+         f"{args.within_id_order} order. Other settings: the stages' defaults."),
         (f"Diagnostics: the query's own quantized ID holds a positive for {result['own_id_holds_positive']:.3f} of "
          f"the queries (quantizer alone, no generator); the top beam equals the query's own ID for "
          f"{result['top_beam_is_own_id']:.3f}."),
@@ -525,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--gen-epochs", type=int, default=10)
     gen.add_argument("--gen-batch", type=int, default=256)
     gen.add_argument("--gen-lr", type=float, default=5e-4)
-    gen.add_argument("--mixing", choices=("on", "off"), default="on", help="query-target mixing (train-gen mixing.enabled)")
+    gen.add_argument("--mixing", choices=("on", "off"), default="on",
+                     help="query-target mixing (train-gen mixing.enabled)")
     gen.add_argument("--mix-alpha", type=float, default=2.0, help="the mixing weights' Beta(alpha, alpha)")
     gen.add_argument("--label-smoothing", type=float, default=0.0, help="of the code-token cross-entropy")
     p.add_argument("--within-id-order", choices=("pool", "centre"), default="pool",
