@@ -44,7 +44,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import os
 import shlex
 import sys
@@ -554,14 +553,15 @@ RANGES = {"images": ">= 2", "test_images": ">= 1", "val_images": ">= 1", "levels
 
 def check_args(args: argparse.Namespace) -> None:
     """Raise ``ValueError`` (one line naming the flag and its range) for the first value out of range."""
+    from genius.common.config_checks import check_number
     from genius.common.ranges import parse_range
 
     for name, spec in RANGES.items():
         value, bound = getattr(args, name), parse_range(spec)
-        above_low = bound.low is None or (value > bound.low if bound.low_open else value >= bound.low)
-        below_high = bound.high is None or (value < bound.high if bound.high_open else value <= bound.high)
-        if not (math.isfinite(value) and above_low and below_high):
-            raise ValueError(f"--{name.replace('_', '-')} {value} is out of range: pass a value {spec}")
+        try:
+            check_number(name, value, lo=bound.low, hi=bound.high, lo_open=bound.low_open, hi_open=bound.high_open)
+        except ValueError:  # the config-key wording would not fit a flag: say it as the flag
+            raise ValueError(f"--{name.replace('_', '-')} {value} is out of range: pass a value {spec}") from None
     if args.d_model % args.heads:
         raise ValueError(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
 
