@@ -27,7 +27,9 @@ vector); GENIUS^R re-ranks the union of the beams' candidates by that same cosin
 GENIUS ranks the beams' IDs by score and the captions sharing an ID in pool order (the paper);
 ``--within-id-order centre`` puts the caption closest to its ID's reconstruction first instead (a
 query-independent order, one axis of benchmarks/ablate.py). ``--mixing``, ``--mix-alpha`` and
-``--label-smoothing`` set train-gen's query-target mixing and code loss.
+``--label-smoothing`` set train-gen's query-target mixing and code loss. ``--index-pool on`` also
+trains the generator on (caption -> itself) for each pool caption outside the training set
+(indexing the pool, as DSI does; only the pool's own texts are used, never a query).
 
 Outputs in ``--out-dir``: ``<run>/`` (data/ and embed/: the jsonl files and stores; train_rq.yaml,
 train_gen.yaml, assign_codes.yaml: the stage configs; rq/, gen/, codes/: the stages' outputs) and
@@ -151,15 +153,18 @@ def write_if_changed(path: Path, text: str) -> None:
         atomic_write_text(path, text)
 
 
-def queries_jsonl(images: list[list[int]], texts: list[str], query_rows: list[int] | None = None) -> str:
-    """Queries with their positives: every caption of each image (or only ``query_rows``)."""
+def queries_jsonl(images: list[list[int]], texts: list[str], query_rows: list[int] | None = None,
+                  self_pairs: bool = False) -> str:
+    """Queries with their positives: every caption of each image (or only ``query_rows``); the
+    positives are the image's other captions, or with ``self_pairs`` the caption itself."""
     wanted = None if query_rows is None else set(query_rows)
     lines = []
     for rows in images:
         for row in rows:
             if wanted is None or row in wanted:
+                positives = [row] if self_pairs else [r for r in rows if r != row]
                 lines.append(json.dumps({"qid": did(row), "query_txt": texts[row], "query_img_path": None,
-                                         "query_modality": "text", "pos_cand_list": [did(r) for r in rows if r != row],
+                                         "query_modality": "text", "pos_cand_list": [did(r) for r in positives],
                                          "neg_cand_list": [], "task_id": TEXT_TASK}))
     return "\n".join(lines) + "\n"
 
@@ -198,6 +203,8 @@ class World:
     eval_query_rows: list[int]  # caption rows, in query order
     eval_pool_rows: list[int]  # caption rows, in pool order
     positives: list[set[int]]  # per query: caption rows of its positives in the pool
+    gen_queries: Path  # train-gen's pairs: the training queries, plus the pool's self-pairs with --index-pool on
+    gen_pool: Path
 
     def store(self, split: str, source: Path) -> Path:
         from genius.common.store import store_path
@@ -206,7 +213,7 @@ class World:
 
 
 def build_world(run_dir: Path, split: Split, texts: list[str], vectors: np.ndarray, seed: int,
-                pool: str = "heldout") -> World:
+                pool: str = "heldout", index_pool: bool = False) -> World:
     rng = np.random.default_rng(seed + 1)
     query_rows, pool_rows, positives = [], [], []
     for rows in split.eval:
@@ -220,10 +227,14 @@ def build_world(run_dir: Path, split: Split, texts: list[str], vectors: np.ndarr
         pool_rows = [r for r in split.encoded if r not in queries]
     pool_rows = [pool_rows[i] for i in rng.permutation(len(pool_rows))]  # no image-grouped pool order
     root = run_dir / "data"
-    world = World(root, run_dir / "embed", root / "query" / "train" / "coco_t2t_train.jsonl",
-                  root / "cand_pool" / "train" / "coco_t2t_train_cand_pool.jsonl",
+    train_queries = root / "query" / "train" / "coco_t2t_train.jsonl"
+    train_pool = root / "cand_pool" / "train" / "coco_t2t_train_cand_pool.jsonl"
+    world = World(root, run_dir / "embed", train_queries, train_pool,
                   root / "query" / "eval" / "coco_t2t_eval.jsonl", root / "cand_pool" / "eval" / "coco_t2t_eval_cand_pool.jsonl",
-                  query_rows, pool_rows, positives)
+                  query_rows, pool_rows, positives,
+                  gen_queries=root / "query" / "train" / "coco_t2t_train_index.jsonl" if index_pool else train_queries,
+                  gen_pool=root / "cand_pool" / "train" / "coco_t2t_train_index_cand_pool.jsonl"
+                  if index_pool else train_pool)
     train_rows = [r for rows in split.train for r in rows]
     write_if_changed(world.train_queries, queries_jsonl(split.train, texts))
     write_if_changed(world.train_pool, pool_jsonl(train_rows, texts))
@@ -233,6 +244,17 @@ def build_world(run_dir: Path, split: Split, texts: list[str], vectors: np.ndarr
     write_if_changed(world.eval_pool, pool_jsonl(pool_rows, texts))
     text_store(world.store("test", world.eval_queries), query_rows, vectors, "query", world.eval_queries)
     text_store(world.store("cand", world.eval_pool), pool_rows, vectors, "candidate", world.eval_pool)
+    if index_pool:
+        # Indexing the pool (as DSI does): each pool caption the training set lacks becomes a pair
+        # (caption -> itself), so the generator learns the IDs of the captions it must retrieve and
+        # not only those of the training targets. Only the pool's own text is used, never a query.
+        trained = set(train_rows)
+        indexed = [r for r in pool_rows if r not in trained]
+        write_if_changed(world.gen_queries, queries_jsonl(split.train, texts) + queries_jsonl([[r] for r in indexed],
+                                                                                             texts, self_pairs=True))
+        write_if_changed(world.gen_pool, pool_jsonl(train_rows + indexed, texts))
+        text_store(world.store("train", world.gen_queries), train_rows + indexed, vectors, "query", world.gen_queries)
+        text_store(world.store("train", world.gen_pool), train_rows + indexed, vectors, "candidate", world.gen_pool)
     return world
 
 
@@ -268,11 +290,11 @@ def train_quantizer(world: World, run_dir: Path, args) -> Path:
 def train_generator(world: World, run_dir: Path, rq_path: Path, args) -> Path:
     from genius.models.generative_retriever import train as gen_train
 
-    steps = args.gen_epochs * (count_lines(world.train_queries) // args.gen_batch)
+    steps = args.gen_epochs * (count_lines(world.gen_queries) // args.gen_batch)
     cfg = stage_config(gen_train.TrainGenConfig, run_dir / "train_gen.yaml", {
         "data": {"root": str(world.root), "embed_root": str(world.embed_root), "encoder": ENCODER,
-                 "train_queries": str(world.train_queries.relative_to(world.root)),
-                 "train_pool": str(world.train_pool.relative_to(world.root)), "rq": str(rq_path)},
+                 "train_queries": str(world.gen_queries.relative_to(world.root)),
+                 "train_pool": str(world.gen_pool.relative_to(world.root)), "rq": str(rq_path)},
         "model": {"num_prefix": args.prefix, "d_model": args.d_model, "num_heads": args.heads,
                   "d_kv": args.d_model // args.heads, "d_ff": args.d_ff, "num_decoder_layers": args.layers},
         "mixing": {"enabled": args.mixing == "on", "alpha": args.mix_alpha},
@@ -442,7 +464,10 @@ def report(result: dict, args, command: str, machine: str, timings: dict) -> str
          f"{args.heads} heads, d_ff {args.d_ff}, P = {args.prefix}, {args.gen_epochs} epochs, batch {args.gen_batch}, "
          f"lr {args.gen_lr:g}, query-target mixing {args.mixing}"
          + (f" (alpha {args.mix_alpha:g})" if args.mixing == "on" else "")
-         + f", label smoothing {args.label_smoothing:g}. Captions sharing an ID ranked in "
+         + f", label smoothing {args.label_smoothing:g}"
+         + (f", plus (caption -> itself) for the {timings['indexed_captions']:,} pool captions outside training "
+            "(--index-pool on)" if args.index_pool == "on" else "")
+         + ". Captions sharing an ID ranked in "
          f"{args.within_id_order} order. Other settings: the stages' defaults."),
         (f"Diagnostics: the query's own quantized ID holds a positive for {result['own_id_holds_positive']:.3f} of "
          f"the queries (quantizer alone, no generator); the top beam equals the query's own ID for "
@@ -529,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="query-target mixing (train-gen mixing.enabled)")
     gen.add_argument("--mix-alpha", type=float, default=2.0, help="the mixing weights' Beta(alpha, alpha)")
     gen.add_argument("--label-smoothing", type=float, default=0.0, help="of the code-token cross-entropy")
+    gen.add_argument("--index-pool", choices=("on", "off"), default="off",
+                     help="also train the generator on (caption -> itself) for every pool caption outside the "
+                          "training set, so it learns the IDs it must retrieve (DSI's indexing; no query is used)")
     p.add_argument("--within-id-order", choices=("pool", "centre"), default="pool",
                    help="order of the captions that share an ID in GENIUS's ranking: pool order (the paper), or "
                         "closest to the ID's reconstruction first (query-independent typicality)")
@@ -606,8 +634,9 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     vectors = encoded_captions(texts, split.encoded, args.out_dir / "cache", args.encode_batch)
     timings["encode_s"] = time.perf_counter() - t0
     run_dir, stem = run_paths(args)
-    world = build_world(run_dir, split, texts, vectors, args.seed, args.pool)
-    timings.update(train_images=len(split.train), train_captions=sum(len(r) for r in split.train))
+    world = build_world(run_dir, split, texts, vectors, args.seed, args.pool, args.index_pool == "on")
+    timings.update(train_images=len(split.train), train_captions=sum(len(r) for r in split.train),
+                   indexed_captions=count_lines(world.gen_queries) - count_lines(world.train_queries))
     t0 = time.perf_counter()
     rq_path = train_quantizer(world, run_dir, args)
     timings["rq_s"] = time.perf_counter() - t0

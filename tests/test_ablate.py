@@ -209,6 +209,39 @@ def test_generator_and_ranking_flags_reach_the_stages(grid):
         assert all(0 <= result["recall"][method][str(k)] <= 1 for k in coco_t2t.KS)
 
 
+def test_index_pool_trains_the_generator_on_the_pool_captions_themselves(grid):
+    """--index-pool on: train-gen's pairs are the training queries plus (caption -> itself) for every
+    pool caption outside training, and never a query; train-rq keeps the training pairs alone."""
+    import yaml
+
+    argv = [w for flag, value in TOY.items() for w in (f"--{flag}", str(value))]
+    argv += ["--captions", str(grid.captions), "--split", "val", "--pool", "full", "--out-dir", str(grid.out),
+             "--run-name", "indexed", "--index-pool", "on"]
+    assert coco_t2t.main(argv) == 0
+    run, data = grid.out / "indexed", grid.out / "indexed" / "data"
+
+    def lines(path):
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    training = lines(data / "query/train/coco_t2t_train.jsonl")
+    gen = yaml.safe_load((run / "train_gen.yaml").read_text())["data"]
+    gen_queries, gen_pool = lines(data / gen["train_queries"]), lines(data / gen["train_pool"])
+    eval_queries = {q["qid"] for q in lines(data / "query/eval/coco_t2t_eval.jsonl")}
+    pool = {c["did"] for c in lines(data / "cand_pool/eval/coco_t2t_eval_cand_pool.jsonl")}
+    trained = {q["qid"] for q in training}
+    assert gen_queries[: len(training)] == training
+    added = gen_queries[len(training):]
+    assert {q["qid"] for q in added} == pool - trained and len(added) == len(pool - trained) > 0
+    assert all(q["pos_cand_list"] == [q["qid"]] for q in added)
+    assert eval_queries.isdisjoint(q["qid"] for q in gen_queries)
+    assert {c["did"] for c in gen_pool} == trained | pool
+    rq = yaml.safe_load((run / "train_rq.yaml").read_text())["data"]
+    assert rq["query_file"].endswith("coco_t2t_train.jsonl")
+    result = json.loads((run / "coco_t2t.json").read_text())
+    assert result["timings"]["indexed_captions"] == len(added)
+    assert f"plus (caption -> itself) for the {len(added)} pool captions" in (run / "coco_t2t.md").read_text()
+
+
 def test_centre_order_puts_the_closest_caption_of_an_id_first():
     import torch
     from genius.models.generative_retriever.retrieval import CandidateMap
