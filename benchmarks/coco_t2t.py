@@ -26,7 +26,8 @@ project's own stage functions run: ``train-rq`` (Combiner + residual quantizer),
 vector); GENIUS^R re-ranks the union of the beams' candidates by that same cosine.
 GENIUS ranks the beams' IDs by score and the captions sharing an ID in pool order (the paper);
 ``--within-id-order centre`` puts the caption closest to its ID's reconstruction first instead (a
-query-independent order, one axis of benchmarks/ablate.py). ``--mixing``, ``--mix-alpha`` and
+query-independent order, one axis of benchmarks/ablate.py); ``--sibling-penalty`` decodes diverse
+beams (``constrained_beam_search``'s sibling-rank penalty). ``--mixing``, ``--mix-alpha`` and
 ``--label-smoothing`` set train-gen's query-target mixing and code loss. ``--index-pool on`` also
 trains the generator on (caption -> itself) for each pool caption outside the training set
 (indexing the pool, as DSI does; only the pool's own texts are used, never a query).
@@ -361,7 +362,8 @@ def evaluate(world: World, run_dir: Path, rq_path: Path, gen_path: Path, args) -
 
     def decode(queries: np.ndarray, level_head: bool):
         return constrained_beam_search(generator, torch.from_numpy(queries), trie, rq.codebook_sizes,
-                                       num_beams=args.beams, batch_size=64, level_head=level_head)
+                                       num_beams=args.beams, batch_size=64, level_head=level_head,
+                                       sibling_penalty=args.sibling_penalty)
 
     decoded, decode_s = {}, {}
     for name, level_head in HEADS.items():
@@ -454,7 +456,8 @@ def report(result: dict, args, command: str, machine: str, timings: dict) -> str
          f"K = {args.codebook}); pool: {stats['distinct_ids']:,} distinct IDs for {stats['num_candidates']:,} "
          f"captions, collision rate {stats['collision_rate']:.3f}, largest bucket {stats['largest_bucket']}, codes used "
          f"per level {stats['codes_used_per_level']}. Beam search: {args.beams} beams, fp32; mean re-rank "
-         f"set {result['rerank_set_mean']:.0f} captions (level head)."),
+         f"set {result['rerank_set_mean']:.0f} captions (level head)"
+         + (f"; diverse beams, sibling penalty {args.sibling_penalty:g}" if args.sibling_penalty else "") + "."),
         (f"Level head vs full-vocabulary normalisation (same model, decoded side by side): "
          f"{result['beam_search_qps']:.0f} vs {result['beam_search_qps_full_vocabulary']:.0f} queries/s "
          f"({result['beam_search_qps'] / result['beam_search_qps_full_vocabulary']:.2f}x); the top beam agrees for "
@@ -561,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="order of the captions that share an ID in GENIUS's ranking: pool order (the paper), or "
                         "closest to the ID's reconstruction first (query-independent typicality)")
     p.add_argument("--beams", type=int, default=100)
+    p.add_argument("--sibling-penalty", type=float, default=0.0,
+                   help="diverse beams: the r-th best child of a beam competes with its score lowered by this x r "
+                        "(eval's decoding.sibling_penalty); 0 is plain beam search")
     p.add_argument("--encode-batch", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -575,7 +581,7 @@ RANGES = {"images": ">= 2", "test_images": ">= 1", "val_images": ">= 1", "levels
           "proj_dim": ">= 1", "hidden_dim": ">= 1", "rq_epochs": ">= 1", "rq_batch": ">= 1", "rq_lr": "> 0",
           "kmeans_iters": ">= 1", "d_model": ">= 1", "layers": ">= 1", "heads": ">= 1", "d_ff": ">= 1",
           "prefix": ">= 1", "gen_epochs": ">= 1", "gen_batch": ">= 1", "gen_lr": "> 0", "mix_alpha": "> 0",
-          "label_smoothing": "[0, 1)", "beams": ">= 1",
+          "label_smoothing": "[0, 1)", "beams": ">= 1", "sibling_penalty": ">= 0",
           "encode_batch": ">= 1", "seed": ">= 0", "threads": ">= 1"}
 
 

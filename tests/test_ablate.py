@@ -192,19 +192,22 @@ def test_coco_t2t_range_checks_upper_bounds_too(capsys):
 
 def test_generator_and_ranking_flags_reach_the_stages(grid):
     """--mixing, --mix-alpha and --label-smoothing land in train-gen's config; --within-id-order centre
-    ranks the captions sharing an ID by their distance to the ID's reconstruction."""
+    ranks the captions sharing an ID by their distance to the ID's reconstruction; --sibling-penalty
+    reaches the report."""
     import yaml
 
     argv = [w for flag, value in TOY.items() for w in (f"--{flag}", str(value))]
     argv += ["--captions", str(grid.captions), "--split", "val", "--out-dir", str(grid.out), "--run-name", "flags",
-             "--mixing", "off", "--mix-alpha", "0.5", "--label-smoothing", "0.2", "--within-id-order", "centre"]
+             "--mixing", "off", "--mix-alpha", "0.5", "--label-smoothing", "0.2", "--within-id-order", "centre",
+             "--sibling-penalty", "0.5"]
     assert coco_t2t.main(argv) == 0
     cfg = yaml.safe_load((grid.out / "flags" / "train_gen.yaml").read_text())
     assert cfg["mixing"] == {"enabled": False, "alpha": 0.5} and cfg["optim"]["label_smoothing"] == 0.2
     result = json.loads((grid.out / "flags" / "coco_t2t.json").read_text())
-    assert result["args"]["within_id_order"] == "centre"
-    assert "mixing off, label smoothing 0.2. Captions sharing an ID ranked in centre order" in \
-        (grid.out / "flags" / "coco_t2t.md").read_text()
+    assert result["args"]["within_id_order"] == "centre" and result["args"]["sibling_penalty"] == 0.5
+    report = (grid.out / "flags" / "coco_t2t.md").read_text()
+    assert "mixing off, label smoothing 0.2. Captions sharing an ID ranked in centre order" in report
+    assert "diverse beams, sibling penalty 0.5." in report
     for method in ablate.METHODS:
         assert all(0 <= result["recall"][method][str(k)] <= 1 for k in coco_t2t.KS)
 

@@ -168,6 +168,68 @@ def test_modality_threshold_searches_only_the_modalities_it_keeps(threshold):
     assert torch.equal(plain.codes, off.codes)
 
 
+def diverse_reference(generator: IDGenerator, z: torch.Tensor, trie: PythonTrie, beams: int, penalty: float):
+    """Sibling-penalty beam search for one query, prefix by prefix with teacher forcing: the r-th
+    best allowed child of each prefix competes with its score lowered by penalty x r at that level."""
+    sizes, hyps = generator.codebook_sizes, [((), 0.0)]
+    for level, (offset, size) in enumerate(zip(generator.offsets, sizes)):
+        competing = []
+        for prefix, score in hyps:
+            codes = torch.tensor([list(prefix) + [0] * (len(sizes) - level)])
+            with torch.no_grad():
+                log_probs = generator(z[None], codes)[0, level, offset : offset + size].float().log_softmax(-1)
+            children = sorted(trie.children(prefix).tolist(), key=lambda c: -log_probs[c].item())
+            competing += [(score + log_probs[c].item() - penalty * rank, prefix + (c,), score + log_probs[c].item())
+                          for rank, c in enumerate(children)]
+        competing.sort(key=lambda x: -x[0])
+        hyps = [(prefix, true) for _, prefix, true in competing[:beams]]
+    return sorted(hyps, key=lambda h: -h[1])
+
+
+@pytest.mark.parametrize("seed, sizes, pool, beams, penalty", [
+    (0, [3, 6, 6, 6], 120, 8, 0.5), (1, [3, 6, 6, 6], 120, 8, 3.0), (2, [3, 9, 9], 60, 20, 1.0),
+    (3, [3, 5, 5, 5], 40, 50, 0.7), (4, [2, 8, 8, 8], 200, 5, 100.0), (5, [3, 4, 4, 4, 4], 150, 12, 0.2),
+])
+def test_diverse_beams_equal_the_sibling_penalty_reference(seed, sizes, pool, beams, penalty):
+    rng = np.random.default_rng(seed)
+    generator = tiny_generator(seed, sizes)
+    trie = PythonTrie.build(random_codes(rng, sizes, pool))
+    z = queries(rng, 3)
+    result = constrained_beam_search(generator, z, trie, sizes, num_beams=beams, sibling_penalty=penalty)
+    plain = constrained_beam_search(generator, z, trie, sizes, num_beams=beams)
+    differs = False
+    for q in range(len(z)):
+        reference = diverse_reference(generator, z[q], trie, beams, penalty)
+        count = len(reference)
+        assert [tuple(r) for r in result.codes[q, :count].tolist()] == [prefix for prefix, _ in reference]
+        torch.testing.assert_close(result.scores[q, :count], torch.tensor([s for _, s in reference]), atol=1e-4, rtol=1e-5)
+        assert result.valid[q, :count].all() and not result.valid[q, count:].any()
+        differs |= not torch.equal(result.codes[q], plain.codes[q])
+    # true sequence scores, best first: GENIUS ranks diverse beams by the model's own scores
+    torch.testing.assert_close(result.scores[result.valid], teacher_forced_scores(generator, z, result.codes, True)
+                               [result.valid], atol=1e-4, rtol=1e-5)
+    assert differs or penalty < 1  # a strong penalty changes the beams of some query
+
+
+def test_diverse_beams_spread_over_more_prefixes():
+    # With a huge penalty every surviving prefix gets a child before any gets a second, so the final
+    # beams cover as many distinct parents as can be reached; plain beam search covers fewer here.
+    rng = np.random.default_rng(7)
+    sizes = [3, 8, 8, 8]
+    generator = tiny_generator(7, sizes)
+    trie = PythonTrie.build(random_codes(rng, sizes, 400))
+    z = queries(rng, 6)
+
+    def parents(result):
+        return [len({tuple(r[:-1]) for r in codes.tolist()}) for codes in result.codes]
+
+    diverse = constrained_beam_search(generator, z, trie, sizes, num_beams=16, sibling_penalty=1e6)
+    plain = constrained_beam_search(generator, z, trie, sizes, num_beams=16, sibling_penalty=0.0)
+    assert all(p == 16 for p in parents(diverse))  # 400 IDs: every one of the 16 prefixes has a child
+    assert sum(parents(plain)) < sum(parents(diverse))
+    assert (diverse.scores[:, 1:] <= diverse.scores[:, :-1]).all()
+
+
 def test_bad_arguments_are_named():
     sizes = [3, 4]
     generator = tiny_generator(0, sizes)
@@ -176,6 +238,8 @@ def test_bad_arguments_are_named():
         constrained_beam_search(generator, queries(np.random.default_rng(0), 1), trie, [3, 5])
     with pytest.raises(ValueError, match="modality_threshold"):
         constrained_beam_search(generator, queries(np.random.default_rng(0), 1), trie, sizes, modality_threshold=1.5)
+    with pytest.raises(ValueError, match="sibling_penalty"):
+        constrained_beam_search(generator, queries(np.random.default_rng(0), 1), trie, sizes, sibling_penalty=-1.0)
     with pytest.raises(ValueError, match=r"z_query must be \[Q, 12\]"):
         constrained_beam_search(generator, torch.zeros(2, 7), trie, sizes)
 

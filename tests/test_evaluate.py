@@ -228,6 +228,20 @@ def test_decode_cache_key_records_the_device_and_the_precisions_used():
     assert len({json.dumps(k, sort_keys=True) for k in (cpu, key("cpu", autocast=False), gpu)}) == 3
 
 
+def test_decode_cache_key_records_diverse_beams_and_keeps_old_keys_without_them():
+    """A sibling-penalty decoding is never reused for plain beams; at 0 the key is the one written
+    before the option existed (no entry), so earlier cached decodings stay valid."""
+    cfg = EvalConfig()
+    models = SimpleNamespace(fingerprints={"rq": "r", "generator": "g"})
+    pool = SimpleNamespace(codes_hash="c", trie_path=Path("trie-0.bin"))
+    queries = SimpleNamespace(content_id="q")
+    plain = decode_key(cfg, models, pool, queries, torch.device("cpu"))
+    cfg.decoding.sibling_penalty = 0.5
+    diverse = decode_key(cfg, models, pool, queries, torch.device("cpu"))
+    assert "sibling_penalty" not in plain and diverse["sibling_penalty"] == 0.5
+    assert {k: v for k, v in diverse.items() if k != "sibling_penalty"} == plain
+
+
 def test_stale_or_mismatched_inputs_are_refused(tmp_path):
     cfg = make_world(tmp_path)
     models = fake_models(cfg)
@@ -280,7 +294,7 @@ def test_paper_settings_decode_like_the_official_code():
     native, official = (load_config(EvalConfig, large / name) for name in ("eval.yaml", "eval_official.yaml"))
     for cfg in (native, official):
         dec = cfg.decoding
-        assert (dec.num_beams, dec.level_head, dec.modality_threshold) == (50, False, 0.0)
+        assert (dec.num_beams, dec.level_head, dec.modality_threshold, dec.sibling_penalty) == (50, False, 0.0, 0.0)
         assert dec.autocast and dec.combiner_autocast and cfg.rerank and cfg.union and len(cfg.files) == 16
     assert native.files == official.files and native.extra_ks == official.extra_ks
     codes, official_codes = (load_config(AssignCodesConfig, large / name)

@@ -37,6 +37,14 @@ modalities the generator actually considers; the decision stays the model's own 
 is used). t = 0 is the official decoding. With ``modality_level=False`` (a quantizer without a
 modality level, whose level 0 is a semantic level like any other) the threshold is ignored.
 
+Diverse beams (``sibling_penalty``, off by default): a beam's children compete with every other
+beam's children for the ``num_beams`` places, so a confident prefix can fill most of them with its
+own continuations. With a penalty g > 0 the children of one beam are ranked by score and the r-th
+best (r = 0, 1, ...) competes with its score lowered by g * r at that level only (the sibling-rank
+penalty of Li, Monroe and Jurafsky, 2016, "A simple, fast diverse decoding algorithm"), which
+spreads the places over more prefixes. The beams keep their true log-probabilities and come back
+sorted by them, so GENIUS ranks by the model's scores; g = 0 is plain beam search.
+
 ``generate_reference`` is the slow reference (``transformers.generate`` with
 ``prefix_allowed_tokens_fn``) that the tests and benchmarks compare against.
 """
@@ -97,7 +105,7 @@ def _autocast(device: torch.device, enabled: bool):
 def constrained_beam_search(generator: IDGenerator, queries: torch.Tensor, trie, codebook_sizes: Sequence[int],
                             num_beams: int = 50, batch_size: int = 64, level_head: bool = True,
                             autocast: bool = False, modality_threshold: float = 0.0,
-                            modality_level: bool = True) -> BeamResult:
+                            modality_level: bool = True, sibling_penalty: float = 0.0) -> BeamResult:
     """Top ``num_beams`` trie IDs per query; see module docstring. ``queries``: what the generator
     encodes, normalised Combiner outputs [Q, dim] (prefix) or uint8 images [Q, 3, S, S] (image_tokens).
 
@@ -105,7 +113,7 @@ def constrained_beam_search(generator: IDGenerator, queries: torch.Tensor, trie,
     over level-local codes [N, L] with L = len(codebook_sizes), or a ``DeviceTrie`` on the
     queries' device (identical beams, no host round trip per step). ``modality_level``: whether level 0 is
     the modality code (the quantizer's ``has_modality_level``); without it ``modality_threshold``
-    is ignored.
+    is ignored. ``sibling_penalty``: diverse beams (module docstring); 0 is plain beam search.
     """
     if list(codebook_sizes) != generator.codebook_sizes:
         raise ValueError(f"codebook sizes {list(codebook_sizes)} differ from the generator's {generator.codebook_sizes}")
@@ -113,6 +121,8 @@ def constrained_beam_search(generator: IDGenerator, queries: torch.Tensor, trie,
         raise ValueError(f"num_beams ({num_beams}) and batch_size ({batch_size}) must be >= 1")
     if not 0.0 <= modality_threshold <= 1.0:
         raise ValueError(f"modality_threshold must be in [0, 1], got {modality_threshold}")
+    if not 0.0 <= sibling_penalty < float("inf"):
+        raise ValueError(f"sibling_penalty must be finite and >= 0, got {sibling_penalty}")
     generator.check_inputs(queries)
     was_training = generator.training
     generator.eval()
@@ -121,7 +131,7 @@ def constrained_beam_search(generator: IDGenerator, queries: torch.Tensor, trie,
         if autocast and queries.device.type == "cpu" and not cpu_has_bf16():
             _warn_emulated_bf16()
         decoder = FusedDecoder(generator, autocast_dtype(queries.device) if autocast else torch.float32)
-        parts = [_search(generator, decoder, chunk, trie, num_beams, level_head, autocast, threshold)
+        parts = [_search(generator, decoder, chunk, trie, num_beams, level_head, autocast, threshold, sibling_penalty)
                  for chunk in queries.split(batch_size)]
     finally:
         generator.train(was_training)
@@ -134,7 +144,7 @@ def constrained_beam_search(generator: IDGenerator, queries: torch.Tensor, trie,
 
 @torch.inference_mode()
 def _search(generator: IDGenerator, decoder: FusedDecoder, queries: torch.Tensor, trie, num_beams: int,
-            level_head: bool, autocast: bool, modality_threshold: float
+            level_head: bool, autocast: bool, modality_threshold: float, sibling_penalty: float = 0.0
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     device, num_queries = queries.device, len(queries)
     on_device = isinstance(trie, DeviceTrie)
@@ -157,7 +167,10 @@ def _search(generator: IDGenerator, decoder: FusedDecoder, queries: torch.Tensor
             best = total.max(dim=1, keepdim=True).values
             total = total.masked_fill(total < best + float(np.log(modality_threshold)), -torch.inf)
         keep = min(num_beams, beams * width)
-        scores, flat = total.view(num_queries, beams * width).topk(keep, dim=1)
+        if sibling_penalty > 0:
+            scores, flat = _diverse_topk(total.view(num_queries, beams, width), keep, sibling_penalty)
+        else:
+            scores, flat = total.view(num_queries, beams * width).topk(keep, dim=1)
         parents = (flat // width + query_base * beams).view(-1)  # row of the parent beam
         chosen = flat % width
         codes = torch.cat([codes.view(num_queries * beams, -1)[parents].view(num_queries, keep, -1),
@@ -179,7 +192,24 @@ def _search(generator: IDGenerator, decoder: FusedDecoder, queries: torch.Tensor
     if on_device:
         for level, queries_broken in enumerate(torch.stack(broken).cpu().numpy()):
             _check_scores(queries_broken, level)
+    if sibling_penalty > 0:  # chosen by penalised scores: hand them back in the order of their true ones
+        scores, order = scores.sort(dim=1, descending=True, stable=True)
+        codes = codes.gather(1, order[..., None].expand_as(codes))
     return _pad_absent(codes, scores, num_beams)
+
+
+def _diverse_topk(total: torch.Tensor, keep: int, penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keep`` continuations per query of ``total`` [Q, beams, width] chosen by sibling-rank
+    penalised scores; returns their true scores [Q, keep] and flat indices into beams x width.
+    Only a beam's best ``keep`` children can be chosen, so only those are ranked."""
+    num_queries, beams, width = total.shape
+    per_beam = min(keep, width)
+    child_scores, child_codes = total.topk(per_beam, dim=2)  # sorted: the sibling rank is the position
+    rank_penalty = penalty * torch.arange(per_beam, device=total.device, dtype=total.dtype)
+    _, picked = (child_scores - rank_penalty).view(num_queries, beams * per_beam).topk(keep, dim=1)
+    scores = child_scores.view(num_queries, -1).gather(1, picked)
+    flat = (picked // per_beam) * width + child_codes.view(num_queries, -1).gather(1, picked)
+    return scores, flat
 
 
 _ABSENT, _FINITE, _BROKEN = 0, 1, 2  # a beam's state, as _search copies it to the host

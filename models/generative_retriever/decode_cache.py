@@ -66,6 +66,8 @@ def decode_key(cfg: Any, models: Models, pool: Pool, queries: EmbeddingStore, de
                                    else torch.float32).removeprefix("torch."),
             "combiner_dtype": combiner_dtype(device, cfg.decoding.combiner_autocast),
             "modality_threshold": cfg.decoding.modality_threshold, "numerics": NUMERICS_VERSION}
+    if cfg.decoding.sibling_penalty:  # absent at 0, so decodings cached before the option stay valid
+        key["sibling_penalty"] = cfg.decoding.sibling_penalty
     if images is not None:
         key["query_images"] = images.digest
     return key

@@ -95,7 +95,7 @@ NOT_IN_RUN_KEY = ("paths.data_root", "paths.stores_root", "paths.rq_run", "paths
                   "paths.official_checkpoint", "paths.codes", "paths.results", "paths.union_pool", "paths.index",
                   "decoding.batch_size", "decoding.device_trie", "dense_chunk", "device", "force")
 # Options added after runs were recorded, at the value those runs computed with.
-ADDED_LATER = {"report.metrics": "mbeir", "report.ks": [1, 10, 20, 30]}
+ADDED_LATER = {"report.metrics": "mbeir", "report.ks": [1, 10, 20, 30], "decoding.sibling_penalty": 0.0}
 
 
 # ---- config ----------------------------------------------------------------------------------
@@ -140,6 +140,9 @@ class DecodingConfig:
     # > 0: keep a modality (level-0 code) only if its probability is at least this fraction of the
     # best one's (beam_search module docstring); 0 is the official decoding.
     modality_threshold: float = ranged(0.0, "[0, 1]")
+    # > 0: diverse beams, the r-th best child of a beam competes with its score lowered by this x r
+    # (beam_search module docstring); 0 is plain beam search, the official decoding.
+    sibling_penalty: float = ranged(0.0, ">= 0")
     # True: the trie as tensors on the decoding device (dense top levels + CSR, device_trie.py), so
     # a GPU search makes no host round trip per level; the same beams. On a CPU a search runs as
     # fast as with the C++ trie (BENCHMARKS.md section 7).
@@ -503,7 +506,8 @@ def build_report(cfg: EvalConfig, outcomes: list[PairOutcome], positives: list[P
     note = (f"{dec.num_beams} beams, {'level-head' if dec.level_head else 'full-vocabulary'} normalisation"
             f"{', autocast' if dec.autocast else ''}"
             f"{', fp16 query Combiner' if combiner_dtype(info.device, dec.combiner_autocast) == 'float16' else ''}"
-            f"{f', modality threshold {dec.modality_threshold:g}' if dec.modality_threshold else ''}; trie backend {cfg.trie_backend}; "
+            f"{f', modality threshold {dec.modality_threshold:g}' if dec.modality_threshold else ''}"
+            f"{f', sibling penalty {dec.sibling_penalty:g}' if dec.sibling_penalty else ''}; trie backend {cfg.trie_backend}; "
             f"Recall@k is UniIR's hit rate, in %.")
     markdown = report_markdown(results, stats, positives, f"GENIUS evaluation: {out.name}", note, names, skipped)
     return EvalReport(results, stats, markdown, out, positives, names, skipped)

@@ -144,7 +144,7 @@ def load_models(cfg: Any, device: torch.device) -> Models:
         return constrained_beam_search(generator, queries.to(device), trie, rq.codebook_sizes, num_beams=dec.num_beams,
                                        batch_size=dec.batch_size, level_head=dec.level_head, autocast=dec.autocast,
                                        modality_threshold=dec.modality_threshold,
-                                       modality_level=rq.has_modality_level)
+                                       modality_level=rq.has_modality_level, sibling_penalty=dec.sibling_penalty)
 
     return Models(embed, decode, fingerprints, list(generator.codebook_sizes), rq.arch["modality_mode"], files,
                   getattr(generator, "preprocess", None))
