@@ -129,6 +129,15 @@ def recorded(args: argparse.Namespace) -> dict:
     return json.loads(json.dumps(vars(args), default=str))
 
 
+def with_later_flags(stored: object) -> object:
+    """A result's flags, with those coco_t2t gained after it was recorded at their defaults: a new
+    flag's default keeps the earlier behaviour, so the result still stands for a cell that leaves it."""
+    if not isinstance(stored, dict):
+        return stored
+    defaults = recorded(coco_t2t.build_parser().parse_args([]))
+    return {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
+
+
 def finished_result(args: argparse.Namespace) -> dict | None:
     """The cell's result when its JSON is complete and made with exactly these flags, else None."""
     path = coco_t2t.run_paths(args)[1].with_suffix(".json")
@@ -139,7 +148,7 @@ def finished_result(args: argparse.Namespace) -> dict | None:
     except json.JSONDecodeError:
         log.warning("%s is not valid JSON; the cell counts as not run", path)
         return None
-    if not isinstance(result, dict) or result.get("args") != recorded(args):
+    if not isinstance(result, dict) or with_later_flags(result.get("args")) != recorded(args):
         log.info("%s was made with other flags than the cell's; the cell counts as not run", path)
         return None
     return result if {"recall", "pool_stats", "timings"} <= set(result) else None

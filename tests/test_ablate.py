@@ -117,6 +117,27 @@ def test_a_cell_whose_flags_changed_runs_again(grid, monkeypatch):
     assert json.loads(result_file(grid.out, "few_beams").read_text())["args"]["beams"] == 2
 
 
+def test_a_result_older_than_a_flag_stands_while_the_cell_leaves_the_flag_at_its_default(grid):
+    """A coco_t2t flag added after a cell ran (its default keeps the old behaviour) must not make the
+    finished cell run again; a cell that sets it away from the default does run."""
+    path = result_file(grid.out, "base")
+    original = path.read_text()
+    result = json.loads(original)
+    del result["args"]["sibling_penalty"], result["args"]["index_pool"]  # as recorded before those flags
+    flags = [w for flag, value in TOY.items() for w in (f"--{flag}", str(value))] + ["--captions", str(grid.captions)]
+
+    def finished(extra: list[str]):
+        cell = ablate.Cell("base", flags + extra, extra)
+        return ablate.finished_result(coco_t2t.parse_args(ablate.cell_argv(cell, "val", grid.out, "grid")))
+
+    try:
+        path.write_text(json.dumps(result))
+        assert finished([])["recall"] == result["recall"]
+        assert finished(["--sibling-penalty", "0.5"]) is None
+    finally:
+        path.write_text(original)
+
+
 def test_final_runs_once_on_test_and_refuses_another_choice(grid, capsys):
     # Dense recall is the same in every cell (same data and pool), so a tie goes to the first cell in
     # grid order: reordering the grid (same file name, so the same runs) changes the choice.
