@@ -130,12 +130,11 @@ def recorded(args: argparse.Namespace) -> dict:
 
 
 def with_later_flags(stored: object) -> object:
-    """A result's flags, with those coco_t2t gained after it was recorded at their defaults: a new
-    flag's default keeps the earlier behaviour, so the result still stands for a cell that leaves it."""
+    """A result's flags, with those coco_t2t gained after it was recorded at the value that kept the
+    earlier behaviour (``coco_t2t.ADDED_LATER``), so the result still stands for a cell that sets them so."""
     if not isinstance(stored, dict):
         return stored
-    defaults = recorded(coco_t2t.build_parser().parse_args([]))
-    return {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
+    return {**{k: v for k, v in coco_t2t.ADDED_LATER.items() if k not in stored}, **stored}
 
 
 def finished_result(args: argparse.Namespace) -> dict | None:

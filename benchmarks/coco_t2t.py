@@ -576,6 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Flags added after results were recorded, at the value those results were made with (what the
+# ablation harness assumes for a result that lacks them); a later change of a default keeps these.
+ADDED_LATER = {"index_pool": "off", "sibling_penalty": 0.0}
+
 # Level 0 is the modality code, so an ID needs at least one semantic level after it.
 RANGES = {"images": ">= 2", "test_images": ">= 1", "val_images": ">= 1", "levels": ">= 2", "codebook": ">= 2",
           "proj_dim": ">= 1", "hidden_dim": ">= 1", "rq_epochs": ">= 1", "rq_batch": ">= 1", "rq_lr": "> 0",
