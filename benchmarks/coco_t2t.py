@@ -28,8 +28,9 @@ GENIUS ranks the beams' IDs by score and the captions sharing an ID in pool orde
 ``--within-id-order centre`` puts the caption closest to its ID's reconstruction first instead (a
 query-independent order, one axis of benchmarks/ablate.py); ``--sibling-penalty`` decodes diverse
 beams (``constrained_beam_search``'s sibling-rank penalty). ``--mixing``, ``--mix-alpha`` and
-``--label-smoothing`` set train-gen's query-target mixing and code loss. ``--index-pool on`` also
-trains the generator on (caption -> itself) for each pool caption outside the training set
+``--label-smoothing`` set train-gen's query-target mixing and code loss. ``--index-pool on`` (the
+default since the ablation chose it; ``off`` trains on the training pairs alone, as the paper does)
+also trains the generator on (caption -> itself) for each pool caption outside the training set
 (indexing the pool, as DSI does; only the pool's own texts are used, never a query).
 
 Outputs in ``--out-dir``: ``<run>/`` (data/ and embed/: the jsonl files and stores; train_rq.yaml,
@@ -557,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="query-target mixing (train-gen mixing.enabled)")
     gen.add_argument("--mix-alpha", type=float, default=2.0, help="the mixing weights' Beta(alpha, alpha)")
     gen.add_argument("--label-smoothing", type=float, default=0.0, help="of the code-token cross-entropy")
-    gen.add_argument("--index-pool", choices=("on", "off"), default="off",
+    # on: the winner of both validation grids (BENCHMARKS section 10); the grids pin "off" for their earlier cells
+    gen.add_argument("--index-pool", choices=("on", "off"), default="on",
                      help="also train the generator on (caption -> itself) for every pool caption outside the "
                           "training set, so it learns the IDs it must retrieve (DSI's indexing; no query is used)")
     p.add_argument("--within-id-order", choices=("pool", "centre"), default="pool",

@@ -123,7 +123,7 @@ def test_a_result_older_than_a_flag_stands_while_the_cell_leaves_the_flag_at_its
     path = result_file(grid.out, "base")
     original = path.read_text()
     result = json.loads(original)
-    del result["args"]["sibling_penalty"], result["args"]["index_pool"]  # as recorded before those flags
+    del result["args"]["sibling_penalty"]  # as recorded before the flag: made with plain beams (0.0)
     flags = [w for flag, value in TOY.items() for w in (f"--{flag}", str(value))] + ["--captions", str(grid.captions)]
 
     def finished(extra: list[str]):
@@ -134,6 +134,11 @@ def test_a_result_older_than_a_flag_stands_while_the_cell_leaves_the_flag_at_its
         path.write_text(json.dumps(result))
         assert finished([])["recall"] == result["recall"]
         assert finished(["--sibling-penalty", "0.5"]) is None
+        # a result older than --index-pool was made without indexing: it stands for a cell with the
+        # pool not indexed, not for one at today's default (on)
+        del result["args"]["index_pool"]
+        path.write_text(json.dumps(result))
+        assert finished([]) is None and finished(["--index-pool", "off"]) is not None
     finally:
         path.write_text(original)
 
@@ -227,7 +232,8 @@ def test_generator_and_ranking_flags_reach_the_stages(grid):
     result = json.loads((grid.out / "flags" / "coco_t2t.json").read_text())
     assert result["args"]["within_id_order"] == "centre" and result["args"]["sibling_penalty"] == 0.5
     report = (grid.out / "flags" / "coco_t2t.md").read_text()
-    assert "mixing off, label smoothing 0.2. Captions sharing an ID ranked in centre order" in report
+    assert "mixing off, label smoothing 0.2, plus (caption -> itself)" in report  # --index-pool on: the default
+    assert "Captions sharing an ID ranked in centre order" in report
     assert "diverse beams, sibling penalty 0.5." in report
     for method in ablate.METHODS:
         assert all(0 <= result["recall"][method][str(k)] <= 1 for k in coco_t2t.KS)
