@@ -202,6 +202,17 @@ def test_a_bad_grid_ends_in_one_line_before_any_run(tmp_path, capsys, cells, wor
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name", ["ablation_grid.yaml", "ablation_round1.yaml", "ablation_fullpool.yaml"])
+def test_shipped_grids_load_and_pin_what_their_finished_cells_ran_with(name):
+    """Every cell of a shipped grid passes coco_t2t's checks, and each grid pins the pool as not
+    indexed in common, so the cells run before --index-pool became the default keep their results."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / name
+    cells = ablate.load_grid(path)
+    assert len({c.name for c in cells}) == len(cells) >= 4
+    base = coco_t2t.parse_args(cells[0].flags)
+    assert base.index_pool == "off" and base.sibling_penalty == 0.0
+
+
 def test_coco_t2t_range_checks_flags_in_one_line(capsys):
     with pytest.raises(SystemExit) as stop:
         coco_t2t.main(["--gen-lr", "nan"])
