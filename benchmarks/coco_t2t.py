@@ -207,6 +207,7 @@ class World:
     positives: list[set[int]]  # per query: caption rows of its positives in the pool
     gen_queries: Path  # train-gen's pairs: the training queries, plus the pool's self-pairs with --index-pool on
     gen_pool: Path
+    indexed_rows: list[int]  # caption rows of those self-pairs (empty without --index-pool on)
 
     def store(self, split: str, source: Path) -> Path:
         from genius.common.store import store_path
@@ -229,6 +230,9 @@ def build_world(run_dir: Path, split: Split, texts: list[str], vectors: np.ndarr
         pool_rows = [r for r in split.encoded if r not in queries]
     pool_rows = [pool_rows[i] for i in rng.permutation(len(pool_rows))]  # no image-grouped pool order
     root = run_dir / "data"
+    train_rows = [r for rows in split.train for r in rows]
+    trained = set(train_rows)
+    indexed = [r for r in pool_rows if r not in trained] if index_pool else []
     train_queries = root / "query" / "train" / "coco_t2t_train.jsonl"
     train_pool = root / "cand_pool" / "train" / "coco_t2t_train_cand_pool.jsonl"
     world = World(root, run_dir / "embed", train_queries, train_pool,
@@ -236,9 +240,9 @@ def build_world(run_dir: Path, split: Split, texts: list[str], vectors: np.ndarr
                   query_rows, pool_rows, positives,
                   gen_queries=root / "query" / "train" / "coco_t2t_train_index.jsonl" if index_pool else train_queries,
                   gen_pool=root / "cand_pool" / "train" / "coco_t2t_train_index_cand_pool.jsonl"
-                  if index_pool else train_pool)
-    train_rows = [r for rows in split.train for r in rows]
-    write_if_changed(world.train_queries, queries_jsonl(split.train, texts))
+                  if index_pool else train_pool, indexed_rows=indexed)
+    training_queries = queries_jsonl(split.train, texts)
+    write_if_changed(world.train_queries, training_queries)
     write_if_changed(world.train_pool, pool_jsonl(train_rows, texts))
     text_store(world.store("train", world.train_queries), train_rows, vectors, "query", world.train_queries)
     text_store(world.store("train", world.train_pool), train_rows, vectors, "candidate", world.train_pool)
@@ -250,13 +254,12 @@ def build_world(run_dir: Path, split: Split, texts: list[str], vectors: np.ndarr
         # Indexing the pool (as DSI does): each pool caption the training set lacks becomes a pair
         # (caption -> itself), so the generator learns the IDs of the captions it must retrieve and
         # not only those of the training targets. Only the pool's own text is used, never a query.
-        trained = set(train_rows)
-        indexed = [r for r in pool_rows if r not in trained]
-        write_if_changed(world.gen_queries, queries_jsonl(split.train, texts) + queries_jsonl([[r] for r in indexed],
-                                                                                             texts, self_pairs=True))
-        write_if_changed(world.gen_pool, pool_jsonl(train_rows + indexed, texts))
-        text_store(world.store("train", world.gen_queries), train_rows + indexed, vectors, "query", world.gen_queries)
-        text_store(world.store("train", world.gen_pool), train_rows + indexed, vectors, "candidate", world.gen_pool)
+        gen_rows = train_rows + indexed
+        write_if_changed(world.gen_queries, training_queries + queries_jsonl([[r] for r in indexed], texts,
+                                                                             self_pairs=True))
+        write_if_changed(world.gen_pool, pool_jsonl(gen_rows, texts))
+        text_store(world.store("train", world.gen_queries), gen_rows, vectors, "query", world.gen_queries)
+        text_store(world.store("train", world.gen_pool), gen_rows, vectors, "candidate", world.gen_pool)
     return world
 
 
@@ -648,7 +651,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     run_dir, stem = run_paths(args)
     world = build_world(run_dir, split, texts, vectors, args.seed, args.pool, args.index_pool == "on")
     timings.update(train_images=len(split.train), train_captions=sum(len(r) for r in split.train),
-                   indexed_captions=count_lines(world.gen_queries) - count_lines(world.train_queries))
+                   indexed_captions=len(world.indexed_rows))
     t0 = time.perf_counter()
     rq_path = train_quantizer(world, run_dir, args)
     timings["rq_s"] = time.perf_counter() - t0

@@ -23,6 +23,7 @@ from test_benchmarks_smoke import read_rows, toy_captions  # noqa: E402
 TOY = {"images": 24, "test-images": 6, "val-images": 6, "levels": 2, "codebook": 4, "proj-dim": 16, "hidden-dim": 16,
        "rq-epochs": 1, "rq-batch": 32, "kmeans-iters": 5, "d-model": 16, "layers": 1, "heads": 2, "d-ff": 32,
        "prefix": 2, "gen-epochs": 1, "gen-batch": 16, "beams": 4}
+TOY_ARGV = [w for flag, value in TOY.items() for w in (f"--{flag}", str(value))]  # TOY as coco_t2t flags
 CELLS = {"base": {}, "few_beams": {"beams": 2}, "wide_gen": {"d-model": 32, "d-ff": 64}}
 
 
@@ -124,7 +125,7 @@ def test_a_result_older_than_a_flag_stands_while_the_cell_leaves_the_flag_at_its
     original = path.read_text()
     result = json.loads(original)
     del result["args"]["sibling_penalty"]  # as recorded before the flag: made with plain beams (0.0)
-    flags = [w for flag, value in TOY.items() for w in (f"--{flag}", str(value))] + ["--captions", str(grid.captions)]
+    flags = TOY_ARGV + ["--captions", str(grid.captions)]
 
     def finished(extra: list[str]):
         cell = ablate.Cell("base", flags + extra, extra)
@@ -169,7 +170,7 @@ def test_final_runs_once_on_test_and_refuses_another_choice(grid, capsys):
 
 
 def test_full_pool_holds_every_caption_but_the_queries(grid):
-    argv = [w for flag, value in TOY.items() for w in (f"--{flag}", str(value))]
+    argv = list(TOY_ARGV)
     argv += ["--captions", str(grid.captions), "--split", "val", "--pool", "full", "--out-dir", str(grid.out)]
     assert coco_t2t.main(argv) == 0
     full = json.loads((grid.out / "coco_t2t_val_full_pool.json").read_text())
@@ -233,7 +234,7 @@ def test_generator_and_ranking_flags_reach_the_stages(grid):
     reaches the report."""
     import yaml
 
-    argv = [w for flag, value in TOY.items() for w in (f"--{flag}", str(value))]
+    argv = list(TOY_ARGV)
     argv += ["--captions", str(grid.captions), "--split", "val", "--out-dir", str(grid.out), "--run-name", "flags",
              "--mixing", "off", "--mix-alpha", "0.5", "--label-smoothing", "0.2", "--within-id-order", "centre",
              "--sibling-penalty", "0.5"]
@@ -255,7 +256,7 @@ def test_index_pool_trains_the_generator_on_the_pool_captions_themselves(grid):
     pool caption outside training, and never a query; train-rq keeps the training pairs alone."""
     import yaml
 
-    argv = [w for flag, value in TOY.items() for w in (f"--{flag}", str(value))]
+    argv = list(TOY_ARGV)
     argv += ["--captions", str(grid.captions), "--split", "val", "--pool", "full", "--out-dir", str(grid.out),
              "--run-name", "indexed", "--index-pool", "on"]
     assert coco_t2t.main(argv) == 0

@@ -144,7 +144,7 @@ def constrained_beam_search(generator: IDGenerator, queries: torch.Tensor, trie,
 
 @torch.inference_mode()
 def _search(generator: IDGenerator, decoder: FusedDecoder, queries: torch.Tensor, trie, num_beams: int,
-            level_head: bool, autocast: bool, modality_threshold: float, sibling_penalty: float = 0.0
+            level_head: bool, autocast: bool, modality_threshold: float, sibling_penalty: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     device, num_queries = queries.device, len(queries)
     on_device = isinstance(trie, DeviceTrie)
