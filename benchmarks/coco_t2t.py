@@ -31,7 +31,8 @@ beams (``constrained_beam_search``'s sibling-rank penalty). ``--mixing``, ``--mi
 ``--label-smoothing`` set train-gen's query-target mixing and code loss. ``--index-pool on`` (the
 default since the ablation chose it; ``off`` trains on the training pairs alone, as the paper does)
 also trains the generator on (caption -> itself) for each pool caption outside the training set
-(indexing the pool, as DSI does; only the pool's own texts are used, never a query).
+(indexing the pool, as DSI does, through train-gen's ``data.index_pools``; only the pool's own
+texts are used, never a query).
 
 Outputs in ``--out-dir``: ``<run>/`` (data/ and embed/: the jsonl files and stores; train_rq.yaml,
 train_gen.yaml, assign_codes.yaml: the stage configs; rq/, gen/, codes/: the stages' outputs) and
@@ -155,16 +156,15 @@ def write_if_changed(path: Path, text: str) -> None:
         atomic_write_text(path, text)
 
 
-def queries_jsonl(images: list[list[int]], texts: list[str], query_rows: list[int] | None = None,
-                  self_pairs: bool = False) -> str:
+def queries_jsonl(images: list[list[int]], texts: list[str], query_rows: list[int] | None = None) -> str:
     """Queries with their positives: every caption of each image (or only ``query_rows``); the
-    positives are the image's other captions, or with ``self_pairs`` the caption itself."""
+    positives are the image's other captions."""
     wanted = None if query_rows is None else set(query_rows)
     lines = []
     for rows in images:
         for row in rows:
             if wanted is None or row in wanted:
-                positives = [row] if self_pairs else [r for r in rows if r != row]
+                positives = [r for r in rows if r != row]
                 lines.append(json.dumps({"qid": did(row), "query_txt": texts[row], "query_img_path": None,
                                          "query_modality": "text", "pos_cand_list": [did(r) for r in positives],
                                          "neg_cand_list": [], "task_id": TEXT_TASK}))
@@ -205,9 +205,9 @@ class World:
     eval_query_rows: list[int]  # caption rows, in query order
     eval_pool_rows: list[int]  # caption rows, in pool order
     positives: list[set[int]]  # per query: caption rows of its positives in the pool
-    gen_queries: Path  # train-gen's pairs: the training queries, plus the pool's self-pairs with --index-pool on
-    gen_pool: Path
-    indexed_rows: list[int]  # caption rows of those self-pairs (empty without --index-pool on)
+    # with --index-pool on, the pool captions train-gen's data.index_pools adds as (caption -> itself):
+    # those the training pool lacks; empty with it off
+    indexed_rows: list[int]
 
     def store(self, split: str, source: Path) -> Path:
         from genius.common.store import store_path
@@ -237,12 +237,8 @@ def build_world(run_dir: Path, split: Split, texts: list[str], vectors: np.ndarr
     train_pool = root / "cand_pool" / "train" / "coco_t2t_train_cand_pool.jsonl"
     world = World(root, run_dir / "embed", train_queries, train_pool,
                   root / "query" / "eval" / "coco_t2t_eval.jsonl", root / "cand_pool" / "eval" / "coco_t2t_eval_cand_pool.jsonl",
-                  query_rows, pool_rows, positives,
-                  gen_queries=root / "query" / "train" / "coco_t2t_train_index.jsonl" if index_pool else train_queries,
-                  gen_pool=root / "cand_pool" / "train" / "coco_t2t_train_index_cand_pool.jsonl"
-                  if index_pool else train_pool, indexed_rows=indexed)
-    training_queries = queries_jsonl(split.train, texts)
-    write_if_changed(world.train_queries, training_queries)
+                  query_rows, pool_rows, positives, indexed_rows=indexed)
+    write_if_changed(world.train_queries, queries_jsonl(split.train, texts))
     write_if_changed(world.train_pool, pool_jsonl(train_rows, texts))
     text_store(world.store("train", world.train_queries), train_rows, vectors, "query", world.train_queries)
     text_store(world.store("train", world.train_pool), train_rows, vectors, "candidate", world.train_pool)
@@ -250,16 +246,6 @@ def build_world(run_dir: Path, split: Split, texts: list[str], vectors: np.ndarr
     write_if_changed(world.eval_pool, pool_jsonl(pool_rows, texts))
     text_store(world.store("test", world.eval_queries), query_rows, vectors, "query", world.eval_queries)
     text_store(world.store("cand", world.eval_pool), pool_rows, vectors, "candidate", world.eval_pool)
-    if index_pool:
-        # Indexing the pool (as DSI does): each pool caption the training set lacks becomes a pair
-        # (caption -> itself), so the generator learns the IDs of the captions it must retrieve and
-        # not only those of the training targets. Only the pool's own text is used, never a query.
-        gen_rows = train_rows + indexed
-        write_if_changed(world.gen_queries, training_queries + queries_jsonl([[r] for r in indexed], texts,
-                                                                             self_pairs=True))
-        write_if_changed(world.gen_pool, pool_jsonl(gen_rows, texts))
-        text_store(world.store("train", world.gen_queries), gen_rows, vectors, "query", world.gen_queries)
-        text_store(world.store("train", world.gen_pool), gen_rows, vectors, "candidate", world.gen_pool)
     return world
 
 
@@ -295,11 +281,13 @@ def train_quantizer(world: World, run_dir: Path, args) -> Path:
 def train_generator(world: World, run_dir: Path, rq_path: Path, args) -> Path:
     from genius.models.generative_retriever import train as gen_train
 
-    steps = args.gen_epochs * (count_lines(world.gen_queries) // args.gen_batch)
+    steps = args.gen_epochs * ((count_lines(world.train_queries) + len(world.indexed_rows)) // args.gen_batch)
     cfg = stage_config(gen_train.TrainGenConfig, run_dir / "train_gen.yaml", {
         "data": {"root": str(world.root), "embed_root": str(world.embed_root), "encoder": ENCODER,
-                 "train_queries": str(world.gen_queries.relative_to(world.root)),
-                 "train_pool": str(world.gen_pool.relative_to(world.root)), "rq": str(rq_path)},
+                 "train_queries": str(world.train_queries.relative_to(world.root)),
+                 "train_pool": str(world.train_pool.relative_to(world.root)), "rq": str(rq_path),
+                 # DSI's indexing: (caption -> itself) for the pool captions the training pool lacks
+                 "index_pools": [str(world.eval_pool.relative_to(world.root))] if world.indexed_rows else []},
         "model": {"num_prefix": args.prefix, "d_model": args.d_model, "num_heads": args.heads,
                   "d_kv": args.d_model // args.heads, "d_ff": args.d_ff, "num_decoder_layers": args.layers},
         "mixing": {"enabled": args.mixing == "on", "alpha": args.mix_alpha},

@@ -8,12 +8,16 @@ run on W processes with batch B sees exactly the samples of a 1-process run with
 
 Classes (for objectives that classify, as IRGen's tokenizer does) are not a field of the data:
 :func:`class_labels` derives them from the relevance of the training query file.
+
+Indexing (:func:`add_self_pairs`, DSI's indexing step) appends a pair (candidate -> itself) for
+the candidates of further stores, read from those stores on both sides: batches then mix rows of
+several stores, which :class:`StoreStack` presents as one.
 """
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Literal
 
 import numpy as np
@@ -136,10 +140,70 @@ def _side(store: EmbeddingStore, rows: np.ndarray, prefix: str) -> dict[str, tor
     }
 
 
+class StoreStack:
+    """Several stores read as one: row ``r`` of the stack is row ``r - start`` of the store whose
+    rows ``[start, start + len)`` hold it, stores in the order given."""
+
+    def __init__(self, stores: list[EmbeddingStore]):
+        self.stores = list(stores)
+        self.starts = np.cumsum([0] + [len(s) for s in self.stores]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+
+# What batches read rows from: one store, or a stack of them (add_self_pairs).
+RowSource = EmbeddingStore | StoreStack
+
+
+def read_side(source: RowSource, rows: np.ndarray, prefix: str) -> dict[str, torch.Tensor]:
+    """The batch fields of ``rows`` of a store or of a stack of stores, in the order of ``rows``."""
+    if isinstance(source, EmbeddingStore):
+        return _side(source, rows, prefix)
+    which = np.searchsorted(source.starts, rows, side="right") - 1
+    parts = []  # (positions in the batch, their fields) per store the batch reads
+    for i, store in enumerate(source.stores):
+        at = np.flatnonzero(which == i)
+        if len(at):
+            parts.append((torch.from_numpy(at), _side(store, rows[at] - source.starts[i], prefix)))
+    if len(parts) == 1:
+        return parts[0][1]
+    merged = {name: field.new_empty((len(rows), *field.shape[1:])) for name, field in parts[0][1].items()}
+    for at, fields in parts:
+        for name, field in fields.items():
+            merged[name][at] = field
+    return merged
+
+
+def add_self_pairs(pairs: TrainingPairs, queries: EmbeddingStore, pool: EmbeddingStore,
+                   index_stores: list[EmbeddingStore]) -> tuple[TrainingPairs, StoreStack, StoreStack, list[int]]:
+    """The training pairs followed by one pair (candidate -> itself) for every candidate of
+    ``index_stores`` that is neither in the training pool nor in an earlier index store (by did):
+    DSI's indexing, so a generator also learns the IDs of candidates no training query targets.
+    Both sides of such a pair are the candidate's row of its own store, so the query and candidate
+    sides become stacks: ``[queries, *index_stores]`` and ``[pool, *index_stores]``. Also returns
+    how many candidates each index store adds."""
+    query_rows, pos_rows, added = [pairs.query_rows], [pairs.pos_rows], []
+    seen = np.asarray(pool.ids, dtype=np.int64)
+    query_start, pool_start = len(queries), len(pool)
+    for store in index_stores:
+        ids = np.asarray(store.ids, dtype=np.int64)
+        rows = np.flatnonzero(~np.isin(ids, seen))
+        seen = np.concatenate([seen, ids[rows]])
+        query_rows.append(query_start + rows)
+        pos_rows.append(pool_start + rows)
+        added.append(len(rows))
+        query_start, pool_start = query_start + len(store), pool_start + len(store)
+    offsets = np.concatenate([pairs.pos_offsets, pairs.pos_offsets[-1] + np.arange(1, sum(added) + 1)])
+    indexed = replace(pairs, query_rows=np.concatenate(query_rows), pos_offsets=offsets.astype(np.int64),
+                      pos_rows=np.concatenate(pos_rows))
+    return indexed, StoreStack([queries, *index_stores]), StoreStack([pool, *index_stores]), added
+
+
 PositiveDraw = Literal["per_epoch", "fixed"]
 
 
-def iterate_batches(pairs: TrainingPairs, queries: EmbeddingStore, pool: EmbeddingStore, *, batch_size: int,
+def iterate_batches(pairs: TrainingPairs, queries: RowSource, pool: RowSource, *, batch_size: int,
                     epoch: int, seed: int, rank: int = 0, world_size: int = 1, drop_last: bool = True,
                     positives: PositiveDraw = "per_epoch",
                     labels: np.ndarray | None = None) -> Iterator[dict[str, torch.Tensor]]:
@@ -149,7 +213,8 @@ def iterate_batches(pairs: TrainingPairs, queries: EmbeddingStore, pool: Embeddi
     same draw in every epoch (from ``seed`` alone). Keys: ``q_img, q_txt, q_img_mask, q_txt_mask,
     q_modality, q_target_modality`` and the same with ``c_`` for the positive candidate (fp32
     vectors and masks, int64 modality codes), ``q_row`` and ``c_row`` (the store rows, int64, for
-    what a stage reads by row besides the stores: train-gen's query images); with ``labels``
+    what a stage reads by row besides the stores: train-gen's query images; rows of the stacks
+    when ``queries`` and ``pool`` are :class:`StoreStack`); with ``labels``
     (``ClassLabels.pool``) also ``label``, the pair's class (int64).
     """
     rng = np.random.default_rng([seed, epoch])
@@ -163,7 +228,7 @@ def iterate_batches(pairs: TrainingPairs, queries: EmbeddingStore, pool: Embeddi
         mine = chunk[rank * batch_size : (rank + 1) * batch_size]
         if len(mine) == 0:
             continue
-        batch = {**_side(queries, pairs.query_rows[mine], "q"), **_side(pool, positive_rows[mine], "c"),
+        batch = {**read_side(queries, pairs.query_rows[mine], "q"), **read_side(pool, positive_rows[mine], "c"),
                  "q_row": torch.from_numpy(pairs.query_rows[mine]), "c_row": torch.from_numpy(positive_rows[mine])}
         if labels is not None:
             batch["label"] = torch.from_numpy(labels[positive_rows[mine]])

@@ -252,8 +252,9 @@ def test_generator_and_ranking_flags_reach_the_stages(grid):
 
 
 def test_index_pool_trains_the_generator_on_the_pool_captions_themselves(grid):
-    """--index-pool on: train-gen's pairs are the training queries plus (caption -> itself) for every
-    pool caption outside training, and never a query; train-rq keeps the training pairs alone."""
+    """--index-pool on: train-gen indexes the evaluated pool (data.index_pools), so its pairs are the
+    training queries plus (caption -> itself) for every pool caption outside training, and never a
+    query; train-rq keeps the training pairs alone."""
     import yaml
 
     argv = list(TOY_ARGV)
@@ -265,23 +266,22 @@ def test_index_pool_trains_the_generator_on_the_pool_captions_themselves(grid):
     def lines(path):
         return [json.loads(line) for line in path.read_text().splitlines()]
 
-    training = lines(data / "query/train/coco_t2t_train.jsonl")
     gen = yaml.safe_load((run / "train_gen.yaml").read_text())["data"]
-    gen_queries, gen_pool = lines(data / gen["train_queries"]), lines(data / gen["train_pool"])
+    assert gen["train_queries"] == "query/train/coco_t2t_train.jsonl"
+    assert gen["index_pools"] == ["cand_pool/eval/coco_t2t_eval_cand_pool.jsonl"]
     eval_queries = {q["qid"] for q in lines(data / "query/eval/coco_t2t_eval.jsonl")}
-    pool = {c["did"] for c in lines(data / "cand_pool/eval/coco_t2t_eval_cand_pool.jsonl")}
-    trained = {q["qid"] for q in training}
-    assert gen_queries[: len(training)] == training
-    added = gen_queries[len(training):]
-    assert {q["qid"] for q in added} == pool - trained and len(added) == len(pool - trained) > 0
-    assert all(q["pos_cand_list"] == [q["qid"]] for q in added)
-    assert eval_queries.isdisjoint(q["qid"] for q in gen_queries)
-    assert {c["did"] for c in gen_pool} == trained | pool
+    pool = {c["did"] for c in lines(data / gen["index_pools"][0])}
+    trained = {c["did"] for c in lines(data / gen["train_pool"])}
+    assert eval_queries.isdisjoint(pool)  # the indexed pool holds no query
+    added = len(pool - trained)
+    assert 0 < added < len(pool)  # the full pool holds training captions too, which are not added again
+    done = json.loads((run / "gen" / "done.json").read_text())
+    assert "index_stores" in json.dumps(done)
     rq = yaml.safe_load((run / "train_rq.yaml").read_text())["data"]
     assert rq["query_file"].endswith("coco_t2t_train.jsonl")
     result = json.loads((run / "coco_t2t.json").read_text())
-    assert result["timings"]["indexed_captions"] == len(added)
-    assert f"plus (caption -> itself) for the {len(added)} pool captions" in (run / "coco_t2t.md").read_text()
+    assert result["timings"]["indexed_captions"] == added
+    assert f"plus (caption -> itself) for the {added} pool captions" in (run / "coco_t2t.md").read_text()
 
 
 def test_centre_order_puts_the_closest_caption_of_an_id_first():

@@ -13,7 +13,7 @@ from genius.common.checkpoint import (
     CheckpointMismatchError, latest_checkpoint, load_official_checkpoint, load_state_dict_strict,
     remove_step_checkpoints, save_training_checkpoint,
 )
-from genius.common.pairs import batches_per_epoch, iterate_batches, load_training_pairs
+from genius.common.pairs import add_self_pairs, batches_per_epoch, iterate_batches, load_training_pairs
 from genius.common.store import EmbeddingStore, StoreArrays, write_store
 
 
@@ -123,6 +123,42 @@ def test_ranks_split_the_global_batch(pair_world):
     for step, batch in enumerate(whole):
         joined = torch.cat([shards[0][step]["q_txt"], shards[1][step]["q_txt"]])
         torch.testing.assert_close(joined, batch["q_txt"])
+
+
+def test_self_pairs_index_the_candidates_no_training_pool_holds_reading_each_side_from_its_own_store(
+        pair_world, tmp_path):
+    path, qstore, cstore = pair_world
+    pairs = load_training_pairs(path, qstore, cstore)
+
+    def index_store(name, dids, value):
+        vec = np.stack([np.full(4, value(d), dtype=np.float32) for d in dids])
+        n = len(dids)
+        write_store(tmp_path / name, StoreArrays(np.array(dids, dtype=np.int64), vec, vec, np.zeros(n), np.ones(n),
+                                                 np.ones(n), np.ones(n)), encoder="e", kind="candidate")
+        return EmbeddingStore.open(tmp_path / name)
+
+    # first: 2 candidates of the training pool (1, 20) and 3 new ones; second: one of those again and 2 new
+    first = index_store("i1", [10_000_000 + d for d in (101, 1, 102, 20, 103)], lambda d: d - 10_000_000)
+    second = index_store("i2", [10_000_000 + d for d in (104, 102, 105)], lambda d: d - 10_000_000 + 1000)
+    indexed, queries, pool, added = add_self_pairs(pairs, qstore, cstore, [first, second])
+    assert added == [3, 2] and len(indexed) == len(pairs) + 5
+    np.testing.assert_array_equal(indexed.pos_rows[: len(pairs.pos_rows)], pairs.pos_rows)
+    batches = list(iterate_batches(indexed, queries, pool, batch_size=len(indexed), epoch=0, seed=3))
+    (batch,) = batches
+    q, c = batch["q_txt"][:, 0].numpy(), batch["c_txt"][:, 0].numpy()
+    self_pairs = sorted(zip(q[q > 100].tolist(), c[q > 100].tolist()))
+    # each side read from the index store's own row: 102 from the first store, 104 and 105 from the second
+    assert self_pairs == [(101, 101), (102, 102), (103, 103), (1104, 1104), (1105, 1105)]
+    trained = q < 100
+    assert set(q[trained].tolist()) == set(range(1, 11))
+    assert all(ci in (qi, qi + 10) for qi, ci in zip(q[trained], c[trained]))
+    # the rows handed to the stages are the stacks' rows, and the stores' other fields come along
+    assert batch["c_row"].max().item() < len(pool) and batch["q_row"].max().item() < len(queries)
+    assert batch["c_modality"].dtype == torch.int64 and batch["c_img_mask"].shape == (len(indexed),)
+    # without index stores nothing changes: the same pairs and the same batches
+    plain, *_ = add_self_pairs(pairs, qstore, cstore, [])
+    (a,), (b,) = (list(iterate_batches(p, qstore, cstore, batch_size=10, epoch=1, seed=3)) for p in (plain, pairs))
+    torch.testing.assert_close(a, b)
 
 
 def test_training_curves_png(tmp_path):

@@ -236,6 +236,7 @@ def test_label_smoothing_spreads_over_the_levels_own_codes(world, untrained):
     (["optim.label_smoothing=1.0"], r"optim\.label_smoothing"),
     (["optim.vision_lr_scale=-0.5"], r"optim\.vision_lr_scale"),
     (["model.vision_checkpoint=missing.pt"], r"model\.vision_checkpoint: .*missing\.pt does not exist"),
+    (["data.index_pools=[pool.jsonl]"], r"data\.index_pools: indexing .* set data\.index_pools: \[\]"),
 ])
 def test_config_mistakes_end_in_one_line_naming_the_key(world, capsys, tmp_path, overrides, message):
     (tmp_path / "train_gen.yaml").write_text("{}\n")

@@ -41,7 +41,9 @@ from genius.common.mbeir import older_revision_twin
 from genius.common.distributed import (
     DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, recheck_threads, seed_everything, wrap_ddp,
 )
-from genius.common.pairs import PositiveDraw, TrainingPairs, iterate_batches, load_training_pairs
+from genius.common.pairs import (
+    PositiveDraw, RowSource, TrainingPairs, add_self_pairs, iterate_batches, load_training_pairs,
+)
 from genius.common.plots import plot_training_curves
 from genius.common.progress import Progress, clock_time
 from genius.common.ranges import check_ranges, ranged
@@ -54,7 +56,7 @@ from genius.common.stage import (
     stage_parser,
     user_errors_exit,
 )
-from genius.common.store import EmbeddingStore, store_path
+from genius.common.store import EmbeddingStore, StoreError, store_path
 from genius.models.generative_retriever.generator import (
     IMAGE_TOKENS,
     PREFIX,
@@ -83,6 +85,11 @@ class DataConfig:
     train_queries: str = "query/union_train/mbeir_union_up_train.jsonl"  # relative to root
     train_pool: str = "cand_pool/global/mbeir_union_train_cand_pool.jsonl"  # relative to root
     rq: str = "checkpoint/large/rq/rq.pt"  # the frozen stage-1 model
+    # Candidate pools to index (DSI's indexing), relative to root: each of their candidates that the
+    # training pool lacks is also trained on as a pair (candidate -> itself), read from the pool's
+    # store (the one eval reads: <embed_root>/<encoder>/cand/<pool stem>), so the generator learns
+    # the IDs of the candidates it will be asked to retrieve. Empty: the training pairs alone (paper).
+    index_pools: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -172,14 +179,17 @@ def check_config(cfg: TrainGenConfig) -> None:
     elif cfg.model.vision_checkpoint is not None:
         raise ValueError("model.vision_checkpoint: only read with model.condition: image_tokens; set the condition "
                          "or remove the checkpoint")
+    if cfg.data.index_pools and cfg.model.condition == IMAGE_TOKENS:
+        raise ValueError("data.index_pools: indexing trains on (candidate -> itself) through the candidates' "
+                         "embeddings, which model.condition: image_tokens does not read; set data.index_pools: []")
 
 
 # What does not change what a run computes (logging, cadence, device, paths: the inputs are
 # fingerprinted by content instead); the per-process batch size counts as the global batch.
 NOT_IN_RUN_KEY = ("out_dir", "train.device", "train.cpu_threads", "train.force", "train.log_every",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.batch_size", "data.root",
-                  "data.embed_root", "data.train_queries", "data.train_pool", "data.rq", "model.pretrained",
-                  "model.vision_checkpoint")
+                  "data.embed_root", "data.train_queries", "data.train_pool", "data.rq", "data.index_pools",
+                  "model.pretrained", "model.vision_checkpoint")
 # Options added after runs were recorded, at the value those runs computed with.
 ADDED_LATER = {"model.condition": "prefix", "optim.vision_lr_scale": 0.01, "optim.label_smoothing": 0.0}
 FINAL = "generator.pt"
@@ -335,9 +345,10 @@ def load_frozen_rq(path: Path, device: torch.device):
     return rq, rq_fingerprint(path)
 
 
-def open_training_data(cfg: TrainGenConfig, dim: int) -> tuple[TrainingPairs, EmbeddingStore, EmbeddingStore, dict]:
-    """Training pairs over the query and pool stores; also the fingerprints of what the result
-    depends on (the query file's content, the stores' content ids)."""
+def open_training_data(cfg: TrainGenConfig, dim: int) -> tuple[TrainingPairs, RowSource, RowSource, dict]:
+    """Training pairs over the query and pool stores, with ``data.index_pools``' self-pairs over
+    stacks of stores; also the fingerprints of what the result depends on (the query file's
+    content, the stores' content ids)."""
     root, embed_root = resolve_path(cfg.data.root), resolve_path(cfg.data.embed_root)
     query_file, pool_file = root / cfg.data.train_queries, older_revision_twin(root / cfg.data.train_pool)
     stores = []
@@ -349,7 +360,32 @@ def open_training_data(cfg: TrainGenConfig, dim: int) -> tuple[TrainingPairs, Em
         log.warning("%d training queries have no positive in %s; skipped", pairs.dropped_queries, stores[1].path)
     inputs = {"train_queries": file_content(query_file), "query_store": stores[0].content_id,
               "pool_store": stores[1].content_id}
-    return pairs, stores[0], stores[1], inputs
+    queries, pool = stores
+    if cfg.data.index_pools:
+        index_stores = [open_index_store(cfg, root, embed_root, i, dim) for i in range(len(cfg.data.index_pools))]
+        trained = len(pairs)
+        pairs, queries, pool, added = add_self_pairs(pairs, queries, pool, index_stores)
+        for store, count in zip(index_stores, added):
+            log.info("train-gen: indexing %d of the %d candidates of %s (the others are in the training pool or an "
+                     "earlier index pool)", count, len(store), store.path)
+        log.info("train-gen: %d training pairs and %d self-pairs", trained, len(pairs) - trained)
+        # the order counts: a candidate in two index pools is indexed from the first
+        inputs["index_stores"] = [store.content_id for store in index_stores]
+    return pairs, queries, pool, inputs
+
+
+def open_index_store(cfg: TrainGenConfig, root: Path, embed_root: Path, i: int, dim: int) -> EmbeddingStore:
+    """The candidate store of ``data.index_pools[i]``, as stage 0 extracted it for eval."""
+    key = f"data.index_pools[{i}]"
+    source = older_revision_twin(root / cfg.data.index_pools[i])
+    if not source.is_file():
+        raise FileNotFoundError(f"{key}: {source} does not exist; name a candidate pool jsonl relative to data.root "
+                                "(e.g. cand_pool/local/mbeir_mscoco_task0_test_cand_pool.jsonl)")
+    path = store_path(embed_root, cfg.data.encoder, "cand", source)
+    try:
+        return EmbeddingStore.open(path, dim=dim, encoder=cfg.data.encoder, kind="candidate", source=source)
+    except StoreError as err:
+        raise StoreError(f"{key}: {err}") from None
 
 
 def code_loss(logits: torch.Tensor, tokens: torch.Tensor, codebook_sizes: list[int], smoothing: float) -> torch.Tensor:
