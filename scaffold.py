@@ -72,6 +72,8 @@ class RootPlan:
     instructions: Path | None
     train_pairs: int  # training queries (each is one query -> positive pair per epoch)
     largest_pool: int  # candidates in the largest evaluated pool (the union one when there is one)
+    evaluated_pools: list[Path]  # the union pool when there is one, else the test files' pools
+    indexed: int  # candidates in the evaluated pools (at most what train-gen's data.index_pools adds)
 
 
 def jsonl_files(folder: Path) -> list[Path]:
@@ -132,11 +134,12 @@ def inspect_root(root: Path) -> RootPlan:
         raise RootError(f"{root}: missing {'; '.join(missing)}; add them in the M-BEIR layout (README, "
                         "'Bringing your own data')")
     evaluated = [union_pool] if union_pool else sorted({t.pool for t in tests})
+    pool_sizes = [count_records(p) for p in evaluated]
     instructions = root / INSTRUCTIONS
     return RootPlan(root, train_queries, train_pool, local_pools, union_pool, tests,
                     instructions if instructions.is_file() else None,
                     train_pairs=sum(count_records(p) for p in train_queries),
-                    largest_pool=max(count_records(p) for p in evaluated))
+                    largest_pool=max(pool_sizes), evaluated_pools=evaluated, indexed=sum(pool_sizes))
 
 
 # ---- sizes from the data ---------------------------------------------------------------------
@@ -171,21 +174,22 @@ SIZE_RULES = {
     "rq": ("From the training pairs (P = {p:,} queries): batch = the largest power of two <= P/16, within "
            f"[32, 2048] and at most P; epochs = enough for about {RQ_STEPS} steps, within [5, 100]; k-means seeds "
            "from up to 2P vectors."),
-    "gen": ("From the training pairs (P = {p:,} queries): batch = the largest power of two <= P/16, within "
-            f"[32, 256] and at most P; epochs = enough for about {GEN_STEPS} steps, within [5, 100]; warm-up 5% of "
-            "the steps, at most 500."),
+    "gen": ("From the pairs of an epoch (P = {p:,} training queries + at most {i:,} indexed candidates): batch = "
+            "the largest power of two <= P/16, within [32, 256] and at most P; epochs = enough for about "
+            f"{GEN_STEPS} steps over all the pairs, within [5, 100]; warm-up 5% of the steps, at most 500."),
 }
 
 
-def choose_sizes(train_pairs: int, largest_pool: int) -> Sizes:
+def choose_sizes(train_pairs: int, largest_pool: int, indexed: int = 0) -> Sizes:
+    """``indexed``: the self-pairs train-gen adds to every epoch (data.index_pools)."""
     n, p = max(largest_pool, 2), max(train_pairs, 1)
     codebook = clamp(1 << math.ceil(math.log2(math.sqrt(n))), 16, 4096)
     levels = 1 + max(3, math.ceil(math.log(n) / math.log(codebook)) + 1)
     rq_batch = min(p, clamp(pow2_floor(p / 16), 32, 2048))  # a batch cannot be larger than the data
     rq_epochs = clamp(math.ceil(RQ_STEPS / math.ceil(p / rq_batch)), 5, 100)
     gen_batch = min(p, clamp(pow2_floor(p / 16), 32, 256))
-    gen_epochs = clamp(math.ceil(GEN_STEPS / math.ceil(p / gen_batch)), 5, 100)
-    gen_steps = gen_epochs * math.ceil(p / gen_batch)
+    gen_epochs = clamp(math.ceil(GEN_STEPS / math.ceil((p + indexed) / gen_batch)), 5, 100)
+    gen_steps = gen_epochs * math.ceil((p + indexed) / gen_batch)
     return Sizes(levels, codebook, rq_batch, rq_epochs, clamp(2 * p, codebook, 16384), gen_batch, gen_epochs,
                  clamp(gen_steps // 20, 1, 500))
 
@@ -370,7 +374,12 @@ def assign_codes_yaml(s: Setting) -> str:
 def train_gen_yaml(s: Setting, base: dict) -> str:
     p, z = s.plan, s.sizes
     model = {k: v for k, v in base["model"].items() if k != "code_embedding_scale"}
-    notes = {"train.cpu_threads": CPU_THREADS_NOTE, "train.epochs": SIZE_RULES["gen"].format(p=p.train_pairs)}
+    notes = {"train.cpu_threads": CPU_THREADS_NOTE,
+             "train.epochs": SIZE_RULES["gen"].format(p=p.train_pairs, i=p.indexed),
+             "data.index_pools": "the pools eval searches, indexed (README, Stage 2): train-gen also trains on "
+                                 "(candidate -> itself) for their candidates that the training pool lacks, so the "
+                                 "generator learns the IDs it must retrieve; [] trains on the training pairs alone, "
+                                 "as the paper does"}
     dim = s.feature_dim()
     if dim is not None:
         model["code_embedding_scale"] = round(100 * math.sqrt(dim / 768), 1)
@@ -380,7 +389,8 @@ def train_gen_yaml(s: Setting, base: dict) -> str:
     train = {"cpu_threads": 1, "epochs": z.gen_epochs, "batch_size": z.gen_batch, "log_every": 50,
              "checkpoint_every": max(1, z.gen_epochs // 4)}
     out = {"data": {"root": str(p.root), "encoder": s.encoder_name, "train_queries": s.data_path(s.train_queries),
-                    "train_pool": s.data_path(p.train_pool), "rq": f"checkpoint/{s.name}/rq/rq.pt"},
+                    "train_pool": s.data_path(p.train_pool), "rq": f"checkpoint/{s.name}/rq/rq.pt",
+                    "index_pools": [s.data_path(x) for x in p.evaluated_pools]},
            "model": model, "optim": {"lr": base["optim"]["lr"], "warmup_steps": z.gen_warmup}, "train": train,
            "out_dir": f"checkpoint/{s.name}/gen"}
     return render_yaml(header(s, "2, ID generator training"), out, notes)
@@ -499,7 +509,7 @@ def write_setting(root: Path, out: Path, encoder: str = "clip_sf", base: str | N
     plan = inspect_root(root)
     base = base or ("tiny" if plan.train_pairs < TINY_BELOW_PAIRS else "demo")
     setting = Setting(out.name, out, plan, encoder, base, clip_checkpoint,
-                      choose_sizes(plan.train_pairs, plan.largest_pool))
+                      choose_sizes(plan.train_pairs, plan.largest_pool, plan.indexed))
     files = setting_files(setting)
     if len(plan.train_queries) > 1:
         files[MERGED_TRAIN] = merged_train_queries(plan.train_queries)
