@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from genius.common.config import load_config
-from genius.common.mbeir import MODALITY_CODE
+from genius.common.mbeir import MODALITY_CODE, hash_did, hash_qid
 from genius.common.store import StoreArrays, store_path, write_store
 from genius.models.generative_retriever import train as train_gen
 from genius.models.generative_retriever.beam_search import constrained_beam_search
@@ -70,15 +70,15 @@ def world(tmp_path_factory) -> dict:
     eval_dids = new_dids + [train_dids[i] for i in shared]
     eval_vecs = np.concatenate([new_vecs, trained_vecs[shared]])
     jsonl(data / "eval_pool.jsonl", pool_records(eval_dids))
-    did_hash = lambda d: 21 * 10_000_000 + int(d.split(":")[1])  # noqa: E731 (as genius.common.mbeir hashes)
     write_store(store_path(embed_root, "enc", "train", "train_pool.jsonl"),
-                text_arrays(np.array([did_hash(d) for d in train_dids]), trained_vecs), encoder="enc",
+                text_arrays(np.array([hash_did(d) for d in train_dids]), trained_vecs), encoder="enc",
                 kind="candidate", source=data / "train_pool.jsonl")
+    query_vecs = trained_vecs + NOISE * rng.standard_normal((TRAINED, DIM))
     write_store(store_path(embed_root, "enc", "train", "train.jsonl"),
-                text_arrays(21 * 500_000 + np.arange(TRAINED), trained_vecs + NOISE * rng.standard_normal(
-                    (TRAINED, DIM))), encoder="enc", kind="query", source=data / "train.jsonl")
+                text_arrays(np.array([hash_qid(f"21:{i}") for i in range(TRAINED)]), query_vecs), encoder="enc",
+                kind="query", source=data / "train.jsonl")
     write_store(store_path(embed_root, "enc", "cand", "eval_pool.jsonl"),
-                text_arrays(np.array([did_hash(d) for d in eval_dids]), eval_vecs), encoder="enc",
+                text_arrays(np.array([hash_did(d) for d in eval_dids]), eval_vecs), encoder="enc",
                 kind="candidate", source=data / "eval_pool.jsonl")
     torch.manual_seed(0)
     rq = RQModel(DIM, 32, 32, num_levels=3, codebook_size=K)
