@@ -77,6 +77,13 @@ def test_latest_checkpoint(tmp_path):
         "epoch_0000.pt", "epoch_0002.pt", "epoch_0010.pt", "epoch_0011.pt", "epoch_0011_step_0000040.pt"]
 
 
+def arrays(ids, value_of) -> StoreArrays:
+    """Store rows whose image and text vectors are ``value_of(id)`` in every dimension."""
+    n = len(ids)
+    vec = np.stack([np.full(4, value_of(i), dtype=np.float32) for i in ids])
+    return StoreArrays(np.array(ids, dtype=np.int64), vec, vec, np.zeros(n), np.ones(n), np.ones(n), np.ones(n))
+
+
 @pytest.fixture
 def pair_world(tmp_path):
     """10 queries; query n has positives n and n + 10 (plus one query whose positive is missing)."""
@@ -86,11 +93,6 @@ def pair_world(tmp_path):
     lines.append({"qid": "1:99", "query_txt": "x", "query_img_path": None, "query_modality": "text",
                   "pos_cand_list": ["1:999"], "task_id": 1})
     queries.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-
-    def arrays(ids, value_of):
-        n = len(ids)
-        vec = np.stack([np.full(4, value_of(i), dtype=np.float32) for i in ids])
-        return StoreArrays(np.array(ids, dtype=np.int64), vec, vec, np.zeros(n), np.ones(n), np.ones(n), np.ones(n))
 
     qids = [500_000 + n for n in range(1, 12)][::-1]  # store order differs from file order
     write_store(tmp_path / "qs", arrays(qids, lambda i: i - 500_000), encoder="e", kind="query")
@@ -131,10 +133,7 @@ def test_self_pairs_index_the_candidates_no_training_pool_holds_reading_each_sid
     pairs = load_training_pairs(path, qstore, cstore)
 
     def index_store(name, dids, value):
-        vec = np.stack([np.full(4, value(d), dtype=np.float32) for d in dids])
-        n = len(dids)
-        write_store(tmp_path / name, StoreArrays(np.array(dids, dtype=np.int64), vec, vec, np.zeros(n), np.ones(n),
-                                                 np.ones(n), np.ones(n)), encoder="e", kind="candidate")
+        write_store(tmp_path / name, arrays(dids, value), encoder="e", kind="candidate")
         return EmbeddingStore.open(tmp_path / name)
 
     # first: 2 candidates of the training pool (1, 20) and 3 new ones; second: one of those again and 2 new

@@ -92,11 +92,15 @@ def world(tmp_path_factory) -> dict:
     return {"root": root, "new_vecs": new_vecs, "queries": queries}
 
 
+def data_overrides(root: Path) -> list[str]:
+    """train-gen's data section over ``world``, as --set overrides."""
+    return [f"data.root={root / 'data'}", f"data.embed_root={root / 'embed'}", "data.encoder=enc",
+            "data.train_queries=train.jsonl", "data.train_pool=train_pool.jsonl", f"data.rq={root / 'rq.pt'}"]
+
+
 def config(root: Path, out: str, *overrides: str) -> train_gen.TrainGenConfig:
     return load_config(train_gen.TrainGenConfig, None, [
-        f"data.root={root / 'data'}", f"data.embed_root={root / 'embed'}", "data.encoder=enc",
-        "data.train_queries=train.jsonl", "data.train_pool=train_pool.jsonl", f"data.rq={root / 'rq.pt'}",
-        f"out_dir={root / out}", "model.num_prefix=4", "model.d_model=32", "model.num_heads=2", "model.d_kv=16",
+        *data_overrides(root), f"out_dir={root / out}", "model.num_prefix=4", "model.d_model=32", "model.num_heads=2", "model.d_kv=16",
         "model.d_ff=64", "model.num_decoder_layers=2", "model.dropout=0.0", "model.code_embedding_scale=15.0",
         "optim.lr=0.003", "optim.warmup_steps=10", "train.epochs=10", "train.batch_size=16", "train.device=cpu",
         "train.cpu_threads=1", "train.log_every=1000", *overrides])
@@ -141,11 +145,8 @@ def test_indexing_teaches_the_generator_the_ids_of_the_pool_it_will_search(world
 ])
 def test_index_pool_mistakes_end_in_one_line_naming_the_entry(world, capsys, tmp_path, overrides, message):
     (tmp_path / "train_gen.yaml").write_text("{}\n")
-    cfg = config(world["root"], "bad")  # the same settings, as --set flags
     argv = ["--config", str(tmp_path / "train_gen.yaml"), f"--set=out_dir={tmp_path / 'bad'}"]
-    argv += [f"--set={o}" for o in [f"data.root={cfg.data.root}", f"data.embed_root={cfg.data.embed_root}",
-                                    "data.encoder=enc", "data.train_queries=train.jsonl",
-                                    "data.train_pool=train_pool.jsonl", f"data.rq={cfg.data.rq}", *overrides]]
+    argv += [f"--set={o}" for o in [*data_overrides(world["root"]), *overrides]]
     with pytest.raises(SystemExit) as exit_info:
         train_gen.main(argv)
     err = capsys.readouterr().err.strip()

@@ -355,14 +355,15 @@ def open_training_data(cfg: TrainGenConfig, dim: int) -> tuple[TrainingPairs, Ro
     for source, kind in ((query_file, "query"), (pool_file, "candidate")):
         path = store_path(embed_root, cfg.data.encoder, "train", source)
         stores.append(EmbeddingStore.open(path, dim=dim, encoder=cfg.data.encoder, kind=kind, source=source))
+    # before the training file's read, so that a wrong entry fails at once
+    index_stores = [open_index_store(cfg, root, embed_root, i, dim) for i in range(len(cfg.data.index_pools))]
     pairs = load_training_pairs(query_file, *stores)
     if pairs.dropped_queries:
         log.warning("%d training queries have no positive in %s; skipped", pairs.dropped_queries, stores[1].path)
     inputs = {"train_queries": file_content(query_file), "query_store": stores[0].content_id,
               "pool_store": stores[1].content_id}
     queries, pool = stores
-    if cfg.data.index_pools:
-        index_stores = [open_index_store(cfg, root, embed_root, i, dim) for i in range(len(cfg.data.index_pools))]
+    if index_stores:
         trained = len(pairs)
         pairs, queries, pool, added = add_self_pairs(pairs, queries, pool, index_stores)
         for store, count in zip(index_stores, added):
