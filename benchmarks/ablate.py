@@ -10,8 +10,12 @@ A grid file (YAML or JSON; ``benchmarks/ablation_grid.yaml``) names cells, each 
 
 Every cell runs ``coco_t2t.main`` in this process on the validation split, as run
 ``ablate_<grid>/<cell>_val`` of ``--out-dir`` (default coco_t2t's, so all cells and the plain
-coco_t2t runs share one caption-embedding cache, but no stage). Resumable: a cell whose result JSON
-exists and records exactly the cell's flags is skipped; one whose flags changed is run again.
+coco_t2t runs share one caption-embedding cache). Its trained stages (world, quantizer, generator,
+codes) go to ``ablate_<grid>/stages/<split>_<digest of the flags that reach them>``: cells that
+differ only in evaluation flags (``coco_t2t.EVAL_ONLY``: beams, diverse-beam penalty, order inside
+an ID) train once and share them, and the later ones show 0 training seconds. Resumable: a cell
+whose result JSON exists and records exactly the cell's flags is skipped; one whose flags changed
+is run again.
 
 ``--choose [METRIC ...]`` names the best cell on validation (default ``genius_R@5``; all cells must
 be finished); further metrics break ties in order (e.g. ``genius_R@5 genius_r_R@5``: the best
@@ -30,6 +34,7 @@ time), ``final.json`` and the cells' run directories.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import re
@@ -46,7 +51,9 @@ METHODS = {"dense": "dense", "genius": "GENIUS", "genius_r": "GENIUS^R"}
 METRICS = tuple(f"{m}_R@{k}" for m in METHODS for k in coco_t2t.KS)
 DEFAULT_METRIC = "genius_R@5"
 # The harness sets these per cell: a grid that set them would mix splits or share run directories.
-OWNED_FLAGS = ("split", "run-name", "out-dir")
+OWNED_FLAGS = ("split", "run-name", "out-dir", "stages-dir")
+# Where a run's files go, not what it does: not part of the key of a cell's trained stages.
+PLACEMENT = ("out_dir", "run_name", "stages_dir")
 CELL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 log = logging.getLogger("genius.bench.ablate")
 
@@ -120,13 +127,27 @@ def check_cell(cell: Cell, where: str) -> None:
 
 def cell_argv(cell: Cell, split: str, out_dir: Path, grid_name: str) -> list[str]:
     run_name = f"ablate_{grid_name}/{cell.name}_{split}"
-    return cell.flags + ["--split", split, "--out-dir", str(out_dir), "--run-name", run_name]
+    argv = cell.flags + ["--split", split, "--out-dir", str(out_dir), "--run-name", run_name]
+    return argv + ["--stages-dir", str(out_dir / f"ablate_{grid_name}" / "stages" / stages_key(argv))]
+
+
+def stages_key(argv: list[str]) -> str:
+    """The name of the directory of a cell's trained stages: the split and a digest of every flag that
+    reaches stages 1-2, so cells that differ only in coco_t2t.EVAL_ONLY flags train once and share them.
+    A flag coco_t2t gained later counts only away from its earlier behaviour, so adding one to
+    coco_t2t leaves the names, and the stages already trained, as they were."""
+    args = vars(coco_t2t.build_parser().parse_args(argv))
+    trained = {k: v for k, v in args.items() if k not in (*coco_t2t.EVAL_ONLY, *PLACEMENT)
+               and not (k in coco_t2t.ADDED_LATER and v == coco_t2t.ADDED_LATER[k])}
+    digest = hashlib.sha256(json.dumps(trained, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{args['split']}_{digest}"
 
 
 # ---- cells: run, skip, read ------------------------------------------------------------------
 def recorded(args: argparse.Namespace) -> dict:
-    """The flags as coco_t2t's result JSON records them (paths as strings)."""
-    return json.loads(json.dumps(vars(args), default=str))
+    """The flags as coco_t2t's result JSON records them (paths as strings), but where the stages were
+    kept: that says nothing of how the result was made."""
+    return {k: v for k, v in json.loads(json.dumps(vars(args), default=str)).items() if k != "stages_dir"}
 
 
 def with_later_flags(stored: object) -> object:
@@ -147,7 +168,10 @@ def finished_result(args: argparse.Namespace) -> dict | None:
     except json.JSONDecodeError:
         log.warning("%s is not valid JSON; the cell counts as not run", path)
         return None
-    if not isinstance(result, dict) or with_later_flags(result.get("args")) != recorded(args):
+    stored = with_later_flags(result.get("args")) if isinstance(result, dict) else None
+    if isinstance(stored, dict):
+        stored.pop("stages_dir", None)
+    if stored != recorded(args):
         log.info("%s was made with other flags than the cell's; the cell counts as not run", path)
         return None
     return result if {"recall", "pool_stats", "timings"} <= set(result) else None
@@ -264,7 +288,7 @@ def write_table(table_dir: Path, grid: Path, rows: list[dict], note: str) -> Non
     text = (f"Ablation grid `{grid}`: COCO captions text to text (coco_t2t.py), every cell on the same data.\n"
             f"{note}\nThe split column says which numbers are validation (chosen on) and which test (run once). "
             "Blank numbers: the cell has not finished. Training s is 0 when a cell's stages were already up to "
-            "date.\n\n" +
+            "date, as for a cell that differs from an earlier one only in evaluation flags (they share them).\n\n" +
             markdown_table(header, [[cell(r, key) for key in COLUMNS] for r in rows]))
     atomic_write_text(table_dir / "ablation.md", text)
     with atomic_path(table_dir / "ablation.csv") as tmp:

@@ -215,7 +215,7 @@ class World:
         return store_path(self.embed_root, ENCODER, split, source)
 
 
-def build_world(run_dir: Path, split: Split, texts: list[str], vectors: np.ndarray, seed: int,
+def build_world(stages_dir: Path, split: Split, texts: list[str], vectors: np.ndarray, seed: int,
                 pool: str = "heldout", index_pool: bool = False) -> World:
     rng = np.random.default_rng(seed + 1)
     query_rows, pool_rows, positives = [], [], []
@@ -229,13 +229,13 @@ def build_world(run_dir: Path, split: Split, texts: list[str], vectors: np.ndarr
         queries = set(query_rows)
         pool_rows = [r for r in split.encoded if r not in queries]
     pool_rows = [pool_rows[i] for i in rng.permutation(len(pool_rows))]  # no image-grouped pool order
-    root = run_dir / "data"
+    root = stages_dir / "data"
     train_rows = [r for rows in split.train for r in rows]
     trained = set(train_rows)
     indexed = [r for r in pool_rows if r not in trained] if index_pool else []
     train_queries = root / "query" / "train" / "coco_t2t_train.jsonl"
     train_pool = root / "cand_pool" / "train" / "coco_t2t_train_cand_pool.jsonl"
-    world = World(root, run_dir / "embed", train_queries, train_pool,
+    world = World(root, stages_dir / "embed", train_queries, train_pool,
                   root / "query" / "eval" / "coco_t2t_eval.jsonl", root / "cand_pool" / "eval" / "coco_t2t_eval_cand_pool.jsonl",
                   query_rows, pool_rows, positives, indexed_rows=indexed)
     write_if_changed(world.train_queries, queries_jsonl(split.train, texts))
@@ -259,30 +259,31 @@ def stage_config(cls, path: Path, sections: dict):
     return load_config(cls, path)
 
 
-def train_quantizer(world: World, run_dir: Path, args) -> Path:
+def train_quantizer(world: World, stages_dir: Path, args) -> Path:
     from genius.models.residual_quantization import train as rq_train
 
-    cfg = stage_config(rq_train.RQTrainConfig, run_dir / "train_rq.yaml", {
+    cfg = stage_config(rq_train.RQTrainConfig, stages_dir / "train_rq.yaml", {
         "data": {"query_file": str(world.train_queries), "pool_file": str(world.train_pool),
                  "query_store": str(world.store("train", world.train_queries)),
                  "pool_store": str(world.store("train", world.train_pool)), "encoder": ENCODER},
         "model": {"proj_dim": args.proj_dim, "hidden_dim": args.hidden_dim, "num_levels": args.levels,
                   "codebook_size": args.codebook},
         "train": {"batch_size": args.rq_batch, "epochs": args.rq_epochs, "lr": args.rq_lr, "min_lr": args.rq_lr / 10,
-                  "kmeans_iters": args.kmeans_iters, "seed": args.seed, "save_every": max(1, args.rq_epochs),
+                  "kmeans_iters": args.kmeans_iters, "objective": args.rq_objective, "seed": args.seed,
+                  "save_every": max(1, args.rq_epochs),
                   "log_every": 10**6, "device": "cpu", "cpu_threads": args.threads},
-        "out_dir": str(run_dir / "rq")})
+        "out_dir": str(stages_dir / "rq")})
     path = rq_train.train(cfg)
     if path is None:
         raise RuntimeError("train-rq stopped before its last epoch")
     return path
 
 
-def train_generator(world: World, run_dir: Path, rq_path: Path, args) -> Path:
+def train_generator(world: World, stages_dir: Path, rq_path: Path, args) -> Path:
     from genius.models.generative_retriever import train as gen_train
 
     steps = args.gen_epochs * ((count_lines(world.train_queries) + len(world.indexed_rows)) // args.gen_batch)
-    cfg = stage_config(gen_train.TrainGenConfig, run_dir / "train_gen.yaml", {
+    cfg = stage_config(gen_train.TrainGenConfig, stages_dir / "train_gen.yaml", {
         "data": {"root": str(world.root), "embed_root": str(world.embed_root), "encoder": ENCODER,
                  "train_queries": str(world.train_queries.relative_to(world.root)),
                  "train_pool": str(world.train_pool.relative_to(world.root)), "rq": str(rq_path),
@@ -296,7 +297,7 @@ def train_generator(world: World, run_dir: Path, rq_path: Path, args) -> Path:
                   "amp": False, "log_every": 10**6, "checkpoint_every": max(1, args.gen_epochs),
                   # pinned, not the load-following thread policy: a benchmark's numbers must not move with the load
                   "cpu_threads": args.threads},
-        "out_dir": str(run_dir / "gen")})
+        "out_dir": str(stages_dir / "gen")})
     return gen_train.train(cfg)
 
 
@@ -305,7 +306,7 @@ def count_lines(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
-def pool_codes(world: World, run_dir: Path, rq_path: Path) -> tuple[np.ndarray, dict]:
+def pool_codes(world: World, stages_dir: Path, rq_path: Path) -> tuple[np.ndarray, dict]:
     """The evaluated pool's IDs and collision statistics, written by assign-codes."""
     from genius.common.distributed import init_distributed
     from genius.models.residual_quantization.assign_codes import (
@@ -314,17 +315,17 @@ def pool_codes(world: World, run_dir: Path, rq_path: Path) -> tuple[np.ndarray, 
     )
 
     store = world.store("cand", world.eval_pool)
-    cfg = stage_config(AssignCodesConfig, run_dir / "assign_codes.yaml", {
+    cfg = stage_config(AssignCodesConfig, stages_dir / "assign_codes.yaml", {
         "rq_path": str(rq_path), "embed_dir": str(store.parent), "pools": [store.name], "encoder": ENCODER,
-        "out_dir": str(run_dir / "codes"), "device": "cpu"})
+        "out_dir": str(stages_dir / "codes"), "device": "cpu"})
     assign_codes(cfg, init_distributed("cpu"))
-    out = run_dir / "codes" / store.name
+    out = stages_dir / "codes" / store.name
     return np.load(out / "codes.npy"), json.loads((out / "stats.json").read_text())
 
 
 # ---- stage 3: retrieval and Recall@k ---------------------------------------------------------
 @torch.no_grad()
-def evaluate(world: World, run_dir: Path, rq_path: Path, gen_path: Path, args) -> dict:
+def evaluate(world: World, stages_dir: Path, rq_path: Path, gen_path: Path, args) -> dict:
     from genius.common.fusion import fused_store_embeddings
     from genius.common.mbeir import hash_did
     from genius.common.store import EmbeddingStore
@@ -345,7 +346,7 @@ def evaluate(world: World, run_dir: Path, rq_path: Path, gen_path: Path, args) -
     generator, _ = load_generator(gen_path)
     queries = EmbeddingStore.open(world.store("test", world.eval_queries), encoder=ENCODER, kind="query")
     pool = EmbeddingStore.open(world.store("cand", world.eval_pool), encoder=ENCODER, kind="candidate")
-    codes, stats = pool_codes(world, run_dir, rq_path)
+    codes, stats = pool_codes(world, stages_dir, rq_path)
     trie = build_trie(codes, "cpp")
     z_q, z_c = combiner_embeddings(rq, queries), combiner_embeddings(rq, pool)
     cmap = CandidateMap.build(trie, codes, order=None if args.within_id_order == "pool" else
@@ -454,8 +455,8 @@ def report(result: dict, args, command: str, machine: str, timings: dict) -> str
          f"{result['beam_search_qps']:.0f} vs {result['beam_search_qps_full_vocabulary']:.0f} queries/s "
          f"({result['beam_search_qps'] / result['beam_search_qps_full_vocabulary']:.2f}x); the top beam agrees for "
          f"{result['same_top_beam']:.3f} of the queries, the whole beam set for {result['same_beam_set']:.3f}."),
-        (f"Stage 1: Combiner proj {args.proj_dim} / hidden {args.hidden_dim}, {args.rq_epochs} epochs, batch "
-         f"{args.rq_batch}, lr {args.rq_lr:g}. Stage 2: T5 decoder d_model {args.d_model}, {args.layers} layers, "
+        (f"Stage 1: Combiner proj {args.proj_dim} / hidden {args.hidden_dim}, {args.rq_objective} objective, "
+         f"{args.rq_epochs} epochs, batch {args.rq_batch}, lr {args.rq_lr:g}. Stage 2: T5 decoder d_model {args.d_model}, {args.layers} layers, "
          f"{args.heads} heads, d_ff {args.d_ff}, P = {args.prefix}, {args.gen_epochs} epochs, batch {args.gen_batch}, "
          f"lr {args.gen_lr:g}, query-target mixing {args.mixing}"
          + (f" (alpha {args.mix_alpha:g})" if args.mixing == "on" else "")
@@ -536,6 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
     ids.add_argument("--rq-batch", type=int, default=512)
     ids.add_argument("--rq-lr", type=float, default=5e-4)
     ids.add_argument("--kmeans-iters", type=int, default=300)
+    ids.add_argument("--rq-objective", choices=("contrastive", "classification"), default="contrastive",
+                     help="train-rq's train.objective: GENIUS's contrastive + MSE + commitment loss, or IRGen's "
+                          "tokenizer loss over classes (here: the training images, whose captions are each "
+                          "other's positives)")
     gen = p.add_argument_group("generator (stage 2)")
     gen.add_argument("--d-model", type=int, default=256)
     gen.add_argument("--layers", type=int, default=3)
@@ -566,12 +571,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", type=Path, default=OUT_DIR / "coco_t2t")
     p.add_argument("--run-name", default=None,
                    help="subdirectory of the run (default: <split>_L<levels>_K<codebook>[_full_pool])")
+    p.add_argument("--stages-dir", type=Path, default=None,
+                   help="where the run's data, stores, quantizer, generator and codes go (default: the run "
+                        "directory); runs whose flags differ only in EVAL_ONLY ones may share one")
     return p
+
+
+# Flags that change stage 3 alone: runs that differ only in these can share trained stages.
+EVAL_ONLY = ("beams", "sibling_penalty", "within_id_order")
 
 
 # Flags added after results were recorded, at the value those results were made with (what the
 # ablation harness assumes for a result that lacks them); a later change of a default keeps these.
-ADDED_LATER = {"index_pool": "off", "sibling_penalty": 0.0}
+ADDED_LATER = {"index_pool": "off", "sibling_penalty": 0.0, "rq_objective": "contrastive"}
 
 # Level 0 is the modality code, so an ID needs at least one semantic level after it.
 RANGES = {"images": ">= 2", "test_images": ">= 1", "val_images": ">= 1", "levels": ">= 2", "codebook": ">= 2",
@@ -637,17 +649,18 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     vectors = encoded_captions(texts, split.encoded, args.out_dir / "cache", args.encode_batch)
     timings["encode_s"] = time.perf_counter() - t0
     run_dir, stem = run_paths(args)
-    world = build_world(run_dir, split, texts, vectors, args.seed, args.pool, args.index_pool == "on")
+    stages_dir = args.stages_dir or run_dir
+    world = build_world(stages_dir, split, texts, vectors, args.seed, args.pool, args.index_pool == "on")
     timings.update(train_images=len(split.train), train_captions=sum(len(r) for r in split.train),
                    indexed_captions=len(world.indexed_rows))
     t0 = time.perf_counter()
-    rq_path = train_quantizer(world, run_dir, args)
+    rq_path = train_quantizer(world, stages_dir, args)
     timings["rq_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    gen_path = train_generator(world, run_dir, rq_path, args)
+    gen_path = train_generator(world, stages_dir, rq_path, args)
     timings["gen_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    result = evaluate(world, run_dir, rq_path, gen_path, args)
+    result = evaluate(world, stages_dir, rq_path, gen_path, args)
     timings.update(eval_s=time.perf_counter() - t0, total_s=time.perf_counter() - started, load_end=load_average())
     text = report(result, args, command, machine, timings)
     atomic_write_text(stem.with_suffix(".md"), text)

@@ -82,11 +82,21 @@ def test_grid_writes_one_table_with_recalls_per_cell(grid):
             assert all(math.isfinite(r) and 0 <= r <= 1 for r in recalls) and recalls == sorted(recalls)
         assert int(row["pool"]) == 6 * 4 and 1 <= int(row["distinct_ids"]) <= 4  # K = 4 codes at the one level
         assert 0 <= float(row["collision_rate"]) <= 1 and float(row["decode_qps"]) > 0
-        assert float(row["train_s"]) > 0  # every cell trained its own stages
     assert rows[1]["flags"] == "--beams 2" and rows[0]["flags"] == "(defaults)"
     table = (grid.out / "ablate_grid" / "ablation.md").read_text()
     assert "| GENIUS^R R@5 |" in table and "Best cell on validation by genius_R@5" in table
     assert json.loads((grid.out / "ablate_grid" / "ablation.json").read_text())["rows"][2]["cell"] == "wide_gen"
+
+
+def test_cells_differing_only_in_evaluation_flags_share_their_trained_stages(grid):
+    stages = {c: Path(json.loads(result_file(grid.out, c).read_text())["args"]["stages_dir"]) for c in CELLS}
+    assert stages["few_beams"] == stages["base"] != stages["wide_gen"]
+    assert stages["base"].parent == grid.out / "ablate_grid" / "stages" and stages["base"].name.startswith("val_")
+    # few_beams ran after base (resumed after the kill) and trained nothing: the shared quantizer and
+    # generator are older than base's result
+    for checkpoint in (stages["base"] / "rq" / "rq.pt", stages["base"] / "gen" / "generator.pt"):
+        assert checkpoint.stat().st_mtime_ns < result_file(grid.out, "base").stat().st_mtime_ns
+    assert not (grid.out / "ablate_grid" / "few_beams_val" / "gen").exists()
 
 
 def test_killed_grid_resumes_without_redoing_finished_cells(grid):
@@ -203,15 +213,18 @@ def test_a_bad_grid_ends_in_one_line_before_any_run(tmp_path, capsys, cells, wor
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name", ["ablation_grid.yaml", "ablation_round1.yaml", "ablation_fullpool.yaml"])
-def test_shipped_grids_load_and_pin_what_their_finished_cells_ran_with(name):
-    """Every cell of a shipped grid passes coco_t2t's checks, and each grid pins the pool as not
-    indexed in common, so the cells run before --index-pool became the default keep their results."""
+@pytest.mark.parametrize("name, indexed", [("ablation_grid.yaml", "off"), ("ablation_round1.yaml", "off"),
+                                           ("ablation_fullpool.yaml", "off"), ("ablation_round5.yaml", "on")])
+def test_shipped_grids_load_and_pin_what_their_finished_cells_ran_with(name, indexed):
+    """Every cell of a shipped grid passes coco_t2t's checks, and each grid pins in common every flag
+    whose default has changed (ID shape, beams, indexing), so its finished cells keep their results."""
     path = Path(__file__).resolve().parent.parent / "benchmarks" / name
     cells = ablate.load_grid(path)
     assert len({c.name for c in cells}) == len(cells) >= 4
+    common = cells[0].flags[:len(cells[0].flags) - len(cells[0].own)]
+    assert {"--levels", "--codebook", "--beams", "--index-pool"} <= set(common[::2])
     base = coco_t2t.parse_args(cells[0].flags)
-    assert base.index_pool == "off" and base.sibling_penalty == 0.0
+    assert base.index_pool == indexed and base.sibling_penalty == 0.0
 
 
 def test_coco_t2t_range_checks_flags_in_one_line(capsys):
@@ -229,16 +242,17 @@ def test_coco_t2t_range_checks_upper_bounds_too(capsys):
 
 
 def test_generator_and_ranking_flags_reach_the_stages(grid):
-    """--mixing, --mix-alpha and --label-smoothing land in train-gen's config; --within-id-order centre
-    ranks the captions sharing an ID by their distance to the ID's reconstruction; --sibling-penalty
-    reaches the report."""
+    """--rq-objective lands in train-rq's config and --mixing, --mix-alpha and --label-smoothing in
+    train-gen's; --within-id-order centre ranks the captions sharing an ID by their distance to the
+    ID's reconstruction; --sibling-penalty reaches the report."""
     import yaml
 
     argv = list(TOY_ARGV)
     argv += ["--captions", str(grid.captions), "--split", "val", "--out-dir", str(grid.out), "--run-name", "flags",
              "--mixing", "off", "--mix-alpha", "0.5", "--label-smoothing", "0.2", "--within-id-order", "centre",
-             "--sibling-penalty", "0.5"]
+             "--sibling-penalty", "0.5", "--rq-objective", "classification"]
     assert coco_t2t.main(argv) == 0
+    assert yaml.safe_load((grid.out / "flags" / "train_rq.yaml").read_text())["train"]["objective"] == "classification"
     cfg = yaml.safe_load((grid.out / "flags" / "train_gen.yaml").read_text())
     assert cfg["mixing"] == {"enabled": False, "alpha": 0.5} and cfg["optim"]["label_smoothing"] == 0.2
     result = json.loads((grid.out / "flags" / "coco_t2t.json").read_text())
@@ -246,7 +260,7 @@ def test_generator_and_ranking_flags_reach_the_stages(grid):
     report = (grid.out / "flags" / "coco_t2t.md").read_text()
     assert "mixing off, label smoothing 0.2, plus (caption -> itself)" in report  # --index-pool on: the default
     assert "Captions sharing an ID ranked in centre order" in report
-    assert "diverse beams, sibling penalty 0.5." in report
+    assert "diverse beams, sibling penalty 0.5." in report and "classification objective" in report
     for method in ablate.METHODS:
         assert all(0 <= result["recall"][method][str(k)] <= 1 for k in coco_t2t.KS)
 
