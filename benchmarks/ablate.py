@@ -120,7 +120,7 @@ def check_cell(cell: Cell, where: str) -> None:
 
     parser.error = refuse  # argparse would print its usage and exit; the grid file is what to fix
     try:
-        coco_t2t.check_args(parser.parse_args(cell.flags))
+        coco_t2t.check_args(coco_t2t.fill_pool_defaults(parser.parse_args(cell.flags)))
     except ValueError as err:
         refuse(str(err))
 
@@ -136,7 +136,7 @@ def stages_key(argv: list[str]) -> str:
     reaches stages 1-2, so cells that differ only in coco_t2t.EVAL_ONLY flags train once and share them.
     A flag coco_t2t gained later counts only away from its earlier behaviour, so adding one to
     coco_t2t leaves the names, and the stages already trained, as they were."""
-    args = vars(coco_t2t.build_parser().parse_args(argv))
+    args = vars(coco_t2t.fill_pool_defaults(coco_t2t.build_parser().parse_args(argv)))
     trained = {k: v for k, v in args.items() if k not in (*coco_t2t.EVAL_ONLY, *PLACEMENT)
                and not (k in coco_t2t.ADDED_LATER and v == coco_t2t.ADDED_LATER[k])}
     digest = hashlib.sha256(json.dumps(trained, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -28,7 +28,9 @@ GENIUS ranks the beams' IDs by score and the captions sharing an ID in pool orde
 ``--within-id-order centre`` puts the caption closest to its ID's reconstruction first instead (a
 query-independent order, one axis of benchmarks/ablate.py); ``--sibling-penalty`` decodes diverse
 beams (``constrained_beam_search``'s sibling-rank penalty). ``--mixing``, ``--mix-alpha`` and
-``--label-smoothing`` set train-gen's query-target mixing and code loss. ``--index-pool on`` (the
+``--label-smoothing`` set train-gen's query-target mixing and code loss, ``--rq-objective``
+train-rq's loss (GENIUS's contrastive one, or IRGen's classification over the training images).
+``--index-pool on`` (the
 default since the ablation chose it; ``off`` trains on the training pairs alone, as the paper does)
 also trains the generator on (caption -> itself) for each pool caption outside the training set
 (indexing the pool, as DSI does, through train-gen's ``data.index_pools``; only the pool's own
@@ -38,7 +40,8 @@ Outputs in ``--out-dir``: ``<run>/`` (data/ and embed/: the jsonl files and stor
 train_gen.yaml, assign_codes.yaml: the stage configs; rq/, gen/, codes/: the stages' outputs) and
 ``coco_t2t_<split>[_full_pool].{md,csv,json,png}``; with ``--run-name`` the report goes into the run
 directory instead (``<run>/coco_t2t.*``), so named runs sharing an output directory (and its caption
-cache) keep their own results. The JSON, written last, records the result, timings and every flag.
+cache) keep their own results. ``--stages-dir`` moves data/, embed/, the stage configs and outputs
+elsewhere, so that runs differing only in ``EVAL_ONLY`` flags can share them (the ablation harness does). The JSON, written last, records the result, timings and every flag.
 Finished stages are skipped on a re-run with the same settings (the stages' own up-to-date checks).
 
     bash benchmarks/run_coco_t2t.sh [--split test|val] [--pool heldout|full] [--levels 4 --codebook 256] [--images ...]
@@ -528,8 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-images", type=int, default=1000)
     p.add_argument("--val-images", type=int, default=1000, help="with --split val: carved from the training images")
     ids = p.add_argument_group("IDs (stage 1)")
-    # 4 levels of K = 256 and 100 beams: the best cell of the validation ablation (BENCHMARKS section 10)
-    ids.add_argument("--levels", type=int, default=4, help="ID length including the modality level")
+    # K = 256 and 100 beams: the best cell of the validation ablation (BENCHMARKS section 10); the
+    # levels and generator epochs it chose depend on the pool (POOL_DEFAULTS)
+    ids.add_argument("--levels", type=int, default=None,
+                     help="ID length including the modality level (default: 4, or 5 with --pool full)")
     ids.add_argument("--codebook", type=int, default=256, help="K of every level after the first")
     ids.add_argument("--proj-dim", type=int, default=512)
     ids.add_argument("--hidden-dim", type=int, default=1024)
@@ -547,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--heads", type=int, default=4)
     gen.add_argument("--d-ff", type=int, default=1024)
     gen.add_argument("--prefix", type=int, default=10)
-    gen.add_argument("--gen-epochs", type=int, default=10)
+    gen.add_argument("--gen-epochs", type=int, default=None, help="(default: 10, or 20 with --pool full)")
     gen.add_argument("--gen-batch", type=int, default=256)
     gen.add_argument("--gen-lr", type=float, default=5e-4)
     gen.add_argument("--mixing", choices=("on", "off"), default="on",
@@ -594,6 +599,19 @@ RANGES = {"images": ">= 2", "test_images": ">= 1", "val_images": ">= 1", "levels
           "encode_batch": ">= 1", "seed": ">= 0", "threads": ">= 1"}
 
 
+# The defaults the validation grids chose per pool (BENCHMARKS section 10): the full pool, six times
+# larger, wants one more level (collisions 0.16 -> 0.04) and twice the generator's epochs.
+POOL_DEFAULTS = {"heldout": {"levels": 4, "gen_epochs": 10}, "full": {"levels": 5, "gen_epochs": 20}}
+
+
+def fill_pool_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with the flags left unset given their value for ``--pool`` (POOL_DEFAULTS)."""
+    for name, value in POOL_DEFAULTS[args.pool].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Raise ``ValueError`` (one line naming the flag and its range) for the first value out of range."""
     from genius.common.config_checks import check_number
@@ -611,7 +629,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     parser = parser or build_parser()
-    args = parser.parse_args(argv)
+    args = fill_pool_defaults(parser.parse_args(argv))
     try:
         check_args(args)
     except ValueError as err:

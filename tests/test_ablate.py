@@ -217,14 +217,29 @@ def test_a_bad_grid_ends_in_one_line_before_any_run(tmp_path, capsys, cells, wor
                                            ("ablation_fullpool.yaml", "off"), ("ablation_round5.yaml", "on")])
 def test_shipped_grids_load_and_pin_what_their_finished_cells_ran_with(name, indexed):
     """Every cell of a shipped grid passes coco_t2t's checks, and each grid pins in common every flag
-    whose default has changed (ID shape, beams, indexing), so its finished cells keep their results."""
+    whose default has changed or depends on the pool (ID shape, beams, indexing, generator epochs),
+    so its finished cells keep their results."""
     path = Path(__file__).resolve().parent.parent / "benchmarks" / name
     cells = ablate.load_grid(path)
     assert len({c.name for c in cells}) == len(cells) >= 4
     common = cells[0].flags[:len(cells[0].flags) - len(cells[0].own)]
-    assert {"--levels", "--codebook", "--beams", "--index-pool"} <= set(common[::2])
+    assert {"--levels", "--codebook", "--beams", "--index-pool", "--gen-epochs"} <= set(common[::2])
     base = coco_t2t.parse_args(cells[0].flags)
     assert base.index_pool == indexed and base.sibling_penalty == 0.0
+
+
+def test_coco_t2t_levels_and_generator_epochs_default_to_each_pools_choice(tmp_path):
+    def parsed(*argv):
+        args = coco_t2t.parse_args(list(argv))
+        return args.levels, args.gen_epochs
+
+    assert parsed() == (4, 10) and parsed("--pool", "full") == (5, 20)
+    assert parsed("--pool", "full", "--levels", "3") == (3, 20) and parsed("--gen-epochs", "7") == (4, 7)
+    # a grid cell relying on the default and one spelling it out are the same stages
+    spelled = ablate.Cell("a", ["--pool", "full", "--levels", "5", "--gen-epochs", "20"], [])
+    implied = ablate.Cell("b", ["--pool", "full"], [])
+    key = {c.name: ablate.cell_argv(c, "val", tmp_path, "g")[-1] for c in (spelled, implied)}
+    assert key["a"] == key["b"] != ablate.cell_argv(ablate.Cell("c", [], []), "val", tmp_path, "g")[-1]
 
 
 def test_coco_t2t_range_checks_flags_in_one_line(capsys):
