@@ -151,11 +151,13 @@ def recorded(args: argparse.Namespace) -> dict:
 
 
 def with_later_flags(stored: object) -> object:
-    """A result's flags, with those coco_t2t gained after it was recorded at the value that kept the
-    earlier behaviour (``coco_t2t.ADDED_LATER``), so the result still stands for a cell that sets them so."""
+    """A result's flags as ``recorded`` gives them, with those coco_t2t gained after it was recorded at
+    the value that kept the earlier behaviour (``coco_t2t.ADDED_LATER``), so the result still stands
+    for a cell that sets them so."""
     if not isinstance(stored, dict):
         return stored
-    return {**{k: v for k, v in coco_t2t.ADDED_LATER.items() if k not in stored}, **stored}
+    return {**{k: v for k, v in coco_t2t.ADDED_LATER.items() if k not in stored},
+            **{k: v for k, v in stored.items() if k != "stages_dir"}}
 
 
 def finished_result(args: argparse.Namespace) -> dict | None:
@@ -168,10 +170,7 @@ def finished_result(args: argparse.Namespace) -> dict | None:
     except json.JSONDecodeError:
         log.warning("%s is not valid JSON; the cell counts as not run", path)
         return None
-    stored = with_later_flags(result.get("args")) if isinstance(result, dict) else None
-    if isinstance(stored, dict):
-        stored.pop("stages_dir", None)
-    if stored != recorded(args):
+    if not isinstance(result, dict) or with_later_flags(result.get("args")) != recorded(args):
         log.info("%s was made with other flags than the cell's; the cell counts as not run", path)
         return None
     return result if {"recall", "pool_stats", "timings"} <= set(result) else None

@@ -30,19 +30,20 @@ query-independent order, one axis of benchmarks/ablate.py); ``--sibling-penalty`
 beams (``constrained_beam_search``'s sibling-rank penalty). ``--mixing``, ``--mix-alpha`` and
 ``--label-smoothing`` set train-gen's query-target mixing and code loss, ``--rq-objective``
 train-rq's loss (GENIUS's contrastive one, or IRGen's classification over the training images).
-``--index-pool on`` (the
-default since the ablation chose it; ``off`` trains on the training pairs alone, as the paper does)
-also trains the generator on (caption -> itself) for each pool caption outside the training set
-(indexing the pool, as DSI does, through train-gen's ``data.index_pools``; only the pool's own
-texts are used, never a query).
+``--index-pool on`` (the default since the ablation chose it; ``off`` trains on the training pairs
+alone, as the paper does) also trains the generator on (caption -> itself) for each pool caption
+outside the training set (indexing the pool, as DSI does, through train-gen's
+``data.index_pools``; only the pool's own texts are used, never a query). ``--levels`` and
+``--gen-epochs`` default to what the validation grids chose for the pool (``POOL_DEFAULTS``).
 
 Outputs in ``--out-dir``: ``<run>/`` (data/ and embed/: the jsonl files and stores; train_rq.yaml,
 train_gen.yaml, assign_codes.yaml: the stage configs; rq/, gen/, codes/: the stages' outputs) and
 ``coco_t2t_<split>[_full_pool].{md,csv,json,png}``; with ``--run-name`` the report goes into the run
 directory instead (``<run>/coco_t2t.*``), so named runs sharing an output directory (and its caption
 cache) keep their own results. ``--stages-dir`` moves data/, embed/, the stage configs and outputs
-elsewhere, so that runs differing only in ``EVAL_ONLY`` flags can share them (the ablation harness does). The JSON, written last, records the result, timings and every flag.
-Finished stages are skipped on a re-run with the same settings (the stages' own up-to-date checks).
+elsewhere, so that runs differing only in ``EVAL_ONLY`` flags can share them (the ablation harness
+does). The JSON, written last, records the result, timings and every flag. Finished stages are
+skipped on a re-run with the same settings (the stages' own up-to-date checks).
 
     bash benchmarks/run_coco_t2t.sh [--split test|val] [--pool heldout|full] [--levels 4 --codebook 256] [--images ...]
 """
@@ -459,8 +460,8 @@ def report(result: dict, args, command: str, machine: str, timings: dict) -> str
          f"({result['beam_search_qps'] / result['beam_search_qps_full_vocabulary']:.2f}x); the top beam agrees for "
          f"{result['same_top_beam']:.3f} of the queries, the whole beam set for {result['same_beam_set']:.3f}."),
         (f"Stage 1: Combiner proj {args.proj_dim} / hidden {args.hidden_dim}, {args.rq_objective} objective, "
-         f"{args.rq_epochs} epochs, batch {args.rq_batch}, lr {args.rq_lr:g}. Stage 2: T5 decoder d_model {args.d_model}, {args.layers} layers, "
-         f"{args.heads} heads, d_ff {args.d_ff}, P = {args.prefix}, {args.gen_epochs} epochs, batch {args.gen_batch}, "
+         f"{args.rq_epochs} epochs, batch {args.rq_batch}, lr {args.rq_lr:g}. Stage 2: T5 decoder d_model "
+         f"{args.d_model}, {args.layers} layers, {args.heads} heads, d_ff {args.d_ff}, P = {args.prefix}, {args.gen_epochs} epochs, batch {args.gen_batch}, "
          f"lr {args.gen_lr:g}, query-target mixing {args.mixing}"
          + (f" (alpha {args.mix_alpha:g})" if args.mixing == "on" else "")
          + f", label smoothing {args.label_smoothing:g}"

@@ -135,6 +135,7 @@ def test_a_result_older_than_a_flag_stands_while_the_cell_leaves_the_flag_at_its
     original = path.read_text()
     result = json.loads(original)
     del result["args"]["sibling_penalty"]  # as recorded before the flag: made with plain beams (0.0)
+    result["args"]["stages_dir"] = "/stages/kept/elsewhere"  # where the stages were says nothing of the result
     flags = TOY_ARGV + ["--captions", str(grid.captions)]
 
     def finished(extra: list[str]):
