@@ -234,7 +234,7 @@ def test_coco_t2t_levels_and_generator_epochs_default_to_each_pools_choice(tmp_p
         args = coco_t2t.parse_args(list(argv))
         return args.levels, args.gen_epochs
 
-    assert parsed() == (4, 10) and parsed("--pool", "full") == (5, 20)
+    assert parsed() == (4, 40) and parsed("--pool", "full") == (5, 20)
     assert parsed("--pool", "full", "--levels", "3") == (3, 20) and parsed("--gen-epochs", "7") == (4, 7)
     # a grid cell relying on the default and one spelling it out are the same stages
     spelled = ablate.Cell("a", ["--pool", "full", "--levels", "5", "--gen-epochs", "20"], [])

@@ -132,3 +132,23 @@ def test_coco_t2t_writes_recall_table(tmp_path):
     assert (tmp_path / "out" / "coco_t2t_test.png").stat().st_size > 1000
     # A second run with the same settings reuses the trained stages (and the cached embeddings).
     assert coco_t2t.main(argv) == 0
+
+
+def test_int8_gemm_probe_times_every_product_of_the_step_and_keeps_int8_close_to_fp32(tmp_path):
+    from genius.benchmarks import int8_gemm
+
+    out = tmp_path / "int8"
+    assert int8_gemm.main(["--rows", "40", "--d-model", "32", "--d-ff", "64", "--inner", "32", "--layers", "2",
+                           "--codebook", "48", "--repeats", "1", "--out", str(out)]) == 0
+    rows = read_rows(out.with_suffix(".csv"))
+    assert [r["gemm"] for r in rows] == ["self q,k,v", "self out", "cross q", "cross out", "ff in", "ff out",
+                                         "level head", "step total"]
+    assert [(r["k"], r["n"]) for r in rows[:7]] == [("32", "96"), ("32", "32"), ("32", "32"), ("32", "32"),
+                                                     ("32", "64"), ("64", "32"), ("32", "48")]
+    for row in rows:
+        assert all(float(row[f"{m}_ms"]) > 0 for m in ("fp32", "fbgemm", "product", "eager"))
+        # int8 with absmax scales: about 1% of the largest output, far from a wrong product
+        assert float(row["fbgemm_rel_err"]) < 0.05 and float(row["eager_rel_err"]) < 0.05
+    total = rows[-1]
+    assert math.isclose(float(total["fp32_ms"]), sum(float(r["fp32_ms"]) * int(r["count"]) for r in rows[:7]),
+                        rel_tol=1e-3)
