@@ -461,7 +461,8 @@ def report(result: dict, args, command: str, machine: str, timings: dict) -> str
          f"{result['same_top_beam']:.3f} of the queries, the whole beam set for {result['same_beam_set']:.3f}."),
         (f"Stage 1: Combiner proj {args.proj_dim} / hidden {args.hidden_dim}, {args.rq_objective} objective, "
          f"{args.rq_epochs} epochs, batch {args.rq_batch}, lr {args.rq_lr:g}. Stage 2: T5 decoder d_model "
-         f"{args.d_model}, {args.layers} layers, {args.heads} heads, d_ff {args.d_ff}, P = {args.prefix}, {args.gen_epochs} epochs, batch {args.gen_batch}, "
+         f"{args.d_model}, {args.layers} layers, {args.heads} heads, d_ff {args.d_ff}, P = {args.prefix}, "
+         f"{args.gen_epochs} epochs, batch {args.gen_batch}, "
          f"lr {args.gen_lr:g}, query-target mixing {args.mixing}"
          + (f" (alpha {args.mix_alpha:g})" if args.mixing == "on" else "")
          + f", label smoothing {args.label_smoothing:g}"

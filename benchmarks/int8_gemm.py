@@ -85,10 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("rows", "d_model", "d_ff", "inner", "layers", "codebook", "threads", "repeats"):
         if getattr(args, name) < 1:
             p.exit(2, f"{p.prog}: error: --{name.replace('_', '-')} {getattr(args, name)} is out of range: pass >= 1\n")
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        p.exit(2, f"{p.prog}: error: this torch build has no fbgemm int8 kernels (they are x86-only); nothing to "
+                  "measure here\n")
     torch.set_num_threads(args.threads)
     rows = []
     for name, k, n, count in step_gemms(args.d_model, args.d_ff, args.inner, args.layers, args.codebook):
-        rows.append({"gemm": name, "m": args.rows, "k": k, "n": n, "count": count, **measure(args.rows, k, n, args.repeats)})
+        rows.append({"gemm": name, "m": args.rows, "k": k, "n": n, "count": count,
+                     **measure(args.rows, k, n, args.repeats)})
     total = {key: sum(r[f"{key}_ms"] * r["count"] for r in rows) for key in ("fp32", "fbgemm", "product", "eager")}
     rows.append({"gemm": "step total", "m": args.rows, "k": "", "n": "", "count": "",
                  **{f"{key}_ms": t for key, t in total.items()},
