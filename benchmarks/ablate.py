@@ -136,7 +136,7 @@ def stages_key(argv: list[str]) -> str:
     reaches stages 1-2, so cells that differ only in coco_t2t.EVAL_ONLY flags train once and share them.
     A flag coco_t2t gained later counts only away from its earlier behaviour, so adding one to
     coco_t2t leaves the names, and the stages already trained, as they were."""
-    args = vars(coco_t2t.fill_pool_defaults(coco_t2t.build_parser().parse_args(argv)))
+    args = vars(coco_t2t.parse_args(argv))  # the cell's flags were checked when the grid loaded
     trained = {k: v for k, v in args.items() if k not in (*coco_t2t.EVAL_ONLY, *PLACEMENT)
                and not (k in coco_t2t.ADDED_LATER and v == coco_t2t.ADDED_LATER[k])}
     digest = hashlib.sha256(json.dumps(trained, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -145,19 +145,19 @@ def stages_key(argv: list[str]) -> str:
 
 # ---- cells: run, skip, read ------------------------------------------------------------------
 def recorded(args: argparse.Namespace) -> dict:
-    """The flags as coco_t2t's result JSON records them (paths as strings), but where the stages were
-    kept: that says nothing of how the result was made."""
-    return {k: v for k, v in json.loads(json.dumps(vars(args), default=str)).items() if k != "stages_dir"}
+    """The flags as coco_t2t's result JSON records them (paths as strings)."""
+    return json.loads(json.dumps(vars(args), default=str))
 
 
-def with_later_flags(stored: object) -> object:
-    """A result's flags as ``recorded`` gives them, with those coco_t2t gained after it was recorded at
-    the value that kept the earlier behaviour (``coco_t2t.ADDED_LATER``), so the result still stands
-    for a cell that sets them so."""
-    if not isinstance(stored, dict):
-        return stored
-    return {**{k: v for k, v in coco_t2t.ADDED_LATER.items() if k not in stored},
-            **{k: v for k, v in stored.items() if k != "stages_dir"}}
+def made_with(flags: object) -> object:
+    """Recorded flags as two results are compared: those coco_t2t gained after a result was recorded
+    at the value that kept the earlier behaviour (``coco_t2t.ADDED_LATER``), so the result still
+    stands for a cell that sets them so; and without ``stages_dir``, since where the stages were kept
+    says nothing of how the result was made."""
+    if not isinstance(flags, dict):
+        return flags
+    return {**{k: v for k, v in coco_t2t.ADDED_LATER.items() if k not in flags},
+            **{k: v for k, v in flags.items() if k != "stages_dir"}}
 
 
 def finished_result(args: argparse.Namespace) -> dict | None:
@@ -170,7 +170,7 @@ def finished_result(args: argparse.Namespace) -> dict | None:
     except json.JSONDecodeError:
         log.warning("%s is not valid JSON; the cell counts as not run", path)
         return None
-    if not isinstance(result, dict) or with_later_flags(result.get("args")) != recorded(args):
+    if not isinstance(result, dict) or made_with(result.get("args")) != made_with(recorded(args)):
         log.info("%s was made with other flags than the cell's; the cell counts as not run", path)
         return None
     return result if {"recall", "pool_stats", "timings"} <= set(result) else None
