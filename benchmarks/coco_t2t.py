@@ -78,13 +78,16 @@ DATASET_ID = 9  # MSCOCO's M-BEIR dataset id (ids are "9:<caption row>")
 TEXT_TASK = 1  # M-BEIR task 1: text -> text
 KS = (1, 5, 10)
 METHODS = ("dense", "genius", "genius_r", "genius_full", "genius_r_full", "dense_combiner")
+INT8_METHODS = ("genius_int8", "genius_r_int8")  # with --int8 on
 LABELS = {"dense": "dense MiniLM (exact cosine)", "genius": "GENIUS", "genius_r": "GENIUS^R (re-ranked)",
           "genius_full": "GENIUS, full-vocabulary decoding (the official normalisation)",
           "genius_r_full": "GENIUS^R, full-vocabulary decoding",
-          "dense_combiner": "dense over the Combiner output z (diagnostic)"}
-# Both normalisations of the beam search are decoded from the same model: "level" scores only the
-# level's K rows of the output head at each step (the speed option), "full" the whole vocabulary.
-HEADS = {"level": True, "full": False}
+          "dense_combiner": "dense over the Combiner output z (diagnostic)",
+          "genius_int8": "GENIUS, int8 decoder", "genius_r_int8": "GENIUS^R, int8 decoder"}
+# The decodings of one run, all from the same model: "level" scores only the level's K rows of the
+# output head at each step (the speed option), "full" the whole vocabulary; with --int8 on, "int8"
+# is "level" with the decoder step's products in int8 (eval's decoding.int8). (level_head, int8)
+DECODINGS = {"level": (True, False), "full": (False, False), "int8": (True, True)}
 log = logging.getLogger("genius.bench.coco")
 
 
@@ -357,16 +360,18 @@ def evaluate(world: World, stages_dir: Path, rq_path: Path, gen_path: Path, args
                               quantization_errors(rq, z_c, codes))
     q_fused, c_fused = fused_store_embeddings(queries.arrays), fused_store_embeddings(pool.arrays)
 
-    def decode(queries: np.ndarray, level_head: bool):
+    def decode(queries: np.ndarray, level_head: bool, int8: bool):
         return constrained_beam_search(generator, torch.from_numpy(queries), trie, rq.codebook_sizes,
                                        num_beams=args.beams, batch_size=64, level_head=level_head,
-                                       sibling_penalty=args.sibling_penalty)
+                                       sibling_penalty=args.sibling_penalty, int8=int8)
 
     decoded, decode_s = {}, {}
-    for name, level_head in HEADS.items():
-        decode(z_q[:64], level_head)  # warm-up, so neither setting pays the first call's costs
+    for name, (level_head, int8) in DECODINGS.items():
+        if int8 and args.int8 == "off":
+            continue
+        decode(z_q[:64], level_head, int8)  # warm-up, so no setting pays the first call's costs
         start = time.perf_counter()
-        decoded[name] = decode(z_q, level_head)
+        decoded[name] = decode(z_q, level_head, int8)
         decode_s[name] = time.perf_counter() - start
     k = max(KS)
     pool_ids = np.asarray(pool.ids)
@@ -377,13 +382,18 @@ def evaluate(world: World, stages_dir: Path, rq_path: Path, gen_path: Path, args
         leaves = cmap.leaves_of(beams.codes.numpy())
         leaves[~beams.valid.numpy()] = -1
         leaves_of[name] = leaves
-        suffix = "" if name == "level" else "_full"
+        suffix = "" if name == "level" else f"_{name}"
         retrieved["genius" + suffix] = genius_ranking(cmap, leaves, beams.scores.numpy(), k).ids(pool_ids)
         retrieved["genius_r" + suffix] = rerank_ranking(cmap, leaves, q_fused, c_fused, k).ids(pool_ids)
     beams, leaves = decoded["level"], leaves_of["level"]
     relevant = [{hash_did(did(r)) for r in rows} for rows in world.positives]
     recalls = {m: {kk: float(hits_at_k(ids, relevant, kk).mean()) for kk in KS} for m, ids in retrieved.items()}
     own_ids = rq.encode(torch.from_numpy(z_q), torch.ones(len(z_q), dtype=torch.long)).numpy()
+    int8 = {} if "int8" not in decoded else {
+        "beam_search_qps_int8": len(z_q) / decode_s["int8"],
+        "same_top_beam_int8": float((decoded["int8"].codes[:, 0] == beams.codes[:, 0]).all(-1).float().mean()),
+        "same_beam_set_int8": same_beam_set(decoded["int8"], beams),
+    }
     return {
         "recall": recalls,
         "pool_stats": stats,
@@ -398,7 +408,13 @@ def evaluate(world: World, stages_dir: Path, rq_path: Path, gen_path: Path, args
         # How far the quantizer alone gets: the query's own ID holds a positive (no generator).
         "own_id_holds_positive": own_id_hit_rate(cmap, own_ids, pool_ids, relevant),
         "top_beam_is_own_id": float((beams.codes[:, 0].numpy() == own_ids).all(1).mean()),
+        **int8,
     }
+
+
+def methods_of(result: dict) -> list[str]:
+    """The methods a result holds, in report order (the int8 rows only from a run with --int8 on)."""
+    return [m for m in METHODS + INT8_METHODS if m in result["recall"]]
 
 
 def same_beam_set(a, b) -> float:
@@ -431,7 +447,7 @@ def own_id_hit_rate(cmap, own_ids: np.ndarray, pool_ids: np.ndarray, relevant: l
 def report(result: dict, args, command: str, machine: str, timings: dict) -> str:
     recall, dense = result["recall"], result["recall"]["dense"]
     rows = []
-    for method in METHODS:
+    for method in methods_of(result):
         r = recall[method]
         rows.append([LABELS[method]] + [f"{r[k]:.3f}" for k in KS] + [f"{r[k] / dense[k]:.2f}x" if dense[k] else ""
                                                                          for k in KS])
@@ -459,6 +475,14 @@ def report(result: dict, args, command: str, machine: str, timings: dict) -> str
          f"{result['beam_search_qps']:.0f} vs {result['beam_search_qps_full_vocabulary']:.0f} queries/s "
          f"({result['beam_search_qps'] / result['beam_search_qps_full_vocabulary']:.2f}x); the top beam agrees for "
          f"{result['same_top_beam']:.3f} of the queries, the whole beam set for {result['same_beam_set']:.3f}."),
+        *([] if "beam_search_qps_int8" not in result else [
+            (f"int8 decoder vs fp32 (level head, same model, decoded side by side): "
+             f"{result['beam_search_qps_int8']:.0f} vs {result['beam_search_qps']:.0f} queries/s "
+             f"({result['beam_search_qps_int8'] / result['beam_search_qps']:.2f}x); the top beam agrees for "
+             f"{result['same_top_beam_int8']:.3f} of the queries, the whole beam set for "
+             f"{result['same_beam_set_int8']:.3f}; R@5 GENIUS {result['recall']['genius_int8'][5]:.3f} vs "
+             f"{result['recall']['genius'][5]:.3f}, GENIUS^R {result['recall']['genius_r_int8'][5]:.3f} vs "
+             f"{result['recall']['genius_r'][5]:.3f}.")]),
         (f"Stage 1: Combiner proj {args.proj_dim} / hidden {args.hidden_dim}, {args.rq_objective} objective, "
          f"{args.rq_epochs} epochs, batch {args.rq_batch}, lr {args.rq_lr:g}. Stage 2: T5 decoder d_model "
          f"{args.d_model}, {args.layers} layers, {args.heads} heads, d_ff {args.d_ff}, P = {args.prefix}, "
@@ -506,11 +530,12 @@ def plot(result: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / len(METHODS)
-    for i, method in enumerate(METHODS):
+    methods = methods_of(result)
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
         values = [result["recall"][method][k] for k in KS]
         ax.bar(np.arange(len(KS)) + i * width, values, width, label=LABELS[method])
-    ax.set_xticks(np.arange(len(KS)) + width * (len(METHODS) - 1) / 2, [f"R@{k}" for k in KS])
+    ax.set_xticks(np.arange(len(KS)) + width * (len(methods) - 1) / 2, [f"R@{k}" for k in KS])
     ax.set_ylim(0, 1)
     ax.set_ylabel("Recall (hit rate)")
     ax.set_title(title, fontsize=10)
@@ -572,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sibling-penalty", type=float, default=0.0,
                    help="diverse beams: the r-th best child of a beam competes with its score lowered by this x r "
                         "(eval's decoding.sibling_penalty); 0 is plain beam search")
+    p.add_argument("--int8", choices=("on", "off"), default="off",
+                   help="also decode with the int8 decoder (eval's decoding.int8; x86 CPUs), side by side with fp32 "
+                        "from the same model: its recall rows, agreement and speed ratio")
     p.add_argument("--encode-batch", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -585,12 +613,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Flags that change stage 3 alone: runs that differ only in these can share trained stages.
-EVAL_ONLY = ("beams", "sibling_penalty", "within_id_order")
+EVAL_ONLY = ("beams", "sibling_penalty", "within_id_order", "int8")
 
 
 # Flags added after results were recorded, at the value those results were made with (what the
 # ablation harness assumes for a result that lacks them); a later change of a default keeps these.
-ADDED_LATER = {"index_pool": "off", "sibling_penalty": 0.0, "rq_objective": "contrastive"}
+ADDED_LATER = {"index_pool": "off", "sibling_penalty": 0.0, "rq_objective": "contrastive", "int8": "off"}
 
 # Level 0 is the modality code, so an ID needs at least one semantic level after it.
 RANGES = {"images": ">= 2", "test_images": ">= 1", "val_images": ">= 1", "levels": ">= 2", "codebook": ">= 2",
@@ -628,6 +656,12 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} {value} is out of range: pass a value {spec}") from None
     if args.d_model % args.heads:
         raise ValueError(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
+    if args.int8 == "on":
+        from genius.models.generative_retriever.fused_decoder import int8_decoding_problem
+
+        problem = int8_decoding_problem(torch.device("cpu"))
+        if problem:
+            raise ValueError(f"--int8 on: {problem}")
 
 
 def parse_args(argv: list[str] | None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
@@ -688,7 +722,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     with atomic_path(stem.with_suffix(".csv")) as tmp:
         write_csv(tmp, [{"method": m, **{f"R@{k}": result["recall"][m][k] for k in KS},
                          **{f"R@{k}_vs_dense": result["recall"][m][k] / result["recall"]["dense"][k] for k in KS}}
-                        for m in METHODS], ["method"] + [f"R@{k}" for k in KS] + [f"R@{k}_vs_dense" for k in KS])
+                        for m in methods_of(result)], ["method"] + [f"R@{k}" for k in KS] + [f"R@{k}_vs_dense" for k in KS])
     plot(result, stem.with_suffix(".png"), f"COCO captions text-to-text ({args.split}, {args.pool} pool), "
                                            f"L={args.levels}, K={args.codebook}")
     # Last, so that a JSON on disk means a finished run (the ablation harness relies on it).

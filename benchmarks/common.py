@@ -76,6 +76,19 @@ def gemm_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best_seconds(lambda: a @ b, repeats) / 1e9
 
 
+def int8_gemm_gops(n: int = 2048, repeats: int = 5) -> float:
+    """This machine's square int8 GEMM throughput right now, in GOP/s: the better of
+    ``torch._int_mm`` on int8 operands and fbgemm's dynamic int8 linear (the int8 decoder's
+    product, which also quantizes its fp32 input)."""
+    from genius.models.generative_retriever.fused_decoder import pack_int8
+
+    a8, b8 = torch.randint(-127, 128, (n, n), dtype=torch.int8), torch.randint(-127, 128, (n, n), dtype=torch.int8)
+    x, packed = torch.randn(n, n), pack_int8(torch.randn(n, n))
+    seconds = min(best_seconds(lambda: torch._int_mm(a8, b8), repeats),
+                  best_seconds(lambda: torch.ops.quantized.linear_dynamic(x, packed), repeats))
+    return 2 * n**3 / seconds / 1e9
+
+
 # ---- data --------------------------------------------------------------------------------------
 def random_ids(num_ids: int, codebook_sizes: Sequence[int], seed: int = 0) -> np.ndarray:
     """Random GENIUS-shaped IDs [N, L] int64: level l uniform in [0, codebook_sizes[l])

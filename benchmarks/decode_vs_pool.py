@@ -5,7 +5,8 @@ Methods (all on the same machine, in one run, same random pool size N per row):
 - ``genius`` / ``genius_bf16`` (a): the project's ``constrained_beam_search`` (KV cache, level
   head, one ``fill_mask`` + ``advance`` call of the C++ trie per step for all beams), then
   ID -> candidates (``CandidateMap.leaves_of`` + ``genius_ranking``, top 10); ``_bf16`` runs the
-  decoder under bf16 autocast on CPU. ``genius_device`` is (a) fp32 with the trie as tensors
+  decoder under bf16 autocast on CPU, ``_int8`` with the decoder step's products in int8
+  (``decoding.int8``; fbgemm, x86 CPUs). ``genius_device`` is (a) fp32 with the trie as tensors
   (``DeviceTrie``: the GPU-ready loop, no host round trip per step) on the CPU. ``genius_full`` is (a) with the full-vocabulary
   normalisation the paper settings use (``level_head=False``: all V rows of the output head
   scored at every step) instead of the level head (the level's K rows only).
@@ -56,6 +57,7 @@ from genius.benchmarks.common import (
     available_memory_gb,
     best_seconds,
     gemm_gflops,
+    int8_gemm_gops,
     load_average,
     machine_description,
     markdown_table,
@@ -66,12 +68,14 @@ from genius.benchmarks.common import (
     write_csv,
 )
 from genius.models.generative_retriever.beam_search import cpu_has_bf16
+from genius.models.generative_retriever.fused_decoder import int8_decoding_problem
 
-METHODS = ("genius", "genius_bf16", "genius_device", "genius_full", "generate", "generate_bf16", "dense_fp32", "dense_bf16", "faiss_flat", "faiss_ivf")
-DECODING = ("genius", "genius_bf16", "genius_device", "genius_full", "generate", "generate_bf16")
+METHODS = ("genius", "genius_bf16", "genius_int8", "genius_device", "genius_full", "generate", "generate_bf16",
+           "dense_fp32", "dense_bf16", "faiss_flat", "faiss_ivf")
+DECODING = ("genius", "genius_bf16", "genius_int8", "genius_device", "genius_full", "generate", "generate_bf16")
 BF16 = ("genius_bf16", "generate_bf16", "dense_bf16")
 LABELS = {
-    "genius": "(a) GENIUS fp32", "genius_bf16": "(a) GENIUS bf16 autocast",
+    "genius": "(a) GENIUS fp32", "genius_bf16": "(a) GENIUS bf16 autocast", "genius_int8": "(a) GENIUS int8 decoder",
     "genius_device": "(a) GENIUS fp32, device trie",
     "genius_full": "(a) GENIUS fp32, full-vocabulary normalisation", "generate": "(b) generate + dict trie fp32",
     "generate_bf16": "(b) generate + dict trie bf16 autocast",
@@ -159,7 +163,8 @@ def query_vectors(count: int, dim: int, seed: int) -> torch.Tensor:
 
 
 # ---- (a) GENIUS --------------------------------------------------------------------------
-def genius_retriever(generator, pool: Pool, args, autocast: bool, level_head: bool = True, on_device: bool = False):
+def genius_retriever(generator, pool: Pool, args, autocast: bool, level_head: bool = True, on_device: bool = False,
+                     int8: bool = False):
     """A function queries -> (beams, top-10 ranking): beam search, then ID -> candidates.
 
     ``level_head`` False scores and normalises over the whole vocabulary at every step (the
@@ -175,7 +180,8 @@ def genius_retriever(generator, pool: Pool, args, autocast: bool, level_head: bo
 
     def retrieve(queries: torch.Tensor):
         beams = constrained_beam_search(generator, queries, trie, generator.codebook_sizes, num_beams=args.beams,
-                                        batch_size=args.genius_batch, autocast=autocast, level_head=level_head)
+                                        batch_size=args.genius_batch, autocast=autocast, level_head=level_head,
+                                        int8=int8)
         leaves = pool.cmap.leaves_of(beams.codes.numpy())
         leaves[~beams.valid.numpy()] = -1
         return beams, genius_ranking(pool.cmap, leaves, beams.scores.numpy(), TOP_K)
@@ -193,7 +199,7 @@ def measure_genius(generator, pools: dict[int, Pool], z: torch.Tensor, args, met
     decoder's GFLOP/s is compared with a peak measured under the same conditions.
     """
     runs = {(m, n): genius_retriever(generator, pool, args, m == "genius_bf16", level_head=m != "genius_full",
-                                     on_device=m == "genius_device")
+                                     on_device=m == "genius_device", int8=m == "genius_int8")
             for n, pool in pools.items()
             for m in methods}
     for (method, size), retrieve in runs.items():  # warm-up, and a sanity check of the output
@@ -404,6 +410,8 @@ def sample_gemm(gemm: dict[str, list[float]], n: int) -> None:
     gemm.setdefault("fp32", []).append(gemm_gflops(torch.float32, n))
     if cpu_has_bf16():  # emulated bf16 GEMMs run at ~1 GFLOP/s: one sample would take minutes
         gemm.setdefault("bf16", []).append(gemm_gflops(torch.bfloat16, n))
+    if int8_decoding_problem(torch.device("cpu")) is None:
+        gemm.setdefault("int8", []).append(int8_gemm_gops(n))
 
 
 def run(args, gemm: dict[str, list[float]]) -> list[dict]:
@@ -414,6 +422,10 @@ def run(args, gemm: dict[str, list[float]]) -> list[dict]:
         if skipped:
             print(f"# skipped {', '.join(skipped)}: this CPU has no bf16 GEMM kernels (oneDNN reports none); "
                   "bf16 would run emulated at about 1 GFLOP/s", flush=True)
+    problem = int8_decoding_problem(torch.device("cpu"))
+    if problem and "genius_int8" in methods:
+        methods.remove("genius_int8")
+        print(f"# skipped genius_int8: {problem}", flush=True)
     results: dict[tuple[str, int], dict] = {}
     distinct: dict[int, int] = {}
     if any(m in methods for m in DECODING):
@@ -421,7 +433,7 @@ def run(args, gemm: dict[str, list[float]]) -> list[dict]:
         pools = {size: build_pool(size, generator.codebook_sizes, args.seed) for size in sizes}
         distinct = {size: len(pool.trie) for size, pool in pools.items()}
         z = query_vectors(max(args.genius_queries, args.generate_queries), args.dim, args.seed)
-        genius = [m for m in ("genius", "genius_bf16", "genius_device", "genius_full") if m in methods]
+        genius = [m for m in ("genius", "genius_bf16", "genius_int8", "genius_device", "genius_full") if m in methods]
         if genius:
             results.update(measure_genius(generator, pools, z[: args.genius_queries], args, genius, gemm))
         for size, pool in pools.items():
@@ -478,6 +490,9 @@ def size_rows(size: int, distinct, results: dict[tuple[str, int], dict], methods
 
 
 # ---- summary: GFLOP/s, targets -------------------------------------------------------------
+# Each decoding's GFLOP/s is compared with the peak of the GEMMs it runs (int8: operations/s).
+PEAKS = (("genius", "fp32"), ("genius_bf16", "bf16"), ("genius_int8", "int8"), ("genius_device", "fp32"),
+         ("genius_full", "fp32"), ("generate", "fp32"), ("generate_bf16", "bf16"))
 def qps_by_size(rows: list[dict], method: str) -> dict[int, float]:
     return {int(r["pool_size"]): float(r["qps"]) for r in rows if r["method"] == method and r.get("qps") not in ("", None)}
 
@@ -522,12 +537,13 @@ def summarise(rows: list[dict], args, gemm: dict) -> dict:
     arch = generator_arch(args)
     flops = {"genius": decoder_flops_per_query(arch, args.beams), "generate": generate_flops_per_query(arch, args.beams),
              "genius_full": decoder_flops_per_query(arch, args.beams, level_head=False)}
-    flops["genius_device"] = flops["genius"]
+    flops["genius_device"] = flops["genius_int8"] = flops["genius"]
     summary = {"gemm_gflops": gemm, "decoder_gflop_per_query": flops["genius"] / 1e9,
                "generate_gflop_per_query": flops["generate"] / 1e9, "targets": {}}
-    for method, peak in (("genius", "fp32"), ("genius_bf16", "bf16"), ("genius_device", "fp32"), ("genius_full", "fp32"),
-                         ("generate", "fp32"), ("generate_bf16", "bf16")):
+    for method, peak in PEAKS:
         qps = qps_by_size(rows, method)
+        if peak not in gemm:
+            continue
         if not qps:
             continue
         best = max(qps.values()) * flops[method.removesuffix("_bf16")] / 1e9
@@ -539,7 +555,8 @@ def summarise(rows: list[dict], args, gemm: dict) -> dict:
             summary["targets"][f"{method}_flat_1e3_1e6"] = {
                 "variation": variation, "met": variation <= 0.15,
                 "rule": "max/min - 1 of q/s over pool sizes 1e3..1e6 <= 15%"}
-    for fast, slow in (("genius", "generate"), ("genius_bf16", "generate_bf16"), ("genius_bf16", "generate")):
+    for fast, slow in (("genius", "generate"), ("genius_bf16", "generate_bf16"), ("genius_bf16", "generate"),
+                       ("genius_int8", "generate")):
         fast_qps, slow_qps = qps_by_size(rows, fast), qps_by_size(rows, slow)
         both = sorted(set(fast_qps) & set(slow_qps))
         if both:
@@ -598,13 +615,14 @@ def markdown(rows: list[dict], summary: dict, args, command: str, machine: str, 
         (f"GEMM peak measured in this run (torch.matmul {args.gemm_n}^2, best of the samples taken at the start, after each "
          f"GENIUS repeat and at the end): fp32 {gemm['fp32']:.0f} GFLOP/s, "
          + (f"bf16 {gemm['bf16']:.0f} GFLOP/s" if "bf16" in gemm else "bf16 not measured (no bf16 GEMM kernels)")
+         + (f", int8 {gemm['int8']:.0f} GOP/s (the better of torch._int_mm and fbgemm's dynamic int8 linear)"
+            if "int8" in gemm else "")
          + ". Decoder work per query (formula in `decoder_flops_per_query`): "
          f"{summary['decoder_gflop_per_query']:.3g} GFLOP; `generate` does {summary['generate_gflop_per_query']:.3g} "
          "GFLOP for the same query (`generate_flops_per_query`: every beam from the first step, cross-attention "
          "keys/values per beam, full-vocabulary head)."),
     ]
-    for method, peak in (("genius", "fp32"), ("genius_bf16", "bf16"), ("genius_device", "fp32"), ("genius_full", "fp32"),
-                         ("generate", "fp32"), ("generate_bf16", "bf16")):
+    for method, peak in PEAKS:
         if f"{method}_gflops" in summary:
             lines.append(f"- {LABELS[method]} at its best size: {summary[f'{method}_gflops']:.3g} GFLOP/s = "
                          f"{100 * summary[f'{method}_share_of_gemm']:.0f}% of the {peak} GEMM peak.")

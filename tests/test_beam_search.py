@@ -350,3 +350,48 @@ def test_nan_with_a_device_trie_is_the_same_error_after_the_search(level_head):
     expected_level = 1 if level_head else 0
     with pytest.raises(FloatingPointError, match=rf"NaN or \+inf scores at level {expected_level} for 4 of 4 queries"):
         constrained_beam_search(generator, queries(rng, 4), trie, sizes, num_beams=5, level_head=level_head)
+
+
+def test_int8_decoding_returns_trie_ids_close_to_fp32():
+    """int8 products: every beam a trie ID, the best beam mostly the fp32 one, scores close; the
+    search refuses int8 together with autocast."""
+    rng = np.random.default_rng(6)
+    sizes = [3, 8, 8, 8]
+    generator = tiny_generator(6, sizes)
+    trie = PythonTrie.build(random_codes(rng, sizes, 150))
+    z = queries(rng, 12)
+    exact = constrained_beam_search(generator, z, trie, sizes, num_beams=10)
+    int8 = constrained_beam_search(generator, z, trie, sizes, num_beams=10, int8=True)
+    known = {tuple(r) for r in trie.ids().tolist()}
+    assert int8.valid.all() and all(tuple(r) in known for r in int8.codes.reshape(-1, 4).tolist())
+    assert (int8.codes[:, 0] == exact.codes[:, 0]).all(-1).float().mean() >= 0.8
+    assert not torch.equal(int8.scores, exact.scores)
+    torch.testing.assert_close(int8.scores[:, 0], exact.scores[:, 0], atol=0.1, rtol=0.05)
+    with pytest.raises(ValueError, match="exclude each other"):
+        constrained_beam_search(generator, z, trie, sizes, num_beams=10, int8=True, autocast=True)
+
+
+def test_the_prepared_decoder_is_reused_until_the_weights_change():
+    """Searches reuse one prepared decoder per precision (int8 packing is costly); an optimizer
+    step or a load_state_dict makes the next search prepare it again, from the new weights."""
+    from genius.models.generative_retriever.beam_search import fused_decoder
+
+    rng = np.random.default_rng(7)
+    sizes = [3, 6, 6]
+    generator = tiny_generator(7, sizes)
+    trie = PythonTrie.build(random_codes(rng, sizes, 40))
+    z = queries(rng, 4)
+    first = fused_decoder(generator, int8=True)
+    assert fused_decoder(generator, int8=True) is first and fused_decoder(generator) is not first
+    before = constrained_beam_search(generator, z, trie, sizes, num_beams=5)
+    with torch.no_grad():
+        generator.t5.decoder.block[0].layer[2].DenseReluDense.wo.weight.mul_(-3.0)  # in place, as an optimizer
+    assert fused_decoder(generator, int8=True) is not first
+    after = constrained_beam_search(generator, z, trie, sizes, num_beams=5)
+    assert not torch.equal(before.scores, after.scores)
+    torch.testing.assert_close(after.scores, teacher_forced_scores(generator, z, after.codes, True), atol=1e-4, rtol=1e-5)
+    state = {k: v.clone() for k, v in generator.state_dict().items()}
+    replaced = fused_decoder(generator)
+    state["t5.decoder.final_layer_norm.weight"].mul_(0.5)
+    generator.load_state_dict(state)
+    assert fused_decoder(generator) is not replaced

@@ -33,7 +33,7 @@ def test_decode_vs_pool_writes_table_csv_and_plot(tmp_path):
     measured = [r for r in rows if r["qps"]]
     # bf16 methods run only where the CPU has bf16 kernels (emulated they take minutes even here)
     bf16 = {"genius_bf16", "generate_bf16", "dense_bf16"}
-    expected = {"genius", "genius_device", "generate", "dense_fp32"} | (bf16 if cpu_has_bf16() else set())
+    expected = {"genius", "genius_int8", "genius_device", "generate", "dense_fp32"} | (bf16 if cpu_has_bf16() else set())
     assert {r["method"] for r in measured} >= expected
     assert cpu_has_bf16() or not bf16 & {r["method"] for r in rows}
     assert {int(r["pool_size"]) for r in measured} == {300, 2000}
@@ -45,6 +45,9 @@ def test_decode_vs_pool_writes_table_csv_and_plot(tmp_path):
     assert "| pool size |" in table and "| 2,000 |" in table and "Targets:" in table
     summary = json.loads((tmp_path / "decode_vs_pool_summary.json").read_text())
     assert summary["gemm_gflops"]["fp32"] > 0 and summary["decoder_gflop_per_query"] > 0
+    # int8 is compared with the int8 GEMM peak and with generate, like the other precisions
+    assert summary["gemm_gflops"]["int8"] > 0 and 0 < summary["genius_int8_share_of_gemm"]
+    assert "speedup_genius_int8_vs_generate" in summary["targets"] and "GENIUS int8 decoder" in table
     assert (tmp_path / "decode_vs_pool.png").stat().st_size > 1000
 
 
@@ -130,8 +133,17 @@ def test_coco_t2t_writes_recall_table(tmp_path):
     table = (tmp_path / "out" / "coco_t2t_test.md").read_text()
     assert "| GENIUS^R (re-ranked) |" in table and "Targets" in table
     assert (tmp_path / "out" / "coco_t2t_test.png").stat().st_size > 1000
-    # A second run with the same settings reuses the trained stages (and the cached embeddings).
-    assert coco_t2t.main(argv) == 0
+    # A second run differing in an evaluation flag reuses the trained stages (and the cached
+    # embeddings); --int8 on adds the int8 decoder's rows and its agreement with fp32.
+    generator = tmp_path / "out" / "test_L2_K4" / "gen" / "generator.pt"
+    trained = generator.stat().st_mtime_ns
+    assert coco_t2t.main(argv + ["--int8", "on"]) == 0
+    assert generator.stat().st_mtime_ns == trained
+    rows = {r["method"]: r for r in read_rows(tmp_path / "out" / "coco_t2t_test.csv")}
+    assert set(rows) == set(coco_t2t.METHODS + coco_t2t.INT8_METHODS)
+    result = json.loads((tmp_path / "out" / "coco_t2t_test.json").read_text())
+    assert 0 <= result["same_top_beam_int8"] <= 1 and result["beam_search_qps_int8"] > 0
+    assert "int8 decoder vs fp32" in (tmp_path / "out" / "coco_t2t_test.md").read_text()
 
 
 def test_int8_gemm_probe_times_every_product_of_the_step_and_keeps_int8_close_to_fp32(tmp_path):

@@ -19,7 +19,7 @@ from genius.common.store import ARRAYS, EmbeddingStore, StoreArrays, store_path,
 from genius.models.generative_retriever.decode_cache import decode_key
 from genius.models.generative_retriever.evaluate import EvalConfig, EvalFile, PathsConfig, evaluate
 from genius.models.generative_retriever.metrics import read_run_file
-from genius.models.generative_retriever.run_models import Models, StaleInputError, checkpoint_files
+from genius.models.generative_retriever.run_models import Models, StaleInputError, check_int8_device, checkpoint_files
 
 DIM = 8
 ENCODER = "FAKE"
@@ -226,6 +226,11 @@ def test_decode_cache_key_records_the_device_and_the_precisions_used():
     gpu = key("cuda", autocast=True, combiner_autocast=True)  # building the key does not touch a GPU
     assert (gpu["device"], gpu["generator_dtype"], gpu["combiner_dtype"]) == ("cuda", "float16", "float16")
     assert len({json.dumps(k, sort_keys=True) for k in (cpu, key("cpu", autocast=False), gpu)}) == 3
+    cfg.decoding.int8 = True
+    int8 = key("cpu", autocast=False)
+    assert int8["generator_dtype"] == "int8"
+    assert {k: v for k, v in int8.items() if k != "generator_dtype"} == {
+        k: v for k, v in cpu.items() if k != "generator_dtype"}
 
 
 def test_decode_cache_key_records_diverse_beams_and_keeps_old_keys_without_them():
@@ -261,6 +266,11 @@ def test_eval_config_is_strict(tmp_path):
     path.write_text("task_specific: false\nunion: false\n")
     with pytest.raises(ConfigError, match="nothing to evaluate"):
         load_config(EvalConfig, path)
+    path.write_text("decoding: {int8: true, autocast: true}\n")
+    with pytest.raises(ConfigError, match="decoding.int8 and decoding.autocast are both true"):
+        load_config(EvalConfig, path)
+    with pytest.raises(ConfigError, match="decoding.int8: int8 decoding runs on a CPU only"):
+        check_int8_device(torch.device("cuda"))  # checked once the device is known, before any work
     repo = Path(__file__).resolve().parent.parent / "configs_scripts"
     for setting in ("tiny", "demo", "large"):
         cfg = load_config(EvalConfig, repo / setting / "eval.yaml")

@@ -63,3 +63,34 @@ def test_bf16_weights_stay_close_and_the_residual_stream_stays_fp32():
     assert hidden.dtype == torch.float32 and low.layers[0]["qkv"].dtype == torch.bfloat16
     assert not torch.equal(hidden, exact)  # the GEMMs did run in bf16 ...
     torch.testing.assert_close(hidden, exact, atol=0.05, rtol=0.05)  # ... to bf16's precision
+
+
+def test_int8_step_packs_the_step_products_and_stays_close_to_fp32():
+    """int8: the six per-step products run on fbgemm's packed int8 weights (kv_cross, used once per
+    query, stays fp32), the output is fp32 and within int8's error of the fp32 step, step by step."""
+    generator = generator_of(4, "gated-gelu", layers=3)
+    z = torch.nn.functional.normalize(torch.randn(2, 12, generator=torch.Generator().manual_seed(5)), dim=-1)
+    exact, int8 = FusedDecoder(generator), FusedDecoder(generator, int8=True)
+    layer = int8.layers[0]
+    assert all(not isinstance(layer[k], torch.Tensor) for k in ("qkv", "o_self", "q_cross", "o_cross", "wi", "wo"))
+    assert layer["kv_cross"].dtype == torch.float32
+    with torch.no_grad():
+        encoder_hidden = generator.encode(z)
+        states = [decoder.start(encoder_hidden, 6, 3) for decoder in (exact, int8)]
+        tokens, parents = torch.full((2,), PAD), None
+        for level in range(3):
+            expected, hidden = (d.step(s, tokens, parents) for d, s in zip((exact, int8), states))
+            assert hidden.dtype == torch.float32 and not torch.equal(hidden, expected)
+            assert float((hidden - expected).norm() / expected.norm()) < 0.05
+            parents = torch.tensor([0, 0, 0, 1, 1, 1]) if level == 0 else torch.tensor([2, 0, 1, 5, 3, 3])
+            tokens = generator.offsets[level] + torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+def test_int8_is_refused_where_it_cannot_run():
+    from genius.models.generative_retriever.fused_decoder import int8_decoding_problem
+
+    assert int8_decoding_problem(torch.device("cpu")) is None  # the CI machines are x86
+    assert "CPU only" in int8_decoding_problem(torch.device("cuda"))
+    assert "exclude each other" in int8_decoding_problem(torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ValueError, match="exclude each other"):
+        FusedDecoder(generator_of(0, "relu"), torch.bfloat16, int8=True)

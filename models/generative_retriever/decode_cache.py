@@ -62,8 +62,8 @@ def decode_key(cfg: Any, models: Models, pool: Pool, queries: EmbeddingStore, de
             "queries": queries.content_id, "num_beams": cfg.decoding.num_beams,
             "level_head": cfg.decoding.level_head, "device": device.type,
             # the precisions actually used: autocast means bf16 on a CPU and fp16 on a GPU
-            "generator_dtype": str(autocast_dtype(device) if cfg.decoding.autocast
-                                   else torch.float32).removeprefix("torch."),
+            "generator_dtype": "int8" if cfg.decoding.int8 else str(
+                autocast_dtype(device) if cfg.decoding.autocast else torch.float32).removeprefix("torch."),
             "combiner_dtype": combiner_dtype(device, cfg.decoding.combiner_autocast),
             "modality_threshold": cfg.decoding.modality_threshold, "numerics": NUMERICS_VERSION}
     if cfg.decoding.sibling_penalty:  # absent at 0, so decodings cached before the option stay valid

@@ -82,7 +82,7 @@ from genius.models.generative_retriever.retrieval import (
     Ranking, beam_leaves, excluded_rows, target_modality_share, union_sizes,
 )
 from genius.models.generative_retriever.run_models import (
-    Models, load_models, model_fingerprints, reads_query_images,
+    Models, check_int8_device, load_models, model_fingerprints, reads_query_images,
 )
 from genius.models.generative_retriever.tables import DecodeStats, RecallResult, method_names
 from genius.models.residual_quantization.assign_codes import combiner_dtype
@@ -134,6 +134,9 @@ class DecodingConfig:
     # full-vocabulary normalisation, the official decoding's exact scores and beams.
     level_head: bool = True
     autocast: bool = False  # the generator under bf16 autocast on CPU, fp16 on GPU
+    # The decoder step's products in int8 (fbgemm; x86 CPUs only, not with autocast): about 2.7x
+    # faster products at slightly different beams (fused_decoder.py; BENCHMARKS.md measures both).
+    int8: bool = False
     # The query Combiner under fp16 autocast, on CUDA only (on CPU it stays fp32), as the official
     # evaluation ran it; the candidates' side is assign-codes' ``autocast``.
     combiner_autocast: bool = False
@@ -181,6 +184,9 @@ class EvalConfig:
     force: bool = False  # re-evaluate even when the results folder holds this run finished
 
     def validate(self) -> None:
+        if self.decoding.int8 and self.decoding.autocast:
+            raise ValueError("decoding.int8 and decoding.autocast are both true: int8 decoding keeps fp32 "
+                             "activations, so set one of them to false")
         if not (self.task_specific or self.union):
             raise ValueError("task_specific and union are both false: nothing to evaluate")
         if self.paths.index is not None and (self.union or not self.task_specific):
@@ -446,6 +452,8 @@ def evaluate(cfg: EvalConfig, models: Models | None = None) -> EvalReport | None
     cfg.validate()
     info = init_distributed(cfg.device)
     try:
+        if cfg.decoding.int8:
+            check_int8_device(info.device)
         return _evaluate(cfg, models, info)
     finally:
         cleanup()
@@ -504,7 +512,7 @@ def build_report(cfg: EvalConfig, outcomes: list[PairOutcome], positives: list[P
     stats = [o.stats for o in outcomes]
     dec = cfg.decoding
     note = (f"{dec.num_beams} beams, {'level-head' if dec.level_head else 'full-vocabulary'} normalisation"
-            f"{', autocast' if dec.autocast else ''}"
+            f"{', autocast' if dec.autocast else ''}{', int8 decoder' if dec.int8 else ''}"
             f"{', fp16 query Combiner' if combiner_dtype(info.device, dec.combiner_autocast) == 'float16' else ''}"
             f"{f', modality threshold {dec.modality_threshold:g}' if dec.modality_threshold else ''}"
             f"{f', sibling penalty {dec.sibling_penalty:g}' if dec.sibling_penalty else ''}; trie backend {cfg.trie_backend}; "

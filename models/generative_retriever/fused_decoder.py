@@ -19,6 +19,14 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
 - ``dtype`` bf16/fp16 casts the weights once, not at every op as ``autocast`` does; the residual
   stream and the layer norms stay fp32 (as under autocast) and :meth:`IDGenerator.head_logits`
   scores the level in fp32.
+- ``int8`` (CPU, x86) runs the step's six products per layer as fbgemm's dynamic int8 linear:
+  weights quantized once, symmetric with one scale per output row; each product's input
+  quantized on the fly with one scale for the whole [rows, in] matrix; int32 accumulation,
+  fp32 out. On this project's reference CPU (AVX2, no bf16 kernels) these products run about
+  2.7x faster than fp32 (BENCHMARKS.md), at about 1-2 % of the largest output. Everything else
+  stays fp32: the cross-attention keys and values (once per query), attention, the norms, the
+  residual stream and the output head. Its beams are not the fp32 beams; BENCHMARKS.md measures
+  how often they retrieve the same.
 
 In fp32 it gives the decoder's last hidden state to float rounding (the tests hold it to 1e-5 of
 ``transformers``' own decoder, step by step, and the beams to ``generate``'s); dropout is off, as
@@ -27,6 +35,7 @@ in ``eval()``.
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -39,37 +48,53 @@ from genius.models.generative_retriever.generator import IDGenerator
 class FusedDecoder:
     """One search's decoder: ``start`` once per batch of queries, then ``step`` once per level."""
 
-    def __init__(self, generator: IDGenerator, dtype: torch.dtype = torch.float32):
+    def __init__(self, generator: IDGenerator, dtype: torch.dtype = torch.float32, int8: bool = False):
+        if int8:
+            check_int8_decoding(generator.t5.device, dtype)
         decoder, config = generator.t5.decoder, generator.t5.config
+        self.int8 = int8
         self.dtype, self.heads, self.d_kv = dtype, config.num_heads, config.d_kv
         self.inner = self.heads * self.d_kv
         self.eps = config.layer_norm_epsilon
         self.embed = decoder.embed_tokens.weight.detach()
         self.final_norm = decoder.final_layer_norm.weight.detach()
-        self.layers = [self._layer_weights(block, dtype) for block in decoder.block]
+        self.layers = [self._layer_weights(block, dtype, int8) for block in decoder.block]
         first = decoder.block[0].layer[0].SelfAttention
         self.bias_weight = first.relative_attention_bias.weight.detach()  # [buckets, heads]
         self.num_buckets, self.max_distance = first.relative_attention_num_buckets, first.relative_attention_max_distance
 
     @staticmethod
-    def _layer_weights(block, dtype: torch.dtype) -> dict:
+    def _layer_weights(block, dtype: torch.dtype, int8: bool) -> dict:
+        """A layer's weights as the step uses them; with ``int8`` the per-step products' weights
+        are fbgemm's packed int8 form (``kv_cross``, used once per query, stays ``dtype``)."""
         self_attn, cross_attn, ff = block.layer
         sa, ca, dense = self_attn.SelfAttention, cross_attn.EncDecAttention, ff.DenseReluDense
 
         def cast(*linears):
             return torch.cat([linear.weight.detach() for linear in linears]).to(dtype)
 
+        def step_weight(*linears):
+            return pack_int8(cast(*linears)) if int8 else cast(*linears)
+
         gated = hasattr(dense, "wi_0")
         return {
-            "norm_self": self_attn.layer_norm.weight.detach(), "qkv": cast(sa.q, sa.k, sa.v), "o_self": cast(sa.o),
-            "norm_cross": cross_attn.layer_norm.weight.detach(), "q_cross": cast(ca.q), "kv_cross": cast(ca.k, ca.v),
-            "o_cross": cast(ca.o), "norm_ff": ff.layer_norm.weight.detach(),
-            "wi": cast(dense.wi_0, dense.wi_1) if gated else cast(dense.wi), "wo": cast(dense.wo),
+            "norm_self": self_attn.layer_norm.weight.detach(), "qkv": step_weight(sa.q, sa.k, sa.v),
+            "o_self": step_weight(sa.o), "norm_cross": cross_attn.layer_norm.weight.detach(),
+            "q_cross": step_weight(ca.q), "kv_cross": cast(ca.k, ca.v), "o_cross": step_weight(ca.o),
+            "norm_ff": ff.layer_norm.weight.detach(),
+            "wi": step_weight(dense.wi_0, dense.wi_1) if gated else step_weight(dense.wi), "wo": step_weight(dense.wo),
             "gated": gated, "act": dense.act,
         }
 
+    def _linear(self, x: torch.Tensor, weight) -> torch.Tensor:
+        """One of the step's products: ``F.linear``, or fbgemm's int8 one on a packed weight."""
+        if self.int8:
+            return torch.ops.quantized.linear_dynamic(x, weight)
+        return F.linear(x, weight)
+
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """T5's layer norm (RMS, no mean, no bias), in fp32, then the GEMM dtype."""
+        """T5's layer norm (RMS, no mean, no bias), in fp32, then the GEMM dtype (int8: fp32, the
+        product quantizes its input itself)."""
         return F.rms_norm(x, weight.shape, weight, self.eps).to(self.dtype)
 
     def _position_bias(self, position: int) -> torch.Tensor:
@@ -104,7 +129,7 @@ class FusedDecoder:
         bias = self._position_bias(position)
         x = self.embed[tokens].float()
         for index, layer in enumerate(self.layers):
-            qkv = F.linear(self._norm(x, layer["norm_self"]), layer["qkv"]).view(rows, 3, self.heads, self.d_kv)
+            qkv = self._linear(self._norm(x, layer["norm_self"]), layer["qkv"]).view(rows, 3, self.heads, self.d_kv)
             # The history moves once per step, gathered by parent straight into the other buffer
             # (a strided write of the first ``position`` steps only), then the step's own keys
             # and values go in after it.
@@ -115,24 +140,57 @@ class FusedDecoder:
             state.buffers[index] = [spare, current]
             keys, values = spare[:, :rows, :, : position + 1]
             attended = F.scaled_dot_product_attention(qkv[:, 0, :, None], keys, values, attn_mask=bias, scale=1.0)
-            x = x + F.linear(attended.reshape(rows, self.inner), layer["o_self"])
+            x = x + self._linear(attended.reshape(rows, self.inner), layer["o_self"])
 
             # The B beams of a query are B query positions against that query's one row of keys.
-            q = F.linear(self._norm(x, layer["norm_cross"]), layer["q_cross"])
+            q = self._linear(self._norm(x, layer["norm_cross"]), layer["q_cross"])
             q = q.view(num_queries, beams, self.heads, self.d_kv).transpose(1, 2)
             keys, values = state.cross[index]
             attended = F.scaled_dot_product_attention(q, keys, values, scale=1.0).transpose(1, 2)
-            x = x + F.linear(attended.reshape(rows, self.inner), layer["o_cross"])
+            x = x + self._linear(attended.reshape(rows, self.inner), layer["o_cross"])
 
-            hidden = F.linear(self._norm(x, layer["norm_ff"]), layer["wi"])
+            hidden = self._linear(self._norm(x, layer["norm_ff"]), layer["wi"])
             if layer["gated"]:
                 gate, linear = hidden.chunk(2, dim=-1)
                 hidden = layer["act"](gate) * linear
             else:
                 hidden = layer["act"](hidden)
-            x = x + F.linear(hidden, layer["wo"])
+            x = x + self._linear(hidden, layer["wo"])
         state.position += 1
         return F.rms_norm(x, self.final_norm.shape, self.final_norm, self.eps)
+
+
+def int8_decoding_problem(device: torch.device, dtype: torch.dtype = torch.float32) -> str | None:
+    """Why int8 decoding cannot run here, or None when it can."""
+    if device.type != "cpu":
+        return f"int8 decoding runs on a CPU only (fbgemm's kernels), not on {device.type}"
+    if dtype != torch.float32:
+        return "int8 decoding and autocast (bf16/fp16 weights) exclude each other: choose one"
+    engines = torch.backends.quantized.supported_engines
+    if (not {"fbgemm", "x86"} & set(engines) or not hasattr(torch, "quantize_per_channel")
+            or not hasattr(torch.ops.quantized, "linear_dynamic")):
+        return (f"int8 decoding needs fbgemm's int8 kernels (x86 CPUs); this torch offers {engines}: decode in fp32 "
+                "(turn int8 off)")
+    return None
+
+
+def check_int8_decoding(device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+    problem = int8_decoding_problem(device, dtype)
+    if problem:
+        raise ValueError(problem)
+
+
+def pack_int8(weight: torch.Tensor):
+    """``weight`` [out, in] as fbgemm's packed int8 linear weight: symmetric, one scale per output
+    row (an all-zero row gets the smallest scale, so it stays exactly zero)."""
+    scale = (weight.abs().amax(dim=1).double() / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    with warnings.catch_warnings():
+        # torch marks its quantized-tensor constructors deprecated; they are the only way into
+        # fbgemm's int8 linear, and int8_decoding_problem says so plainly once they are gone
+        warnings.filterwarnings("ignore", message=".*quantize_per_channel.*deprecated", category=UserWarning)
+        quantized = torch.quantize_per_channel(weight.float(), scale, torch.zeros(len(weight), dtype=torch.long),
+                                               0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(quantized, None)
 
 
 _THREAD = threading.local()

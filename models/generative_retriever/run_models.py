@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from genius.common.checkpoint import CONTENT_KEY, load_own_checkpoint
+from genius.common.config import ConfigError
 from genius.common.distributed import recheck_threads, set_cpu_threads
 from genius.common.runstate import content_sha256
 from genius.models.residual_quantization.assign_codes import combiner_autocast
@@ -93,12 +94,23 @@ def reads_query_images(paths: Any, models: Models | None = None) -> bool:
     return load_own_checkpoint(gen_path, verify=False, mmap=True)["arch"].get("condition") == "image_tokens"
 
 
+def check_int8_device(device: torch.device) -> None:
+    """decoding.int8 needs a CPU with fbgemm's int8 kernels; otherwise a ConfigError naming the key."""
+    from genius.models.generative_retriever.fused_decoder import int8_decoding_problem
+
+    problem = int8_decoding_problem(device)
+    if problem:
+        raise ConfigError(f"decoding.int8: {problem}")
+
+
 def load_models(cfg: Any, device: torch.device) -> Models:
     """The models of an eval config (``cfg.paths`` and ``cfg.decoding``), on ``device``."""
     # Imported here: the driver and its tests run with stand-in models without loading transformers.
     from genius.models.generative_retriever.beam_search import constrained_beam_search
     from genius.models.generative_retriever.device_trie import DeviceTrie
 
+    if cfg.decoding.int8:
+        check_int8_device(device)
     paths = cfg.paths
     fingerprints = model_fingerprints(paths)
     if paths.official_checkpoint is not None:
@@ -144,7 +156,8 @@ def load_models(cfg: Any, device: torch.device) -> Models:
         return constrained_beam_search(generator, queries.to(device), trie, rq.codebook_sizes, num_beams=dec.num_beams,
                                        batch_size=dec.batch_size, level_head=dec.level_head, autocast=dec.autocast,
                                        modality_threshold=dec.modality_threshold,
-                                       modality_level=rq.has_modality_level, sibling_penalty=dec.sibling_penalty)
+                                       modality_level=rq.has_modality_level, sibling_penalty=dec.sibling_penalty,
+                                       int8=dec.int8)
 
     return Models(embed, decode, fingerprints, list(generator.codebook_sizes), rq.arch["modality_mode"], files,
                   getattr(generator, "preprocess", None))
