@@ -67,7 +67,8 @@ def test_bf16_weights_stay_close_and_the_residual_stream_stays_fp32():
 
 def test_int8_step_packs_the_step_products_and_stays_close_to_fp32():
     """int8: the six per-step products run on fbgemm's packed int8 weights (kv_cross, used once per
-    query, stays fp32), the output is fp32 and within int8's error of the fp32 step, step by step."""
+    query, stays fp32), the output is fp32 and within int8's error of the fp32 step, step by step;
+    so are the output head's log-probabilities."""
     generator = generator_of(4, "gated-gelu", layers=3)
     z = torch.nn.functional.normalize(torch.randn(2, 12, generator=torch.Generator().manual_seed(5)), dim=-1)
     exact, int8 = FusedDecoder(generator), FusedDecoder(generator, int8=True)
@@ -82,8 +83,18 @@ def test_int8_step_packs_the_step_products_and_stays_close_to_fp32():
             expected, hidden = (d.step(s, tokens, parents) for d, s in zip((exact, int8), states))
             assert hidden.dtype == torch.float32 and not torch.equal(hidden, expected)
             assert float((hidden - expected).norm() / expected.norm()) < 0.05
+            # The head: fp32 is the generator's own; int8's product is int8, its log-softmax fp32,
+            # over the level's rows or the whole vocabulary.
+            for level_head in (True, False):
+                reference = generator.level_log_probs(hidden, level, level_head)
+                assert torch.equal(exact.level_log_probs(generator, hidden, level, level_head), reference)
+                quantized = int8.level_log_probs(generator, hidden, level, level_head)
+                assert quantized.dtype == torch.float32 and quantized.shape == reference.shape
+                assert not torch.equal(quantized, reference)
+                torch.testing.assert_close(quantized, reference, atol=0.1, rtol=0.05)
             parents = torch.tensor([0, 0, 0, 1, 1, 1]) if level == 0 else torch.tensor([2, 0, 1, 5, 3, 3])
             tokens = generator.offsets[level] + torch.tensor([0, 1, 2, 0, 1, 2])
+    assert set(int8.head_packed) == {0, 1, 2, "full"}  # packed once per level used, and whole once
 
 
 def test_int8_is_refused_where_it_cannot_run():

@@ -24,8 +24,8 @@ Three details keep it fast:
 
 With ``autocast`` the decoder's weights are cast once to bf16 (CPU) or fp16 (GPU) and its GEMMs
 run in that type (the residual stream and norms stay fp32), but the output head and the scores
-stay fp32 (``IDGenerator.head_logits``). ``int8`` (x86 CPUs) runs the decoder step's products in
-int8 instead (``FusedDecoder``); the head and the scores stay fp32 there too. Either way the
+stay fp32 (``IDGenerator.head_logits``). ``int8`` (x86 CPUs) runs the decoder step's products and
+the output head's in int8 instead (``FusedDecoder``); the log-softmax and the scores stay fp32. Either way the
 decoder's weights are prepared once per generator and precision and reused by later searches
 until the generator's weights change (``fused_decoder``): int8's packing costs about a quarter
 of a second at paper size, which a per-batch rebuild would pay again for every batch. A NaN or +inf score is an error naming the level, never
@@ -189,7 +189,7 @@ def _search(generator: IDGenerator, decoder: FusedDecoder, queries: torch.Tensor
     codes = torch.zeros(num_queries, 1, 0, dtype=torch.long, device=device)
     tokens = torch.full((num_queries,), PAD, dtype=torch.long, device=device)
     for level, width in enumerate(generator.codebook_sizes):
-        log_probs = generator.level_log_probs(decoder.step(state, tokens, parents), level, level_head)
+        log_probs = decoder.level_log_probs(generator, decoder.step(state, tokens, parents), level, level_head)
         allowed = masks.fill(trie, level, nodes, width)
         total = (scores.view(-1, 1) + log_probs).masked_fill(~allowed, -torch.inf)
         if level == 0 and modality_threshold > 0:  # one beam (the root) per query here, so total is [Q, K_0]

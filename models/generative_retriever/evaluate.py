@@ -134,8 +134,9 @@ class DecodingConfig:
     # full-vocabulary normalisation, the official decoding's exact scores and beams.
     level_head: bool = True
     autocast: bool = False  # the generator under bf16 autocast on CPU, fp16 on GPU
-    # The decoder step's products in int8 (fbgemm; x86 CPUs only, not with autocast): about 2.7x
-    # faster products at slightly different beams (fused_decoder.py; BENCHMARKS.md measures both).
+    # The decoder step's and the output head's products in int8 (fbgemm; x86 CPUs only, not with
+    # autocast): faster decoding at slightly different beams (fused_decoder.py; BENCHMARKS.md
+    # measures both).
     int8: bool = False
     # The query Combiner under fp16 autocast, on CUDA only (on CPU it stays fp32), as the official
     # evaluation ran it; the candidates' side is assign-codes' ``autocast``.

@@ -19,14 +19,14 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
 - ``dtype`` bf16/fp16 casts the weights once, not at every op as ``autocast`` does; the residual
   stream and the layer norms stay fp32 (as under autocast) and :meth:`IDGenerator.head_logits`
   scores the level in fp32.
-- ``int8`` (CPU, x86) runs the step's six products per layer as fbgemm's dynamic int8 linear:
-  weights quantized once, symmetric with one scale per output row; each product's input
-  quantized on the fly with one scale for the whole [rows, in] matrix; int32 accumulation,
-  fp32 out. On this project's reference CPU (AVX2, no bf16 kernels) these products run about
-  2.7x faster than fp32 (BENCHMARKS.md), at about 1-2 % of the largest output. Everything else
-  stays fp32: the cross-attention keys and values (once per query), attention, the norms, the
-  residual stream and the output head. Its beams are not the fp32 beams; BENCHMARKS.md measures
-  how often they retrieve the same.
+- ``int8`` (CPU, x86) runs the step's six products per layer, and the output head's
+  (:meth:`level_log_probs`), as fbgemm's dynamic int8 linear: weights quantized once, symmetric
+  with one scale per output row; each product's input quantized on the fly with one scale for
+  the whole [rows, in] matrix; int32 accumulation, fp32 out. These products run 2.6-2.7x faster
+  than fp32 on the CPUs measured (BENCHMARKS.md), at about 1-2 % of the largest output.
+  Everything else stays fp32: the cross-attention keys and values (once per query), attention,
+  the norms, the residual stream, the log-softmax and the scores. Its beams are not the fp32
+  beams; BENCHMARKS.md measures how often they retrieve the same.
 
 In fp32 it gives the decoder's last hidden state to float rounding (the tests hold it to 1e-5 of
 ``transformers``' own decoder, step by step, and the beams to ``generate``'s); dropout is off, as
@@ -59,6 +59,9 @@ class FusedDecoder:
         self.embed = decoder.embed_tokens.weight.detach()
         self.final_norm = decoder.final_layer_norm.weight.detach()
         self.layers = [self._layer_weights(block, dtype, int8) for block in decoder.block]
+        # int8's output head: the tied head's rows packed per level (or whole) on first use
+        self.head_weight, self.head_packed = generator.t5.lm_head.weight.detach(), {}
+        self.head_scale = generator.d_model**-0.5 if config.scale_decoder_outputs else None
         first = decoder.block[0].layer[0].SelfAttention
         self.bias_weight = first.relative_attention_bias.weight.detach()  # [buckets, heads]
         self.num_buckets, self.max_distance = first.relative_attention_num_buckets, first.relative_attention_max_distance
@@ -91,6 +94,22 @@ class FusedDecoder:
         if self.int8:
             return torch.ops.quantized.linear_dynamic(x, weight)
         return F.linear(x, weight)
+
+    def level_log_probs(self, generator: IDGenerator, hidden: torch.Tensor, level: int, level_head: bool
+                        ) -> torch.Tensor:
+        """fp32 log-probabilities [N, K_level] of level ``level``'s codes from ``step``'s states:
+        :meth:`IDGenerator.level_log_probs`, the fp32 head; with ``int8`` the head's product is
+        int8 too (the log-softmax stays fp32). ``generator``: the one this decoder was made from."""
+        if not self.int8:
+            return generator.level_log_probs(hidden, level, level_head)
+        lo, hi = generator.offsets[level], generator.offsets[level] + generator.codebook_sizes[level]
+        key = level if level_head else "full"
+        if key not in self.head_packed:  # a plain dict write: two threads packing at once store equal packs
+            self.head_packed[key] = pack_int8(self.head_weight[lo:hi] if level_head else self.head_weight)
+        if self.head_scale is not None:
+            hidden = hidden * self.head_scale
+        log_probs = F.log_softmax(torch.ops.quantized.linear_dynamic(hidden, self.head_packed[key]), dim=-1)
+        return log_probs if level_head else log_probs[:, lo:hi]
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """T5's layer norm (RMS, no mean, no bias), in fp32, then the GEMM dtype (int8: fp32, the
