@@ -226,11 +226,14 @@ def test_decode_cache_key_records_the_device_and_the_precisions_used():
     gpu = key("cuda", autocast=True, combiner_autocast=True)  # building the key does not touch a GPU
     assert (gpu["device"], gpu["generator_dtype"], gpu["combiner_dtype"]) == ("cuda", "float16", "float16")
     assert len({json.dumps(k, sort_keys=True) for k in (cpu, key("cpu", autocast=False), gpu)}) == 3
+    assert "batching" not in cpu  # fp32 and autocast beams do not depend on the batching
     cfg.decoding.int8 = True
     int8 = key("cpu", autocast=False)
-    assert int8["generator_dtype"] == "int8"
-    assert {k: v for k, v in int8.items() if k != "generator_dtype"} == {
+    assert int8["generator_dtype"] == "int8" and int8["batching"] == {"batch_size": 64, "processes": 1}
+    assert {k: v for k, v in int8.items() if k not in ("generator_dtype", "batching")} == {
         k: v for k, v in cpu.items() if k != "generator_dtype"}
+    cfg.decoding.batch_size = 32  # int8 beams depend on the batches, so another batching decodes afresh
+    assert key("cpu", autocast=False)["batching"]["batch_size"] == 32
 
 
 def test_decode_cache_key_records_diverse_beams_and_keeps_old_keys_without_them():

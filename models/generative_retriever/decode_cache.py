@@ -57,7 +57,7 @@ class Decoded:
 
 
 def decode_key(cfg: Any, models: Models, pool: Pool, queries: EmbeddingStore, device: torch.device,
-               images: QueryImages | None = None) -> dict:
+               images: QueryImages | None = None, processes: int = 1) -> dict:
     key = {"models": models.fingerprints, "codes": pool.codes_hash, "trie": pool.trie_path.name,
             "queries": queries.content_id, "num_beams": cfg.decoding.num_beams,
             "level_head": cfg.decoding.level_head, "device": device.type,
@@ -68,6 +68,11 @@ def decode_key(cfg: Any, models: Models, pool: Pool, queries: EmbeddingStore, de
             "modality_threshold": cfg.decoding.modality_threshold, "numerics": NUMERICS_VERSION}
     if cfg.decoding.sibling_penalty:  # absent at 0, so decodings cached before the option stay valid
         key["sibling_penalty"] = cfg.decoding.sibling_penalty
+    if cfg.decoding.int8:
+        # int8 beams depend on how the queries are batched (fp32 decoding's do not, beyond 1e-5):
+        # each product quantizes its input with one range over the batch's rows, and rounding
+        # differences between batch shapes flip int8 roundings. So the batching is in the key.
+        key["batching"] = {"batch_size": cfg.decoding.batch_size, "processes": processes}
     if images is not None:
         key["query_images"] = images.digest
     return key
@@ -120,7 +125,7 @@ def decode_cached(cfg: Any, models: Models, pool: Pool, queries: EmbeddingStore,
     ``query_file`` (the store's jsonl) names the query images an image_tokens generator reads.
     """
     images = open_query_images(models, queries, query_file, cfg.paths.data_root)
-    key = decode_key(cfg, models, pool, queries, info.device, images)
+    key = decode_key(cfg, models, pool, queries, info.device, images, info.world_size)
     start, stop = shard_bounds(len(queries), info.rank, info.world_size)
     if (out_dir / "meta.json").is_file():
         meta = json.loads((out_dir / "meta.json").read_text())

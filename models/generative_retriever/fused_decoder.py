@@ -26,7 +26,10 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
   than fp32 on the CPUs measured (BENCHMARKS.md), at about 1-2 % of the largest output.
   Everything else stays fp32: the cross-attention keys and values (once per query), attention,
   the norms, the residual stream, the log-softmax and the scores. Its beams are not the fp32
-  beams; BENCHMARKS.md measures how often they retrieve the same.
+  beams; BENCHMARKS.md measures how often they retrieve the same. They also depend on the batch:
+  the input's one range spans every row of the batch, and even per-row ranges (tried: slower and
+  no closer to fp32) would leave the fp32 parts' rounding, which differs between batch shapes by
+  about 1e-5, to flip int8 roundings. So a query's int8 beams are those of its batch.
 
 In fp32 it gives the decoder's last hidden state to float rounding (the tests hold it to 1e-5 of
 ``transformers``' own decoder, step by step, and the beams to ``generate``'s); dropout is off, as
