@@ -86,7 +86,8 @@ LABELS = {"dense": "dense MiniLM (exact cosine)", "genius": "GENIUS", "genius_r"
           "genius_int8": "GENIUS, int8 decoder", "genius_r_int8": "GENIUS^R, int8 decoder"}
 # The decodings of one run, all from the same model: "level" scores only the level's K rows of the
 # output head at each step (the speed option), "full" the whole vocabulary; with --int8 on, "int8"
-# is "level" with the decoder step's products in int8 (eval's decoding.int8). (level_head, int8)
+# is "level" with the decoder's and the head's products in int8 (eval's decoding.int8).
+# name -> (level_head, int8)
 DECODINGS = {"level": (True, False), "full": (False, False), "int8": (True, True)}
 log = logging.getLogger("genius.bench.coco")
 
@@ -722,7 +723,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     with atomic_path(stem.with_suffix(".csv")) as tmp:
         write_csv(tmp, [{"method": m, **{f"R@{k}": result["recall"][m][k] for k in KS},
                          **{f"R@{k}_vs_dense": result["recall"][m][k] / result["recall"]["dense"][k] for k in KS}}
-                        for m in methods_of(result)], ["method"] + [f"R@{k}" for k in KS] + [f"R@{k}_vs_dense" for k in KS])
+                        for m in methods_of(result)],
+                  ["method"] + [f"R@{k}" for k in KS] + [f"R@{k}_vs_dense" for k in KS])
     plot(result, stem.with_suffix(".png"), f"COCO captions text-to-text ({args.split}, {args.pool} pool), "
                                            f"L={args.levels}, K={args.codebook}")
     # Last, so that a JSON on disk means a finished run (the ablation harness relies on it).

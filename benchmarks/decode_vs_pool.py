@@ -5,8 +5,8 @@ Methods (all on the same machine, in one run, same random pool size N per row):
 - ``genius`` / ``genius_bf16`` (a): the project's ``constrained_beam_search`` (KV cache, level
   head, one ``fill_mask`` + ``advance`` call of the C++ trie per step for all beams), then
   ID -> candidates (``CandidateMap.leaves_of`` + ``genius_ranking``, top 10); ``_bf16`` runs the
-  decoder under bf16 autocast on CPU, ``_int8`` with the decoder step's products in int8
-  (``decoding.int8``; fbgemm, x86 CPUs). ``genius_device`` is (a) fp32 with the trie as tensors
+  decoder under bf16 autocast on CPU, ``_int8`` with the decoder's and the output head's
+  products in int8 (``decoding.int8``; fbgemm, x86 CPUs). ``genius_device`` is (a) fp32 with the trie as tensors
   (``DeviceTrie``: the GPU-ready loop, no host round trip per step) on the CPU. ``genius_full`` is (a) with the full-vocabulary
   normalisation the paper settings use (``level_head=False``: all V rows of the output head
   scored at every step) instead of the level head (the level's K rows only).

@@ -24,12 +24,13 @@ Three details keep it fast:
 
 With ``autocast`` the decoder's weights are cast once to bf16 (CPU) or fp16 (GPU) and its GEMMs
 run in that type (the residual stream and norms stay fp32), but the output head and the scores
-stay fp32 (``IDGenerator.head_logits``). ``int8`` (x86 CPUs) runs the decoder step's products and
-the output head's in int8 instead (``FusedDecoder``); the log-softmax and the scores stay fp32. Either way the
-decoder's weights are prepared once per generator and precision and reused by later searches
-until the generator's weights change (``fused_decoder``): int8's packing costs about a quarter
-of a second at paper size, which a per-batch rebuild would pay again for every batch. A NaN or +inf score is an error naming the level, never
-a beam silently dropped or kept; -inf marks what the trie disallows.
+stay fp32 (``IDGenerator.head_logits``). ``int8`` (x86 CPUs) runs the decoder step's products
+and the output head's in int8 instead (``FusedDecoder``); the log-softmax and the scores stay
+fp32. Either way the decoder's weights are prepared once per generator and precision and reused
+by later searches until the generator's weights change (``fused_decoder``): int8's packing costs
+about a quarter of a second at paper size, which a per-batch rebuild would pay for every batch.
+A NaN or +inf score is an error naming the level, never a beam silently dropped or kept; -inf
+marks what the trie disallows.
 
 Modality decision (``modality_threshold``, off by default): level 0 is the modality code. Plain
 beam search adds log-probabilities over all levels, so a wrong modality the generator gives 0.3%
@@ -56,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import threading
 import weakref
@@ -114,9 +116,11 @@ _DECODERS_LOCK = threading.Lock()
 
 def fused_decoder(generator: IDGenerator, dtype: torch.dtype = torch.float32, int8: bool = False) -> FusedDecoder:
     """The generator's :class:`FusedDecoder` in this precision, built once and reused while the
-    decoder's parameters are the same tensors at the same version (an optimizer step, a
-    ``load_state_dict`` or a move to another device changes that, and the next call rebuilds)."""
-    stamp = tuple((p.data_ptr(), p._version) for p in generator.t5.decoder.parameters())
+    decoder's and the output head's parameters are the same tensors at the same version (an
+    optimizer step, a ``load_state_dict`` or a move to another device changes that, and the next
+    call rebuilds). Held while the generator lives: about one more copy of the decoder's weights."""
+    parameters = itertools.chain(generator.t5.decoder.parameters(), generator.t5.lm_head.parameters())
+    stamp = tuple((p.data_ptr(), p._version) for p in parameters)
     with _DECODERS_LOCK:
         held = _DECODERS.setdefault(generator, {}).get((dtype, int8))
     if held is not None and held[0] == stamp:
@@ -140,7 +144,8 @@ def constrained_beam_search(generator: IDGenerator, queries: torch.Tensor, trie,
     queries' device (identical beams, no host round trip per step). ``modality_level``: whether level 0 is
     the modality code (the quantizer's ``has_modality_level``); without it ``modality_threshold``
     is ignored. ``sibling_penalty``: diverse beams (module docstring); 0 is plain beam search.
-    ``int8``: the decoder step's products in int8 (x86 CPUs; not with ``autocast``).
+    ``int8``: the decoder step's and the output head's products in int8 (x86 CPUs; not with
+    ``autocast``); a query's beams then depend on its batch (``FusedDecoder``).
     """
     if list(codebook_sizes) != generator.codebook_sizes:
         raise ValueError(f"codebook sizes {list(codebook_sizes)} differ from the generator's {generator.codebook_sizes}")
