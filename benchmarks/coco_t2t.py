@@ -314,7 +314,7 @@ def count_lines(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
-def pool_codes(world: World, stages_dir: Path, rq_path: Path) -> tuple[np.ndarray, dict]:
+def pool_codes(world: World, stages_dir: Path, rq_path: Path, threads: int) -> tuple[np.ndarray, dict]:
     """The evaluated pool's IDs and collision statistics, written by assign-codes."""
     from genius.common.distributed import init_distributed
     from genius.models.residual_quantization.assign_codes import (
@@ -325,7 +325,7 @@ def pool_codes(world: World, stages_dir: Path, rq_path: Path) -> tuple[np.ndarra
     store = world.store("cand", world.eval_pool)
     cfg = stage_config(AssignCodesConfig, stages_dir / "assign_codes.yaml", {
         "rq_path": str(rq_path), "embed_dir": str(store.parent), "pools": [store.name], "encoder": ENCODER,
-        "out_dir": str(stages_dir / "codes"), "device": "cpu"})
+        "out_dir": str(stages_dir / "codes"), "device": "cpu", "cpu_threads": threads})
     assign_codes(cfg, init_distributed("cpu"))
     out = stages_dir / "codes" / store.name
     return np.load(out / "codes.npy"), json.loads((out / "stats.json").read_text())
@@ -354,7 +354,7 @@ def evaluate(world: World, stages_dir: Path, rq_path: Path, gen_path: Path, args
     generator, _ = load_generator(gen_path)
     queries = EmbeddingStore.open(world.store("test", world.eval_queries), encoder=ENCODER, kind="query")
     pool = EmbeddingStore.open(world.store("cand", world.eval_pool), encoder=ENCODER, kind="candidate")
-    codes, stats = pool_codes(world, stages_dir, rq_path)
+    codes, stats = pool_codes(world, stages_dir, rq_path, args.threads)
     trie = build_trie(codes, "cpp")
     z_q, z_c = combiner_embeddings(rq, queries), combiner_embeddings(rq, pool)
     cmap = CandidateMap.build(trie, codes, order=None if args.within_id_order == "pool" else

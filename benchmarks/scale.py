@@ -246,7 +246,7 @@ def stage_assign_codes(args, size: int, folder: Path) -> dict:
                 getattr(out, field)[:] = getattr(pool, field)[:rows]
     embed_dir = folder if rows == size else folder / "stores_head"
     cfg = AssignCodesConfig(rq_path=str(folder / "rq.pt"), embed_dir=str(embed_dir), pools=[name],
-                            out_dir=str(folder / "assigned"), device="cpu", force=True)
+                            out_dir=str(folder / "assigned"), device="cpu", cpu_threads=args.threads, force=True)
     started = time.perf_counter()
     info = init_distributed("cpu")
     try:

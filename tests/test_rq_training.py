@@ -210,6 +210,31 @@ def test_assign_codes_skips_up_to_date_pools_and_recomputes_stale_ones(trained, 
     assert codes_file.stat().st_mtime_ns != before
 
 
+def test_assign_codes_takes_its_threads_from_the_policy_or_the_config(trained, monkeypatch):
+    """On a CPU, assign-codes hands its threads to the thread policy, sized by a batch through the
+    Combiner's widest layer; ``cpu_threads`` pins them instead (and is not part of the run key)."""
+    from genius.common import distributed
+
+    root, _, _, assign_yaml = trained
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    started = []
+    monkeypatch.setattr(distributed, "start_thread_policy", started.append)
+    before = torch.get_num_threads()
+    try:
+        assert assign_codes.main(["--config", str(assign_yaml), "--set", "force=true"]) == 0
+        model = load_rq(root / "rq" / "rq.pt")
+        widest = max(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+        assert [p.op_macs for p in started if p is not None] == [100 * widest]  # batch_size 100
+        started.clear()
+        codes = root / "rq" / "codes" / "mbeir_a_task0_cand_pool" / "codes.npy"
+        written = codes.stat().st_mtime_ns
+        assert assign_codes.main(["--config", str(assign_yaml), "--set", "cpu_threads=1"]) == 0
+        assert not any(started) and torch.get_num_threads() == 1  # no policy started: pinned
+        assert codes.stat().st_mtime_ns == written  # pinning threads does not redo finished codes
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_finished_run_is_not_retrained_and_a_changed_config_starts_afresh(trained, tmp_path):
     root, world, train_yaml, _ = trained
     rq = root / "rq" / "rq.pt"

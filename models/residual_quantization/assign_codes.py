@@ -53,7 +53,8 @@ import torch
 from genius.common.checkpoint import UnsafeCheckpointError, safe_load
 from genius.common.config import resolve_path
 from genius.common.distributed import (
-    DistInfo, barrier, broadcast_from_main, cleanup, gather_to_main, group_rank, init_distributed, shard_bounds,
+    DistInfo, barrier, broadcast_from_main, cleanup, gather_to_main, group_rank, init_distributed, recheck_threads,
+    set_cpu_threads, shard_bounds, transformer_op_macs,
 )
 from genius.common.config_checks import check_dir
 from genius.common.progress import Progress
@@ -82,6 +83,7 @@ class AssignCodesConfig:
     # fp32. Nearest-codeword search is fp32 either way.
     autocast: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    cpu_threads: int | None = ranged(None, ">= 1")  # CPU torch threads (null: common.distributed.ThreadPolicy)
     force: bool = False  # recompute every pool's codes, even those whose done.json records the same run key
 
     def validate(self) -> None:
@@ -91,7 +93,8 @@ class AssignCodesConfig:
 
 # Keys the codes do not depend on: where things are (the inputs' fingerprints stand for them), how
 # fast it runs, and autocast (the Combiner's effective precision is in the key instead).
-NOT_IN_RUN_KEY = ("rq_path", "embed_dir", "pools", "encoder", "out_dir", "batch_size", "autocast", "device", "force")
+NOT_IN_RUN_KEY = ("rq_path", "embed_dir", "pools", "encoder", "out_dir", "batch_size", "autocast", "device",
+                  "cpu_threads", "force")
 CODE_FILES = ("codes.npy", "ids.npy")
 OUTPUTS = (*CODE_FILES, "stats.json", "meta.json")
 STAGE = "genius assign-codes"
@@ -213,6 +216,7 @@ def encode_rows(model: RQModel, store: EmbeddingStore, start: int, stop: int, ba
     codebooks = model.codebooks()
     progress = Progress(len(error_sums), f"assign-codes: {store.path.name}", unit="batch", logger=log)
     for batch, begin in enumerate(progress.wrap(range(start, stop, batch_size))):
+        recheck_threads()
         rows = slice(begin, min(begin + batch_size, stop))
 
         def take(arr, dtype=np.float32):
@@ -339,6 +343,8 @@ def assign_codes(cfg: AssignCodesConfig, info: DistInfo) -> None:
     with hold_output(out_dir, info.is_main):
         model, fingerprint = load_quantizer(resolve_path(cfg.rq_path))
         model.to(info.device)
+        if info.device.type == "cpu":  # threads by the size of a batch through the Combiner's widest layer
+            set_cpu_threads(cfg.cpu_threads, transformer_op_macs(model, cfg.batch_size))
         stores = pool_stores(resolve_path(cfg.embed_dir), cfg.pools)
         if info.is_main:
             record_run(out_dir, cfg)
