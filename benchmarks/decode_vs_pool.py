@@ -257,7 +257,7 @@ def measure_generate(generator, tokens_trie: dict, z: torch.Tensor, args, autoca
                 early_stopping=True, prefix_allowed_tokens_fn=allowed)
 
     run(z[:1])  # warm-up
-    seconds = best_seconds(lambda: run(z), 1, warmup=0)
+    seconds = best_seconds(lambda: run(z), args.generate_repeats, warmup=0)
     return {"seconds": seconds, "queries": len(z), "batch": args.generate_batch, "load1": load_average()}
 
 
@@ -604,9 +604,10 @@ def markdown(rows: list[dict], summary: dict, args, command: str, machine: str, 
          f"P = {args.prefix} prefix vectors, L = {args.levels} levels (3, then {args.codebook} codes), vocabulary "
          f"{3 + 3 + (args.levels - 1) * args.codebook:,}, {args.beams} beams, random weights. Queries: GENIUS "
          f"{args.genius_queries} (batches of {args.genius_batch}), generate {args.generate_queries} (batches of "
-         f"{args.generate_batch}; fewer because it is slow; one timed run after a 1-query warm-up), dense/faiss "
-         f"{args.dense_queries} (batches of {args.dense_batch}), {args.dim}-d, top {TOP_K}. Dense/faiss: best of "
-         f"{args.repeats} repeats; GENIUS: best of {args.genius_repeats} repeats interleaved over all pool sizes."),
+         f"{args.generate_batch}; fewer because it is slow; best of {args.generate_repeats} timed runs after a "
+         f"1-query warm-up), dense/faiss {args.dense_queries} (batches of {args.dense_batch}), {args.dim}-d, "
+         f"top {TOP_K}. Dense/faiss: best of {args.repeats} repeats; GENIUS: best of {args.genius_repeats} repeats "
+         "interleaved over all pool sizes."),
         "",
         ("Queries per second (ratio to (a) GENIUS fp32 of the same pool size in brackets; @ = load average during "
          "the measurement; † = tiled, see notes):"),
@@ -670,6 +671,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--genius-batch", type=int, default=16)
     p.add_argument("--generate-queries", type=int, default=8)
     p.add_argument("--generate-batch", type=int, default=8)
+    p.add_argument("--generate-repeats", type=int, default=3,
+                   help="timed runs of generate per size, the best kept (as GENIUS's repeats are)")
     p.add_argument("--generate-max-ids", type=float, default=1e6, help="largest pool for the nested-dict trie")
     p.add_argument("--dense-queries", type=int, default=64)
     p.add_argument("--dense-batch", type=int, default=16)
@@ -689,6 +692,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.dense_memory_gb = min(4.0, 0.4 * available_memory_gb())
     if args.d_model % args.heads:
         p.error(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
+    if args.generate_repeats < 1:
+        p.error(f"--generate-repeats {args.generate_repeats} is out of range: pass >= 1")
     return args
 
 

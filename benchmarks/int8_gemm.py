@@ -14,8 +14,9 @@ with the best of ``--repeats`` timed calls:
   quantizing and rescaling in eager element-wise ops.
 
 The step's total is the sum over one layer's six GEMMs times the layers, plus the level head.
-Relative error: max |int8 - fp32| / max |fp32| of each product on random data (what it does to
-the beams is a separate question, not answered here). Writes benchmarks/out/int8_gemm.{csv,md}.
+Relative error: max |int8 - fp32| / max |fp32| of each product on random data. What int8 does to
+the beams is measured on the decoder built from these products, ``decoding.int8``
+(BENCHMARKS.md, section 7). Writes benchmarks/out/int8_gemm.{csv,md}.
 
     bash benchmarks/run_int8_gemm.sh [--rows 800] [--threads 1] [--repeats 20]
 """

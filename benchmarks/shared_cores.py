@@ -130,7 +130,8 @@ def digest(setting: Path, stage: str, work: Path) -> str:
         losses = [r["loss"] for r in lines if "loss" in r and not r.get("epoch_summary")]
         return f"loss {losses[-1]:.6f}" if losses else "-"
     files = sorted(out.rglob("codes.npy")) if stage == "assign_codes" else [out / "results.tsv"]
-    files = [f for f in files if f.is_file()]
+    # earlier runs set aside (assign-codes keeps one stale/ per pool) are not this run's output
+    files = [f for f in files if f.is_file() and "stale" not in f.relative_to(out).parts]
     h = hashlib.sha256()
     for f in files:
         h.update(f.read_bytes())
@@ -138,10 +139,12 @@ def digest(setting: Path, stage: str, work: Path) -> str:
 
 
 def drop_stale(setting: Path, stage: str, work: Path) -> None:
-    """Forced runs archive the previous one under <out>/stale/: keep the work root small."""
+    """Forced runs archive the previous one under <out>/stale/ (assign-codes: <out>/<pool>/stale/):
+    keep the work root small."""
     out = output_dir(setting, stage, work)
     if out is not None:
-        shutil.rmtree(out / "stale", ignore_errors=True)
+        for stale in [out / "stale", *out.glob("*/stale")]:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def loadavg() -> str:

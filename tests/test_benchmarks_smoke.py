@@ -18,7 +18,8 @@ from genius.models.generative_retriever.beam_search import cpu_has_bf16
 
 TOY_DECODER = ["--levels", "3", "--codebook", "32", "--dim", "16", "--d-model", "16", "--layers", "1", "--heads", "2",
                "--d-ff", "32", "--prefix", "2", "--beams", "4", "--genius-queries", "4", "--genius-batch", "2",
-               "--generate-queries", "2", "--generate-batch", "2", "--dense-queries", "4", "--dense-batch", "2",
+               "--generate-queries", "2", "--generate-batch", "2", "--generate-repeats", "1", "--dense-queries", "4",
+               "--dense-batch", "2",
                "--repeats", "1", "--genius-repeats", "1", "--threads", "2", "--gemm-n", "256"]
 
 

@@ -53,3 +53,20 @@ def test_bad_flags_are_refused(flags, capsys):
     with pytest.raises(SystemExit) as exit_:
         shared_cores.main(flags)
     assert exit_.value.code == 2 and "unknown or out-of-range" in capsys.readouterr().err
+
+
+def test_the_codes_digest_is_of_this_run_and_stale_copies_are_dropped(tmp_path):
+    """assign-codes sets a forced run's predecessor aside in one stale/ per pool: the digest must
+    not read those copies (two cells with equal codes would look different), and they are removed."""
+    setting = shared_cores.REPO / "configs_scripts" / "demo"
+    out = shared_cores.output_dir(setting, "assign_codes", tmp_path)
+    for pool in ("pool_a", "pool_b"):
+        (out / pool / "stale" / "20261130-000000").mkdir(parents=True)
+        (out / pool / "codes.npy").write_bytes(pool.encode())
+    fresh = shared_cores.digest(setting, "assign_codes", tmp_path)
+    (out / "pool_a" / "stale" / "20261130-000000" / "codes.npy").write_bytes(b"an earlier run")
+    assert shared_cores.digest(setting, "assign_codes", tmp_path) == fresh
+    shared_cores.drop_stale(setting, "assign_codes", tmp_path)
+    assert not list(out.glob("*/stale")) and (out / "pool_a" / "codes.npy").is_file()
+    (out / "pool_b" / "codes.npy").write_bytes(b"other codes")
+    assert shared_cores.digest(setting, "assign_codes", tmp_path) != fresh
