@@ -337,7 +337,7 @@ def evaluate(world: World, stages_dir: Path, rq_path: Path, gen_path: Path, args
     from genius.common.fusion import fused_store_embeddings
     from genius.common.mbeir import hash_did
     from genius.common.store import EmbeddingStore
-    from genius.models.generative_retriever.beam_search import constrained_beam_search
+    from genius.models.generative_retriever.beam_search import constrained_beam_search, prepare_decoder
     from genius.models.generative_retriever.generator import load_generator
     from genius.models.generative_retriever.metrics import hits_at_k
     from genius.models.generative_retriever.retrieval import (
@@ -361,10 +361,13 @@ def evaluate(world: World, stages_dir: Path, rq_path: Path, gen_path: Path, args
                               quantization_errors(rq, z_c, codes))
     q_fused, c_fused = fused_store_embeddings(queries.arrays), fused_store_embeddings(pool.arrays)
 
+    decoders = {int8: prepare_decoder(generator, torch.device("cpu"), int8=int8)
+                for int8 in ((False, True) if args.int8 == "on" else (False,))}
+
     def decode(queries: np.ndarray, level_head: bool, int8: bool):
         return constrained_beam_search(generator, torch.from_numpy(queries), trie, rq.codebook_sizes,
                                        num_beams=args.beams, batch_size=64, level_head=level_head,
-                                       sibling_penalty=args.sibling_penalty, int8=int8)
+                                       sibling_penalty=args.sibling_penalty, int8=int8, decoder=decoders[int8])
 
     decoded, decode_s = {}, {}
     for name, (level_head, int8) in DECODINGS.items():

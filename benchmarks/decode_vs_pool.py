@@ -170,18 +170,19 @@ def genius_retriever(generator, pool: Pool, args, autocast: bool, level_head: bo
     ``level_head`` False scores and normalises over the whole vocabulary at every step (the
     official decoding's normalisation, what the paper settings use). ``on_device``: search with
     the pool's ``DeviceTrie`` instead of the C++ trie."""
-    from genius.models.generative_retriever.beam_search import constrained_beam_search
+    from genius.models.generative_retriever.beam_search import constrained_beam_search, prepare_decoder
     from genius.models.generative_retriever.device_trie import DeviceTrie
     from genius.models.generative_retriever.retrieval import genius_ranking
 
     if on_device and pool.device_trie is None:
         pool.device_trie = DeviceTrie.from_trie(pool.trie, generator.codebook_sizes)
     trie = pool.device_trie if on_device else pool.trie
+    decoder = prepare_decoder(generator, torch.device("cpu"), autocast, int8)  # prepared once, as evaluation does
 
     def retrieve(queries: torch.Tensor):
         beams = constrained_beam_search(generator, queries, trie, generator.codebook_sizes, num_beams=args.beams,
                                         batch_size=args.genius_batch, autocast=autocast, level_head=level_head,
-                                        int8=int8)
+                                        int8=int8, decoder=decoder)
         leaves = pool.cmap.leaves_of(beams.codes.numpy())
         leaves[~beams.valid.numpy()] = -1
         return beams, genius_ranking(pool.cmap, leaves, beams.scores.numpy(), TOP_K)

@@ -371,27 +371,26 @@ def test_int8_decoding_returns_trie_ids_close_to_fp32():
         constrained_beam_search(generator, z, trie, sizes, num_beams=10, int8=True, autocast=True)
 
 
-def test_the_prepared_decoder_is_reused_until_the_weights_change():
-    """Searches reuse one prepared decoder per precision (int8 packing is costly); an optimizer
-    step or a load_state_dict makes the next search prepare it again, from the new weights."""
-    from genius.models.generative_retriever.beam_search import fused_decoder
+def test_a_prepared_decoder_gives_the_searchs_own_beams_and_must_match_its_settings():
+    """A decoder prepared once and passed to every search (as evaluation does, int8 packing being
+    costly) gives exactly the beams of a search that prepares its own; each search without one
+    reads the weights as they are then; a decoder of other settings is refused."""
+    from genius.models.generative_retriever.beam_search import prepare_decoder
 
     rng = np.random.default_rng(7)
     sizes = [3, 6, 6]
     generator = tiny_generator(7, sizes)
     trie = PythonTrie.build(random_codes(rng, sizes, 40))
     z = queries(rng, 4)
-    first = fused_decoder(generator, int8=True)
-    assert fused_decoder(generator, int8=True) is first and fused_decoder(generator) is not first
-    before = constrained_beam_search(generator, z, trie, sizes, num_beams=5)
+    for int8 in (False, True):
+        decoder = prepare_decoder(generator, z.device, int8=int8)
+        own = constrained_beam_search(generator, z, trie, sizes, num_beams=5, int8=int8)
+        for _ in range(2):
+            reused = constrained_beam_search(generator, z, trie, sizes, num_beams=5, int8=int8, decoder=decoder)
+            assert torch.equal(reused.codes, own.codes) and torch.equal(reused.scores, own.scores)
     with torch.no_grad():
-        generator.t5.decoder.block[0].layer[2].DenseReluDense.wo.weight.mul_(-3.0)  # in place, as an optimizer
-    assert fused_decoder(generator, int8=True) is not first
+        generator.t5.decoder.block[0].layer[2].DenseReluDense.wo.weight.mul_(-3.0)  # as an optimizer step would
     after = constrained_beam_search(generator, z, trie, sizes, num_beams=5)
-    assert not torch.equal(before.scores, after.scores)
     torch.testing.assert_close(after.scores, teacher_forced_scores(generator, z, after.codes, True), atol=1e-4, rtol=1e-5)
-    state = {k: v.clone() for k, v in generator.state_dict().items()}
-    replaced = fused_decoder(generator)
-    state["t5.decoder.final_layer_norm.weight"].mul_(0.5)
-    generator.load_state_dict(state)
-    assert fused_decoder(generator) is not replaced
+    with pytest.raises(ValueError, match="prepare one with the search's settings"):
+        constrained_beam_search(generator, z, trie, sizes, num_beams=5, decoder=decoder)  # an int8 one, fp32 asked

@@ -26,9 +26,11 @@ With ``autocast`` the decoder's weights are cast once to bf16 (CPU) or fp16 (GPU
 run in that type (the residual stream and norms stay fp32), but the output head and the scores
 stay fp32 (``IDGenerator.head_logits``). ``int8`` (x86 CPUs) runs the decoder step's products
 and the output head's in int8 instead (``FusedDecoder``); the log-softmax and the scores stay
-fp32. Either way the decoder's weights are prepared once per generator and precision and reused
-by later searches until the generator's weights change (``fused_decoder``): int8's packing costs
-about a quarter of a second at paper size, which a per-batch rebuild would pay for every batch.
+fp32. A caller that searches again and again with one generator (an evaluation's batches) passes
+one prepared decoder (``prepare_decoder``) to every search: int8's packing costs about a quarter
+of a second at paper size, which a decoder built per search would pay for every batch. The
+decoder holds the weights as they were when it was prepared, so it must not outlive a change
+of them; without one each search prepares its own.
 A NaN or +inf score is an error naming the level, never a beam silently dropped or kept; -inf
 marks what the trie disallows.
 
@@ -57,10 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import logging
-import threading
-import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -69,7 +68,7 @@ import torch
 
 from genius.common.distributed import autocast_dtype
 from genius.models.generative_retriever.device_trie import DeviceTrie
-from genius.models.generative_retriever.fused_decoder import FusedDecoder, check_int8_decoding
+from genius.models.generative_retriever.fused_decoder import FusedDecoder
 from genius.models.generative_retriever.generator import IDGenerator
 from genius.models.generative_retriever.vocab import PAD
 
@@ -110,32 +109,18 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=autocast_dtype(device))
 
 
-_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # generator -> {precision: (stamp, decoder)}
-_DECODERS_LOCK = threading.Lock()
-
-
-def fused_decoder(generator: IDGenerator, dtype: torch.dtype = torch.float32, int8: bool = False) -> FusedDecoder:
-    """The generator's :class:`FusedDecoder` in this precision, built once and reused while the
-    decoder's and the output head's parameters are the same tensors at the same version (an
-    optimizer step, a ``load_state_dict`` or a move to another device changes that, and the next
-    call rebuilds). Held while the generator lives: about one more copy of the decoder's weights."""
-    parameters = itertools.chain(generator.t5.decoder.parameters(), generator.t5.lm_head.parameters())
-    stamp = tuple((p.data_ptr(), p._version) for p in parameters)
-    with _DECODERS_LOCK:
-        held = _DECODERS.setdefault(generator, {}).get((dtype, int8))
-    if held is not None and held[0] == stamp:
-        return held[1]
-    decoder = FusedDecoder(generator, dtype, int8)
-    with _DECODERS_LOCK:
-        _DECODERS.setdefault(generator, {})[(dtype, int8)] = (stamp, decoder)
-    return decoder
+def prepare_decoder(generator: IDGenerator, device: torch.device, autocast: bool = False,
+                    int8: bool = False) -> FusedDecoder:
+    """The :class:`FusedDecoder` that ``constrained_beam_search`` runs for these settings, from the
+    generator's weights as they are now (refused where the precision cannot run)."""
+    return FusedDecoder(generator, autocast_dtype(device) if autocast else torch.float32, int8)
 
 
 def constrained_beam_search(generator: IDGenerator, queries: torch.Tensor, trie, codebook_sizes: Sequence[int],
                             num_beams: int = 50, batch_size: int = 64, level_head: bool = True,
                             autocast: bool = False, modality_threshold: float = 0.0,
                             modality_level: bool = True, sibling_penalty: float = 0.0,
-                            int8: bool = False) -> BeamResult:
+                            int8: bool = False, decoder: FusedDecoder | None = None) -> BeamResult:
     """Top ``num_beams`` trie IDs per query; see module docstring. ``queries``: what the generator
     encodes, normalised Combiner outputs [Q, dim] (prefix) or uint8 images [Q, 3, S, S] (image_tokens).
 
@@ -145,7 +130,9 @@ def constrained_beam_search(generator: IDGenerator, queries: torch.Tensor, trie,
     the modality code (the quantizer's ``has_modality_level``); without it ``modality_threshold``
     is ignored. ``sibling_penalty``: diverse beams (module docstring); 0 is plain beam search.
     ``int8``: the decoder step's and the output head's products in int8 (x86 CPUs; not with
-    ``autocast``); a query's beams then depend on its batch (``FusedDecoder``).
+    ``autocast``); a query's beams then depend on its batch (``FusedDecoder``). ``decoder``: one
+    ``prepare_decoder`` made for this generator with the same ``autocast`` and ``int8``, reused
+    across searches (module docstring); None prepares one for this search.
     """
     if list(codebook_sizes) != generator.codebook_sizes:
         raise ValueError(f"codebook sizes {list(codebook_sizes)} differ from the generator's {generator.codebook_sizes}")
@@ -155,8 +142,11 @@ def constrained_beam_search(generator: IDGenerator, queries: torch.Tensor, trie,
         raise ValueError(f"modality_threshold must be in [0, 1], got {modality_threshold}")
     if not 0.0 <= sibling_penalty < float("inf"):
         raise ValueError(f"sibling_penalty must be finite and >= 0, got {sibling_penalty}")
-    if int8:
-        check_int8_decoding(queries.device, autocast_dtype(queries.device) if autocast else torch.float32)
+    if decoder is None:
+        decoder = prepare_decoder(generator, queries.device, autocast, int8)
+    elif (decoder.int8, decoder.dtype) != (int8, autocast_dtype(queries.device) if autocast else torch.float32):
+        raise ValueError(f"the decoder was prepared for int8={decoder.int8}, dtype {decoder.dtype}; this search asks "
+                         f"for int8={int8}, autocast={autocast}: prepare one with the search's settings")
     generator.check_inputs(queries)
     was_training = generator.training
     generator.eval()
@@ -164,7 +154,6 @@ def constrained_beam_search(generator: IDGenerator, queries: torch.Tensor, trie,
         threshold = modality_threshold if modality_level else 0.0
         if autocast and queries.device.type == "cpu" and not cpu_has_bf16():
             _warn_emulated_bf16()
-        decoder = fused_decoder(generator, autocast_dtype(queries.device) if autocast else torch.float32, int8)
         parts = [_search(generator, decoder, chunk, trie, num_beams, level_head, autocast, threshold, sibling_penalty)
                  for chunk in queries.split(batch_size)]
     finally:
