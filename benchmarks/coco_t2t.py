@@ -361,8 +361,8 @@ def evaluate(world: World, stages_dir: Path, rq_path: Path, gen_path: Path, args
                               quantization_errors(rq, z_c, codes))
     q_fused, c_fused = fused_store_embeddings(queries.arrays), fused_store_embeddings(pool.arrays)
 
-    decoders = {int8: prepare_decoder(generator, torch.device("cpu"), int8=int8)
-                for int8 in ((False, True) if args.int8 == "on" else (False,))}
+    decodings = {name: spec for name, spec in DECODINGS.items() if args.int8 == "on" or not spec[1]}
+    decoders = {int8: prepare_decoder(generator, torch.device("cpu"), int8=int8) for _, int8 in decodings.values()}
 
     def decode(queries: np.ndarray, level_head: bool, int8: bool):
         return constrained_beam_search(generator, torch.from_numpy(queries), trie, rq.codebook_sizes,
@@ -370,9 +370,7 @@ def evaluate(world: World, stages_dir: Path, rq_path: Path, gen_path: Path, args
                                        sibling_penalty=args.sibling_penalty, int8=int8, decoder=decoders[int8])
 
     decoded, decode_s = {}, {}
-    for name, (level_head, int8) in DECODINGS.items():
-        if int8 and args.int8 == "off":
-            continue
+    for name, (level_head, int8) in decodings.items():
         decode(z_q[:64], level_head, int8)  # warm-up, so no setting pays the first call's costs
         start = time.perf_counter()
         decoded[name] = decode(z_q, level_head, int8)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from genius.benchmarks.common import OUT_DIR, best_seconds, machine_description, markdown_table, write_csv
 from genius.common.io import atomic_path, atomic_write_text
+from genius.models.generative_retriever.fused_decoder import int8_decoding_problem
 
 COLUMNS = ["gemm", "m", "k", "n", "count", "fp32_ms", "fbgemm_ms", "product_ms", "eager_ms",
            "fbgemm_speedup", "product_speedup", "eager_speedup", "fbgemm_rel_err", "eager_rel_err"]
@@ -86,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("rows", "d_model", "d_ff", "inner", "layers", "codebook", "threads", "repeats"):
         if getattr(args, name) < 1:
             p.exit(2, f"{p.prog}: error: --{name.replace('_', '-')} {getattr(args, name)} is out of range: pass >= 1\n")
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
-        p.exit(2, f"{p.prog}: error: this torch build has no fbgemm int8 kernels (they are x86-only); nothing to "
-                  "measure here\n")
+    problem = int8_decoding_problem(torch.device("cpu"))  # the int8 decoder's rule: fbgemm's kernels, x86
+    if problem:
+        p.exit(2, f"{p.prog}: error: {problem}; nothing to measure here\n")
     torch.set_num_threads(args.threads)
     rows = []
     for name, k, n, count in step_gemms(args.d_model, args.d_ff, args.inner, args.layers, args.codebook):

@@ -109,11 +109,16 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=autocast_dtype(device))
 
 
+def decoder_dtype(device: torch.device, autocast: bool) -> torch.dtype:
+    """The type of the decoder's weights and GEMMs: bf16 (CPU) or fp16 (GPU) under autocast, else fp32."""
+    return autocast_dtype(device) if autocast else torch.float32
+
+
 def prepare_decoder(generator: IDGenerator, device: torch.device, autocast: bool = False,
                     int8: bool = False) -> FusedDecoder:
     """The :class:`FusedDecoder` that ``constrained_beam_search`` runs for these settings, from the
     generator's weights as they are now (refused where the precision cannot run)."""
-    return FusedDecoder(generator, autocast_dtype(device) if autocast else torch.float32, int8)
+    return FusedDecoder(generator, decoder_dtype(device, autocast), int8)
 
 
 def constrained_beam_search(generator: IDGenerator, queries: torch.Tensor, trie, codebook_sizes: Sequence[int],
@@ -144,7 +149,7 @@ def constrained_beam_search(generator: IDGenerator, queries: torch.Tensor, trie,
         raise ValueError(f"sibling_penalty must be finite and >= 0, got {sibling_penalty}")
     if decoder is None:
         decoder = prepare_decoder(generator, queries.device, autocast, int8)
-    elif (decoder.int8, decoder.dtype) != (int8, autocast_dtype(queries.device) if autocast else torch.float32):
+    elif (decoder.int8, decoder.dtype) != (int8, decoder_dtype(queries.device, autocast)):
         raise ValueError(f"the decoder was prepared for int8={decoder.int8}, dtype {decoder.dtype}; this search asks "
                          f"for int8={int8}, autocast={autocast}: prepare one with the search's settings")
     generator.check_inputs(queries)

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 
 from genius.common.config import resolve_path
-from genius.common.distributed import DistInfo, autocast_dtype, gather_to_main, shard_bounds
+from genius.common.distributed import DistInfo, gather_to_main, shard_bounds
 from genius.common.io import atomic_dir, atomic_write_json
 from genius.common.progress import Progress
 from genius.common.runstate import portable_path
 from genius.common.store import EmbeddingStore, StoreArrays
-from genius.models.generative_retriever.beam_search import NUMERICS_VERSION
+from genius.models.generative_retriever.beam_search import NUMERICS_VERSION, decoder_dtype
 from genius.models.generative_retriever.pool_assets import Pool
 from genius.models.generative_retriever.query_images import QueryImages, query_image_paths
 from genius.models.generative_retriever.retrieval import beams_as_arrays
@@ -63,7 +63,7 @@ def decode_key(cfg: Any, models: Models, pool: Pool, queries: EmbeddingStore, de
             "level_head": cfg.decoding.level_head, "device": device.type,
             # the precisions actually used: autocast means bf16 on a CPU and fp16 on a GPU
             "generator_dtype": "int8" if cfg.decoding.int8 else str(
-                autocast_dtype(device) if cfg.decoding.autocast else torch.float32).removeprefix("torch."),
+                decoder_dtype(device, cfg.decoding.autocast)).removeprefix("torch."),
             "combiner_dtype": combiner_dtype(device, cfg.decoding.combiner_autocast),
             "modality_threshold": cfg.decoding.modality_threshold, "numerics": NUMERICS_VERSION}
     if cfg.decoding.sibling_penalty:  # absent at 0, so decodings cached before the option stay valid

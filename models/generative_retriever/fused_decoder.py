@@ -62,9 +62,8 @@ class FusedDecoder:
         self.embed = decoder.embed_tokens.weight.detach()
         self.final_norm = decoder.final_layer_norm.weight.detach()
         self.layers = [self._layer_weights(block, dtype, int8) for block in decoder.block]
-        # int8's output head: the tied head's rows packed per level (or whole) on first use
+        # int8's output head: the tied head's rows, packed per slice (a level's, or all) on first use
         self.head_weight, self.head_packed = generator.t5.lm_head.weight.detach(), {}
-        self.head_scale = generator.d_model**-0.5 if config.scale_decoder_outputs else None
         first = decoder.block[0].layer[0].SelfAttention
         self.bias_weight = first.relative_attention_bias.weight.detach()  # [buckets, heads]
         self.num_buckets, self.max_distance = first.relative_attention_num_buckets, first.relative_attention_max_distance
@@ -101,18 +100,16 @@ class FusedDecoder:
     def level_log_probs(self, generator: IDGenerator, hidden: torch.Tensor, level: int, level_head: bool
                         ) -> torch.Tensor:
         """fp32 log-probabilities [N, K_level] of level ``level``'s codes from ``step``'s states:
-        :meth:`IDGenerator.level_log_probs`, the fp32 head; with ``int8`` the head's product is
-        int8 too (the log-softmax stays fp32). ``generator``: the one this decoder was made from."""
-        if not self.int8:
-            return generator.level_log_probs(hidden, level, level_head)
-        lo, hi = generator.offsets[level], generator.offsets[level] + generator.codebook_sizes[level]
-        key = level if level_head else "full"
+        :meth:`IDGenerator.level_log_probs`, whose head product is int8 with ``int8`` (the
+        log-softmax stays fp32). ``generator``: the one this decoder was made from."""
+        return generator.level_log_probs(hidden, level, level_head, self._int8_head if self.int8 else None)
+
+    def _int8_head(self, hidden: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The output head's ``rows`` times ``hidden`` in int8 (a ``HeadProduct``)."""
+        key = (rows.start, rows.stop)
         if key not in self.head_packed:  # a plain dict write: two threads packing at once store equal packs
-            self.head_packed[key] = pack_int8(self.head_weight[lo:hi] if level_head else self.head_weight)
-        if self.head_scale is not None:
-            hidden = hidden * self.head_scale
-        log_probs = F.log_softmax(torch.ops.quantized.linear_dynamic(hidden, self.head_packed[key]), dim=-1)
-        return log_probs if level_head else log_probs[:, lo:hi]
+            self.head_packed[key] = pack_int8(self.head_weight[rows])
+        return torch.ops.quantized.linear_dynamic(hidden, self.head_packed[key])
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """T5's layer norm (RMS, no mean, no bias), in fp32, then the GEMM dtype (int8: fp32, the

@@ -21,7 +21,7 @@ the stage-0 file. A prefix arch has no ``condition`` key, like every file writte
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,8 @@ T5_SMALL = {
     "feed_forward_proj": "relu",
 }
 PREFIX, IMAGE_TOKENS = "prefix", "image_tokens"  # the arch's ``condition``: what the encoder reads
+# (states [N, d_model], the output head's rows) -> logits [N, len(rows)]: ``IDGenerator.head_logits``
+HeadProduct = Callable[[torch.Tensor, slice], torch.Tensor]
 
 
 def make_arch(dim: int, codebook_sizes: Sequence[int], num_prefix: int = 30, vision: dict | None = None,
@@ -190,28 +192,34 @@ class IDGenerator(nn.Module):
         decoder_input = torch.cat([torch.full_like(tokens[:, :1], PAD), tokens[:, :-1]], dim=1)
         return self.t5(inputs_embeds=self.encoder_inputs(queries), decoder_input_ids=decoder_input).logits
 
-    def level_log_probs(self, hidden: torch.Tensor, level: int, level_head: bool) -> torch.Tensor:
+    def level_log_probs(self, hidden: torch.Tensor, level: int, level_head: bool,
+                        product: HeadProduct | None = None) -> torch.Tensor:
         """fp32 log-probabilities [N, K_level] of level ``level``'s codes from decoder states [N, d_model].
 
         With ``level_head`` only the level's K rows of the output head are scored and normalised
         among themselves; otherwise the full vocabulary is scored and normalised (the official
-        decoding's numbers), then the level's slice is returned.
+        decoding's numbers), then the level's slice is returned. ``product``: see :meth:`head_logits`.
         """
         lo, hi = self.offsets[level], self.offsets[level] + self.codebook_sizes[level]
         if level_head:
-            return F.log_softmax(self.head_logits(hidden, slice(lo, hi)), dim=-1)
-        return F.log_softmax(self.head_logits(hidden), dim=-1)[:, lo:hi]
+            return F.log_softmax(self.head_logits(hidden, slice(lo, hi), product), dim=-1)
+        return F.log_softmax(self.head_logits(hidden, product=product), dim=-1)[:, lo:hi]
 
-    def head_logits(self, hidden: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+    def head_logits(self, hidden: torch.Tensor, rows: slice = slice(None),
+                    product: HeadProduct | None = None) -> torch.Tensor:
         """fp32 logits [N, len(rows)] of the output head's ``rows`` for decoder states [N, d_model].
 
         Computed outside autocast on fp32 copies of the state and the weights: fp16 rounds a logit
         in 32..64 to 1/32, enough to reorder near-tied beams, and overflows to inf (then NaN after
-        the log-softmax); the head is a small share of a decoder step's FLOPs."""
+        the log-softmax); the head is a small share of a decoder step's FLOPs. ``product(hidden,
+        rows)``, when given, multiplies the (scaled) states by the head's ``rows`` instead of the
+        fp32 ``F.linear`` (the int8 decoder's, ``FusedDecoder``)."""
         with torch.autocast(hidden.device.type, enabled=False):
             hidden = hidden.float()
             if self.t5.config.scale_decoder_outputs:
                 hidden = hidden * self.d_model**-0.5
+            if product is not None:
+                return product(hidden, rows)
             return F.linear(hidden, self.t5.lm_head.weight[rows].float())
 
 
