@@ -1,5 +1,5 @@
 # Sourced by the quickstart scripts: create or reuse the project's virtual environment under
-# .venv and install the project (editable, with the C++ trie) when its install inputs changed.
+# .venv and install the project (editable, with its C++ extensions) when its install inputs changed.
 #
 # By default the install follows requirements-lock.txt (`pip install -c`): the exact versions the
 # test suite passed with. GENIUS_RESOLVE=fresh resolves the newest versions pyproject.toml's bounds
@@ -23,14 +23,15 @@ fi
 
 # Reinstall only when what the install depends on changed: dependencies and their bounds, the lock
 # (when it is used), the resolve mode, or the C++ source.
-stamp_inputs=("$REPO/pyproject.toml" "$REPO/setup.py" "$REPO"/trie_cpp/*.cpp)
+stamp_inputs=("$REPO/pyproject.toml" "$REPO/setup.py" "$REPO"/trie_cpp/*.cpp "$REPO"/models/generative_retriever/*.cpp)
 if [ "$RESOLVE" = lock ]; then
     stamp_inputs+=("$LOCK")
 fi
 stamp_now="$( { echo "resolve=$RESOLVE"; cat "${stamp_inputs[@]}" 2>/dev/null; } | sha256sum | cut -d' ' -f1)"
 stamp_file="$VENV/.genius_install_stamp"
 if [ ! -f "$stamp_file" ] || [ "$(cat "$stamp_file")" != "$stamp_now" ] \
-        || ! "$VENV/bin/python" -c "import genius.trie_cpp._trie" 2>/dev/null; then
+        || ! "$VENV/bin/python" -c "import genius.trie_cpp._trie, genius.models.generative_retriever._beam_attention" \
+            2>/dev/null; then
     log="$VENV/install.log"
     if [ "$RESOLVE" = lock ]; then
         if [ ! -f "$LOCK" ]; then

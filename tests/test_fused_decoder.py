@@ -26,14 +26,20 @@ def decoder_states(generator: IDGenerator, encoder_hidden: torch.Tensor, sequenc
         return generator.t5.decoder(input_ids=sequences, encoder_hidden_states=encoder_hidden).last_hidden_state[:, -1]
 
 
+@pytest.mark.parametrize("attention", ["kernel", "gathered"])
 @pytest.mark.parametrize("feed_forward_proj,layers,beams", [("relu", 2, 5), ("gated-gelu", 3, 4), ("relu", 1, 1)])
-def test_each_step_equals_the_decoder_module_on_the_beams_token_paths(feed_forward_proj, layers, beams):
+def test_each_step_equals_the_decoder_module_on_the_beams_token_paths(feed_forward_proj, layers, beams, attention):
+    """Both self-attentions: the C++ one reading histories in place (a CPU's) and SDPA over the
+    rows' gathered histories (a GPU's)."""
     generator = generator_of(0, feed_forward_proj, layers)
     num_queries, generator_rng = 3, torch.Generator().manual_seed(1)
     z = torch.nn.functional.normalize(torch.randn(num_queries, 12, generator=generator_rng), dim=-1)
     with torch.no_grad():
         encoder_hidden = generator.encode(z)
     decoder = FusedDecoder(generator)
+    assert decoder.attention_kernel is not None  # built with the package, and used on a CPU in fp32
+    if attention == "gathered":
+        decoder.attention_kernel = None
     state = decoder.start(encoder_hidden, num_queries * beams, 4)
     paths = torch.full((num_queries, 1), PAD)  # each row's tokens so far
     tokens, parents, rows_per_query = paths[:, 0], None, 1
@@ -63,6 +69,28 @@ def test_bf16_weights_stay_close_and_the_residual_stream_stays_fp32():
     assert hidden.dtype == torch.float32 and low.layers[0]["qkv"].dtype == torch.bfloat16
     assert not torch.equal(hidden, exact)  # the GEMMs did run in bf16 ...
     torch.testing.assert_close(hidden, exact, atol=0.05, rtol=0.05)  # ... to bf16's precision
+
+
+def test_bf16_decoder_steps_agree_between_the_kernel_and_sdpa():
+    """The bf16 decoder on a CPU runs the kernel; over several steps with reordered beams it stays
+    within bf16 rounding of SDPA over the gathered rows (the GPU's path) on the same weights."""
+    generator = generator_of(4, "relu", layers=2)
+    z = torch.nn.functional.normalize(torch.randn(3, 12, generator=torch.Generator().manual_seed(5)), dim=-1)
+    kernel, gathered = FusedDecoder(generator, torch.bfloat16), FusedDecoder(generator, torch.bfloat16)
+    assert kernel.attention_kernel is not None
+    gathered.attention_kernel = None
+    rng = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        encoder_hidden = generator.encode(z)
+        states = [decoder.start(encoder_hidden, 3 * 4, 4) for decoder in (kernel, gathered)]
+        tokens, parents, rows_per_query = torch.full((3,), PAD), None, 1
+        for level in range(4):
+            outputs = [decoder.step(state, tokens, parents) for decoder, state in zip((kernel, gathered), states)]
+            torch.testing.assert_close(outputs[0], outputs[1], atol=0.03, rtol=0.03)
+            choice = torch.randint(0, rows_per_query, (3, 4), generator=rng)
+            parents = (choice + torch.arange(3)[:, None] * rows_per_query).view(-1)
+            tokens = generator.offsets[level] + torch.randint(0, generator.codebook_sizes[level], (12,), generator=rng)
+            rows_per_query = 4
 
 
 def test_int8_step_packs_the_step_products_and_stays_close_to_fp32():

@@ -15,7 +15,8 @@ Three details keep it fast:
 - Fused step: the decoder runs as :class:`~genius.models.generative_retriever.fused_decoder.FusedDecoder`,
   the T5 decoder written out as plain tensor ops (q/k/v in one GEMM, the cross-attention keys and
   values once per query, not per beam, which at paper size is 37 MB per query; the self-attention
-  history in buffers kept across searches and gathered by parent in one copy per layer).
+  history written once into buffers kept across searches and read in place through each beam's
+  ancestors, by a C++ attention on a CPU).
 - Host traffic: with a host trie the masks are filled in one host buffer per search (pinned on a
   GPU, uploaded without blocking), and each step makes one device-to-host copy, of what the trie
   needs. With a :class:`~genius.models.generative_retriever.device_trie.DeviceTrie` the mask and

@@ -11,11 +11,14 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
   keys and values are computed once per query (not per beam) from the encoder output, and the B
   beams of a query attend to them as B query positions of one SDPA row;
 - the relative position bias of every step is looked up once, from T5's own bucket function;
-- the self-attention history lives in two buffers per layer, allocated once and reused by the
-  thread's later searches of the same shape:
-  a step gathers it by the surviving beams' parents straight into the other buffer and writes its
-  own keys and values after it (``transformers`` reorders, then concatenates into a new tensor:
-  two copies and fresh pages at every layer and step);
+- the self-attention history is never moved: a step writes its keys and values once, at
+  [step, row] of one buffer per layer (allocated once and reused by the thread's later searches of
+  the same shape), and a beam reads its history through its ancestors, the row it descends from at
+  each earlier step (a [steps, rows] table the step updates from the parents). ``transformers``
+  reorders every layer's whole history by the parents and concatenates it into a new tensor at
+  each step: two copies of it and fresh pages, before attention reads it a third time. On a CPU
+  in fp32 (int8 included) attention runs in C++ (``beam_attention.cpp``), reading each row's
+  history where it lies; elsewhere (a GPU, bf16/fp16) the rows' histories are gathered for SDPA;
 - ``dtype`` bf16/fp16 casts the weights once, not at every op as ``autocast`` does; the residual
   stream and the layer norms stay fp32 (as under autocast) and :meth:`IDGenerator.head_logits`
   scores the level in fp32.
@@ -40,6 +43,7 @@ from __future__ import annotations
 import threading
 import warnings
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +66,9 @@ class FusedDecoder:
         self.embed = decoder.embed_tokens.weight.detach()
         self.final_norm = decoder.final_layer_norm.weight.detach()
         self.layers = [self._layer_weights(block, dtype, int8) for block in decoder.block]
+        self.attention_kernel = None  # C++ on a CPU in fp32 (int8 too) and bf16; SDPA on gathered rows otherwise
+        if self.embed.device.type == "cpu" and dtype in _KERNEL_STORAGE:
+            self.attention_kernel = _attention_kernel()
         # int8's output head: the tied head's rows, packed per slice (a level's, or all) on first use
         self.head_weight, self.head_packed = generator.t5.lm_head.weight.detach(), {}
         first = decoder.block[0].layer[0].SelfAttention
@@ -117,24 +124,44 @@ class FusedDecoder:
         return F.rms_norm(x, weight.shape, weight, self.eps).to(self.dtype)
 
     def _position_bias(self, position: int) -> torch.Tensor:
-        """[1, heads, 1, position + 1]: the bias of the query at ``position`` over keys 0..position."""
+        """[heads, position + 1]: the bias of the query at ``position`` over keys 0..position."""
         relative = torch.arange(position + 1, device=self.bias_weight.device) - position
         buckets = T5Attention._relative_position_bucket(relative, bidirectional=False, num_buckets=self.num_buckets,
                                                         max_distance=self.max_distance)
-        return self.bias_weight[buckets].t()[None, :, None, :].to(self.dtype)
+        return self.bias_weight[buckets].t().to(self.dtype).contiguous()
+
+    def _self_attention(self, q: torch.Tensor, history: torch.Tensor, ancestors: torch.Tensor, bias: torch.Tensor
+                        ) -> torch.Tensor:
+        """[rows, inner]: each row's query ``q`` [rows, inner] over its history, the keys and values
+        ``history`` [2, steps, max_rows, inner] at [s, ancestors[s, row]] for s < bias.shape[1]."""
+        rows, steps = len(q), bias.shape[1]
+        if self.attention_kernel is not None:
+            out = torch.empty(rows, self.inner, dtype=self.dtype)
+            name, storage = _KERNEL_STORAGE[self.dtype]
+            q, keys, values, out_array = (x.view(storage).numpy() for x in (q, history[0], history[1], out))
+            getattr(self.attention_kernel, name)(q, keys, values, ancestors.numpy(), bias.float().numpy(), out_array,
+                                                 torch.get_num_threads())
+            return out
+        lineage = ancestors[:steps, :rows]
+        keys, values = history[:, torch.arange(steps, device=q.device)[:, None], lineage]  # [2, steps, rows, inner]
+        keys, values = (x.view(steps, rows, self.heads, self.d_kv).permute(1, 2, 0, 3) for x in (keys, values))
+        attended = F.scaled_dot_product_attention(q.view(rows, self.heads, 1, self.d_kv), keys, values,
+                                                  attn_mask=bias[None, :, None, :], scale=1.0)
+        return attended.reshape(rows, self.inner)
 
     def start(self, encoder_hidden: torch.Tensor, max_rows: int, num_steps: int) -> "DecodeState":
         """A search's state for ``max_rows`` beam rows at most and ``num_steps`` steps: the
         cross-attention keys and values of every layer, one row per query ([2, Q, heads, T, d_kv]),
-        and two self-attention buffers per layer ([2, max_rows, heads, num_steps, d_kv])."""
+        a self-attention history per layer ([2, num_steps, max_rows, inner]) and the rows' ancestors."""
         num_queries, length, _ = encoder_hidden.shape
         source = encoder_hidden.to(self.dtype)
         cross = []
         for layer in self.layers:
             kv = F.linear(source, layer["kv_cross"]).view(num_queries, length, 2, self.heads, self.d_kv)
             cross.append(kv.permute(2, 0, 3, 1, 4))  # [2, Q, heads, T, d_kv]
-        scratch = _scratch((len(self.layers), 2, 2, max_rows, self.heads, num_steps, self.d_kv), self.dtype, source.device)
-        return DecodeState(cross=cross, buffers=[[layer[0], layer[1]] for layer in scratch])
+        history = _scratch((len(self.layers), 2, num_steps, max_rows, self.inner), self.dtype, source.device)
+        ancestors = torch.empty(num_steps, max_rows, dtype=torch.long, device=source.device)
+        return DecodeState(cross=cross, history=list(history), ancestors=ancestors)
 
     def step(self, state: "DecodeState", tokens: torch.Tensor, parents: torch.Tensor | None) -> torch.Tensor:
         """The final-norm decoder state [R, d_model] (fp32) of ``tokens`` [R], each row's newest token.
@@ -146,20 +173,17 @@ class FusedDecoder:
         num_queries = state.cross[0].shape[1]
         beams = rows // num_queries
         bias = self._position_bias(position)
+        # A row's ancestors are its parent's, then itself (the history is read in place, not moved).
+        if position:
+            state.ancestors[:position, :rows] = state.ancestors[:position, parents]
+        torch.arange(rows, out=state.ancestors[position, :rows])
         x = self.embed[tokens].float()
         for index, layer in enumerate(self.layers):
-            qkv = self._linear(self._norm(x, layer["norm_self"]), layer["qkv"]).view(rows, 3, self.heads, self.d_kv)
-            # The history moves once per step, gathered by parent straight into the other buffer
-            # (a strided write of the first ``position`` steps only), then the step's own keys
-            # and values go in after it.
-            current, spare = state.buffers[index]
-            if position:
-                torch.index_select(current[:, :, :, :position], 1, parents, out=spare[:, :rows, :, :position])
-            spare[:, :rows, :, position] = qkv[:, 1:].transpose(0, 1)
-            state.buffers[index] = [spare, current]
-            keys, values = spare[:, :rows, :, : position + 1]
-            attended = F.scaled_dot_product_attention(qkv[:, 0, :, None], keys, values, attn_mask=bias, scale=1.0)
-            x = x + self._linear(attended.reshape(rows, self.inner), layer["o_self"])
+            qkv = self._linear(self._norm(x, layer["norm_self"]), layer["qkv"]).view(rows, 3, self.inner)
+            history = state.history[index]
+            history[:, position, :rows] = qkv[:, 1:].transpose(0, 1)
+            attended = self._self_attention(qkv[:, 0], history, state.ancestors, bias)
+            x = x + self._linear(attended, layer["o_self"])
 
             # The B beams of a query are B query positions against that query's one row of keys.
             q = self._linear(self._norm(x, layer["norm_cross"]), layer["q_cross"])
@@ -227,12 +251,32 @@ def _scratch(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Te
     return held
 
 
+# The C++ attention's entry point per decoder dtype, and the dtype numpy sees its tensors as
+# (numpy has no bf16: bf16 goes as its bits).
+_KERNEL_STORAGE = {torch.float32: ("attend", torch.float32), torch.bfloat16: ("attend_bf16", torch.int16)}
+
+
+@cache
+def _attention_kernel():
+    """The C++ self-attention (built with the package), or None with a warning once if it is not."""
+    try:
+        from genius.models.generative_retriever import _beam_attention
+    except ImportError:
+        warnings.warn("the C++ beam attention genius.models.generative_retriever._beam_attention is not built, so "
+                      "CPU decoding runs slower; reinstall the package (`pip install -e .` from the repository root)",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    return _beam_attention
+
+
 @dataclass
 class DecodeState:
     """Per batch of queries: cross-attention keys/values per layer [2, Q, heads, T, d_kv]; per
-    layer the self-attention history of the rows in step order, in the first of its two buffers
-    [2, max_rows, heads, steps, d_kv]; the next step's position."""
+    layer the self-attention keys and values of every step's rows [2, steps, max_rows, inner],
+    written once; ``ancestors`` [steps, max_rows], the row each current row descends from at each
+    step (its own at the newest); the next step's position."""
 
     cross: list
-    buffers: list
+    history: list
+    ancestors: torch.Tensor
     position: int = 0
