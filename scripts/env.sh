@@ -30,7 +30,7 @@ fi
 stamp_now="$( { echo "resolve=$RESOLVE"; cat "${stamp_inputs[@]}" 2>/dev/null; } | sha256sum | cut -d' ' -f1)"
 stamp_file="$VENV/.genius_install_stamp"
 if [ ! -f "$stamp_file" ] || [ "$(cat "$stamp_file")" != "$stamp_now" ] \
-        || ! "$VENV/bin/python" -c "import genius.trie_cpp._trie, genius.models.generative_retriever._beam_attention" \
+        || ! "$VENV/bin/python" -c "import genius.trie_cpp._trie, genius.models.generative_retriever._decoder_kernels" \
             2>/dev/null; then
     log="$VENV/install.log"
     if [ "$RESOLVE" = lock ]; then

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from genius.models.generative_retriever.beam_search import constrained_beam_search, generate_reference
+from genius.models.generative_retriever.beam_search import constrained_beam_search, generate_reference, prepare_decoder
 from genius.models.generative_retriever.device_trie import DeviceTrie
 from genius.models.generative_retriever.fused_decoder import FusedDecoder
 from genius.models.generative_retriever.generator import IDGenerator, make_arch
@@ -82,6 +82,24 @@ def test_full_vocabulary_search_equals_transformers_generate(seed, sizes, pool, 
     assert torch.equal(ours.codes, reference.codes)
     torch.testing.assert_close(ours.scores, reference.scores, atol=1e-4, rtol=1e-5)
     assert not ours.level_head
+
+
+@pytest.mark.parametrize("seed,sizes,pool,beams,layers", CASES[::2])
+def test_the_cpu_kernels_give_the_beams_of_torchs_ops(seed, sizes, pool, beams, layers):
+    """On a CPU the step's attention, norms and beam selection run in C++ (decoder_kernels.cpp);
+    without them (a GPU's way: SDPA on gathered histories, add + mask + topk) the beams are the same."""
+    rng = np.random.default_rng(seed)
+    generator = tiny_generator(seed, sizes, layers=layers)
+    trie = build_trie(random_codes(rng, sizes, pool), backend="cpp")
+    z = queries(rng, 5)
+    with_kernels = prepare_decoder(generator, torch.device("cpu"))
+    without = prepare_decoder(generator, torch.device("cpu"))
+    assert with_kernels.kernels is not None
+    without.kernels = None
+    results = [constrained_beam_search(generator, z, trie, sizes, num_beams=beams, decoder=decoder)
+               for decoder in (with_kernels, without)]
+    assert torch.equal(results[0].codes, results[1].codes) and torch.equal(results[0].valid, results[1].valid)
+    torch.testing.assert_close(results[0].scores, results[1].scores, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("level_head", [True, False])
@@ -375,8 +393,6 @@ def test_a_prepared_decoder_gives_the_searchs_own_beams_and_must_match_its_setti
     """A decoder prepared once and passed to every search (as evaluation does, int8 packing being
     costly) gives exactly the beams of a search that prepares its own; each search without one
     reads the weights as they are then; a decoder of other settings is refused."""
-    from genius.models.generative_retriever.beam_search import prepare_decoder
-
     rng = np.random.default_rng(7)
     sizes = [3, 6, 6]
     generator = tiny_generator(7, sizes)

@@ -37,9 +37,9 @@ def test_each_step_equals_the_decoder_module_on_the_beams_token_paths(feed_forwa
     with torch.no_grad():
         encoder_hidden = generator.encode(z)
     decoder = FusedDecoder(generator)
-    assert decoder.attention_kernel is not None  # built with the package, and used on a CPU in fp32
+    assert decoder.kernels is not None  # built with the package, and used on a CPU in fp32
     if attention == "gathered":
-        decoder.attention_kernel = None
+        decoder.kernels = None
     state = decoder.start(encoder_hidden, num_queries * beams, 4)
     paths = torch.full((num_queries, 1), PAD)  # each row's tokens so far
     tokens, parents, rows_per_query = paths[:, 0], None, 1
@@ -77,8 +77,8 @@ def test_bf16_decoder_steps_agree_between_the_kernel_and_sdpa():
     generator = generator_of(4, "relu", layers=2)
     z = torch.nn.functional.normalize(torch.randn(3, 12, generator=torch.Generator().manual_seed(5)), dim=-1)
     kernel, gathered = FusedDecoder(generator, torch.bfloat16), FusedDecoder(generator, torch.bfloat16)
-    assert kernel.attention_kernel is not None
-    gathered.attention_kernel = None
+    assert kernel.kernels is not None
+    gathered.kernels = None
     rng = torch.Generator().manual_seed(6)
     with torch.no_grad():
         encoder_hidden = generator.encode(z)

@@ -78,8 +78,10 @@ log = logging.getLogger("genius.beam_search")
 ABSENT_NODE = -1
 # Raised whenever the search's numbers change on purpose, so decodings cached and evaluations
 # finished before are redone, not reused: 2 = output head and scores in fp32 under autocast;
-# 3 = the fused decoder step (under autocast the weights are cast once, attention runs in bf16/fp16).
-NUMERICS_VERSION = 3
+# 3 = the fused decoder step (under autocast the weights are cast once, attention runs in bf16/fp16);
+# 4 = the CPU step's C++ kernels (attention over histories read in place, residual update + norm in
+# one pass): fp32 and int8 change at float rounding, bf16 attention rounds its output once.
+NUMERICS_VERSION = 4
 
 
 @dataclass
@@ -191,15 +193,19 @@ def _search(generator: IDGenerator, decoder: FusedDecoder, queries: torch.Tensor
     for level, width in enumerate(generator.codebook_sizes):
         log_probs = decoder.level_log_probs(generator, decoder.step(state, tokens, parents), level, level_head)
         allowed = masks.fill(trie, level, nodes, width)
-        total = (scores.view(-1, 1) + log_probs).masked_fill(~allowed, -torch.inf)
-        if level == 0 and modality_threshold > 0:  # one beam (the root) per query here, so total is [Q, K_0]
-            best = total.max(dim=1, keepdim=True).values
-            total = total.masked_fill(total < best + float(np.log(modality_threshold)), -torch.inf)
         keep = min(num_beams, beams * width)
-        if sibling_penalty > 0:
-            scores, flat = _diverse_topk(total.view(num_queries, beams, width), keep, sibling_penalty)
+        thresholded = level == 0 and modality_threshold > 0
+        if decoder.kernels is not None and sibling_penalty == 0 and not thresholded:
+            scores, flat = _top_allowed(decoder.kernels, scores, log_probs, allowed, beams, keep)
         else:
-            scores, flat = total.view(num_queries, beams * width).topk(keep, dim=1)
+            total = (scores.view(-1, 1) + log_probs).masked_fill(~allowed, -torch.inf)
+            if thresholded:  # one beam (the root) per query here, so total is [Q, K_0]
+                best = total.max(dim=1, keepdim=True).values
+                total = total.masked_fill(total < best + float(np.log(modality_threshold)), -torch.inf)
+            if sibling_penalty > 0:
+                scores, flat = _diverse_topk(total.view(num_queries, beams, width), keep, sibling_penalty)
+            else:
+                scores, flat = total.view(num_queries, beams * width).topk(keep, dim=1)
         parents = (flat // width + query_base * beams).view(-1)  # row of the parent beam
         chosen = flat % width
         codes = torch.cat([codes.view(num_queries * beams, -1)[parents].view(num_queries, keep, -1),
@@ -225,6 +231,19 @@ def _search(generator: IDGenerator, decoder: FusedDecoder, queries: torch.Tensor
         scores, order = scores.sort(dim=1, descending=True, stable=True)
         codes = codes.gather(1, order[..., None].expand_as(codes))
     return _pad_absent(codes, scores, num_beams)
+
+
+def _top_allowed(kernels, scores: torch.Tensor, log_probs: torch.Tensor, allowed: torch.Tensor, beams: int,
+                 keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores + log_probs)`` over the ``allowed`` codes, top ``keep`` per query as ``topk`` would
+    give it (scores [Q, keep], flat indices into beams x width), in one C++ pass on a CPU.
+    Ties go to the lower index; a query with fewer allowed codes is padded with -inf."""
+    num_queries = len(log_probs) // beams
+    out_scores = torch.empty(num_queries, keep)
+    out_flat = torch.empty(num_queries, keep, dtype=torch.long)
+    kernels.top_allowed(log_probs.contiguous().numpy(), scores.reshape(-1).contiguous().numpy(), allowed.numpy(), beams,
+                        out_scores.numpy(), out_flat.numpy(), torch.get_num_threads())
+    return out_scores, out_flat
 
 
 def _diverse_topk(total: torch.Tensor, keep: int, penalty: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,9 +16,12 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
   the same shape), and a beam reads its history through its ancestors, the row it descends from at
   each earlier step (a [steps, rows] table the step updates from the parents). ``transformers``
   reorders every layer's whole history by the parents and concatenates it into a new tensor at
-  each step: two copies of it and fresh pages, before attention reads it a third time. On a CPU
-  in fp32 (int8 included) attention runs in C++ (``beam_attention.cpp``), reading each row's
-  history where it lies; elsewhere (a GPU, bf16/fp16) the rows' histories are gathered for SDPA;
+  each step: two copies of it and fresh pages, before attention reads it a third time;
+- on a CPU (fp32, int8 and bf16) the step's memory-bound parts run as C++ kernels
+  (``decoder_kernels.cpp``, on torch's own OpenMP threads): the self-attention, reading each
+  row's history where it lies, and in fp32 each residual update together with the layer norm
+  after it (beam search's one-pass selection lives there too). Elsewhere (a GPU) the rows'
+  histories are gathered for SDPA, and the norms are torch's;
 - ``dtype`` bf16/fp16 casts the weights once, not at every op as ``autocast`` does; the residual
   stream and the layer norms stay fp32 (as under autocast) and :meth:`IDGenerator.head_logits`
   scores the level in fp32.
@@ -66,9 +69,9 @@ class FusedDecoder:
         self.embed = decoder.embed_tokens.weight.detach()
         self.final_norm = decoder.final_layer_norm.weight.detach()
         self.layers = [self._layer_weights(block, dtype, int8) for block in decoder.block]
-        self.attention_kernel = None  # C++ on a CPU in fp32 (int8 too) and bf16; SDPA on gathered rows otherwise
-        if self.embed.device.type == "cpu" and dtype in _KERNEL_STORAGE:
-            self.attention_kernel = _attention_kernel()
+        # The C++ kernels on a CPU (fp32, int8 and bf16): self-attention here, beam selection in
+        # beam_search. None: SDPA on the rows' gathered histories, and torch's topk (a GPU's way).
+        self.kernels = decoder_kernels() if self.embed.device.type == "cpu" and dtype in _KERNEL_STORAGE else None
         # int8's output head: the tied head's rows, packed per slice (a level's, or all) on first use
         self.head_weight, self.head_packed = generator.t5.lm_head.weight.detach(), {}
         first = decoder.block[0].layer[0].SelfAttention
@@ -118,10 +121,20 @@ class FusedDecoder:
             self.head_packed[key] = pack_int8(self.head_weight[rows])
         return torch.ops.quantized.linear_dynamic(hidden, self.head_packed[key])
 
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """T5's layer norm (RMS, no mean, no bias), in fp32, then the GEMM dtype (int8: fp32, the
-        product quantizes its input itself)."""
-        return F.rms_norm(x, weight.shape, weight, self.eps).to(self.dtype)
+    def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The residual stream's update ``x += delta`` (in place; none when ``delta`` is None), then
+        T5's layer norm of ``x`` (RMS, no mean, no bias) in fp32, in ``dtype`` (default: the GEMM
+        dtype; int8's is fp32, the product quantizes its input itself). One C++ pass on a CPU in fp32."""
+        dtype = dtype or self.dtype
+        if self.kernels is not None and x.dtype == torch.float32 and (delta is None or delta.dtype == torch.float32):
+            out = torch.empty_like(x)
+            self.kernels.add_rms_norm(x.numpy(), None if delta is None else delta.contiguous().numpy(), weight.numpy(),
+                                      self.eps, out.numpy(), torch.get_num_threads())
+            return out.to(dtype)
+        if delta is not None:
+            x += delta
+        return F.rms_norm(x, weight.shape, weight, self.eps).to(dtype)
 
     def _position_bias(self, position: int) -> torch.Tensor:
         """[heads, position + 1]: the bias of the query at ``position`` over keys 0..position."""
@@ -135,12 +148,12 @@ class FusedDecoder:
         """[rows, inner]: each row's query ``q`` [rows, inner] over its history, the keys and values
         ``history`` [2, steps, max_rows, inner] at [s, ancestors[s, row]] for s < bias.shape[1]."""
         rows, steps = len(q), bias.shape[1]
-        if self.attention_kernel is not None:
+        if self.kernels is not None:
             out = torch.empty(rows, self.inner, dtype=self.dtype)
             name, storage = _KERNEL_STORAGE[self.dtype]
             q, keys, values, out_array = (x.view(storage).numpy() for x in (q, history[0], history[1], out))
-            getattr(self.attention_kernel, name)(q, keys, values, ancestors.numpy(), bias.float().numpy(), out_array,
-                                                 torch.get_num_threads())
+            getattr(self.kernels, name)(q, keys, values, ancestors.numpy(), bias.float().numpy(), out_array,
+                                        torch.get_num_threads())
             return out
         lineage = ancestors[:steps, :rows]
         keys, values = history[:, torch.arange(steps, device=q.device)[:, None], lineage]  # [2, steps, rows, inner]
@@ -177,30 +190,34 @@ class FusedDecoder:
         if position:
             state.ancestors[:position, :rows] = state.ancestors[:position, parents]
         torch.arange(rows, out=state.ancestors[position, :rows])
-        x = self.embed[tokens].float()
+        # The residual stream x (fp32, a fresh copy of the embeddings, updated in place) and its
+        # norm ahead of each sublayer, computed together with the update before it.
+        x = self.embed[tokens].float().contiguous()
+        normed = self._add_norm(x, None, self.layers[0]["norm_self"])
         for index, layer in enumerate(self.layers):
-            qkv = self._linear(self._norm(x, layer["norm_self"]), layer["qkv"]).view(rows, 3, self.inner)
+            qkv = self._linear(normed, layer["qkv"]).view(rows, 3, self.inner)
             history = state.history[index]
             history[:, position, :rows] = qkv[:, 1:].transpose(0, 1)
             attended = self._self_attention(qkv[:, 0], history, state.ancestors, bias)
-            x = x + self._linear(attended, layer["o_self"])
+            normed = self._add_norm(x, self._linear(attended, layer["o_self"]), layer["norm_cross"])
 
             # The B beams of a query are B query positions against that query's one row of keys.
-            q = self._linear(self._norm(x, layer["norm_cross"]), layer["q_cross"])
-            q = q.view(num_queries, beams, self.heads, self.d_kv).transpose(1, 2)
+            q = self._linear(normed, layer["q_cross"]).view(num_queries, beams, self.heads, self.d_kv).transpose(1, 2)
             keys, values = state.cross[index]
             attended = F.scaled_dot_product_attention(q, keys, values, scale=1.0).transpose(1, 2)
-            x = x + self._linear(attended.reshape(rows, self.inner), layer["o_cross"])
+            normed = self._add_norm(x, self._linear(attended.reshape(rows, self.inner), layer["o_cross"]), layer["norm_ff"])
 
-            hidden = self._linear(self._norm(x, layer["norm_ff"]), layer["wi"])
+            hidden = self._linear(normed, layer["wi"])
             if layer["gated"]:
                 gate, linear = hidden.chunk(2, dim=-1)
                 hidden = layer["act"](gate) * linear
             else:
                 hidden = layer["act"](hidden)
-            x = x + self._linear(hidden, layer["wo"])
+            last = index + 1 == len(self.layers)
+            next_norm = self.final_norm if last else self.layers[index + 1]["norm_self"]
+            normed = self._add_norm(x, self._linear(hidden, layer["wo"]), next_norm, torch.float32 if last else None)
         state.position += 1
-        return F.rms_norm(x, self.final_norm.shape, self.final_norm, self.eps)
+        return normed
 
 
 def int8_decoding_problem(device: torch.device, dtype: torch.dtype = torch.float32) -> str | None:
@@ -257,16 +274,16 @@ _KERNEL_STORAGE = {torch.float32: ("attend", torch.float32), torch.bfloat16: ("a
 
 
 @cache
-def _attention_kernel():
-    """The C++ self-attention (built with the package), or None with a warning once if it is not."""
+def decoder_kernels():
+    """The C++ kernels of a CPU search (built with the package), or None with a warning once if they are not."""
     try:
-        from genius.models.generative_retriever import _beam_attention
+        from genius.models.generative_retriever import _decoder_kernels
     except ImportError:
-        warnings.warn("the C++ beam attention genius.models.generative_retriever._beam_attention is not built, so "
-                      "CPU decoding runs slower; reinstall the package (`pip install -e .` from the repository root)",
+        warnings.warn("the C++ decoding kernels genius.models.generative_retriever._decoder_kernels are not built, "
+                      "so CPU decoding runs slower; reinstall the package (`pip install -e .` from the repository root)",
                       RuntimeWarning, stacklevel=3)
         return None
-    return _beam_attention
+    return _decoder_kernels
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genius.models.generative_retriever import _beam_attention
+from genius.models.generative_retriever import _decoder_kernels
 
 HEADS, D_KV, MAX_STEPS, MAX_ROWS = 4, 24, 5, 70  # d_kv not a multiple of the kernel's 16 lanes
 
@@ -40,7 +40,7 @@ def reference(q, history, ancestors, bias) -> torch.Tensor:
 def test_fp32_equals_attention_over_the_gathered_history(rows, steps, threads):
     q, history, ancestors, bias = problem(rows, steps, seed=rows + steps)
     out = torch.full((rows, HEADS * D_KV), torch.nan)
-    _beam_attention.attend(q.numpy(), history[0].numpy(), history[1].numpy(), ancestors.numpy(), bias.numpy(),
+    _decoder_kernels.attend(q.numpy(), history[0].numpy(), history[1].numpy(), ancestors.numpy(), bias.numpy(),
                            out.numpy(), threads)
     torch.testing.assert_close(out.double(), reference(q, history, ancestors, bias), atol=1e-5, rtol=1e-5)
 
@@ -50,7 +50,7 @@ def test_bf16_reads_bf16_and_rounds_its_output_once():
     q, history = q.bfloat16(), history.bfloat16()
     out = torch.empty(40, HEADS * D_KV, dtype=torch.bfloat16)
     as_bits = (lambda x: x.view(torch.int16).numpy())
-    _beam_attention.attend_bf16(as_bits(q), as_bits(history[0]), as_bits(history[1]), ancestors.numpy(),
+    _decoder_kernels.attend_bf16(as_bits(q), as_bits(history[0]), as_bits(history[1]), ancestors.numpy(),
                                 bias.numpy(), as_bits(out), 2)
     expected = reference(q.float(), history.float(), ancestors, bias)  # the same bf16 inputs, exact math
     assert not torch.equal(out.double(), expected)  # rounded to bf16 ...
@@ -65,7 +65,7 @@ def test_unreadable_inputs_are_refused():
     def attend(**changed):
         args = dict(q=q.numpy(), keys=keys, values=values, ancestors=ancestors.numpy(), bias=bias.numpy(),
                     out=out.numpy(), threads=2)
-        _beam_attention.attend(**{**args, **changed})
+        _decoder_kernels.attend(**{**args, **changed})
 
     broken = ancestors.clone()
     broken[0, 3] = MAX_ROWS
@@ -80,3 +80,61 @@ def test_unreadable_inputs_are_refused():
     with pytest.raises(TypeError):  # float64 is not converted silently
         attend(q=q.double().numpy())
 
+
+
+def torch_top_allowed(log_probs, scores, allowed, beams: int, keep: int):
+    """What beam search does without the kernel: add, mask, topk."""
+    total = (scores.view(-1, 1) + log_probs).masked_fill(~allowed, -torch.inf)
+    return total.view(len(log_probs) // beams, -1).topk(keep, dim=1)
+
+
+def top_allowed(log_probs, scores, allowed, beams: int, keep: int, threads: int = 2):
+    out_scores = torch.empty(len(log_probs) // beams, keep)
+    out_flat = torch.empty(len(log_probs) // beams, keep, dtype=torch.long)
+    _decoder_kernels.top_allowed(log_probs.numpy(), scores.numpy(), allowed.numpy(), beams, out_scores.numpy(),
+                                 out_flat.numpy(), threads)
+    return out_scores, out_flat
+
+
+@pytest.mark.parametrize("density,threads", [(1.0, 2), (0.3, 1), (0.002, 2)])
+def test_top_allowed_equals_add_mask_topk(density, threads):
+    g = torch.Generator().manual_seed(int(density * 1000) + threads)
+    beams, width, queries, keep = 6, 40, 5, 8
+    log_probs = torch.randn(queries * beams, width, generator=g).log_softmax(-1)
+    scores = torch.randn(queries * beams, generator=g)
+    allowed = torch.rand(queries * beams, width, generator=g) < density
+    allowed[3] = False  # a beam with nothing allowed
+    got_scores, got_flat = top_allowed(log_probs, scores, allowed, beams, keep, threads)
+    want_scores, want_flat = torch_top_allowed(log_probs, scores, allowed, beams, keep)
+    assert torch.equal(got_scores, want_scores)  # the same float additions, ranked the same
+    finite = torch.isfinite(want_scores)
+    assert torch.equal(got_flat[finite], want_flat[finite])
+    if density < 0.01:
+        assert not finite.all()  # some queries have fewer than `keep` allowed codes: padded with -inf
+        assert (got_flat[~finite] == 0).all()
+
+
+def test_top_allowed_breaks_ties_by_index_and_ranks_nan_first():
+    log_probs = torch.zeros(2, 4)  # one query, two beams, all equal
+    allowed = torch.ones(2, 4, dtype=torch.bool)
+    _, flat = top_allowed(log_probs, torch.zeros(2), allowed, beams=2, keep=3)
+    assert flat.tolist() == [[0, 1, 2]]
+    log_probs[1, 2] = torch.nan  # NaN must surface at the top, where beam search's check finds it
+    scores, flat = top_allowed(log_probs, torch.zeros(2), allowed, beams=2, keep=3)
+    assert torch.isnan(scores[0, 0]) and flat[0, 0] == 6
+
+
+def test_add_rms_norm_updates_the_stream_and_equals_t5s_norm():
+    g = torch.Generator().manual_seed(3)
+    x, delta, weight = torch.randn(70, 40, generator=g), torch.randn(70, 40, generator=g), torch.randn(40, generator=g)
+    stream, out = x.clone(), torch.empty(70, 40)
+    _decoder_kernels.add_rms_norm(stream.numpy(), delta.numpy(), weight.numpy(), 1e-6, out.numpy(), 2)
+    updated = x + delta
+    assert torch.equal(stream, updated)  # the residual update, in place
+    t5_norm = weight * (updated * torch.rsqrt(updated.pow(2).mean(-1, keepdim=True) + 1e-6))  # T5LayerNorm
+    torch.testing.assert_close(out, t5_norm, atol=1e-6, rtol=1e-5)
+    _decoder_kernels.add_rms_norm(stream.numpy(), None, weight.numpy(), 1e-6, out.numpy(), 1)  # no update
+    assert torch.equal(stream, updated)
+    torch.testing.assert_close(out, t5_norm, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="delta must be contiguous"):
+        _decoder_kernels.add_rms_norm(stream.numpy(), delta[:, :20].numpy(), weight.numpy(), 1e-6, out.numpy(), 1)

@@ -1,0 +1,319 @@
+// C++ kernels of a CPU beam-search step, where torch's general ops read and write too much.
+//
+// attend: the step's self-attention, reading each beam's history where it was written. A step's
+// keys and values are stored once, at [step, row] of a layer's history, and never moved: a beam
+// finds its own by its ancestors, the row it descended from at every earlier step. The usual
+// layout instead reorders the whole history by the surviving beams' parents at every step and
+// layer, one copy that reads and writes it all, and then attention reads it a third time; here
+// attention reads it once, straight from where it lies. Beams of one query share their early
+// ancestors, so those rows are read from cache. One row is one beam's newest token: for each
+// head, scores over its history plus T5's position bias (no 1/sqrt(d) scaling, as T5), a softmax,
+// and the weighted sum of the values, in fp32.
+//
+// top_allowed: a level's beam selection, the best `keep` of beam score + log-probability over
+// the trie-allowed codes of each query's beams, in one pass over the log-probabilities (torch
+// adds, masks a copy and runs topk: three passes over [rows, K] and two fresh tensors).
+//
+// add_rms_norm: the residual stream's update and the next layer norm, x += delta, then T5's
+// RMS norm of x, in one pass over each row (torch runs an add and five element-wise ops).
+//
+// Each splits its work between `threads` OpenMP threads, with the GIL released: torch's own
+// threads, since the libgomp torch loads is the one these find (see setup.py). Threads of their
+// own would compete with torch's workers, which spin for a while after each op (measured: the
+// search 10-20 % slower than with one thread).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <functional>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+// GCC builds the row loop for AVX-512 and AVX2+FMA as well, picked at load time by the CPU.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define GENIUS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define GENIUS_CLONES
+#endif
+
+constexpr int kLanes = 16;  // independent partial sums, so the compiler can vectorise the dot
+
+// bf16 is stored as the top 16 bits of an fp32; the arithmetic is fp32, as in torch's CPU SDPA.
+struct BFloat16 {
+  uint16_t bits;
+};
+
+inline float widen(float x) { return x; }
+inline float widen(BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.bits) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+
+inline void narrow(float x, float* out) { *out = x; }
+inline void narrow(float x, BFloat16* out) {  // round to nearest even, as torch rounds
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  out->bits = std::isnan(x) ? 0x7FC0 : static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+template <typename T>
+struct Problem {
+  const T* q;                // [rows, heads * d_kv], rows q_stride apart
+  int64_t q_stride;
+  const T* keys;             // [steps_max, max_rows, heads * d_kv]
+  const T* values;           // the same shape
+  const int64_t* ancestors;  // [steps_max, max_rows]: the row each row descends from at each step
+  const float* bias;         // [heads, steps]
+  T* out;                    // [rows, heads * d_kv]
+  int64_t rows, max_rows, steps, heads, d_kv;
+};
+
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l] * widen(b[i + l]);
+  float sum = 0.f;
+  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+  for (; i < n; ++i) sum += a[i] * widen(b[i]);
+  return sum;
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void attend_rows(const Problem<T>& p, int64_t begin, int64_t end) {
+  const int64_t width = p.heads * p.d_kv;
+  std::vector<float> weights(p.heads * p.steps), total(p.heads), acc(width), q(width);
+  std::vector<const T*> history(p.steps);
+  for (int64_t row = begin; row < end; ++row) {
+    for (int64_t i = 0; i < width; ++i) q[i] = widen(p.q[row * p.q_stride + i]);
+    for (int64_t s = 0; s < p.steps; ++s) history[s] = p.keys + (s * p.max_rows + p.ancestors[s * p.max_rows + row]) * width;
+    for (int64_t h = 0; h < p.heads; ++h) {
+      float* w = &weights[h * p.steps];
+      float top = -INFINITY;
+      for (int64_t s = 0; s < p.steps; ++s) {
+        w[s] = dot(&q[h * p.d_kv], history[s] + h * p.d_kv, p.d_kv) + p.bias[h * p.steps + s];
+        top = std::max(top, w[s]);
+      }
+      float sum = 0.f;
+      for (int64_t s = 0; s < p.steps; ++s) sum += (w[s] = std::exp(w[s] - top));
+      total[h] = sum;
+    }
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t s = 0; s < p.steps; ++s) {
+      const T* v = p.values + (s * p.max_rows + p.ancestors[s * p.max_rows + row]) * width;
+      for (int64_t h = 0; h < p.heads; ++h) {
+        const float weight = weights[h * p.steps + s];
+        float* a = &acc[h * p.d_kv];
+        const T* vh = v + h * p.d_kv;
+        for (int64_t d = 0; d < p.d_kv; ++d) a[d] += weight * widen(vh[d]);
+      }
+    }
+    T* out = p.out + row * width;
+    for (int64_t h = 0; h < p.heads; ++h)
+      for (int64_t d = 0; d < p.d_kv; ++d) narrow(acc[h * p.d_kv + d] / total[h], &out[h * p.d_kv + d]);
+  }
+}
+
+GENIUS_CLONES
+void add_rms_norm_row(float* x, const float* delta, const float* weight, float eps, float* out, int64_t d) {
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= d; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float v = delta ? x[i + l] + delta[i + l] : x[i + l];
+      x[i + l] = v;
+      lanes[l] += v * v;
+    }
+  float squares = 0.f;
+  for (int l = 0; l < kLanes; ++l) squares += lanes[l];
+  for (; i < d; ++i) {
+    x[i] = delta ? x[i] + delta[i] : x[i];
+    squares += x[i] * x[i];
+  }
+  const float inverse = 1.f / std::sqrt(squares / static_cast<float>(d) + eps);
+  for (int64_t j = 0; j < d; ++j) out[j] = weight[j] * (x[j] * inverse);
+}
+
+// GCC's target clones are made per function, not per template, hence one entry point per type.
+GENIUS_CLONES void attend_rows_fp32(const Problem<float>& p, int64_t begin, int64_t end) { attend_rows(p, begin, end); }
+GENIUS_CLONES void attend_rows_bf16(const Problem<BFloat16>& p, int64_t begin, int64_t end) { attend_rows(p, begin, end); }
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("beam attention: " + what);
+}
+
+bool c_contiguous(const py::array& a) { return a.flags() & py::array::c_style; }
+
+// Runs work(begin, end) over 0..n split evenly between `workers` threads (this one included).
+void split(int64_t n, int64_t workers, const std::function<void(int64_t, int64_t)>& work) {
+  workers = std::max<int64_t>(1, std::min(workers, n));
+#pragma omp parallel for num_threads(workers) schedule(static, 1)
+  for (int64_t w = 0; w < workers; ++w) work(n * w / workers, n * (w + 1) / workers);
+}
+
+// out[r] = attention of q[r] over the history of row r (keys/values at [s, ancestors[s, r]] for
+// s < steps = bias.shape[1]); see the file's comment. Storage is float32 arrays, or for bf16
+// (`Storage` int16) the bf16 bits as int16 arrays; bias is float32 either way.
+template <typename T, typename Storage>
+void attend(const py::array_t<Storage>& q, const py::array_t<Storage>& keys, const py::array_t<Storage>& values,
+            const py::array_t<int64_t>& ancestors, const py::array_t<float>& bias, py::array_t<Storage>& out,
+            int threads) {
+  require(q.ndim() == 2 && q.strides(1) == sizeof(Storage), "q must be [rows, heads * d_kv] with contiguous rows");
+  require(keys.ndim() == 3 && c_contiguous(keys) && values.ndim() == 3 && c_contiguous(values),
+          "keys and values must be contiguous [steps, max_rows, heads * d_kv]");
+  for (int axis = 0; axis < 3; ++axis) require(keys.shape(axis) == values.shape(axis), "keys and values differ in shape");
+  require(bias.ndim() == 2 && c_contiguous(bias), "bias must be contiguous [heads, steps]");
+  require(ancestors.ndim() == 2 && c_contiguous(ancestors), "ancestors must be contiguous [steps, max_rows]");
+  require(out.ndim() == 2 && c_contiguous(out), "out must be contiguous [rows, heads * d_kv]");
+  const int64_t rows = q.shape(0), width = q.shape(1), heads = bias.shape(0), steps = bias.shape(1);
+  const int64_t max_rows = keys.shape(1);
+  require(heads > 0 && width % heads == 0, "q's width is not a multiple of the heads");
+  require(keys.shape(2) == width && out.shape(0) == rows && out.shape(1) == width, "q, keys and out differ in width");
+  require(steps >= 1 && steps <= keys.shape(0), "bias has more steps than the history");
+  require(rows <= max_rows && ancestors.shape(0) == keys.shape(0) && ancestors.shape(1) == max_rows,
+          "ancestors must be [steps, max_rows] of the history, with rows <= max_rows");
+  const int64_t* lineage = ancestors.data();
+  for (int64_t s = 0; s < steps; ++s)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t a = lineage[s * max_rows + r];
+      require(a >= 0 && a < max_rows, "ancestor row out of range");
+    }
+  const Problem<T> p{reinterpret_cast<const T*>(q.data()), q.strides(0) / static_cast<int64_t>(sizeof(Storage)),
+                     reinterpret_cast<const T*>(keys.data()), reinterpret_cast<const T*>(values.data()), lineage,
+                     bias.data(), reinterpret_cast<T*>(out.mutable_data()), rows, max_rows, steps, heads, width / heads};
+  void (*const run)(const Problem<T>&, int64_t, int64_t) = [] {
+    if constexpr (std::is_same_v<T, float>) return &attend_rows_fp32;
+    else return &attend_rows_bf16;
+  }();
+  py::gil_scoped_release release;
+  split(rows, std::min<int64_t>(threads, rows / 16), [&](int64_t begin, int64_t end) { run(p, begin, end); });
+}
+
+// x += delta (when given), then out = weight * x / sqrt(mean(x^2) + eps) per row of x [rows, d],
+// as T5's layer norm (fp32). x and out must not overlap.
+void add_rms_norm(py::array_t<float>& x, const py::object& delta, const py::array_t<float>& weight, double eps,
+                  py::array_t<float>& out, int threads) {
+  require(x.ndim() == 2 && c_contiguous(x), "x must be contiguous [rows, d]");
+  const int64_t rows = x.shape(0), d = x.shape(1);
+  require(weight.ndim() == 1 && weight.shape(0) == d && c_contiguous(weight), "weight must be contiguous [d]");
+  require(out.ndim() == 2 && c_contiguous(out) && out.shape(0) == rows && out.shape(1) == d, "out must be x's shape");
+  const float* add = nullptr;
+  py::array_t<float> delta_array;
+  if (!delta.is_none()) {
+    require(py::isinstance<py::array_t<float>>(delta), "delta must be a float32 array or None");
+    delta_array = delta.cast<py::array_t<float>>();
+    require(delta_array.ndim() == 2 && c_contiguous(delta_array) && delta_array.shape(0) == rows &&
+                delta_array.shape(1) == d, "delta must be contiguous, x's shape");
+    add = delta_array.data();
+  }
+  float* stream = x.mutable_data();
+  float* normed = out.mutable_data();
+  const float* scale = weight.data();
+  const float epsilon = static_cast<float>(eps);
+  py::gil_scoped_release release;
+  split(rows, std::min<int64_t>(threads, rows / 32), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) add_rms_norm_row(stream + row * d, add ? add + row * d : nullptr, scale,
+                                                                 epsilon, normed + row * d, d);
+  });
+}
+
+// Whether a beam candidate (score, flat index) ranks before another: higher scores first, NaN
+// above everything (as torch's CPU topk ranks it, so the caller's check finds it), ties by index.
+inline bool ranks_before(float a, int64_t ia, float b, int64_t ib) {
+  const bool nan_a = std::isnan(a), nan_b = std::isnan(b);
+  if (nan_a != nan_b) return nan_a;
+  if (!nan_a && a != b) return a > b;
+  return ia < ib;
+}
+
+struct Candidate {
+  float score;
+  int64_t flat;
+};
+
+// Per query q (its `beams` rows q * beams ..): the `keep` best (scores[row] + log_probs[row, c])
+// over allowed[row, c], as flat indices (beam * width + c), best first; -inf (index 0) pads a
+// query with fewer allowed codes. log_probs and allowed are [rows, width], scores [rows].
+void top_allowed(const py::array_t<float>& log_probs, const py::array_t<float>& scores, const py::array_t<bool>& allowed,
+                 int64_t beams, py::array_t<float>& out_scores, py::array_t<int64_t>& out_flat, int threads) {
+  require(log_probs.ndim() == 2 && c_contiguous(log_probs), "log_probs must be contiguous [rows, width]");
+  require(allowed.ndim() == 2 && c_contiguous(allowed) && allowed.shape(0) == log_probs.shape(0) &&
+              allowed.shape(1) == log_probs.shape(1), "allowed must be contiguous, the shape of log_probs");
+  const int64_t rows = log_probs.shape(0), width = log_probs.shape(1);
+  require(scores.ndim() == 1 && scores.shape(0) == rows && c_contiguous(scores), "scores must be contiguous [rows]");
+  require(beams >= 1 && rows % beams == 0, "rows must be a whole number of beams per query");
+  const int64_t queries = rows / beams;
+  require(out_scores.ndim() == 2 && c_contiguous(out_scores) && out_scores.shape(0) == queries, "out_scores must be [queries, keep]");
+  require(out_flat.ndim() == 2 && c_contiguous(out_flat) && out_flat.shape(0) == queries &&
+              out_flat.shape(1) == out_scores.shape(1), "out_flat must be [queries, keep], as out_scores");
+  const int64_t keep = out_scores.shape(1);
+  require(keep >= 1 && keep <= beams * width, "keep must be in 1..beams * width");
+  const float* lp = log_probs.data();
+  const float* base = scores.data();
+  const bool* mask = allowed.data();
+  float* best_scores = out_scores.mutable_data();
+  int64_t* best_flat = out_flat.mutable_data();
+  const auto worse = [](const Candidate& a, const Candidate& b) { return ranks_before(a.score, a.flat, b.score, b.flat); };
+  py::gil_scoped_release release;
+  split(queries, threads, [&](int64_t begin, int64_t end) {
+    std::vector<Candidate> heap;  // the best `keep` so far, worst on top
+    heap.reserve(keep + 1);
+    for (int64_t q = begin; q < end; ++q) {
+      heap.clear();
+      for (int64_t beam = 0; beam < beams; ++beam) {
+        const int64_t row = q * beams + beam;
+        const float* row_lp = lp + row * width;
+        const bool* row_mask = mask + row * width;
+        for (int64_t c = 0; c < width; ++c) {
+          if (!row_mask[c]) continue;
+          const Candidate next{base[row] + row_lp[c], beam * width + c};
+          if (static_cast<int64_t>(heap.size()) < keep) {
+            heap.push_back(next);
+            std::push_heap(heap.begin(), heap.end(), worse);
+          } else if (ranks_before(next.score, next.flat, heap.front().score, heap.front().flat)) {
+            std::pop_heap(heap.begin(), heap.end(), worse);
+            heap.back() = next;
+            std::push_heap(heap.begin(), heap.end(), worse);
+          }
+        }
+      }
+      std::sort_heap(heap.begin(), heap.end(), worse);  // best first
+      for (int64_t i = 0; i < keep; ++i) {
+        const bool found = i < static_cast<int64_t>(heap.size());
+        best_scores[q * keep + i] = found ? heap[i].score : -INFINITY;
+        best_flat[q * keep + i] = found ? heap[i].flat : 0;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_decoder_kernels, m) {
+  m.doc() = "C++ kernels of a CPU beam-search step (see the source's comment, fused_decoder.py and beam_search.py).";
+  const auto args = [](auto f, const char* name, py::module_& m, const char* doc) {
+    m.def(name, f, py::arg("q").noconvert(), py::arg("keys").noconvert(), py::arg("values").noconvert(),
+          py::arg("ancestors").noconvert(), py::arg("bias").noconvert(), py::arg("out").noconvert(), py::arg("threads"),
+          doc);
+  };
+  args(&attend<float, float>, "attend", m, "out[r] = the attention of q[r] over row r's history (see the source)");
+  args(&attend<BFloat16, int16_t>, "attend_bf16", m, "attend on bf16 arrays given as their bits, viewed as int16");
+  m.def("add_rms_norm", &add_rms_norm, py::arg("x").noconvert(), py::arg("delta"), py::arg("weight").noconvert(),
+        py::arg("eps"), py::arg("out").noconvert(), py::arg("threads"),
+        "x += delta (unless None), then out = T5's RMS norm of x times weight, per row");
+  m.def("top_allowed", &top_allowed, py::arg("log_probs").noconvert(), py::arg("scores").noconvert(),
+        py::arg("allowed").noconvert(), py::arg("beams"), py::arg("out_scores").noconvert(), py::arg("out_flat").noconvert(),
+        py::arg("threads"), "per query, the best `keep` allowed (score + log-probability), flat indices (see the source)");
+}
