@@ -211,6 +211,8 @@ class FusedDecoder:
             if layer["gated"]:
                 gate, linear = hidden.chunk(2, dim=-1)
                 hidden = layer["act"](gate) * linear
+            elif isinstance(layer["act"], torch.nn.ReLU):
+                hidden.relu_()  # in place: the product's fresh output (a new [rows, d_ff] would be new pages)
             else:
                 hidden = layer["act"](hidden)
             last = index + 1 == len(self.layers)
