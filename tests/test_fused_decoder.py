@@ -58,6 +58,20 @@ def test_each_step_equals_the_decoder_module_on_the_beams_token_paths(feed_forwa
         tokens, rows_per_query = new_tokens, beams
 
 
+def test_steps_run_on_inputs_that_carry_gradients():
+    """A caller outside no_grad (the encoder output then needs a gradient) gets the same states:
+    decoding runs in inference mode, so the C++ kernels can read every tensor."""
+    generator = generator_of(1, "relu")
+    z = torch.nn.functional.normalize(torch.randn(2, 12, generator=torch.Generator().manual_seed(2)), dim=-1)
+    encoder_hidden = generator.encode(z)
+    assert encoder_hidden.requires_grad
+    decoder = FusedDecoder(generator)
+    hidden = decoder.step(decoder.start(encoder_hidden, 2, 1), torch.full((2,), PAD), None)
+    with torch.no_grad():
+        expected = decoder_states(generator, encoder_hidden, torch.full((2, 1), PAD))
+    torch.testing.assert_close(hidden, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_bf16_weights_stay_close_and_the_residual_stream_stays_fp32():
     generator = generator_of(2, "relu")
     z = torch.nn.functional.normalize(torch.randn(2, 12, generator=torch.Generator().manual_seed(3)), dim=-1)

@@ -162,6 +162,7 @@ class FusedDecoder:
                                                   attn_mask=bias[None, :, None, :], scale=1.0)
         return attended.reshape(rows, self.inner)
 
+    @torch.inference_mode()  # decoding only; the C++ kernels read tensors that need no gradient
     def start(self, encoder_hidden: torch.Tensor, max_rows: int, num_steps: int) -> "DecodeState":
         """A search's state for ``max_rows`` beam rows at most and ``num_steps`` steps: the
         cross-attention keys and values of every layer, one row per query ([2, Q, heads, T, d_kv]),
@@ -176,6 +177,7 @@ class FusedDecoder:
         ancestors = torch.empty(num_steps, max_rows, dtype=torch.long, device=source.device)
         return DecodeState(cross=cross, history=list(history), ancestors=ancestors)
 
+    @torch.inference_mode()
     def step(self, state: "DecodeState", tokens: torch.Tensor, parents: torch.Tensor | None) -> torch.Tensor:
         """The final-norm decoder state [R, d_model] (fp32) of ``tokens`` [R], each row's newest token.
 
