@@ -25,10 +25,10 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
-#include <functional>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
