@@ -1,15 +1,31 @@
 """Only the C++ extensions live here; everything else is declared in pyproject.toml."""
 import sys
 
-from pybind11.setup_helpers import Pybind11Extension
+from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
+from setuptools.errors import CompileError, LinkError
 
 # The decoding kernels split their rows with OpenMP. On Linux this links libgomp, and the one torch
 # ships is already loaded under that name when they are imported, so they share torch's threads
-# instead of competing with its spinning workers. Elsewhere they build without it and run serially.
+# instead of competing with its spinning workers. Elsewhere, or with a compiler that cannot build
+# OpenMP (clang without libomp), they build without it and run serially.
 OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 
+
+class BuildWithOptionalOpenMP(build_ext):
+    def build_extension(self, ext):
+        if OPENMP and "-fopenmp" in ext.extra_compile_args:
+            try:
+                return super().build_extension(ext)
+            except (CompileError, LinkError):
+                print(f"warning: {ext.name} does not build with OpenMP here; building it serial", file=sys.stderr)
+                ext.extra_compile_args = [a for a in ext.extra_compile_args if a not in OPENMP]
+                ext.extra_link_args = [a for a in ext.extra_link_args if a not in OPENMP]
+        return super().build_extension(ext)
+
+
 setup(
+    cmdclass={"build_ext": BuildWithOptionalOpenMP},
     ext_modules=[
         Pybind11Extension(
             "genius.trie_cpp._trie",
@@ -24,5 +40,5 @@ setup(
             extra_compile_args=["-O3", *OPENMP],
             extra_link_args=OPENMP,
         ),
-    ]
+    ],
 )

@@ -38,8 +38,9 @@ namespace py = pybind11;
 
 namespace {
 
-// GCC builds the row loop for AVX-512 and AVX2+FMA as well, picked at load time by the CPU.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// GCC (11 or later, for these names) builds the row loops for AVX-512 and AVX2+FMA as well, picked
+// at load time by the CPU (an ifunc: glibc only).
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
 #define GENIUS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define GENIUS_CLONES
@@ -159,7 +160,9 @@ bool c_contiguous(const py::array& a) { return a.flags() & py::array::c_style; }
 // Runs work(begin, end) over 0..n split evenly between `workers` threads (this one included).
 void split(int64_t n, int64_t workers, const std::function<void(int64_t, int64_t)>& work) {
   workers = std::max<int64_t>(1, std::min(workers, n));
+#ifdef _OPENMP  // built without OpenMP (see setup.py), the loop runs serially
 #pragma omp parallel for num_threads(workers) schedule(static, 1)
+#endif
   for (int64_t w = 0; w < workers; ++w) work(n * w / workers, n * (w + 1) / workers);
 }
 
