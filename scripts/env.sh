@@ -22,7 +22,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 # Reinstall only when what the install depends on changed: dependencies and their bounds, the lock
-# (when it is used), the resolve mode, or the C++ source.
+# (when it is used), the resolve mode, or the C++ sources.
 stamp_inputs=("$REPO/pyproject.toml" "$REPO/setup.py" "$REPO"/trie_cpp/*.cpp "$REPO"/models/generative_retriever/*.cpp)
 if [ "$RESOLVE" = lock ]; then
     stamp_inputs+=("$LOCK")
