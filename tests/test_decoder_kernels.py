@@ -1,11 +1,14 @@
-"""The C++ beam-search self-attention reads each row's history in place and equals plain attention
-over the gathered history; inputs it cannot read are refused with a ValueError."""
+"""The C++ kernels of a CPU search step equal what torch computes without them: the self-attention
+reading each row's history in place equals attention over the gathered history, the one-pass beam
+selection equals add + mask + topk, the fused residual update + norm equals T5's norm; inputs
+they cannot read are refused with a ValueError."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from genius.models.generative_retriever import _decoder_kernels
+from genius.models.generative_retriever.beam_search import _top_allowed
 
 HEADS, D_KV, MAX_STEPS, MAX_ROWS = 4, 24, 5, 70  # d_kv not a multiple of the kernel's 16 lanes
 
@@ -41,7 +44,7 @@ def test_fp32_equals_attention_over_the_gathered_history(rows, steps, threads):
     q, history, ancestors, bias = problem(rows, steps, seed=rows + steps)
     out = torch.full((rows, HEADS * D_KV), torch.nan)
     _decoder_kernels.attend(q.numpy(), history[0].numpy(), history[1].numpy(), ancestors.numpy(), bias.numpy(),
-                           out.numpy(), threads)
+                            out.numpy(), threads)
     torch.testing.assert_close(out.double(), reference(q, history, ancestors, bias), atol=1e-5, rtol=1e-5)
 
 
@@ -51,7 +54,7 @@ def test_bf16_reads_bf16_and_rounds_its_output_once():
     out = torch.empty(40, HEADS * D_KV, dtype=torch.bfloat16)
     as_bits = (lambda x: x.view(torch.int16).numpy())
     _decoder_kernels.attend_bf16(as_bits(q), as_bits(history[0]), as_bits(history[1]), ancestors.numpy(),
-                                bias.numpy(), as_bits(out), 2)
+                                 bias.numpy(), as_bits(out), 2)
     expected = reference(q.float(), history.float(), ancestors, bias)  # the same bf16 inputs, exact math
     assert not torch.equal(out.double(), expected)  # rounded to bf16 ...
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=2 ** -8)  # ... once, from fp32 math
@@ -81,7 +84,6 @@ def test_unreadable_inputs_are_refused():
         attend(q=q.double().numpy())
 
 
-
 def torch_top_allowed(log_probs, scores, allowed, beams: int, keep: int):
     """What beam search does without the kernel: add, mask, topk."""
     total = (scores.view(-1, 1) + log_probs).masked_fill(~allowed, -torch.inf)
@@ -89,11 +91,13 @@ def torch_top_allowed(log_probs, scores, allowed, beams: int, keep: int):
 
 
 def top_allowed(log_probs, scores, allowed, beams: int, keep: int, threads: int = 2):
-    out_scores = torch.empty(len(log_probs) // beams, keep)
-    out_flat = torch.empty(len(log_probs) // beams, keep, dtype=torch.long)
-    _decoder_kernels.top_allowed(log_probs.numpy(), scores.numpy(), allowed.numpy(), beams, out_scores.numpy(),
-                                 out_flat.numpy(), threads)
-    return out_scores, out_flat
+    """Beam search's call of the kernel, on ``threads`` torch threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _top_allowed(_decoder_kernels, scores, log_probs, allowed, beams, keep)
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("density,threads", [(1.0, 2), (0.3, 1), (0.002, 2)])
