@@ -19,8 +19,8 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
   each step: two copies of it and fresh pages, before attention reads it a third time;
 - on a CPU (fp32, int8 and bf16) the step's memory-bound parts run as C++ kernels
   (``decoder_kernels.cpp``, on torch's own OpenMP threads): the self-attention, reading each
-  row's history where it lies, and in fp32 each residual update together with the layer norm
-  after it (beam search's one-pass selection lives there too). Elsewhere (a GPU) the rows'
+  row's history where it lies, and, where the products give fp32 (fp32 and int8), each residual
+  update together with the layer norm after it (beam search's one-pass selection lives there too). Elsewhere (a GPU) the rows'
   histories are gathered for SDPA, and the norms are torch's;
 - ``dtype`` bf16/fp16 casts the weights once, not at every op as ``autocast`` does; the residual
   stream and the layer norms stay fp32 (as under autocast) and :meth:`IDGenerator.head_logits`
