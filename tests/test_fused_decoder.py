@@ -26,6 +26,16 @@ def decoder_states(generator: IDGenerator, encoder_hidden: torch.Tensor, sequenc
         return generator.t5.decoder(input_ids=sequences, encoder_hidden_states=encoder_hidden).last_hidden_state[:, -1]
 
 
+def surviving_beams(generator: IDGenerator, level: int, num_queries: int, rows_per_query: int, beams: int,
+                    rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``parents`` and new ``tokens`` of the next step's rows, as a beam search makes them: beams
+    survive in a shuffled order, some twice, and row r continues row parents[r] of its query."""
+    choice = torch.randint(0, rows_per_query, (num_queries, beams), generator=rng)
+    parents = (choice + torch.arange(num_queries)[:, None] * rows_per_query).view(-1)
+    tokens = generator.offsets[level] + torch.randint(0, generator.codebook_sizes[level], (len(parents),), generator=rng)
+    return parents, tokens
+
+
 @pytest.mark.parametrize("attention", ["kernel", "gathered"])
 @pytest.mark.parametrize("feed_forward_proj,layers,beams", [("relu", 2, 5), ("gated-gelu", 3, 4), ("relu", 1, 1)])
 def test_each_step_equals_the_decoder_module_on_the_beams_token_paths(feed_forward_proj, layers, beams, attention):
@@ -48,14 +58,9 @@ def test_each_step_equals_the_decoder_module_on_the_beams_token_paths(feed_forwa
             fused = decoder.step(state, tokens, parents)
         expected = decoder_states(generator, encoder_hidden.repeat_interleave(rows_per_query, 0), paths)
         torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
-        # Beams survive in a shuffled order, some twice, as in a beam search: row r of the next
-        # step continues row parents[r] of the same query.
-        choice = torch.randint(0, rows_per_query, (num_queries, beams), generator=generator_rng)
-        parents = (choice + torch.arange(num_queries)[:, None] * rows_per_query).view(-1)
-        new_tokens = generator.offsets[level] + torch.randint(0, generator.codebook_sizes[level], (len(parents),),
-                                                              generator=generator_rng)
-        paths = torch.cat([paths[parents], new_tokens[:, None]], dim=1)
-        tokens, rows_per_query = new_tokens, beams
+        parents, tokens = surviving_beams(generator, level, num_queries, rows_per_query, beams, generator_rng)
+        paths = torch.cat([paths[parents], tokens[:, None]], dim=1)
+        rows_per_query = beams
 
 
 def test_steps_run_on_inputs_that_carry_gradients():
@@ -101,9 +106,7 @@ def test_bf16_decoder_steps_agree_between_the_kernel_and_sdpa():
         for level in range(4):
             outputs = [decoder.step(state, tokens, parents) for decoder, state in zip((kernel, gathered), states)]
             torch.testing.assert_close(outputs[0], outputs[1], atol=0.03, rtol=0.03)
-            choice = torch.randint(0, rows_per_query, (3, 4), generator=rng)
-            parents = (choice + torch.arange(3)[:, None] * rows_per_query).view(-1)
-            tokens = generator.offsets[level] + torch.randint(0, generator.codebook_sizes[level], (12,), generator=rng)
+            parents, tokens = surviving_beams(generator, level, 3, rows_per_query, 4, rng)
             rows_per_query = 4
 
 

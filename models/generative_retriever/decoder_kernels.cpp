@@ -306,13 +306,13 @@ void top_allowed(const py::array_t<float>& log_probs, const py::array_t<float>& 
 
 PYBIND11_MODULE(_decoder_kernels, m) {
   m.doc() = "C++ kernels of a CPU beam-search step (see the source's comment, fused_decoder.py and beam_search.py).";
-  const auto args = [](auto f, const char* name, py::module_& m, const char* doc) {
+  const auto def_attend = [&m](auto f, const char* name, const char* doc) {  // one per storage type
     m.def(name, f, py::arg("q").noconvert(), py::arg("keys").noconvert(), py::arg("values").noconvert(),
           py::arg("ancestors").noconvert(), py::arg("bias").noconvert(), py::arg("out").noconvert(), py::arg("threads"),
           doc);
   };
-  args(&attend<float, float>, "attend", m, "out[r] = the attention of q[r] over row r's history (see the source)");
-  args(&attend<BFloat16, int16_t>, "attend_bf16", m, "attend on bf16 arrays given as their bits, viewed as int16");
+  def_attend(&attend<float, float>, "attend", "out[r] = the attention of q[r] over row r's history (see the source)");
+  def_attend(&attend<BFloat16, int16_t>, "attend_bf16", "attend on bf16 arrays given as their bits, viewed as int16");
   m.def("add_rms_norm", &add_rms_norm, py::arg("x").noconvert(), py::arg("delta"), py::arg("weight").noconvert(),
         py::arg("eps"), py::arg("out").noconvert(), py::arg("threads"),
         "x += delta (unless None), then out = T5's RMS norm of x times weight, per row");

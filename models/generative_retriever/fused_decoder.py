@@ -20,8 +20,8 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
 - on a CPU (fp32, int8 and bf16) the step's memory-bound parts run as C++ kernels
   (``decoder_kernels.cpp``, on torch's own OpenMP threads): the self-attention, reading each
   row's history where it lies, and, where the products give fp32 (fp32 and int8), each residual
-  update together with the layer norm after it (beam search's one-pass selection lives there too). Elsewhere (a GPU) the rows'
-  histories are gathered for SDPA, and the norms are torch's;
+  update together with the layer norm after it (beam search's one-pass selection lives there
+  too). Elsewhere (a GPU) the rows' histories are gathered for SDPA, and the norms are torch's;
 - ``dtype`` bf16/fp16 casts the weights once, not at every op as ``autocast`` does; the residual
   stream and the layer norms stay fp32 (as under autocast) and :meth:`IDGenerator.head_logits`
   scores the level in fp32.
@@ -127,7 +127,7 @@ class FusedDecoder:
         T5's layer norm of ``x`` (RMS, no mean, no bias) in fp32, in ``dtype`` (default: the GEMM
         dtype; int8's is fp32, the product quantizes its input itself). One C++ pass on a CPU in fp32."""
         dtype = dtype or self.dtype
-        if self.kernels is not None and x.dtype == torch.float32 and (delta is None or delta.dtype == torch.float32):
+        if self.kernels is not None and (delta is None or delta.dtype == torch.float32):  # x is always fp32
             out = torch.empty_like(x)
             self.kernels.add_rms_norm(x.numpy(), None if delta is None else delta.contiguous().numpy(), weight.numpy(),
                                       self.eps, out.numpy(), torch.get_num_threads())
@@ -194,7 +194,7 @@ class FusedDecoder:
         torch.arange(rows, out=state.ancestors[position, :rows])
         # The residual stream x (fp32, a fresh copy of the embeddings, updated in place) and its
         # norm ahead of each sublayer, computed together with the update before it.
-        x = self.embed[tokens].float().contiguous()
+        x = self.embed[tokens].float()
         normed = self._add_norm(x, None, self.layers[0]["norm_self"])
         for index, layer in enumerate(self.layers):
             qkv = self._linear(normed, layer["qkv"]).view(rows, 3, self.inner)
