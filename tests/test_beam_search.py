@@ -273,8 +273,10 @@ def test_head_logits_are_fp32_under_autocast(level_head):
     z = queries(np.random.default_rng(4), 3)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         decoder = FusedDecoder(generator, torch.bfloat16)
-        state = decoder.step(decoder.start(generator.encode(z), len(z), 1), torch.zeros(len(z), dtype=torch.long), None)
+        search = decoder.start(generator.encode(z), len(z), 1)
+        state = decoder.step(search, torch.zeros(len(z), dtype=torch.long), None)
         log_probs = generator.level_log_probs(state, 0, level_head)
+        in_workspace = decoder.level_log_probs(generator, state, 0, level_head, search)  # the search's own call
     weight = generator.t5.lm_head.weight.detach()
     hidden = state.float() * generator.d_model**-0.5
     lo, hi = generator.offsets[0], generator.offsets[0] + sizes[0]
@@ -289,6 +291,8 @@ def test_head_logits_are_fp32_under_autocast(level_head):
             in_autocast = level_log_probs(lambda rows: F.linear(hidden, rows).float())  # a head inside autocast
     assert log_probs.dtype == head.dtype == torch.float32
     assert torch.equal(log_probs, expected) and torch.equal(head, F.linear(hidden, weight[lo:hi]))
+    assert torch.equal(in_workspace, expected)
+    assert in_workspace.data_ptr() == search.workspace.buffers["logits"].data_ptr() + lo * (not level_head) * 4
     assert not torch.equal(in_autocast, expected)  # so the equalities above are the fp32 head's
 
 

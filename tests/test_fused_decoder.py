@@ -110,6 +110,39 @@ def test_bf16_decoder_steps_agree_between_the_kernel_and_sdpa():
             rows_per_query = 4
 
 
+def test_searches_reuse_a_workspace_and_two_live_searches_never_share_one():
+    """A dropped search's workspace serves the next search (its buffers reused, not reallocated),
+    while the step's output the caller holds stays intact; two searches alive at once, stepped in
+    turn on two different generators, each get their own buffers and equal transformers' decoder."""
+    generators = [generator_of(seed, "relu", layers=2) for seed in (7, 8)]
+    rng = torch.Generator().manual_seed(9)
+    z = torch.nn.functional.normalize(torch.randn(2, 12, generator=rng), dim=-1)
+    with torch.no_grad():
+        encoder_hidden = [generator.encode(z) for generator in generators]
+    decoders = [FusedDecoder(generator) for generator in generators]
+    first = decoders[0].start(encoder_hidden[0], 2 * 3, 3)
+    held = decoders[0].step(first, torch.full((2,), PAD), None)
+    kept, workspace = held.clone(), first.workspace
+    buffers = {name: tensor.data_ptr() for name, tensor in workspace.buffers.items()}
+    assert {"history", "qkv", "hidden", "normed"} <= set(buffers)
+    del first  # the search ends: its workspace goes back to the pool
+
+    states = [decoder.start(hidden, 2 * 3, 3) for decoder, hidden in zip(decoders, encoder_hidden)]
+    assert states[0].workspace is workspace and states[1].workspace is not workspace
+    paths = torch.full((2, 1), PAD)
+    tokens, parents, rows_per_query = paths[:, 0], None, 1
+    for level in range(3):
+        outputs = [decoder.step(state, tokens, parents) for decoder, state in zip(decoders, states)]
+        for generator, hidden, output in zip(generators, encoder_hidden, outputs):
+            expected = decoder_states(generator, hidden.repeat_interleave(rows_per_query, 0), paths)
+            torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+        parents, tokens = surviving_beams(generators[0], level, 2, rows_per_query, 3, rng)
+        paths = torch.cat([paths[parents], tokens[:, None]], dim=1)
+        rows_per_query = 3
+    assert {name: tensor.data_ptr() for name, tensor in workspace.buffers.items() if name in buffers} == buffers
+    assert torch.equal(held, kept)
+
+
 def test_int8_step_packs_the_step_products_and_stays_close_to_fp32():
     """int8: the six per-step products run on fbgemm's packed int8 weights (kv_cross, used once per
     query, stays fp32), the output is fp32 and within int8's error of the fp32 step, step by step;

@@ -191,7 +191,7 @@ def _search(generator: IDGenerator, decoder: FusedDecoder, queries: torch.Tensor
     codes = torch.zeros(num_queries, 1, 0, dtype=torch.long, device=device)
     tokens = torch.full((num_queries,), PAD, dtype=torch.long, device=device)
     for level, width in enumerate(generator.codebook_sizes):
-        log_probs = decoder.level_log_probs(generator, decoder.step(state, tokens, parents), level, level_head)
+        log_probs = decoder.level_log_probs(generator, decoder.step(state, tokens, parents), level, level_head, state)
         allowed = masks.fill(trie, level, nodes, width)
         keep = min(num_beams, beams * width)
         thresholded = level == 0 and modality_threshold > 0

@@ -12,11 +12,16 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
   beams of a query attend to them as B query positions of one SDPA row;
 - the relative position bias of every step is looked up once, from T5's own bucket function;
 - the self-attention history is never moved: a step writes its keys and values once, at
-  [step, row] of one buffer per layer (allocated once and reused by the thread's later searches of
-  the same shape), and a beam reads its history through its ancestors, the row it descends from at
-  each earlier step (a [steps, rows] table the step updates from the parents). ``transformers``
-  reorders every layer's whole history by the parents and concatenates it into a new tensor at
-  each step: two copies of it and fresh pages, before attention reads it a third time;
+  [step, row] of one buffer per layer, and a beam reads its history through its ancestors, the
+  row it descends from at each earlier step (a [steps, rows] table the step updates from the
+  parents). ``transformers`` reorders every layer's whole history by the parents and concatenates
+  it into a new tensor at each step: two copies of it and fresh pages, before attention reads it
+  a third time;
+- the step's outputs, the output head's logits and its log-softmax are written into a
+  :class:`Workspace` the search keeps (and its next batch reuses), not into fresh tensors: at an
+  evaluation's batch (64 queries x 50 beams) each is 6-50 MB (400 MB for the full vocabulary), and
+  glibc maps a fresh block of that size anew, so each step faulted in hundreds of MB of zeroed
+  pages (BENCHMARKS.md measures the difference);
 - on a CPU (fp32, int8 and bf16) the step's memory-bound parts run as C++ kernels
   (``decoder_kernels.cpp``, on torch's own OpenMP threads): the self-attention, reading each
   row's history where it lies, and, where the products give fp32 (fp32 and int8), each residual
@@ -43,10 +48,12 @@ in ``eval()``.
 """
 from __future__ import annotations
 
+import math
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +73,8 @@ class FusedDecoder:
         self.dtype, self.heads, self.d_kv = dtype, config.num_heads, config.d_kv
         self.inner = self.heads * self.d_kv
         self.eps = config.layer_norm_epsilon
-        self.embed = decoder.embed_tokens.weight.detach()
+        self.d_model = config.d_model
+        self.embed = decoder.embed_tokens.weight.detach().float()  # the residual stream is fp32
         self.final_norm = decoder.final_layer_norm.weight.detach()
         self.layers = [self._layer_weights(block, dtype, int8) for block in decoder.block]
         # The C++ kernels on a CPU (fp32, int8 and bf16): self-attention here, beam selection in
@@ -98,21 +106,39 @@ class FusedDecoder:
             "q_cross": step_weight(ca.q), "kv_cross": cast(ca.k, ca.v), "o_cross": step_weight(ca.o),
             "norm_ff": ff.layer_norm.weight.detach(),
             "wi": step_weight(dense.wi_0, dense.wi_1) if gated else step_weight(dense.wi), "wo": step_weight(dense.wo),
-            "gated": gated, "act": dense.act,
+            "wi_width": (2 if gated else 1) * dense.wo.in_features, "gated": gated, "act": dense.act,
         }
 
-    def _linear(self, x: torch.Tensor, weight) -> torch.Tensor:
-        """One of the step's products: ``F.linear``, or fbgemm's int8 one on a packed weight."""
+    def _linear(self, x: torch.Tensor, weight, out: torch.Tensor) -> torch.Tensor:
+        """One of the step's products, ``x`` times ``weight`` transposed (``F.linear``'s own GEMM)
+        into ``out``; with ``int8`` fbgemm's int8 product on a packed weight, into a new tensor
+        (it has no ``out``)."""
         if self.int8:
             return torch.ops.quantized.linear_dynamic(x, weight)
-        return F.linear(x, weight)
+        return torch.mm(x, weight.t(), out=out)
 
-    def level_log_probs(self, generator: IDGenerator, hidden: torch.Tensor, level: int, level_head: bool
-                        ) -> torch.Tensor:
+    @torch.inference_mode()  # decoding only; the workspace's buffers are written in place
+    def level_log_probs(self, generator: IDGenerator, hidden: torch.Tensor, level: int, level_head: bool,
+                        state: DecodeState | None = None) -> torch.Tensor:
         """fp32 log-probabilities [N, K_level] of level ``level``'s codes from ``step``'s states:
         :meth:`IDGenerator.level_log_probs`, whose head product is int8 with ``int8`` (the
-        log-softmax stays fp32). ``generator``: the one this decoder was made from."""
-        return generator.level_log_probs(hidden, level, level_head, self._int8_head if self.int8 else None)
+        log-softmax stays fp32). ``generator``: the one this decoder was made from. With the
+        search's ``state`` they are written into its workspace: valid while the state lives, until
+        its next level's."""
+        if self.int8:
+            product = self._int8_head
+        elif state is not None:
+            product = partial(self._head_into, state.workspace)
+        else:
+            product = None
+        return generator.level_log_probs(hidden, level, level_head, product)
+
+    def _head_into(self, workspace: Workspace, hidden: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The output head's ``rows`` times ``hidden`` in fp32 (a ``HeadProduct``: the generator's
+        own ``F.linear``, bit for bit), into ``workspace``."""
+        weight = self.head_weight[rows].float()
+        out = workspace.rows("logits", len(hidden), len(weight), torch.float32, hidden.device)
+        return torch.mm(hidden, weight.t(), out=out)
 
     def _int8_head(self, hidden: torch.Tensor, rows: slice) -> torch.Tensor:
         """The output head's ``rows`` times ``hidden`` in int8 (a ``HeadProduct``)."""
@@ -122,13 +148,14 @@ class FusedDecoder:
         return torch.ops.quantized.linear_dynamic(hidden, self.head_packed[key])
 
     def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
+                  dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """The residual stream's update ``x += delta`` (in place; none when ``delta`` is None), then
         T5's layer norm of ``x`` (RMS, no mean, no bias) in fp32, in ``dtype`` (default: the GEMM
-        dtype; int8's is fp32, the product quantizes its input itself). One C++ pass on a CPU in fp32."""
+        dtype; int8's is fp32, the product quantizes its input itself). One C++ pass on a CPU in
+        fp32, into ``out`` (fp32, like ``x``; None: a new tensor)."""
         dtype = dtype or self.dtype
         if self.kernels is not None and (delta is None or delta.dtype == torch.float32):  # x is always fp32
-            out = torch.empty_like(x)
+            out = torch.empty_like(x) if out is None else out
             self.kernels.add_rms_norm(x.numpy(), None if delta is None else delta.contiguous().numpy(), weight.numpy(),
                                       self.eps, out.numpy(), torch.get_num_threads())
             return out.to(dtype)
@@ -143,13 +170,13 @@ class FusedDecoder:
                                                         max_distance=self.max_distance)
         return self.bias_weight[buckets].t().to(self.dtype).contiguous()
 
-    def _self_attention(self, q: torch.Tensor, history: torch.Tensor, ancestors: torch.Tensor, bias: torch.Tensor
-                        ) -> torch.Tensor:
+    def _self_attention(self, q: torch.Tensor, history: torch.Tensor, ancestors: torch.Tensor, bias: torch.Tensor,
+                        out: torch.Tensor) -> torch.Tensor:
         """[rows, inner]: each row's query ``q`` [rows, inner] over its history, the keys and values
-        ``history`` [2, steps, max_rows, inner] at [s, ancestors[s, row]] for s < bias.shape[1]."""
+        ``history`` [2, steps, max_rows, inner] at [s, ancestors[s, row]] for s < bias.shape[1];
+        into ``out`` on a CPU (SDPA makes its own output)."""
         rows, steps = len(q), bias.shape[1]
         if self.kernels is not None:
-            out = torch.empty(rows, self.inner, dtype=self.dtype)
             name, storage = _KERNEL_STORAGE[self.dtype]
             q, keys, values, out_array = (x.view(storage).numpy() for x in (q, history[0], history[1], out))
             getattr(self.kernels, name)(q, keys, values, ancestors.numpy(), bias.float().numpy(), out_array,
@@ -162,54 +189,70 @@ class FusedDecoder:
                                                   attn_mask=bias[None, :, None, :], scale=1.0)
         return attended.reshape(rows, self.inner)
 
+    def _cross_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """[rows, inner]: the rows' queries ``q`` [rows, inner] (B beams per query, in query order)
+        over their query's encoder keys and values [Q, heads, T, d_kv]. SDPA takes the B beams of
+        a query as B query positions against its one row of keys (a C++ kernel for it, tried, was
+        1.5x slower than SDPA's CPU kernel at T = 30: BENCHMARKS.md)."""
+        rows, num_queries = len(q), keys.shape[0]
+        q = q.view(num_queries, rows // num_queries, self.heads, self.d_kv).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, keys, values, scale=1.0).transpose(1, 2).reshape(rows, self.inner)
+
     @torch.inference_mode()  # decoding only; the C++ kernels read tensors that need no gradient
     def start(self, encoder_hidden: torch.Tensor, max_rows: int, num_steps: int) -> "DecodeState":
         """A search's state for ``max_rows`` beam rows at most and ``num_steps`` steps: the
-        cross-attention keys and values of every layer, one row per query ([2, Q, heads, T, d_kv]),
-        a self-attention history per layer ([2, num_steps, max_rows, inner]) and the rows' ancestors."""
+        cross-attention keys and values of every layer, once per query (:class:`DecodeState`),
+        a self-attention history per layer ([2, num_steps, max_rows, inner]), the rows' ancestors
+        and the step's buffers (a :class:`Workspace`, back to the pool once the state is dropped)."""
         num_queries, length, _ = encoder_hidden.shape
         source = encoder_hidden.to(self.dtype)
         cross = []
         for layer in self.layers:
             kv = F.linear(source, layer["kv_cross"]).view(num_queries, length, 2, self.heads, self.d_kv)
             cross.append(kv.permute(2, 0, 3, 1, 4))  # [2, Q, heads, T, d_kv]
-        history = _scratch((len(self.layers), 2, num_steps, max_rows, self.inner), self.dtype, source.device)
-        ancestors = torch.empty(num_steps, max_rows, dtype=torch.long, device=source.device)
-        return DecodeState(cross=cross, history=list(history), ancestors=ancestors)
+        workspace = Workspace.take(max_rows)
+        history = workspace.tensor("history", (len(self.layers), 2, num_steps, max_rows, self.inner), self.dtype,
+                                   source.device)
+        ancestors = workspace.tensor("ancestors", (num_steps, max_rows), torch.long, source.device)
+        state = DecodeState(cross=cross, history=list(history), ancestors=ancestors, workspace=workspace)
+        weakref.finalize(state, Workspace.give_back, workspace)
+        return state
 
     @torch.inference_mode()
-    def step(self, state: "DecodeState", tokens: torch.Tensor, parents: torch.Tensor | None) -> torch.Tensor:
+    def step(self, state: DecodeState, tokens: torch.Tensor, parents: torch.Tensor | None) -> torch.Tensor:
         """The final-norm decoder state [R, d_model] (fp32) of ``tokens`` [R], each row's newest token.
 
         ``parents`` [R] (None at the first step): the row of the previous step each row continues,
         grouped by query; its self-attention history is taken from there.
         """
-        rows, position = len(tokens), state.position
-        num_queries = state.cross[0].shape[1]
-        beams = rows // num_queries
+        rows, position, workspace, device = len(tokens), state.position, state.workspace, tokens.device
+
+        def buffer(name: str, cols: int, dtype: torch.dtype = self.dtype) -> torch.Tensor:
+            return workspace.rows(name, rows, cols, dtype, device)
+
         bias = self._position_bias(position)
         # A row's ancestors are its parent's, then itself (the history is read in place, not moved).
         if position:
             state.ancestors[:position, :rows] = state.ancestors[:position, parents]
         torch.arange(rows, out=state.ancestors[position, :rows])
-        # The residual stream x (fp32, a fresh copy of the embeddings, updated in place) and its
-        # norm ahead of each sublayer, computed together with the update before it.
-        x = self.embed[tokens].float()
-        normed = self._add_norm(x, None, self.layers[0]["norm_self"])
+        # The residual stream x (fp32, a copy of the embeddings, updated in place) and its norm
+        # ahead of each sublayer, computed together with the update before it.
+        x = torch.index_select(self.embed, 0, tokens, out=buffer("x", self.d_model, torch.float32))
+        normed = self._add_norm(x, None, self.layers[0]["norm_self"], out=buffer("normed", self.d_model, torch.float32))
         for index, layer in enumerate(self.layers):
-            qkv = self._linear(normed, layer["qkv"]).view(rows, 3, self.inner)
+            qkv = self._linear(normed, layer["qkv"], buffer("qkv", 3 * self.inner)).view(rows, 3, self.inner)
             history = state.history[index]
             history[:, position, :rows] = qkv[:, 1:].transpose(0, 1)
-            attended = self._self_attention(qkv[:, 0], history, state.ancestors, bias)
-            normed = self._add_norm(x, self._linear(attended, layer["o_self"]), layer["norm_cross"])
+            attended = self._self_attention(qkv[:, 0], history, state.ancestors, bias, buffer("attended", self.inner))
+            update = self._linear(attended, layer["o_self"], buffer("update", self.d_model))
+            normed = self._add_norm(x, update, layer["norm_cross"], out=buffer("normed", self.d_model, torch.float32))
 
-            # The B beams of a query are B query positions against that query's one row of keys.
-            q = self._linear(normed, layer["q_cross"]).view(num_queries, beams, self.heads, self.d_kv).transpose(1, 2)
-            keys, values = state.cross[index]
-            attended = F.scaled_dot_product_attention(q, keys, values, scale=1.0).transpose(1, 2)
-            normed = self._add_norm(x, self._linear(attended.reshape(rows, self.inner), layer["o_cross"]), layer["norm_ff"])
+            q = self._linear(normed, layer["q_cross"], buffer("q", self.inner))
+            attended = self._cross_attention(q, *state.cross[index])
+            update = self._linear(attended, layer["o_cross"], buffer("update", self.d_model))
+            normed = self._add_norm(x, update, layer["norm_ff"], out=buffer("normed", self.d_model, torch.float32))
 
-            hidden = self._linear(normed, layer["wi"])
+            hidden = self._linear(normed, layer["wi"], buffer("hidden", layer["wi_width"]))
             if layer["gated"]:
                 gate, linear = hidden.chunk(2, dim=-1)
                 hidden = layer["act"](gate) * linear
@@ -219,7 +262,10 @@ class FusedDecoder:
                 hidden = layer["act"](hidden)
             last = index + 1 == len(self.layers)
             next_norm = self.final_norm if last else self.layers[index + 1]["norm_self"]
-            normed = self._add_norm(x, self._linear(hidden, layer["wo"]), next_norm, torch.float32 if last else None)
+            update = self._linear(hidden, layer["wo"], buffer("update", self.d_model))
+            # the last norm's output is the step's, the caller's to keep: a new tensor
+            normed = self._add_norm(x, update, next_norm, torch.float32 if last else None,
+                                    None if last else buffer("normed", self.d_model, torch.float32))
         state.position += 1
         return normed
 
@@ -257,19 +303,51 @@ def pack_int8(weight: torch.Tensor):
     return torch.ops.quantized.linear_prepack(quantized, None)
 
 
-_THREAD = threading.local()
+class Workspace:
+    """A search's buffers by name, flat tensors viewed at each request's shape: the step's outputs,
+    the self-attention history, the head's logits. A buffer grows to the largest request (rows up
+    to ``max_rows``, so the first step's few rows do not make it regrow at the next) and is kept:
+    the next batch's search, taking this workspace from the pool, writes into memory already
+    mapped. One per live :class:`DecodeState`, so two searches at once (threads, or two decoders
+    stepped in turn) never share one; a dropped state's workspace goes back to the pool, which
+    keeps the ``POOL_SIZE`` latest idle workspaces (each the memory of its largest batch)."""
 
+    POOL_SIZE = 2
+    _pool: list[Workspace] = []
+    _pool_lock = threading.Lock()
 
-def _scratch(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised tensor of ``shape``, the same one for every search of this thread while the
-    shape stays (an evaluation's batches): a fresh one would be hundreds of MB of new pages to fault
-    in per batch at paper size (glibc hands large blocks back to the system when they are freed).
-    Per thread, so two threads searching at once never share it."""
-    held = getattr(_THREAD, "scratch", None)
-    if held is None or held.shape != shape or held.dtype != dtype or held.device != device:
-        _THREAD.scratch = held = None  # free the old one first
-        _THREAD.scratch = held = torch.empty(shape, dtype=dtype, device=device)
-    return held
+    def __init__(self):
+        self.max_rows = 0
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def take(cls, max_rows: int) -> Workspace:
+        with cls._pool_lock:
+            workspace = cls._pool.pop() if cls._pool else cls()
+        workspace.max_rows = max_rows
+        return workspace
+
+    @classmethod
+    def give_back(cls, workspace: Workspace) -> None:
+        """Return a dropped search's workspace, to be taken first; the oldest idle one beyond
+        ``POOL_SIZE`` is freed."""
+        with cls._pool_lock:
+            cls._pool.append(workspace)
+            del cls._pool[:-cls.POOL_SIZE]
+
+    def tensor(self, name: str, shape: tuple, dtype: torch.dtype, device: torch.device, reserve: int = 0
+               ) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` in buffer ``name``, which holds at least ``reserve`` values."""
+        size = math.prod(shape)
+        held = self.buffers.get(name)
+        if held is None or held.numel() < size or held.dtype != dtype or held.device != device:
+            self.buffers.pop(name, None)  # free the old one first
+            held = self.buffers[name] = torch.empty(max(size, reserve), dtype=dtype, device=device)
+        return held[:size].view(shape)
+
+    def rows(self, name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A [rows, cols] tensor in buffer ``name``, reserved for ``max_rows`` rows."""
+        return self.tensor(name, (rows, cols), dtype, device, reserve=max(rows, self.max_rows) * cols)
 
 
 # The C++ attention's entry point per decoder dtype, and the dtype numpy sees its tensors as
@@ -295,9 +373,10 @@ class DecodeState:
     """Per batch of queries: cross-attention keys/values per layer [2, Q, heads, T, d_kv]; per
     layer the self-attention keys and values of every step's rows [2, steps, max_rows, inner],
     written once; ``ancestors`` [steps, max_rows], the row each current row descends from at each
-    step (its own at the newest); the next step's position."""
+    step (its own at the newest); the search's buffers; the next step's position."""
 
     cross: list
     history: list
     ancestors: torch.Tensor
+    workspace: Workspace
     position: int = 0

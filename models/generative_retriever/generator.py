@@ -201,9 +201,12 @@ class IDGenerator(nn.Module):
         decoding's numbers), then the level's slice is returned. ``product``: see :meth:`head_logits`.
         """
         lo, hi = self.offsets[level], self.offsets[level] + self.codebook_sizes[level]
-        if level_head:
-            return F.log_softmax(self.head_logits(hidden, slice(lo, hi), product), dim=-1)
-        return F.log_softmax(self.head_logits(hidden, product=product), dim=-1)[:, lo:hi]
+        logits = self.head_logits(hidden, slice(lo, hi) if level_head else slice(None), product)
+        if logits.requires_grad:
+            log_probs = F.log_softmax(logits, dim=-1)
+        else:  # in place (the same numbers): at a search's batch the logits are tens or hundreds of MB
+            log_probs = torch.log_softmax(logits, dim=-1, out=logits)
+        return log_probs if level_head else log_probs[:, lo:hi]
 
     def head_logits(self, hidden: torch.Tensor, rows: slice = slice(None),
                     product: HeadProduct | None = None) -> torch.Tensor:
