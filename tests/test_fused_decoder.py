@@ -143,6 +143,19 @@ def test_searches_reuse_a_workspace_and_two_live_searches_never_share_one():
     assert torch.equal(held, kept)
 
 
+def test_only_cpu_workspaces_are_pooled():
+    """A workspace holding GPU memory (here the meta device stands for it) is freed when its
+    search ends, not kept idle in the pool; a CPU one is kept and taken first."""
+    from genius.models.generative_retriever.fused_decoder import Workspace
+
+    on_cpu, on_device = Workspace(), Workspace()
+    on_cpu.tensor("x", (2, 3), torch.float32, torch.device("cpu"))
+    on_device.tensor("x", (2, 3), torch.float32, torch.device("meta"))
+    Workspace.give_back(on_cpu)
+    Workspace.give_back(on_device)
+    assert on_device not in Workspace._pool and Workspace.take(4) is on_cpu
+
+
 def test_int8_step_packs_the_step_products_and_stays_close_to_fp32():
     """int8: the six per-step products run on fbgemm's packed int8 weights (kv_cross, used once per
     query, stays fp32), the output is fp32 and within int8's error of the fp32 step, step by step;
