@@ -100,11 +100,17 @@ def top_allowed(log_probs, scores, allowed, beams: int, keep: int, threads: int 
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("density,threads", [(1.0, 2), (0.3, 1), (0.002, 2)])
-def test_top_allowed_equals_add_mask_topk(density, threads):
+@pytest.mark.parametrize("density,threads,columns", [(1.0, 2, None), (0.3, 1, None), (0.002, 2, None),
+                                                     (0.3, 2, slice(7, 47))])
+def test_top_allowed_equals_add_mask_topk(density, threads, columns):
+    """``columns``: the log-probabilities are those columns of a wider tensor (full-vocabulary
+    decoding's level slice), rows read where they lie."""
     g = torch.Generator().manual_seed(int(density * 1000) + threads)
     beams, width, queries, keep = 6, 40, 5, 8
-    log_probs = torch.randn(queries * beams, width, generator=g).log_softmax(-1)
+    log_probs = torch.randn(queries * beams, width if columns is None else 60, generator=g).log_softmax(-1)
+    if columns is not None:
+        log_probs = log_probs[:, columns]
+        assert not log_probs.is_contiguous()
     scores = torch.randn(queries * beams, generator=g)
     allowed = torch.rand(queries * beams, width, generator=g) < density
     allowed[3] = False  # a beam with nothing allowed
@@ -116,6 +122,14 @@ def test_top_allowed_equals_add_mask_topk(density, threads):
     if density < 0.01:
         assert not finite.all()  # some queries have fewer than `keep` allowed codes: padded with -inf
         assert (got_flat[~finite] == 0).all()
+
+
+def test_top_allowed_refuses_log_probs_whose_columns_lie_apart():
+    log_probs, allowed = torch.zeros(4, 6), torch.ones(4, 6, dtype=torch.bool)
+    out_scores, out_flat = torch.empty(2, 3), torch.empty(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        _decoder_kernels.top_allowed(log_probs.t().contiguous().t().numpy(), torch.zeros(4).numpy(), allowed.numpy(), 2,
+                                     out_scores.numpy(), out_flat.numpy(), 1)
 
 
 def test_top_allowed_breaks_ties_by_index_and_ranks_nan_first():

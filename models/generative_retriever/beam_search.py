@@ -241,7 +241,9 @@ def _top_allowed(kernels, scores: torch.Tensor, log_probs: torch.Tensor, allowed
     num_queries = len(log_probs) // beams
     out_scores = torch.empty(num_queries, keep)
     out_flat = torch.empty(num_queries, keep, dtype=torch.long)
-    kernels.top_allowed(log_probs.contiguous().numpy(), scores.reshape(-1).contiguous().numpy(), allowed.numpy(), beams,
+    if log_probs.stride(1) != 1:
+        log_probs = log_probs.contiguous()  # rows apart are read as they lie (a full-vocabulary slice)
+    kernels.top_allowed(log_probs.numpy(), scores.reshape(-1).contiguous().numpy(), allowed.numpy(), beams,
                         out_scores.numpy(), out_flat.numpy(), torch.get_num_threads())
     return out_scores, out_flat
 

@@ -315,7 +315,7 @@ class Workspace:
 
     POOL_SIZE = 2
     _pool: list[Workspace] = []
-    _pool_lock = threading.Lock()
+    _pool_lock = threading.RLock()  # re-entrant: a state collected inside take() gives its workspace back
 
     def __init__(self):
         self.max_rows = 0
