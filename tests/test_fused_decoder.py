@@ -190,6 +190,28 @@ def test_int8_step_packs_the_step_products_and_stays_close_to_fp32():
     assert set(int8.head_packed) == levels | {(None, None)}  # packed once per level used, and whole once
 
 
+def test_int8_decoding_has_glibc_reuse_freed_memory_instead_of_faulting_in_fresh_pages():
+    """int8's products allocate their outputs; after the first int8 decoder, blocks of that size
+    freed together are reused by the next round instead of coming back as fresh zeroed pages (with
+    glibc's defaults every round of this loop faults in all 160 MB again)."""
+    import resource
+    import sys
+
+    from genius.models.generative_retriever.fused_decoder import keep_freed_memory
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's malloc settings: Linux only")
+    FusedDecoder(generator_of(0, "relu"), int8=True)
+    assert keep_freed_memory()  # the decoder above did it; the CI machines run glibc
+    faults = []
+    for _ in range(5):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        blocks = [torch.ones(5_000_000) for _ in range(8)]  # 8 x 20 MB, written
+        del blocks
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    assert faults[-1] < 2_000, faults  # 160 MB is 39,000 pages of 4 KB
+
+
 def test_int8_is_refused_where_it_cannot_run():
     from genius.models.generative_retriever.fused_decoder import int8_decoding_problem
 

@@ -34,9 +34,11 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
   (:meth:`level_log_probs`), as fbgemm's dynamic int8 linear: weights quantized once, symmetric
   with one scale per output row; each product's input quantized on the fly with one scale for
   the whole [rows, in] matrix; int32 accumulation, fp32 out. These products run 2.6-2.7x faster
-  than fp32 on the CPUs measured (BENCHMARKS.md), at about 1-2 % of the largest output.
-  Everything else stays fp32: the cross-attention keys and values (once per query), attention,
-  the norms, the residual stream, the log-softmax and the scores. Its beams are not the fp32
+  than fp32 on the CPUs measured (BENCHMARKS.md), at about 1-2 % of the largest output. They
+  allocate their outputs (fbgemm's have no ``out``), so on Linux the first int8 decoder has glibc
+  keep freed memory for reuse (:func:`keep_freed_memory`). Everything else stays fp32: the
+  cross-attention keys and values (once per query), attention, the norms, the residual stream,
+  the log-softmax and the scores. Its beams are not the fp32
   beams; BENCHMARKS.md measures how often they retrieve the same. They also depend on the batch:
   the input's one range spans every row of the batch, and even per-row ranges (tried: slower and
   no closer to fp32) would leave the fp32 parts' rounding, which differs between batch shapes by
@@ -48,7 +50,9 @@ in ``eval()``.
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 import threading
 import warnings
 import weakref
@@ -68,6 +72,7 @@ class FusedDecoder:
     def __init__(self, generator: IDGenerator, dtype: torch.dtype = torch.float32, int8: bool = False):
         if int8:
             check_int8_decoding(generator.t5.device, dtype)
+            keep_freed_memory()
         decoder, config = generator.t5.decoder, generator.t5.config
         self.int8 = int8
         self.dtype, self.heads, self.d_kv = dtype, config.num_heads, config.d_kv
@@ -288,6 +293,25 @@ def check_int8_decoding(device: torch.device, dtype: torch.dtype = torch.float32
     problem = int8_decoding_problem(device, dtype)
     if problem:
         raise ValueError(problem)
+
+
+@cache
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory for reuse instead of returning it to the system, for this
+    process: blocks under 32 MB (its largest mmap threshold) come from the heap, and the heap is
+    trimmed only when 1 GB lies free at its top. fbgemm's int8 products allocate their outputs
+    (6-26 MB each at 64 queries x 50 beams, no ``out``), and with glibc's defaults a search faulted
+    in about 1.5 GB of fresh zeroed pages (BENCHMARKS.md: int8 1.17x faster with this). The
+    process keeps up to that much freed memory in its heap, reused by its later allocations.
+    Done once, by the first int8 decoder; True where it took effect (Linux with glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no libc.so.6 or no mallopt)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 def pack_int8(weight: torch.Tensor):
