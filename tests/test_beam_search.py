@@ -292,7 +292,8 @@ def test_head_logits_are_fp32_under_autocast(level_head):
     assert log_probs.dtype == head.dtype == torch.float32
     assert torch.equal(log_probs, expected) and torch.equal(head, F.linear(hidden, weight[lo:hi]))
     assert torch.equal(in_workspace, expected)
-    assert in_workspace.data_ptr() == search.workspace.buffers["logits"].data_ptr() + lo * (not level_head) * 4
+    logits = search.workspace.buffers["logits", torch.float32, torch.device("cpu")]
+    assert in_workspace.data_ptr() == logits.data_ptr() + lo * (not level_head) * 4
     assert not torch.equal(in_autocast, expected)  # so the equalities above are the fp32 head's
 
 

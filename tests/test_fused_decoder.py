@@ -123,8 +123,8 @@ def test_searches_reuse_a_workspace_and_two_live_searches_never_share_one():
     first = decoders[0].start(encoder_hidden[0], 2 * 3, 3)
     held = decoders[0].step(first, torch.full((2,), PAD), None)
     kept, workspace = held.clone(), first.workspace
-    buffers = {name: tensor.data_ptr() for name, tensor in workspace.buffers.items()}
-    assert {"history", "qkv", "hidden", "normed"} <= set(buffers)
+    buffers = {key: tensor.data_ptr() for key, tensor in workspace.buffers.items()}
+    assert {"history", "qkv", "hidden", "normed"} <= {name for name, _, _ in buffers}
     del first  # the search ends: its workspace goes back to the pool
 
     states = [decoder.start(hidden, 2 * 3, 3) for decoder, hidden in zip(decoders, encoder_hidden)]
@@ -139,8 +139,21 @@ def test_searches_reuse_a_workspace_and_two_live_searches_never_share_one():
         parents, tokens = surviving_beams(generators[0], level, 2, rows_per_query, 3, rng)
         paths = torch.cat([paths[parents], tokens[:, None]], dim=1)
         rows_per_query = 3
-    assert {name: tensor.data_ptr() for name, tensor in workspace.buffers.items() if name in buffers} == buffers
+    assert {key: tensor.data_ptr() for key, tensor in workspace.buffers.items() if key in buffers} == buffers
     assert torch.equal(held, kept)
+
+
+def test_a_workspace_keeps_one_buffer_per_name_and_dtype_and_grows_only_when_asked_for_more():
+    from genius.models.generative_retriever.fused_decoder import Workspace
+
+    workspace, cpu = Workspace(), torch.device("cpu")
+    first = workspace.tensor("x", (4, 4), torch.float32, cpu).data_ptr()
+    assert workspace.tensor("x", (4, 4), torch.bfloat16, cpu).data_ptr() != first  # a bf16 search's own
+    assert workspace.tensor("x", (2, 8), torch.float32, cpu).data_ptr() == first  # the fp32 one kept
+    assert workspace.tensor("x", (5, 5), torch.float32, cpu).data_ptr() != first  # 25 > 16 values: grown
+    workspace.max_rows = 10
+    rows = workspace.rows("y", 2, 3, torch.float32, cpu)
+    assert rows.shape == (2, 3) and workspace.buffers["y", torch.float32, cpu].numel() == 30  # for 10 rows
 
 
 def test_only_cpu_workspaces_are_pooled():

@@ -343,7 +343,7 @@ class Workspace:
 
     def __init__(self):
         self.max_rows = 0
-        self.buffers: dict[str, torch.Tensor] = {}
+        self.buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 
     @classmethod
     def take(cls, max_rows: int) -> Workspace:
@@ -366,12 +366,14 @@ class Workspace:
 
     def tensor(self, name: str, shape: tuple, dtype: torch.dtype, device: torch.device, reserve: int = 0
                ) -> torch.Tensor:
-        """An uninitialised tensor of ``shape`` in buffer ``name``, which holds at least ``reserve`` values."""
-        size = math.prod(shape)
-        held = self.buffers.get(name)
-        if held is None or held.numel() < size or held.dtype != dtype or held.device != device:
-            self.buffers.pop(name, None)  # free the old one first
-            held = self.buffers[name] = torch.empty(max(size, reserve), dtype=dtype, device=device)
+        """An uninitialised tensor of ``shape`` in buffer ``name`` of that dtype and device (one
+        per dtype: searches in fp32 and bf16 taking turns keep both), which holds at least
+        ``reserve`` values."""
+        key, size = (name, dtype, torch.device(device)), math.prod(shape)
+        held = self.buffers.get(key)
+        if held is None or held.numel() < size:
+            self.buffers.pop(key, None)  # free the old one first
+            held = self.buffers[key] = torch.empty(max(size, reserve), dtype=dtype, device=device)
         return held[:size].view(shape)
 
     def rows(self, name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
