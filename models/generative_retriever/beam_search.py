@@ -241,8 +241,8 @@ def _top_allowed(kernels, scores: torch.Tensor, log_probs: torch.Tensor, allowed
     num_queries = len(log_probs) // beams
     out_scores = torch.empty(num_queries, keep)
     out_flat = torch.empty(num_queries, keep, dtype=torch.long)
-    if log_probs.stride(1) != 1:
-        log_probs = log_probs.contiguous()  # rows apart are read as they lie (a full-vocabulary slice)
+    if log_probs.stride(1) != 1:  # the kernel reads rows where they lie (a full-vocabulary slice), not strided columns
+        log_probs = log_probs.contiguous()
     kernels.top_allowed(log_probs.numpy(), scores.reshape(-1).contiguous().numpy(), allowed.numpy(), beams,
                         out_scores.numpy(), out_flat.numpy(), torch.get_num_threads())
     return out_scores, out_flat
