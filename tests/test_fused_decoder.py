@@ -1,10 +1,12 @@
 """The fused decoder step computes transformers' T5 decoder: step by step, with beams reordered."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
-from genius.models.generative_retriever.fused_decoder import FusedDecoder
+from genius.models.generative_retriever.fused_decoder import FusedDecoder, Workspace, keep_freed_memory
 from genius.models.generative_retriever.generator import IDGenerator, make_arch
 from genius.models.generative_retriever.vocab import PAD
 
@@ -144,8 +146,6 @@ def test_searches_reuse_a_workspace_and_two_live_searches_never_share_one():
 
 
 def test_a_workspace_keeps_one_buffer_per_name_and_dtype_and_grows_only_when_asked_for_more():
-    from genius.models.generative_retriever.fused_decoder import Workspace
-
     workspace, cpu = Workspace(), torch.device("cpu")
     first = workspace.tensor("x", (4, 4), torch.float32, cpu).data_ptr()
     assert workspace.tensor("x", (4, 4), torch.bfloat16, cpu).data_ptr() != first  # a bf16 search's own
@@ -159,8 +159,6 @@ def test_a_workspace_keeps_one_buffer_per_name_and_dtype_and_grows_only_when_ask
 def test_only_cpu_workspaces_are_pooled():
     """A workspace holding GPU memory (here the meta device stands for it) is freed when its
     search ends, not kept idle in the pool; a CPU one is kept and taken first."""
-    from genius.models.generative_retriever.fused_decoder import Workspace
-
     on_cpu, on_device = Workspace(), Workspace()
     on_cpu.tensor("x", (2, 3), torch.float32, torch.device("cpu"))
     on_device.tensor("x", (2, 3), torch.float32, torch.device("meta"))
@@ -207,13 +205,10 @@ def test_int8_decoding_has_glibc_reuse_freed_memory_instead_of_faulting_in_fresh
     """int8's products allocate their outputs; after the first int8 decoder, blocks of that size
     freed together are reused by the next round instead of coming back as fresh zeroed pages (with
     glibc's defaults every round of this loop faults in all 160 MB again)."""
-    import resource
-    import sys
-
-    from genius.models.generative_retriever.fused_decoder import keep_freed_memory
-
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc's malloc settings: Linux only")
+    import resource  # Unix only
+
     FusedDecoder(generator_of(0, "relu"), int8=True)
     assert keep_freed_memory()  # the decoder above did it; the CI machines run glibc
     faults = []
