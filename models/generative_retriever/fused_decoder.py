@@ -235,6 +235,9 @@ class FusedDecoder:
         def buffer(name: str, cols: int, dtype: torch.dtype = self.dtype) -> torch.Tensor:
             return workspace.rows(name, rows, cols, dtype, device)
 
+        # the C++ norm's output (fp32); torch's norm (a GPU's) makes its own
+        normed_out = buffer("normed", self.d_model, torch.float32) if self.kernels is not None else None
+
         bias = self._position_bias(position)
         # A row's ancestors are its parent's, then itself (the history is read in place, not moved).
         if position:
@@ -243,26 +246,26 @@ class FusedDecoder:
         # The residual stream x (fp32, a copy of the embeddings, updated in place) and its norm
         # ahead of each sublayer, computed together with the update before it.
         x = torch.index_select(self.embed, 0, tokens, out=buffer("x", self.d_model, torch.float32))
-        normed = self._add_norm(x, None, self.layers[0]["norm_self"], out=buffer("normed", self.d_model, torch.float32))
+        normed = self._add_norm(x, None, self.layers[0]["norm_self"], out=normed_out)
         for index, layer in enumerate(self.layers):
             qkv = self._linear(normed, layer["qkv"], buffer("qkv", 3 * self.inner)).view(rows, 3, self.inner)
             history = state.history[index]
             history[:, position, :rows] = qkv[:, 1:].transpose(0, 1)
             attended = self._self_attention(qkv[:, 0], history, state.ancestors, bias, buffer("attended", self.inner))
             update = self._linear(attended, layer["o_self"], buffer("update", self.d_model))
-            normed = self._add_norm(x, update, layer["norm_cross"], out=buffer("normed", self.d_model, torch.float32))
+            normed = self._add_norm(x, update, layer["norm_cross"], out=normed_out)
 
             q = self._linear(normed, layer["q_cross"], buffer("q", self.inner))
             attended = self._cross_attention(q, *state.cross[index])
             update = self._linear(attended, layer["o_cross"], buffer("update", self.d_model))
-            normed = self._add_norm(x, update, layer["norm_ff"], out=buffer("normed", self.d_model, torch.float32))
+            normed = self._add_norm(x, update, layer["norm_ff"], out=normed_out)
 
             hidden = self._linear(normed, layer["wi"], buffer("hidden", layer["wi_width"]))
             if layer["gated"]:
                 gate, linear = hidden.chunk(2, dim=-1)
                 hidden = layer["act"](gate) * linear
             elif isinstance(layer["act"], torch.nn.ReLU):
-                hidden.relu_()  # in place: the product's fresh output (a new [rows, d_ff] would be new pages)
+                hidden.relu_()  # in place on the product's output (a new [rows, d_ff] tensor would be new pages)
             else:
                 hidden = layer["act"](hidden)
             last = index + 1 == len(self.layers)
@@ -270,7 +273,7 @@ class FusedDecoder:
             update = self._linear(hidden, layer["wo"], buffer("update", self.d_model))
             # the last norm's output is the step's, the caller's to keep: a new tensor
             normed = self._add_norm(x, update, next_norm, torch.float32 if last else None,
-                                    None if last else buffer("normed", self.d_model, torch.float32))
+                                    None if last else normed_out)
         state.position += 1
         return normed
 
