@@ -111,16 +111,16 @@ class FusedDecoder:
             "q_cross": step_weight(ca.q), "kv_cross": cast(ca.k, ca.v), "o_cross": step_weight(ca.o),
             "norm_ff": ff.layer_norm.weight.detach(),
             "wi": step_weight(dense.wi_0, dense.wi_1) if gated else step_weight(dense.wi), "wo": step_weight(dense.wo),
-            "wi_width": (2 if gated else 1) * dense.wo.in_features, "gated": gated, "act": dense.act,
+            "gated": gated, "act": dense.act,
         }
 
-    def _linear(self, x: torch.Tensor, weight, out: torch.Tensor) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, weight, workspace: Workspace, name: str) -> torch.Tensor:
         """One of the step's products, ``x`` times ``weight`` transposed (``F.linear``'s own GEMM)
-        into ``out``; with ``int8`` fbgemm's int8 product on a packed weight, into a new tensor
-        (it has no ``out``)."""
+        into the workspace's buffer ``name``; with ``int8`` fbgemm's int8 product on a packed
+        weight, into a new tensor (it has no ``out``; no buffer is taken)."""
         if self.int8:
             return torch.ops.quantized.linear_dynamic(x, weight)
-        return torch.mm(x, weight.t(), out=out)
+        return torch.mm(x, weight.t(), out=workspace.rows(name, len(x), len(weight), self.dtype, x.device))
 
     @torch.inference_mode()  # decoding only; the workspace's buffers are written in place
     def level_log_probs(self, generator: IDGenerator, hidden: torch.Tensor, level: int, level_head: bool,
@@ -248,19 +248,19 @@ class FusedDecoder:
         x = torch.index_select(self.embed, 0, tokens, out=buffer("x", self.d_model, torch.float32))
         normed = self._add_norm(x, None, self.layers[0]["norm_self"], out=normed_out)
         for index, layer in enumerate(self.layers):
-            qkv = self._linear(normed, layer["qkv"], buffer("qkv", 3 * self.inner)).view(rows, 3, self.inner)
+            qkv = self._linear(normed, layer["qkv"], workspace, "qkv").view(rows, 3, self.inner)
             history = state.history[index]
             history[:, position, :rows] = qkv[:, 1:].transpose(0, 1)
             attended = self._self_attention(qkv[:, 0], history, state.ancestors, bias, buffer("attended", self.inner))
-            update = self._linear(attended, layer["o_self"], buffer("update", self.d_model))
+            update = self._linear(attended, layer["o_self"], workspace, "update")
             normed = self._add_norm(x, update, layer["norm_cross"], out=normed_out)
 
-            q = self._linear(normed, layer["q_cross"], buffer("q", self.inner))
+            q = self._linear(normed, layer["q_cross"], workspace, "q")
             attended = self._cross_attention(q, *state.cross[index])
-            update = self._linear(attended, layer["o_cross"], buffer("update", self.d_model))
+            update = self._linear(attended, layer["o_cross"], workspace, "update")
             normed = self._add_norm(x, update, layer["norm_ff"], out=normed_out)
 
-            hidden = self._linear(normed, layer["wi"], buffer("hidden", layer["wi_width"]))
+            hidden = self._linear(normed, layer["wi"], workspace, "hidden")
             if layer["gated"]:
                 gate, linear = hidden.chunk(2, dim=-1)
                 hidden = layer["act"](gate) * linear
@@ -270,7 +270,7 @@ class FusedDecoder:
                 hidden = layer["act"](hidden)
             last = index + 1 == len(self.layers)
             next_norm = self.final_norm if last else self.layers[index + 1]["norm_self"]
-            update = self._linear(hidden, layer["wo"], buffer("update", self.d_model))
+            update = self._linear(hidden, layer["wo"], workspace, "update")
             # the last norm's output is the step's, the caller's to keep: a new tensor
             normed = self._add_norm(x, update, next_norm, torch.float32 if last else None,
                                     None if last else normed_out)
@@ -304,7 +304,7 @@ def keep_freed_memory() -> bool:
     process: blocks under 32 MB (its largest mmap threshold) come from the heap, and the heap is
     trimmed only when 1 GB lies free at its top. fbgemm's int8 products allocate their outputs
     (6-26 MB each at 64 queries x 50 beams, no ``out``), and with glibc's defaults a search faulted
-    in about 1.5 GB of fresh zeroed pages (BENCHMARKS.md: int8 1.17x faster with this). The
+    in about 1.5 GB of fresh zeroed pages (BENCHMARKS.md: int8 1.18x faster with this). The
     process keeps up to that much freed memory in its heap, reused by its later allocations.
     Done once, by the first int8 decoder; True where it took effect (Linux with glibc)."""
     if not sys.platform.startswith("linux"):
