@@ -38,12 +38,15 @@ def surviving_beams(generator: IDGenerator, level: int, num_queries: int, rows_p
     return parents, tokens
 
 
+@pytest.mark.parametrize("num_prefix,absorbed", [(3, True), (8, False)])
 @pytest.mark.parametrize("attention", ["kernel", "gathered"])
 @pytest.mark.parametrize("feed_forward_proj,layers,beams", [("relu", 2, 5), ("gated-gelu", 3, 4), ("relu", 1, 1)])
-def test_each_step_equals_the_decoder_module_on_the_beams_token_paths(feed_forward_proj, layers, beams, attention):
+def test_each_step_equals_the_decoder_module_on_the_beams_token_paths(feed_forward_proj, layers, beams, attention,
+                                                                      num_prefix, absorbed):
     """Both self-attentions: the C++ one reading histories in place (a CPU's) and SDPA over the
-    rows' gathered histories (a GPU's)."""
-    generator = generator_of(0, feed_forward_proj, layers)
+    rows' gathered histories (a GPU's); both cross-attentions: absorbed into per-query products
+    (fp32, T = 3 < d_kv = 8) and over the keys and values (T = 8, no longer the smaller product)."""
+    generator = generator_of(0, feed_forward_proj, layers, num_prefix)
     num_queries, generator_rng = 3, torch.Generator().manual_seed(1)
     z = torch.nn.functional.normalize(torch.randn(num_queries, 12, generator=generator_rng), dim=-1)
     with torch.no_grad():
@@ -53,6 +56,7 @@ def test_each_step_equals_the_decoder_module_on_the_beams_token_paths(feed_forwa
     if attention == "gathered":
         decoder.kernels = None
     state = decoder.start(encoder_hidden, num_queries * beams, 4)
+    assert state.cross_absorbed == absorbed == decoder.absorbs_cross_attention(num_prefix)
     paths = torch.full((num_queries, 1), PAD)  # each row's tokens so far
     tokens, parents, rows_per_query = paths[:, 0], None, 1
     for level in range(4):
@@ -88,6 +92,7 @@ def test_bf16_weights_stay_close_and_the_residual_stream_stays_fp32():
         low = FusedDecoder(generator, torch.bfloat16)
         hidden = low.step(low.start(encoder_hidden, 2, 1), torch.full((2,), PAD), None)
     assert hidden.dtype == torch.float32 and low.layers[0]["qkv"].dtype == torch.bfloat16
+    assert not low.absorbs_cross_attention(3)  # bf16 products would round the absorbed scores
     assert not torch.equal(hidden, exact)  # the GEMMs did run in bf16 ...
     torch.testing.assert_close(hidden, exact, atol=0.05, rtol=0.05)  # ... to bf16's precision
 

@@ -80,8 +80,10 @@ ABSENT_NODE = -1
 # finished before are redone, not reused: 2 = output head and scores in fp32 under autocast;
 # 3 = the fused decoder step (under autocast the weights are cast once, attention runs in bf16/fp16);
 # 4 = the CPU step's C++ kernels (attention over histories read in place, residual update + norm in
-# one pass): fp32 and int8 change at float rounding, bf16 attention rounds its output once.
-NUMERICS_VERSION = 4
+# one pass): fp32 and int8 change at float rounding, bf16 attention rounds its output once;
+# 5 = the cross-attention: in fp32 absorbed into per-query products, elsewhere two batched GEMMs
+# with the scores and softmax in fp32 (bf16 and int8 change at their rounding, fp32 at float's).
+NUMERICS_VERSION = 5
 
 
 @dataclass

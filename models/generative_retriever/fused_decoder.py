@@ -8,8 +8,12 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
 :class:`FusedDecoder` computes the same function with the weights read once per search:
 
 - q, k and v of the self-attention are one GEMM (their weights concatenated), the cross-attention
-  keys and values are computed once per query (not per beam) from the encoder output, and the B
-  beams of a query attend to them as B query positions of one SDPA row;
+  keys and values are computed once per query (not per beam) from the encoder output. In fp32,
+  with fewer encoder vectors than d_kv (the paper's 30 of 64), the cross-attention's q and o
+  products are absorbed into them (:meth:`FusedDecoder._absorb`): a query's beams get their scores
+  from their normed states in one product, and their update from the probabilities in another,
+  2.3x fewer operations than q, attention and o. Otherwise the B beams of a query attend to its
+  keys as B rows of two batched GEMMs per head;
 - the relative position bias of every step is looked up once, from T5's own bucket function;
 - the self-attention history is never moved: a step writes its keys and values once, at
   [step, row] of one buffer per layer, and a beam reads its history through its ancestors, the
@@ -194,14 +198,70 @@ class FusedDecoder:
                                                   attn_mask=bias[None, :, None, :], scale=1.0)
         return attended.reshape(rows, self.inner)
 
-    def _cross_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def _cross_attention(self, q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, workspace: Workspace,
+                         out: torch.Tensor) -> torch.Tensor:
         """[rows, inner]: the rows' queries ``q`` [rows, inner] (B beams per query, in query order)
-        over their query's encoder keys and values [Q, heads, T, d_kv]. SDPA takes the B beams of
-        a query as B query positions against its one row of keys (a C++ kernel for it, tried, was
-        1.5x slower than SDPA's CPU kernel at T = 30: BENCHMARKS.md)."""
-        rows, num_queries = len(q), keys.shape[0]
-        q = q.view(num_queries, rows // num_queries, self.heads, self.d_kv).transpose(1, 2)
-        return F.scaled_dot_product_attention(q, keys, values, scale=1.0).transpose(1, 2).reshape(rows, self.inner)
+        over their query's encoder keys ``keys_t`` [Q * heads, d_kv, T] (transposed) and ``values``
+        [Q * heads, T, d_kv], in fp32, into ``out`` (``q``'s dtype). Per query and head, the B beams'
+        scores are one [B, d_kv] x [d_kv, T] product, so the step runs two batched GEMMs and a
+        softmax over [rows * heads, T]: at T = 30 this is 1.6-2x faster than SDPA's CPU kernel
+        (BENCHMARKS.md), which runs each (query, head) as blocks of its flash loop. Under bf16 the
+        scores and the softmax stay fp32, as in SDPA; the output rounds once."""
+        rows, num_queries, length = len(q), len(keys_t) // self.heads, keys_t.shape[-1]
+        beams, float32, device = rows // num_queries, torch.float32, q.device
+        per_head = workspace.rows("cross_q", rows, self.inner, float32, device).view(num_queries, self.heads, beams,
+                                                                                  self.d_kv)
+        per_head.copy_(q.view(num_queries, beams, self.heads, self.d_kv).transpose(1, 2))
+        per_head = per_head.view(-1, beams, self.d_kv)
+        scores, probs = (workspace.rows(name, rows, self.heads * length, float32, device).view(-1, beams, length)
+                         for name in ("cross_scores", "cross_probs"))
+        torch.bmm(per_head, keys_t, out=scores)
+        torch.softmax(scores, -1, out=probs)
+        mixed = workspace.rows("cross_mixed", rows, self.inner, float32, device)
+        torch.bmm(probs, values, out=mixed.view(-1, beams, self.d_kv))
+        out.view(num_queries, beams, self.heads, self.d_kv).copy_(
+            mixed.view(num_queries, self.heads, beams, self.d_kv).transpose(1, 2))
+        return out
+
+    def absorbs_cross_attention(self, length: int) -> bool:
+        """Whether a search over ``length`` encoder vectors runs the cross-attention absorbed (see
+        :meth:`_absorb`): in fp32 (bf16 would round the scores themselves; int8 keeps its int8
+        products), and where it is the smaller product, heads * T < heads * d_kv."""
+        return self.dtype == torch.float32 and not self.int8 and length < self.d_kv
+
+    def _absorb(self, kv: torch.Tensor, layer: dict, into_scores: torch.Tensor, out_of_values: torch.Tensor) -> None:
+        """A layer's cross-attention, absorbed into two products per query, for the search's
+        queries' keys and values ``kv`` [Q, T, 2, heads, d_kv] (fp32). A beam's score over key t of
+        head h is (x W_q,h) . k_t,h = x . (W_q,h^T k_t,h), so ``into_scores`` [Q, heads * T,
+        d_model] holds W_q,h^T k_t,h for every (h, t) of each query, and the scores of a query's
+        beams are one product with their normed states x; likewise its update is sum over (h, t) of
+        p_h,t (v_t,h W_o,h^T), one product of the probabilities with ``out_of_values``
+        [Q, heads * T, d_model]. At the paper's shape (T = 30, heads * d_kv = d_model = 512) this
+        replaces the q and o products and the attention between them (3.6 GFLOP per 64 x 50 rows
+        and layer) by 1.6 GFLOP: the same function, its sums in another order (float rounding)."""
+        # per query, its heads' T keys (then values) times each head's slice of the weight: one bmm
+        # over the heads writes the query's [heads * T, d_model] in place
+        per_query = kv.permute(0, 2, 3, 1, 4).contiguous()  # [Q, 2, heads, T, d_kv]
+        weights = (layer["q_cross"].view(self.heads, self.d_kv, self.d_model),  # W_q,h [d_kv, d_model]
+                   layer["o_cross"].view(self.d_model, self.heads, self.d_kv).permute(1, 2, 0))  # W_o,h^T
+        for keys_values, scores_of, values_of in zip(per_query, into_scores, out_of_values):
+            for vectors, weight, out in zip(keys_values, weights, (scores_of, values_of)):
+                torch.bmm(vectors, weight, out=out.view(self.heads, -1, self.d_model))
+
+    def _absorbed_cross_attention(self, normed: torch.Tensor, into_scores: torch.Tensor,
+                                  out_of_values: torch.Tensor, workspace: Workspace) -> torch.Tensor:
+        """The cross-attention's update [rows, d_model] (its o product included) of the rows'
+        normed states [rows, d_model] (B beams per query, in query order), from their query's
+        absorbed products (:meth:`_absorb`), into the workspace's ``update``."""
+        rows, (num_queries, width, _) = len(normed), into_scores.shape
+        beams, length, float32, device = rows // num_queries, width // self.heads, torch.float32, normed.device
+        scores, probs = (workspace.rows(name, rows, width, float32, device) for name in ("cross_scores", "cross_probs"))
+        torch.bmm(normed.view(num_queries, beams, self.d_model), into_scores.transpose(1, 2),
+                  out=scores.view(num_queries, beams, width))
+        torch.softmax(scores.view(rows, self.heads, length), -1, out=probs.view(rows, self.heads, length))
+        update = workspace.rows("update", rows, self.d_model, float32, device)
+        torch.bmm(probs.view(num_queries, beams, width), out_of_values, out=update.view(num_queries, beams, self.d_model))
+        return update
 
     @torch.inference_mode()  # decoding only; the C++ kernels read tensors that need no gradient
     def start(self, encoder_hidden: torch.Tensor, max_rows: int, num_steps: int) -> "DecodeState":
@@ -211,15 +271,26 @@ class FusedDecoder:
         and the step's buffers (a :class:`Workspace`, back to the pool once the state is dropped)."""
         num_queries, length, _ = encoder_hidden.shape
         source = encoder_hidden.to(self.dtype)
-        cross = []
-        for layer in self.layers:
-            kv = F.linear(source, layer["kv_cross"]).view(num_queries, length, 2, self.heads, self.d_kv)
-            cross.append(kv.permute(2, 0, 3, 1, 4))  # [2, Q, heads, T, d_kv]
         workspace = Workspace.take(max_rows)
+        absorbed = self.absorbs_cross_attention(length)
+        if absorbed:  # [layers, Q, heads * T, d_model] each: the products of one query's keys, values
+            shape = (len(self.layers), num_queries, self.heads * length, self.d_model)
+            into_scores, out_of_values = (workspace.tensor(name, shape, torch.float32, source.device)
+                                          for name in ("cross_into_scores", "cross_out_of_values"))
+        cross = []
+        for index, layer in enumerate(self.layers):
+            kv = F.linear(source, layer["kv_cross"]).view(num_queries, length, 2, self.heads, self.d_kv).float()
+            if absorbed:
+                self._absorb(kv, layer, into_scores[index], out_of_values[index])
+                cross.append((into_scores[index], out_of_values[index]))
+            else:
+                keys_t = kv[:, :, 0].permute(0, 2, 3, 1).reshape(-1, self.d_kv, length)  # [Q * heads, d_kv, T]
+                cross.append((keys_t, kv[:, :, 1].transpose(1, 2).reshape(-1, length, self.d_kv)))  # [Q * heads, T, d_kv]
         history = workspace.tensor("history", (len(self.layers), 2, num_steps, max_rows, self.inner), self.dtype,
                                    source.device)
         ancestors = workspace.tensor("ancestors", (num_steps, max_rows), torch.long, source.device)
-        state = DecodeState(cross=cross, history=list(history), ancestors=ancestors, workspace=workspace)
+        state = DecodeState(cross=cross, cross_absorbed=absorbed, history=list(history), ancestors=ancestors,
+                            workspace=workspace)
         weakref.finalize(state, Workspace.give_back, workspace)
         return state
 
@@ -255,9 +326,12 @@ class FusedDecoder:
             update = self._linear(attended, layer["o_self"], workspace, "update")
             normed = self._add_norm(x, update, layer["norm_cross"], out=normed_out)
 
-            q = self._linear(normed, layer["q_cross"], workspace, "q")
-            attended = self._cross_attention(q, *state.cross[index])
-            update = self._linear(attended, layer["o_cross"], workspace, "update")
+            if state.cross_absorbed:
+                update = self._absorbed_cross_attention(normed, *state.cross[index], workspace)
+            else:
+                q = self._linear(normed, layer["q_cross"], workspace, "q")
+                attended = self._cross_attention(q, *state.cross[index], workspace, buffer("attended", self.inner))
+                update = self._linear(attended, layer["o_cross"], workspace, "update")
             normed = self._add_norm(x, update, layer["norm_ff"], out=normed_out)
 
             hidden = self._linear(normed, layer["wi"], workspace, "hidden")
@@ -338,7 +412,8 @@ class Workspace:
     mapped. One per live :class:`DecodeState`, so two searches at once (threads, or two decoders
     stepped in turn) never share one; a dropped state's workspace goes back to the pool, which
     keeps the ``POOL_SIZE`` latest idle workspaces in CPU memory (each the memory of its largest
-    batch: at 256 queries x 50 beams, 2.8 GB of fp32 history and 1.7 GB of full-vocabulary logits)."""
+    batch: at 256 queries x 50 beams, 2.8 GB of fp32 history, 1.7 GB of full-vocabulary logits and
+    1.5 GB of absorbed cross-attention, at the paper's shape)."""
 
     POOL_SIZE = 2
     _pool: list[Workspace] = []
@@ -410,6 +485,7 @@ class DecodeState:
     step (its own at the newest); the search's buffers; the next step's position."""
 
     cross: list
+    cross_absorbed: bool
     history: list
     ancestors: torch.Tensor
     workspace: Workspace
