@@ -274,7 +274,8 @@ class FusedDecoder:
     @torch.inference_mode()  # decoding only; the C++ kernels read tensors that need no gradient
     def start(self, encoder_hidden: torch.Tensor, max_rows: int, num_steps: int) -> "DecodeState":
         """A search's state for ``max_rows`` beam rows at most and ``num_steps`` steps: the
-        cross-attention keys and values of every layer, once per query (:class:`DecodeState`),
+        cross-attention keys and values of every layer, once per query (absorbed where
+        :meth:`absorbs_cross_attention`; :class:`DecodeState`),
         a self-attention history per layer ([2, num_steps, max_rows, inner]), the rows' ancestors
         and the step's buffers (a :class:`Workspace`, back to the pool once the state is dropped)."""
         num_queries, length, _ = encoder_hidden.shape
@@ -489,7 +490,9 @@ def decoder_kernels():
 
 @dataclass
 class DecodeState:
-    """Per batch of queries: cross-attention keys/values per layer [2, Q, heads, T, d_kv]; per
+    """Per batch of queries: per layer, the cross-attention's keys (transposed) and values
+    ([Q * heads, d_kv, T], [Q * heads, T, d_kv]), or with ``cross_absorbed`` its absorbed pair
+    ([Q, d_model, heads * T], [Q, heads * T, d_model], :meth:`FusedDecoder._absorb`); per
     layer the self-attention keys and values of every step's rows [2, steps, max_rows, inner],
     written once; ``ancestors`` [steps, max_rows], the row each current row descends from at each
     step (its own at the newest); the search's buffers; the next step's position."""
