@@ -68,7 +68,7 @@ from genius.benchmarks.common import (
     write_csv,
 )
 from genius.models.generative_retriever.beam_search import cpu_has_bf16
-from genius.models.generative_retriever.fused_decoder import int8_decoding_problem
+from genius.models.generative_retriever.fused_decoder import cross_attention_absorbed, int8_decoding_problem
 
 METHODS = ("genius", "genius_bf16", "genius_int8", "genius_device", "genius_full", "generate", "generate_bf16",
            "dense_fp32", "dense_bf16", "faiss_flat", "faiss_ivf")
@@ -547,7 +547,7 @@ def summarise(rows: list[dict], args, gemm: dict) -> dict:
              "genius_full": decoder_flops_per_query(arch, args.beams, level_head=False)}
     flops["genius_device"] = flops["genius_int8"] = flops["genius"]
     # what the fp32 decoders execute: fewer operations where the cross-attention is absorbed
-    absorbed = args.prefix < args.d_model // args.heads
+    absorbed = cross_attention_absorbed(args.prefix, args.d_model // args.heads, torch.float32, int8=False)
     executed = {"genius": decoder_flops_per_query(arch, args.beams, absorbed=absorbed),
                 "genius_full": decoder_flops_per_query(arch, args.beams, level_head=False, absorbed=absorbed)}
     executed["genius_device"] = executed["genius"]

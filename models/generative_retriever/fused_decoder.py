@@ -224,10 +224,9 @@ class FusedDecoder:
         return out
 
     def absorbs_cross_attention(self, length: int) -> bool:
-        """Whether a search over ``length`` encoder vectors runs the cross-attention absorbed (see
-        :meth:`_absorb`): in fp32 (bf16 would round the scores themselves; int8 keeps its int8
-        products), and where it is the smaller product, heads * T < heads * d_kv."""
-        return self.dtype == torch.float32 and not self.int8 and length < self.d_kv
+        """Whether a search over ``length`` encoder vectors runs the cross-attention absorbed
+        (:meth:`_absorb`, :func:`cross_attention_absorbed`)."""
+        return cross_attention_absorbed(length, self.d_kv, self.dtype, self.int8)
 
     def _absorb(self, kv: torch.Tensor, layer: dict, workspace: Workspace, into_scores: torch.Tensor,
                 out_of_values: torch.Tensor) -> None:
@@ -361,6 +360,14 @@ class FusedDecoder:
                                     None if last else normed_out)
         state.position += 1
         return normed
+
+
+def cross_attention_absorbed(length: int, d_kv: int, dtype: torch.dtype, int8: bool) -> bool:
+    """Whether the fused decoder absorbs W_q and W_o into the keys and values of ``length`` encoder
+    vectors (:meth:`FusedDecoder._absorb`): in fp32 (bf16 products would round the scores
+    themselves; int8 keeps its int8 products), and where that is the smaller product,
+    heads * T < heads * d_kv."""
+    return dtype == torch.float32 and not int8 and length < d_kv
 
 
 def int8_decoding_problem(device: torch.device, dtype: torch.dtype = torch.float32) -> str | None:
