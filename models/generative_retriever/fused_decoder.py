@@ -431,7 +431,7 @@ class Workspace:
     stepped in turn) never share one; a dropped state's workspace goes back to the pool, which
     keeps the ``POOL_SIZE`` latest idle workspaces in CPU memory (each the memory of its largest
     batch: at 256 queries x 50 beams, 2.8 GB of fp32 history, 1.7 GB of full-vocabulary logits and
-    1.5 GB of absorbed cross-attention, at the paper's shape)."""
+    1.6 GB of absorbed cross-attention with the product that forms it, at the paper's shape)."""
 
     POOL_SIZE = 2
     _pool: list[Workspace] = []
