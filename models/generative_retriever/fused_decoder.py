@@ -7,8 +7,10 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
 ([800, 512] x [512, 2048] for 16 queries) that this overhead is about a quarter of the time.
 :class:`FusedDecoder` computes the same function with the weights read once per search:
 
-- q, k and v of the self-attention are one GEMM (their weights concatenated), the cross-attention
-  keys and values are computed once per query (not per beam) from the encoder output. In fp32,
+- the self-attention's k and v products write straight into the step's slot of the history (int8,
+  whose products allocate their outputs, runs q, k and v as one product and copies k and v
+  there); the cross-attention keys and values are computed once per query (not per beam) from
+  the encoder output. In fp32,
   with fewer encoder vectors than d_kv (the paper's 30 of 64), the cross-attention's q and o
   products are absorbed into them (:meth:`FusedDecoder._absorb`): a query's beams get their scores
   from their normed states in one product, and their update from the probabilities in another,
@@ -31,6 +33,8 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
   row's history where it lies, and, where the products give fp32 (fp32 and int8), each residual
   update together with the layer norm after it (beam search's one-pass selection lives there
   too). Elsewhere (a GPU) the rows' histories are gathered for SDPA, and the norms are torch's;
+- in fp32 each sublayer's output product adds itself into the residual stream (``addmm_``,
+  ``baddbmm_``: the GEMM's beta = 1), so no update is written and read back before the norm;
 - ``dtype`` bf16/fp16 casts the weights once, not at every op as ``autocast`` does; the residual
   stream and the layer norms stay fp32 (as under autocast) and :meth:`IDGenerator.head_logits`
   scores the level in fp32.
@@ -80,6 +84,8 @@ class FusedDecoder:
         decoder, config = generator.t5.decoder, generator.t5.config
         self.int8 = int8
         self.dtype, self.heads, self.d_kv = dtype, config.num_heads, config.d_kv
+        # fp32 products add themselves into the fp32 residual stream (:meth:`_residual`)
+        self.adds_in_gemm = dtype == torch.float32 and not int8
         self.inner = self.heads * self.d_kv
         self.eps = config.layer_norm_epsilon
         self.d_model = config.d_model
@@ -125,6 +131,16 @@ class FusedDecoder:
         if self.int8:
             return torch.ops.quantized.linear_dynamic(x, weight)
         return torch.mm(x, weight.t(), out=workspace.rows(name, len(x), len(weight), self.dtype, x.device))
+
+    def _residual(self, stream: torch.Tensor, x: torch.Tensor, weight, workspace: Workspace) -> torch.Tensor | None:
+        """A sublayer's output product, ``x`` times ``weight`` transposed, as the residual
+        ``stream``'s update: in fp32 added by the GEMM itself (beta = 1, ``addmm_``), so the norm
+        after it reads no separate update (None is returned); otherwise the update, for
+        :meth:`_add_norm` to add."""
+        if self.adds_in_gemm:
+            stream.addmm_(x, weight.t())
+            return None
+        return self._linear(x, weight, workspace, "update")
 
     @torch.inference_mode()  # decoding only; the workspace's buffers are written in place
     def level_log_probs(self, generator: IDGenerator, hidden: torch.Tensor, level: int, level_head: bool,
@@ -256,19 +272,17 @@ class FusedDecoder:
         for query in range(num_queries):  # the values' side: in place, one product over the heads per query
             torch.bmm(values[query], o_weight_t, out=out_of_values[query].view(self.heads, length, self.d_model))
 
-    def _absorbed_cross_attention(self, normed: torch.Tensor, into_scores: torch.Tensor,
-                                  out_of_values: torch.Tensor, workspace: Workspace) -> torch.Tensor:
-        """The cross-attention's update [rows, d_model] (its o product included) of the rows'
-        normed states [rows, d_model] (B beams per query, in query order), from their query's
-        absorbed products (:meth:`_absorb`), into the workspace's ``update``."""
+    def _absorbed_cross_attention(self, stream: torch.Tensor, normed: torch.Tensor, into_scores: torch.Tensor,
+                                  out_of_values: torch.Tensor, workspace: Workspace) -> None:
+        """The cross-attention (its o product included) of the rows' normed states [rows, d_model]
+        (B beams per query, in query order), from their query's absorbed products
+        (:meth:`_absorb`), added into the residual ``stream`` by the update's product (fp32 only)."""
         rows, (num_queries, _, width) = len(normed), into_scores.shape
         beams, length, float32, device = rows // num_queries, width // self.heads, torch.float32, normed.device
         scores, probs = (workspace.rows(name, rows, width, float32, device) for name in ("cross_scores", "cross_probs"))
         torch.bmm(normed.view(num_queries, beams, self.d_model), into_scores, out=scores.view(num_queries, beams, width))
         torch.softmax(scores.view(rows, self.heads, length), -1, out=probs.view(rows, self.heads, length))
-        update = workspace.rows("update", rows, self.d_model, float32, device)
-        torch.bmm(probs.view(num_queries, beams, width), out_of_values, out=update.view(num_queries, beams, self.d_model))
-        return update
+        stream.view(num_queries, beams, self.d_model).baddbmm_(probs.view(num_queries, beams, width), out_of_values)
 
     @torch.inference_mode()  # decoding only; the C++ kernels read tensors that need no gradient
     def start(self, encoder_hidden: torch.Tensor, max_rows: int, num_steps: int) -> "DecodeState":
@@ -329,19 +343,27 @@ class FusedDecoder:
         x = torch.index_select(self.embed, 0, tokens, out=buffer("x", self.d_model, torch.float32))
         normed = self._add_norm(x, None, self.layers[0]["norm_self"], out=normed_out)
         for index, layer in enumerate(self.layers):
-            qkv = self._linear(normed, layer["qkv"], workspace, "qkv").view(rows, 3, self.inner)
             history = state.history[index]
-            history[:, position, :rows] = qkv[:, 1:].transpose(0, 1)
-            attended = self._self_attention(qkv[:, 0], history, state.ancestors, bias, buffer("attended", self.inner))
-            update = self._linear(attended, layer["o_self"], workspace, "update")
+            if self.int8:  # one product (its output is new), k and v copied into the history
+                qkv = self._linear(normed, layer["qkv"], workspace, "qkv").view(rows, 3, self.inner)
+                history[:, position, :rows] = qkv[:, 1:].transpose(0, 1)
+                q = qkv[:, 0]
+            else:  # q into the workspace, k and v straight into the history (no copy)
+                weight = layer["qkv"].view(3, self.inner, self.d_model)
+                q = torch.mm(normed, weight[0].t(), out=buffer("q", self.inner))
+                for side in (1, 2):
+                    torch.mm(normed, weight[side].t(), out=history[side - 1, position, :rows])
+            attended = self._self_attention(q, history, state.ancestors, bias, buffer("attended", self.inner))
+            update = self._residual(x, attended, layer["o_self"], workspace)
             normed = self._add_norm(x, update, layer["norm_cross"], out=normed_out)
 
             if state.cross_absorbed:
-                update = self._absorbed_cross_attention(normed, *state.cross[index], workspace)
+                self._absorbed_cross_attention(x, normed, *state.cross[index], workspace)
+                update = None
             else:
                 q = self._linear(normed, layer["q_cross"], workspace, "q")
                 attended = self._cross_attention(q, *state.cross[index], workspace, buffer("attended", self.inner))
-                update = self._linear(attended, layer["o_cross"], workspace, "update")
+                update = self._residual(x, attended, layer["o_cross"], workspace)
             normed = self._add_norm(x, update, layer["norm_ff"], out=normed_out)
 
             hidden = self._linear(normed, layer["wi"], workspace, "hidden")
@@ -354,7 +376,7 @@ class FusedDecoder:
                 hidden = layer["act"](hidden)
             last = index + 1 == len(self.layers)
             next_norm = self.final_norm if last else self.layers[index + 1]["norm_self"]
-            update = self._linear(hidden, layer["wo"], workspace, "update")
+            update = self._residual(x, hidden, layer["wo"], workspace)
             # the last norm's output is the step's, the caller's to keep: a new tensor
             normed = self._add_norm(x, update, next_norm, torch.float32 if last else None,
                                     None if last else normed_out)
