@@ -45,6 +45,7 @@ import math
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -106,9 +107,11 @@ def codebook_sizes(args) -> list[int]:
     return [3] + [args.codebook] * (args.levels - 1)
 
 
-def decoder_flops_per_query(arch: dict, num_beams: int, level_head: bool = True, absorbed: bool = False) -> float:
+def decoder_flops_per_query(arch: dict, num_beams: int, level_head: bool = True,
+                            absorbed: Callable[[int], bool] | None = None) -> float:
     """Multiply-adds x 2 of the project's constrained beam search for one query: the model's work,
-    or with ``absorbed`` what the fp32 decoder executes with its cross-attention absorbed.
+    or with ``absorbed`` (rows per query -> whether a step with that many runs its cross-attention
+    absorbed) what the fp32 decoder executes.
 
     Per query, once: prefix projection 2*dim*P*d and, per layer, cross-attention keys and values
     of the P prefix vectors 2 * 2*P*d*I (I = heads * d_kv). Then per decoding step l, for each of
@@ -122,20 +125,24 @@ def decoder_flops_per_query(arch: dict, num_beams: int, level_head: bool = True,
     plus the output head 2*d*K_l (level head; 2*d*V with the full vocabulary).
     Norms, softmaxes, top-k and the trie are not counted. Absorbed (``FusedDecoder._absorb``), the
     cross-attention's q, o, scores and mix are 2 * 2*d*H*P per row and layer (H heads), after
-    2 * 2*P*I*d per query and layer to absorb W_q and W_o into the keys and values.
+    2 * 2*P*I*d per query and layer to absorb W_q and W_o into the keys and values (done once
+    when the search's widest step, ``num_beams`` rows, runs absorbed).
     """
     d, layers, prefix, d_ff = arch["d_model"], arch["num_decoder_layers"], arch["num_prefix"], arch["d_ff"]
     inner = arch["num_heads"] * arch["d_kv"]
     sizes = arch["codebook_sizes"]
     vocab = 3 + sum(sizes)
     total = 2 * arch["dim"] * prefix * d + layers * 2 * 2 * prefix * d * inner
-    cross = 2 * 2 * d * inner + 2 * 2 * inner * prefix
-    if absorbed:
+    absorbed = absorbed or (lambda rows: False)
+    if absorbed(num_beams):
         total += layers * 2 * 2 * prefix * inner * d
-        cross = 2 * 2 * d * arch["num_heads"] * prefix
     rows = 1
     for level, width in enumerate(sizes):
         t = level + 1
+        if absorbed(rows):
+            cross = 2 * 2 * d * arch["num_heads"] * prefix
+        else:
+            cross = 2 * 2 * d * inner + 2 * 2 * inner * prefix
         per_layer = 4 * 2 * d * inner + 2 * 2 * inner * t + cross + 2 * 2 * d * d_ff
         head = 2 * d * (width if level_head else vocab)
         total += rows * (layers * per_layer + head)
@@ -547,7 +554,7 @@ def summarise(rows: list[dict], args, gemm: dict) -> dict:
              "genius_full": decoder_flops_per_query(arch, args.beams, level_head=False)}
     flops["genius_device"] = flops["genius_int8"] = flops["genius"]
     # what the fp32 decoders execute: fewer operations where the cross-attention is absorbed
-    absorbed = cross_attention_absorbed(args.prefix, args.d_model // args.heads, torch.float32, int8=False)
+    absorbed = partial(cross_attention_absorbed, args.prefix, args.d_model // args.heads, torch.float32, False)
     executed = {"genius": decoder_flops_per_query(arch, args.beams, absorbed=absorbed),
                 "genius_full": decoder_flops_per_query(arch, args.beams, level_head=False, absorbed=absorbed)}
     executed["genius_device"] = executed["genius"]

@@ -66,7 +66,12 @@ def test_decoder_flops_formula_counts_beams_and_heads():
     # the cross-attention is 2 * 2*d*H*P per row instead of q, o, scores and mix
     absorbed_layer = lambda t: layer(t) - (2 * 2 * 8 * 8 + 2 * 2 * 8 * 1) + 2 * 2 * 8 * 1 * 1
     absorbed = once + 2 * 2 * 1 * 8 * 8 + 1 * (absorbed_layer(1) + 2 * 8 * 3) + 2 * (absorbed_layer(2) + 2 * 8 * 5)
-    assert dvp.decoder_flops_per_query(arch, num_beams=2, absorbed=True) == absorbed
+    assert dvp.decoder_flops_per_query(arch, num_beams=2, absorbed=lambda rows: True) == absorbed
+    # absorbed from 2 rows per query on: the first step's one row runs q and o, the forming is paid
+    from_two = once + 2 * 2 * 1 * 8 * 8 + 1 * (layer(1) + 2 * 8 * 3) + 2 * (absorbed_layer(2) + 2 * 8 * 5)
+    assert dvp.decoder_flops_per_query(arch, num_beams=2, absorbed=lambda rows: rows >= 2) == from_two
+    # never absorbed at this search's widest step: no forming, the model's own count
+    assert dvp.decoder_flops_per_query(arch, num_beams=2, absorbed=lambda rows: rows >= 3) == expected
     # generate: both beams from the first step, cross-attention keys/values once per beam
     generate = 2 * 4 * 1 * 8 + 2 * (2 * 2 * 1 * 8 * 8) + 2 * (layer(1) + 2 * 8 * 11) + 2 * (layer(2) + 2 * 8 * 11)
     assert dvp.generate_flops_per_query(arch, num_beams=2) == generate

@@ -6,7 +6,12 @@ import sys
 import pytest
 import torch
 
-from genius.models.generative_retriever.fused_decoder import FusedDecoder, Workspace, keep_freed_memory
+from genius.models.generative_retriever.fused_decoder import (
+    ABSORBED_MIN_BEAMS,
+    FusedDecoder,
+    Workspace,
+    keep_freed_memory,
+)
 from genius.models.generative_retriever.generator import IDGenerator, make_arch
 from genius.models.generative_retriever.vocab import PAD
 
@@ -40,12 +45,15 @@ def surviving_beams(generator: IDGenerator, level: int, num_queries: int, rows_p
 
 @pytest.mark.parametrize("num_prefix,absorbed", [(3, True), (8, False)])
 @pytest.mark.parametrize("attention", ["kernel", "gathered"])
-@pytest.mark.parametrize("feed_forward_proj,layers,beams", [("relu", 2, 5), ("gated-gelu", 3, 4), ("relu", 1, 1)])
+@pytest.mark.parametrize("feed_forward_proj,layers,beams", [("relu", 2, ABSORBED_MIN_BEAMS), ("gated-gelu", 3, 4),
+                                                            ("relu", 1, 1)])
 def test_each_step_equals_the_decoder_module_on_the_beams_token_paths(feed_forward_proj, layers, beams, attention,
-                                                                      num_prefix, absorbed):
+                                                                      num_prefix, absorbed, monkeypatch):
     """Both self-attentions: the C++ one reading histories in place (a CPU's) and SDPA over the
     rows' gathered histories (a GPU's); both cross-attentions: absorbed into per-query products
-    (fp32, T = 3 < d_kv = 8) and over the keys and values (T = 8, no longer the smaller product)."""
+    (fp32, T = 3 < d_kv = 8, at the steps with ABSORBED_MIN_BEAMS rows per query; the first
+    step's one row per query runs the plain products) and over the keys and values (T = 8, no
+    longer the smaller product, or too few beams)."""
     generator = generator_of(0, feed_forward_proj, layers, num_prefix)
     num_queries, generator_rng = 3, torch.Generator().manual_seed(1)
     z = torch.nn.functional.normalize(torch.randn(num_queries, 12, generator=generator_rng), dim=-1)
@@ -56,12 +64,18 @@ def test_each_step_equals_the_decoder_module_on_the_beams_token_paths(feed_forwa
     if attention == "gathered":
         decoder.kernels = None
     state = decoder.start(encoder_hidden, num_queries * beams, 4)
-    assert state.cross_absorbed == absorbed == decoder.absorbs_cross_attention(num_prefix)
+    absorbed = absorbed and beams >= ABSORBED_MIN_BEAMS
+    assert (state.cross_absorbed is not None) == absorbed == decoder.absorbs_cross_attention(num_prefix, beams)
+    absorbed_rows, absorbed_step = [], decoder._absorbed_cross_attention
+    monkeypatch.setattr(decoder, "_absorbed_cross_attention",
+                        lambda stream, *rest: absorbed_rows.append(len(stream)) or absorbed_step(stream, *rest))
     paths = torch.full((num_queries, 1), PAD)  # each row's tokens so far
     tokens, parents, rows_per_query = paths[:, 0], None, 1
     for level in range(4):
+        absorbed_rows.clear()
         with torch.no_grad():
             fused = decoder.step(state, tokens, parents)
+        assert absorbed_rows == ([num_queries * beams] * layers if absorbed and level else [])
         expected = decoder_states(generator, encoder_hidden.repeat_interleave(rows_per_query, 0), paths)
         torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
         parents, tokens = surviving_beams(generator, level, num_queries, rows_per_query, beams, generator_rng)
@@ -92,7 +106,7 @@ def test_bf16_weights_stay_close_and_the_residual_stream_stays_fp32():
         low = FusedDecoder(generator, torch.bfloat16)
         hidden = low.step(low.start(encoder_hidden, 2, 1), torch.full((2,), PAD), None)
     assert hidden.dtype == torch.float32 and low.layers[0]["qkv"].dtype == torch.bfloat16
-    assert not low.absorbs_cross_attention(3)  # bf16 products would round the absorbed scores
+    assert not low.absorbs_cross_attention(3, 50)  # bf16 products would round the absorbed scores
     assert not torch.equal(hidden, exact)  # the GEMMs did run in bf16 ...
     torch.testing.assert_close(hidden, exact, atol=0.05, rtol=0.05)  # ... to bf16's precision
 

@@ -14,8 +14,9 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
   with fewer encoder vectors than d_kv (the paper's 30 of 64), the cross-attention's q and o
   products are absorbed into them (:meth:`FusedDecoder._absorb`): a query's beams get their scores
   from their normed states in one product, and their update from the probabilities in another,
-  2.3x fewer operations than q, attention and o. Otherwise the B beams of a query attend to its
-  keys as B rows of two batched GEMMs per head;
+  2.3x fewer operations than q, attention and o, at the steps with enough beams per query to pay
+  for reading the absorbed products (:data:`ABSORBED_MIN_BEAMS`). Otherwise the B beams of a
+  query attend to its keys as B rows of two batched GEMMs per head;
 - the relative position bias of every step is looked up once, from T5's own bucket function;
 - the self-attention history is never moved: a step writes its keys and values once, at
   [step, row] of one buffer per layer, and a beam reads its history through its ancestors, the
@@ -239,10 +240,10 @@ class FusedDecoder:
             mixed.view(num_queries, self.heads, beams, self.d_kv).transpose(1, 2))
         return out
 
-    def absorbs_cross_attention(self, length: int) -> bool:
-        """Whether a search over ``length`` encoder vectors runs the cross-attention absorbed
-        (:meth:`_absorb`, :func:`cross_attention_absorbed`)."""
-        return cross_attention_absorbed(length, self.d_kv, self.dtype, self.int8)
+    def absorbs_cross_attention(self, length: int, beams: int) -> bool:
+        """Whether a step with ``beams`` rows per query over ``length`` encoder vectors runs the
+        cross-attention absorbed (:meth:`_absorb`, :func:`cross_attention_absorbed`)."""
+        return cross_attention_absorbed(length, self.d_kv, self.dtype, self.int8, beams)
 
     def _absorb(self, kv: torch.Tensor, layer: dict, workspace: Workspace, into_scores: torch.Tensor,
                 out_of_values: torch.Tensor) -> None:
@@ -287,33 +288,33 @@ class FusedDecoder:
     @torch.inference_mode()  # decoding only; the C++ kernels read tensors that need no gradient
     def start(self, encoder_hidden: torch.Tensor, max_rows: int, num_steps: int) -> "DecodeState":
         """A search's state for ``max_rows`` beam rows at most and ``num_steps`` steps: the
-        cross-attention keys and values of every layer, once per query (absorbed where
-        :meth:`absorbs_cross_attention`; :class:`DecodeState`),
-        a self-attention history per layer ([2, num_steps, max_rows, inner]), the rows' ancestors
-        and the step's buffers (a :class:`Workspace`, back to the pool once the state is dropped)."""
+        cross-attention keys and values of every layer, once per query, and their absorbed
+        products where the search's widest steps run absorbed (:meth:`absorbs_cross_attention`;
+        :class:`DecodeState`), a self-attention history per layer ([2, num_steps, max_rows,
+        inner]), the rows' ancestors and the step's buffers (a :class:`Workspace`, back to the
+        pool once the state is dropped)."""
         num_queries, length, _ = encoder_hidden.shape
         source = encoder_hidden.to(self.dtype)
         workspace = Workspace.take(max_rows)
-        absorbed = self.absorbs_cross_attention(length)
+        absorbed = self.absorbs_cross_attention(length, max_rows // num_queries)
         if absorbed:  # per layer, the products of each query's keys and of its values
             into_scores = workspace.tensor("cross_into_scores", (len(self.layers), num_queries, self.d_model,
                                                                  self.heads * length), torch.float32, source.device)
             out_of_values = workspace.tensor("cross_out_of_values", (len(self.layers), num_queries,
                                                                      self.heads * length, self.d_model),
                                              torch.float32, source.device)
-        cross = []
+        cross, cross_absorbed = [], [] if absorbed else None
         for index, layer in enumerate(self.layers):
             kv = F.linear(source, layer["kv_cross"]).view(num_queries, length, 2, self.heads, self.d_kv).float()
+            keys_t = kv[:, :, 0].permute(0, 2, 3, 1).reshape(-1, self.d_kv, length)  # [Q * heads, d_kv, T]
+            cross.append((keys_t, kv[:, :, 1].transpose(1, 2).reshape(-1, length, self.d_kv)))  # [Q * heads, T, d_kv]
             if absorbed:
                 self._absorb(kv, layer, workspace, into_scores[index], out_of_values[index])
-                cross.append((into_scores[index], out_of_values[index]))
-            else:
-                keys_t = kv[:, :, 0].permute(0, 2, 3, 1).reshape(-1, self.d_kv, length)  # [Q * heads, d_kv, T]
-                cross.append((keys_t, kv[:, :, 1].transpose(1, 2).reshape(-1, length, self.d_kv)))  # [Q * heads, T, d_kv]
+                cross_absorbed.append((into_scores[index], out_of_values[index]))
         history = workspace.tensor("history", (len(self.layers), 2, num_steps, max_rows, self.inner), self.dtype,
                                    source.device)
         ancestors = workspace.tensor("ancestors", (num_steps, max_rows), torch.long, source.device)
-        state = DecodeState(cross=cross, cross_absorbed=absorbed, history=list(history), ancestors=ancestors,
+        state = DecodeState(cross=cross, cross_absorbed=cross_absorbed, history=list(history), ancestors=ancestors,
                             workspace=workspace)
         weakref.finalize(state, Workspace.give_back, workspace)
         return state
@@ -326,6 +327,9 @@ class FusedDecoder:
         grouped by query; its self-attention history is taken from there.
         """
         rows, position, workspace, device = len(tokens), state.position, state.workspace, tokens.device
+        keys_t = state.cross[0][0]  # [Q * heads, d_kv, T]
+        absorbed = state.cross_absorbed is not None and self.absorbs_cross_attention(
+            keys_t.shape[-1], rows * self.heads // len(keys_t))
 
         def buffer(name: str, cols: int, dtype: torch.dtype = self.dtype) -> torch.Tensor:
             return workspace.rows(name, rows, cols, dtype, device)
@@ -357,8 +361,8 @@ class FusedDecoder:
             update = self._residual(x, attended, layer["o_self"], workspace)
             normed = self._add_norm(x, update, layer["norm_cross"], out=normed_out)
 
-            if state.cross_absorbed:
-                self._absorbed_cross_attention(x, normed, *state.cross[index], workspace)
+            if absorbed:
+                self._absorbed_cross_attention(x, normed, *state.cross_absorbed[index], workspace)
                 update = None
             else:
                 q = self._linear(normed, layer["q_cross"], workspace, "q")
@@ -384,12 +388,20 @@ class FusedDecoder:
         return normed
 
 
-def cross_attention_absorbed(length: int, d_kv: int, dtype: torch.dtype, int8: bool) -> bool:
-    """Whether the fused decoder absorbs W_q and W_o into the keys and values of ``length`` encoder
-    vectors (:meth:`FusedDecoder._absorb`): in fp32 (bf16 products would round the scores
-    themselves; int8 keeps its int8 products), and where that is the smaller product,
-    heads * T < heads * d_kv."""
-    return dtype == torch.float32 and not int8 and length < d_kv
+# Below this many beam rows per query, reading a query's absorbed products (2 x d_model x heads x T
+# fp32 values per layer, from memory at every step) costs more than the q and o products they
+# replace. Measured at the paper's shape (T = 30, 64 queries), the cross-attention per layer,
+# absorbed against q, attention and o: 1 row 2.6 / 0.8 ms, 3 rows 3.0 / 1.5, 8 rows 4.6 / 2.6,
+# 16 rows 5.0 / 4.9, 32 rows 5.8 / 9.0, 50 rows 7.2 / 14.6 (BENCHMARKS.md).
+ABSORBED_MIN_BEAMS = 16
+
+
+def cross_attention_absorbed(length: int, d_kv: int, dtype: torch.dtype, int8: bool, beams: int) -> bool:
+    """Whether the fused decoder's step with ``beams`` rows per query absorbs W_q and W_o into the
+    keys and values of ``length`` encoder vectors (:meth:`FusedDecoder._absorb`): in fp32 (bf16
+    products would round the scores themselves; int8 keeps its int8 products), where that is the
+    smaller product (heads * T < heads * d_kv), and for at least :data:`ABSORBED_MIN_BEAMS` rows."""
+    return dtype == torch.float32 and not int8 and length < d_kv and beams >= ABSORBED_MIN_BEAMS
 
 
 def int8_decoding_problem(device: torch.device, dtype: torch.dtype = torch.float32) -> str | None:
@@ -520,14 +532,15 @@ def decoder_kernels():
 @dataclass
 class DecodeState:
     """Per batch of queries: per layer, the cross-attention's keys (transposed) and values
-    ([Q * heads, d_kv, T], [Q * heads, T, d_kv]), or with ``cross_absorbed`` its absorbed pair
-    ([Q, d_model, heads * T], [Q, heads * T, d_model], :meth:`FusedDecoder._absorb`); per
+    ([Q * heads, d_kv, T], [Q * heads, T, d_kv]) and, unless ``cross_absorbed`` is None, its
+    absorbed pair ([Q, d_model, heads * T], [Q, heads * T, d_model], :meth:`FusedDecoder._absorb`,
+    used by the steps with enough rows per query); per
     layer the self-attention keys and values of every step's rows [2, steps, max_rows, inner],
     written once; ``ancestors`` [steps, max_rows], the row each current row descends from at each
     step (its own at the newest); the search's buffers; the next step's position."""
 
     cross: list
-    cross_absorbed: bool
+    cross_absorbed: list | None
     history: list
     ancestors: torch.Tensor
     workspace: Workspace
