@@ -219,7 +219,7 @@ def test_fixed_positives_are_the_same_in_every_epoch_and_the_batch_order_is_unch
 
 # ---- stage 1: the official GatherLayer, 2 processes --------------------------------------------
 WORKER = textwrap.dedent('''
-    import json, os, sys
+    import gc, json, os, sys
     import torch, torch.distributed as dist, torch.nn.functional as F
     from genius.common.distributed import init_distributed, wrap_ddp
     from genius.models.residual_quantization import train
@@ -247,8 +247,10 @@ WORKER = textwrap.dedent('''
                       f"{side}_txt": torch.randn(world * n, dim, generator=g)[mine],
                       f"{side}_img_mask": torch.ones(n), f"{side}_txt_mask": torch.ones(n)})
     batch.update(q_target_modality=torch.zeros(n, dtype=torch.long), c_modality=torch.zeros(n, dtype=torch.long))
-    grads = {}
-    for mode in ("all_ranks", "local_only"):
+
+    def ddp_gradient(mode):
+        # in a function, as the training stages do: the DDP wrapper and its gloo work are freed on
+        # return, before the group is destroyed (alive at interpreter exit, they can abort it)
         torch.manual_seed(0)
         model = RQModel(dim, 16, 16, 2, 4, "learned")
         sample = F.normalize(torch.randn(40, dim, generator=torch.Generator().manual_seed(1)), dim=-1)
@@ -257,11 +259,14 @@ WORKER = textwrap.dedent('''
         cfg = train.TrainConfig(mse_weight=0.0, commit_weight=0.0, temperature=temperature, contrastive_gather=mode)
         losses, _ = train.training_step(net, batch, cfg, torch.device("cpu"), False)
         losses["loss"].backward()
-        grads[mode] = torch.cat([p.grad.flatten() for p in model.parameters()])
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    grads = {mode: ddp_gradient(mode) for mode in ("all_ranks", "local_only")}
     result["ddp_ratio_error"] = float((grads["local_only"] - grads["all_ranks"] / world).abs().max()
                                       / grads["all_ranks"].abs().max())
     with open(sys.argv[1] + f".rank{rank}.json", "w") as f:
         json.dump(result, f)
+    gc.collect()  # DDP's reducer sits in reference cycles
     dist.destroy_process_group()
 ''')
 
