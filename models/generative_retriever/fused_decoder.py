@@ -245,10 +245,11 @@ class FusedDecoder:
         cross-attention absorbed (:meth:`_absorb`, :func:`cross_attention_absorbed`)."""
         return cross_attention_absorbed(length, self.d_kv, self.dtype, self.int8, beams)
 
-    def _absorb(self, kv: torch.Tensor, layer: dict, workspace: Workspace, into_scores: torch.Tensor,
-                out_of_values: torch.Tensor) -> None:
+    def _absorb(self, kv: torch.Tensor, values: torch.Tensor, layer: dict, workspace: Workspace,
+                into_scores: torch.Tensor, out_of_values: torch.Tensor) -> None:
         """A layer's cross-attention, absorbed into two products per query, for the search's
-        queries' keys and values ``kv`` [Q, T, 2, heads, d_kv] (fp32). A beam's score over key t of
+        queries' keys and values ``kv`` [Q, T, 2, heads, d_kv] (fp32; the values also as the plain
+        path's ``values`` [Q * heads, T, d_kv], already laid out per head). A beam's score over key t of
         head h is (x W_q,h) . k_t,h = x . (W_q,h^T k_t,h), so ``into_scores`` [Q, d_model, heads * T]
         holds W_q,h^T k_t,h for every (h, t) of each query, and the scores of a query's beams are
         one product with their normed states x; likewise its update is the sum over (h, t) of
@@ -258,7 +259,7 @@ class FusedDecoder:
         and layer) by 1.6 GFLOP: the same function, its sums in another order (float rounding)."""
         num_queries, length = kv.shape[:2]
         keys = kv[:, :, 0].permute(2, 3, 0, 1).reshape(self.heads, self.d_kv, num_queries * length)  # k_h^T
-        values = kv[:, :, 1].permute(0, 2, 1, 3).contiguous()  # [Q, heads, T, d_kv]
+        values = values.view(num_queries, self.heads, length, self.d_kv)
         q_weight_t = layer["q_cross"].view(self.heads, self.d_kv, self.d_model).transpose(1, 2)  # W_q,h^T
         o_weight_t = layer["o_cross"].view(self.d_model, self.heads, self.d_kv).permute(1, 2, 0)  # W_o,h^T
         # The scores' side, stored [d_model, heads * T] per query so that the step's product reads
@@ -307,9 +308,10 @@ class FusedDecoder:
         for index, layer in enumerate(self.layers):
             kv = F.linear(source, layer["kv_cross"]).view(num_queries, length, 2, self.heads, self.d_kv).float()
             keys_t = kv[:, :, 0].permute(0, 2, 3, 1).reshape(-1, self.d_kv, length)  # [Q * heads, d_kv, T]
-            cross.append((keys_t, kv[:, :, 1].transpose(1, 2).reshape(-1, length, self.d_kv)))  # [Q * heads, T, d_kv]
+            values = kv[:, :, 1].transpose(1, 2).reshape(-1, length, self.d_kv)  # [Q * heads, T, d_kv]
+            cross.append((keys_t, values))
             if absorbed:
-                self._absorb(kv, layer, workspace, into_scores[index], out_of_values[index])
+                self._absorb(kv, values, layer, workspace, into_scores[index], out_of_values[index])
                 cross_absorbed.append((into_scores[index], out_of_values[index]))
         history = workspace.tensor("history", (len(self.layers), 2, num_steps, max_rows, self.inner), self.dtype,
                                    source.device)
