@@ -230,7 +230,7 @@ def measure_genius(generator, pools: dict[int, Pool], z: torch.Tensor, args, met
             retrieve(z)
             best[key] = min(best[key], time.perf_counter() - start)
             loads[key].append(load_average())
-        sample_gemm(gemm, args.gemm_n)
+        sample_gemm(gemm, args.gemm_n, args)
         print(f"# GENIUS repeat {repeat + 1}/{args.genius_repeats}: "
               + ", ".join(f"{m}@{n:.0e} {len(z) / best[(m, n)]:.2f} q/s" for m, n in runs), flush=True)
     return {key: {"seconds": best[key], "queries": len(z), "batch": args.genius_batch,
@@ -421,12 +421,38 @@ def faiss_index(method: str, vectors: np.ndarray, args):
 
 
 # ---- the run ---------------------------------------------------------------------------------
-def sample_gemm(gemm: dict[str, list[float]], n: int) -> None:
+def sample_gemm(gemm: dict[str, list[float]], n: int, args=None) -> None:
+    """One sample of each GEMM peak into ``gemm``; with ``args`` also of the fp32 step products'
+    rate (``step_products_gflops``), the ceiling of the fp32 decoder at these shapes."""
     gemm.setdefault("fp32", []).append(gemm_gflops(torch.float32, n))
+    if args is not None:
+        gemm.setdefault("fp32_step", []).append(step_products_gflops(args))
     if cpu_has_bf16():  # emulated bf16 GEMMs run at ~1 GFLOP/s: one sample would take minutes
         gemm.setdefault("bf16", []).append(gemm_gflops(torch.bfloat16, n))
     if int8_decoding_problem(torch.device("cpu")) is None:
         gemm.setdefault("int8", []).append(int8_gemm_gops(n))
+
+
+def step_products_gflops(args, repeats: int = 3) -> float:
+    """fp32 GFLOP/s of one 50-beam decoder step's products run alone, back to back, at the
+    search's rows (``--genius-batch`` x ``--beams``): per layer q, k, v and o [rows, d_model] x
+    [d_model, d_model] and the feed-forward's two, then the level head [rows, d_model] x
+    [d_model, K] (``torch.mm`` into kept buffers, as the fused decoder runs them). The decoder's
+    share of this rate is how close it comes to what its own GEMMs reach at these shapes on this
+    machine; the share of the square GEMM's rate also counts the shapes' lower efficiency."""
+    rows, d, d_ff = args.genius_batch * args.beams, args.d_model, args.d_ff
+    shapes = [(d, d)] * 4 + [(d, d_ff), (d_ff, d), (d, args.codebook)]  # (in, out)
+    generator = torch.Generator().manual_seed(args.seed)
+    inputs = {width: torch.randn(rows, width, generator=generator) for width in {d, d_ff}}
+    weights = [torch.randn(out, width, generator=generator) for width, out in shapes]
+    outputs = [torch.empty(rows, out) for _, out in shapes]
+
+    def step():
+        for (width, _), weight, out in zip(shapes, weights, outputs):
+            torch.mm(inputs[width], weight.t(), out=out)
+
+    flops = sum(2 * rows * width * out for width, out in shapes)
+    return flops / best_seconds(step, repeats) / 1e9
 
 
 def run(args, gemm: dict[str, list[float]]) -> list[dict]:
@@ -572,6 +598,8 @@ def summarise(rows: list[dict], args, gemm: dict) -> dict:
         summary[f"{method}_share_of_gemm"] = best / gemm[peak]
         if method in executed:
             summary[f"{method}_executed_share_of_gemm"] = max(qps.values()) * executed[method] / 1e9 / gemm[peak]
+        if method in ("genius", "genius_device") and "fp32_step" in gemm:  # the level head's shapes
+            summary[f"{method}_share_of_step_products"] = best / gemm["fp32_step"]
         flat = {n: q for n, q in qps.items() if n <= 10**6}
         if method.startswith("genius") and len(flat) > 1:
             variation = max(flat.values()) / min(flat.values()) - 1
@@ -641,6 +669,9 @@ def markdown(rows: list[dict], summary: dict, args, command: str, machine: str, 
          + (f"bf16 {gemm['bf16']:.0f} GFLOP/s" if "bf16" in gemm else "bf16 not measured (no bf16 GEMM kernels)")
          + (f", int8 {gemm['int8']:.0f} GOP/s (the better of torch._int_mm and fbgemm's dynamic int8 linear)"
             if "int8" in gemm else "")
+         + (f"; the fp32 decoder step's own products alone at {args.genius_batch * args.beams} rows "
+            f"(`step_products_gflops`, best of the same samples) {gemm['fp32_step']:.0f} GFLOP/s"
+            if "fp32_step" in gemm else "")
          + ". Decoder work per query (formula in `decoder_flops_per_query`): "
          f"{summary['decoder_gflop_per_query']:.3g} GFLOP; `generate` does {summary['generate_gflop_per_query']:.3g} "
          "GFLOP for the same query (`generate_flops_per_query`: every beam from the first step, cross-attention "
@@ -648,14 +679,17 @@ def markdown(rows: list[dict], summary: dict, args, command: str, machine: str, 
     ]
     for method, peak in PEAKS:
         if f"{method}_gflops" in summary:
+            line = (f"- {LABELS[method]} at its best size: {summary[f'{method}_gflops']:.3g} GFLOP/s = "
+                    f"{100 * summary[f'{method}_share_of_gemm']:.0f}% of the {peak} GEMM peak")
             executed = summary.get(f"{method}_executed_share_of_gemm")
-            lines.append(f"- {LABELS[method]} at its best size: {summary[f'{method}_gflops']:.3g} GFLOP/s = "
-                         f"{100 * summary[f'{method}_share_of_gemm']:.0f}% of the {peak} GEMM peak"
-                         + ("." if executed is None or summary["decoder_executed_gflop_per_query"]
-                            == summary["decoder_gflop_per_query"] else
-                            f" in the model's operations; {100 * executed:.0f}% in those it executes "
-                            f"({summary['decoder_executed_gflop_per_query']:.3g} GFLOP per query, the "
-                            "cross-attention absorbed)."))
+            if executed is not None and summary["decoder_executed_gflop_per_query"] != summary["decoder_gflop_per_query"]:
+                line += (f" in the model's operations; {100 * executed:.0f}% in those it executes "
+                         f"({summary['decoder_executed_gflop_per_query']:.3g} GFLOP per query, the cross-attention "
+                         "absorbed)")
+            if f"{method}_share_of_step_products" in summary:
+                line += (f"; {100 * summary[f'{method}_share_of_step_products']:.0f}% of the rate its step's products "
+                         "reach alone (the model's operations)")
+            lines.append(line + ".")
     lines += ["", "Targets:", ""]
     for name, target in summary["targets"].items():
         status = "met" if target["met"] else "NOT met"
@@ -738,9 +772,9 @@ def main(argv: list[str] | None = None) -> int:
         command = "bash benchmarks/run_decode_vs_pool.sh " + shlex.join(argv if argv is not None else sys.argv[1:])
         machine, load_start = machine_description(), load_average()
         samples: dict[str, list[float]] = {}
-        sample_gemm(samples, args.gemm_n)
+        sample_gemm(samples, args.gemm_n, args)
         rows = run(args, samples)
-        sample_gemm(samples, args.gemm_n)
+        sample_gemm(samples, args.gemm_n, args)
         loads = (load_start, load_average())
     summary = summarise(rows, args, {k: max(v) for k, v in samples.items()})
     summary.update(gemm_samples=samples, load_start=loads[0], load_end=loads[1], machine=machine,

@@ -46,6 +46,9 @@ def test_decode_vs_pool_writes_table_csv_and_plot(tmp_path):
     assert "| pool size |" in table and "| 2,000 |" in table and "Targets:" in table
     summary = json.loads((tmp_path / "decode_vs_pool_summary.json").read_text())
     assert summary["gemm_gflops"]["fp32"] > 0 and summary["decoder_gflop_per_query"] > 0
+    # fp32 is also compared with its own step's products run alone
+    assert summary["gemm_gflops"]["fp32_step"] > 0 and 0 < summary["genius_share_of_step_products"]
+    assert "of the rate its step's products reach alone" in table
     # int8 is compared with the int8 GEMM peak and with generate, like the other precisions
     assert summary["gemm_gflops"]["int8"] > 0 and 0 < summary["genius_int8_share_of_gemm"]
     assert "speedup_genius_int8_vs_generate" in summary["targets"] and "GENIUS int8 decoder" in table
