@@ -38,9 +38,12 @@ def walk(trie, sizes: list[int], codes: np.ndarray, rng, rows: int = 160):
         nodes[rng.random(rows) < 0.02] = -1
 
 
-def assert_matches_cpp(codes: np.ndarray, sizes: list[int], dense_budget: int, seed: int = 1) -> DeviceTrie:
+def assert_matches_cpp(codes: np.ndarray, sizes: list[int], dense_budget: int, seed: int = 1,
+                       dense_min_fill: float = 0.0) -> DeviceTrie:
+    """The device trie of ``codes`` walks as the C++ trie does; by default only the budget decides
+    the dense levels (no fill rule), so ``ALL_DENSE`` makes every level dense."""
     host = build_trie(codes, "cpp")
-    device = DeviceTrie.from_trie(host, sizes, dense_budget=dense_budget)
+    device = DeviceTrie.from_trie(host, sizes, dense_budget=dense_budget, dense_min_fill=dense_min_fill)
     assert_same_walks(host, device, codes, sizes, seed)
     return device
 
@@ -109,7 +112,7 @@ def test_dense_and_sparse_levels_give_identical_results():
     rng = np.random.default_rng(3)
     codes = random_codes(rng, 3000, sizes)
     host = build_trie(codes, "cpp")
-    dense = DeviceTrie.from_trie(host, sizes, dense_budget=ALL_DENSE)
+    dense = DeviceTrie.from_trie(host, sizes, dense_budget=ALL_DENSE, dense_min_fill=0.0)
     sparse = DeviceTrie.from_trie(host, sizes, dense_budget=ALL_SPARSE)
     assert set(dense.level_kinds()) == {"dense"} and "dense" not in sparse.level_kinds()
     assert sparse.nbytes < dense.nbytes
@@ -120,6 +123,26 @@ def test_dense_and_sparse_levels_give_identical_results():
         nodes, other = dense.advance(level, nodes, step), sparse.advance(level, nodes, step)
         assert torch.equal(nodes, other)
     assert (nodes >= 0).any() and (nodes < 0).any()
+
+
+def test_a_small_pool_keeps_its_deep_levels_sparse():
+    """The default fill rule: 1,000 paper-shaped IDs have about one child per node below level 1,
+    so only the root's and the modalities' levels are tables (the budget alone made six dense
+    levels of 4096-wide rows); the walks are the C++ trie's either way."""
+    sizes = [3] + [4096] * 5
+    codes = random_codes(np.random.default_rng(8), 1000, sizes)
+    by_fill = assert_matches_cpp(codes, sizes, device_trie.DENSE_BUDGET, dense_min_fill=device_trie.DENSE_MIN_FILL)
+    by_budget = assert_matches_cpp(codes, sizes, device_trie.DENSE_BUDGET)
+    assert by_fill.level_kinds()[:2] == ["dense", "dense"] and "dense" not in by_fill.level_kinds()[2:]
+    assert by_budget.level_kinds().count("dense") >= 4
+    assert by_fill.nbytes * 100 < by_budget.nbytes
+    assert DeviceTrie.from_trie(build_trie(codes, "cpp"), sizes).level_kinds() == by_fill.level_kinds()  # the default
+
+
+@pytest.mark.parametrize("fill", [-0.1, 1.5, float("nan")])
+def test_a_dense_fill_out_of_range_is_refused(fill):
+    with pytest.raises(ValueError, match="dense_min_fill in"):
+        DeviceTrie.from_trie(build_trie(np.zeros((1, 2), np.int64), "cpp"), [3, 5], dense_min_fill=fill)
 
 
 def test_trie_saved_by_the_python_backend(tmp_path):
