@@ -210,8 +210,11 @@ def measure_genius(generator, pools: dict[int, Pool], z: torch.Tensor, args, met
 
     Each repeat times every (method, size) once, so slow spells of the shared machine fall on
     all pool sizes alike instead of on whichever size happened to run then; the fastest repeat
-    of each pair is kept. The GEMM peak is sampled after every repeat (into ``gemm``), so the
-    decoder's GFLOP/s is compared with a peak measured under the same conditions.
+    of each pair is kept. Every other repeat runs the pairs in reverse order, so that no pair
+    always runs last before the GEMM sample (one run had its largest pool, always run
+    last, slow in all five repeats). The GEMM peak is sampled after every repeat (into
+    ``gemm``), so the decoder's GFLOP/s is compared with a peak measured under the same
+    conditions.
     """
     runs = {(m, n): genius_retriever(generator, pool, args, m == "genius_bf16", level_head=m != "genius_full",
                                      on_device=m == "genius_device", int8=m == "genius_int8")
@@ -225,7 +228,8 @@ def measure_genius(generator, pools: dict[int, Pool], z: torch.Tensor, args, met
     best = {key: math.inf for key in runs}
     loads = {key: [] for key in runs}
     for repeat in range(max(1, args.genius_repeats)):
-        for key, retrieve in runs.items():
+        pairs = list(runs.items())
+        for key, retrieve in pairs[::-1] if repeat % 2 else pairs:
             start = time.perf_counter()
             retrieve(z)
             best[key] = min(best[key], time.perf_counter() - start)

@@ -55,6 +55,31 @@ def test_decode_vs_pool_writes_table_csv_and_plot(tmp_path):
     assert (tmp_path / "decode_vs_pool.png").stat().st_size > 1000
 
 
+def test_genius_repeats_alternate_the_order_of_the_pairs(monkeypatch):
+    """Every other repeat runs the (method, size) pairs in reverse, so no pair always runs last."""
+    from types import SimpleNamespace
+
+    calls = []
+
+    def retriever(generator, pool, args, autocast, level_head=True, on_device=False, int8=False):
+        method = "genius_device" if on_device else "genius"
+
+        def retrieve(queries):
+            calls.append((method, pool.size))
+            beams = SimpleNamespace(valid=torch.ones(len(queries), args.beams, dtype=torch.bool))
+            return beams, SimpleNamespace(rows=np.zeros((len(queries), 1), np.int64))
+
+        return retrieve
+
+    monkeypatch.setattr(dvp, "genius_retriever", retriever)
+    monkeypatch.setattr(dvp, "sample_gemm", lambda gemm, n, args=None: None)
+    pools = {size: SimpleNamespace(size=size, trie=range(100), build_s=0.0) for size in (10, 20)}
+    args = SimpleNamespace(genius_batch=2, beams=4, genius_repeats=3, gemm_n=8)
+    dvp.measure_genius(None, pools, torch.zeros(2, 3), args, ["genius", "genius_device"], {})
+    order = [("genius", 10), ("genius_device", 10), ("genius", 20), ("genius_device", 20)]
+    assert calls == order + order + order[::-1] + order  # the warm-up, then repeats 1, 2 (reversed) and 3
+
+
 def test_decoder_flops_formula_counts_beams_and_heads():
     arch = {"dim": 4, "d_model": 8, "num_decoder_layers": 1, "num_prefix": 1, "d_ff": 16, "num_heads": 1, "d_kv": 8,
             "codebook_sizes": [3, 5]}
