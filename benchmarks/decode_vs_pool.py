@@ -438,22 +438,23 @@ def sample_gemm(gemm: dict[str, list[float]], n: int, args=None) -> None:
 
 
 def step_products_gflops(args, repeats: int = 3) -> float:
-    """fp32 GFLOP/s of one 50-beam decoder step's products run alone, back to back, at the
-    search's rows (``--genius-batch`` x ``--beams``): per layer q, k, v and o [rows, d_model] x
-    [d_model, d_model] and the feed-forward's two, then the level head [rows, d_model] x
-    [d_model, K] (``torch.mm`` into kept buffers, as the fused decoder runs them). The decoder's
-    share of this rate is how close it comes to what its own GEMMs reach at these shapes on this
-    machine; the share of the square GEMM's rate also counts the shapes' lower efficiency."""
+    """fp32 GFLOP/s of one decoder step's products run alone, back to back, at the search's
+    widest step (``--genius-batch`` x ``--beams`` rows): per layer q, k, v and o [rows, d_model] x
+    [d_model, d_model] and the feed-forward's two, each layer with its own weights, then the
+    level head [rows, d_model] x [d_model, K] (``torch.mm`` into kept buffers, as the fused
+    decoder runs them). The decoder's share of this rate is how close it comes to what its own
+    GEMMs reach at these shapes on this machine; its share of the square GEMM's rate also counts
+    the lower efficiency of these shapes."""
     rows, d, d_ff = args.genius_batch * args.beams, args.d_model, args.d_ff
-    shapes = [(d, d)] * 4 + [(d, d_ff), (d_ff, d), (d, args.codebook)]  # (in, out)
+    shapes = ([(d, d)] * 4 + [(d, d_ff), (d_ff, d)]) * args.layers + [(d, args.codebook)]  # (in, out)
     generator = torch.Generator().manual_seed(args.seed)
     inputs = {width: torch.randn(rows, width, generator=generator) for width in {d, d_ff}}
     weights = [torch.randn(out, width, generator=generator) for width, out in shapes]
-    outputs = [torch.empty(rows, out) for _, out in shapes]
+    outputs = {out: torch.empty(rows, out) for _, out in shapes}
 
     def step():
-        for (width, _), weight, out in zip(shapes, weights, outputs):
-            torch.mm(inputs[width], weight.t(), out=out)
+        for (width, out), weight in zip(shapes, weights):
+            torch.mm(inputs[width], weight.t(), out=outputs[out])
 
     flops = sum(2 * rows * width * out for width, out in shapes)
     return flops / best_seconds(step, repeats) / 1e9
@@ -686,7 +687,8 @@ def markdown(rows: list[dict], summary: dict, args, command: str, machine: str, 
             line = (f"- {LABELS[method]} at its best size: {summary[f'{method}_gflops']:.3g} GFLOP/s = "
                     f"{100 * summary[f'{method}_share_of_gemm']:.0f}% of the {peak} GEMM peak")
             executed = summary.get(f"{method}_executed_share_of_gemm")
-            if executed is not None and summary["decoder_executed_gflop_per_query"] != summary["decoder_gflop_per_query"]:
+            absorbs = summary["decoder_executed_gflop_per_query"] != summary["decoder_gflop_per_query"]
+            if executed is not None and absorbs:
                 line += (f" in the model's operations; {100 * executed:.0f}% in those it executes "
                          f"({summary['decoder_executed_gflop_per_query']:.3g} GFLOP per query, the cross-attention "
                          "absorbed)")
