@@ -245,11 +245,11 @@ class FusedDecoder:
         cross-attention absorbed (:meth:`_absorb`, :func:`cross_attention_absorbed`)."""
         return cross_attention_absorbed(length, self.d_kv, self.dtype, self.int8, beams)
 
-    def _absorb(self, kv: torch.Tensor, values: torch.Tensor, layer: dict, workspace: Workspace,
+    def _absorb(self, keys_t: torch.Tensor, values: torch.Tensor, layer: dict, workspace: Workspace,
                 into_scores: torch.Tensor, out_of_values: torch.Tensor) -> None:
         """A layer's cross-attention, absorbed into two products per query, for the search's
-        queries' keys and values ``kv`` [Q, T, 2, heads, d_kv] (fp32; the values also as the plain
-        path's ``values`` [Q * heads, T, d_kv], already laid out per head). A beam's score over key t of
+        queries' keys and values as the plain path holds them (fp32, per head: ``keys_t`` [Q *
+        heads, d_kv, T], ``values`` [Q * heads, T, d_kv]). A beam's score over key t of
         head h is (x W_q,h) . k_t,h = x . (W_q,h^T k_t,h), so ``into_scores`` [Q, d_model, heads * T]
         holds W_q,h^T k_t,h for every (h, t) of each query, and the scores of a query's beams are
         one product with their normed states x; likewise its update is the sum over (h, t) of
@@ -257,8 +257,9 @@ class FusedDecoder:
         [Q, heads * T, d_model]. At the paper's shape (T = 30, heads * d_kv = d_model = 512) this
         replaces the q and o products and the attention between them (3.6 GFLOP per 64 x 50 rows
         and layer) by 1.6 GFLOP: the same function, its sums in another order (float rounding)."""
-        num_queries, length = kv.shape[:2]
-        keys = kv[:, :, 0].permute(2, 3, 0, 1).reshape(self.heads, self.d_kv, num_queries * length)  # k_h^T
+        num_queries, length = len(keys_t) // self.heads, keys_t.shape[-1]
+        keys = keys_t.view(num_queries, self.heads, self.d_kv, length).permute(1, 2, 0, 3).reshape(
+            self.heads, self.d_kv, num_queries * length)  # k_h^T of every query
         values = values.view(num_queries, self.heads, length, self.d_kv)
         q_weight_t = layer["q_cross"].view(self.heads, self.d_kv, self.d_model).transpose(1, 2)  # W_q,h^T
         o_weight_t = layer["o_cross"].view(self.d_model, self.heads, self.d_kv).permute(1, 2, 0)  # W_o,h^T
@@ -267,7 +268,7 @@ class FusedDecoder:
         # head over all the queries, then one copy into place (17 against 27 ms per layer for a
         # product per query written in place, whose output torch copies per call).
         product = workspace.tensor("cross_absorb", (self.heads, self.d_model, num_queries * length), torch.float32,
-                                   kv.device)
+                                   keys_t.device)
         torch.bmm(q_weight_t, keys, out=product)
         into_scores.view(num_queries, self.d_model, self.heads, length).copy_(
             product.view(self.heads, self.d_model, num_queries, length).permute(2, 1, 0, 3))
@@ -311,7 +312,7 @@ class FusedDecoder:
             values = kv[:, :, 1].transpose(1, 2).reshape(-1, length, self.d_kv)  # [Q * heads, T, d_kv]
             cross.append((keys_t, values))
             if absorbed:
-                self._absorb(kv, values, layer, workspace, into_scores[index], out_of_values[index])
+                self._absorb(keys_t, values, layer, workspace, into_scores[index], out_of_values[index])
                 cross_absorbed.append((into_scores[index], out_of_values[index]))
         history = workspace.tensor("history", (len(self.layers), 2, num_steps, max_rows, self.inner), self.dtype,
                                    source.device)
