@@ -227,14 +227,14 @@ def measure_genius(generator, pools: dict[int, Pool], z: torch.Tensor, args, met
             raise AssertionError(f"{method} at N={size} returned fewer than {expected} valid beams")
     best = {key: math.inf for key in runs}
     loads = {key: [] for key in runs}
+    pairs = list(runs.items())
     for repeat in range(max(1, args.genius_repeats)):
-        pairs = list(runs.items())
         for key, retrieve in pairs[::-1] if repeat % 2 else pairs:
             start = time.perf_counter()
             retrieve(z)
             best[key] = min(best[key], time.perf_counter() - start)
             loads[key].append(load_average())
-        sample_gemm(gemm, args.gemm_n, args)
+        sample_gemm(gemm, args)
         print(f"# GENIUS repeat {repeat + 1}/{args.genius_repeats}: "
               + ", ".join(f"{m}@{n:.0e} {len(z) / best[(m, n)]:.2f} q/s" for m, n in runs), flush=True)
     return {key: {"seconds": best[key], "queries": len(z), "batch": args.genius_batch,
@@ -425,12 +425,12 @@ def faiss_index(method: str, vectors: np.ndarray, args):
 
 
 # ---- the run ---------------------------------------------------------------------------------
-def sample_gemm(gemm: dict[str, list[float]], n: int, args=None) -> None:
-    """One sample of each GEMM peak into ``gemm``; with ``args`` also of the fp32 step products'
-    rate (``step_products_gflops``), the ceiling of the fp32 decoder at these shapes."""
+def sample_gemm(gemm: dict[str, list[float]], args) -> None:
+    """One sample into ``gemm`` of each square GEMM peak (``--gemm-n``) and of the fp32 step
+    products' rate (``step_products_gflops``), the ceiling of the fp32 decoder at these shapes."""
+    n = args.gemm_n
     gemm.setdefault("fp32", []).append(gemm_gflops(torch.float32, n))
-    if args is not None:
-        gemm.setdefault("fp32_step", []).append(step_products_gflops(args))
+    gemm.setdefault("fp32_step", []).append(step_products_gflops(args))
     if cpu_has_bf16():  # emulated bf16 GEMMs run at ~1 GFLOP/s: one sample would take minutes
         gemm.setdefault("bf16", []).append(gemm_gflops(torch.bfloat16, n))
     if int8_decoding_problem(torch.device("cpu")) is None:
@@ -778,9 +778,9 @@ def main(argv: list[str] | None = None) -> int:
         command = "bash benchmarks/run_decode_vs_pool.sh " + shlex.join(argv if argv is not None else sys.argv[1:])
         machine, load_start = machine_description(), load_average()
         samples: dict[str, list[float]] = {}
-        sample_gemm(samples, args.gemm_n, args)
+        sample_gemm(samples, args)
         rows = run(args, samples)
-        sample_gemm(samples, args.gemm_n, args)
+        sample_gemm(samples, args)
         loads = (load_start, load_average())
     summary = summarise(rows, args, {k: max(v) for k, v in samples.items()})
     summary.update(gemm_samples=samples, load_start=loads[0], load_end=loads[1], machine=machine,

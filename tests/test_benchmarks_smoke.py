@@ -72,9 +72,9 @@ def test_genius_repeats_alternate_the_order_of_the_pairs(monkeypatch):
         return retrieve
 
     monkeypatch.setattr(dvp, "genius_retriever", retriever)
-    monkeypatch.setattr(dvp, "sample_gemm", lambda gemm, n, args=None: None)
+    monkeypatch.setattr(dvp, "sample_gemm", lambda gemm, args: None)
     pools = {size: SimpleNamespace(size=size, trie=range(100), build_s=0.0) for size in (10, 20)}
-    args = SimpleNamespace(genius_batch=2, beams=4, genius_repeats=3, gemm_n=8)
+    args = SimpleNamespace(genius_batch=2, beams=4, genius_repeats=3)
     dvp.measure_genius(None, pools, torch.zeros(2, 3), args, ["genius", "genius_device"], {})
     order = [("genius", 10), ("genius_device", 10), ("genius", 20), ("genius_device", 20)]
     assert calls == order + order + order[::-1] + order  # the warm-up, then repeats 1, 2 (reversed) and 3
