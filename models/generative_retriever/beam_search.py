@@ -13,8 +13,8 @@ Three details keep it fast:
   scores and normalises the full vocabulary and gives exactly the numbers (and beams) of the
   official ``transformers.generate`` decoding; results state which one produced them.
 - Fused step: the decoder runs as :class:`~genius.models.generative_retriever.fused_decoder.FusedDecoder`,
-  the T5 decoder written out as plain tensor ops (q/k/v in one GEMM, the cross-attention keys and
-  values once per query, not per beam, which at paper size is 37 MB per query; the self-attention
+  the T5 decoder written out as plain tensor ops (k and v written by their products straight
+  into the history, the cross-attention keys and values once per query, not per beam, which at paper size is 37 MB per query; the self-attention
   history written once into buffers kept across searches and read in place through each beam's
   ancestors, by a C++ attention on a CPU).
 - Host traffic: with a host trie the masks are filled in one host buffer per search (pinned on a
