@@ -117,6 +117,23 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> s
     return "\n".join(lines) + "\n"
 
 
+def write_results(out: Path, title: str, rows: Sequence[dict], columns: Sequence[str]) -> None:
+    """``rows`` as ``out``.csv and, under ``title`` and the machine's description, as a Markdown
+    table in ``out``.md (floats to three significant digits), both written atomically; the table
+    is printed too."""
+    from genius.common.io import atomic_path, atomic_write_text
+
+    def cell(value):
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    table = markdown_table(columns, [[cell(row[column]) for column in columns] for row in rows])
+    text = f"{title}; {machine_description()}\n\n{table}"
+    with atomic_path(out.with_suffix(".csv")) as tmp:
+        write_csv(tmp, rows, columns)
+    atomic_write_text(out.with_suffix(".md"), text + "\n")
+    print(text)
+
+
 def rate(value: float | None) -> str:
     """A throughput with about three significant digits ('' when not measured)."""
     if value is None or not math.isfinite(value):

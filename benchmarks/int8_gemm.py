@@ -30,8 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from genius.benchmarks.common import OUT_DIR, best_seconds, machine_description, markdown_table, write_csv
-from genius.common.io import atomic_path, atomic_write_text
+from genius.benchmarks.common import OUT_DIR, best_seconds, write_results
 from genius.models.generative_retriever.fused_decoder import int8_decoding_problem
 
 COLUMNS = ["gemm", "m", "k", "n", "count", "fp32_ms", "fbgemm_ms", "product_ms", "eager_ms",
@@ -101,16 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                  **{f"{key}_speedup": total["fp32"] / total[key] for key in ("fbgemm", "product", "eager")},
                  "fbgemm_rel_err": max(r["fbgemm_rel_err"] for r in rows),
                  "eager_rel_err": max(r["eager_rel_err"] for r in rows)})
-
-    def fmt(value):
-        return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-    text = (f"int8 vs fp32 on the decoder step's GEMMs ({args.threads} thread(s), best of {args.repeats}); "
-            f"{machine_description()}\n\n" + markdown_table(COLUMNS, [[fmt(r[c]) for c in COLUMNS] for r in rows]))
-    with atomic_path(args.out.with_suffix(".csv")) as tmp:
-        write_csv(tmp, rows, COLUMNS)
-    atomic_write_text(args.out.with_suffix(".md"), text + "\n")
-    print(text)
+    write_results(args.out, f"int8 vs fp32 on the decoder step's GEMMs ({args.threads} thread(s), best of "
+                            f"{args.repeats})", rows, COLUMNS)
     return 0
 
 

@@ -203,3 +203,30 @@ def test_int8_gemm_probe_times_every_product_of_the_step_and_keeps_int8_close_to
     total = rows[-1]
     assert math.isclose(float(total["fp32_ms"]), sum(float(r["fp32_ms"]) * int(r["count"]) for r in rows[:7]),
                         rel_tol=1e-3)
+
+
+def test_peaked_attention_times_the_product_with_and_without_subnormals_and_the_search_per_sharpness(tmp_path):
+    from genius.benchmarks import peaked_attention
+
+    out = tmp_path / "peaked"
+    assert peaked_attention.main(["--pool", "500", "--queries", "4", "--beams", "5", "--levels", "4", "--codebook",
+                                  "16", "--d-model", "32", "--layers", "2", "--heads", "4", "--d-ff", "64", "--prefix",
+                                  "6", "--repeats", "1", "--sharpness", "1", "40", "--out", str(out)]) == 0
+    rows = read_rows(out.with_suffix(".csv"))
+    assert [r["what"] for r in rows] == ["update product, subnormal kept", "update product, flushed",
+                                         "update product, flush pass", "search", "search"]
+    share = {r["what"]: float(r["subnormal_share"]) for r in rows[:2]}
+    assert share["update product, subnormal kept"] > 0.01 and share["update product, flushed"] == 0
+    assert all(float(r["ms"]) > 0 for r in rows) and float(rows[1]["relative"]) == 1.0
+    # the search's q weights scaled 40x make some cross-attention probabilities subnormal; unscaled none are
+    assert float(rows[3]["subnormal_share"]) == 0 < float(rows[4]["subnormal_share"])
+    assert float(rows[3]["relative"]) == 1.0 and "q x 40" in rows[4]["setting"]
+    assert "| search |" in out.with_suffix(".md").read_text()
+
+
+def test_peaked_attention_refuses_out_of_range_settings(capsys):
+    from genius.benchmarks import peaked_attention
+
+    with pytest.raises(SystemExit) as exit_:
+        peaked_attention.main(["--sharpness", "1", "0"])
+    assert exit_.value.code == 2 and "--sharpness" in capsys.readouterr().err

@@ -60,6 +60,35 @@ def test_bf16_reads_bf16_and_rounds_its_output_once():
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=2 ** -8)  # ... once, from fp32 math
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_that_would_be_subnormal_are_flushed_to_zero(dtype):
+    """A history step scoring more than log(FLT_MIN) = -87.34 under the row's top gets weight 0,
+    not exp(score - top) (subnormal, which the CPU multiplies through a slow assist); just above
+    that it keeps its weight. The top step's value is 0 and the other's 1e30, so the output is the
+    other step's weight x 1e30 exactly where it is kept."""
+    gaps = torch.tensor([80.0, 87.0, 87.5, 90.0, 120.0])  # one head each: the second step's score under the first
+    heads, rows = len(gaps), 3
+    inner = heads * D_KV
+    history = torch.zeros(2, 2, rows, inner)
+    history[1, 1] = 1e30  # the values of the second step
+    ancestors = torch.arange(rows).repeat(2, 1)
+    bias = torch.stack([torch.zeros(heads), -gaps], dim=1)  # q is zero: the scores are the bias
+    q, out = torch.zeros(rows, inner, dtype=dtype), torch.full((rows, inner), torch.nan, dtype=dtype)
+    if dtype == torch.float32:
+        _decoder_kernels.attend(q.numpy(), history[0].numpy(), history[1].numpy(), ancestors.numpy(),
+                                bias.numpy(), out.numpy(), 2)
+    else:
+        as_bits = (lambda x: x.view(torch.int16).numpy())
+        history = history.to(dtype)
+        _decoder_kernels.attend_bf16(as_bits(q), as_bits(history[0]), as_bits(history[1]), ancestors.numpy(),
+                                     bias.numpy(), as_bits(out), 2)
+    per_head = out.float().view(rows, heads, D_KV)
+    kept = torch.exp(-gaps.double()) * 1e30  # the weight x the value (the total is 1 to fp32 rounding)
+    for head in (0, 1):  # exp(-80), exp(-87): normal, kept
+        torch.testing.assert_close(per_head[:, head].double(), kept[head].expand(rows, D_KV), rtol=1e-2, atol=0)
+    assert torch.all(per_head[:, 2:] == 0)  # exp(-87.5), exp(-90), exp(-120): subnormal or zero, dropped
+
+
 def test_unreadable_inputs_are_refused():
     q, history, ancestors, bias = problem(10, 2, seed=1)
     out = torch.empty(10, HEADS * D_KV)

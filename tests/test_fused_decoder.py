@@ -83,6 +83,44 @@ def test_each_step_equals_the_decoder_module_on_the_beams_token_paths(feed_forwa
         rows_per_query = beams
 
 
+@pytest.mark.parametrize("num_prefix", [3, 8])  # absorbed cross-attention, then over the keys and values
+def test_peaked_attention_flushes_subnormal_probabilities_and_still_equals_the_decoder_module(num_prefix):
+    """Trained attention can be peaked enough that some probabilities are subnormal (under
+    1.2e-38), which the CPU multiplies through a slow assist: q scaled 30x gives such scores. The
+    cross-attention's probabilities are flushed to zero, and the states still equal
+    transformers' decoder (which keeps them) to 1e-5."""
+    generator = generator_of(0, "relu", 2, num_prefix)
+    with torch.no_grad():
+        for block in generator.t5.decoder.block:
+            block.layer[0].SelfAttention.q.weight.mul_(30.0)
+            block.layer[1].EncDecAttention.q.weight.mul_(30.0)
+    num_queries, beams, rng = 3, ABSORBED_MIN_BEAMS, torch.Generator().manual_seed(1)
+    z = torch.nn.functional.normalize(torch.randn(num_queries, 12, generator=rng), dim=-1)
+    with torch.no_grad():
+        encoder_hidden = generator.encode(z)
+    decoder = FusedDecoder(generator)
+    state = decoder.start(encoder_hidden, num_queries * beams, 4)
+    paths = torch.full((num_queries, 1), PAD)
+    tokens, parents, rows_per_query, subnormal_before_flush = paths[:, 0], None, 1, 0
+    cpu, tiny = torch.device("cpu"), torch.finfo(torch.float32).tiny
+    for level in range(4):
+        with torch.no_grad():
+            fused = decoder.step(state, tokens, parents)
+        expected = decoder_states(generator, encoder_hidden.repeat_interleave(rows_per_query, 0), paths)
+        torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+        size = len(tokens) * decoder.heads * num_prefix  # the last layer's scores and probabilities
+        scores, probs = (state.workspace.buffers[(name, torch.float32, cpu)][:size].view(-1, num_prefix)
+                         for name in ("cross_scores", "cross_probs"))
+        unflushed = torch.softmax(scores, -1)
+        subnormal_before_flush += int(((unflushed > 0) & (unflushed < tiny)).sum())
+        assert not torch.any((probs > 0) & (probs < tiny))
+        torch.testing.assert_close(probs, unflushed, atol=tiny, rtol=0)
+        parents, tokens = surviving_beams(generator, level, num_queries, rows_per_query, beams, rng)
+        paths = torch.cat([paths[parents], tokens[:, None]], dim=1)
+        rows_per_query = beams
+    assert subnormal_before_flush > 0  # the case arose
+
+
 def test_steps_run_on_inputs_that_carry_gradients():
     """A caller outside no_grad (the encoder output then needs a gradient) gets the same states:
     decoding runs in inference mode, so the C++ kernels can read every tensor."""

@@ -83,8 +83,9 @@ ABSENT_NODE = -1
 # one pass): fp32 and int8 change at float rounding, bf16 attention rounds its output once;
 # 5 = the cross-attention: in fp32 absorbed into per-query products, elsewhere two batched GEMMs
 # with the scores and softmax in fp32 (bf16 and int8 change at their rounding, fp32 at float's);
-# 6 = fp32 output products add into the residual stream inside the GEMM (float rounding).
-NUMERICS_VERSION = 6
+# 6 = fp32 output products add into the residual stream inside the GEMM (float rounding);
+# 7 = attention weights that would be subnormal (under 1.2e-38) are zero (a term that small dropped).
+NUMERICS_VERSION = 7
 
 
 @dataclass

@@ -7,8 +7,9 @@
 // layer, one copy that reads and writes it all, and then attention reads it a third time; here
 // attention reads it once, straight from where it lies. Beams of one query share their early
 // ancestors, so those rows are read from cache. One row is one beam's newest token: for each
-// head, scores over its history plus T5's position bias (no 1/sqrt(d) scaling, as T5), a softmax,
-// and the weighted sum of the values, in fp32.
+// head, scores over its history plus T5's position bias (no 1/sqrt(d) scaling, as T5), a softmax
+// (its weights that would be subnormal are zero: unnormalised_weight), and the weighted sum of the
+// values, in fp32.
 //
 // top_allowed: a level's beam selection, the best `keep` of beam score + log-probability over
 // the trie-allowed codes of each query's beams, in one pass over the log-probabilities (torch
@@ -25,6 +26,7 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -92,6 +94,19 @@ inline float dot(const float* a, const T* b, int64_t n) {
   return sum;
 }
 
+// A softmax weight exp(score - top), flushed to zero where it would be subnormal (below FLT_MIN,
+// a score more than 87.3 under the row's top): the CPU multiplies subnormal operands through a
+// microcode assist (a product with a tenth of its operands subnormal ran 20-25x slower,
+// BENCHMARKS.md), and trained attention is that peaked often enough (the demo's decoder: 2 % of
+// its cross-attention weights).
+// What is dropped is under 1.2e-38 of the top weight's 1. -88 lies below log(FLT_MIN), so every
+// normal weight is still computed, and expf's underflow path is never taken.
+inline float unnormalised_weight(float score_below_top) {
+  if (score_below_top < -88.f) return 0.f;
+  const float weight = std::exp(score_below_top);
+  return weight < FLT_MIN ? 0.f : weight;
+}
+
 template <typename T>
 __attribute__((always_inline)) inline void attend_rows(const Problem<T>& p, int64_t begin, int64_t end) {
   const int64_t width = p.heads * p.d_kv;
@@ -111,7 +126,7 @@ __attribute__((always_inline)) inline void attend_rows(const Problem<T>& p, int6
       float top = -INFINITY;
       for (int64_t s = 0; s < p.steps; ++s) top = std::max(top, w[s]);
       float sum = 0.f;
-      for (int64_t s = 0; s < p.steps; ++s) sum += (w[s] = std::exp(w[s] - top));
+      for (int64_t s = 0; s < p.steps; ++s) sum += (w[s] = unnormalised_weight(w[s] - top));
       total[h] = sum;
     }
     std::fill(acc.begin(), acc.end(), 0.f);

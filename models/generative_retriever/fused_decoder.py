@@ -34,6 +34,12 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
   row's history where it lies, and, where the products give fp32 (fp32 and int8), each residual
   update together with the layer norm after it (beam search's one-pass selection lives there
   too). Elsewhere (a GPU) the rows' histories are gathered for SDPA, and the norms are torch's;
+- attention probabilities that would be subnormal (under 1.2e-38: a score more than 87.3 under
+  its row's top, common in trained decoders) are zero, in the cross-attention
+  (:func:`flush_subnormal_`) and the C++ self-attention: a CPU multiplies subnormal operands
+  through a microcode assist, and with a tenth of them subnormal the cross-attention's update
+  product ran 20-25x slower, the whole search 1.6-1.7x (BENCHMARKS.md). Each dropped term is
+  below the sum's rounding;
 - in fp32 each sublayer's output product adds itself into the residual stream (``addmm_``,
   ``baddbmm_``: the GEMM's beta = 1), so no update is written and read back before the norm;
 - ``dtype`` bf16/fp16 casts the weights once, not at every op as ``autocast`` does; the residual
@@ -233,7 +239,7 @@ class FusedDecoder:
         scores, probs = (workspace.rows(name, rows, self.heads * length, float32, device).view(-1, beams, length)
                          for name in ("cross_scores", "cross_probs"))
         torch.bmm(per_head, keys_t, out=scores)
-        torch.softmax(scores, -1, out=probs)
+        flush_subnormal_(torch.softmax(scores, -1, out=probs))
         mixed = workspace.rows("cross_mixed", rows, self.inner, float32, device)
         torch.bmm(probs, values, out=mixed.view(-1, beams, self.d_kv))
         out.view(num_queries, beams, self.heads, self.d_kv).copy_(
@@ -284,7 +290,8 @@ class FusedDecoder:
         beams, length, float32, device = rows // num_queries, width // self.heads, torch.float32, normed.device
         scores, probs = (workspace.rows(name, rows, width, float32, device) for name in ("cross_scores", "cross_probs"))
         torch.bmm(normed.view(num_queries, beams, self.d_model), into_scores, out=scores.view(num_queries, beams, width))
-        torch.softmax(scores.view(rows, self.heads, length), -1, out=probs.view(rows, self.heads, length))
+        per_head = (rows, self.heads, length)
+        flush_subnormal_(torch.softmax(scores.view(per_head), -1, out=probs.view(per_head)))
         stream.view(num_queries, beams, self.d_model).baddbmm_(probs.view(num_queries, beams, width), out_of_values)
 
     @torch.inference_mode()  # decoding only; the C++ kernels read tensors that need no gradient
@@ -397,6 +404,21 @@ class FusedDecoder:
 # absorbed against q, attention and o: 1 row 2.6 / 0.8 ms, 3 rows 3.0 / 1.5, 8 rows 4.6 / 2.6,
 # 16 rows 5.0 / 4.9, 32 rows 5.8 / 9.0, 50 rows 7.2 / 14.6 (BENCHMARKS.md).
 ABSORBED_MIN_BEAMS = 16
+
+
+# The largest subnormal fp32: probabilities at or below it are flushed to zero (flush_subnormal_).
+_LARGEST_SUBNORMAL = float(torch.finfo(torch.float32).tiny) * (1 - 2.0 ** -23)
+
+
+def flush_subnormal_(probs: torch.Tensor) -> torch.Tensor:
+    """``probs`` (in place) with its subnormal values (under fp32's smallest normal, 1.2e-38) set
+    to zero. A CPU multiplies subnormal operands through a microcode assist: the product of
+    attention probabilities with 11 % of them subnormal ran 20-25x slower (BENCHMARKS.md), and
+    trained attention is that peaked (the demo's decoder: 2 % of its cross-attention
+    probabilities, score spreads up to 254). Each dropped term is under 1.2e-38 times a value, in
+    a sum whose largest weight is at least 1 / T: far below the sum's rounding. One pass, in place
+    (5 % of the product's time)."""
+    return F.threshold_(probs, _LARGEST_SUBNORMAL, 0.0)
 
 
 def cross_attention_absorbed(length: int, d_kv: int, dtype: torch.dtype, int8: bool, beams: int) -> bool:
