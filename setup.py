@@ -5,10 +5,11 @@ from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 from setuptools.errors import CompileError, LinkError
 
-# The decoding kernels split their rows with OpenMP. On Linux this links libgomp, and the one torch
-# ships is already loaded under that name when they are imported, so they share torch's threads
-# instead of competing with its spinning workers. Elsewhere, or with a compiler that cannot build
-# OpenMP (clang without libomp), they build without it and run serially.
+# The decoding kernels split their rows with OpenMP, and _fp_env sets the subnormal mode of each
+# OpenMP thread. On Linux this links libgomp, and the one torch ships is already loaded under that
+# name when they are imported, so they share torch's threads instead of competing with its
+# spinning workers. Elsewhere, or with a compiler that cannot build OpenMP (clang without libomp),
+# they build without it: the kernels run serially, and _fp_env sets the calling thread alone.
 OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 
 
@@ -24,6 +25,10 @@ class BuildWithOptionalOpenMP(build_ext):
         return super().build_extension(ext)
 
 
+def with_openmp(name: str, source: str) -> Pybind11Extension:
+    return Pybind11Extension(name, [source], cxx_std=17, extra_compile_args=["-O3", *OPENMP], extra_link_args=OPENMP)
+
+
 setup(
     cmdclass={"build_ext": BuildWithOptionalOpenMP},
     ext_modules=[
@@ -33,12 +38,8 @@ setup(
             cxx_std=17,
             extra_compile_args=["-O3"],
         ),
-        Pybind11Extension(
-            "genius.models.generative_retriever._decoder_kernels",
-            ["models/generative_retriever/decoder_kernels.cpp"],
-            cxx_std=17,
-            extra_compile_args=["-O3", *OPENMP],
-            extra_link_args=OPENMP,
-        ),
+        with_openmp("genius.common._fp_env", "common/fp_env.cpp"),
+        with_openmp("genius.models.generative_retriever._decoder_kernels",
+                    "models/generative_retriever/decoder_kernels.cpp"),
     ],
 )

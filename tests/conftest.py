@@ -131,3 +131,22 @@ def tiny_root_copy(finished_tiny_root: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "genius_root"
     shutil.copytree(finished_tiny_root, copy, symlinks=True)
     return copy
+
+
+@pytest.fixture
+def record_subnormal_mode(monkeypatch):
+    """``record(module, name)`` wraps the function ``module.name`` so that each call first records
+    whether every torch thread flushes subnormals then (``common/fp_env.py``); returns the list."""
+    from genius.common import fp_env
+
+    def record(module, name: str) -> list[bool]:
+        seen, real = [], getattr(module, name)
+
+        def recording(*args, **kwargs):
+            seen.append(fp_env.flushing_threads() == torch.get_num_threads())
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, recording)
+        return seen
+
+    return record

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from genius.common import fp_env
 from genius.common.checkpoint import CheckpointMismatchError
 from genius.common.config import load_config
 from genius.common.mbeir import MODALITY_CODE
@@ -239,6 +240,14 @@ def test_tiny_generator_learns_the_first_semantic_level(world):
     chunks = losses.reshape(4, -1).mean(axis=1)  # smoothed: means over 4 consecutive windows of 4 logs
     assert (np.diff(chunks) < 0).all(), chunks
     assert (path.parent / "config.yaml").is_file() and (path.parent / "done.json").is_file()
+
+
+def test_training_steps_run_with_subnormals_flushed_on_every_thread(world, record_subnormal_mode):
+    root, _ = world
+    flushing = record_subnormal_mode(train_gen, "train_step")
+    train_gen.train(gen_config(root, "flushed", epochs=1))
+    assert len(flushing) == 16 and all(flushing)
+    assert fp_env.flushing_threads() == 0  # and the mode is given back
 
 
 def test_killed_run_resumes_to_the_same_weights(world, monkeypatch):

@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 
+from genius.common import fp_env
 from genius.common.config import load_config
 from genius.common.store import StoreArrays, write_store
 from genius.models.residual_quantization import assign_codes, train
@@ -283,6 +284,15 @@ def test_learned_modality_mode_trains_and_encodes_without_modalities(tmp_path):
     assert model.encode(torch.nn.functional.normalize(torch.randn(4, DIM), dim=-1)).shape == (4, 3)
     summary = [json.loads(line) for line in (tmp_path / "rq" / "metrics.jsonl").read_text().splitlines()][-1]
     assert 0 <= summary["modality_accuracy"] <= 1
+
+
+def test_training_steps_run_with_subnormals_flushed_on_every_thread(tmp_path, record_subnormal_mode):
+    world = make_world(tmp_path, num_items=96)
+    train_yaml, _ = write_configs(tmp_path, world, epochs=1)
+    flushing = record_subnormal_mode(train, "optimise")
+    assert train.main(["--config", str(train_yaml)]) == 0
+    assert flushing and all(flushing)
+    assert fp_env.flushing_threads() == 0  # and the mode is given back
 
 
 def test_a_non_finite_loss_stops_training_with_a_clear_message(tmp_path):

@@ -38,6 +38,7 @@ from genius.common import training
 from genius.common.checkpoint import checkpoint_file, load_scaler_state, load_state_dict_strict, save_training_checkpoint
 from genius.common.config import config_to_dict, resolve_path
 from genius.common.mbeir import older_revision_twin
+from genius.common.fp_env import subnormals_flushed
 from genius.common.distributed import (
     DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, recheck_threads, seed_everything, wrap_ddp,
 )
@@ -239,30 +240,31 @@ def train(cfg: TrainGenConfig) -> Path:
             training.keep_metrics(out_dir / "metrics.jsonl", lambda r: r["step"] <= step)
         metrics, window = MetricsLog(out_dir / "metrics.jsonl", enabled=info.is_main), Window()
         record = {**training.checkpoint_record(run, info), "rq": rq_print}
-        for epoch in range(start_epoch, cfg.train.epochs):
-            train_mode(model, generator, cfg.optim.vision_lr_scale)
-            started, epoch_loss = time.monotonic(), EpochLoss()
-            batches = iterate_batches(pairs, queries, pool, batch_size=cfg.train.batch_size, epoch=epoch,
-                                      seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
-                                      positives=cfg.train.positives)
-            progress = Progress(steps_per_epoch, f"train-gen: epoch {epoch}", logger=log, end_line=False,
-                                enabled=info.is_main)
-            for batch in progress.wrap(batches):
-                if images is not None:
-                    batch["q_pixels"] = images(batch["q_row"].numpy())
-                recheck_threads()
-                loss, hits = train_step(model, rq, batch, optimizer, scheduler, scaler, cfg, info.device)
-                window.add(loss, hits)
-                progress.set_postfix(loss=loss.item)  # read only when a progress line shows it
-                step += 1
-                if step % cfg.train.log_every == 0 or step % steps_per_epoch == 0:
-                    metrics.write(epoch=epoch, step=step, lr=scheduler.get_last_lr()[0],
-                                  **epoch_loss.add(window.count, window.flush()))
-            if info.is_main:
-                log.info("train-gen: epoch %d: loss %.4f, exact match %.3f, %s", epoch, epoch_loss.loss,
-                         epoch_loss.exact_match, clock_time(time.monotonic() - started))
-            if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
-                save_checkpoint(out_dir, epoch, generator, optimizer, scheduler, scaler, record, info, cfg)
+        with subnormals_flushed(info.device):  # CPU training: see common/fp_env.py
+            for epoch in range(start_epoch, cfg.train.epochs):
+                train_mode(model, generator, cfg.optim.vision_lr_scale)
+                started, epoch_loss = time.monotonic(), EpochLoss()
+                batches = iterate_batches(pairs, queries, pool, batch_size=cfg.train.batch_size, epoch=epoch,
+                                          seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
+                                          positives=cfg.train.positives)
+                progress = Progress(steps_per_epoch, f"train-gen: epoch {epoch}", logger=log, end_line=False,
+                                    enabled=info.is_main)
+                for batch in progress.wrap(batches):
+                    if images is not None:
+                        batch["q_pixels"] = images(batch["q_row"].numpy())
+                    recheck_threads()
+                    loss, hits = train_step(model, rq, batch, optimizer, scheduler, scaler, cfg, info.device)
+                    window.add(loss, hits)
+                    progress.set_postfix(loss=loss.item)  # read only when a progress line shows it
+                    step += 1
+                    if step % cfg.train.log_every == 0 or step % steps_per_epoch == 0:
+                        metrics.write(epoch=epoch, step=step, lr=scheduler.get_last_lr()[0],
+                                      **epoch_loss.add(window.count, window.flush()))
+                if info.is_main:
+                    log.info("train-gen: epoch %d: loss %.4f, exact match %.3f, %s", epoch, epoch_loss.loss,
+                             epoch_loss.exact_match, clock_time(time.monotonic() - started))
+                if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
+                    save_checkpoint(out_dir, epoch, generator, optimizer, scheduler, scaler, record, info, cfg)
         final = out_dir / FINAL
         if info.is_main:
             fingerprint = save_generator(final, generator, config_to_dict(cfg), rq_print, run_key=key.as_dict())

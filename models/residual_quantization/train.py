@@ -45,6 +45,7 @@ from torch import nn
 from genius.common.checkpoint import load_scaler_state, load_state_dict_strict, save_training_checkpoint
 from genius.common.config import config_to_dict, resolve_path
 from genius.common.mbeir import older_revision_twin
+from genius.common.fp_env import subnormals_flushed
 from genius.common.distributed import (
     DistInfo,
     GatherGradient,
@@ -577,35 +578,36 @@ def _run_epochs(cfg: RQTrainConfig, data: TrainingData, t: Trainer, run, info: D
     labels = None if data.labels is None else data.labels.pool
     log.info("training on %d pairs, %d steps per epoch, epochs %d..%d", len(data.pairs), t.steps_per_epoch,
              t.start_epoch, tc.epochs - 1)
-    for epoch in range(t.start_epoch, tc.epochs):
-        started = time.monotonic()
-        tally = EpochTally(t.model.codebook_sizes, info.device, t.model.has_modality_level)
-        batches = iterate_batches(data.pairs, data.queries, data.pool, batch_size=tc.batch_size, epoch=epoch,
-                                  seed=tc.seed, rank=info.rank, world_size=info.world_size, positives=tc.positives,
-                                  labels=labels)
-        progress = Progress(t.steps_per_epoch, f"train-rq: epoch {epoch}", logger=log, end_line=False,
-                            enabled=info.is_main)
-        for step, batch in enumerate(progress.wrap(batches)):
-            recheck_threads()
-            losses = optimise(net, t, batch, tc, info.device, tally, epoch, step, heads)
-            progress.set_postfix(loss=losses["loss"].detach().item)  # read only when a progress line shows it
-            if step % tc.log_every == 0:  # the step's losses, read in one host sync
-                values = all_reduce_mean(torch.stack([v.detach().float() for v in losses.values()])).tolist()
-                metrics.write(epoch=epoch, step=epoch * t.steps_per_epoch + step, lr=t.scheduler.get_last_lr()[0],
-                              **dict(zip(losses, values)))
-        check_codebooks_in_sync(t.model.quantizer)
-        summary = tally.summary()
-        metrics.write(epoch=epoch, epoch_summary=True, **summary)
-        if info.is_main:
-            log_epoch(epoch, summary, time.monotonic() - started)
-        done = epoch + 1
-        stopping = tc.stop_after_epochs is not None and tc.stop_after_epochs <= done < tc.epochs
-        if done % tc.save_every == 0 or done == tc.epochs or stopping:
-            save_checkpoint(run_dir, done, t, record, info)
-        if stopping:
-            log.info("stopping after epoch %d as train.stop_after_epochs asks; re-run to resume", epoch)
-            barrier()
-            return None
+    with subnormals_flushed(info.device):  # CPU training: see common/fp_env.py
+        for epoch in range(t.start_epoch, tc.epochs):
+            started = time.monotonic()
+            tally = EpochTally(t.model.codebook_sizes, info.device, t.model.has_modality_level)
+            batches = iterate_batches(data.pairs, data.queries, data.pool, batch_size=tc.batch_size, epoch=epoch,
+                                      seed=tc.seed, rank=info.rank, world_size=info.world_size, positives=tc.positives,
+                                      labels=labels)
+            progress = Progress(t.steps_per_epoch, f"train-rq: epoch {epoch}", logger=log, end_line=False,
+                                enabled=info.is_main)
+            for step, batch in enumerate(progress.wrap(batches)):
+                recheck_threads()
+                losses = optimise(net, t, batch, tc, info.device, tally, epoch, step, heads)
+                progress.set_postfix(loss=losses["loss"].detach().item)  # read only when a progress line shows it
+                if step % tc.log_every == 0:  # the step's losses, read in one host sync
+                    values = all_reduce_mean(torch.stack([v.detach().float() for v in losses.values()])).tolist()
+                    metrics.write(epoch=epoch, step=epoch * t.steps_per_epoch + step, lr=t.scheduler.get_last_lr()[0],
+                                  **dict(zip(losses, values)))
+            check_codebooks_in_sync(t.model.quantizer)
+            summary = tally.summary()
+            metrics.write(epoch=epoch, epoch_summary=True, **summary)
+            if info.is_main:
+                log_epoch(epoch, summary, time.monotonic() - started)
+            done = epoch + 1
+            stopping = tc.stop_after_epochs is not None and tc.stop_after_epochs <= done < tc.epochs
+            if done % tc.save_every == 0 or done == tc.epochs or stopping:
+                save_checkpoint(run_dir, done, t, record, info)
+            if stopping:
+                log.info("stopping after epoch %d as train.stop_after_epochs asks; re-run to resume", epoch)
+                barrier()
+                return None
     if info.is_main:
         fingerprint = save_rq(run_dir / FINAL, t.model, config=config_to_dict(cfg), run_key=run.key.as_dict())
         log.info("wrote %s (fingerprint %s)", run_dir / FINAL, fingerprint[:12])

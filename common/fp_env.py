@@ -1,0 +1,66 @@
+"""CPU training with subnormal floats flushed to zero.
+
+A CPU multiplies and adds subnormal floats (under fp32's 1.2e-38) through a microcode assist, many
+times slower than normal ones. Training drives values into that range: a trained decoder's
+attention probabilities (the demo's generator: 2 % of its cross-attention's), and the gradients
+and Adam moments of weights a batch barely touches. The demo's train-gen steps slowed from 24 to
+47 ms over its 20 epochs; with subnormals flushed the stage ran 1.3-1.9x faster, to bit-identical
+weights (BENCHMARKS.md, section 7). :func:`subnormals_flushed` turns the CPU's flush-to-zero and
+denormals-are-zero mode on for a training loop, on every torch thread, and restores the mode
+after. Values under 1.2e-38 then read and write as 0; at that size they are far below the
+rounding of any sum they enter. A GPU computes subnormals at full speed and is left alone.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+
+import torch
+
+from genius.common.distributed import usable_cores
+
+
+@cache
+def _extension():
+    """The C++ mode switch (built with the package), or None with a warning once if it is not."""
+    try:
+        from genius.common import _fp_env
+    except ImportError:
+        warnings.warn("genius.common._fp_env is not built, so CPU training computes subnormal floats at the CPU's "
+                      "slow speed; reinstall the package (`pip install -e .` from the repository root)",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    return _fp_env if _fp_env.supported else None
+
+
+def flushing_threads(threads: int | None = None) -> int:
+    """How many of ``threads`` torch threads (default: all of them) flush subnormals (0 where the
+    mode cannot be set)."""
+    extension = _extension()
+    return extension.flushing_threads(threads or torch.get_num_threads()) if extension else 0
+
+
+@contextmanager
+def subnormals_flushed(device: torch.device) -> Iterator[None]:
+    """On a CPU, every torch thread flushes subnormals to zero inside the block. After it the
+    threads compute subnormals again, and the calling thread gets its earlier mode back
+    (``torch.set_flush_denormal`` sets the calling thread's alone). The mode is set on as many threads as torch uses
+    or the process has cores, whichever is more: the thread policy
+    (:func:`~genius.common.distributed.recheck_threads`) moves between those counts, and a thread
+    the pool starts later inherits the mode from the calling thread, which starts it. Elsewhere (a
+    GPU, or no C++ switch) nothing changes."""
+    extension = _extension() if torch.device(device).type == "cpu" else None
+    if extension is None:
+        yield
+        return
+    before = extension.flushing_threads(1) == 1  # the calling thread's mode
+    threads = max(torch.get_num_threads(), usable_cores())
+    extension.set_flush_subnormal(True, threads)
+    try:
+        yield
+    finally:
+        extension.set_flush_subnormal(False, max(threads, torch.get_num_threads()))
+        if before:
+            extension.set_flush_subnormal(True, 1)

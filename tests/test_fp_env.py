@@ -1,0 +1,69 @@
+"""CPU training's subnormal mode: inside ``subnormals_flushed`` every torch thread reads and writes
+subnormal floats as zero, and each gets the calling thread's earlier mode back after it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from genius.common import fp_env
+
+TINY = torch.finfo(torch.float32).tiny
+ROWS = 1 << 21  # large enough that torch splits an element-wise op between its threads
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def subnormal_results(x: torch.Tensor) -> int:
+    """How many of 1e-30 x 1e-10 (a subnormal 1e-40) come out nonzero, over every thread's share."""
+    return int((x * 1e-10).count_nonzero())
+
+
+def subnormal_inputs_read(y: torch.Tensor) -> int:
+    """How many subnormal inputs 1e-40 survive x 1.0 (denormals-are-zero reads them as 0)."""
+    return int((y * 1.0).count_nonzero())
+
+
+def test_every_thread_flushes_inside_and_the_mode_is_restored_after(two_threads):
+    x, y = torch.full((ROWS,), 1e-30), torch.full((ROWS,), 1e-40)
+    assert 0 < y[0] < TINY and subnormal_results(x) == ROWS == subnormal_inputs_read(y)
+    assert fp_env.flushing_threads(2) == 0
+    normal = x * 1e-5
+    with fp_env.subnormals_flushed(torch.device("cpu")):
+        assert fp_env.flushing_threads(2) == 2
+        assert subnormal_results(x) == 0  # written as zero by both threads
+        assert subnormal_inputs_read(y) == 0  # and read as zero
+        assert torch.equal(x * 1e-5, normal)  # normal numbers are untouched
+    assert fp_env.flushing_threads(2) == 0
+    assert subnormal_results(x) == ROWS == subnormal_inputs_read(y)
+
+
+def test_threads_the_pool_starts_inside_inherit_the_mode(two_threads):
+    with fp_env.subnormals_flushed(torch.device("cpu")):
+        torch.set_num_threads(3)  # more than the two it was set on, unless the machine has more cores
+        assert fp_env.flushing_threads(3) == 3
+        assert subnormal_results(torch.full((ROWS,), 1e-30)) == 0
+    assert fp_env.flushing_threads(3) == 0
+
+
+def test_an_earlier_flushing_mode_of_the_calling_thread_is_kept(two_threads):
+    assert torch.set_flush_denormal(True)  # torch's own switch: the calling thread only
+    try:
+        assert fp_env.flushing_threads(2) == 1
+        with fp_env.subnormals_flushed(torch.device("cpu")):
+            assert fp_env.flushing_threads(2) == 2
+        assert fp_env.flushing_threads(2) == 1 == fp_env.flushing_threads(1)  # the calling thread's, as before
+    finally:
+        torch.set_flush_denormal(False)
+    assert fp_env.flushing_threads(2) == 0
+
+
+def test_a_gpu_run_leaves_the_cpu_mode_alone(two_threads):
+    with fp_env.subnormals_flushed(torch.device("cuda")):
+        assert fp_env.flushing_threads(2) == 0
+        assert subnormal_results(torch.full((ROWS,), 1e-30)) == ROWS
