@@ -43,9 +43,9 @@ def test_every_thread_flushes_inside_and_the_mode_is_restored_after(two_threads)
     assert subnormal_results(x) == ROWS == subnormal_inputs_read(y)
 
 
-def test_threads_the_pool_starts_inside_inherit_the_mode(two_threads):
+def test_threads_added_inside_the_block_flush_too(two_threads):
     with fp_env.subnormals_flushed(torch.device("cpu")):
-        torch.set_num_threads(3)  # more than the two it was set on, unless the machine has more cores
+        torch.set_num_threads(3)  # a third thread: set at entry on a machine of 3+ cores, else it inherits
         assert fp_env.flushing_threads(3) == 3
         assert subnormal_results(torch.full((ROWS,), 1e-30)) == 0
     assert fp_env.flushing_threads(3) == 0

@@ -10,6 +10,7 @@ from genius.models.generative_retriever.fused_decoder import (
     ABSORBED_MIN_BEAMS,
     FusedDecoder,
     Workspace,
+    flush_subnormal_,
     keep_freed_memory,
 )
 from genius.models.generative_retriever.generator import IDGenerator, make_arch
@@ -119,6 +120,15 @@ def test_peaked_attention_flushes_subnormal_probabilities_and_still_equals_the_d
         paths = torch.cat([paths[parents], tokens[:, None]], dim=1)
         rows_per_query = beams
     assert subnormal_before_flush > 0  # the case arose
+
+
+def test_flush_subnormal_zeroes_subnormals_alone_and_keeps_nan():
+    tiny = torch.finfo(torch.float32).tiny
+    probs = torch.tensor([0.0, tiny / 2, tiny * (1 - 2 ** -23), tiny, 1e-30, 0.5, 1.0, float("nan")])
+    out = flush_subnormal_(probs)
+    assert out.data_ptr() == probs.data_ptr()  # in place
+    torch.testing.assert_close(out, torch.tensor([0.0, 0.0, 0.0, tiny, 1e-30, 0.5, 1.0, float("nan")]), rtol=0, atol=0,
+                               equal_nan=True)
 
 
 def test_steps_run_on_inputs_that_carry_gradients():

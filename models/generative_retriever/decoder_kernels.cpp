@@ -98,9 +98,9 @@ inline float dot(const float* a, const T* b, int64_t n) {
 // a score more than 87.3 under the row's top): the CPU multiplies subnormal operands through a
 // microcode assist (a product with a tenth of its operands subnormal ran 20-25x slower,
 // BENCHMARKS.md), and trained attention is that peaked often enough (the demo's decoder: 2 % of
-// its cross-attention weights).
-// What is dropped is under 1.2e-38 of the top weight's 1. -88 lies below log(FLT_MIN), so every
-// normal weight is still computed, and expf's underflow path is never taken.
+// its cross-attention weights). What is dropped is under 1.2e-38 of the top weight's 1. -88 lies
+// below log(FLT_MIN), so every normal weight is still computed, and expf's underflow path is never
+// taken. A NaN score stays NaN.
 inline float unnormalised_weight(float score_below_top) {
   if (score_below_top < -88.f) return 0.f;
   const float weight = std::exp(score_below_top);
