@@ -6,8 +6,8 @@ attention probabilities (the demo's generator: 2 % of its cross-attention's), an
 and Adam moments of weights a batch barely touches. The demo's train-gen steps slowed from 24 to
 47 ms over its 20 epochs; with subnormals flushed the stage ran 1.3-1.9x faster, to bit-identical
 weights (BENCHMARKS.md, section 7). :func:`subnormals_flushed` turns the CPU's flush-to-zero and
-denormals-are-zero mode on for a training loop, on every torch thread, and restores the mode
-after. Values under 1.2e-38 then read and write as 0; at that size they are far below the
+denormals-are-zero mode on for a training loop (train-rq's and train-gen's; train-clip gained
+nothing from it), on every torch thread, and restores the mode after. Values under 1.2e-38 then read and write as 0; at that size they are far below the
 rounding of any sum they enter. A GPU computes subnormals at full speed and is left alone.
 """
 from __future__ import annotations

@@ -48,7 +48,6 @@ from genius.common.checkpoint import (
 )
 from genius.common.config import config_to_dict, resolve_path
 from genius.common.plots import plot_training_curves
-from genius.common.fp_env import subnormals_flushed
 from genius.common.distributed import (
     all_gather_with_grad,
     all_reduce_mean,
@@ -461,16 +460,15 @@ def _train_run(cfg: TrainClipConfig, dist, data: PairData, run) -> Path:
             remove_step_checkpoints(run_dir, keep=path)
         barrier()
 
-    with subnormals_flushed(dist.device):  # CPU training: see common/fp_env.py
-        for epoch in range(start_epoch, cfg.optim.epochs):
-            sampler.set_epoch(epoch, skip if epoch == start_epoch else 0)
-            stats = run_epoch(ddp, model, loader, optimizer, scheduler, scaler, use_fp16, cfg, dist, epoch, metrics,
-                              first_step=sampler.skip, save_step=lambda step, epoch=epoch: save(epoch, step))
-            metrics.write(epoch=epoch, **stats)
-            log.info("train-clip: epoch %d: loss %.4f, in-batch accuracy %.3f, %s", epoch, stats["loss"],
-                     stats["accuracy"], clock_time(stats["seconds"]))
-            if (epoch + 1) % cfg.output.save_every_epochs == 0 or epoch + 1 == cfg.optim.epochs:
-                save(epoch)
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        sampler.set_epoch(epoch, skip if epoch == start_epoch else 0)
+        stats = run_epoch(ddp, model, loader, optimizer, scheduler, scaler, use_fp16, cfg, dist, epoch, metrics,
+                          first_step=sampler.skip, save_step=lambda step, epoch=epoch: save(epoch, step))
+        metrics.write(epoch=epoch, **stats)
+        log.info("train-clip: epoch %d: loss %.4f, in-batch accuracy %.3f, %s", epoch, stats["loss"],
+                 stats["accuracy"], clock_time(stats["seconds"]))
+        if (epoch + 1) % cfg.output.save_every_epochs == 0 or epoch + 1 == cfg.optim.epochs:
+            save(epoch)
     final = run_dir / FINAL_NAME
     if dist.is_main:
         save_own_checkpoint(own_checkpoint(model.clip, model_name, arch, run_key=run.key.as_dict(),

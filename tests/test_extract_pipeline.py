@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from genius.common import fp_env
 from genius.common.checkpoint import load_own_checkpoint, save_own_checkpoint
 from genius.common.config import load_config
 from genius.common.distributed import seed_everything
@@ -238,17 +237,6 @@ def test_the_tiny_clip_sf_learns_beyond_chance(finished_tiny_root):
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_own_checkpoint(path)["model"]
-
-
-def test_training_steps_run_with_subnormals_flushed_on_every_thread(world, tmp_path, record_subnormal_mode):
-    subset = tmp_path / "train_queries.jsonl"
-    lines = (world / "query/union_train/mbeir_union_up_train.jsonl").read_text().splitlines(keepends=True)
-    subset.write_text("".join(lines[:64]))
-    flushing = record_subnormal_mode(train_clip, "contrastive_loss")
-    assert train_clip.main(train_args(world, tmp_path / "run", "optim.epochs=1", "optim.warmup_steps=0",
-                                      f"data.train_queries={subset}", "optim.batch_size=32")) == 0
-    assert len(flushing) == 2 and all(flushing)
-    assert fp_env.flushing_threads() == 0  # and the mode is given back
 
 
 def test_training_resumes_exactly_and_two_processes_match_one(world, tmp_path, monkeypatch):
