@@ -9,7 +9,7 @@ multiplies subnormal operands through a microcode assist. This measures, side by
   [Q, B, heads * T] with the absorbed values [Q, heads * T, d_model], the paper's shape), once with
   softmax probabilities of scores drawn with standard deviation ``--score-std`` (some subnormal),
   once with the same probabilities flushed (``flush_subnormal_``, what the decoder does), and the
-  flush's own pass;
+  flush's own pass (timed with the copy that restores its input);
 - **the search**: the paper-shaped decoder with every attention's q weights scaled by each
   ``--sharpness`` (1: the random init), a 64-query search at 50 beams over a pool of ``--pool``
   random IDs, best of ``--repeats`` (the sharpnesses' order alternating between repeats), with the
@@ -55,11 +55,11 @@ def measure_product(args) -> list[dict]:
     values = torch.randn(queries, width, args.d_model, generator=gen)
     stream = torch.zeros(queries, beams, args.d_model)
     copied = torch.empty_like(probs)
-    times = {"subnormal kept": [], "flushed": [], "flush pass": []}
+    times = {"subnormal kept": [], "flushed": [], "copy + flush pass": []}
     for _ in range(args.repeats):  # alternated, so a slow spell of the shared cores falls on both
         times["subnormal kept"].append(best_seconds(lambda: stream.baddbmm_(probs, values), 3))
         times["flushed"].append(best_seconds(lambda: stream.baddbmm_(flushed, values), 3))
-        times["flush pass"].append(best_seconds(lambda: flush_subnormal_(copied.copy_(probs)), 3))
+        times["copy + flush pass"].append(best_seconds(lambda: flush_subnormal_(copied.copy_(probs)), 3))
     best = {key: min(value) for key, value in times.items()}
     setting = f"[{queries}, {beams}, {width}] x [{width}, {args.d_model}], scores std {args.score_std:g}"
     return [{"what": f"update product, {key}", "setting": setting,

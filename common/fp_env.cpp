@@ -10,6 +10,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <string>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>

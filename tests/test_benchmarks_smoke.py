@@ -214,7 +214,7 @@ def test_peaked_attention_times_the_product_with_and_without_subnormals_and_the_
                                   "6", "--repeats", "1", "--sharpness", "1", "40", "--out", str(out)]) == 0
     rows = read_rows(out.with_suffix(".csv"))
     assert [r["what"] for r in rows] == ["update product, subnormal kept", "update product, flushed",
-                                         "update product, flush pass", "search", "search"]
+                                         "update product, copy + flush pass", "search", "search"]
     share = {r["what"]: float(r["subnormal_share"]) for r in rows[:2]}
     assert share["update product, subnormal kept"] > 0.01 and share["update product, flushed"] == 0
     assert all(float(r["ms"]) > 0 for r in rows) and float(rows[1]["relative"]) == 1.0

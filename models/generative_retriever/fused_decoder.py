@@ -417,7 +417,7 @@ def flush_subnormal_(probs: torch.Tensor) -> torch.Tensor:
     trained attention is that peaked (the demo's decoder: 2 % of its cross-attention
     probabilities, score spreads up to 254). Each dropped term is under 1.2e-38 times a value, in
     a sum whose largest weight is at least 1 / T: far below the sum's rounding. One pass, in place
-    (5 % of the product's time)."""
+    (at most 5 % of the product's time)."""
     return F.threshold_(probs, _LARGEST_SUBNORMAL, 0.0)
 
 
