@@ -7,8 +7,9 @@ and Adam moments of weights a batch barely touches. The demo's train-gen steps s
 47 ms over its 20 epochs; with subnormals flushed the stage ran 1.3-1.9x faster, to bit-identical
 weights (BENCHMARKS.md, section 7). :func:`subnormals_flushed` turns the CPU's flush-to-zero and
 denormals-are-zero mode on for a training loop (train-rq's and train-gen's; train-clip gained
-nothing from it), on every torch thread, and restores the mode after. Values under 1.2e-38 then read and write as 0; at that size they are far below the
-rounding of any sum they enter. A GPU computes subnormals at full speed and is left alone.
+nothing from it), on every torch thread, and restores the mode after. Values under 1.2e-38 then
+read and write as 0; at that size they are far below the rounding of any sum they enter. A GPU
+computes subnormals at full speed and is left alone.
 """
 from __future__ import annotations
 
@@ -46,8 +47,8 @@ def flushing_threads(threads: int | None = None) -> int:
 def subnormals_flushed(device: torch.device) -> Iterator[None]:
     """On a CPU, every torch thread flushes subnormals to zero inside the block. After it the
     threads compute subnormals again, and the calling thread gets its earlier mode back
-    (``torch.set_flush_denormal`` sets the calling thread's alone). The mode is set on as many threads as torch uses
-    or the process has cores, whichever is more: the thread policy
+    (``torch.set_flush_denormal`` sets the calling thread's alone). The mode is set on as many
+    threads as torch uses or the process has cores, whichever is more: the thread policy
     (:func:`~genius.common.distributed.recheck_threads`) moves between those counts, and a thread
     the pool starts later inherits the mode from the calling thread, which starts it. Elsewhere (a
     GPU, or no C++ switch) nothing changes."""
