@@ -722,11 +722,13 @@ def plot(rows: list[dict], methods: list[str], path: Path, title: str) -> None:
     plot_lines(path, series, title, "pool size (IDs / vectors)", "queries per second")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", nargs="+", type=float, default=[1e3, 1e4, 1e5, 1e6, 1e7])
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    shape = p.add_argument_group("generator shape (paper size by default)")
+SHAPE_FLAGS = ("levels", "codebook", "dim", "d_model", "layers", "heads", "d_ff", "prefix", "beams")
+
+
+def add_generator_shape(parser: argparse.ArgumentParser) -> None:
+    """The searched generator's shape and beams as flags (``SHAPE_FLAGS``; the paper's by default),
+    read by :func:`build_generator` and :func:`codebook_sizes`."""
+    shape = parser.add_argument_group("generator shape (paper size by default)")
     shape.add_argument("--levels", type=int, default=9)
     shape.add_argument("--codebook", type=int, default=4096)
     shape.add_argument("--dim", type=int, default=768, help="query / dense embedding width")
@@ -736,6 +738,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     shape.add_argument("--d-ff", type=int, default=2048)
     shape.add_argument("--prefix", type=int, default=30)
     shape.add_argument("--beams", type=int, default=50)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", nargs="+", type=float, default=[1e3, 1e4, 1e5, 1e6, 1e7])
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    add_generator_shape(p)
     p.add_argument("--genius-queries", type=int, default=32)
     p.add_argument("--genius-batch", type=int, default=16)
     p.add_argument("--generate-queries", type=int, default=8)

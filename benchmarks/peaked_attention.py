@@ -81,14 +81,10 @@ def sharpened(generator, factor: float):
 def measure_search(args) -> list[dict]:
     from genius.models.generative_retriever.beam_search import constrained_beam_search, prepare_decoder
 
-    shape = decode_vs_pool.parse_args([
-        "--levels", str(args.levels), "--codebook", str(args.codebook), "--d-model", str(args.d_model),
-        "--layers", str(args.layers), "--heads", str(args.heads), "--d-ff", str(args.d_ff), "--prefix",
-        str(args.prefix), "--beams", str(args.beams)])
     torch.manual_seed(args.seed)
-    base = decode_vs_pool.build_generator(shape)
+    base = decode_vs_pool.build_generator(args)
     pool = decode_vs_pool.build_pool(int(args.pool), base.codebook_sizes, args.seed)
-    z = decode_vs_pool.query_vectors(args.queries, shape.dim, args.seed)
+    z = decode_vs_pool.query_vectors(args.queries, args.dim, args.seed)
     searches, shares = {}, {}
     for factor in args.sharpness:
         generator = sharpened(base, factor)
@@ -136,18 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--score-std", type=float, default=30.0, help="the product's synthetic scores' standard deviation")
     p.add_argument("--pool", type=float, default=1e5)
     p.add_argument("--queries", type=int, default=64)
-    p.add_argument("--beams", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    shape = p.add_argument_group("generator shape (paper size by default)")
-    for name, default in (("levels", 9), ("codebook", 4096), ("d-model", 512), ("layers", 6), ("heads", 8),
-                          ("d-ff", 2048), ("prefix", 30)):
-        shape.add_argument(f"--{name}", type=int, default=default)
+    decode_vs_pool.add_generator_shape(p)
     p.add_argument("--out", type=Path, default=OUT_DIR / "peaked_attention")
     args = p.parse_args(argv)
-    for name in ("pool", "queries", "beams", "repeats", "threads", "levels", "codebook", "d_model", "layers",
-                 "heads", "d_ff", "prefix", "score_std"):
+    for name in ("pool", "queries", "repeats", "threads", "score_std", *decode_vs_pool.SHAPE_FLAGS):
         if getattr(args, name) <= 0:
             p.exit(2, f"{p.prog}: error: --{name.replace('_', '-')} {getattr(args, name)} is out of range: pass > 0\n")
     if min(args.sharpness) <= 0:
