@@ -14,18 +14,24 @@ multiplies subnormal operands through a microcode assist. This measures, side by
   ``--sharpness`` (1: the random init), a 64-query search at 50 beams over a pool of ``--pool``
   random IDs, best of ``--repeats`` (the sharpnesses' order alternating between repeats), with the
   share of the cross-attention's probabilities that came out of the softmax subnormal. Its time
-  relative to sharpness 1 is what peaked attention costs.
+  relative to sharpness 1 is what peaked attention costs;
+- **the search with a confident head**: the same decoder with its final norm's weights scaled by
+  each ``--head-sharpness`` (the logits scale with it, as a confidently trained head's spread), so
+  that some of the level log-softmax's exponentials are subnormal (the log-softmax is torch's, not
+  flushed; its subnormal terms vanish in a sum of at least 1, so they move no score).
 
 ``subnormal_share`` is that of the probabilities each row's product reads (the flush pass: of its
-input; the search: of the cross-attention's softmax outputs, before their flush). Writes
+input; the search: of the cross-attention's softmax outputs, before their flush; the search with a
+confident head: of the level log-softmax's exponentials). Writes
 benchmarks/out/peaked_attention.{csv,md}.
 
-    bash benchmarks/run_peaked_attention.sh [--sharpness 1 10 30] [--pool 1e5] [--repeats 3]
+    bash benchmarks/run_peaked_attention.sh [--sharpness 1 10 30] [--head-sharpness 20] [--pool 1e5]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 import time
 from pathlib import Path
@@ -36,6 +42,8 @@ from genius.benchmarks import decode_vs_pool
 from genius.benchmarks.common import OUT_DIR, best_seconds, write_results
 
 TINY = torch.finfo(torch.float32).tiny
+# the logarithms whose exponentials are subnormal: between those of the smallest subnormal and of TINY
+LOG_SMALLEST, LOG_TINY = math.log(2.0 ** -149), math.log(TINY)
 COLUMNS = ["what", "setting", "subnormal_share", "ms", "relative"]
 
 
@@ -67,14 +75,16 @@ def measure_product(args) -> list[dict]:
              "relative": seconds / best["flushed"]} for key, seconds in best.items()]
 
 
-def sharpened(generator, factor: float):
-    """A copy of ``generator`` with every attention's q weights (self and cross) times ``factor``:
-    the scores scale with it, as a trained decoder's peaked attention does."""
+def sharpened(generator, factor: float, head: float = 1.0):
+    """A copy of ``generator`` with every attention's q weights (self and cross) times ``factor``
+    and its final norm's weights times ``head``: the attention scores and the logits scale with
+    them, as a trained decoder's peaked attention and confident head do."""
     copy_ = copy.deepcopy(generator)
     with torch.no_grad():
         for block in copy_.t5.decoder.block:
             block.layer[0].SelfAttention.q.weight.mul_(factor)
             block.layer[1].EncDecAttention.q.weight.mul_(factor)
+        copy_.t5.decoder.final_layer_norm.weight.mul_(head)
     return copy_
 
 
@@ -85,50 +95,66 @@ def measure_search(args) -> list[dict]:
     base = decode_vs_pool.build_generator(args)
     pool = decode_vs_pool.build_pool(int(args.pool), base.codebook_sizes, args.seed)
     z = decode_vs_pool.query_vectors(args.queries, args.dim, args.seed)
+    # (q factor, head factor): the q sharpnesses, then each head sharpness with q unscaled
+    settings = list(dict.fromkeys([(factor, 1.0) for factor in args.sharpness]
+                                  + [(1.0, head) for head in args.head_sharpness]))
     searches, shares = {}, {}
-    for factor in args.sharpness:
-        generator = sharpened(base, factor)
+    for setting in settings:
+        generator = sharpened(base, *setting)
         decoder = prepare_decoder(generator, torch.device("cpu"), False, False)
-        searches[factor] = (lambda g=generator, d=decoder: constrained_beam_search(
+        searches[setting] = (lambda g=generator, d=decoder: constrained_beam_search(
             g, z, pool.trie, g.codebook_sizes, num_beams=args.beams, batch_size=args.queries, decoder=d))
-        shares[factor] = probed_share(searches[factor])
-    best = {factor: float("inf") for factor in args.sharpness}
+        shares[setting] = probed_shares(searches[setting])
+    best = {setting: float("inf") for setting in settings}
     for repeat in range(args.repeats):
-        order = args.sharpness if repeat % 2 == 0 else args.sharpness[::-1]
-        for factor in order:
+        for setting in settings if repeat % 2 == 0 else settings[::-1]:
             start = time.perf_counter()
-            searches[factor]()
-            best[factor] = min(best[factor], time.perf_counter() - start)
-    first = best[args.sharpness[0]]
-    return [{"what": "search", "setting": f"q x {factor:g}, {args.queries} queries, {args.beams} beams, "
-                                          f"{int(args.pool)} IDs",
-             "subnormal_share": shares[factor], "ms": 1e3 * best[factor], "relative": best[factor] / first}
-            for factor in args.sharpness]
+            searches[setting]()
+            best[setting] = min(best[setting], time.perf_counter() - start)
+    first = best[settings[0]]
+    shape = f"{args.queries} queries, {args.beams} beams, {int(args.pool)} IDs"
+    rows = [{"what": "search", "setting": f"q x {factor:g}, {shape}", "subnormal_share": shares[factor, 1.0]["cross"],
+             "ms": 1e3 * best[factor, 1.0], "relative": best[factor, 1.0] / first} for factor in args.sharpness]
+    return rows + [{"what": "search, head scaled", "setting": f"head x {head:g}, {shape}",
+                    "subnormal_share": shares[1.0, head]["head"], "ms": 1e3 * best[1.0, head],
+                    "relative": best[1.0, head] / first} for head in args.head_sharpness]
 
 
-def probed_share(search) -> float:
-    """One untimed search (also its warm-up), counting the softmax outputs that are subnormal: the
-    decoder's cross-attention probabilities before their flush (its one ``torch.softmax``)."""
-    counts, softmax = [0, 0], torch.softmax
+def probed_shares(search) -> dict[str, float]:
+    """One untimed search (also its warm-up), counting subnormal values: ``cross``, the decoder's
+    cross-attention probabilities before their flush (its one ``torch.softmax``); ``head``, the
+    exponentials of the level log-softmax's outputs (``torch.log_softmax``, as
+    ``IDGenerator.level_log_probs`` calls it in a search)."""
+    counts = {"cross": [0, 0], "head": [0, 0]}
+    softmax, log_softmax = torch.softmax, torch.log_softmax
 
-    def counting(x, dim, *rest, **kwargs):
+    def counting_softmax(x, dim, *rest, **kwargs):
         out = softmax(x, dim, *rest, **kwargs)
-        counts[0] += int(((out > 0) & (out < TINY)).sum())
-        counts[1] += out.numel()
+        counts["cross"][0] += int(((out > 0) & (out < TINY)).sum())
+        counts["cross"][1] += out.numel()
         return out
 
-    torch.softmax = counting
+    def counting_log_softmax(x, dim, *rest, **kwargs):
+        out = log_softmax(x, dim, *rest, **kwargs)
+        # from the logarithms: the search may run this with subnormals flushed, exp() included
+        counts["head"][0] += int(((out > LOG_SMALLEST) & (out < LOG_TINY)).sum())
+        counts["head"][1] += out.numel()
+        return out
+
+    torch.softmax, torch.log_softmax = counting_softmax, counting_log_softmax
     try:
         search()
     finally:
-        torch.softmax = softmax
-    return counts[0] / max(1, counts[1])
+        torch.softmax, torch.log_softmax = softmax, log_softmax
+    return {name: hits / max(1, total) for name, (hits, total) in counts.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sharpness", nargs="+", type=float, default=[1.0, 10.0, 30.0],
                    help="factors on the q weights; the first is the reference")
+    p.add_argument("--head-sharpness", nargs="*", type=float, default=[20.0],
+                   help="factors on the final norm's weights (the logits), each searched with q unscaled")
     p.add_argument("--score-std", type=float, default=30.0, help="the product's synthetic scores' standard deviation")
     p.add_argument("--pool", type=float, default=1e5)
     p.add_argument("--queries", type=int, default=64)
@@ -141,14 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("pool", "queries", "repeats", "threads", "score_std", *decode_vs_pool.SHAPE_FLAGS):
         if getattr(args, name) <= 0:
             p.exit(2, f"{p.prog}: error: --{name.replace('_', '-')} {getattr(args, name)} is out of range: pass > 0\n")
-    if min(args.sharpness) <= 0:
-        p.exit(2, f"{p.prog}: error: --sharpness {args.sharpness} is out of range: pass factors > 0\n")
+    for name in ("sharpness", "head_sharpness"):
+        if min(getattr(args, name), default=1.0) <= 0:
+            p.exit(2, f"{p.prog}: error: --{name.replace('_', '-')} {getattr(args, name)} is out of range: "
+                      "pass factors > 0\n")
     if args.d_model % args.heads:
         p.exit(2, f"{p.prog}: error: --d-model {args.d_model} is not a multiple of --heads {args.heads}\n")
     torch.set_num_threads(args.threads)
     rows = measure_product(args) + measure_search(args)
     write_results(args.out, "Peaked attention: the update product with and without subnormal probabilities, and the "
-                            f"search with its q weights scaled ({args.threads} thread(s), best of {args.repeats})",
+                            "search with its q weights or its logits scaled "
+                            f"({args.threads} thread(s), best of {args.repeats})",
                   rows, COLUMNS)
     return 0
 

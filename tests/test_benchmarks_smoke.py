@@ -211,16 +211,19 @@ def test_peaked_attention_times_the_product_with_and_without_subnormals_and_the_
     out = tmp_path / "peaked"
     assert peaked_attention.main(["--pool", "500", "--queries", "4", "--beams", "5", "--levels", "4", "--codebook",
                                   "16", "--d-model", "32", "--layers", "2", "--heads", "4", "--d-ff", "64", "--prefix",
-                                  "6", "--repeats", "1", "--sharpness", "1", "40", "--out", str(out)]) == 0
+                                  "6", "--repeats", "1", "--sharpness", "1", "40", "--head-sharpness", "40", "--out",
+                                  str(out)]) == 0
     rows = read_rows(out.with_suffix(".csv"))
     assert [r["what"] for r in rows] == ["update product, subnormal kept", "update product, flushed",
-                                         "update product, copy + flush pass", "search", "search"]
+                                         "update product, copy + flush pass", "search", "search", "search, head scaled"]
     share = {r["what"]: float(r["subnormal_share"]) for r in rows[:2]}
     assert share["update product, subnormal kept"] > 0.01 and share["update product, flushed"] == 0
     assert all(float(r["ms"]) > 0 for r in rows) and float(rows[1]["relative"]) == 1.0
     # the search's q weights scaled 40x make some cross-attention probabilities subnormal; unscaled none are
     assert float(rows[3]["subnormal_share"]) == 0 < float(rows[4]["subnormal_share"])
     assert float(rows[3]["relative"]) == 1.0 and "q x 40" in rows[4]["setting"]
+    # logits scaled 40x put some of the level log-softmax's exponentials among the subnormals
+    assert "head x 40" in rows[5]["setting"] and float(rows[5]["subnormal_share"]) > 0
     assert "| search |" in out.with_suffix(".md").read_text()
 
 
@@ -230,3 +233,6 @@ def test_peaked_attention_refuses_out_of_range_settings(capsys):
     with pytest.raises(SystemExit) as exit_:
         peaked_attention.main(["--sharpness", "1", "0"])
     assert exit_.value.code == 2 and "--sharpness" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        peaked_attention.main(["--head-sharpness", "-2"])
+    assert exit_.value.code == 2 and "--head-sharpness [-2.0] is out of range" in capsys.readouterr().err
