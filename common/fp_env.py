@@ -7,12 +7,13 @@ and Adam moments of weights a batch barely touches. The demo's train-gen steps s
 47 ms over its 20 epochs; with subnormals flushed the stage ran 1.3-1.9x faster, to bit-identical
 weights (BENCHMARKS.md, section 7). :func:`subnormals_flushed` turns the CPU's flush-to-zero and
 denormals-are-zero mode on for a training loop (train-rq's and train-gen's; train-clip gained
-nothing from it), on every torch thread, and restores the mode after. Values under 1.2e-38 then
-read and write as 0; at that size they are far below the rounding of any sum they enter. A GPU
-computes subnormals at full speed and is left alone.
+nothing from it) and for decoding's level log-softmax, on every torch thread, and restores the
+mode after. Values under 1.2e-38 then read and write as 0; at that size they are far below the
+rounding of any sum they enter. A GPU computes subnormals at full speed and is left alone.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +44,11 @@ def flushing_threads(threads: int | None = None) -> int:
     return extension.flushing_threads(threads or torch.get_num_threads()) if extension else 0
 
 
+# How many subnormals_flushed blocks each Python thread is inside: a thread's torch ops run on its
+# own OpenMP team, so the mode is per Python thread, and only its outermost block clears it.
+_blocks = threading.local()
+
+
 @contextmanager
 def subnormals_flushed(device: torch.device) -> Iterator[None]:
     """On a CPU, every torch thread flushes subnormals to zero inside the block. After it the
@@ -50,18 +56,23 @@ def subnormals_flushed(device: torch.device) -> Iterator[None]:
     (``torch.set_flush_denormal`` sets the calling thread's alone). The mode is set on as many
     threads as torch uses or the process has cores, whichever is more: the thread policy
     (:func:`~genius.common.distributed.recheck_threads`) moves between those counts, and a thread
-    the pool starts later inherits the mode from the calling thread, which starts it. Elsewhere (a
-    GPU, or no C++ switch) nothing changes."""
+    the pool starts later inherits the mode from the calling thread, which starts it. A block
+    inside another (a search's log-softmax inside a training loop) leaves the mode on after it.
+    Elsewhere (a GPU, or no C++ switch) nothing changes."""
     extension = _extension() if torch.device(device).type == "cpu" else None
     if extension is None:
         yield
         return
-    before = extension.flushing_threads(1) == 1  # the calling thread's mode
+    outermost = getattr(_blocks, "depth", 0) == 0
+    before = outermost and extension.flushing_threads(1) == 1  # the calling thread's mode
     threads = max(torch.get_num_threads(), usable_cores())
-    extension.set_flush_subnormal(True, threads)
+    extension.set_flush_subnormal(True, threads)  # again when nested: threads added since flush too
+    _blocks.depth = getattr(_blocks, "depth", 0) + 1
     try:
         yield
     finally:
-        extension.set_flush_subnormal(False, max(threads, torch.get_num_threads()))
-        if before:
-            extension.set_flush_subnormal(True, 1)
+        _blocks.depth -= 1
+        if outermost:
+            extension.set_flush_subnormal(False, max(threads, torch.get_num_threads()))
+            if before:
+                extension.set_flush_subnormal(True, 1)

@@ -43,6 +43,15 @@ def test_every_thread_flushes_inside_and_the_mode_is_restored_after(two_threads)
     assert subnormal_results(x) == ROWS == subnormal_inputs_read(y)
 
 
+def test_a_block_inside_another_leaves_the_mode_on_until_the_outermost_ends(two_threads):
+    with fp_env.subnormals_flushed(torch.device("cpu")):
+        with fp_env.subnormals_flushed(torch.device("cpu")):  # a search's log-softmax inside a training loop
+            assert fp_env.flushing_threads(2) == 2
+        assert fp_env.flushing_threads(2) == 2
+        assert subnormal_results(torch.full((ROWS,), 1e-30)) == 0
+    assert fp_env.flushing_threads(2) == 0
+
+
 def test_threads_added_inside_the_block_flush_too(two_threads):
     with fp_env.subnormals_flushed(torch.device("cpu")):
         torch.set_num_threads(3)  # a third thread: set at entry on a machine of 3+ cores, else it inherits

@@ -79,6 +79,27 @@ def test_tied_code_embeddings_are_a_linear_image_of_the_normalised_codewords():
     assert torch.equal(t5.shared.weight[:3], specials)
 
 
+def test_level_log_softmax_flushes_subnormal_exponentials_to_the_same_numbers(record_subnormal_mode):
+    torch.manual_seed(0)
+    generator = IDGenerator(tiny_arch(sizes=(3, 512, 512))).eval()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # states scaled so that the logits spread past 87: some exponentials are subnormal
+        hidden = torch.randn(4096, 32) * 200
+        with torch.no_grad():
+            lo = generator.offsets[1]
+            expected = F.log_softmax(generator.head_logits(hidden, slice(lo, lo + 512)), dim=-1)
+            assert ((expected.exp() > 0) & (expected.exp() < torch.finfo(torch.float32).tiny)).any()
+            flushing = record_subnormal_mode(torch, "log_softmax")
+            log_probs = generator.level_log_probs(hidden, 1, level_head=True)
+        assert flushing == [True]  # every thread flushed while it ran
+        assert torch.equal(log_probs, expected)  # bit for bit: a subnormal term cannot move a sum >= 1
+        assert fp_env.flushing_threads() == 0  # and the mode is given back
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_teacher_forcing_starts_from_pad_and_is_causal():
     torch.manual_seed(1)
     generator = IDGenerator(tiny_arch()).eval()

@@ -29,6 +29,7 @@ from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
 
 from genius.common.checkpoint import content_digest, load_own_checkpoint, load_state_dict_strict, save_own_checkpoint
+from genius.common.fp_env import subnormals_flushed
 from genius.models.generative_retriever.vocab import EOS, PAD, code_offsets, codes_to_tokens, vocab_size
 
 # t5-small's shapes (google-t5/t5-small config.json); the encoder's 6 layers are dropped.
@@ -205,7 +206,11 @@ class IDGenerator(nn.Module):
         if logits.requires_grad:
             log_probs = F.log_softmax(logits, dim=-1)
         else:  # in place (the same numbers): at a search's batch the logits are tens or hundreds of MB
-            log_probs = torch.log_softmax(logits, dim=-1, out=logits)
+            # A confident head's logits spread past 87, and exp() then writes subnormals, which a CPU
+            # computes 4-6x slower (BENCHMARKS.md, section 7). Flushed, each adds under 1.2e-38 to a
+            # sum of at least 1 (its row's largest term is 1), so the numbers are bit for bit the same.
+            with subnormals_flushed(logits.device):
+                log_probs = torch.log_softmax(logits, dim=-1, out=logits)
         return log_probs if level_head else log_probs[:, lo:hi]
 
     def head_logits(self, hidden: torch.Tensor, rows: slice = slice(None),
