@@ -1,6 +1,10 @@
-"""CPU training's subnormal mode: inside ``subnormals_flushed`` every torch thread reads and writes
-subnormal floats as zero, and each gets the calling thread's earlier mode back after it."""
+"""The CPU's subnormal mode (training loops, decoding's log-softmax): inside ``subnormals_flushed``
+every torch thread reads and writes subnormal floats as zero, and each gets the calling thread's
+earlier mode back after the outermost block; another Python thread's block, on its own OpenMP
+team, leaves this thread's alone."""
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
@@ -47,6 +51,20 @@ def test_a_block_inside_another_leaves_the_mode_on_until_the_outermost_ends(two_
     with fp_env.subnormals_flushed(torch.device("cpu")):
         with fp_env.subnormals_flushed(torch.device("cpu")):  # a search's log-softmax inside a training loop
             assert fp_env.flushing_threads(2) == 2
+        assert fp_env.flushing_threads(2) == 2
+        assert subnormal_results(torch.full((ROWS,), 1e-30)) == 0
+    assert fp_env.flushing_threads(2) == 0
+
+
+def test_a_block_in_another_python_thread_leaves_this_ones_mode_alone(two_threads):
+    def other():  # its torch ops run on its own OpenMP team, which its block sets and clears
+        with fp_env.subnormals_flushed(torch.device("cpu")):
+            pass
+
+    with fp_env.subnormals_flushed(torch.device("cpu")):
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
         assert fp_env.flushing_threads(2) == 2
         assert subnormal_results(torch.full((ROWS,), 1e-30)) == 0
     assert fp_env.flushing_threads(2) == 0
