@@ -50,22 +50,24 @@ _blocks = threading.local()
 
 
 @contextmanager
-def subnormals_flushed(device: torch.device) -> Iterator[None]:
+def subnormals_flushed(device: torch.device, threads: int | None = None) -> Iterator[None]:
     """On a CPU, every torch thread flushes subnormals to zero inside the block. After it the
     threads compute subnormals again, and the calling thread gets its earlier mode back
-    (``torch.set_flush_denormal`` sets the calling thread's alone). The mode is set on as many
-    threads as torch uses or the process has cores, whichever is more: the thread policy
-    (:func:`~genius.common.distributed.recheck_threads`) moves between those counts, and a thread
-    the pool starts later inherits the mode from the calling thread, which starts it. A block
-    inside another (a search's log-softmax inside a training loop) leaves the mode on after it.
-    Elsewhere (a GPU, or no C++ switch) nothing changes."""
+    (``torch.set_flush_denormal`` sets the calling thread's alone). The mode is set on ``threads``
+    threads, by default as many as torch uses or the process has cores, whichever is more: through
+    a loop the thread policy (:func:`~genius.common.distributed.recheck_threads`) moves between
+    those counts, and a thread the pool starts later inherits the mode from the calling thread,
+    which starts it. A block around one op passes ``torch.get_num_threads()``, so that a busy
+    machine never wakes a thread the op does not use. A block inside another (a search's
+    log-softmax inside a training loop) leaves the mode on after it. Elsewhere (a GPU, or no C++
+    switch) nothing changes."""
     extension = _extension() if torch.device(device).type == "cpu" else None
     if extension is None:
         yield
         return
     outermost = getattr(_blocks, "depth", 0) == 0
     before = outermost and extension.flushing_threads(1) == 1  # the calling thread's mode
-    threads = max(torch.get_num_threads(), usable_cores())
+    threads = threads or max(torch.get_num_threads(), usable_cores())
     extension.set_flush_subnormal(True, threads)  # again when nested: threads added since flush too
     _blocks.depth = getattr(_blocks, "depth", 0) + 1
     try:

@@ -70,6 +70,19 @@ def test_a_block_in_another_python_thread_leaves_this_ones_mode_alone(two_thread
     assert fp_env.flushing_threads(2) == 0
 
 
+def test_a_block_around_one_op_sets_only_the_threads_it_is_given():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the thread policy sets a busy machine
+    try:
+        assert fp_env.flushing_threads(2) == 0  # the pool's second thread exists, not flushing
+        with fp_env.subnormals_flushed(torch.device("cpu"), torch.get_num_threads()):
+            assert fp_env.flushing_threads(1) == 1
+            assert fp_env.flushing_threads(2) == 1  # the thread the op does not use was left asleep
+        assert fp_env.flushing_threads(2) == 0
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_threads_added_inside_the_block_flush_too(two_threads):
     with fp_env.subnormals_flushed(torch.device("cpu")):
         torch.set_num_threads(3)  # a third thread: set at entry on a machine of 3+ cores, else it inherits

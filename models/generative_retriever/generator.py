@@ -209,7 +209,7 @@ class IDGenerator(nn.Module):
             # A confident head's logits spread past 87, and exp() then writes subnormals, which a CPU
             # computes 4-6x slower (BENCHMARKS.md, section 7). Flushed, each adds under 1.2e-38 to a
             # sum of at least 1 (its row's largest term is 1), so the numbers are bit for bit the same.
-            with subnormals_flushed(logits.device):
+            with subnormals_flushed(logits.device, torch.get_num_threads()):
                 log_probs = torch.log_softmax(logits, dim=-1, out=logits)
         return log_probs if level_head else log_probs[:, lo:hi]
 
