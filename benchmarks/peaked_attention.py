@@ -17,12 +17,13 @@ multiplies subnormal operands through a microcode assist. This measures, side by
   relative to sharpness 1 is what peaked attention costs;
 - **the search with a confident head**: the same decoder with its final norm's weights scaled by
   each ``--head-sharpness`` (the logits scale with it, as a confidently trained head's spread), so
-  that some of the level log-softmax's exponentials are subnormal (the log-softmax is torch's, not
-  flushed; its subnormal terms vanish in a sum of at least 1, so they move no score).
+  that some of the level's probabilities are subnormal. The decoder runs that log-softmax with the
+  CPU's flush mode on (``IDGenerator.level_log_probs``); against an older checkout (run with its
+  package on ``PYTHONPATH``) this measures what the subnormals cost there.
 
 ``subnormal_share`` is that of the probabilities each row's product reads (the flush pass: of its
 input; the search: of the cross-attention's softmax outputs, before their flush; the search with a
-confident head: of the level log-softmax's exponentials). Writes
+confident head: of the level's probabilities, the exponentials of its log-softmax). Writes
 benchmarks/out/peaked_attention.{csv,md}.
 
     bash benchmarks/run_peaked_attention.sh [--sharpness 1 10 30] [--head-sharpness 20] [--pool 1e5]
