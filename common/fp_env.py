@@ -30,8 +30,9 @@ def _extension():
     try:
         from genius.common import _fp_env
     except ImportError:
-        warnings.warn("genius.common._fp_env is not built, so CPU training computes subnormal floats at the CPU's "
-                      "slow speed; reinstall the package (`pip install -e .` from the repository root)",
+        warnings.warn("genius.common._fp_env is not built, so CPU training and decoding's log-softmax compute "
+                      "subnormal floats at the CPU's slow speed; reinstall the package (`pip install -e .` from the "
+                      "repository root)",
                       RuntimeWarning, stacklevel=3)
         return None
     return _fp_env if _fp_env.supported else None
