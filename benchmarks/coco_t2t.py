@@ -69,6 +69,7 @@ from genius.benchmarks.common import (
     markdown_table,
     write_csv,
 )
+from genius.common.stage import exit_user_error
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CAPTIONS = Path(os.environ.get("GENIUS_SHARED_DATA", REPO.parent / "shared" / "data")) / \
@@ -672,7 +673,7 @@ def parse_args(argv: list[str] | None, parser: argparse.ArgumentParser | None = 
     try:
         check_args(args)
     except ValueError as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+        exit_user_error(parser, str(err))
     return args
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from genius.benchmarks.common import OUT_DIR, best_seconds, write_results
+from genius.common.stage import exit_user_error
 from genius.models.generative_retriever.fused_decoder import int8_decoding_problem
 
 COLUMNS = ["gemm", "m", "k", "n", "count", "fp32_ms", "fbgemm_ms", "product_ms", "eager_ms",
@@ -85,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     for name in ("rows", "d_model", "d_ff", "inner", "layers", "codebook", "threads", "repeats"):
         if getattr(args, name) < 1:
-            p.exit(2, f"{p.prog}: error: --{name.replace('_', '-')} {getattr(args, name)} is out of range: pass >= 1\n")
+            exit_user_error(p, f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: pass >= 1")
     problem = int8_decoding_problem(torch.device("cpu"))  # the int8 decoder's rule: fbgemm's kernels, x86
     if problem:
-        p.exit(2, f"{p.prog}: error: {problem}; nothing to measure here\n")
+        exit_user_error(p, f"{problem}; nothing to measure here")
     torch.set_num_threads(args.threads)
     rows = []
     for name, k, n, count in step_gemms(args.d_model, args.d_ff, args.inner, args.layers, args.codebook):

@@ -41,6 +41,7 @@ import torch
 
 from genius.benchmarks import decode_vs_pool
 from genius.benchmarks.common import OUT_DIR, best_seconds, write_results
+from genius.common.stage import exit_user_error
 
 TINY = torch.finfo(torch.float32).tiny
 # the logarithms whose exponentials are subnormal: between those of the smallest subnormal and of TINY
@@ -167,13 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     for name in ("pool", "queries", "repeats", "threads", "score_std", *decode_vs_pool.SHAPE_FLAGS):
         if getattr(args, name) <= 0:
-            p.exit(2, f"{p.prog}: error: --{name.replace('_', '-')} {getattr(args, name)} is out of range: pass > 0\n")
+            exit_user_error(p, f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: pass > 0")
     for name in ("sharpness", "head_sharpness"):
         if min(getattr(args, name), default=1.0) <= 0:
-            p.exit(2, f"{p.prog}: error: --{name.replace('_', '-')} {getattr(args, name)} is out of range: "
-                      "pass factors > 0\n")
+            exit_user_error(p, f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: pass factors > 0")
     if args.d_model % args.heads:
-        p.exit(2, f"{p.prog}: error: --d-model {args.d_model} is not a multiple of --heads {args.heads}\n")
+        exit_user_error(p, f"--d-model {args.d_model} is not a multiple of --heads {args.heads}")
     torch.set_num_threads(args.threads)
     rows = measure_product(args) + measure_search(args)
     write_results(args.out, "Peaked attention: the update product with and without subnormal probabilities, and the "

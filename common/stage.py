@@ -9,7 +9,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from genius.common.config import ConfigError, load_config, save_config
 
@@ -46,7 +46,13 @@ def parse_stage_config(cls: type[T], parser: argparse.ArgumentParser, argv: list
     try:
         return load_config(cls, args.config, args.overrides), args
     except ConfigError as err:
-        parser.exit(2, f"{parser.prog}: error: {one_line(err)}\n")
+        exit_user_error(parser, one_line(err))
+
+
+def exit_user_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """End the command as argparse ends a bad flag, on one line (no usage): ``<prog>: error:
+    <message>``, exit status 2."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
 def one_line(err: BaseException) -> str:
@@ -79,7 +85,7 @@ def user_errors_exit(parser: argparse.ArgumentParser):
     except (OSError, ValueError) as err:
         if debugging():
             raise
-        parser.exit(2, f"{parser.prog}: error: {one_line(err)}\n")
+        exit_user_error(parser, one_line(err))
     except KeyboardInterrupt:
         if debugging():
             raise
