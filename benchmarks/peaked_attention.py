@@ -49,8 +49,13 @@ LOG_SMALLEST, LOG_TINY = math.log(2.0 ** -149), math.log(TINY)
 COLUMNS = ["what", "setting", "subnormal_share", "ms", "relative"]
 
 
+def subnormal(probs: torch.Tensor) -> torch.Tensor:
+    """Which of ``probs`` are subnormal: above zero, under the smallest normal fp32."""
+    return (probs > 0) & (probs < TINY)
+
+
 def subnormal_share(probs: torch.Tensor) -> float:
-    return float(((probs > 0) & (probs < TINY)).float().mean())
+    return float(subnormal(probs).float().mean())
 
 
 def measure_product(args) -> list[dict]:
@@ -130,17 +135,19 @@ def probed_shares(search) -> dict[str, float]:
     counts = {"cross": [0, 0], "head": [0, 0]}
     softmax, log_softmax = torch.softmax, torch.log_softmax
 
+    def tally(name: str, hits: torch.Tensor) -> None:
+        counts[name][0] += int(hits.sum())
+        counts[name][1] += hits.numel()
+
     def counting_softmax(x, dim, *rest, **kwargs):
         out = softmax(x, dim, *rest, **kwargs)
-        counts["cross"][0] += int(((out > 0) & (out < TINY)).sum())
-        counts["cross"][1] += out.numel()
+        tally("cross", subnormal(out))
         return out
 
     def counting_log_softmax(x, dim, *rest, **kwargs):
         out = log_softmax(x, dim, *rest, **kwargs)
         # from the logarithms: the search may run this with subnormals flushed, exp() included
-        counts["head"][0] += int(((out > LOG_SMALLEST) & (out < LOG_TINY)).sum())
-        counts["head"][1] += out.numel()
+        tally("head", (out > LOG_SMALLEST) & (out < LOG_TINY))
         return out
 
     torch.softmax, torch.log_softmax = counting_softmax, counting_log_softmax
