@@ -38,10 +38,10 @@ from genius.common import training
 from genius.common.checkpoint import checkpoint_file, load_scaler_state, load_state_dict_strict, save_training_checkpoint
 from genius.common.config import config_to_dict, resolve_path
 from genius.common.mbeir import older_revision_twin
-from genius.common.fp_env import subnormals_flushed
 from genius.common.distributed import (
     DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, recheck_threads, seed_everything, wrap_ddp,
 )
+from genius.common.fp_env import subnormals_flushed
 from genius.common.pairs import (
     PositiveDraw, RowSource, TrainingPairs, add_self_pairs, iterate_batches, load_training_pairs,
 )

@@ -45,7 +45,6 @@ from torch import nn
 from genius.common.checkpoint import load_scaler_state, load_state_dict_strict, save_training_checkpoint
 from genius.common.config import config_to_dict, resolve_path
 from genius.common.mbeir import older_revision_twin
-from genius.common.fp_env import subnormals_flushed
 from genius.common.distributed import (
     DistInfo,
     GatherGradient,
@@ -58,6 +57,7 @@ from genius.common.distributed import (
     seed_everything,
     wrap_ddp,
 )
+from genius.common.fp_env import subnormals_flushed
 from genius.common import training
 from genius.common.ranges import check_ranges, ranged
 from genius.common.runstate import RunKey, file_content
