@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -66,8 +67,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        (item_tp, *rest) = get_args(tp) or (Any,)
-        items = [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        args = get_args(tp) or (Any,)
+        if origin is tuple and Ellipsis not in args:  # tuple[float, float]: exactly that many items
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected a list of {len(args)} items, got {len(value)}: {value!r}")
+            return tuple(_convert(v, item_tp, f"{key}[{i}]") for i, (v, item_tp) in enumerate(zip(value, args)))
+        items = [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
@@ -81,16 +86,53 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if not -2**63 <= value < 2**63:  # every integer is stored, seeded or allocated as a 64-bit one
+            raise ConfigError(f"{key}: {value} does not fit a 64-bit integer; use a smaller value")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            raise ConfigError(f"{key}: {value} is too large for a floating-point number; use a smaller value") from None
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     raise TypeError(f"config field {key} has an unsupported annotation {tp}")
+
+
+class _DuplicateKey(yaml.MarkedYAMLError):
+    pass
+
+
+class StrictLoader(yaml.SafeLoader):
+    """The YAML loader of configs and ``--set`` values: PyYAML's safe loader (no Python objects)
+    that refuses a key given twice in one mapping (the later one would silently win) and reads
+    ``1e-3`` as a number, as YAML 1.2 does (YAML 1.1 wants ``1.0e-3`` and reads ``1e-3`` as a string)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue  # merge keys may repeat what they merge; unhashable keys: the safe loader's error
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(problem=f"key {key!r} is given twice in one section; keep one of them",
+                                    problem_mark=key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                   re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _yaml_problem(err: yaml.YAMLError) -> tuple[int | None, str]:
+    """A YAML error's line (1-based; None when it has none) and problem, without PyYAML's excerpt."""
+    mark = getattr(err, "problem_mark", None)
+    return (mark.line + 1 if mark is not None else None), " ".join((getattr(err, "problem", None) or str(err)).split())
 
 
 def _build(cls: type[T], data: dict, prefix: str = "") -> T:
@@ -125,27 +167,62 @@ def _join(prefix: str, name: str) -> str:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (['a', 'b', 'c'], value parsed as a YAML scalar or list)."""
+    """``a.b.c=value`` -> (['a', 'b', 'c'], value parsed as a YAML scalar, list or mapping). A
+    key part may index a list the config file sets: ``report.ks[0]=5``."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key part")
-    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.load(raw, Loader=StrictLoader) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(err)[1]}); "
+                          "quote it (key='\"text\"') or fix it") from None
+    return key.split("."), value
+
+
+_INDEXED = re.compile(r"^(.+)\[(\d+)\]$")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``data`` (plain YAML data, copied) with each ``--set`` applied. A mapping given for a section
+    is merged into it (``train={epochs: 2}`` changes only ``train.epochs``)."""
     data = json.loads(json.dumps(data))  # deep copy of plain YAML data
     for text in overrides:
         path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: '{part}' is a value, not a section")
-            node = child
-        node[path[-1]] = value
+        node: Any = data
+        for depth, part in enumerate(path):
+            last = depth == len(path) - 1
+            indexed = _INDEXED.match(part)
+            if indexed:  # an item of a list the config file sets
+                name, index = indexed[1], int(indexed[2])
+                items = node.get(name)
+                if not isinstance(items, list) or index >= len(items):
+                    held = f"holds {len(items)} items" if isinstance(items, list) else "does not set it as a list"
+                    raise ConfigError(f"override {text!r}: the config file {held}; give the whole list "
+                                      f"(--set {'.'.join(path[:depth] + [name])}=[...])")
+                node, part = items, index
+            elif not last:
+                child = node.setdefault(part, {})
+                if not isinstance(child, dict):
+                    raise ConfigError(f"override {text!r}: '{part}' is a value, not a section")
+            if last:
+                old = node[part] if isinstance(node, list) else node.get(part)
+                node[part] = _merged(old, value) if isinstance(value, dict) and isinstance(old, dict) else value
+            else:
+                node = node[part]
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {text!r}: '{path[depth]}' is a value, not a section")
     return data
+
+
+def _merged(base: dict, update: dict) -> dict:
+    """``base`` with ``update``'s keys set, sections merged key by key."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
@@ -154,11 +231,22 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            what = ("is a folder" if path.is_dir() else "does not exist" if not path.exists()
+                    else "is not a regular file")
+            raise ConfigError(f"config file {path} {what}; pass the stage's YAML file (relative paths resolve "
+                              "against the current folder)")
+        raw = path.read_bytes()
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            line = raw[:err.start].count(b"\n") + 1
+            raise ConfigError(f"{path}:{line}: byte 0x{raw[err.start]:02x} is not UTF-8 text; save the file as "
+                              "UTF-8") from None
+        try:
+            data = yaml.load(text, Loader=StrictLoader) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            line, problem = _yaml_problem(err)
+            raise ConfigError(f"{path}{'' if line is None else f':{line}'}: not valid YAML: {problem}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     data = apply_overrides(data, overrides or [])

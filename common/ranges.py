@@ -26,6 +26,15 @@ from typing import Any, Callable, Iterator, Union, get_args, get_origin
 
 RANGE = "genius_range"  # the dataclass field metadata key
 
+# Ranges shared by the stages. The upper bounds are far beyond any real setting; they exist so
+# that a slip (an extra digit, 1e30) is refused before any work instead of overflowing a seed,
+# segfaulting the thread pool or allocating terabytes after the previous run was moved aside.
+SEED = "[0, 4294967295]"  # numpy's seeds are 32-bit
+THREADS = "[1, 4096]"
+WIDTH = "[1, 65536]"  # a vector or hidden width
+BATCH = "[1, 1048576]"
+EPOCHS = "[1, 100000]"
+
 
 @dataclass(frozen=True)
 class Range:

@@ -63,7 +63,7 @@ from genius.common.fusion import score_fusion
 from genius.common.mbeir import hash_did, iter_candidates, load_queries, older_revision_twin, target_modality
 from genius.common.pairs import TrainingPairs, batches_per_epoch
 from genius.common.progress import Progress, clock_time
-from genius.common.ranges import check_ranges, ranged
+from genius.common.ranges import BATCH, EPOCHS, SEED, THREADS, check_ranges, ranged
 from genius.common.runstate import RunKey, file_content, files_digest
 from genius.common.stage import (
     MetricsLog,
@@ -105,8 +105,8 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = ranged(20, ">= 1")
-    batch_size: int = ranged(105, ">= 1")  # per process; the global batch (the negatives) is batch_size x processes
+    epochs: int = ranged(20, EPOCHS)
+    batch_size: int = ranged(105, BATCH)  # per process; the global batch (the negatives) is batch_size x processes
     lr: float = ranged(1e-5, "> 0")
     betas: tuple[float, float] = ranged((0.9, 0.98), "[0, 1)")
     eps: float = ranged(1e-6, "> 0")
@@ -143,7 +143,7 @@ class RuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     fp16: bool = True  # autocast + GradScaler on GPU; CPU always trains in fp32
     num_workers: int = ranged(4, ">= 0")
-    cpu_threads: int | None = ranged(None, ">= 1")  # CPU torch threads (null: common.distributed.ThreadPolicy)
+    cpu_threads: int | None = ranged(None, THREADS)  # CPU torch threads (null: common.distributed.ThreadPolicy)
 
 
 @dataclass
@@ -155,7 +155,7 @@ class TrainClipConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    seed: int = ranged(2023, ">= 0")
+    seed: int = ranged(2023, SEED)
 
 
 def check_config(cfg: TrainClipConfig) -> None:

@@ -121,3 +121,77 @@ def test_relative_paths_resolve_against_repo_or_root(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Cfg, tmp_path / "nope.yaml")
+
+
+def write_text(tmp_path, text: str | bytes) -> str:
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return str(path)
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
+    # PyYAML alone keeps the later value: epochs would silently be 20
+    with pytest.raises(ConfigError, match=r"cfg.yaml:3: .*'epochs' is given twice"):
+        load_config(Cfg, write_text(tmp_path, "optim:\n  epochs: 0\n  epochs: 20\n"))
+    with pytest.raises(ConfigError, match=r"cfg.yaml:3: .*'optim' is given twice"):
+        load_config(Cfg, write_text(tmp_path, "optim:\n  epochs: 2\noptim:\n  lr: 0.5\n"))
+
+
+def test_scientific_numbers_without_a_dot_are_numbers(tmp_path):
+    cfg = load_config(Cfg, write_text(tmp_path, "optim:\n  lr: 1e-3\n"), ["retrieval.num_beams=4", "optim.lr=2E-4"])
+    assert cfg.optim.lr == 2e-4 and isinstance(cfg.optim.lr, float)
+    assert load_config(Cfg, write_text(tmp_path, "optim:\n  lr: 1e-3\n")).optim.lr == 1e-3
+    with pytest.raises(ConfigError, match="optim.epochs: expected an integer"):  # 1e3 is a float, as in YAML 1.2
+        load_config(Cfg, write_text(tmp_path, "optim:\n  epochs: 1e3\n"))
+
+
+def test_a_file_that_is_not_utf8_names_its_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"cfg.yaml:2: byte 0xe9 is not UTF-8 text; save the file as UTF-8"):
+        load_config(Cfg, write_text(tmp_path, b"optim:\n  lr: 0.1  # caf\xe9\n"))
+    bom = load_config(Cfg, write_text(tmp_path, "\ufeffoptim:\n  lr: 0.25\n"))  # a BOM is fine
+    assert bom.optim.lr == 0.25
+
+
+def test_invalid_yaml_names_its_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"cfg.yaml:3: not valid YAML"):
+        load_config(Cfg, write_text(tmp_path, "optim:\n  lr: 0.1\n betas: 2\n"))
+
+
+@pytest.mark.parametrize("override", ["optim.lr=[1,", "optim.lr=*x", "optim.lr=!!python/object:os.system",
+                                      "root=\udcff"])
+def test_an_override_that_is_not_yaml_is_a_config_error(tmp_path, override):
+    with pytest.raises(ConfigError, match="the value is not valid YAML"):
+        load_config(Cfg, write(tmp_path, {}), [override])
+
+
+def test_huge_numbers_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="optim.lr: .* too large for a floating-point number"):
+        load_config(Cfg, write_text(tmp_path, "optim:\n  lr: 1" + "0" * 400 + "\n"))
+    with pytest.raises(ConfigError, match="optim.epochs: .* does not fit a 64-bit integer"):
+        load_config(Cfg, write(tmp_path, {}), ["optim.epochs=100000000000000000000"])
+
+
+def test_an_override_indexes_a_list_and_merges_a_section(tmp_path):
+    path = write(tmp_path, {"optim": {"lr": 0.1, "epochs": 4, "betas": [0.5, 0.6]}})
+    cfg = load_config(Cfg, path, ["optim.betas[1]=0.7", "optim={epochs: 9}"])
+    assert cfg.optim.betas == [0.5, 0.7] and cfg.optim.epochs == 9 and cfg.optim.lr == 0.1  # lr kept: merged
+    with pytest.raises(ConfigError, match=r"holds 2 items; give the whole list \(--set optim.betas=\[...\]\)"):
+        load_config(Cfg, path, ["optim.betas[2]=0.1"])
+    with pytest.raises(ConfigError, match="does not set it as a list"):
+        load_config(Cfg, write(tmp_path, {}), ["optim.betas[0]=0.1"])
+
+
+def test_a_config_path_that_is_a_folder_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder; pass the stage's YAML file"):
+        load_config(Cfg, tmp_path)
+
+
+def test_a_fixed_length_tuple_checks_its_length(tmp_path):
+    @dataclass
+    class Adam:
+        betas: tuple[float, float] = (0.9, 0.98)
+
+    assert load_config(Adam, write(tmp_path, {"betas": [0.5, 1]})).betas == (0.5, 1.0)
+    for betas in ([0.9], [0.9, 0.98, 0.5]):  # AdamW failed on the first after work began; ignored the third
+        with pytest.raises(ConfigError, match=rf"betas: expected a list of 2 items, got {len(betas)}"):
+            load_config(Adam, write(tmp_path, {"betas": betas}))

@@ -52,7 +52,7 @@ from genius.common.fusion import fused_store_embeddings
 from genius.common.mbeir import (
     MBEIR_DATASET_IDS, QID_BASE, load_qrels, older_revision_twin, parse_query_file_name, unhash_qid,
 )
-from genius.common.ranges import check_ranges, ranged
+from genius.common.ranges import BATCH, check_ranges, ranged
 from genius.common.runstate import RunKey, RunState, file_content, portable_path
 from genius.common.stage import parse_stage_config, record_run, setup_logging, stage_parser, user_errors_exit
 from genius.common.store import EmbeddingStore, store_path
@@ -128,8 +128,8 @@ class PathsConfig:
 
 @dataclass
 class DecodingConfig:
-    num_beams: int = ranged(50, ">= 1")
-    batch_size: int = ranged(64, ">= 1")
+    num_beams: int = ranged(50, "[1, 4096]")
+    batch_size: int = ranged(64, BATCH)
     # True: each step normalises over the level's codes only (fewer FLOPs, other beams); False:
     # full-vocabulary normalisation, the official decoding's exact scores and beams.
     level_head: bool = True

@@ -59,7 +59,7 @@ from genius.common.distributed import (
 )
 from genius.common.fp_env import subnormals_flushed
 from genius.common import training
-from genius.common.ranges import check_ranges, ranged
+from genius.common.ranges import BATCH, EPOCHS, SEED, THREADS, WIDTH, check_ranges, ranged
 from genius.common.runstate import RunKey, file_content
 from genius.common.pairs import (
     ClassLabels,
@@ -106,11 +106,11 @@ class DataConfig:  # defaults: M-BEIR with UniIR's CLIP-SF features
 
 @dataclass
 class ModelConfig:
-    dim: int | None = ranged(None, ">= 1")  # None: the stores' vector width
-    proj_dim: int = ranged(2560, ">= 1")
-    hidden_dim: int = ranged(5120, ">= 1")
-    num_levels: int = ranged(9, ">= 1")  # including the modality level
-    codebook_size: int = ranged(4096, ">= 2")  # K of levels 1..L-1 (of every level without a modality level)
+    dim: int | None = ranged(None, WIDTH)  # None: the stores' vector width
+    proj_dim: int = ranged(2560, WIDTH)
+    hidden_dim: int = ranged(5120, WIDTH)
+    num_levels: int = ranged(9, "[1, 64]")  # including the modality level
+    codebook_size: int = ranged(4096, "[2, 65536]")  # K of levels 1..L-1 (of every level without a modality level)
     # false: no level is the modality, all num_levels levels are k-means/EMA levels of codebook_size
     # codes (IRGen's 4 x 256 IDs for an image-only collection, where the modality says nothing).
     modality_level: bool = True
@@ -136,8 +136,8 @@ Objective = Literal["contrastive", "classification"]
 
 @dataclass
 class TrainConfig:
-    batch_size: int = ranged(2000, ">= 1")  # pairs per process (the run key records batch_size x processes)
-    epochs: int = ranged(21, ">= 1")
+    batch_size: int = ranged(2000, BATCH)  # pairs per process (the run key records batch_size x processes)
+    epochs: int = ranged(21, EPOCHS)
     lr: float = ranged(1e-4, "> 0")
     min_lr: float = ranged(1e-5, ">= 0")  # cosine floor (<= lr), stepped per iteration
     adam_eps: float = ranged(1e-6, "> 0")
@@ -151,7 +151,7 @@ class TrainConfig:
     classification_weight: float = ranged(1.0, ">= 0")  # both cross-entropies (on z, on the partial reconstructions)
     residual_weight: float = ranged(1.0, ">= 0")  # sum over levels of mean((z - partial reconstruction)^2)
     amp: bool = True  # fp16 autocast + GradScaler on CUDA; ignored on CPU
-    seed: int = ranged(2023, ">= 0")
+    seed: int = ranged(2023, SEED)
     kmeans_iters: int = ranged(1000, ">= 1")
     # query+positive vectors (all ranks) gathered for k-means init; at least model.codebook_size
     kmeans_init_vectors: int = ranged(16384, ">= 1")
@@ -174,7 +174,7 @@ class TrainConfig:
     stop_after_epochs: int | None = ranged(None, ">= 1")
     log_every: int = ranged(50, ">= 1")  # steps
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    cpu_threads: int | None = ranged(None, ">= 1")  # CPU torch threads (null: common.distributed.ThreadPolicy)
+    cpu_threads: int | None = ranged(None, THREADS)  # CPU torch threads (null: common.distributed.ThreadPolicy)
     force: bool = False  # retrain even when out_dir holds this run finished (the old run moves to stale/)
 
 
