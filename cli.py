@@ -5,6 +5,7 @@ a stage's heavy imports (torch, open_clip, transformers) cost nothing elsewhere.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 
@@ -44,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
-        print(f"genius: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        close = difflib.get_close_matches(name, SUBCOMMANDS, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        print(f"genius: error: unknown command {name!r}; {hint}run 'genius --help' for the commands", file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[name][0])
     result = module.main(rest)

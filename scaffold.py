@@ -22,7 +22,6 @@ CLIP-SF is trained from scratch), ``run_<stage>.sh`` for each, ``run_all.sh`` an
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -37,7 +36,7 @@ import yaml
 from genius.common.check_data import pool_for_query_file
 from genius.common.config import REPO_ROOT
 from genius.common.mbeir import older_revision_twin, parse_query_file_name
-from genius.common.stage import DEBUG_ENV, add_debug_flag, user_errors_exit
+from genius.common.stage import DEBUG_ENV, ArgumentParser, add_debug_flag, user_errors_exit
 
 TEMPLATES = ("demo", "tiny")
 TINY_BELOW_PAIRS = 10_000  # fewer training pairs than this: the tiny setting's widths (--from's default)
@@ -524,7 +523,7 @@ def write_setting(root: Path, out: Path, encoder: str = "clip_sf", base: str | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="genius new-setting", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="genius new-setting", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, required=True, help="the M-BEIR-layout data root")
     parser.add_argument("--out", type=Path, required=True, help="the setting's folder, e.g. configs_scripts/<name>")
     parser.add_argument("--encoder", choices=ENCODERS, default="clip_sf",

@@ -88,7 +88,7 @@ from pathlib import Path
 
 from genius.common.io import atomic_dir, atomic_write_json
 from genius.common.mbeir import DID_BASE, QID_BASE, text_lines
-from genius.common.stage import DEBUG_ENV, add_debug_flag, setup_logging, user_errors_exit
+from genius.common.stage import DEBUG_ENV, ArgumentParser, add_debug_flag, setup_logging, user_errors_exit
 
 log = logging.getLogger(__name__)
 
@@ -452,9 +452,9 @@ def write_sklearn_digits(out_dir: str | os.PathLike, size: int = 32) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="genius import-images", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__[__doc__.index("The image-split list file"):],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="genius import-images", description=__doc__.split("\n\n")[0],
+                            epilog=__doc__[__doc__.index("The image-split list file"):],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", required=True, type=Path,
                         help="the collection: one folder per class (inshop: the folder the list's names are under)")
     parser.add_argument("--out", required=True, type=Path, help="the M-BEIR-layout root to write")

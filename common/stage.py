@@ -17,8 +17,16 @@ T = TypeVar("T")
 log = logging.getLogger("genius")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose bad flag ends on one line, ``<prog>: error: <message>; see '<prog>
+    --help'``, exit status 2, without argparse's usage block (subcommands' parsers inherit it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
 def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", required=True, help="the stage's YAML file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable); the YAML file is not modified")
@@ -74,18 +82,32 @@ _OS_HINTS = {
 }
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation that failed (host or device memory), not a bug."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError: CUDA's
+        return True
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)  # torch's CPU allocator
+
+
 @contextlib.contextmanager
 def user_errors_exit(parser: argparse.ArgumentParser):
     """Inside the block, a user mistake (a missing, unreadable or refused file, bad data, stale or
-    mismatched inputs, a full or read-only disk: ValueError and its subclasses, OSError) ends the
-    command with ``<prog>: error: <one line>`` and exit status 2 instead of a traceback;
-    ``--debug`` (or GENIUS_DEBUG=1) shows the traceback. Other exceptions are bugs and keep theirs."""
+    mismatched inputs, a full or read-only disk: ValueError and its subclasses, OSError; a run
+    that diverged on the config's settings: FloatingPointError, which only the project raises) ends
+    the command with ``<prog>: error: <one line>`` and exit status 2 instead of a traceback;
+    ``--debug`` (or GENIUS_DEBUG=1) shows the traceback. Running out of memory ends the same way,
+    with what to lower. Other exceptions are bugs and keep theirs."""
     try:
         yield
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, FloatingPointError) as err:
         if debugging():
             raise
         exit_user_error(parser, one_line(err))
+    except (MemoryError, RuntimeError) as err:
+        if debugging() or not out_of_memory(err):
+            raise
+        exit_user_error(parser, f"out of memory ({one_line(err)[:200]}); lower the config's batch size or "
+                                "model sizes, or run where more memory is free")
     except KeyboardInterrupt:
         if debugging():
             raise

@@ -3,7 +3,12 @@
 # Set GENIUS_PYTHON to use a specific interpreter; by default the project's .venv if present.
 set -euo pipefail
 GENIUS_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+GENIUS_CALLER_DIR="$PWD"  # a relative --config names a file from where the script was called
 cd "$GENIUS_REPO"
+if ! [[ "${NPROC:-1}" =~ ^[1-9][0-9]*$ ]]; then
+    echo "$(basename "$0"): error: NPROC=${NPROC}: expected a whole number of processes >= 1" >&2
+    exit 2
+fi
 if [ -z "${GENIUS_PYTHON:-}" ]; then
     if [ -x "$GENIUS_REPO/.venv/bin/python" ]; then GENIUS_PYTHON="$GENIUS_REPO/.venv/bin/python"; else GENIUS_PYTHON=python3; fi
 fi
@@ -12,6 +17,18 @@ export HF_HUB_OFFLINE=1
 
 run_stage() {
     local module="$1"; shift
+    # The stage runs from the repository; a relative --config given to the script is the caller's.
+    local args=() arg after_config=0
+    for arg in "$@"; do
+        if [ "$after_config" = 1 ] && [[ "$arg" != /* ]]; then arg="$GENIUS_CALLER_DIR/$arg"; fi
+        after_config=0
+        case "$arg" in
+            --config) after_config=1 ;;
+            --config=*) [[ "${arg#--config=}" == /* ]] || arg="--config=$GENIUS_CALLER_DIR/${arg#--config=}" ;;
+        esac
+        args+=("$arg")
+    done
+    set -- "${args[@]}"
     if [ "${NPROC:-1}" -gt 1 ]; then
         # torchrun sets OMP_NUM_THREADS=1 when it is unset, leaving each rank's host-side work
         # (reading and fusing stores, ranking, code statistics) on one core: share the cores instead.

@@ -19,7 +19,6 @@ union val pool is the local pools trimmed to the val positives.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import hashlib
@@ -43,7 +42,7 @@ from genius.common.config import resolve_path
 from genius.common.io import atomic_dir, atomic_write_json, atomic_write_text
 from genius.common.mbeir import MBEIR_DATASET_IDS, TASKS
 from genius.common.runstate import RunKey, RunState
-from genius.common.stage import DEBUG_ENV, add_debug_flag, user_errors_exit
+from genius.common.stage import DEBUG_ENV, ArgumentParser, add_debug_flag, user_errors_exit
 
 GENERATOR = "genius.synthetic.world"
 # Worlds written before the module moved out of common/ name it so; they are the same worlds.
@@ -847,7 +846,7 @@ def write_world(out_dir: str | Path, size: Literal["test", "demo"], seed: int = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="genius world", description="Write the synthetic M-BEIR-mini world.")
+    parser = ArgumentParser(prog="genius world", description="Write the synthetic M-BEIR-mini world.")
     parser.add_argument("--out", required=True, type=Path, help="output folder (the world's M-BEIR root)")
     parser.add_argument("--size", required=True, choices=tuple(WORLD_SIZES), help="test: seconds; demo: the CPU demo")
     parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files (default 0)")

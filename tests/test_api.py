@@ -274,3 +274,23 @@ def test_pool_records_are_read_by_did(tmp_path):
     pool.write_text(json.dumps({"did": "7:9", "modality": "text", "txt": "new first line"}) + "\n" + pool.read_text())
     with pytest.raises(StaleInputError, match=f"{pool}: candidate 7:1 .* the pool file changed"):
         records.read([7 * 10_000_000 + 1])
+
+
+def test_an_encoder_checkpoint_changed_since_extraction_is_refused(tiny_root_copy, monkeypatch):
+    """The same checkpoint path with other weights would embed queries into another space than the
+    pool's: search (and the index, which builds its encoder the same way) refuse it by content."""
+    from genius.common.checkpoint import CONTENT_KEY, load_own_checkpoint, save_own_checkpoint
+
+    monkeypatch.setenv("GENIUS_ROOT", str(tiny_root_copy))
+    checkpoint = tiny_root_copy / "checkpoint/tiny/clip_sf/clip_sf.pt"
+    original = checkpoint.read_bytes()
+    obj = load_own_checkpoint(checkpoint)
+    obj.pop(CONTENT_KEY)
+    name = next(k for k, v in obj["model"].items() if v.is_floating_point())
+    obj["model"][name] = obj["model"][name] + 0.01
+    save_own_checkpoint(obj, checkpoint)
+    with pytest.raises(StaleInputError, match=rf"{re.escape(str(checkpoint))}: the encoder's weights changed after "
+                                              r"the run's stores were extracted with them"):
+        Retriever.load(tiny_root_copy / "results/tiny", device="cpu")
+    checkpoint.write_bytes(original)  # the weights the stores were made with: loads again
+    assert Retriever.load(tiny_root_copy / "results/tiny", device="cpu").pool.stem == UNION

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import torch
 
 from genius.common.config import load_config
 from genius.common.fusion import score_fusion
+from genius.common.io import sha256_file
 from genius.common.mbeir import hash_did
 from genius.common.runstate import acquire_lock, release_lock
 from genius.common.store import store_path
@@ -324,3 +326,25 @@ def test_refused_operations_exit_2_with_one_line_and_change_nothing(cli_index, t
     run.checkpoint_fingerprints = {"rq": "fake-rq", "generator": "fake-gen"}
     run.manifest["encoder"]["extraction"] = {"encoder": {"name": "another"}}
     refused(capsys, union, add(union, pool("ok.jsonl", [new_caption("20:8003")])), "built with encoder")
+
+
+def test_a_version_changed_after_it_was_written_is_refused_naming_the_file(cli_index, tmp_path):
+    _, union, _ = cli_index
+    version = union / idx.current_name(union)
+    codes = version / "codes.npy"
+    np.save(codes, np.load(codes)[::-1].copy())  # the IDs the trie and the results use, reordered
+    with pytest.raises(idx.IndexUserError, match=rf"{re.escape(str(codes))}: its SHA-256 is not the one the "
+                                                 "manifest records"):
+        idx.open_version(union)
+    fused = version / "fused.npy"
+    fused.write_bytes(fused.read_bytes()[:-100])  # truncated
+    manifest = version / "manifest.json"
+    record = json.loads(manifest.read_text())
+    record["codes_hash"] = sha256_file(codes)
+    manifest.write_text(json.dumps(record))
+    with pytest.raises(idx.IndexUserError, match=rf"{re.escape(str(fused))}: cannot be read"):
+        idx.open_version(union)
+    for text in ("{not json", "[1, 2]"):
+        manifest.write_text(text)
+        with pytest.raises(idx.IndexUserError, match=rf"{re.escape(str(manifest))}: (not readable JSON|holds a list)"):
+            idx.open_version(union)

@@ -67,3 +67,52 @@ def test_the_older_mbeir_revisions_union_pool_folder_is_found(tmp_path):
     assert older_revision_twin(configured) == configured  # today's folder wins when both exist
     other = tmp_path / "elsewhere/global/x.jsonl"
     assert older_revision_twin(other) == other
+
+
+def genius_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {})}
+    env.pop("GENIUS_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "genius.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["trian-rq"], "genius: error: unknown command 'trian-rq'; did you mean 'train-rq'?"),
+    (["train-rq"], "genius train-rq: error: the following arguments are required: --config; see"),
+    (["search", "--run", "x", "-k", "abc"], "genius search: error: argument -k: invalid int value"),
+    (["search", "--run", "x", "--text", "a", "-k", "100000000000000000000"], "-k 100000000000000000000: expected"),
+    (["index", "frobnicate"], "genius index: error: argument command: invalid choice"),
+])
+def test_a_bad_command_line_is_one_line_without_the_usage_block(tmp_path, args, fragment):
+    result = genius_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and fragment in result.stderr and "usage:" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.seed=10000000000000", "train.seed"),  # overflowed numpy's seed after the run had been moved aside
+    ("train.cpu_threads=100000", "train.cpu_threads"),  # segfaulted the thread pool
+    ("model.proj_dim=100000000000000", "model.proj_dim"),  # failed to allocate after the work began
+    ("model.num_levels=1000000000", "model.num_levels"),  # hung
+    ("train.epochs=1e30", "train.epochs"),
+])
+def test_a_slip_of_a_digit_is_refused_before_any_work(tmp_path, override, key):
+    result = genius_cli("train-rq", "--config", str(TINY / "train_rq.yaml"), "--set", override, cwd=tmp_path,
+                        env={"GENIUS_ROOT": str(tmp_path)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: {TINY / 'train_rq.yaml'}: {key}: " in result.stderr, result.stderr
+    assert not any(tmp_path.iterdir())  # nothing ran, nothing was moved or written
+
+
+def test_a_run_script_reads_a_relative_config_from_the_callers_folder(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "rq.yaml").write_text("train:\n  epochs: 0\n")
+    script = TINY / "run_train_rq.sh"
+    result = subprocess.run(["bash", str(script), "--config", "mine/rq.yaml"], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=300, env={**os.environ, "GENIUS_ROOT": str(tmp_path)})
+    # the caller's file was read (its epochs: 0 is refused), not looked up in the repository
+    assert result.returncode == 2 and f"{tmp_path}/mine/rq.yaml: train.epochs: 0 is out of range" in result.stderr
+    bad = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                         env={**os.environ, "NPROC": "abc"})
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "run_train_rq.sh: error: NPROC=abc: expected a whole number of processes >= 1")

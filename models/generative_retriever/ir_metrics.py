@@ -33,7 +33,6 @@ therefore match the paper's R@k and are comparable but not identical for P@k and
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections import defaultdict
@@ -47,7 +46,7 @@ from ir_measures import AP, RR, P, R, Success, nDCG
 
 from genius.common.io import atomic_path
 from genius.common.mbeir import hash_did, qrels_lines, unhash_qid
-from genius.common.stage import user_errors_exit
+from genius.common.stage import DEBUG_ENV, ArgumentParser, add_debug_flag, user_errors_exit
 from genius.models.generative_retriever.metrics import read_run_file
 from genius.models.generative_retriever.paper_numbers import DISPLAY_NAME, paper_rank
 from genius.models.generative_retriever.positives import PoolPositives
@@ -274,13 +273,16 @@ def write_trec_qrels(qrels_files: list[Path], out: str | os.PathLike) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="genius export-qrels",
         description="Write M-BEIR qrels (qid 0 did relevance task_id) as plain TREC qrels (qid 0 did relevance), "
                     "for trec_eval and other tools on the run files under results/<setting>/runs/.")
     parser.add_argument("--qrels", nargs="+", required=True, type=Path, help="M-BEIR qrels file(s)")
     parser.add_argument("--out", required=True, type=Path, help="the TREC qrels file to write")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"  # user_errors_exit reads it
     with user_errors_exit(parser):
         count = write_trec_qrels(args.qrels, args.out)
     print(f"wrote {args.out}: {count} qrels lines")

@@ -13,12 +13,14 @@ path.
 """
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 
 from genius.common.mbeir import MODALITIES
-from genius.common.stage import setup_logging, user_errors_exit
-from genius.models.generative_retriever.api import Hit, Retriever
+from genius.common.stage import (
+    DEBUG_ENV, ArgumentParser, add_debug_flag, exit_user_error, setup_logging, user_errors_exit,
+)
+from genius.models.generative_retriever.api import MAX_K, Hit, Retriever
 from genius.models.generative_retriever.ranking import METHODS
 
 
@@ -33,8 +35,8 @@ def format_hits(hits: list[Hit]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    parser = argparse.ArgumentParser(prog="genius search",
-                                     description="Search a finished GENIUS run with a text and/or image query.")
+    parser = ArgumentParser(prog="genius search",
+                            description="Search a finished GENIUS run with a text and/or image query.")
     parser.add_argument("--run", required=True,
                         help="results directory with run.json, a setting's config folder, or an index folder")
     parser.add_argument("--text", default="", help="query text")
@@ -51,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="genius_r (re-ranked), genius (beam order) or dense (default: genius_r if the run "
                              "re-ranked, else genius)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"  # user_errors_exit reads it
+    if not 1 <= args.k <= MAX_K:  # before the run is loaded
+        exit_user_error(parser, f"-k {args.k}: expected an integer in [1, {MAX_K}]")
     with user_errors_exit(parser):
         retriever = Retriever.load(args.run, args.pool, args.device)
         hits = retriever.search(args.text, args.image, args.k, args.target_modality, args.instruction, args.method,

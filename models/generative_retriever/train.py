@@ -26,6 +26,7 @@ else moves the old run with its logs to ``out_dir/stale/<time>/`` and starts afr
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ from genius.common.pairs import (
 )
 from genius.common.plots import plot_training_curves
 from genius.common.progress import Progress, clock_time
-from genius.common.ranges import check_ranges, ranged
+from genius.common.ranges import BATCH, EPOCHS, SEED, THREADS, WIDTH, check_ranges, ranged
 from genius.common.runstate import RunKey, file_content
 from genius.common.stage import (
     MetricsLog,
@@ -95,12 +96,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    num_prefix: int = ranged(30, ">= 1")
-    d_model: int = ranged(T5_SMALL["d_model"], ">= 1")
-    num_heads: int = ranged(T5_SMALL["num_heads"], ">= 1")
-    d_kv: int = ranged(T5_SMALL["d_kv"], ">= 1")
-    d_ff: int = ranged(T5_SMALL["d_ff"], ">= 1")
-    num_decoder_layers: int = ranged(T5_SMALL["num_decoder_layers"], ">= 1")
+    num_prefix: int = ranged(30, "[1, 4096]")
+    d_model: int = ranged(T5_SMALL["d_model"], WIDTH)
+    num_heads: int = ranged(T5_SMALL["num_heads"], "[1, 1024]")
+    d_kv: int = ranged(T5_SMALL["d_kv"], WIDTH)
+    d_ff: int = ranged(T5_SMALL["d_ff"], WIDTH)
+    num_decoder_layers: int = ranged(T5_SMALL["num_decoder_layers"], "[1, 256]")
     dropout: float = ranged(T5_SMALL["dropout"], "[0, 1)")
     pretrained: str | None = None  # a local T5 directory (save_pretrained format); shapes then come from it
     code_embedding_scale: float = ranged(100.0, "> 0")
@@ -139,14 +140,14 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = ranged(31, ">= 1")
-    batch_size: int = ranged(256, ">= 1")  # per process (the run key records batch_size x processes)
-    seed: int = ranged(2023, ">= 0")
+    epochs: int = ranged(31, EPOCHS)
+    batch_size: int = ranged(256, BATCH)  # per process (the run key records batch_size x processes)
+    seed: int = ranged(2023, SEED)
     # per_epoch: each query's positive is drawn anew every epoch. fixed: one draw for the whole
     # run, as the official dataset drew once at construction.
     positives: PositiveDraw = "per_epoch"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    cpu_threads: int | None = ranged(None, ">= 1")  # CPU torch threads (null: common.distributed.ThreadPolicy)
+    cpu_threads: int | None = ranged(None, THREADS)  # CPU torch threads (null: common.distributed.ThreadPolicy)
     amp: bool = True  # fp16 autocast + GradScaler (GPU only)
     log_every: int = ranged(50, ">= 1")  # steps
     checkpoint_every: int = ranged(1, ">= 1")  # epochs
@@ -258,8 +259,11 @@ def train(cfg: TrainGenConfig) -> Path:
                     progress.set_postfix(loss=loss.item)  # read only when a progress line shows it
                     step += 1
                     if step % cfg.train.log_every == 0 or step % steps_per_epoch == 0:
+                        counted, logged = window.count, window.flush()
+                        if not math.isfinite(logged["loss"]):
+                            check_weights_finite(generator, cfg, epoch, step)
                         metrics.write(epoch=epoch, step=step, lr=scheduler.get_last_lr()[0],
-                                      **epoch_loss.add(window.count, window.flush()))
+                                      **epoch_loss.add(counted, logged))
                 if info.is_main:
                     log.info("train-gen: epoch %d: loss %.4f, exact match %.3f, %s", epoch, epoch_loss.loss,
                              epoch_loss.exact_match, clock_time(time.monotonic() - started))
@@ -300,6 +304,19 @@ def train_step(model, rq, batch: dict, optimizer, scheduler, scaler, cfg: TrainG
     scaler.scale(loss).backward()
     training.optimizer_step(scaler, optimizer, scheduler, (model.parameters(), cfg.optim.grad_clip))
     return loss.detach(), (logits.detach().argmax(-1) == tokens)
+
+
+def check_weights_finite(generator, cfg: TrainGenConfig, epoch: int, step: int) -> None:
+    """After a logged window with a NaN or infinite loss: stop when the weights hold NaN/inf (the
+    run diverged; every later step would train on them). Finite weights mean fp16's loss scaler
+    skipped the overflowing steps, and training goes on. Checked where every rank logs the same
+    window, before any checkpoint of the epoch is written."""
+    if all(bool(p.isfinite().all()) for p in generator.parameters()):
+        return
+    raise FloatingPointError(
+        f"train-gen diverged: the loss is not finite at epoch {epoch} step {step} and the generator's weights hold "
+        f"NaN/inf; training stopped, the last checkpoint is intact. Lower optim.lr (now {cfg.optim.lr:g}) or "
+        f"model.code_embedding_scale (now {cfg.model.code_embedding_scale:g}), or check the stores for NaN/inf vectors")
 
 
 class Window:
