@@ -52,7 +52,6 @@ compared with its query file.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -65,9 +64,9 @@ from pathlib import Path
 from genius.common.mbeir import (
     DID_BASE, MBEIR_DATASET_IDS, MBEIR_EVAL_TASKS, MODALITIES, QID_BASE, TASKS, UNION_POOL_DIRS,
     DataFormatError, Instructions, candidate_problems, hash_did, parse_id, parse_qrels_line,
-    parse_query_file_name, query_problems, text_lines, union_pool_path,
+    parse_query_file_name, query_problems, text_lines, unhash_did, union_pool_path,
 )
-from genius.common.stage import DEBUG_ENV, add_debug_flag, user_errors_exit
+from genius.common.stage import DEBUG_ENV, ArgumentParser, add_debug_flag, user_errors_exit
 
 SPLITS = ("train", "val", "test")
 # (query dataset, positive dataset) pairs M-BEIR links on purpose (see the module docstring).
@@ -505,7 +504,10 @@ def _check_root(root: Path, report: Report) -> None:
                                          "instruct queries, instructions/)")
     instructions = None
     tsv = root / "instructions" / "query_instructions.tsv"
-    if not tsv.is_file():
+    if tsv.exists() and not tsv.is_file():
+        report.add(tsv, None, "is a folder (or not a regular file), not the instructions file; replace it with the "
+                              "tab-separated instructions file or remove it")
+    elif not tsv.is_file():
         report.note(tsv, "not found: queries can only be embedded without instructions (instructions.mode: none, "
                          "what genius new-setting writes for this root)")
     else:
@@ -515,6 +517,7 @@ def _check_root(root: Path, report: Report) -> None:
         except DataFormatError as err:
             report.problems.append(str(err).replace(f"{root}/", ""))
     pools = {path: check_pool(path, report) for path in sorted((root / "cand_pool").glob("*/*.jsonl"))}
+    _check_union_from_locals(root, pools, report)
     split_pools = _SplitPools(root, pools)
     for query_file in sorted((root / "query").glob("*/*.jsonl")):
         split = query_split(query_file)
@@ -539,8 +542,35 @@ def _check_root(root: Path, report: Report) -> None:
             report.note(qrels, f"not found (M-BEIR ships it; only evaluating on {query_file.name} needs it)")
 
 
+def _check_union_from_locals(root: Path, pools: dict[Path, PoolInfo], report: Report) -> None:
+    """genius extract assembles the union test pool from the local pools' stores (nothing is embedded
+    twice), so each of its candidates must be in a local pool, with the same modality."""
+    union = union_pool_path(root, "test")
+    if union not in pools:
+        return
+    locals_ = [info for path, info in pools.items() if path.parent.name == "local"]
+    if not locals_:
+        report.note(union, "no local pools in cand_pool/local/: genius extract builds this pool from them, so set "
+                           "data.union_pool: null in the extract config or add the local pools")
+        return
+    local_modality = {did: modality for info in locals_ for did, modality in info.modality.items()}
+    unreadable = set().union(*(info.invalid for info in locals_))
+    missing = [did for did in pools[union].modality if did not in local_modality and did not in unreadable]
+    differ = [did for did, modality in pools[union].modality.items() if local_modality.get(did, modality) != modality]
+    for dids, what in ((missing, "is in no local pool of cand_pool/local/ (genius extract builds this pool from "
+                                 "them): add its local pool or remove the record"),
+                       (differ, "has another modality in its local pool: make the two records agree")):
+        if not dids:
+            continue
+        first = dids[0]
+        line = next((lineno for lineno, obj, _ in _records(union, Report(report.root))
+                     if isinstance(obj, dict) and isinstance(obj.get("did"), str) and hash_did(obj["did"]) == first),
+                    None)
+        report.add(union, line, f"did {unhash_did(first)} {what} ({len(dids)} of its candidates are so)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="genius check-data", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="genius check-data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="the M-BEIR-format data root")
     parser.add_argument("--max-problems", type=int, default=200, help="print at most this many problems")
     parser.add_argument("--no-decode", dest="decode", action="store_false",

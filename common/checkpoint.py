@@ -141,8 +141,10 @@ def safe_load(source: str | os.PathLike | IO[bytes], stand_ins: Iterable[tuple[A
             if _malformed(err):
                 raise CorruptCheckpointError(_unreadable(name, err, hint)) from None
             raise UnsafeCheckpointError(_refusal(source, name, contents, hint)) from None
-        except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, AttributeError) as err:
-            # torch's zip reader on a truncated or overwritten file, or a pickle cut short.
+        except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, AttributeError, IndexError, TypeError,
+                ValueError, OverflowError) as err:
+            # torch's zip reader on a truncated or overwritten file, or a pickle cut short or damaged
+            # (the weights-only unpickler then fails on its stack, its memo or a stand-in's arguments)
             raise CorruptCheckpointError(_unreadable(name, err, hint)) from None
 
 
@@ -220,15 +222,31 @@ def save_own_checkpoint(obj: dict, path: str | os.PathLike) -> str:
     return digest
 
 
-def load_own_checkpoint(path: str | os.PathLike, verify: bool = True, mmap: bool = False) -> dict:
+# The final checkpoints of the stages, told apart by what only each records (a generator's and an
+# rq.pt's top-level keys are alike; their archs are not).
+OWN_KINDS = {
+    "rq": ("an rq.pt (genius train-rq)", lambda obj: "num_levels" in (obj.get("arch") or {})),
+    "generator": ("a generator.pt (genius train-gen)", lambda obj: "d_model" in (obj.get("arch") or {})),
+    "clip": ("a CLIP-SF checkpoint (genius train-clip)", lambda obj: "model_config" in obj),
+}
+
+
+def load_own_checkpoint(path: str | os.PathLike, verify: bool = True, mmap: bool = False,
+                        kind: str | None = None) -> dict:
     """Load a checkpoint this project wrote (tensors and plain Python data only) and check its
     content against the digest written into it: a flipped byte or a truncated file is refused,
     naming the file, instead of changing results silently. ``verify=False`` with ``mmap=True``
-    reads only the recorded metadata cheaply (the digest is checked where the weights are used)."""
+    reads only the recorded metadata cheaply (the digest is checked where the weights are used).
+    ``kind`` (an ``OWN_KINDS`` key): the stage's checkpoint expected; another one is refused."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint does not exist")
-    return check_own_content(safe_load(path, hint=_OWN_HINT, mmap=mmap), path, verify)
+    obj = check_own_content(safe_load(path, hint=_OWN_HINT, mmap=mmap), path, verify)
+    if kind is not None and not OWN_KINDS[kind][1](obj):
+        found = next((what for name, (what, test) in OWN_KINDS.items() if test(obj)), "another checkpoint")
+        raise CheckpointMismatchError(f"{path}: this is {found}, not {OWN_KINDS[kind][0]} as expected here; point "
+                                      "the setting at the right file")
+    return obj
 
 
 _OWN_HINT = "delete it and re-run the stage that writes it"

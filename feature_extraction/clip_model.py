@@ -146,7 +146,9 @@ class ImageReader:
         except FileNotFoundError:
             raise FileNotFoundError(f"image {path} not found (img_path {rel_path!r} relative to the data root {self.root})") from None
         except OSError as err:
-            raise OSError(f"image {path} could not be decoded: {err}") from None
+            raise OSError(f"image {path} could not be decoded: {err}; replace it with a complete image file or drop "
+                          "the records that name it (genius check-data --root <data root> lists every such image)"
+                          ) from None
         if self._cache is not None:
             self._cache[rel_path] = pixels
         return pixels
@@ -205,12 +207,18 @@ def _declared_tensors(archive: zipfile.ZipFile, root: str) -> dict[str, set[str]
         if not (rel.startswith("code/") and rel.endswith(".py")):
             continue
         module = rel[len("code/"):-len(".py")].replace("/", ".")
-        for node in ast.parse(archive.read(name).decode("utf-8")).body:
-            if isinstance(node, ast.ClassDef):
-                lists = {target.id: ast.literal_eval(stmt.value) for stmt in node.body if isinstance(stmt, ast.Assign)
-                         for target in stmt.targets if isinstance(target, ast.Name)
-                         and target.id in ("__parameters__", "__buffers__")}
-                declared[f"{module}.{node.name}"] = {*lists.get("__parameters__", ()), *lists.get("__buffers__", ())}
+        try:
+            for node in ast.parse(archive.read(name).decode("utf-8")).body:
+                if isinstance(node, ast.ClassDef):
+                    lists = {target.id: ast.literal_eval(stmt.value) for stmt in node.body
+                             if isinstance(stmt, ast.Assign) for target in stmt.targets
+                             if isinstance(target, ast.Name) and target.id in ("__parameters__", "__buffers__")}
+                    declared[f"{module}.{node.name}"] = {*lists.get("__parameters__", ()),
+                                                         *lists.get("__buffers__", ())}
+        except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError) as err:  # ValueError: not literals
+            raise CheckpointMismatchError(f"{archive.filename}: unsupported TorchScript archive ({name} does not "
+                                          f"declare its tensors as literal lists: {' '.join(str(err).split())[:120]});"
+                                          " save the weights with torch.save(model.state_dict())") from None
     return declared
 
 

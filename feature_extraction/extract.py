@@ -80,7 +80,7 @@ from genius.common.mbeir import (
     unhash_did,
 )
 from genius.common.progress import Progress
-from genius.common.ranges import check_ranges, ranged
+from genius.common.ranges import BATCH, THREADS, check_ranges, ranged
 from genius.common.runstate import RunKey, acquire_lock, file_content, files_digest, release_lock
 from genius.common.stage import (
     MetricsLog, one_line, parse_stage_config, record_run, setup_logging, stage_parser, user_errors_exit,
@@ -136,9 +136,9 @@ class OutputConfig:
 @dataclass
 class RuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch_size: int = ranged(256, ">= 1")
+    batch_size: int = ranged(256, BATCH)
     num_workers: int = ranged(4, "[0, 1024]")  # image decoding processes (0: decode in the main process)
-    cpu_threads: int | None = ranged(None, "[1, 4096]")  # CPU torch threads (null: common.distributed.ThreadPolicy)
+    cpu_threads: int | None = ranged(None, THREADS)  # CPU torch threads (null: common.distributed.ThreadPolicy)
 
 
 @dataclass
@@ -464,10 +464,16 @@ def _unique_records(job: Job, empty: EmptyTexts, image_root: Path | None = None)
     seen: set[int] = set()
     read = iter_queries if job.kind == "query" else iter_candidates
     records = read(job.source, image_root=image_root, on_empty_text=empty)
+    repeats = 0
     for record in records:
         if record.hashed not in seen:
             seen.add(record.hashed)
             yield record
+        else:
+            repeats += 1
+    if repeats:  # exact copies (a copy that differs is an error of the reader)
+        log.info("%s: %d records repeat an earlier record of the same id exactly; each id is embedded once",
+                 job.source, repeats)
 
 
 class _Targets:

@@ -322,3 +322,26 @@ def test_a_record_holding_what_its_modality_does_not_declare_is_a_problem(mbeir)
         "set modality to 'image,text' or make txt null",
         "query/test/mbeir_webqa_task1_test.jsonl:1: query_modality is 'text' but the record holds an image "
         "(query_img_path); set query_modality to 'image,text' or make query_img_path null"]
+
+
+def test_a_union_candidate_in_no_local_pool_is_named_with_its_line(mbeir):
+    """genius extract assembles the union test pool from the local pools' stores; check-data said
+    OK to a root that extract then refused."""
+    union = mbeir.root / "cand_pool/global/mbeir_union_test_cand_pool.jsonl"
+    rows = lines(union)
+    extra = json.loads(rows[0])
+    extra["did"] = "1:987654"
+    union.write_text("\n".join(rows + [json.dumps(extra)]) + "\n")
+    assert check_root(mbeir.root).problems == [
+        f"cand_pool/global/mbeir_union_test_cand_pool.jsonl:{len(rows) + 1}: did 1:987654 is in no local pool of "
+        "cand_pool/local/ (genius extract builds this pool from them): add its local pool or remove the record "
+        "(1 of its candidates are so)"]
+
+
+def test_an_instructions_path_that_is_a_folder_is_a_problem(mbeir):
+    tsv = mbeir.root / "instructions/query_instructions.tsv"
+    tsv.unlink()
+    tsv.mkdir()
+    assert check_root(mbeir.root).problems == [
+        "instructions/query_instructions.tsv: is a folder (or not a regular file), not the instructions file; "
+        "replace it with the tab-separated instructions file or remove it"]

@@ -15,6 +15,7 @@ import torch
 from genius.common.config import ConfigError, load_config
 from genius.common.fusion import score_fusion
 from genius.common.mbeir import MODALITY_CODE, TASKS
+from genius.common.runstate import content_sha256
 from genius.common.store import ARRAYS, EmbeddingStore, StoreArrays, store_path, write_store
 from genius.models.generative_retriever.decode_cache import decode_key
 from genius.models.generative_retriever.evaluate import EvalConfig, EvalFile, PathsConfig, evaluate
@@ -58,6 +59,15 @@ def _write_codes(rq_run: Path, pool: Path, ids, codes, store: Path, rq_fp="fake-
     (out / "meta.json").write_text(json.dumps({"rq": rq_fp, "modality_mode": "assigned", "num_levels": codes.shape[1],
                                                "codebook_sizes": CODEBOOK_SIZES,
                                                "store_content": EmbeddingStore.open(store).content_id}))
+    _record_files(out)
+
+
+def _record_files(out: Path) -> None:
+    """meta.json's record of the code files, as genius assign-codes writes it (eval checks it)."""
+    meta = json.loads((out / "meta.json").read_text())
+    meta["files"] = {name: {"size": (out / name).stat().st_size, "sha256": content_sha256(out / name)}
+                     for name in ("codes.npy", "ids.npy")}
+    (out / "meta.json").write_text(json.dumps(meta))
 
 
 def make_world(tmp: Path, seed: int = 0) -> EvalConfig:
@@ -191,8 +201,9 @@ def test_changed_codes_or_generator_invalidate_cached_decodings_and_trie(tmp_pat
     assert next(codes_dir.glob("trie-*.bin")) == first_trie
 
     codes = np.load(codes_dir / "codes.npy")
-    codes[:, -1] = (codes[:, -1] + 1) % 3  # reassigned IDs
+    codes[:, -1] = (codes[:, -1] + 1) % 3  # reassigned IDs (written as assign-codes writes them)
     np.save(codes_dir / "codes.npy", codes)
+    _record_files(codes_dir)
     changed = evaluate(cfg, fake_models(cfg))
     cached = {(s.pool, s.query_file): s.cached for s in changed.stats}
     assert cached[("mbeir_shapes_task0_cand_pool", "mbeir_shapes_task0_test")] is False

@@ -420,3 +420,14 @@ def test_official_checkpoint_mismatches_name_the_tensor(layout, tmp_path):
         official.generator_from_official_state(untied, sizes)
     with pytest.raises(CheckpointMismatchError, match="unexpected keys"):
         official.generator_from_official_state(dict(generator_state, **{"id_generator.extra": torch.zeros(1)}), sizes)
+
+
+def test_a_damaged_pretrained_t5_folder_is_named(tmp_path):
+    from transformers import T5Config
+
+    from genius.models.generative_retriever.generator import load_pretrained_t5
+
+    T5Config(d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, vocab_size=32).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # cut short
+    with pytest.raises(ValueError, match=rf"model.pretrained: {tmp_path}: not a loadable T5 folder"):
+        load_pretrained_t5(tmp_path, {"codebook_sizes": [3, 4]})

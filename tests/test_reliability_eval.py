@@ -241,3 +241,46 @@ def test_a_flipped_byte_in_the_generator_is_refused(root, capsys):
     path.write_bytes(bytes(data))
     code, _, err = run_eval(capsys, "force=true")  # the recorded digest is unchanged: force reads the weights
     error_line(code, err, str(path), "does not match the digest")
+
+
+# ---- the query file and its qrels disagree -----------------------------------------------------
+def test_a_qrels_line_of_an_unknown_query_is_named(root, capsys):
+    qrels = root / QRELS
+    lines = qrels.read_text().splitlines()
+    task = lines[0].split()[4]
+    qrels.write_text("\n".join(lines + [f"99:99999 0 {lines[0].split()[2]} 1 {task}"]) + "\n")
+    code, _, err = run_eval(capsys)  # silently ignored before
+    error_line(code, err, f"{qrels}:{len(lines) + 1}: qid 99:99999 is not a query of {root / QUERIES}")
+
+
+def test_a_query_without_a_qrels_line_is_named(root, capsys):
+    qrels = root / QRELS
+    lines = qrels.read_text().splitlines()
+    qid = lines[0].split()[0]
+    qrels.write_text("\n".join(line for line in lines if line.split()[0] != qid) + "\n")
+    code, _, err = run_eval(capsys)  # scored as a miss before, with no word
+    queries = [json.loads(line)["qid"] for line in (root / QUERIES).read_text().splitlines()]
+    error_line(code, err, f"{root / QUERIES}:{queries.index(qid) + 1}: query {qid} has no relevant line in {qrels}",
+               "could never be a hit")
+
+
+# ---- artefacts changed after they were written -----------------------------------------------
+def test_codes_replaced_after_assign_codes_are_refused(root, capsys):
+    codes = root / "checkpoint/tiny/rq/codes/mbeir_union_test_cand_pool/codes.npy"
+    array = np.load(codes)
+    np.save(codes, array[::-1].copy())  # same shape and dtype, other rows: silently used before
+    code, _, err = run_eval(capsys, "force=true")
+    error_line(code, err, f"{codes} does not match the size and SHA-256 in meta.json",
+               "changed after genius assign-codes wrote them")
+
+
+def test_a_damaged_decode_cache_is_decoded_again(root, capsys, caplog):
+    code, _, err = run_eval(capsys)
+    assert code == 0, err
+    table = (root / RESULTS / "results.tsv").read_text()
+    (cached,) = [p for p in (root / RESULTS / "decoded").rglob("codes.npy")][:1]
+    np.save(cached, np.load(cached)[::-1].copy())  # rows swapped between queries
+    code, _, err = run_eval(capsys, "force=true")
+    assert code == 0, err
+    assert "not the decoding its meta.json records" in caplog.text
+    assert (root / RESULTS / "results.tsv").read_text() == table  # decoded again, not read

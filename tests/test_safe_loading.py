@@ -300,3 +300,48 @@ def test_an_old_checkpoint_with_numpy_state_gets_one_line_advice(tmp_path):
         load_own_checkpoint(tmp_path / "epoch_0001.pt")
     message = str(err.value)
     assert "\n" not in message and message.endswith("delete it and re-run the stage that writes it")
+
+
+# ---- damaged pickles and the wrong stage's checkpoint -----------------------------------------
+def zip_with_pickle(path: Path, data_pkl: bytes) -> Path:
+    """A torch.save-style zip whose data.pkl is ``data_pkl`` (hand-made opcodes)."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", data_pkl)
+        archive.writestr("archive/version", "3\n")
+        archive.writestr("archive/byteorder", "little")
+    return path
+
+
+@pytest.mark.parametrize("opcodes", [
+    b"\x80\x02R.",  # REDUCE on an empty stack: the unpickler's IndexError
+    b"\x80\x02}]]s.",  # a list as a dict key: TypeError (unhashable)
+    b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n)R.",  # an allowed global with the wrong arguments: TypeError
+    # an official file's stand-in given arguments: TypeError (our own loader refuses the global itself)
+    b"\x80\x02comegaconf.dictconfig\nDictConfig\n(K\x01K\x02tR.",
+])
+def test_a_damaged_pickle_is_one_line_naming_the_file(tmp_path, opcodes):
+    from genius.common.checkpoint import CorruptCheckpointError
+
+    path = zip_with_pickle(tmp_path / "damaged.pt", opcodes)
+    loaders = (load_official_checkpoint,) if b"omegaconf" in opcodes else (load_own_checkpoint, load_official_checkpoint)
+    for load in loaders:
+        with pytest.raises(CorruptCheckpointError, match=rf"^{re.escape(str(path))}: cannot be read: the file is "
+                                                         "truncated, corrupt or not a PyTorch checkpoint"):
+            load(path)
+
+
+def test_another_stages_checkpoint_is_named_for_what_it_is(tmp_path):
+    from genius.common.checkpoint import CheckpointMismatchError, save_own_checkpoint
+    from genius.models.generative_retriever.generator import load_generator
+    from genius.models.residual_quantization.model import load_rq
+
+    rq_like = save_own_checkpoint({"model": {}, "arch": {"num_levels": 3}, "fingerprint": "x"}, tmp_path / "rq.pt")
+    gen_like = tmp_path / "generator.pt"
+    save_own_checkpoint({"model": {}, "arch": {"d_model": 8}, "fingerprint": "y"}, gen_like)
+    assert rq_like
+    with pytest.raises(CheckpointMismatchError, match=r"generator.pt: this is a generator.pt \(genius train-gen\), "
+                                                      r"not an rq.pt \(genius train-rq\) as expected here"):
+        load_rq(gen_like)
+    with pytest.raises(CheckpointMismatchError, match=r"rq.pt: this is an rq.pt \(genius train-rq\), not a "
+                                                      r"generator.pt \(genius train-gen\)"):
+        load_generator(tmp_path / "rq.pt")

@@ -26,7 +26,7 @@ from genius.common.config import resolve_path
 from genius.common.distributed import DistInfo, gather_to_main, shard_bounds
 from genius.common.io import atomic_dir, atomic_write_json
 from genius.common.progress import Progress
-from genius.common.runstate import portable_path
+from genius.common.runstate import content_sha256, portable_path
 from genius.common.store import EmbeddingStore, StoreArrays
 from genius.models.generative_retriever.beam_search import NUMERICS_VERSION, decoder_dtype
 from genius.models.generative_retriever.pool_assets import Pool
@@ -127,11 +127,10 @@ def decode_cached(cfg: Any, models: Models, pool: Pool, queries: EmbeddingStore,
     images = open_query_images(models, queries, query_file, cfg.paths.data_root)
     key = decode_key(cfg, models, pool, queries, info.device, images, info.world_size)
     start, stop = shard_bounds(len(queries), info.rank, info.world_size)
-    if (out_dir / "meta.json").is_file():
-        meta = json.loads((out_dir / "meta.json").read_text())
-        if meta.get("key") == key:
-            arrays = [np.array(np.load(out_dir / f"{n}.npy", mmap_mode="r")[start:stop]) for n in ARRAY_NAMES]
-            return Decoded(*arrays, seconds=meta["seconds"], cached=True, start=start)
+    meta = _cache_meta(out_dir, key)
+    if meta is not None:
+        arrays = [np.array(np.load(out_dir / f"{n}.npy", mmap_mode="r")[start:stop]) for n in ARRAY_NAMES]
+        return Decoded(*arrays, seconds=meta["seconds"], cached=True, start=start)
     began = time.perf_counter()
     shard = decode_rows(models, pool, queries.arrays, start, stop, cfg.decoding.batch_size,
                         f"eval: decoding {queries.path.name} on {pool.stem}", images)
@@ -142,8 +141,31 @@ def decode_cached(cfg: Any, models: Models, pool: Pool, queries: EmbeddingStore,
         with atomic_dir(out_dir) as tmp:
             for name, array in zip(ARRAY_NAMES, every):
                 np.save(tmp / f"{name}.npy", array)
+            files = {f"{name}.npy": content_sha256(tmp / f"{name}.npy") for name in ARRAY_NAMES}
             atomic_write_json(tmp / "meta.json", {"key": key, "seconds": seconds, "num_queries": len(queries),
                                                   "pool": portable_path(pool.path),
                                                   "queries_store": portable_path(queries.path),
-                                                  "processes": info.world_size})
+                                                  "processes": info.world_size, "files": files})
     return Decoded(*shard, seconds=seconds, cached=False, start=start)
+
+
+def _cache_meta(out_dir: Path, key: dict) -> dict | None:
+    """The cache's meta.json when it holds this key's decoding and its arrays are the ones written
+    (their SHA-256s); else None, and the queries are decoded again (a damaged, edited or older
+    cache is replaced, never read: a warning says which)."""
+    if not (out_dir / "meta.json").is_file():
+        return None
+    try:
+        meta = json.loads((out_dir / "meta.json").read_text())
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict) or meta.get("key") != key:
+        return None
+    files = meta.get("files", {})
+    for name in ARRAY_NAMES:
+        path = out_dir / f"{name}.npy"
+        if not path.is_file() or files.get(path.name) != content_sha256(path):
+            log.warning("%s: not the decoding its meta.json records (changed, damaged or written by an older "
+                        "version); decoding again", path)
+            return None
+    return meta

@@ -21,10 +21,12 @@ the stage-0 file. A prefix arch has no ``condition`` key, like every file writte
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
 
@@ -101,11 +103,17 @@ def load_pretrained_t5(path: str | os.PathLike, arch: dict) -> tuple[T5ForCondit
 
     Returns the model and ``arch`` updated with the checkpoint's own shapes.
     """
-    config = T5Config.from_pretrained(path)
-    config.num_decoder_layers = config.num_decoder_layers or config.num_layers
-    config.num_layers = 0
-    config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = PAD, PAD, EOS
-    t5 = T5ForConditionalGeneration.from_pretrained(path, config=config)
+    try:  # transformers reads the weights with torch's weights-only unpickler or safetensors
+        config = T5Config.from_pretrained(path)
+        config.num_decoder_layers = config.num_decoder_layers or config.num_layers
+        config.num_layers = 0
+        config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = PAD, PAD, EOS
+        t5 = T5ForConditionalGeneration.from_pretrained(path, config=config)
+    except (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError, pickle.UnpicklingError,
+            SafetensorError) as err:  # a missing, damaged or refused file of the folder
+        raise ValueError(f"model.pretrained: {path}: not a loadable T5 folder ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:160]}); point it at a save_pretrained folder of a T5 model "
+                         "(config.json and model.safetensors)") from None
     t5.resize_token_embeddings(vocab_size(arch["codebook_sizes"]))
     shapes = {key: getattr(config, key) for key in T5_SMALL if key != "dropout"}
     return t5, {**arch, **shapes, "dropout": config.dropout_rate}
@@ -248,7 +256,7 @@ def load_generator(path: str | os.PathLike) -> tuple[IDGenerator, dict]:
     """Rebuild from the saved arch, load strictly, eval mode. A file whose bytes no longer match
     its digest (a flipped byte, a truncated copy) is refused naming it. Meta: arch, config, rq
     (the fingerprint of its rq.pt), fingerprint (of these weights)."""
-    ckpt = load_own_checkpoint(path)
+    ckpt = load_own_checkpoint(path, kind="generator")
     generator = IDGenerator(ckpt["arch"])
     load_state_dict_strict(generator, ckpt["model"], f"generator checkpoint {path}")
     meta = {key: ckpt[key] for key in ("arch", "config", "rq")}
@@ -259,5 +267,5 @@ def load_generator(path: str | os.PathLike) -> tuple[IDGenerator, dict]:
 def generator_fingerprint(path: str | os.PathLike) -> str:
     """The weights' fingerprint recorded in ``generator.pt`` (a memory-mapped read of the record;
     the content is checked where the weights are loaded)."""
-    ckpt = load_own_checkpoint(path, verify=False, mmap=True)
+    ckpt = load_own_checkpoint(path, verify=False, mmap=True, kind="generator")
     return str(ckpt.get("fingerprint") or content_digest(ckpt["model"]))

@@ -26,11 +26,12 @@ import genius.trie_cpp as trie_lib
 from genius.common.config import resolve_path
 from genius.common.distributed import barrier, broadcast_from_main, group_rank, shard_bounds
 from genius.common.fusion import fused_store_embeddings
-from genius.common.io import atomic_dir, atomic_path, atomic_write_json, sha256_file, sha256_json
-from genius.common.runstate import portable_path
+from genius.common.io import atomic_dir, atomic_path, atomic_write_json, sha256_json
+from genius.common.runstate import content_sha256, portable_path
 from genius.common.store import ARRAYS, EmbeddingStore, StoreArrays, store_path
 from genius.models.generative_retriever.retrieval import CandidateMap, Ranking, dense_index
 from genius.models.generative_retriever.run_models import Models, StaleInputError
+from genius.models.residual_quantization.assign_codes import codes_intact
 
 log = logging.getLogger("genius.eval")
 
@@ -160,7 +161,7 @@ def codes_fingerprint(codes_dir: Path) -> str:
     if missing:
         raise FileNotFoundError(f"{codes_dir / missing[0]}: missing from the pool's codes; re-run genius assign-codes "
                                 "for this pool")
-    return sha256_json({name: sha256_file(codes_dir / name) for name in CODE_FILES})
+    return sha256_json({name: content_sha256(codes_dir / name) for name in CODE_FILES})
 
 
 def _read_json(path: Path) -> dict:
@@ -195,6 +196,9 @@ def load_codes(codes_dir: Path, store: EmbeddingStore, models: Models) -> tuple[
         raise StaleInputError(f"{codes_dir}: these codes were computed from another version of the candidate "
                               f"store {store.path} (re-extracted since, e.g. with another encoder checkpoint); "
                               f"{rerun}")
+    changed = codes_intact(codes_dir)  # meta.json records each file's size and SHA-256
+    if changed is not None:
+        raise StaleInputError(f"{changed}: the pool's codes changed after genius assign-codes wrote them; {rerun}")
     codes_hash = codes_fingerprint(codes_dir)
     codes, ids = np.load(codes_dir / "codes.npy"), np.load(codes_dir / "ids.npy")
     if codes.ndim != 2 or len(codes) != len(ids) or not np.array_equal(ids, store.ids):
@@ -220,6 +224,21 @@ def trie_for(codes: np.ndarray, codes_dir: Path, codes_hash: str, backend: str, 
     return trie_lib.load_trie(path, backend), path
 
 
+def _readable_fused(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    """The cached fused embeddings, memory-mapped, if the file reads as fp16 rows of ``shape``;
+    else None (a warning names it) and the cache is written again. Its rows are not hashed: at
+    M-BEIR's size that would read gigabytes for every evaluation."""
+    try:
+        fused = np.load(path, mmap_mode="r")
+        if fused.dtype == np.float16 and fused.shape == shape:
+            return fused
+    except (ValueError, OSError, EOFError):
+        pass
+    log.warning("%s: not the fp16 [%d, %d] embeddings this cache holds (damaged or changed); writing it again",
+                path, *shape)
+    return None
+
+
 def cached_fused_embeddings(store: EmbeddingStore, cache_dir: Path, chunk: int = 65536) -> np.ndarray:
     """The store's fused, normalised embeddings as fp16, written once per store content.
 
@@ -232,7 +251,9 @@ def cached_fused_embeddings(store: EmbeddingStore, cache_dir: Path, chunk: int =
     # Every rank decides before the first collective below, and rank 0 publishes only after the
     # second, so all ranks see the same answer.
     if meta.is_file() and _read_json(meta).get("store_content") == key:
-        return np.load(cache_dir / "fused.npy", mmap_mode="r")
+        cached = _readable_fused(cache_dir / "fused.npy", (len(store), store.dim))
+        if cached is not None:
+            return cached
     rank, world_size = group_rank()
     with atomic_dir(cache_dir) if rank == 0 else contextlib.nullcontext() as tmp:
         if rank == 0:

@@ -42,19 +42,34 @@ class FilePositives:
 
     @classmethod
     def read(cls, qrels: Path, queries: Path) -> "FilePositives":
-        query_lines, empty, exclusions = [], set(), {}
+        """Both files, which must agree on their queries: M-BEIR writes a query's qrels lines from
+        its ``pos_cand_list``, so a qrels line of a qid the query file lacks, or a scored query
+        without a relevant qrels line (it could never be a hit), is a mistake in the data."""
+        query_lines, empty, exclusions, first_line = [], set(), {}, {}
         for lineno, obj in iter_jsonl(queries):
             problems = query_problems(obj, text_required=False)
             if problems:
                 raise DataFormatError(f"{queries}:{lineno}: {problems[0]}")
+            first_line.setdefault(obj["qid"], lineno)
             if lacks_text(obj, "query_modality", "query_txt"):
                 empty.add(obj["qid"])
                 continue
             query_lines += [(lineno, obj["qid"], did) for did in obj["pos_cand_list"]]
             if obj.get("exclude_cand_list"):
                 exclusions[hash_qid(obj["qid"])] = [hash_did(did) for did in obj["exclude_cand_list"]]
-        relevant = [(lineno, qid, did) for lineno, qid, did, rel, _ in qrels_lines(qrels)
-                    if rel > 0 and qid not in empty]
+        relevant, judged = [], set()
+        for lineno, qid, did, rel, _ in qrels_lines(qrels):
+            if qid not in first_line:
+                raise DataFormatError(f"{qrels}:{lineno}: qid {qid} is not a query of {queries}; delete the line or "
+                                      "add the query (genius check-data lists every such line)")
+            if rel > 0 and qid not in empty:
+                relevant.append((lineno, qid, did))
+                judged.add(qid)
+        unjudged = [qid for qid in first_line if qid not in empty and qid not in judged]
+        if unjudged:
+            raise DataFormatError(f"{queries}:{first_line[unjudged[0]]}: query {unjudged[0]} has no relevant line in "
+                                  f"{qrels} ({len(unjudged)} queries have none), so it could never be a hit; add its "
+                                  "qrels lines (one per pos_cand_list entry) or remove the query")
         return cls(qrels, queries, relevant, query_lines, exclusions)
 
 

@@ -79,7 +79,7 @@ def model_fingerprints(paths: Any) -> dict:
         return {"official": content_sha256(files[0])}
     rq_path, gen_path = files
     return {"rq": rq_fingerprint(rq_path),
-            "generator": load_own_checkpoint(gen_path, verify=False, mmap=True)[CONTENT_KEY]}
+            "generator": load_own_checkpoint(gen_path, verify=False, mmap=True, kind="generator")[CONTENT_KEY]}
 
 
 def reads_query_images(paths: Any, models: Models | None = None) -> bool:
@@ -91,7 +91,8 @@ def reads_query_images(paths: Any, models: Models | None = None) -> bool:
         return False
     _, gen_path = _require_files(paths)
     # generator.IMAGE_TOKENS, spelt out: importing generator.py loads transformers
-    return load_own_checkpoint(gen_path, verify=False, mmap=True)["arch"].get("condition") == "image_tokens"
+    arch = load_own_checkpoint(gen_path, verify=False, mmap=True, kind="generator")["arch"]
+    return arch.get("condition") == "image_tokens"
 
 
 def check_int8_device(device: torch.device) -> None:

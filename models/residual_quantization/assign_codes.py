@@ -58,7 +58,7 @@ from genius.common.distributed import (
 )
 from genius.common.config_checks import check_dir
 from genius.common.progress import Progress
-from genius.common.ranges import check_ranges, ranged
+from genius.common.ranges import BATCH, THREADS, check_ranges, ranged
 from genius.common.io import atomic_save_npy, atomic_write_json
 from genius.common.runstate import RunKey, RunState, acquire_lock, content_sha256, portable_path, release_lock
 from genius.common.stage import parse_stage_config, record_run, setup_logging, stage_parser, user_errors_exit
@@ -77,13 +77,13 @@ class AssignCodesConfig:
     pools: list[str] | None = None  # store names (pool file stems) under embed_dir; None: every store there
     encoder: str | None = None  # the encoder name every store must record (None: not checked)
     out_dir: str = "checkpoint/large/rq/codes"
-    batch_size: int = ranged(4096, ">= 1")
+    batch_size: int = ranged(4096, BATCH)
     unique_level: bool = False
     # The Combiner under fp16 autocast on CUDA, as the official evaluation ran it; on CPU it stays
     # fp32. Nearest-codeword search is fp32 either way.
     autocast: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    cpu_threads: int | None = ranged(None, ">= 1")  # CPU torch threads (null: common.distributed.ThreadPolicy)
+    cpu_threads: int | None = ranged(None, THREADS)  # CPU torch threads (null: common.distributed.ThreadPolicy)
     force: bool = False  # recompute every pool's codes, even those whose done.json records the same run key
 
     def validate(self) -> None:
@@ -120,8 +120,12 @@ def check_config(cfg: AssignCodesConfig) -> None:
 def pool_stores(embed_dir: Path, pools: list[str] | None) -> list[Path]:
     if pools is not None:
         return [embed_dir / name for name in pools]
-    found = sorted(p for p in embed_dir.iterdir() if (read_meta(p) or {}).get("kind") == "candidate") \
-        if embed_dir.is_dir() else []
+    folders = sorted(p for p in embed_dir.iterdir() if p.is_dir()) if embed_dir.is_dir() else []
+    for folder in folders:  # never skip a pool without a word
+        if (folder / "ids.npy").is_file() and not (folder / "meta.json").is_file():
+            raise StoreError(f"{folder}: a store's arrays without its meta.json (damaged, or its extraction did "
+                             "not finish); re-run genius extract for that pool, or list the pools to assign in pools")
+    found = [p for p in folders if (read_meta(p) or {}).get("kind") == "candidate"]
     if not found:
         raise StoreError(f"no candidate stores under {embed_dir} (run feature extraction for the pools first)")
     return found

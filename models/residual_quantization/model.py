@@ -165,7 +165,7 @@ def _read_rq(path: str | os.PathLike, mmap: bool = False) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no RQ checkpoint at {path} (run genius train-rq first)")
-    obj = load_own_checkpoint(path, verify=not mmap, mmap=mmap)
+    obj = load_own_checkpoint(path, verify=not mmap, mmap=mmap, kind="rq")
     missing = [key for key in ("model", "arch", "fingerprint") if not (isinstance(obj, dict) and key in obj)]
     if missing:
         raise CheckpointMismatchError(f"{path} is not an rq.pt written by genius train-rq (lacks {', '.join(missing)})")
