@@ -403,6 +403,7 @@ def check_qrels(path: Path, queries: QueryFile, query_file: Path, report: Report
     bad: set[str] = set()  # qids of lines reported as malformed: their queries are not compared
     relevant: dict[str, set[str]] = {}
     task_of: dict[str, int] = {}
+    line_of: dict[str, int] = {}  # qid -> its first qrels line
     reported: dict[str, set[str]] = {}  # qid -> qrels-only positives already reported at their qrels line
     records = 0
     for lineno, line in text_lines(path, lambda lineno, message: report.add(path, lineno, message)):
@@ -417,6 +418,7 @@ def check_qrels(path: Path, queries: QueryFile, query_file: Path, report: Report
             bad.add(parts[0])
             continue
         task_of[qid] = task
+        line_of.setdefault(qid, lineno)
         if rel <= 0:
             continue
         relevant.setdefault(qid, set()).add(did)
@@ -442,9 +444,10 @@ def check_qrels(path: Path, queries: QueryFile, query_file: Path, report: Report
             if detail:
                 report.add(query_file, row.line, f"positives of {qid} disagree with {path.name} ({detail})")
         if row.task is not None and qid in task_of and task_of[qid] != row.task:
-            report.add(path, None, f"qid {qid} has task {task_of[qid]} in qrels but {row.task} in {query_file.name}")
-    for qid in sorted(set(task_of) - set(queries.rows) - queries.invalid - bad):
-        report.add(path, None, f"qid {qid} is not in {query_file.name}")
+            report.add(path, line_of[qid], f"qid {qid} has task {task_of[qid]} in qrels but {row.task} in "
+                                           f"{query_file.name}; make the two agree")
+    for qid in sorted(set(task_of) - set(queries.rows) - queries.invalid - bad, key=line_of.get):
+        report.add(path, line_of[qid], f"qid {qid} is not in {query_file.name}; delete the line or add the query")
 
 
 def _mbeir_ships_qrels(query_file: Path, split: str) -> bool:

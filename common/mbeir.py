@@ -433,7 +433,11 @@ def parse_qrels_line(parts: list[str]) -> tuple[str, str, int, int]:
     qid, _, did, rel, task = parts
     parse_id(qid, QID_BASE, "qid")
     parse_id(did, DID_BASE, "did")
-    rel_value, task_value = int(rel), int(task)
+    try:
+        rel_value, task_value = int(rel), int(task)
+    except ValueError:
+        raise ValueError(f"relevance {rel!r} and task_id {task!r} must be integers (the line reads "
+                         "'qid 0 did relevance task_id', e.g. '9:1 0 9:5 1 0')") from None
     if task_value not in TASKS:
         raise ValueError(f"task_id {task_value} is not an M-BEIR task id")
     return qid, did, rel_value, task_value

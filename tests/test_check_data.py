@@ -243,7 +243,8 @@ def test_qrels_of_the_union_train_file_are_checked_when_present(mbeir):
     assert check_root(mbeir.root).problems == []
     rewrite_line(qrels, 1, lambda line: line.replace(" 1 ", " x "))
     problems = check_root(mbeir.root).problems
-    assert len(problems) == 1 and problems[0].startswith("qrels/train/mbeir_union_up_train_qrels.txt:1: invalid literal")
+    assert len(problems) == 1 and problems[0].startswith("qrels/train/mbeir_union_up_train_qrels.txt:1: relevance 'x' "
+                                                         "and task_id")
 
 
 def test_layout_positives_are_in_their_local_and_union_pools(mbeir):
@@ -345,3 +346,13 @@ def test_an_instructions_path_that_is_a_folder_is_a_problem(mbeir):
     assert check_root(mbeir.root).problems == [
         "instructions/query_instructions.tsv: is a folder (or not a regular file), not the instructions file; "
         "replace it with the tab-separated instructions file or remove it"]
+
+
+def test_qrels_lines_that_disagree_with_their_query_file_are_named_with_their_line(mbeir):
+    rel = "qrels/test/mbeir_nights_task4_test_qrels.txt"
+    qrels = mbeir.root / rel
+    rows = lines(qrels)
+    qid, _, did, _, _ = rows[0].split()
+    qrels.write_text("\n".join(rows + [f"4:98765 0 {did} 1 4"]) + "\n")
+    assert f"{rel}:{len(rows) + 1}: qid 4:98765 is not in mbeir_nights_task4_test.jsonl; delete the line or add " \
+           "the query" in check_root(mbeir.root).problems
