@@ -194,10 +194,15 @@ def plan_jobs(cfg: ExtractConfig) -> tuple[list[Job], Job | None]:
     name = cfg.encoder.name
     d = cfg.data
 
-    def job(split: str, kind: str, source: Path, key: str, target_pools=()) -> Job:
-        if not source.is_file():
-            skip = "remove it from the list" if key.endswith("]") else "set it to null to skip it"
-            raise FileNotFoundError(f"{key}: {source} does not exist (data.root is {root}); fix {key} or {skip}")
+    def job(split: str, kind: str, source: Path, key: str, target_pools=(), found: bool = False) -> Job:
+        if not source.is_file():  # found: taken from a folder because the key is null
+            what = ("is a folder, not a jsonl file" if source.is_dir() else
+                    "is a link to nothing (or a loop of links)" if source.is_symlink() else
+                    "is not a regular file" if source.exists() else "does not exist")
+            fix = (f"move it out of {source.parent} or list the files in {key}" if found else
+                   f"fix {key} or remove it from the list" if key.endswith("]") else
+                   f"fix {key} or set it to null to skip it")
+            raise FileNotFoundError(f"{key}: {source} {what} (data.root is {root}); {fix}")
         return Job(split, kind, source, store_path(out, name, split, source), tuple(target_pools))
 
     jobs: list[Job] = []
@@ -210,9 +215,9 @@ def plan_jobs(cfg: ExtractConfig) -> tuple[list[Job], Job | None]:
     local_pools = _listed_or_all(root, d.local_pools, "cand_pool/local", "data.local_pools")
     union = older_revision_twin(root / d.union_pool) if d.union_pool else None
     test_targets = [union] if union is not None and union.is_file() else [p for p, _ in local_pools]
-    jobs += [job("test", "query", q, key, test_targets)
+    jobs += [job("test", "query", q, key, test_targets, found=d.test_queries is None)
              for q, key in _listed_or_all(root, d.test_queries, "query/test", "data.test_queries")]
-    jobs += [job("cand", "candidate", p, key) for p, key in local_pools]
+    jobs += [job("cand", "candidate", p, key, found=d.local_pools is None) for p, key in local_pools]
     union_job = None
     if union is not None:
         if not local_pools:

@@ -341,3 +341,18 @@ def test_truncated_trie_is_named(finished_tiny_root, tmp_path):
     for backend in ("python", "cpp"):
         with pytest.raises(ValueError, match=f"{cut}: truncated trie file.*re-run genius eval"):
             load_trie(cut, backend)
+
+
+def test_a_folder_where_a_found_jsonl_should_be_is_named_for_what_it_is(tmp_path):
+    from genius.common.config import load_config
+    from genius.feature_extraction.extract import ExtractConfig, plan_jobs
+
+    (tmp_path / "query/test/mbeir_a_task0_test.jsonl").mkdir(parents=True)
+    (tmp_path / "cand_pool/local").mkdir(parents=True)
+    (tmp_path / "cand_pool/local/mbeir_a_task0_cand_pool.jsonl").write_text("{}\n")
+    cfg = load_config(ExtractConfig, None, [f"data.root={tmp_path}", "data.train_queries=null",
+                                            "data.train_pool=null", "data.union_pool=null"])
+    with pytest.raises(FileNotFoundError, match=r"data.test_queries: \S+mbeir_a_task0_test.jsonl is a folder, not a "
+                                                r"jsonl file \(data.root is \S+\); move it out of \S+query/test or "
+                                                "list the files in data.test_queries"):
+        plan_jobs(cfg)
