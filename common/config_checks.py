@@ -54,6 +54,19 @@ def check_file(key: str, path: str | os.PathLike, what: str = "file") -> Path:
     return path
 
 
+def check_output_dir(key: str, path: str | os.PathLike) -> Path:
+    """The output folder named by config key ``key`` must be a folder or not exist yet (it is
+    created), and no part of its path a file: checked before any work."""
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise NotADirectoryError(f"{key}: {part} is a file, not a folder; point {key} at a folder "
+                                         "(it is created if missing)")
+            break
+    return path
+
+
 def check_dir(key: str, path: str | os.PathLike, what: str = "folder") -> Path:
     """The input folder named by config key ``key`` must exist."""
     path = Path(path)

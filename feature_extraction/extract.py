@@ -63,7 +63,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from genius.common.config import config_to_dict, resolve_path
-from genius.common.config_checks import check_dir, check_file
+from genius.common.config_checks import check_dir, check_file, check_output_dir
 from genius.common.distributed import (
     barrier, cleanup, gather_to_main, init_distributed, recheck_threads, set_cpu_threads, transformer_op_macs,
 )
@@ -685,7 +685,7 @@ def extract(cfg: ExtractConfig) -> None:
         if cfg.instructions.mode != "none" and any(j.kind == "query" for j in jobs):
             check_file("data.instructions", resolve_path(cfg.data.root) / cfg.data.instructions,
                        "query instructions file (relative to data.root), or set instructions.mode: none")
-        out_dir = resolve_path(cfg.output.root) / cfg.encoder.name
+        out_dir = check_output_dir("output.root", resolve_path(cfg.output.root)) / cfg.encoder.name
         with hold_output(out_dir, dist.is_main):
             _extract(cfg, dist, jobs, union_job, out_dir)
     finally:

@@ -47,6 +47,7 @@ from genius.common.checkpoint import (
     save_training_checkpoint,
 )
 from genius.common.config import config_to_dict, resolve_path
+from genius.common.config_checks import check_output_dir
 from genius.common.plots import plot_training_curves
 from genius.common.distributed import (
     all_gather_with_grad,
@@ -393,7 +394,7 @@ def train(cfg: TrainClipConfig) -> Path:
 
 
 def _train(cfg: TrainClipConfig, dist) -> Path:
-    run_dir = resolve_path(cfg.output.run_dir)
+    run_dir = check_output_dir("output.run_dir", resolve_path(cfg.output.run_dir))
     data = PairData(cfg)
     run = training.make_run(run_dir, run_key(cfg, data, dist.world_size), FINAL_NAME, stage="genius train-clip",
                             force=cfg.output.force, info=dist)

@@ -116,3 +116,16 @@ def test_a_run_script_reads_a_relative_config_from_the_callers_folder(tmp_path):
                          env={**os.environ, "NPROC": "abc"})
     assert bad.returncode == 2 and bad.stderr.strip() == (
         "run_train_rq.sh: error: NPROC=abc: expected a whole number of processes >= 1")
+
+
+@pytest.mark.parametrize("command, config, key", [
+    ("train-rq", "train_rq.yaml", "out_dir"),
+    ("eval", "eval.yaml", "paths.results"),
+])
+def test_an_output_folder_that_is_a_file_names_its_key(tmp_path, command, config, key):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    result = genius_cli(command, "--config", str(TINY / config), "--set", f"{key}={afile}/run", cwd=tmp_path,
+                        env={"GENIUS_ROOT": str(tmp_path)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: {key}: {afile} is a file, not a folder; point {key} at a folder" in result.stderr, result.stderr

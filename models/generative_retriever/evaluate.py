@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from genius.common.config import resolve_path
+from genius.common.config_checks import check_output_dir
 from genius.common.distributed import DistInfo, broadcast_from_main, cleanup, gather_to_main, init_distributed
 from genius.common.fusion import fused_store_embeddings
 from genius.common.mbeir import (
@@ -461,7 +462,7 @@ def evaluate(cfg: EvalConfig, models: Models | None = None) -> EvalReport | None
 
 
 def _evaluate(cfg: EvalConfig, models: Models | None, info: DistInfo) -> EvalReport | None:
-    out = resolve_path(cfg.paths.results)
+    out = check_output_dir("paths.results", resolve_path(cfg.paths.results))
     files = resolve_files(cfg)
     index = open_index(cfg, info)
     passes = plan_passes(cfg, files, index)

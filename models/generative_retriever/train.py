@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from genius.common import training
 from genius.common.checkpoint import checkpoint_file, load_scaler_state, load_state_dict_strict, save_training_checkpoint
 from genius.common.config import config_to_dict, resolve_path
+from genius.common.config_checks import check_output_dir
 from genius.common.mbeir import older_revision_twin
 from genius.common.distributed import (
     DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, recheck_threads, seed_everything, wrap_ddp,
@@ -204,7 +205,7 @@ def train(cfg: TrainGenConfig) -> Path:
     # a decoder layer's feed-forward matmul over the batch's prefix tokens
     info = init_distributed(cfg.train.device, cfg.train.cpu_threads, op_macs=cfg.train.batch_size
                             * cfg.model.num_prefix * cfg.model.d_model * cfg.model.d_ff)
-    out_dir = resolve_path(cfg.out_dir)
+    out_dir = check_output_dir("out_dir", resolve_path(cfg.out_dir))
     rq, rq_print = load_frozen_rq(resolve_path(cfg.data.rq), info.device)
     pairs, queries, pool, inputs = open_training_data(cfg, rq.arch["dim"])
     inputs["rq"] = rq_print

@@ -56,7 +56,7 @@ from genius.common.distributed import (
     DistInfo, barrier, broadcast_from_main, cleanup, gather_to_main, group_rank, init_distributed, recheck_threads,
     set_cpu_threads, shard_bounds, transformer_op_macs,
 )
-from genius.common.config_checks import check_dir
+from genius.common.config_checks import check_dir, check_output_dir
 from genius.common.progress import Progress
 from genius.common.ranges import BATCH, THREADS, check_ranges, ranged
 from genius.common.io import atomic_save_npy, atomic_write_json
@@ -343,7 +343,7 @@ def hold_output(out_dir: Path, is_main: bool):
 
 def assign_codes(cfg: AssignCodesConfig, info: DistInfo) -> None:
     check_config(cfg)
-    out_dir = resolve_path(cfg.out_dir)
+    out_dir = check_output_dir("out_dir", resolve_path(cfg.out_dir))
     with hold_output(out_dir, info.is_main):
         model, fingerprint = load_quantizer(resolve_path(cfg.rq_path))
         model.to(info.device)

@@ -44,6 +44,7 @@ from torch import nn
 
 from genius.common.checkpoint import load_scaler_state, load_state_dict_strict, save_training_checkpoint
 from genius.common.config import config_to_dict, resolve_path
+from genius.common.config_checks import check_output_dir
 from genius.common.mbeir import older_revision_twin
 from genius.common.distributed import (
     DistInfo,
@@ -553,7 +554,7 @@ def run_key(cfg: RQTrainConfig, data: TrainingData, world_size: int) -> RunKey:
 
 
 def _train(cfg: RQTrainConfig, info: DistInfo) -> Path | None:
-    tc, run_dir = cfg.train, resolve_path(cfg.out_dir)
+    tc, run_dir = cfg.train, check_output_dir("out_dir", resolve_path(cfg.out_dir))
     data = open_training_data(cfg.data, cfg.model.dim, tc.objective)
     run = training.make_run(run_dir, run_key(cfg, data, info.world_size), FINAL, stage="genius train-rq",
                             force=tc.force, info=info)
