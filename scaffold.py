@@ -35,7 +35,7 @@ import yaml
 
 from genius.common.check_data import pool_for_query_file
 from genius.common.config import REPO_ROOT
-from genius.common.mbeir import older_revision_twin, parse_query_file_name
+from genius.common.mbeir import iter_queries, older_revision_twin, parse_query_file_name
 from genius.common.stage import DEBUG_ENV, ArgumentParser, add_debug_flag, user_errors_exit
 
 TEMPLATES = ("demo", "tiny")
@@ -482,7 +482,11 @@ def setting_files(s: Setting) -> dict[str, str]:
 
 
 def merged_train_queries(paths: list[Path]) -> str:
-    """Several query/train files as one (every stage trains on one file)."""
+    """Several query/train files as one (every stage trains on one file). Each is read through the
+    query reader first, so a bad line is named in the user's file, not in the joined copy."""
+    for path in paths:
+        for _ in iter_queries(path):
+            pass
     parts = [p.read_text(encoding="utf-8") for p in paths]
     return "".join(part if part.endswith("\n") or not part else part + "\n" for part in parts)
 

@@ -282,3 +282,14 @@ def test_coco_captions_from_raw_files_to_the_table_with_no_hand_edits(tmp_path, 
     assert recall["dense"] >= 0.8  # MiniLM finds another caption of the same image in the top 5
     assert recall["genius_r"] >= 0.95 * recall["dense"]
     assert recall["genius"] >= 0.6 * recall["dense"]
+
+
+def test_a_bad_line_of_a_joined_train_file_is_named_in_that_file(tmp_path):
+    root = write_root(tmp_path / "data", train_files=("mbeir_toy_task1_train.jsonl", "mbeir_more_task1_train.jsonl"))
+    source = root / "query/train/mbeir_more_task1_train.jsonl"
+    rows = source.read_text().splitlines()
+    rows[4] = rows[4][:-1]  # cut its closing brace
+    source.write_text("\n".join(rows) + "\n")
+    status, err = new_setting("--root", str(root), "--out", str(tmp_path / "mine"), "--encoder", "hf_text")
+    assert status == 2 and f"{source}:5: not valid JSON" in err, err  # it named the joined copy, later
+    assert not (tmp_path / "mine").exists()
