@@ -55,6 +55,7 @@ class QueryText:
                                     "instructions.mode: none to embed queries without instructions")
         else:
             self.instructions = Instructions.load(instructions_file)
+        self.instructions_file = instructions_file
 
     def __call__(self, query: Query, target: str, rng: random.Random | None = None) -> str:
         if self.instructions is None:
@@ -62,7 +63,10 @@ class QueryText:
         try:
             instruction = self.instructions.choose(query.qid, query.modality, target, self.mode, rng)
         except KeyError as err:
-            raise ValueError(f"query {query.qid}: {err.args[0]}") from None
+            dataset = query.qid.split(":")[0]
+            raise ValueError(f"query {query.qid}: {err.args[0]}; add a row 'query_modality<TAB>cand_modality<TAB>"
+                             f"name<TAB>{dataset}<TAB>instruction' for {query.modality} -> {target} to "
+                             f"{self.instructions_file}, or set instructions.mode: none") from None
         return query_text_with_instruction(instruction, query.text)
 
 

@@ -4,6 +4,7 @@ loss, the MiniLM text backend and extraction of real COCO images."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -441,3 +442,18 @@ def test_only_rank_0_appends_to_the_extraction_metrics(tmp_path):
         ctx.record(store="s", status="extracted")
     assert [r["rank"] for r in log.read()] == [0]
     assert [(r["rank"], r["status"]) for r in contexts[1].held] == [(1, "extracted")] and not contexts[0].held
+
+
+def test_a_query_without_an_instruction_row_says_which_row_to_add(tmp_path):
+    from genius.common.mbeir import Query
+    from genius.feature_extraction.items import QueryText
+
+    tsv = tmp_path / "query_instructions.tsv"
+    tsv.write_text("query_modality\tcand_modality\tdataset_name\tdataset_id\tprompt_1\n"
+                   "text\timage\tshapes\t9\tFind the picture.\n")
+    texts = QueryText(tsv, "deterministic")
+    assert texts(Query("9:1", "a red circle", None, "text", ["9:2"]), "image").startswith("Find the picture.")
+    with pytest.raises(ValueError, match=rf"query 9:3: no instruction for dataset 9, image -> text; .*add a row "
+                                         rf"'query_modality<TAB>cand_modality<TAB>name<TAB>9<TAB>instruction' for "
+                                         rf"image -> text to {re.escape(str(tsv))}, or set instructions.mode: none"):
+        texts(Query("9:3", "", "a.jpg", "image", ["9:2"]), "text")
