@@ -8,6 +8,7 @@ overrides are applied to the parsed mapping, never written back to the YAML file
 """
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
 import json
@@ -125,8 +126,13 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float",
-                                   re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+class _StrictDumper(yaml.SafeDumper):
+    """The safe dumper quoting every string StrictLoader would read as something else ("1e5")."""
+
+
+for _cls in (StrictLoader, _StrictDumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float",
+                               re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def _yaml_problem(err: yaml.YAMLError) -> tuple[int | None, str]:
@@ -236,8 +242,9 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
             raise ConfigError(f"config file {path} {what}; pass the stage's YAML file (relative paths resolve "
                               "against the current folder)")
         raw = path.read_bytes()
+        raw = raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
         try:
-            text = raw.decode("utf-8-sig")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
             line = raw[:err.start].count(b"\n") + 1
             raise ConfigError(f"{path}:{line}: byte 0x{raw[err.start]:02x} is not UTF-8 text; save the file as "
@@ -274,7 +281,7 @@ def config_to_dict(cfg: Any) -> dict:
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config (defaults filled in, overrides applied) as YAML, atomically."""
-    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, yaml.dump(config_to_dict(cfg), Dumper=_StrictDumper, sort_keys=False))
 
 
 def project_root() -> Path:

@@ -14,12 +14,16 @@ from pathlib import Path
 
 def _describe(lo: float | None, hi: float | None, integer: bool, lo_open: bool, hi_open: bool) -> str:
     kind = "an integer" if integer else "a number"
+
+    def show(bound: float) -> str:  # an integer's bounds in full (4294967295, not 4.29497e+09)
+        return str(int(bound)) if integer and float(bound).is_integer() else f"{bound:g}"
+
     if lo is not None and hi is not None:
-        return f"{kind} in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        return f"{kind} in {'(' if lo_open else '['}{show(lo)}, {show(hi)}{')' if hi_open else ']'}"
     if lo is not None:
-        return f"{kind} {'>' if lo_open else '>='} {lo:g}"
+        return f"{kind} {'>' if lo_open else '>='} {show(lo)}"
     if hi is not None:
-        return f"{kind} {'<' if hi_open else '<='} {hi:g}"
+        return f"{kind} {'<' if hi_open else '<='} {show(hi)}"
     return kind
 
 

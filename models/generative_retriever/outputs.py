@@ -146,7 +146,10 @@ def run_manifest(cfg: Any, models: Models, out: Path, query_files: list[Path], s
         "encoder": {"name": cfg.paths.encoder,
                     "query_store": portable_path(first_store.path) if first_store is not None else None,
                     "dtype": first_store.meta.get("dtype") if first_store is not None else None,
-                    "extraction": first_store.meta.get("config", {}) if first_store is not None else {}},
+                    "extraction": first_store.meta.get("config", {}) if first_store is not None else {},
+                    # the encoder's fingerprint (its weights' SHA-256s): search refuses other weights
+                    "embedded_with": (first_store.meta.get("run_key") or {}).get("inputs", {}).get("encoder")
+                    if first_store is not None else None},
         "checkpoints": {name: portable_path(path) for name, path in models.files.items()},
         "fingerprints": models.fingerprints,
         "decoding": config_to_dict(cfg.decoding),

@@ -156,16 +156,31 @@ CODE_FILES = ("codes.npy", "ids.npy", "meta.json")
 
 
 def codes_fingerprint(codes_dir: Path) -> str:
-    """Content hash of a pool's code files (codes, ids and their meta.json)."""
+    """Content hash of a pool's code files (codes, ids and their meta.json), which must be the
+    files assign-codes wrote: eval keys its run on it, so a replaced file is refused before the
+    previous results are set aside."""
     missing = [name for name in CODE_FILES if not (codes_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{codes_dir / missing[0]}: missing from the pool's codes; re-run genius assign-codes "
                                 "for this pool")
+    changed = codes_intact(codes_dir)  # meta.json records each file's size and SHA-256
+    if changed is not None:
+        raise StaleInputError(f"{changed}: the pool's codes changed after genius assign-codes wrote them (or an "
+                              f"older version wrote them); re-run genius assign-codes for {codes_dir}")
     return sha256_json({name: content_sha256(codes_dir / name) for name in CODE_FILES})
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
+    """A JSON object this project wrote; anything else is an error naming the file."""
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise ValueError(f"{path}: not readable JSON ({' '.join(str(err).split())[:100]}); delete it and re-run the "
+                         "stage that writes it") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: holds a {type(record).__name__}, not a JSON object; delete it and re-run the stage "
+                         "that writes it")
+    return record
 
 
 def load_codes(codes_dir: Path, store: EmbeddingStore, models: Models) -> tuple[np.ndarray, str]:
@@ -196,9 +211,6 @@ def load_codes(codes_dir: Path, store: EmbeddingStore, models: Models) -> tuple[
         raise StaleInputError(f"{codes_dir}: these codes were computed from another version of the candidate "
                               f"store {store.path} (re-extracted since, e.g. with another encoder checkpoint); "
                               f"{rerun}")
-    changed = codes_intact(codes_dir)  # meta.json records each file's size and SHA-256
-    if changed is not None:
-        raise StaleInputError(f"{changed}: the pool's codes changed after genius assign-codes wrote them; {rerun}")
     codes_hash = codes_fingerprint(codes_dir)
     codes, ids = np.load(codes_dir / "codes.npy"), np.load(codes_dir / "ids.npy")
     if codes.ndim != 2 or len(codes) != len(ids) or not np.array_equal(ids, store.ids):
@@ -222,6 +234,16 @@ def trie_for(codes: np.ndarray, codes_dir: Path, codes_hash: str, backend: str, 
                 old.unlink()
     barrier()
     return trie_lib.load_trie(path, backend), path
+
+
+def _cached_key(meta: Path) -> str | None:
+    """The store content a fused cache was written for; None (a miss: it is written again, with a
+    warning) when its meta.json does not read."""
+    try:
+        return _read_json(meta).get("store_content")
+    except ValueError as err:
+        log.warning("%s; writing the cache again", err)
+        return None
 
 
 def _readable_fused(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
@@ -250,7 +272,7 @@ def cached_fused_embeddings(store: EmbeddingStore, cache_dir: Path, chunk: int =
     meta = cache_dir / "meta.json"
     # Every rank decides before the first collective below, and rank 0 publishes only after the
     # second, so all ranks see the same answer.
-    if meta.is_file() and _read_json(meta).get("store_content") == key:
+    if meta.is_file() and _cached_key(meta) == key:
         cached = _readable_fused(cache_dir / "fused.npy", (len(store), store.dim))
         if cached is not None:
             return cached
