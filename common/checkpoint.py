@@ -243,7 +243,7 @@ def load_own_checkpoint(path: str | os.PathLike, verify: bool = True, mmap: bool
         raise FileNotFoundError(f"{path}: checkpoint does not exist")
     obj = check_own_content(safe_load(path, hint=_OWN_HINT, mmap=mmap), path, verify)
     if kind is not None and not OWN_KINDS[kind][1](obj):
-        found = next((what for name, (what, test) in OWN_KINDS.items() if test(obj)), "another checkpoint")
+        found = next((what for what, test in OWN_KINDS.values() if test(obj)), "another checkpoint")
         raise CheckpointMismatchError(f"{path}: this is {found}, not {OWN_KINDS[kind][0]} as expected here; point "
                                       "the setting at the right file")
     return obj

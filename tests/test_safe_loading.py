@@ -323,8 +323,8 @@ def test_a_damaged_pickle_is_one_line_naming_the_file(tmp_path, opcodes):
     from genius.common.checkpoint import CorruptCheckpointError
 
     path = zip_with_pickle(tmp_path / "damaged.pt", opcodes)
-    loaders = (load_official_checkpoint,) if b"omegaconf" in opcodes else (load_own_checkpoint, load_official_checkpoint)
-    for load in loaders:
+    official_only = b"omegaconf" in opcodes
+    for load in (load_official_checkpoint,) if official_only else (load_own_checkpoint, load_official_checkpoint):
         with pytest.raises(CorruptCheckpointError, match=rf"^{re.escape(str(path))}: cannot be read: the file is "
                                                          "truncated, corrupt or not a PyTorch checkpoint"):
             load(path)

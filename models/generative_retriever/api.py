@@ -192,7 +192,7 @@ def _store_encoder(store: str | None) -> dict:
         return {}
     try:
         recorded = json.loads(meta.read_text()).get("run_key", {}).get("inputs", {}).get("encoder")
-    except (ValueError, AttributeError):  # the store itself is checked where it is opened
+    except (ValueError, AttributeError):  # unreadable: build_encoder warns that it cannot check
         return {}
     return recorded if isinstance(recorded, dict) else {}
 

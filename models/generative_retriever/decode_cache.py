@@ -151,8 +151,9 @@ def decode_cached(cfg: Any, models: Models, pool: Pool, queries: EmbeddingStore,
 
 def _cache_meta(out_dir: Path, key: dict) -> dict | None:
     """The cache's meta.json when it holds this key's decoding and its arrays are the ones written
-    (their SHA-256s); else None, and the queries are decoded again (a damaged, edited or older
-    cache is replaced, never read: a warning says which)."""
+    (their SHA-256s); else None, and the queries are decoded again (a damaged or edited cache is
+    replaced, never read: a warning says which). A cache written before the hashes were recorded
+    is read as before: decoding M-BEIR again costs GPU hours."""
     if not (out_dir / "meta.json").is_file():
         return None
     try:
@@ -161,11 +162,10 @@ def _cache_meta(out_dir: Path, key: dict) -> dict | None:
         meta = None
     if not isinstance(meta, dict) or meta.get("key") != key:
         return None
-    files = meta.get("files", {})
+    files = meta.get("files")
     for name in ARRAY_NAMES:
         path = out_dir / f"{name}.npy"
-        if not path.is_file() or files.get(path.name) != content_sha256(path):
-            log.warning("%s: not the decoding its meta.json records (changed, damaged or written by an older "
-                        "version); decoding again", path)
+        if not path.is_file() or (files is not None and files.get(path.name) != content_sha256(path)):
+            log.warning("%s: not the decoding its meta.json records (changed or damaged); decoding again", path)
             return None
     return meta
