@@ -244,13 +244,19 @@ def test_a_flipped_byte_in_the_generator_is_refused(root, capsys):
 
 
 # ---- the query file and its qrels disagree -----------------------------------------------------
-def test_a_qrels_line_of_an_unknown_query_is_named(root, capsys):
+def test_qrels_lines_of_unknown_queries_are_counted_not_scored(root, capsys, caplog):
+    code, _, err = run_eval(capsys)
+    assert code == 0, err
+    table = (root / RESULTS / "results.tsv").read_text()
     qrels = root / QRELS
     lines = qrels.read_text().splitlines()
     task = lines[0].split()[4]
     qrels.write_text("\n".join(lines + [f"99:99999 0 {lines[0].split()[2]} 1 {task}"]) + "\n")
-    code, _, err = run_eval(capsys)  # silently ignored before
-    error_line(code, err, f"{qrels}:{len(lines) + 1}: qid 99:99999 is not a query of {root / QUERIES}")
+    code, _, err = run_eval(capsys, "force=true")  # ignored without a word before
+    assert code == 0, err
+    assert f"{qrels}: 1 lines name qids that are not queries of {root / QUERIES} (first: line {len(lines) + 1}, " \
+           "qid 99:99999); they are not scored" in caplog.text
+    assert (root / RESULTS / "results.tsv").read_text() == table
 
 
 def test_a_query_without_a_qrels_line_is_named(root, capsys):

@@ -16,6 +16,7 @@ return for it, e.g. its own image in a gallery that holds it), which ranking hon
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -27,6 +28,7 @@ from genius.common.mbeir import (
 )
 
 MissingPositives = Literal["error", "keep", "exclude"]
+log = logging.getLogger("genius.eval")
 
 
 @dataclass
@@ -43,8 +45,9 @@ class FilePositives:
     @classmethod
     def read(cls, qrels: Path, queries: Path) -> "FilePositives":
         """Both files, which must agree on their queries: M-BEIR writes a query's qrels lines from
-        its ``pos_cand_list``, so a qrels line of a qid the query file lacks, or a scored query
-        without a relevant qrels line (it could never be a hit), is a mistake in the data."""
+        its ``pos_cand_list``, so a scored query without a relevant qrels line (it could never be a
+        hit) is a mistake in the data. Qrels lines of qids the query file lacks are not scored; a
+        warning counts them (a query file cut to a sample keeps its whole qrels file)."""
         query_lines, empty, exclusions, first_line = [], set(), {}, {}
         for lineno, obj in iter_jsonl(queries):
             problems = query_problems(obj, text_required=False)
@@ -57,14 +60,17 @@ class FilePositives:
             query_lines += [(lineno, obj["qid"], did) for did in obj["pos_cand_list"]]
             if obj.get("exclude_cand_list"):
                 exclusions[hash_qid(obj["qid"])] = [hash_did(did) for did in obj["exclude_cand_list"]]
-        relevant, judged = [], set()
+        relevant, judged, unknown = [], set(), []
         for lineno, qid, did, rel, _ in qrels_lines(qrels):
             if qid not in first_line:
-                raise DataFormatError(f"{qrels}:{lineno}: qid {qid} is not a query of {queries}; delete the line or "
-                                      "add the query (genius check-data lists every such line)")
+                unknown.append((lineno, qid))
+                continue
             if rel > 0 and qid not in empty:
                 relevant.append((lineno, qid, did))
                 judged.add(qid)
+        if unknown:
+            log.warning("%s: %d lines name qids that are not queries of %s (first: line %d, qid %s); they are not "
+                        "scored (genius check-data lists them)", qrels, len(unknown), queries, *unknown[0])
         unjudged = [qid for qid in first_line if qid not in empty and qid not in judged]
         if unjudged:
             raise DataFormatError(f"{queries}:{first_line[unjudged[0]]}: query {unjudged[0]} has no relevant line in "
