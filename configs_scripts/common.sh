@@ -28,7 +28,7 @@ run_stage() {
         esac
         args+=("$arg")
     done
-    set -- "${args[@]}"
+    set -- ${args[@]+"${args[@]}"}  # (the guard: bash before 4.4 calls an empty array unbound)
     if [ "${NPROC:-1}" -gt 1 ]; then
         # torchrun sets OMP_NUM_THREADS=1 when it is unset, leaving each rank's host-side work
         # (reading and fusing stores, ranking, code statistics) on one core: share the cores instead.
