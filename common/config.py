@@ -104,14 +104,24 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"config field {key} has an unsupported annotation {tp}")
 
 
-class _DuplicateKey(yaml.MarkedYAMLError):
+class _Refused(yaml.MarkedYAMLError):
     pass
 
 
 class StrictLoader(yaml.SafeLoader):
     """The YAML loader of configs and ``--set`` values: PyYAML's safe loader (no Python objects)
     that refuses a key given twice in one mapping (the later one would silently win) and reads
-    ``1e-3`` as a number, as YAML 1.2 does (YAML 1.1 wants ``1.0e-3`` and reads ``1e-3`` as a string)."""
+    ``1e-3`` as a number, as YAML 1.2 does (YAML 1.1 wants ``1.0e-3`` and reads ``1e-3`` as a string).
+    The integers YAML 1.1 reads otherwise than 1.2 and than a reader expects, ``017`` (octal 15)
+    and ``1:30`` (base 60: 90), are refused."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        digits = str(node.value).replace("_", "").lstrip("+-")
+        if ":" in digits or (len(digits) > 1 and digits[0] == "0" and digits.isdigit()):
+            raise _Refused(problem=f"{node.value!r} is read as octal or base 60 by YAML 1.1; write the number "
+                                   "without a leading zero or colon, or quote it for a string",
+                           problem_mark=node.start_mark)
+        return super().construct_yaml_int(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
@@ -120,8 +130,8 @@ class StrictLoader(yaml.SafeLoader):
                 continue  # merge keys may repeat what they merge; unhashable keys: the safe loader's error
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise _DuplicateKey(problem=f"key {key!r} is given twice in one section; keep one of them",
-                                    problem_mark=key_node.start_mark)
+                raise _Refused(problem=f"key {key!r} is given twice in one section; keep one of them",
+                               problem_mark=key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -130,6 +140,7 @@ class _StrictDumper(yaml.SafeDumper):
     """The safe dumper quoting every string StrictLoader would read as something else ("1e5")."""
 
 
+StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yaml_int)
 for _cls in (StrictLoader, _StrictDumper):
     _cls.add_implicit_resolver("tag:yaml.org,2002:float",
                                re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))

@@ -219,3 +219,11 @@ def test_an_integer_range_prints_its_bounds_in_full():
 
     with pytest.raises(ValueError, match=r"train.seed: -1 is out of range; it must be an integer in \[0, 4294967295\]"):
         check_number("train.seed", -1, lo=0, hi=4294967295.0, integer=True)
+
+
+@pytest.mark.parametrize("text", ["optim:\n  epochs: 017\n", "optim:\n  epochs: 1:30\n"])
+def test_yaml_11_octal_and_base_60_integers_are_refused(tmp_path, text):
+    # YAML 1.1 reads 017 as 15 and 1:30 as 90, which no reader of the file expects
+    with pytest.raises(ConfigError, match=r"cfg.yaml:2: not valid YAML: '(017|1:30)' is read as octal or base 60"):
+        load_config(Cfg, write_text(tmp_path, text))
+    assert load_config(Cfg, write_text(tmp_path, "optim:\n  epochs: 17\n")).optim.epochs == 17
