@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import sys
 import textwrap
@@ -36,7 +35,7 @@ import yaml
 from genius.common.check_data import pool_for_query_file
 from genius.common.config import REPO_ROOT
 from genius.common.mbeir import iter_queries, older_revision_twin, parse_query_file_name
-from genius.common.stage import DEBUG_ENV, ArgumentParser, add_debug_flag, user_errors_exit
+from genius.common.stage import ArgumentParser, add_debug_flag, user_errors_exit
 
 TEMPLATES = ("demo", "tiny")
 TINY_BELOW_PAIRS = 10_000  # fewer training pairs than this: the tiny setting's widths (--from's default)
@@ -541,8 +540,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="overwrite the setting's files in a non-empty --out")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    if args.debug:
-        os.environ[DEBUG_ENV] = "1"
     with user_errors_exit(parser):
         written = write_setting(args.root, args.out, args.encoder, args.base, args.clip_checkpoint, args.force)
     out = written[0].parent

@@ -66,7 +66,7 @@ from genius.common.mbeir import (
     DataFormatError, Instructions, candidate_problems, hash_did, parse_id, parse_qrels_line,
     parse_query_file_name, query_problems, text_lines, unhash_did, union_pool_path,
 )
-from genius.common.stage import DEBUG_ENV, ArgumentParser, add_debug_flag, user_errors_exit
+from genius.common.stage import ArgumentParser, add_debug_flag, user_errors_exit
 
 SPLITS = ("train", "val", "test")
 # (query dataset, positive dataset) pairs M-BEIR links on purpose (see the module docstring).
@@ -581,8 +581,6 @@ def main(argv: list[str] | None = None) -> int:
                              "takes a while)")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    if args.debug:
-        os.environ[DEBUG_ENV] = "1"
     with user_errors_exit(parser):
         if args.max_problems < 0:
             raise ValueError(f"--max-problems: {args.max_problems} is negative; give 0 or more")

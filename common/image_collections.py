@@ -88,7 +88,7 @@ from pathlib import Path
 
 from genius.common.io import atomic_dir, atomic_write_json
 from genius.common.mbeir import DID_BASE, QID_BASE, text_lines
-from genius.common.stage import DEBUG_ENV, ArgumentParser, add_debug_flag, setup_logging, user_errors_exit
+from genius.common.stage import ArgumentParser, add_debug_flag, setup_logging, user_errors_exit
 
 log = logging.getLogger(__name__)
 
@@ -473,8 +473,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace an existing root written by this command")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    if args.debug:
-        os.environ[DEBUG_ENV] = "1"
     setup_logging()
     with user_errors_exit(parser):
         summary = import_images(args.images, args.out, args.name, args.protocol, args.query_fraction, args.seed,

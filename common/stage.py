@@ -22,7 +22,7 @@ class ArgumentParser(argparse.ArgumentParser):
     --help'``, exit status 2, without argparse's usage block (subcommands' parsers inherit it)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+        exit_user_error(self, f"{message}; see '{self.prog} --help'")
 
 
 def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -34,23 +34,31 @@ def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+class _Debug(argparse.Action):
+    """``--debug``: also sets GENIUS_DEBUG, which user_errors_exit reads, and so do subprocesses
+    (torchrun workers), so a command need not pass the flag on itself."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        os.environ[DEBUG_ENV] = "1"
+        setattr(namespace, self.dest, True)
+
+
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--debug", action="store_true",
+    parser.add_argument("--debug", action=_Debug, nargs=0, default=False,
                         help=f"show the traceback of an error (also: {DEBUG_ENV}=1)")
 
 
 DEBUG_ENV = "GENIUS_DEBUG"
 
 
-def debugging(args: argparse.Namespace | None = None) -> bool:
-    return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+def debugging() -> bool:
+    """Whether to show tracebacks: ``--debug`` (which sets it) or GENIUS_DEBUG=1."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 def parse_stage_config(cls: type[T], parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[T, argparse.Namespace]:
     """Parse the command line and the config; a config error exits with status 2 and its message."""
     args = parser.parse_args(argv)
-    if debugging(args):
-        os.environ[DEBUG_ENV] = "1"  # user_errors_exit reads it; so do subprocesses (torchrun workers)
     try:
         return load_config(cls, args.config, args.overrides), args
     except ConfigError as err:

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from genius.common.io import atomic_dir, atomic_write_json
-from genius.common.stage import DEBUG_ENV, add_debug_flag, user_errors_exit
+from genius.common.stage import add_debug_flag, user_errors_exit
 
 MARKER = ".class_images.json"  # hidden, so import-images does not take it for a class
 
@@ -129,8 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files (default 0)")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    if args.debug:
-        os.environ[DEBUG_ENV] = "1"
     with user_errors_exit(parser):
         out = write_class_images(args.out, args.classes, args.per_class, args.size, args.seed)
     print(f"wrote {args.classes} classes x {args.per_class} images ({args.size} px) to {out}")

@@ -26,7 +26,6 @@ import io
 import itertools
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -42,7 +41,7 @@ from genius.common.config import resolve_path
 from genius.common.io import atomic_dir, atomic_write_json, atomic_write_text
 from genius.common.mbeir import MBEIR_DATASET_IDS, TASKS
 from genius.common.runstate import RunKey, RunState
-from genius.common.stage import DEBUG_ENV, ArgumentParser, add_debug_flag, user_errors_exit
+from genius.common.stage import ArgumentParser, add_debug_flag, user_errors_exit
 
 GENERATOR = "genius.synthetic.world"
 # Worlds written before the module moved out of common/ name it so; they are the same worlds.
@@ -853,8 +852,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="rewrite the world even if it is up to date")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    if args.debug:
-        os.environ[DEBUG_ENV] = "1"
     args.out = resolve_path(args.out)
     state = world_state(args.out, args.size, args.seed, force=args.force)
     if not args.force and _is_current(args.out, args.size, args.seed):

@@ -31,12 +31,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from genius.common.io import atomic_torch_save, sha256_file
-from genius.common.stage import DEBUG_ENV, ArgumentParser, add_debug_flag, setup_logging, user_errors_exit
+from genius.common.stage import ArgumentParser, add_debug_flag, setup_logging, user_errors_exit
 from genius.models.generative_retriever import official as gen_official
 from genius.models.generative_retriever.generator import T5_SMALL, IDGenerator, load_generator
 from genius.models.residual_quantization import official as rq_official
@@ -181,8 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help=f"replace {RQ_FILE} / {GENERATOR_FILE} in --out")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    if args.debug:
-        os.environ[DEBUG_ENV] = "1"  # user_errors_exit reads it
     with user_errors_exit(parser):
         written = export_official(args.rq, args.out, args.generator, args.allow_assigned, args.overwrite)
     for path in written:

@@ -74,7 +74,7 @@ from genius.common.mbeir import (
     MODALITIES, MODALITY_CODE, first_line_with, format_string, hash_did, iter_candidates, iter_jsonl, text_lines,
 )
 from genius.common.runstate import acquire_lock, content_sha256, portable_path, release_lock
-from genius.common.stage import ArgumentParser, add_debug_flag, debugging, setup_logging, user_errors_exit
+from genius.common.stage import ArgumentParser, add_debug_flag, setup_logging, user_errors_exit
 from genius.models.generative_retriever.pool_assets import Pool, open_pool
 from genius.models.generative_retriever.retrieval import CandidateMap
 from genius.models.generative_retriever.run_models import Models, StaleInputError, checkpoint_files, model_fingerprints
@@ -667,8 +667,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", required=True)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
-    if debugging(args):
-        os.environ["GENIUS_DEBUG"] = "1"
     with user_errors_exit(parser):
         if args.command == "build":
             name = build(load_run(args.run, _device(args.device)), args.out, args.pool)

@@ -46,7 +46,7 @@ from ir_measures import AP, RR, P, R, Success, nDCG
 
 from genius.common.io import atomic_path
 from genius.common.mbeir import hash_did, qrels_lines, unhash_qid
-from genius.common.stage import DEBUG_ENV, ArgumentParser, add_debug_flag, user_errors_exit
+from genius.common.stage import ArgumentParser, add_debug_flag, user_errors_exit
 from genius.models.generative_retriever.metrics import read_run_file
 from genius.models.generative_retriever.paper_numbers import DISPLAY_NAME, paper_rank
 from genius.models.generative_retriever.positives import PoolPositives
@@ -281,8 +281,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="the TREC qrels file to write")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    if args.debug:
-        os.environ[DEBUG_ENV] = "1"  # user_errors_exit reads it
     with user_errors_exit(parser):
         count = write_trec_qrels(args.qrels, args.out)
     print(f"wrote {args.out}: {count} qrels lines")

@@ -13,13 +13,10 @@ path.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 from genius.common.mbeir import MODALITIES
-from genius.common.stage import (
-    DEBUG_ENV, ArgumentParser, add_debug_flag, exit_user_error, setup_logging, user_errors_exit,
-)
+from genius.common.stage import ArgumentParser, add_debug_flag, exit_user_error, setup_logging, user_errors_exit
 from genius.models.generative_retriever.api import MAX_K, Hit, Retriever
 from genius.models.generative_retriever.ranking import METHODS
 
@@ -55,8 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    if args.debug:
-        os.environ[DEBUG_ENV] = "1"  # user_errors_exit reads it
     if not 1 <= args.k <= MAX_K:  # before the run is loaded
         exit_user_error(parser, f"-k {args.k}: expected an integer in [1, {MAX_K}]")
     with user_errors_exit(parser):
