@@ -73,6 +73,18 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def read_json_object(path: str | os.PathLike, fix: str, error: type[ValueError] = ValueError) -> dict:
+    """A JSON object a stage wrote (a meta.json, a manifest). Anything else, bytes that are not
+    JSON or UTF-8 or a value that is not an object, raises ``error`` naming the file and ``fix``."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError alike
+        raise error(f"{path}: not valid JSON ({' '.join(str(err).split())[:100]}); {fix}") from None
+    if not isinstance(record, dict):
+        raise error(f"{path}: holds a {type(record).__name__}, not a JSON object; {fix}")
+    return record
+
+
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:

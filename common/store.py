@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from genius.common.io import atomic_dir, atomic_path, sha256_json
+from genius.common.io import atomic_dir, atomic_path, read_json_object, sha256_json
 from genius.common.runstate import content_sha256, file_content
 
 FORMAT_VERSION = 2  # 2: content_sha256 and a portable source fingerprint in meta.json
@@ -318,13 +318,7 @@ def read_meta(path: str | os.PathLike) -> dict | None:
     meta_path = Path(path) / "meta.json"
     if not meta_path.is_file():
         return None
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise StoreError(f"{meta_path}: not valid JSON ({err}); {REEXTRACT}") from None
-    if not isinstance(meta, dict):
-        raise StoreError(f"{meta_path}: not a store's meta.json (a JSON object); {REEXTRACT}")
-    return meta
+    return read_json_object(meta_path, REEXTRACT, StoreError)
 
 
 # ---- fingerprints ------------------------------------------------------------------------------

@@ -346,5 +346,5 @@ def test_a_version_changed_after_it_was_written_is_refused_naming_the_file(cli_i
         idx.open_version(union)
     for text in ("{not json", "[1, 2]"):
         manifest.write_text(text)
-        with pytest.raises(idx.IndexUserError, match=rf"{re.escape(str(manifest))}: (not readable JSON|holds a list)"):
+        with pytest.raises(idx.IndexUserError, match=rf"{re.escape(str(manifest))}: (not valid JSON|holds a list)"):
             idx.open_version(union)

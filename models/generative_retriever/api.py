@@ -49,6 +49,7 @@ from PIL import Image
 from genius.common.config import load_config, project_root, project_root_set_to, resolve_path
 from genius.common.distributed import init_distributed
 from genius.common.fusion import score_fusion
+from genius.common.io import read_json_object
 from genius.common.mbeir import MODALITIES, Instructions, hash_did, query_text_with_instruction, unhash_did
 from genius.common.stage import one_line
 from genius.models.generative_retriever.evaluate import EvalConfig
@@ -130,14 +131,9 @@ def find_manifest(run: str | Path) -> Path:
 
 def load_manifest(run: str | Path) -> dict:
     path = find_manifest(run)
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as err:  # not JSON, or not UTF-8
-        raise ValueError(f"{path}: not readable JSON ({' '.join(str(err).split())[:120]}); run genius eval again "
-                         "to write it") from None
-    if not isinstance(manifest, dict) or manifest.get("manifest_version") != 1:
-        found = manifest.get("manifest_version") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ValueError(f"{path}: run manifest version {found!r} is not supported "
+    manifest = read_json_object(path, "run genius eval again to write it")
+    if manifest.get("manifest_version") != 1:
+        raise ValueError(f"{path}: run manifest version {manifest.get('manifest_version')!r} is not supported "
                          "(expected 1); run genius eval again")
         raise ValueError(f"{path}: run manifest version {manifest.get('manifest_version')!r} is not supported "
                          "(expected 1); run genius eval again")
@@ -191,7 +187,7 @@ def _store_encoder(store: str | None) -> dict:
     if meta is None or not meta.is_file():
         return {}
     try:
-        recorded = json.loads(meta.read_text()).get("run_key", {}).get("inputs", {}).get("encoder")
+        recorded = (read_json_object(meta, "").get("run_key") or {}).get("inputs", {}).get("encoder")
     except (ValueError, AttributeError):  # unreadable: build_encoder warns that it cannot check
         return {}
     return recorded if isinstance(recorded, dict) else {}

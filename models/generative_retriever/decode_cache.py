@@ -12,7 +12,6 @@ ranking; rank 0 gathers the shards in order and writes the cache.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import torch
 
 from genius.common.config import resolve_path
 from genius.common.distributed import DistInfo, gather_to_main, shard_bounds
-from genius.common.io import atomic_dir, atomic_write_json
+from genius.common.io import atomic_dir, atomic_write_json, read_json_object
 from genius.common.progress import Progress
 from genius.common.runstate import content_sha256, portable_path
 from genius.common.store import EmbeddingStore, StoreArrays
@@ -157,10 +156,10 @@ def _cache_meta(out_dir: Path, key: dict) -> dict | None:
     if not (out_dir / "meta.json").is_file():
         return None
     try:
-        meta = json.loads((out_dir / "meta.json").read_text())
-    except ValueError:
-        meta = None
-    if not isinstance(meta, dict) or meta.get("key") != key:
+        meta = read_json_object(out_dir / "meta.json", "")
+    except ValueError:  # an unreadable record: decoded again, like a record of another key
+        return None
+    if meta.get("key") != key:
         return None
     files = meta.get("files")
     for name in ARRAY_NAMES:

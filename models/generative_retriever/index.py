@@ -69,7 +69,7 @@ import torch
 import genius.trie_cpp as trie_lib
 from genius.common.config import load_config, project_root_set_to, resolve_path
 from genius.common.fusion import score_fusion
-from genius.common.io import atomic_path, sha256_file, sha256_json
+from genius.common.io import atomic_path, read_json_object, sha256_file, sha256_json
 from genius.common.mbeir import (
     MODALITIES, MODALITY_CODE, first_line_with, format_string, hash_did, iter_candidates, iter_jsonl, text_lines,
 )
@@ -279,14 +279,8 @@ def open_version(index: str | Path, name: str | None = None, backend: str | None
     if missing:
         raise IndexUserError(f"{path / missing[0]}: missing from this index version; restore the folder or write "
                              f"an intact version's name into {index / CURRENT}")
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except ValueError as err:  # not JSON, or not UTF-8
-        raise IndexUserError(f"{path / 'manifest.json'}: not readable JSON ({' '.join(str(err).split())[:120]}); "
-                             f"restore the folder or write an intact version's name into {index / CURRENT}") from None
-    if not isinstance(manifest, dict):
-        raise IndexUserError(f"{path / 'manifest.json'}: holds a {type(manifest).__name__}, not the version's record; "
-                             f"restore the folder or write an intact version's name into {index / CURRENT}")
+    manifest = read_json_object(path / "manifest.json", "restore the folder or write an intact version's name into "
+                                f"{index / CURRENT}", IndexUserError)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise IndexUserError(f"{path / 'manifest.json'}: index format {manifest.get('format_version')!r} is not "
                              f"supported (expected {FORMAT_VERSION}); build the index again")

@@ -12,7 +12,6 @@ content, never by path:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import genius.trie_cpp as trie_lib
 from genius.common.config import resolve_path
 from genius.common.distributed import barrier, broadcast_from_main, group_rank, shard_bounds
 from genius.common.fusion import fused_store_embeddings
-from genius.common.io import atomic_dir, atomic_path, atomic_write_json, sha256_json
+from genius.common.io import atomic_dir, atomic_path, atomic_write_json, read_json_object, sha256_json
 from genius.common.runstate import content_sha256, portable_path
 from genius.common.store import ARRAYS, EmbeddingStore, StoreArrays, store_path
 from genius.models.generative_retriever.retrieval import CandidateMap, Ranking, dense_index
@@ -171,16 +170,7 @@ def codes_fingerprint(codes_dir: Path) -> str:
 
 
 def _read_json(path: Path) -> dict:
-    """A JSON object this project wrote; anything else is an error naming the file."""
-    try:
-        record = json.loads(path.read_text())
-    except ValueError as err:  # not JSON, or not UTF-8
-        raise ValueError(f"{path}: not readable JSON ({' '.join(str(err).split())[:100]}); delete it and re-run the "
-                         "stage that writes it") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{path}: holds a {type(record).__name__}, not a JSON object; delete it and re-run the stage "
-                         "that writes it")
-    return record
+    return read_json_object(path, "delete it and re-run the stage that writes it")
 
 
 def load_codes(codes_dir: Path, store: EmbeddingStore, models: Models) -> tuple[np.ndarray, str]:
