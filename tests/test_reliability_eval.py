@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -304,3 +305,29 @@ def test_a_damaged_fused_cache_record_is_written_again(root, capsys, caplog, met
     assert f"{record}: " in caplog.text and "writing the cache again" in caplog.text
     assert (root / RESULTS / "results.tsv").read_text() == table
     assert json.loads(record.read_text())["store_content"]  # rewritten
+
+
+def test_fused_cache_rows_changed_since_written_are_written_again(root, capsys, caplog):
+    code, _, err = run_eval(capsys)
+    assert code == 0, err
+    table = (root / RESULTS / "results.tsv").read_text()
+    caches = sorted((root / RESULTS / "fused").rglob("fused.npy"))
+    cache = caches[-1]
+    np.save(cache, np.load(cache)[::-1].copy())  # same shape and dtype, rows swapped: used silently before
+    code, _, err = run_eval(capsys, "force=true")
+    assert code == 0, err
+    assert f"{cache}: not the fp16" in caplog.text and "writing it again" in caplog.text
+    assert (root / RESULTS / "results.tsv").read_text() == table  # re-ranked with the store's own rows
+
+
+def test_a_copied_fused_cache_is_verified_by_its_hash_and_reused(root, capsys, caplog):
+    code, _, err = run_eval(capsys)
+    assert code == 0, err
+    caches = sorted((root / RESULTS / "fused").rglob("fused.npy"))
+    for cache in caches:  # as a copy without kept times leaves them
+        os.utime(cache, ns=(cache.stat().st_atime_ns, cache.stat().st_mtime_ns + 10**9))
+    inodes = [cache.stat().st_ino for cache in caches]
+    code, _, err = run_eval(capsys, "force=true")
+    assert code == 0, err
+    assert "writing it again" not in caplog.text
+    assert [cache.stat().st_ino for cache in caches] == inodes  # not written again

@@ -8,6 +8,10 @@ content, never by path:
 
     <codes dir>/<pool stem>/trie-<codes hash>.bin     trie over the pool's codes
     <results>/fused/<pool stem>/{fused.npy, meta.json}  fp16 fused CLIP-SF embeddings, per store content
+
+The fused cache's meta.json records its file's size, time and SHA-256: a file of the recorded size
+and time is reused unread, any other is hashed, so a copied cache is reused and a replaced one is
+written again (with a warning).
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ import genius.trie_cpp as trie_lib
 from genius.common.config import resolve_path
 from genius.common.distributed import barrier, broadcast_from_main, group_rank, shard_bounds
 from genius.common.fusion import fused_store_embeddings
-from genius.common.io import atomic_dir, atomic_path, atomic_write_json, read_json_object, sha256_json
+from genius.common.io import (atomic_dir, atomic_path, atomic_write_json, read_json_object, sha256_file,
+                              sha256_json)
 from genius.common.runstate import content_sha256, portable_path
 from genius.common.store import ARRAYS, EmbeddingStore, StoreArrays, store_path
 from genius.models.generative_retriever.retrieval import CandidateMap, Ranking, dense_index
@@ -226,20 +231,51 @@ def trie_for(codes: np.ndarray, codes_dir: Path, codes_hash: str, backend: str, 
     return trie_lib.load_trie(path, backend), path
 
 
-def _cached_key(meta: Path) -> str | None:
-    """The store content a fused cache was written for; None (a miss: it is written again, with a
-    warning) when its meta.json does not read."""
+def _file_record(path: Path) -> dict:
+    """What a fused cache's meta.json records of its fused.npy: size, modification time, SHA-256."""
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
+
+
+def _is_recorded_file(path: Path, record: Any) -> bool:
+    """Whether ``path`` holds the bytes ``record`` (:func:`_file_record`) describes. Size and time
+    as recorded pass without reading the file (a cache stays cheap to reuse); otherwise (a copied
+    cache, or one replaced) the file is hashed. An older cache without the record fails."""
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        return False
+    st = path.stat()
+    if st.st_size != record.get("size"):
+        return False
+    return st.st_mtime_ns == record.get("mtime_ns") or sha256_file(path) == record["sha256"]
+
+
+def _cached_fused(cache_dir: Path, store: EmbeddingStore) -> np.ndarray | None:
+    """The cached fused embeddings of ``store`` (memory-mapped) when ``cache_dir`` holds the ones
+    written for its content; None (a miss: the cache is written again) otherwise. A cache that is
+    there but damaged or changed is named in a warning."""
+    meta_path, path = cache_dir / "meta.json", cache_dir / "fused.npy"
+    if not meta_path.is_file():
+        return None
     try:
-        return _read_json(meta).get("store_content")
+        meta = _read_json(meta_path)
     except ValueError as err:
         log.warning("%s; writing the cache again", err)
         return None
+    if meta.get("store_content") != store.content_id:
+        return None  # made for another version of the store: replaced without a word
+    shape = (len(store), store.dim)
+    fused = _readable_fused(path, shape)
+    if fused is not None and _is_recorded_file(path, meta.get("fused")):
+        return fused
+    if fused is not None:
+        log.warning("%s: not the fp16 [%d, %d] embeddings %s records (changed since, or written by an older "
+                    "version); writing it again", path, *shape, meta_path)
+    return None
 
 
 def _readable_fused(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
     """The cached fused embeddings, memory-mapped, if the file reads as fp16 rows of ``shape``;
-    else None (a warning names it) and the cache is written again. Its rows are not hashed: at
-    M-BEIR's size that would read gigabytes for every evaluation."""
+    else None (a warning names it)."""
     try:
         fused = np.load(path, mmap_mode="r")
         if fused.dtype == np.float16 and fused.shape == shape:
@@ -258,14 +294,11 @@ def cached_fused_embeddings(store: EmbeddingStore, cache_dir: Path, chunk: int =
     them, each a contiguous slice of rows into one preallocated file, so the collectives in between
     wait for one rank's share (1/N of a 5.6M-candidate pool's minutes), never for the whole.
     """
-    key = store.content_id
-    meta = cache_dir / "meta.json"
     # Every rank decides before the first collective below, and rank 0 publishes only after the
     # second, so all ranks see the same answer.
-    if meta.is_file() and _cached_key(meta) == key:
-        cached = _readable_fused(cache_dir / "fused.npy", (len(store), store.dim))
-        if cached is not None:
-            return cached
+    cached = _cached_fused(cache_dir, store)
+    if cached is not None:
+        return cached
     rank, world_size = group_rank()
     with atomic_dir(cache_dir) if rank == 0 else contextlib.nullcontext() as tmp:
         if rank == 0:
@@ -282,6 +315,9 @@ def cached_fused_embeddings(store: EmbeddingStore, cache_dir: Path, chunk: int =
         del out
         barrier()  # every slice written
         if rank == 0:
-            atomic_write_json(tmp / "meta.json", {"store_content": key, "store_path": portable_path(store.path)})
+            # the rename that publishes the folder keeps the file's size and time as recorded
+            atomic_write_json(tmp / "meta.json", {"store_content": store.content_id,
+                                                  "store_path": portable_path(store.path),
+                                                  "fused": _file_record(tmp / "fused.npy")})
     barrier()  # published
     return np.load(cache_dir / "fused.npy", mmap_mode="r")
