@@ -309,3 +309,46 @@ def test_genius_index_search_is_the_pipeline(pool):
     fused = score_fusion(*(torch.from_numpy(np.asarray(a, np.float32)) for a in (img, txt, img_mask, txt_mask))).numpy()
     expected = rerank_ranking(cmap, cmap.leaves_of(beams), fused, cand, 7)
     np.testing.assert_array_equal(r_ids, expected.ids(labels))
+
+
+def _candidate_store(path, dids, extra_meta=None):
+    from genius.common.mbeir import hash_did
+    from genius.common.store import StoreArrays, write_store
+
+    n = len(dids)
+    vectors = np.ones((n, 4), np.float16)
+    arrays = StoreArrays(np.array([hash_did(d) for d in dids], np.int64), vectors, np.zeros_like(vectors),
+                         np.ones(n, np.uint8), np.zeros(n, np.uint8), np.zeros(n, np.int8), np.zeros(n, np.int8))
+    return write_store(path, arrays, encoder="e", kind="candidate", extra_meta=extra_meta)
+
+
+def test_a_union_stores_candidates_sharing_an_id_come_in_the_local_pools_concatenation(tmp_path, caplog):
+    """The official code indexes the universal pool as the local pools concatenated in the table's
+    order (MSCOCO before Fashion200K); M-BEIR's union file is sorted by did (Fashion200K first).
+    Candidates sharing an ID must come in the official order, so the MSCOCO positive is first."""
+    from genius.common.store import EmbeddingStore
+    from genius.models.generative_retriever.pool_assets import concatenation_order
+
+    mscoco, fashion = ["9:1", "9:2"], ["1:1", "1:2", "1:3", "1:4", "1:5", "1:6"]
+    _candidate_store(tmp_path / "mbeir_mscoco_task0_test_cand_pool", mscoco)
+    _candidate_store(tmp_path / "mbeir_fashion200k_task0_cand_pool", fashion)
+    union_dids = sorted(mscoco + fashion, key=lambda d: tuple(map(int, d.split(":"))))  # the union file's order
+    built_from = ["mbeir_mscoco_task0_test_cand_pool", "mbeir_fashion200k_task0_cand_pool"]
+    union = EmbeddingStore.open(_candidate_store(tmp_path / "mbeir_union_test_cand_pool", union_dids,
+                                                 {"built_from": built_from}))
+    order = concatenation_order(union)
+    np.testing.assert_array_equal(order, [(mscoco + fashion).index(d) for d in union_dids])
+
+    shared = [0, 7, 7]  # six images share one ID: five Fashion200K ones and the MSCOCO positive 9:1
+    codes = np.array([shared if d in ("9:1", "1:1", "1:2", "1:3", "1:4", "1:5") else [0, 1, int(d[-1])]
+                      for d in union_dids], np.int64)
+    cmap = CandidateMap.build(PythonTrie.build(codes), codes, order)
+    beams = np.array([[shared, [0, 1, 2]]])
+    ranking = genius_ranking(cmap, beam_leaves(cmap, beams, np.ones((1, 2), bool)), np.array([[-0.1, -2.0]]), 5)
+    ranked = [union_dids[r] for r in ranking.rows[0]]
+    assert ranked == ["9:1", "1:1", "1:2", "1:3", "1:4"]  # the union file's order put 9:1 sixth: a miss at 5
+
+    assert concatenation_order(EmbeddingStore.open(tmp_path / "mbeir_mscoco_task0_test_cand_pool")) is None
+    (tmp_path / "mbeir_fashion200k_task0_cand_pool" / "meta.json").unlink()  # a local store gone since
+    assert concatenation_order(union) is None
+    assert "keep the union file's order" in caplog.text and "mbeir_fashion200k_task0_cand_pool" in caplog.text

@@ -441,9 +441,13 @@ def build(run: RunContext, out: str | Path, pool: str | None = None) -> str:
         fused = opened.fused()
     store, codes = opened.store.arrays, np.load(opened.codes_dir / "codes.npy")
     _, qerror = quantize_rows(run, store.img, store.txt, store.img_mask, store.txt_mask, store.modality)
-    ids = np.asarray(store.ids, np.int64)
-    rows = Rows(ids, codes, np.asarray(fused, np.float16), np.asarray(store.modality, np.int8),
-                np.ones(len(ids), bool), qerror, ordered_records(opened.path, ids))
+    # The index's rows are in the order its candidates sharing an ID are returned: the run's (a
+    # union pool's local-pool concatenation), so the index answers as the run did.
+    rows_in = np.argsort(opened.order, kind="stable") if opened.order is not None else np.arange(len(codes))
+    ids = np.asarray(store.ids, np.int64)[rows_in]
+    rows = Rows(ids, codes[rows_in], np.asarray(fused, np.float16)[rows_in],
+                np.asarray(store.modality, np.int8)[rows_in], np.ones(len(ids), bool), qerror[rows_in],
+                ordered_records(opened.path, ids))
     manifest = base_manifest(run, None, {"op": "build", "pool": portable_path(opened.path), "count": int(len(ids))})
     manifest.update(pool=pool, codebook_sizes=run.models.codebook_sizes, modality_mode=run.models.modality_mode,
                     modality_level=run.modality_level)

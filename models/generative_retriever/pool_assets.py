@@ -32,7 +32,7 @@ from genius.common.fusion import fused_store_embeddings
 from genius.common.io import (atomic_dir, atomic_path, atomic_write_json, read_json_object, sha256_file,
                               sha256_json)
 from genius.common.runstate import content_sha256, portable_path
-from genius.common.store import ARRAYS, EmbeddingStore, StoreArrays, store_path
+from genius.common.store import ARRAYS, EmbeddingStore, StoreArrays, StoreError, store_path
 from genius.models.generative_retriever.retrieval import CandidateMap, Ranking, dense_index
 from genius.models.generative_retriever.run_models import Models, StaleInputError
 from genius.models.residual_quantization.assign_codes import codes_intact
@@ -60,6 +60,7 @@ class Pool:
     trie: object
     cmap: CandidateMap
     fused_dir: Path
+    order: np.ndarray | None = None  # the rows' order among candidates sharing an ID (concatenation_order)
     _fused: np.ndarray | None = None
     _dense: object | None = None
 
@@ -107,10 +108,43 @@ def open_pool(cfg: Any, kind: str, path: Path, models: Models, build_trie: bool 
     codes_dir = cfg.codes_root() / stem
     codes, codes_hash = load_codes(codes_dir, store, models)
     trie, trie_path = trie_for(codes, codes_dir, codes_hash, cfg.trie_backend, build=build_trie)
-    cmap = CandidateMap.build(trie, codes)
+    order = concatenation_order(store)
+    cmap = CandidateMap.build(trie, codes, order)
     log.info("pool %s: %s", stem, cmap.collision_stats())
     return Pool(kind, path, stem, store, codes_dir, codes_hash, trie_path, trie, cmap,
-                resolve_path(cfg.paths.results) / "fused" / stem)
+                resolve_path(cfg.paths.results) / "fused" / stem, order)
+
+
+def concatenation_order(store: EmbeddingStore) -> np.ndarray | None:
+    """For a union store genius extract assembled from local stores: each row's position in the
+    concatenation of those stores, in the order extract's ``data.local_pools`` lists them (its
+    meta.json's ``built_from``); None for any other store, whose row order stands.
+
+    The official code indexes its universal pool as that concatenation (the 16 local pools in the
+    order of the paper's table, as configs_scripts/large/extract.yaml lists them), so candidates
+    that share an ID come in that order; M-BEIR's union file, whose order the store keeps, is sorted
+    by did instead. The order decides which of them GENIUS (without re-ranking) puts first."""
+    names = store.meta.get("built_from")
+    if not names:
+        return None
+    try:
+        locals_ = [np.asarray(EmbeddingStore.open(store.path.parent / name, kind="candidate", verify=False).ids)
+                   for name in names]
+    except StoreError as err:
+        log.warning("%s; candidates of %s that share an ID keep the union file's order, not the local pools' "
+                    "concatenation the official code uses (re-run genius extract for them)", err, store.path)
+        return None
+    concatenated = np.concatenate(locals_)
+    sorter = np.argsort(concatenated, kind="stable")  # stable: a did in two local pools counts where it comes first
+    ids = np.asarray(store.ids)
+    at = np.searchsorted(concatenated, ids, sorter=sorter).clip(max=max(len(concatenated) - 1, 0))
+    position = sorter[at]
+    if len(concatenated) == 0 or not np.array_equal(concatenated[position], ids):
+        log.warning("%s: not every candidate is in the local stores it was built from (%s, changed since); "
+                    "candidates that share an ID keep the union file's order (re-run genius extract)",
+                    store.path, ", ".join(names))
+        return None
+    return position
 
 
 GiB = 1 << 30
