@@ -107,6 +107,17 @@ def test_markdown_table_in_paper_layout_with_paper_numbers():
     assert recall_table(rows, "task-specific") == ""
 
 
+def test_the_average_row_is_the_mean_of_the_rows_as_printed():
+    """As the papers average their printed rows (UniIR's 50.57 -> 50.6): rows shown as 10.1, 10.1
+    and 10.0 average 10.07, printed 10.1; the unrounded values (10.051, 10.051, 10.0) average
+    10.034, which would print 10.0."""
+    rows = [result("genius", "universal", f"mbeir_shapes{i}_task0", f"shapes{i}", 0, value, mbeir=False)
+            for i, value in enumerate((0.10051, 0.10051, 0.1))]
+    lines = recall_table(rows, "universal").splitlines()
+    assert [line.split(" | ")[3] for line in lines[4:7]] == ["10.1 |", "10.1 |", "10.0 |"]
+    assert lines[7] == "|  | **Average** |  | **10.1** |"
+
+
 def test_markdown_without_paper_numbers_for_other_datasets_and_decode_table():
     rows = [result("genius", "task-specific", "mbeir_shapesnews_task0", "shapesnews", 0, 0.25, mbeir=False),
             result("genius", "task-specific", "mbeir_shapesedit_task7", "shapesedit", 7, 0.5, mbeir=False)]

@@ -117,6 +117,13 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(values) / len(values) if values and all(v is not None for v in values) else None
 
 
+def _mean_as_shown(values: list[float | None]) -> float | None:
+    """The mean of the values as the table prints them (percent, one decimal): the papers average
+    their printed rows (UniIR's 50.57 -> 50.6), so an Average row is comparable with theirs."""
+    shown = [None if v is None or math.isnan(v) else float(_pct(v)) / 100 for v in values]
+    return _mean(shown)
+
+
 def recall_table(results: list[RecallResult], pool_kind: str, names: Names | None = None) -> str:
     """The paper's layout: Task, Dataset, then one column per method, then an Average row.
 
@@ -153,9 +160,10 @@ def recall_table(results: list[RecallResult], pool_kind: str, names: Names | Non
         if with_paper:
             cells += [_pct(paper(line, m)) for m in methods]
         out.append("| " + " | ".join(cells) + " |")
-    average = ["", "**Average**", ""] + [f"**{_pct(_mean([l['ours'].get(m) for l in ordered]))}**" for m in methods]
+    average = ["", "**Average**", ""] + [f"**{_pct(_mean_as_shown([l['ours'].get(m) for l in ordered]))}**"
+                                         for m in methods]
     if with_paper:
-        average += [_pct(_mean([paper(l, m) for l in ordered])) for m in methods]
+        average += [_pct(_mean_as_shown([paper(l, m) for l in ordered])) for m in methods]
     out.append("| " + " | ".join(average) + " |")
     if with_paper:
         out += ["", "Paper columns: GENIUS (CVPR 2025) Tables 1-2; averages are plain means of the rows shown "
