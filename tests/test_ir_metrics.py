@@ -5,11 +5,13 @@ import csv
 import io
 import json
 import math
+import subprocess
+from pathlib import Path
 
 import ir_measures
 import numpy as np
 import pytest
-from ir_measures import AP, RR, P, R, nDCG
+from ir_measures import AP, RR, P, R, Success, nDCG
 
 from genius.cli import main as genius_main
 from genius.common.mbeir import hash_did, hash_qid, load_qrels
@@ -120,6 +122,29 @@ def test_rank_order_is_scored_even_where_scores_tie(tmp_path, qrels_file):
     grades = {q: g for q, g in GradedQrels.read(qrels_file).grades.items() if q in ("9:1", "9:2")}
     values = per_query(ranked_run(run), grades, [1])
     assert values["P", 1] == {"9:1": 1.0, "9:2": 1.0} and values["MRR", 1] == {"9:1": 1.0, "9:2": 1.0}
+
+
+# The README's line that turns a run file into trec_eval's input: the rank becomes the score.
+TREC_EVAL_LINE = "awk '{print $1, $2, $3, $4, -$4, $6}'"
+
+
+def test_the_readmes_trec_eval_line_keeps_the_rank_order_where_scores_tie(tmp_path, qrels_file):
+    """trec_eval re-sorts a run by score and breaks ties by document id: on the run files' own
+    scores (tied within a generated ID) it would score another ranking than results.tsv's."""
+    assert TREC_EVAL_LINE in (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    run = tmp_path / "genius.run"  # each query's relevant candidate first, tied with one other
+    dids = np.array([[hash_did("9:10"), hash_did("9:9")], [hash_did("9:20"), hash_did("9:19")]])
+    write_run_file(run, np.array([hash_qid("9:1"), hash_qid("9:2")]), dids, np.full((2, 2), 0.5), "genius",
+                   np.array([0, 0]))
+    trec_qrels = tmp_path / "qrels.trec"
+    write_trec_qrels([qrels_file], trec_qrels)
+    program = TREC_EVAL_LINE.split("'")[1]
+    converted = subprocess.run(["awk", program, str(run)], capture_output=True, text=True, check=True).stdout
+    six_columns = "".join(" ".join(line.split()[:6]) + "\n" for line in run.read_text().splitlines())
+    qrels = [q for q in ir_measures.read_trec_qrels(str(trec_qrels)) if q.query_id in ("9:1", "9:2")]
+    success = {name: ir_measures.calc_aggregate([Success @ 1], qrels, list(ir_measures.read_trec_run(text)))[Success @ 1]
+               for name, text in (("converted", converted), ("as written", six_columns))}
+    assert success == {"converted": 1.0, "as written": 0.5}  # the hit rate at 1 is 1.0 for both queries
 
 
 def test_values_equal_the_librarys_own_on_a_run_file_and_exported_qrels(tmp_path, qrels_file):
