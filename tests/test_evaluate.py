@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 
 from genius.common.config import ConfigError, load_config
 from genius.common.fusion import score_fusion
-from genius.common.mbeir import MODALITY_CODE, TASKS
+from genius.common.mbeir import MODALITY_CODE, TASKS, unhash_did, unhash_qid
 from genius.common.runstate import content_sha256
 from genius.common.store import ARRAYS, EmbeddingStore, StoreArrays, store_path, write_store
 from genius.models.generative_retriever.decode_cache import decode_key
@@ -189,6 +190,52 @@ def test_evaluate_writes_keyed_artefacts_and_tables(tmp_path):
     assert trie.is_file() and trie.parent == Path(cfg.paths.rq_run) / "codes" / "mbeir_union_test_cand_pool"
 
 
+def test_task_specific_pools_decoded_under_the_union_trie_as_the_official_evaluation(tmp_path):
+    """decoding.task_specific_trie: union decodes each file once, under the universal pool's trie,
+    and looks the beams' IDs up among the task-specific pool's candidates (an ID the pool lacks
+    returns nothing), as the official evaluation made its task-specific numbers."""
+    from genius.models.generative_retriever.pool_assets import open_pool
+    from genius.models.generative_retriever.retrieval import beam_leaves, genius_ranking
+
+    cfg = make_world(tmp_path)
+    cfg.dense = cfg.rerank = False
+    cfg.decoding.task_specific_trie = "union"
+    models = fake_models(cfg, num_beams=12)  # more than a pool's 9 IDs: the union's other modality shows
+    report = evaluate(cfg, models)
+    out = Path(cfg.paths.results)
+    assert sorted(p.name for p in (out / "decoded").iterdir()) == ["mbeir_union_test_cand_pool"]
+    cached = {(s.pool_kind, s.query_file): s.cached for s in report.stats}
+    assert not cached["task-specific", "mbeir_shapes_task0_test"] and cached["universal", "mbeir_shapes_task0_test"]
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["pools"]["mbeir_shapes_task0_cand_pool"]["decoded_under"] == "mbeir_union_test_cand_pool"
+    assert "decoded under the universal pool's trie" in report.markdown
+
+    data = Path(cfg.paths.data_root)
+    for task in (0, 3):
+        stem = f"mbeir_shapes_task{task}"
+        beams = np.load(out / "decoded" / "mbeir_union_test_cand_pool" / f"{stem}_test" / "codes.npy")
+        scores = np.load(out / "decoded" / "mbeir_union_test_cand_pool" / f"{stem}_test" / "scores.npy")
+        local = open_pool(replace(cfg, decoding=replace(cfg.decoding, task_specific_trie="own")), "task-specific",
+                          data / "cand_pool" / "local" / f"{stem}_cand_pool.jsonl", models)
+        expected = genius_ranking(local.cmap, beam_leaves(local.cmap, beams, beams[..., 0] >= 0), scores, 5)
+        got = read_run_file(out / "runs" / f"{stem}_cand_pool" / f"{stem}_test" / "genius.run")
+        queries = EmbeddingStore.open(store_path(cfg.paths.stores_root, ENCODER, "test",
+                                                 data / "query" / "test" / f"{stem}_test.jsonl"))
+        want = {unhash_qid(q): [unhash_did(local.ids[r]) for r in rows if r >= 0]
+                for q, rows in zip(np.asarray(queries.ids).tolist(), expected.rows)}
+        assert {q: [e.did for e in got.get(q, [])] for q in want} == want
+        local_ids = {tuple(c) for c in np.load(Path(cfg.paths.rq_run) / "codes" / f"{stem}_cand_pool" / "codes.npy")}
+        assert any(tuple(c) not in local_ids for c in beams[beams[..., 0] >= 0])  # IDs only the other pool has
+
+    cfg.decoding.task_specific_trie = "own"  # another setting: its own decodings, not the union's
+    evaluate(cfg, models)
+    assert (out / "decoded" / "mbeir_shapes_task0_cand_pool").is_dir()
+
+    cfg.union, cfg.paths.index, cfg.decoding.task_specific_trie = False, str(tmp_path / "index"), "union"
+    with pytest.raises(ValueError, match="decoding.task_specific_trie: union decodes under the universal"):
+        cfg.validate()  # an index stands alone
+
+
 def test_changed_codes_or_generator_invalidate_cached_decodings_and_trie(tmp_path):
     cfg = make_world(tmp_path)
     cfg.dense = False
@@ -224,7 +271,7 @@ def test_decode_cache_key_records_the_device_and_the_precisions_used():
     """A decoding made on a CPU (bf16 autocast) is never reused by a GPU run (fp16) or an fp32 run."""
     cfg = EvalConfig()
     models = SimpleNamespace(fingerprints={"rq": "r", "generator": "g"})
-    pool = SimpleNamespace(codes_hash="c", trie_path=Path("trie-0.bin"))
+    pool = SimpleNamespace(decoding=SimpleNamespace(codes_hash="c", path=Path("trie-0.bin")))
     queries = SimpleNamespace(content_id="q")
 
     def key(device: str, autocast: bool, combiner_autocast: bool = False) -> dict:
@@ -252,7 +299,7 @@ def test_decode_cache_key_records_diverse_beams_and_keeps_old_keys_without_them(
     before the option existed (no entry), so earlier cached decodings stay valid."""
     cfg = EvalConfig()
     models = SimpleNamespace(fingerprints={"rq": "r", "generator": "g"})
-    pool = SimpleNamespace(codes_hash="c", trie_path=Path("trie-0.bin"))
+    pool = SimpleNamespace(decoding=SimpleNamespace(codes_hash="c", path=Path("trie-0.bin")))
     queries = SimpleNamespace(content_id="q")
     plain = decode_key(cfg, models, pool, queries, torch.device("cpu"))
     cfg.decoding.sibling_penalty = 0.5
@@ -311,7 +358,8 @@ def test_eval_config_takes_a_native_run_or_an_official_checkpoint(tmp_path):
 
 def test_paper_settings_decode_like_the_official_code():
     """Every YAML that claims paper settings: 50 beams, full-vocabulary normalisation, re-ranking,
-    fp16 autocast of the generator and of the Combiner on both sides, as the official evaluation."""
+    fp16 autocast of the generator and of the Combiner on both sides, task-specific files decoded
+    under the universal pool's trie, as the official evaluation."""
     from genius.models.residual_quantization.assign_codes import AssignCodesConfig
 
     large = Path(__file__).resolve().parent.parent / "configs_scripts" / "large"
@@ -320,6 +368,7 @@ def test_paper_settings_decode_like_the_official_code():
         dec = cfg.decoding
         assert (dec.num_beams, dec.level_head, dec.modality_threshold, dec.sibling_penalty) == (50, False, 0.0, 0.0)
         assert dec.autocast and dec.combiner_autocast and cfg.rerank and cfg.union and len(cfg.files) == 16
+        assert dec.task_specific_trie == "union"
     assert native.files == official.files and native.extra_ks == official.extra_ks
     codes, official_codes = (load_config(AssignCodesConfig, large / name)
                              for name in ("assign_codes.yaml", "assign_codes_official.yaml"))

@@ -300,7 +300,8 @@ def test_image_tokens_generator_learns_the_query_class(world, trained):
     models = Models(embed=None, fingerprints={}, codebook_sizes=rq.codebook_sizes, modality_mode="assigned",
                     decode=lambda q, t: constrained_beam_search(generator, q, t, rq.codebook_sizes, num_beams=3),
                     preprocess=generator.preprocess)
-    pool = type("PoolStub", (), {"trie": trie, "cmap": type("Map", (), {"num_levels": 3})})
+    pool = type("PoolStub", (), {"decoding": type("Trie", (), {"trie": trie}),
+                                 "cmap": type("Map", (), {"num_levels": 3})})
     codes_rows, scores, valid = decode_rows(models, pool, queries.arrays, 5, 40, 16, "decode", images)
     direct = constrained_beam_search(generator, images(np.arange(5, 40)), trie, rq.codebook_sizes, num_beams=3)
     expected = beams_as_arrays(direct)

@@ -245,7 +245,8 @@ def test_dense_index_checks_its_inputs():
 def _opened_pool(cmap, labels, cand, dim):
     """A stand-in for an opened ``pool_assets.Pool``: what ``rank`` and ``GeniusIndex`` read."""
     dense = ExactIPIndex(cand)
-    return SimpleNamespace(cmap=cmap, ids=labels, trie="the pool's trie", store=SimpleNamespace(dim=dim),
+    return SimpleNamespace(cmap=cmap, ids=labels, decoding=SimpleNamespace(trie="the pool's trie"),
+                           store=SimpleNamespace(dim=dim),
                            fused=lambda: cand,
                            dense_search=lambda q, k, *_: Ranking(*dense.search(q, k)[::-1]))
 

@@ -57,7 +57,7 @@ class Decoded:
 
 def decode_key(cfg: Any, models: Models, pool: Pool, queries: EmbeddingStore, device: torch.device,
                images: QueryImages | None = None, processes: int = 1) -> dict:
-    key = {"models": models.fingerprints, "codes": pool.codes_hash, "trie": pool.trie_path.name,
+    key = {"models": models.fingerprints, "codes": pool.decoding.codes_hash, "trie": pool.decoding.path.name,
             "queries": queries.content_id, "num_beams": cfg.decoding.num_beams,
             "level_head": cfg.decoding.level_head, "device": device.type,
             # the precisions actually used: autocast means bf16 on a CPU and fp16 on a GPU
@@ -101,7 +101,7 @@ def decode_rows(models: Models, pool: Pool, arrays: StoreArrays, start: int, sto
     else:
         batches = (images(np.arange(first, min(first + batch_size, stop))) for first in range(start, stop, batch_size))
     progress = Progress(-(-(stop - start) // batch_size), label, unit="batch", logger=log, end_line=False)
-    parts = [beams_as_arrays(models.decode(batch, pool.trie)) for batch in progress.wrap(batches)]
+    parts = [beams_as_arrays(models.decode(batch, pool.decoding.trie)) for batch in progress.wrap(batches)]
     return tuple(np.concatenate(part) for part in zip(*parts))
 
 

@@ -51,7 +51,7 @@ from genius.common.config_checks import check_output_dir
 from genius.common.distributed import DistInfo, broadcast_from_main, cleanup, gather_to_main, init_distributed
 from genius.common.fusion import fused_store_embeddings
 from genius.common.mbeir import (
-    MBEIR_DATASET_IDS, QID_BASE, load_qrels, older_revision_twin, parse_query_file_name, unhash_qid,
+    MBEIR_DATASET_IDS, QID_BASE, load_qrels, parse_query_file_name, unhash_qid,
 )
 from genius.common.ranges import BATCH, check_ranges, ranged
 from genius.common.runstate import RunKey, RunState, file_content, portable_path
@@ -70,6 +70,8 @@ from genius.models.generative_retriever.pool_assets import (
     codes_fingerprint,
     open_candidate_store,
     open_pool,
+    open_union_trie,
+    union_pool_file,
 )
 from genius.models.generative_retriever.positives import (
     FilePositives,
@@ -96,7 +98,8 @@ NOT_IN_RUN_KEY = ("paths.data_root", "paths.stores_root", "paths.rq_run", "paths
                   "paths.official_checkpoint", "paths.codes", "paths.results", "paths.union_pool", "paths.index",
                   "decoding.batch_size", "decoding.device_trie", "dense_chunk", "device", "force")
 # Options added after runs were recorded, at the value those runs computed with.
-ADDED_LATER = {"report.metrics": "mbeir", "report.ks": [1, 10, 20, 30], "decoding.sibling_penalty": 0.0}
+ADDED_LATER = {"report.metrics": "mbeir", "report.ks": [1, 10, 20, 30], "decoding.sibling_penalty": 0.0,
+               "decoding.task_specific_trie": "own"}
 
 
 # ---- config ----------------------------------------------------------------------------------
@@ -152,6 +155,12 @@ class DecodingConfig:
     # a GPU search makes no host round trip per level; the same beams. On a CPU a search runs as
     # fast as with the C++ trie (BENCHMARKS.md section 7).
     device_trie: bool = False
+    # The trie a task-specific pool's queries are decoded under. 'own': the pool's own IDs, what a
+    # task-specific pool means. 'union': the universal pool's, then looked up among the pool's
+    # candidates, as the official evaluation produced its task-specific numbers (paper Table 1;
+    # its code files, named by dataset alone, were overwritten by the universal pass). Needs the
+    # universal pool's codes; its decodings are shared with the universal pass.
+    task_specific_trie: Literal["own", "union"] = "own"
 
 
 @dataclass
@@ -194,6 +203,9 @@ class EvalConfig:
         if self.paths.index is not None and (self.union or not self.task_specific):
             raise ValueError("paths.index is set: every query file is evaluated against the index alone; set "
                              "union: false and task_specific: true (or paths.index: null)")
+        if self.paths.index is not None and self.decoding.task_specific_trie == "union":
+            raise ValueError("decoding.task_specific_trie: union decodes under the universal pool's trie, but "
+                             "paths.index evaluates against the index alone; set decoding.task_specific_trie: own")
         if self.report.metrics == "irgen" and not self.run_files:
             raise ValueError("report.metrics: irgen computes its metrics from the run files, but run_files is "
                              "false; set run_files: true")
@@ -261,10 +273,6 @@ def discover_files(data_root: Path) -> list[EvalFile]:
     return files
 
 
-def union_pool_file(cfg: EvalConfig) -> Path:
-    return older_revision_twin(resolve_path(cfg.paths.union_pool, resolve_path(cfg.paths.data_root)))
-
-
 def resolve_files(cfg: EvalConfig) -> list[QueryFile]:
     root = resolve_path(cfg.paths.data_root)
     out = []
@@ -327,7 +335,7 @@ def evaluate_pair(cfg: EvalConfig, models: Models, pool: Pool, qf: QueryFile, qu
     """Decode and rank (each rank its shard of the queries), then score and write (rank 0, from the
     gathered rankings; the others return None)."""
     out = resolve_path(cfg.paths.results)
-    decoded = decode_cached(cfg, models, pool, queries, out / "decoded" / pool.stem / qf.stem, info, qf.path)
+    decoded = decode_cached(cfg, models, pool, queries, out / "decoded" / pool.decoding.stem / qf.stem, info, qf.path)
     shards = gather_to_main(rank_shard(cfg, pool, queries, decoded, cfg.ranking_depth(qf), info.device,
                                        positives.exclusions))
     if shards is None:
@@ -486,9 +494,12 @@ def _evaluate(cfg: EvalConfig, models: Models | None, info: DistInfo) -> EvalRep
             record_run(out, cfg)
         outcomes: list[PairOutcome | None] = []
         pools_manifest = {}
+        union_trie = None  # opened once for every task-specific pool (decoding.task_specific_trie: union)
+        if cfg.task_specific and cfg.decoding.task_specific_trie == "union" and index is None:
+            union_trie = open_union_trie(cfg, models, build_trie=info.is_main)
         for p in passes:
             pool = p.opened or open_pool(cfg, p.kind, p.pool, models, build_trie=info.is_main,
-                                         store=candidate_stores.get(p.stem))
+                                         store=candidate_stores.get(p.stem), union_trie=union_trie)
             if cfg.rerank or cfg.dense:
                 pool.fused()  # every rank at once: each builds its share of a missing cache
             outcomes += [evaluate_pair(cfg, models, pool, qf, stores[qf.stem], positives[p.stem, qf.stem], info)
@@ -513,12 +524,15 @@ def build_report(cfg: EvalConfig, outcomes: list[PairOutcome], positives: list[P
     results = [r for o in outcomes for r in o.results]
     stats = [o.stats for o in outcomes]
     dec = cfg.decoding
+    union_trie_note = (", task-specific pools decoded under the universal pool's trie (the official evaluation's "
+                       "task-specific numbers)")
     note = (f"{dec.num_beams} beams, {'level-head' if dec.level_head else 'full-vocabulary'} normalisation"
             f"{', autocast' if dec.autocast else ''}{', int8 decoder' if dec.int8 else ''}"
             f"{', fp16 query Combiner' if combiner_dtype(info.device, dec.combiner_autocast) == 'float16' else ''}"
             f"{f', modality threshold {dec.modality_threshold:g}' if dec.modality_threshold else ''}"
-            f"{f', sibling penalty {dec.sibling_penalty:g}' if dec.sibling_penalty else ''}; trie backend {cfg.trie_backend}; "
-            f"Recall@k is UniIR's hit rate, in %.")
+            f"{f', sibling penalty {dec.sibling_penalty:g}' if dec.sibling_penalty else ''}"
+            f"{union_trie_note if cfg.task_specific and dec.task_specific_trie == 'union' else ''}; "
+            f"trie backend {cfg.trie_backend}; Recall@k is UniIR's hit rate, in %.")
     markdown = report_markdown(results, stats, positives, f"GENIUS evaluation: {out.name}", note, names, skipped)
     return EvalReport(results, stats, markdown, out, positives, names, skipped)
 

@@ -31,6 +31,7 @@ from genius.common.distributed import barrier, broadcast_from_main, group_rank, 
 from genius.common.fusion import fused_store_embeddings
 from genius.common.io import (atomic_dir, atomic_path, atomic_write_json, read_json_object, sha256_file,
                               sha256_json)
+from genius.common.mbeir import older_revision_twin
 from genius.common.runstate import content_sha256, portable_path
 from genius.common.store import ARRAYS, EmbeddingStore, StoreArrays, StoreError, store_path
 from genius.models.generative_retriever.retrieval import CandidateMap, Ranking, dense_index
@@ -44,6 +45,19 @@ def open_candidate_store(cfg: Any, path: Path) -> EmbeddingStore:
     """The stage-0 store of pool file ``path`` (memory-mapped; cheap)."""
     return EmbeddingStore.open(store_path(resolve_path(cfg.paths.stores_root), cfg.paths.encoder, "cand", path),
                                encoder=cfg.paths.encoder, kind="candidate", source=path)
+
+
+@dataclass(frozen=True)
+class DecodingTrie:
+    """The trie a pool's queries are decoded under: the pool's own, or with
+    ``decoding.task_specific_trie: union`` the universal pool's, as the official evaluation decoded
+    the queries behind its task-specific numbers (paper Table 1). Decodings are cached under
+    ``stem``, the pool whose codes built it, so the universal pass reuses them."""
+
+    stem: str
+    trie: object
+    path: Path
+    codes_hash: str
 
 
 @dataclass
@@ -61,8 +75,13 @@ class Pool:
     cmap: CandidateMap
     fused_dir: Path
     order: np.ndarray | None = None  # the rows' order among candidates sharing an ID (concatenation_order)
+    decoding: DecodingTrie | None = None  # None: the pool's own trie
     _fused: np.ndarray | None = None
     _dense: object | None = None
+
+    def __post_init__(self) -> None:
+        if self.decoding is None:
+            self.decoding = DecodingTrie(self.stem, self.trie, self.trie_path, self.codes_hash)
 
     @property
     def ids(self) -> np.ndarray:
@@ -93,15 +112,18 @@ class Pool:
         return {"kind": self.kind, "jsonl": portable_path(self.path), "store": portable_path(self.store.path),
                 "codes": portable_path(self.codes_dir), "codes_hash": self.codes_hash,
                 "trie": portable_path(self.trie_path), "trie_backend": trie_backend,
-                "fused": portable_path(self.fused_dir), "collisions": self.cmap.collision_stats()}
+                "fused": portable_path(self.fused_dir), "collisions": self.cmap.collision_stats()} | (
+            {"decoded_under": self.decoding.stem} if self.decoding.stem != self.stem else {})
 
 
 def open_pool(cfg: Any, kind: str, path: Path, models: Models, build_trie: bool = True,
-              store: EmbeddingStore | None = None) -> Pool:
+              store: EmbeddingStore | None = None, union_trie: DecodingTrie | None = None) -> Pool:
     """Pool file ``path`` as an eval config (``cfg``) lays it out, checked against ``models``.
 
     ``build_trie``: build a missing trie (the main process); the others wait and load it.
     ``store``: the pool's candidate store, if the caller opened it already.
+    ``union_trie``: the universal pool's trie, if the caller opened it already (a task-specific
+    pool decodes under it with ``decoding.task_specific_trie: union``).
     """
     store = store or open_candidate_store(cfg, path)
     stem = path.name.removesuffix(".jsonl")
@@ -111,8 +133,26 @@ def open_pool(cfg: Any, kind: str, path: Path, models: Models, build_trie: bool 
     order = concatenation_order(store)
     cmap = CandidateMap.build(trie, codes, order)
     log.info("pool %s: %s", stem, cmap.collision_stats())
+    decoding = None
+    if kind == "task-specific" and cfg.decoding.task_specific_trie == "union":
+        decoding = union_trie or open_union_trie(cfg, models, build_trie)
     return Pool(kind, path, stem, store, codes_dir, codes_hash, trie_path, trie, cmap,
-                resolve_path(cfg.paths.results) / "fused" / stem, order)
+                resolve_path(cfg.paths.results) / "fused" / stem, order, decoding)
+
+
+def union_pool_file(cfg: Any) -> Path:
+    """The eval config's universal pool file (the older revision's folder when only it is there)."""
+    return older_revision_twin(resolve_path(cfg.paths.union_pool, resolve_path(cfg.paths.data_root)))
+
+
+def open_union_trie(cfg: Any, models: Models, build_trie: bool = True) -> DecodingTrie:
+    """The universal pool's trie, its codes checked like any pool's (:func:`open_pool`)."""
+    path = union_pool_file(cfg)
+    stem = path.name.removesuffix(".jsonl")
+    codes_dir = cfg.codes_root() / stem
+    codes, codes_hash = load_codes(codes_dir, open_candidate_store(cfg, path), models)
+    trie, trie_path = trie_for(codes, codes_dir, codes_hash, cfg.trie_backend, build=build_trie)
+    return DecodingTrie(stem, trie, trie_path, codes_hash)
 
 
 def concatenation_order(store: EmbeddingStore) -> np.ndarray | None:

@@ -108,7 +108,7 @@ class GeniusIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         img, txt, img_mask, txt_mask = unpack_query_features(check_queries(queries, self.d, k), self.feature_dim)
         with torch.no_grad():
-            beams = self.models.decode(self.models.embed(img, txt, img_mask, txt_mask), self.pool.trie)
+            beams = self.models.decode(self.models.embed(img, txt, img_mask, txt_mask), self.pool.decoding.trie)
         codes, scores, valid = beams_as_arrays(beams)
         method = "genius_r" if self.rerank else "genius"
         fused = score_fusion(img, txt, img_mask, txt_mask).numpy() if self.rerank else None
