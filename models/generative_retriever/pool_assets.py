@@ -11,7 +11,7 @@ content, never by path:
 
 The fused cache's meta.json records its file's size, time and SHA-256: a file of the recorded size
 and time is reused unread, any other is hashed, so a copied cache is reused and a replaced one is
-written again (with a warning).
+written again (with a warning). A cache from before the record is read as before.
 """
 from __future__ import annotations
 
@@ -314,7 +314,10 @@ def _file_record(path: Path) -> dict:
 def _is_recorded_file(path: Path, record: Any) -> bool:
     """Whether ``path`` holds the bytes ``record`` (:func:`_file_record`) describes. Size and time
     as recorded pass without reading the file (a cache stays cheap to reuse); otherwise (a copied
-    cache, or one replaced) the file is hashed. An older cache without the record fails."""
+    cache, or one replaced) the file is hashed. A cache written before the record existed (None)
+    is read as before: ``genius search`` reads runs it may not write to."""
+    if record is None:
+        return True
     if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
         return False
     st = path.stat()
@@ -342,8 +345,8 @@ def _cached_fused(cache_dir: Path, store: EmbeddingStore) -> np.ndarray | None:
     if fused is not None and _is_recorded_file(path, meta.get("fused")):
         return fused
     if fused is not None:
-        log.warning("%s: not the fp16 [%d, %d] embeddings %s records (changed since, or written by an older "
-                    "version); writing it again", path, *shape, meta_path)
+        log.warning("%s: not the fp16 [%d, %d] embeddings %s records (changed since it was written); writing it "
+                    "again", path, *shape, meta_path)
     return None
 
 
