@@ -26,7 +26,10 @@ import numpy as np
 # UniIR's integer hashing; keep the constants so run files stay interchangeable with UniIR's.
 QID_BASE = 500_000
 DID_BASE = 10_000_000
-_ID_RE = re.compile(r"^(\d+):(\d+)$")
+# ASCII digits without leading zeros: the one spelling of an id, so that hashing and unhashing
+# give it back (str.isdigit and \d accept other scripts' digits, int() reads "07" as 7).
+_ID_RE = re.compile(r"^(0|[1-9][0-9]*):(0|[1-9][0-9]*)$")
+_INT64_MAX = 2**63 - 1
 
 MBEIR_DATASET_IDS = {
     "visualnews": 0, "fashion200k": 1, "webqa": 2, "edis": 3, "nights": 4, "oven": 5,
@@ -63,10 +66,14 @@ def parse_id(text: object, base: int, what: str) -> tuple[int, int]:
     """``"dataset:n"`` -> (dataset, n), checked against UniIR's hashing range."""
     match = _ID_RE.match(text) if isinstance(text, str) else None
     if not match:
-        raise ValueError(f"{what} {text!r} is not of the form 'dataset_id:index'")
+        raise ValueError(f"{what} {text!r} is not of the form 'dataset_id:index' (two whole numbers in ASCII "
+                         "digits, without leading zeros, as M-BEIR writes them)")
     dataset, index = int(match.group(1)), int(match.group(2))
     if index >= base:
         raise ValueError(f"{what} {text!r}: index {index} does not fit UniIR's hashing (must be < {base})")
+    if dataset > (_INT64_MAX - index) // base:
+        raise ValueError(f"{what} {text!r}: dataset id {dataset} does not fit UniIR's hashing in 64 bits (must be "
+                         f"<= {(_INT64_MAX - base + 1) // base})")
     return dataset, index
 
 

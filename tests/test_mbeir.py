@@ -35,6 +35,21 @@ def test_index_out_of_hash_range():
         hash_qid("1:500000")
 
 
+@pytest.mark.parametrize("spelling", ["77:07", "077:7", "\uff17\uff17:7", "77:\u0667", " 77:7", "77:7 ", "+77:7"])
+def test_an_id_has_one_spelling(spelling):
+    """Leading zeros and other scripts' digits were read (int("07") is 7) and then written back as
+    77:7, so a search of the indexed record failed and check-data counted it twice."""
+    assert unhash_did(hash_did("77:7")) == "77:7"
+    with pytest.raises(ValueError, match="without leading zeros"):
+        hash_did(spelling)
+
+
+def test_a_dataset_id_beyond_64_bits_is_refused():
+    with pytest.raises(ValueError, match="does not fit UniIR's hashing in 64 bits"):
+        hash_did("99999999999999:1")  # an OverflowError traceback in numpy before
+    assert hash_did("922337203684:9999999") == 922337203684 * 10_000_000 + 9_999_999 < 2**63
+
+
 @pytest.mark.parametrize("raw, expected", [
     ('  "a dog on a bench"\r ', "A dog on a bench."),
     ("Is it red?", "Is it red?"),
