@@ -164,6 +164,38 @@ def test_build_add_search_remove_and_drift(results, tmp_path):
     assert sorted(p.name for p in index.glob("v*")) == ["v000002", "v000003", "v000004"]
 
 
+def test_an_image_under_a_relative_data_root_is_recorded_where_it_is(results, tmp_path, monkeypatch):
+    """--data-root given relative to the working folder: the record kept 'mine/img/a.png', which a
+    search then read against the run's data root (a file that is not there)."""
+    from PIL import Image
+
+    run = stand_in_run(results)
+    run.encoder.encode_images = lambda images, batch_size=64: np.ones((len(images), DIM), np.float32)
+    run.encoder.preprocess = None
+    index = tmp_path / "index"
+    idx.build(run, index)
+    (tmp_path / "mine" / "img").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "mine" / "img" / "a.png")
+    pool = write_pool(tmp_path / "mine" / "new.jsonl", [{"did": "20:6000", "modality": "image", "txt": None,
+                                                         "img_path": "img/a.png"}])
+    monkeypatch.chdir(tmp_path)
+    idx.add(run, "index", "mine/new.jsonl", "mine")
+    version = idx.open_version(index)
+    row = int(np.flatnonzero(np.asarray(version.arrays["ids"]) == hash_did("20:6000"))[0])
+    recorded = Path(json.loads((version.path / "records.jsonl").read_text().splitlines()[row])["img_path"])
+    assert recorded.is_absolute() and recorded == tmp_path / "mine" / "img" / "a.png" and pool.is_file()
+
+
+def test_an_index_is_not_built_into_a_folder_of_other_files(results, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(idx.IndexUserError, match=r"a folder with other files in it \(notes.txt\)"):
+        idx.build(stand_in_run(results), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    (tmp_path / "notes.txt").unlink()
+    (tmp_path / ".v000001.123.tmp").mkdir()  # what a killed build leaves: built again over it
+    assert idx.build(stand_in_run(results), tmp_path) == "v000001"
+
+
 def test_stats_command_prints_the_drift_report(results, tmp_path, capsys):
     run = stand_in_run(results)
     index = tmp_path / "index"

@@ -132,6 +132,10 @@ def test_a_wrong_index_setting_is_one_line(results, tmp_path, capsys):
     assert "paths.index" in line and "union: false" in line
     line = eval_refused(capsys, results, f"paths.index={tmp_path}", "union=false")
     assert str(tmp_path) in line and "not an index folder" in line
+    line = eval_refused(capsys, results, f"paths.index={index}", "union=false")  # the run's own results folder
+    assert line.endswith(f"paths.results: {results} holds the run the index {index} serves; its evaluation would set "
+                         "that run aside, so give it a results folder of its own")
+    assert (results / "run.json").is_file() and not (results / "stale").exists()
 
 
 def test_an_index_of_other_models_is_refused(results, tmp_path):

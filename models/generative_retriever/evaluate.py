@@ -60,7 +60,7 @@ from genius.common.store import EmbeddingStore, store_path
 from genius.models.generative_retriever import ir_metrics, metrics
 from genius.models.generative_retriever.beam_search import NUMERICS_VERSION
 from genius.models.generative_retriever.decode_cache import Decoded, decode_cached
-from genius.models.generative_retriever.index import IndexVersion, current_name, open_version
+from genius.models.generative_retriever.index import IndexVersion, current_name, open_version, run_results
 from genius.models.generative_retriever.outputs import (
     OUTPUTS_VERSION, RUN_OUTPUTS, EvalReport, empty_texts, report_markdown, write_outputs,
 )
@@ -473,6 +473,9 @@ def _evaluate(cfg: EvalConfig, models: Models | None, info: DistInfo) -> EvalRep
     out = check_output_dir("paths.results", resolve_path(cfg.paths.results))
     files = resolve_files(cfg)
     index = open_index(cfg, info)
+    if index is not None and out.resolve() == run_results(index.manifest).resolve():
+        raise ValueError(f"paths.results: {out} holds the run the index {cfg.paths.index} serves; its evaluation "
+                         "would set that run aside, so give it a results folder of its own")
     passes = plan_passes(cfg, files, index)
     candidate_stores = {p.stem: p.opened.store if p.opened else open_candidate_store(cfg, p.pool) for p in passes}
     positives = check_all_positives(cfg, passes, candidate_stores)  # the data's own mistakes first

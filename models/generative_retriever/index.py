@@ -418,12 +418,21 @@ def base_manifest(run: RunContext | None, parent: dict | None, operation: dict) 
 
 
 # ---- build --------------------------------------------------------------------------------------
+def _index_leftover(name: str) -> bool:
+    """What a killed ``build`` can leave in its folder: the lock, a staging folder, a version never made current."""
+    return name == ".lock" or bool(VERSION_NAME.match(name)) or (name.startswith(".v") and name.endswith(".tmp"))
+
+
 def build(run: RunContext, out: str | Path, pool: str | None = None) -> str:
     """Version 1 of a new index at ``out`` from pool ``pool`` (default: the run's default pool)."""
     out = Path(out)
     if (out / CURRENT).exists():
         raise IndexUserError(f"{out}: already an index (it has {CURRENT}); add to it with genius index add, "
                              "or choose another --out")
+    others = [p.name for p in out.iterdir() if not _index_leftover(p.name)] if out.is_dir() else []
+    if others:
+        raise IndexUserError(f"{out}: a folder with other files in it ({', '.join(sorted(others)[:3])}); an index "
+                             "keeps its folder to itself, so choose a new or empty --out")
     pool = pool or run.manifest["default_pool"]
     if pool not in run.manifest["pools"]:
         raise IndexUserError(f"{run.manifest['path']}: pool {pool!r} was not evaluated in this run; choices: "
@@ -519,7 +528,9 @@ def add(run: RunContext, index: str | Path, pool_file: str | Path, data_root: st
     """A new version of ``index`` with the candidates of ``pool_file``; its name."""
     index, pool_file = Path(index), Path(pool_file)
     run_root = run.data_root()
-    data_root = Path(data_root) if data_root is not None else run_root
+    # absolute: a record's image path outside the run's data root is stored whole, and read later
+    # from wherever the search runs
+    data_root = Path(data_root).resolve() if data_root is not None else run_root
     with IndexWriter(index, "genius index add") as writer:
         parent = open_version(index)
         check_serves(parent, run)
