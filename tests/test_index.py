@@ -186,6 +186,30 @@ def test_an_image_under_a_relative_data_root_is_recorded_where_it_is(results, tm
     assert recorded.is_absolute() and recorded == tmp_path / "mine" / "img" / "a.png" and pool.is_file()
 
 
+def test_an_index_refuses_items_embedded_with_other_encoder_weights(results, tmp_path):
+    """The run's encoder was trained again and its stores extracted again (the run now records the
+    new weights): items added to an index built before would be embedded into another space than
+    its vectors; add refuses, and search checks the weights file against the index's record."""
+    from genius.models.generative_retriever.api import index_encoder
+
+    run = stand_in_run(results)
+    run.manifest["encoder"]["embedded_with"] = {"name": "CLIP_SF", "checkpoint": {"path": "c.pt", "sha256": "old"}}
+    index = tmp_path / "index"
+    idx.build(run, index)
+    built = idx.open_version(index).manifest
+    assert built["encoder"]["embedded_with"]["checkpoint"]["sha256"] == "old"
+    run.manifest["encoder"]["embedded_with"] = {"name": "CLIP_SF", "checkpoint": {"path": "c.pt", "sha256": "new"}}
+    with pytest.raises(idx.IndexUserError, match="its vectors were embedded with other encoder weights"):
+        idx.add(run, index, write_pool(tmp_path / "new.jsonl", [new_caption()]))
+    assert idx.current_name(index) == "v000001"
+    assert index_encoder(run.manifest["encoder"], built)["embedded_with"]["checkpoint"]["sha256"] == "old"
+    older = {**built, "encoder": {k: v for k, v in built["encoder"].items() if k != "embedded_with"}}
+    assert index_encoder(run.manifest["encoder"], older) == run.manifest["encoder"]  # built before the record
+    run.manifest["encoder"]["embedded_with"]["checkpoint"]["path"] = "moved/c.pt"  # the same weights elsewhere
+    run.manifest["encoder"]["embedded_with"]["checkpoint"]["sha256"] = "old"
+    assert idx.add(run, index, write_pool(tmp_path / "new.jsonl", [new_caption()])) == "v000002"
+
+
 def test_an_index_is_not_built_into_a_folder_of_other_files(results, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(idx.IndexUserError, match=r"a folder with other files in it \(notes.txt\)"):

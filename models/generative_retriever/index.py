@@ -137,10 +137,13 @@ class RunContext:
     def encoder_identity(self) -> dict:
         """The stage-0 encoder of the run's stores; its fingerprint covers what the vectors depend on
         (name, encoder config, stored precision), not the extraction's batch size or device."""
+        from genius.models.generative_retriever.api import encoder_weights
+
         enc = self.manifest["encoder"]
         config = enc.get("extraction", {}).get("encoder")
         return {"name": enc["name"], "dtype": enc.get("dtype"), "extraction": enc.get("extraction", {}),
-                "fingerprint": sha256_json({"name": enc["name"], "encoder": config, "dtype": enc.get("dtype")})}
+                "fingerprint": sha256_json({"name": enc["name"], "encoder": config, "dtype": enc.get("dtype")}),
+                "embedded_with": encoder_weights(enc)}
 
 
 def load_run(run: str | Path, device: str = "cpu") -> RunContext:
@@ -475,16 +478,24 @@ def ordered_records(pool_file: Path, ids: np.ndarray) -> list[str]:
 # ---- add ----------------------------------------------------------------------------------------
 def check_serves(version: IndexVersion, run: RunContext) -> None:
     """Refuse to extend an index whose run's checkpoints or encoder changed since it was built."""
+    from genius.models.generative_retriever.api import same_weights
+
     m = version.manifest
     if run.checkpoint_fingerprints != m["checkpoint_fingerprints"]:
         raise IndexUserError(f"{version.path / 'manifest.json'}: built for the models {m['checkpoint_fingerprints']}, "
                              f"the run's checkpoints ({', '.join(map(str, checkpoint_files(run.cfg.paths)))}) are "
                              f"now {run.checkpoint_fingerprints}; new IDs would not be the old ones' kind, build a "
                              "new index with genius index build")
-    if run.encoder_identity()["fingerprint"] != m["encoder"]["fingerprint"]:
+    now = run.encoder_identity()
+    if now["fingerprint"] != m["encoder"]["fingerprint"]:
         raise IndexUserError(f"{version.path / 'manifest.json'}: built with encoder {m['encoder']['name']} "
                              f"({m['encoder']['fingerprint'][:12]}), the run of {run.manifest['path']} now "
-                             f"records {run.encoder_identity()['fingerprint'][:12]}; build a new index")
+                             f"records {now['fingerprint'][:12]}; build a new index")
+    built_with = m["encoder"].get("embedded_with")  # absent: built before it was recorded
+    if built_with and not same_weights(built_with, now["embedded_with"]):
+        raise IndexUserError(f"{version.path / 'manifest.json'}: its vectors were embedded with other encoder "
+                             f"weights than the run of {run.manifest['path']} records now (extracted again since "
+                             "the build); new items would land in another space, so build a new index")
 
 
 def read_new_pool(path: Path, version: IndexVersion, data_root: Path) -> tuple[list, list[dict]]:
