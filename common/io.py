@@ -106,5 +106,26 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def file_record(path: str | os.PathLike) -> dict:
+    """What a record of a written file holds to tell it later from any other: size, modification
+    time, SHA-256 (:func:`is_recorded_file`)."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
+
+
+def is_recorded_file(path: str | os.PathLike, record: Any) -> bool:
+    """Whether ``path`` holds the bytes ``record`` (:func:`file_record`) describes. Size and time as
+    recorded pass without reading the file (cheap to reuse); otherwise (a copy, or a file replaced)
+    the file is hashed. No record (None: written before records were kept) passes, as before."""
+    if record is None:
+        return True
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        return False
+    st = os.stat(path)
+    if st.st_size != record.get("size"):
+        return False
+    return st.st_mtime_ns == record.get("mtime_ns") or sha256_file(path) == record["sha256"]
+
+
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -186,6 +186,37 @@ def test_an_image_under_a_relative_data_root_is_recorded_where_it_is(results, tm
     assert recorded.is_absolute() and recorded == tmp_path / "mine" / "img" / "a.png" and pool.is_file()
 
 
+def _relabel_first_id(path: Path) -> None:
+    ids = np.load(path)
+    ids[0] += 1
+    np.save(path, ids)
+
+
+def _blank_first_vector(path: Path) -> None:
+    fused = np.load(path)
+    fused[0] = np.nan
+    np.save(path, fused)
+
+
+@pytest.mark.parametrize("name, change", [
+    ("records.jsonl", lambda p: p.write_text(p.read_text().replace('"txt": "a caption"', '"txt": "EDITED"', 1))),
+    ("ids.npy", _relabel_first_id),  # another did for a row's vectors
+    ("fused.npy", _blank_first_vector),
+    ("qerror.npy", lambda p: np.save(p, np.load(p) + 1)),
+])
+def test_any_file_of_a_version_changed_after_it_was_written_is_refused(results, tmp_path, name, change):
+    """Only codes.npy was checked: an edited record, a relabelled id or a vector row was served silently."""
+    index = tmp_path / "index"
+    idx.build(stand_in_run(results), index)
+    version = idx.open_version(index).path
+    os.utime(version / "trie.bin", ns=(1, 1))  # a copy without its times: hashed, and the same file
+    assert len(idx.open_version(index)) == 60
+    change(version / name)
+    with pytest.raises(idx.IndexUserError, match=rf"{re.escape(str(version / name))}: not the file the manifest "
+                                                 "records"):
+        idx.open_version(index)
+
+
 def test_an_index_refuses_items_embedded_with_other_encoder_weights(results, tmp_path):
     """The run's encoder was trained again and its stores extracted again (the run now records the
     new weights): items added to an index built before would be embedded into another space than

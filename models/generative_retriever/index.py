@@ -69,7 +69,7 @@ import torch
 import genius.trie_cpp as trie_lib
 from genius.common.config import load_config, project_root_set_to, resolve_path
 from genius.common.fusion import score_fusion
-from genius.common.io import atomic_path, read_json_object, sha256_file, sha256_json
+from genius.common.io import atomic_path, file_record, is_recorded_file, read_json_object, sha256_file, sha256_json
 from genius.common.mbeir import (
     MODALITIES, MODALITY_CODE, first_line_with, format_string, hash_did, iter_candidates, iter_jsonl, text_lines,
 )
@@ -302,6 +302,11 @@ def open_version(index: str | Path, name: str | None = None, backend: str | None
     if wrong:
         raise IndexUserError(f"{path / (wrong[0] + '.npy')}: {len(arrays[wrong[0]])} rows, the manifest says {count}; "
                              "the version was modified after it was written, build the index again")
+    files = manifest.get("files") or {}  # none: a version written before the files were recorded
+    changed = [name for name in FILES if name in files and not is_recorded_file(path / name, files[name])]
+    if changed:
+        raise IndexUserError(f"{path / changed[0]}: not the file the manifest records (its size, time and SHA-256); "
+                             "the version was modified after it was written, build the index again")
     trie = trie_lib.load_trie(path / "trie.bin", backend or manifest["trie_backend"])
     return IndexVersion(path, manifest, arrays, trie)
 
@@ -368,6 +373,9 @@ def write_version_files(folder: Path, rows: Rows, manifest: dict, backend: str) 
     assert count == len(rows.ids), f"{count} records for {len(rows.ids)} rows"
     save_trie(rows.codes, folder / "trie.bin", backend)
     manifest["codes_hash"] = sha256_file(folder / "codes.npy")
+    # every file but the manifest, so that none is used once changed (open_version); the publishing
+    # rename keeps their times
+    manifest["files"] = {name: file_record(folder / name) for name in FILES if name != "manifest.json"}
     manifest["counts"] = {"candidates": int(len(rows.ids)), "trained": int(rows.trained.sum()),
                           "added": int(len(rows.ids) - rows.trained.sum()),
                           "distinct_ids": int(len(np.unique(rows.codes, axis=0))) if len(rows.codes) else 0}

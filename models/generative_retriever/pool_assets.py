@@ -29,8 +29,8 @@ import genius.trie_cpp as trie_lib
 from genius.common.config import resolve_path
 from genius.common.distributed import barrier, broadcast_from_main, group_rank, shard_bounds
 from genius.common.fusion import fused_store_embeddings
-from genius.common.io import (atomic_dir, atomic_path, atomic_write_json, read_json_object, sha256_file,
-                              sha256_json)
+from genius.common.io import (atomic_dir, atomic_path, atomic_write_json, file_record, is_recorded_file,
+                              read_json_object, sha256_json)
 from genius.common.mbeir import older_revision_twin
 from genius.common.runstate import content_sha256, portable_path
 from genius.common.store import ARRAYS, EmbeddingStore, StoreArrays, StoreError, store_path
@@ -305,27 +305,6 @@ def trie_for(codes: np.ndarray, codes_dir: Path, codes_hash: str, backend: str, 
     return trie_lib.load_trie(path, backend), path
 
 
-def _file_record(path: Path) -> dict:
-    """What a fused cache's meta.json records of its fused.npy: size, modification time, SHA-256."""
-    st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
-
-
-def _is_recorded_file(path: Path, record: Any) -> bool:
-    """Whether ``path`` holds the bytes ``record`` (:func:`_file_record`) describes. Size and time
-    as recorded pass without reading the file (a cache stays cheap to reuse); otherwise (a copied
-    cache, or one replaced) the file is hashed. A cache written before the record existed (None)
-    is read as before: ``genius search`` reads runs it may not write to."""
-    if record is None:
-        return True
-    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
-        return False
-    st = path.stat()
-    if st.st_size != record.get("size"):
-        return False
-    return st.st_mtime_ns == record.get("mtime_ns") or sha256_file(path) == record["sha256"]
-
-
 def _cached_fused(cache_dir: Path, store: EmbeddingStore) -> np.ndarray | None:
     """The cached fused embeddings of ``store`` (memory-mapped) when ``cache_dir`` holds the ones
     written for its content; None (a miss: the cache is written again) otherwise. A cache that is
@@ -342,7 +321,8 @@ def _cached_fused(cache_dir: Path, store: EmbeddingStore) -> np.ndarray | None:
         return None  # made for another version of the store: replaced without a word
     shape = (len(store), store.dim)
     fused = _readable_fused(path, shape)
-    if fused is not None and _is_recorded_file(path, meta.get("fused")):
+    # a cache from before the record is read as before: genius search reads runs it may not write to
+    if fused is not None and is_recorded_file(path, meta.get("fused")):
         return fused
     if fused is not None:
         log.warning("%s: not the fp16 [%d, %d] embeddings %s records (changed since it was written); writing it "
@@ -395,6 +375,6 @@ def cached_fused_embeddings(store: EmbeddingStore, cache_dir: Path, chunk: int =
             # the rename that publishes the folder keeps the file's size and time as recorded
             atomic_write_json(tmp / "meta.json", {"store_content": store.content_id,
                                                   "store_path": portable_path(store.path),
-                                                  "fused": _file_record(tmp / "fused.npy")})
+                                                  "fused": file_record(tmp / "fused.npy")})
     barrier()  # published
     return np.load(cache_dir / "fused.npy", mmap_mode="r")
