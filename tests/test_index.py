@@ -217,6 +217,26 @@ def test_any_file_of_a_version_changed_after_it_was_written_is_refused(results, 
         idx.open_version(index)
 
 
+def test_messages_name_what_is_wrong(results, tmp_path):
+    from genius.models.generative_retriever.run_models import Models
+
+    models = Models(None, None, {"rq": "a", "generator": "b"}, [3], "assigned", {"rq": "rq.pt", "generator": "gen.pt"})
+    assert models.changed_files({"rq": "a", "generator": "old"}) == "gen.pt"  # both files were named before
+    index = tmp_path / "index"
+    run = stand_in_run(results)
+    idx.build(run, index)
+    (index / idx.CURRENT).write_bytes(b"\xffv000001\n")  # a traceback without the file's name before
+    with pytest.raises(idx.IndexUserError, match=rf"{re.escape(str(index / idx.CURRENT))}: names .* not a version"):
+        idx.current_name(index)
+    (index / idx.CURRENT).write_text("v000001\n")
+    run.encoder.encode_images = lambda images, batch_size=64: np.ones((len(images), DIM), np.float32)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    pool = write_pool(tmp_path / "new.jsonl", [{"did": "20:6000", "modality": "image", "txt": None,
+                                                 "img_path": str(tmp_path / "bad.png")}])
+    with pytest.raises(OSError, match=rf"^candidate image {re.escape(str(tmp_path / 'bad.png'))} could not be read"):
+        idx.add(run, index, pool, tmp_path)
+
+
 def test_an_index_refuses_items_embedded_with_other_encoder_weights(results, tmp_path):
     """The run's encoder was trained again and its stores extracted again (the run now records the
     new weights): items added to an index built before would be embedded into another space than
@@ -284,6 +304,15 @@ def test_a_failing_add_leaves_the_previous_version_current_and_intact(results, t
         idx.add(run, index, write_pool(tmp_path / "new.jsonl", [new_caption()]))
     assert snapshot(index) == before  # CURRENT, and no new or temporary folder
     assert np.array_equal(idx.open_version(index).arrays["ids"], ids_before)
+
+    def full(codes, path, backend):
+        raise OSError(28, "No space left on device")  # as a full disk raises it: no file named
+
+    monkeypatch.setattr(idx, "save_trie", full)
+    with pytest.raises(idx.IndexUserError, match=r"/\.v000002\.\d+\.tmp: No space left on device while writing "
+                                                 r"version v000002; CURRENT still names the previous version"):
+        idx.add(run, index, write_pool(tmp_path / "new.jsonl", [new_caption()]))
+    assert snapshot(index) == before
 
 
 KILLED_ADD = """

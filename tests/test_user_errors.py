@@ -82,6 +82,8 @@ def genius_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Com
     (["search", "--run", "x", "-k", "abc"], "genius search: error: argument -k: invalid int value"),
     (["search", "--run", "x", "--text", "a", "-k", "100000000000000000000"], "-k 100000000000000000000: expected"),
     (["index", "frobnicate"], "genius index: error: argument command: invalid choice"),
+    # a Latin-1 byte: a UnicodeEncodeError on 'surrogates not allowed' before
+    (["search", "--run", "x", "--text", "caf\udce9"], "--text: not valid UTF-8 (bytes b'caf\\xe9')"),
 ])
 def test_a_bad_command_line_is_one_line_without_the_usage_block(tmp_path, args, fragment):
     result = genius_cli(*args, cwd=tmp_path)

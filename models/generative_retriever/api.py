@@ -243,7 +243,7 @@ def choose_instruction(instructions: Instructions, mode: str, query_mod: str, ta
     return variants[0] if mode == "first" else variants[zlib.crc32(key.encode()) % len(variants)]
 
 
-def _open_image(image: str | Path | Image.Image) -> Image.Image:
+def _open_image(image: str | Path | Image.Image, what: str = "query image") -> Image.Image:
     if isinstance(image, Image.Image):
         return image
     try:
@@ -251,14 +251,15 @@ def _open_image(image: str | Path | Image.Image) -> Image.Image:
             return im.convert("RGB")
     except FileNotFoundError:
         raise  # names the file; what to do is plain
-    except OSError as err:  # PIL's "cannot identify", "truncated": name the file and what to do
-        raise OSError(f"query image {image} could not be read as an image ({one_line(err)}); pass a complete "
+    except OSError as err:  # PIL's "cannot identify", "truncated", a folder: name the file and what to do
+        raise OSError(f"{what} {image} could not be read as an image ({one_line(err)}); give a complete "
                       "image file (JPEG, PNG, ...)") from None
 
 
-def encode_queries(encoder, texts: list[str], images: list) -> np.ndarray:
+def encode_queries(encoder, texts: list[str], images: list, what: str = "query image") -> np.ndarray:
     """Packed raw features [Q, 2D + 2] (``ranking.pack_query_features``); each query's text
-    (possibly "") and image (or None), each side encoded in one batched call."""
+    (possibly "") and image (or None), each side encoded in one batched call. ``what`` the images
+    are, for the message naming one that does not read."""
     dim = encoder.dim
     img, txt = np.zeros((len(texts), dim), np.float32), np.zeros((len(texts), dim), np.float32)
     with_text = [i for i, text in enumerate(texts) if text]
@@ -266,7 +267,7 @@ def encode_queries(encoder, texts: list[str], images: list) -> np.ndarray:
     if with_text:
         txt[with_text] = encoder.encode_texts([texts[i] for i in with_text])
     if with_image:
-        opened = [_open_image(images[i]) for i in with_image]
+        opened = [_open_image(images[i], what) for i in with_image]
         img[with_image] = encoder.encode_images(opened)
     return pack_query_features(img, txt, [i in with_image for i in range(len(texts))],
                                [i in with_text for i in range(len(texts))])
@@ -332,9 +333,8 @@ class Retriever:
             cfg = load_config(EvalConfig, resolve_path(manifest["config"]))
             models = models or load_models(cfg, dev)
             if models.fingerprints != manifest["fingerprints"]:
-                raise StaleInputError(f"{' and '.join(dict.fromkeys(models.files.values())) or 'the models'}: "
-                                      f"changed after the run of {manifest['path']} was evaluated; "
-                                      "run genius eval again")
+                raise StaleInputError(f"{models.changed_files(manifest['fingerprints'])}: changed after the run of "
+                                      f"{manifest['path']} was evaluated; run genius eval again")
             if version is not None:
                 version.check_models(models)
                 return cls(manifest, cfg, models, encoder, version.pool(), dev, index=Path(run))

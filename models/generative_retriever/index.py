@@ -266,7 +266,10 @@ def current_name(index: Path) -> str:
     path = index / CURRENT
     if not path.is_file():
         raise IndexUserError(f"{index}: not an index folder (no {CURRENT} file); make one with genius index build")
-    name = path.read_text().strip()
+    try:
+        name = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        name = path.read_bytes()[:40].decode("utf-8", "backslashreplace")
     if version_number(name) is None:
         raise IndexUserError(f"{path}: names {name!r}, not a version folder; the file was edited by hand, "
                              "write the name of an intact version (v000001, ...) into it")
@@ -353,6 +356,10 @@ class IndexWriter:
             write_version_files(tmp, rows, {"format_version": FORMAT_VERSION, "version": version_number(name)} | manifest,
                                 backend)
             os.rename(tmp, self.index / name)
+        except OSError as err:  # a full disk's error names no file
+            raise IndexUserError(f"{err.filename or tmp}: {err.strerror or err} while writing version {name}; "
+                                 f"{CURRENT} still names the previous version, so free space (or the cause) and "
+                                 "run the command again") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         write_current(self.index, name)
@@ -450,8 +457,8 @@ def build(run: RunContext, out: str | Path, pool: str | None = None) -> str:
                              f"{', '.join(run.manifest['pools'])}")
     run.load()
     if run.models.fingerprints != run.manifest["fingerprints"]:
-        raise IndexUserError(f"{', '.join(dict.fromkeys(run.models.files.values())) or 'the models'}: changed after "
-                             f"the run of {run.manifest['path']} was evaluated; run genius eval again")
+        raise IndexUserError(f"{run.models.changed_files(run.manifest['fingerprints'])}: changed after the run of "
+                             f"{run.manifest['path']} was evaluated; run genius eval again")
     entry = run.manifest["pools"][pool]
     with project_root_set_to(run.manifest["root"]):
         opened = open_pool(run.cfg, entry["kind"], resolve_path(entry["jsonl"]), run.models, build_trie=False)
@@ -536,7 +543,7 @@ def embed_candidates(run: RunContext, candidates: list, data_root: Path) -> tupl
 
     texts = [format_string(c.text) for c in candidates]
     images = [data_root / c.img_path if c.img_path else None for c in candidates]
-    packed = encode_queries(run.encoder, texts, images)
+    packed = encode_queries(run.encoder, texts, images, what="candidate image")
     dim, dtype = run.encoder.dim, run.manifest["encoder"].get("dtype")
     if dtype:
         packed[:, : 2 * dim] = packed[:, : 2 * dim].astype(dtype).astype(np.float32)

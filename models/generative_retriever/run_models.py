@@ -47,6 +47,11 @@ class Models:
     files: dict = field(default_factory=dict)  # "rq" / "generator" -> checkpoint path, for messages and the manifest
     preprocess: Any = None  # the ImagePreprocess of an image_tokens generator's query images; None: it reads z
 
+    def changed_files(self, recorded: dict) -> str:
+        """The checkpoint files whose fingerprints differ from ``recorded`` (a run's), for a message."""
+        changed = [key for key in self.fingerprints if self.fingerprints[key] != recorded.get(key)]
+        return " and ".join(dict.fromkeys(str(self.files.get(key, key)) for key in changed)) or "the models"
+
 
 def checkpoint_files(paths: Any) -> list[Path]:
     """The model files an eval config's ``paths`` section names: [official] or [rq.pt, generator.pt]."""

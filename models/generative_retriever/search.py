@@ -54,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.k <= MAX_K:  # before the run is loaded
         exit_user_error(parser, f"-k {args.k}: expected an integer in [1, {MAX_K}]")
+    for flag in ("text", "instruction"):  # bytes the locale could not decode arrive as lone surrogates
+        value = getattr(args, flag) or ""
+        if any("\udc80" <= ch <= "\udcff" for ch in value):
+            raw = value.encode("utf-8", "surrogateescape")[:40]
+            exit_user_error(parser, f"--{flag}: not valid UTF-8 (bytes {raw!r}); give it in UTF-8, or set a UTF-8 "
+                                    "locale (LANG=C.UTF-8)")
     with user_errors_exit(parser):
         retriever = Retriever.load(args.run, args.pool, args.device)
         hits = retriever.search(args.text, args.image, args.k, args.target_modality, args.instruction, args.method,
