@@ -66,6 +66,9 @@ def init_distributed(device: str = "auto", cpu_threads: int | None = None, op_ma
     rows x width x width) hands them to :class:`ThreadPolicy`, which the stage's loop re-checks
     with :func:`recheck_threads`; without it torch's setting stays. Collectives time out after
     :func:`collective_timeout`."""
+    if device not in ("auto", "cpu", "cuda"):  # configs check it; the Python API hands it on as given
+        raise ValueError(f"device {device!r}: expected 'auto', 'cpu' or 'cuda' (under torchrun each process takes "
+                         "the GPU of its LOCAL_RANK; otherwise choose one with CUDA_VISIBLE_DEVICES)")
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but no GPU is available; use device: cpu or auto")

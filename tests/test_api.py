@@ -172,6 +172,29 @@ def test_search_many_is_search_of_each(world):
     assert all(isinstance(h, Hit) for hits in many for h in hits)
 
 
+@pytest.mark.parametrize("call, error, message", [
+    (lambda r: r.search(text=123), TypeError, "query text: expected a str, got int"),
+    (lambda r: r.search(text="a", image=5), TypeError, "query image: expected a path or a PIL image"),
+    (lambda r: r.search(text="a", target_modality="video"), ValueError, "target_modality 'video': expected one of"),
+    (lambda r: r.search(text="a", k="5"), ValueError, "k must be an integer in [1, 100000], got '5'"),
+    (lambda r: r.search_many("abc"), TypeError, "search_many takes a list of queries"),  # 3 one-letter searches
+    (lambda r: r.search_many([None]), TypeError, "each query is a Query or a str, got NoneType"),
+    (lambda r: r.search_many([{"text": "x"}]), TypeError, "each query is a Query or a str, got dict"),
+])
+def test_api_misuse_is_named(world, call, error, message):
+    """Each was an AttributeError or TypeError from deep inside the search (or a silent wrong search)."""
+    cfg, captions = world
+    with pytest.raises(error, match=re.escape(message)):
+        call(load(cfg, captions))
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:7"])
+def test_a_device_the_api_cannot_use_is_refused(world, device):
+    cfg, captions = world  # it ran on the CPU instead, silently
+    with pytest.raises(ValueError, match=rf"device '{re.escape(device)}': expected 'auto', 'cpu' or 'cuda'"):
+        Retriever.load(cfg.paths.results, None, device, models=fake_models(cfg), encoder=Encoder(captions))
+
+
 # ---- the finished tiny run: API = command line = evaluation ---------------------------------
 def tiny_queries(world: Path, stem: str, count: int) -> list[tuple[str, Query]]:
     """The first ``count`` test queries of a query file with the instruction evaluation gave them."""

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import zlib
 from dataclasses import dataclass, replace
@@ -95,6 +96,21 @@ class Query:
     target_modality: str | None = None
     instruction: str | None = None
     dataset: int | None = None
+
+    def __post_init__(self) -> None:
+        """Wrong types are named here, not met later as an AttributeError deep in the search."""
+        if self.text is None:
+            self.text = ""
+        if not isinstance(self.text, str):
+            raise TypeError(f"query text: expected a str, got {type(self.text).__name__} {self.text!r:.60}")
+        if self.image is not None and not isinstance(self.image, (str, os.PathLike, Image.Image)):
+            raise TypeError(f"query image: expected a path or a PIL image, got {type(self.image).__name__}")
+        if self.target_modality is not None and self.target_modality not in MODALITIES:
+            raise ValueError(f"target_modality {self.target_modality!r}: expected one of {', '.join(MODALITIES)}")
+        if self.instruction is not None and not isinstance(self.instruction, str):
+            raise TypeError(f"instruction: expected a str, got {type(self.instruction).__name__}")
+        if self.dataset is not None and (isinstance(self.dataset, bool) or not isinstance(self.dataset, int)):
+            raise TypeError(f"dataset: expected an int (an M-BEIR dataset id), got {self.dataset!r:.60}")
 
     @property
     def modality(self) -> str:
@@ -379,8 +395,14 @@ class Retriever:
         method = method or self.default_method
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
-        if not 1 <= k <= MAX_K:
-            raise ValueError(f"k must be an integer in [1, {MAX_K}], got {k}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
+            raise ValueError(f"k must be an integer in [1, {MAX_K}], got {k!r}")
+        if isinstance(queries, (str, Query)):  # a text would be searched letter by letter
+            raise TypeError("search_many takes a list of queries; for one query use search(), or wrap it in a list")
+        bad = [q for q in queries if not isinstance(q, (str, Query))]
+        if bad:
+            raise TypeError(f"search_many: each query is a Query or a str, got {type(bad[0]).__name__} "
+                            f"{bad[0]!r:.60}")
         queries = [Query(q) if isinstance(q, str) else q for q in queries]
         if not queries:
             return []
@@ -415,9 +437,7 @@ class Retriever:
         return self._instructions
 
     def _target(self, query_mod: str, given: str | None) -> str:
-        if given is not None:
-            if given not in MODALITIES:
-                raise ValueError(f"target modality {given!r} is not one of {', '.join(MODALITIES)}")
+        if given is not None:  # one of MODALITIES (Query checks it)
             if given not in self.pool_modalities:
                 raise ValueError(f"target modality {given!r}: pool {self.pool.stem} holds only "
                                  f"{', '.join(self.pool_modalities)}; ask for one of those or load another pool")
