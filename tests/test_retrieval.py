@@ -326,7 +326,8 @@ def _candidate_store(path, dids, extra_meta=None):
 def test_a_union_stores_candidates_sharing_an_id_come_in_the_local_pools_concatenation(tmp_path, caplog):
     """The official code indexes the universal pool as the local pools concatenated in the table's
     order (MSCOCO before Fashion200K); M-BEIR's union file is sorted by did (Fashion200K first).
-    Candidates sharing an ID must come in the official order, so the MSCOCO positive is first."""
+    Candidates sharing an ID must come in the official order, so the MSCOCO positive is first;
+    pools M-BEIR does not have keep extract's order (test_a_union_of_other_pools_...)."""
     from genius.common.store import EmbeddingStore
     from genius.models.generative_retriever.pool_assets import concatenation_order
 
@@ -334,10 +335,10 @@ def test_a_union_stores_candidates_sharing_an_id_come_in_the_local_pools_concate
     _candidate_store(tmp_path / "mbeir_mscoco_task0_test_cand_pool", mscoco)
     _candidate_store(tmp_path / "mbeir_fashion200k_task0_cand_pool", fashion)
     union_dids = sorted(mscoco + fashion, key=lambda d: tuple(map(int, d.split(":"))))  # the union file's order
-    built_from = ["mbeir_mscoco_task0_test_cand_pool", "mbeir_fashion200k_task0_cand_pool"]
+    built_from = ["mbeir_fashion200k_task0_cand_pool", "mbeir_mscoco_task0_test_cand_pool"]  # as data.local_pools
     union = EmbeddingStore.open(_candidate_store(tmp_path / "mbeir_union_test_cand_pool", union_dids,
                                                  {"built_from": built_from}))
-    order = concatenation_order(union)
+    order = concatenation_order(union)  # MSCOCO first all the same: the official order
     np.testing.assert_array_equal(order, [(mscoco + fashion).index(d) for d in union_dids])
 
     shared = [0, 7, 7]  # six images share one ID: five Fashion200K ones and the MSCOCO positive 9:1
@@ -353,3 +354,15 @@ def test_a_union_stores_candidates_sharing_an_id_come_in_the_local_pools_concate
     (tmp_path / "mbeir_fashion200k_task0_cand_pool" / "meta.json").unlink()  # a local store gone since
     assert concatenation_order(union) is None
     assert "keep the union file's order" in caplog.text and "mbeir_fashion200k_task0_cand_pool" in caplog.text
+
+
+def test_a_union_of_other_pools_keeps_extracts_order(tmp_path):
+    from genius.common.store import EmbeddingStore
+    from genius.models.generative_retriever.pool_assets import concatenation_order
+
+    first, second = ["21:5", "21:6"], ["20:1", "20:2"]
+    _candidate_store(tmp_path / "mbeir_mine_task0_cand_pool", first)
+    _candidate_store(tmp_path / "mbeir_alsomine_task3_cand_pool", second)
+    union = EmbeddingStore.open(_candidate_store(tmp_path / "union", sorted(first + second), {
+        "built_from": ["mbeir_mine_task0_cand_pool", "mbeir_alsomine_task3_cand_pool"]}))
+    np.testing.assert_array_equal(concatenation_order(union), [2, 3, 0, 1])  # 20:1, 20:2 come from the second

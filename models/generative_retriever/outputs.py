@@ -39,8 +39,10 @@ log = logging.getLogger("genius.eval")
 MANIFEST_VERSION = 1
 # Raised when a finished evaluation lacks what eval now writes, so it is redone rather than
 # reported up to date: 2 = ir_metrics.tsv and the hit-rate labels; 3 = the dense column named after
-# the encoder, and the rows extraction left out for an empty text.
-OUTPUTS_VERSION = 3
+# the encoder, and the rows extraction left out for an empty text; 4 = the universal pool's
+# candidates that share an ID in the local pools' concatenation order, and Average rows of the
+# printed values (cached decodings are reused).
+OUTPUTS_VERSION = 4
 # Everything a run writes in its results folder (the caches decoded/ and fused/ are keyed by
 # content and outlive runs); a run set aside moves these to stale/<time>/.
 RUN_OUTPUTS = ("config.yaml", "run.json", "metrics.json", "results.tsv", "ir_metrics.tsv", "results.md",

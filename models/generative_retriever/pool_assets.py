@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from genius.common.io import (atomic_dir, atomic_path, atomic_write_json, file_r
 from genius.common.mbeir import older_revision_twin
 from genius.common.runstate import content_sha256, portable_path
 from genius.common.store import ARRAYS, EmbeddingStore, StoreArrays, StoreError, store_path
+from genius.models.generative_retriever.paper_numbers import PAPER_ORDER, paper_rank
 from genius.models.generative_retriever.retrieval import CandidateMap, Ranking, dense_index
 from genius.models.generative_retriever.run_models import Models, StaleInputError
 from genius.models.residual_quantization.assign_codes import codes_intact
@@ -155,18 +157,30 @@ def open_union_trie(cfg: Any, models: Models, build_trie: bool = True) -> Decodi
     return DecodingTrie(stem, trie, trie_path, codes_hash)
 
 
+_LOCAL_POOL = re.compile(r"^mbeir_([a-z0-9]+)_task(\d+)(?:_test)?_cand_pool$")
+
+
+def _official_rank(store_name: str) -> int:
+    """An M-BEIR local pool's place in the official concatenation (the paper's table order); other
+    pools after them all, alike."""
+    match = _LOCAL_POOL.match(store_name)
+    rank = paper_rank(match[1], int(match[2])) if match else len(PAPER_ORDER)
+    return rank if rank < len(PAPER_ORDER) else len(PAPER_ORDER)
+
+
 def concatenation_order(store: EmbeddingStore) -> np.ndarray | None:
     """For a union store genius extract assembled from local stores: each row's position in the
-    concatenation of those stores, in the order extract's ``data.local_pools`` lists them (its
-    meta.json's ``built_from``); None for any other store, whose row order stands.
+    concatenation of those stores (its meta.json's ``built_from``); None for any other store, whose
+    row order stands. M-BEIR's local pools come in the official order, the paper's table's, whatever
+    order extract's ``data.local_pools`` gave; other pools in that order, after them.
 
-    The official code indexes its universal pool as that concatenation (the 16 local pools in the
-    order of the paper's table, as configs_scripts/large/extract.yaml lists them), so candidates
-    that share an ID come in that order; M-BEIR's union file, whose order the store keeps, is sorted
-    by did instead. The order decides which of them GENIUS (without re-ranking) puts first."""
+    The official code indexes its universal pool as that concatenation, so candidates that share an
+    ID come in that order; M-BEIR's union file, whose order the store keeps, is sorted by did
+    instead. The order decides which of them GENIUS (without re-ranking) puts first."""
     names = store.meta.get("built_from")
     if not names:
         return None
+    names = sorted(names, key=lambda name: (_official_rank(name), names.index(name)))
     try:
         locals_ = [np.asarray(EmbeddingStore.open(store.path.parent / name, kind="candidate", verify=False).ids)
                    for name in names]
