@@ -91,6 +91,19 @@ def test_search_finds_an_added_item_by_a_copy_of_its_text(results, tmp_path, mon
     assert first[:2] == ["1", NEW] and NEW_TEXT in " ".join(first)
 
 
+def test_a_retriever_on_a_pruned_version_says_to_refresh(results, tmp_path):
+    run = stand_in_run(results)
+    index = tmp_path / "index"
+    idx.build(run, index)
+    ret = load(run, index)
+    for n in range(3):  # the last 3 versions are kept: v000001 goes
+        idx.add(run, index, write_pool(tmp_path / "new.jsonl", [new_caption(f"20:{5000 + n}")]))
+    assert not (index / "v000001").exists()
+    with pytest.raises(StaleInputError, match=r"v000001/records.jsonl: gone since it was loaded .* call refresh\(\)"):
+        found(ret, "dense")  # a bare FileNotFoundError before
+    assert ret.refresh() and found(ret, "dense")
+
+
 def test_a_removed_item_is_never_returned_by_search_or_eval(results, tmp_path):
     run = stand_in_run(results)
     index = tmp_path / "index"

@@ -521,6 +521,9 @@ class PoolRecords:
         """The JSON record of each hashed did."""
         found = np.searchsorted(self.keys, hashed_dids).clip(max=max(len(self.keys) - 1, 0))
         records = {}
+        if not self.path.is_file():  # an index keeps its last 3 versions; older ones go
+            raise StaleInputError(f"{self.path}: gone since it was loaded (an index version is removed once 3 newer "
+                                  "ones are written); call refresh() on the retriever, or load it again")
         with open(self.path, "rb") as f:
             for hashed, at in zip(hashed_dids, found.tolist()):
                 record = None
