@@ -186,6 +186,7 @@ def test_api_misuse_is_named(world, call, error, message):
     cfg, captions = world
     with pytest.raises(error, match=re.escape(message)):
         call(load(cfg, captions))
+    assert Query(None, "photo.png").text == "" and Query(None, "photo.png").modality == "image"
 
 
 @pytest.mark.parametrize("device", ["tpu", "cuda:7"])

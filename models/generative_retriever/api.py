@@ -100,7 +100,7 @@ class Query:
     def __post_init__(self) -> None:
         """Wrong types are named here, not met later as an AttributeError deep in the search."""
         if self.text is None:
-            self.text = ""
+            object.__setattr__(self, "text", "")  # frozen: as search() passes it
         if not isinstance(self.text, str):
             raise TypeError(f"query text: expected a str, got {type(self.text).__name__} {self.text!r:.60}")
         if self.image is not None and not isinstance(self.image, (str, os.PathLike, Image.Image)):
