@@ -142,7 +142,8 @@ def test_the_readmes_trec_eval_line_keeps_the_rank_order_where_scores_tie(tmp_pa
     converted = subprocess.run(["awk", program, str(run)], capture_output=True, text=True, check=True).stdout
     six_columns = "".join(" ".join(line.split()[:6]) + "\n" for line in run.read_text().splitlines())
     qrels = [q for q in ir_measures.read_trec_qrels(str(trec_qrels)) if q.query_id in ("9:1", "9:2")]
-    success = {name: ir_measures.calc_aggregate([Success @ 1], qrels, list(ir_measures.read_trec_run(text)))[Success @ 1]
+    success = {name: ir_measures.calc_aggregate([Success @ 1], qrels,
+                                                list(ir_measures.read_trec_run(text)))[Success @ 1]
                for name, text in (("converted", converted), ("as written", six_columns))}
     assert success == {"converted": 1.0, "as written": 0.5}  # the hit rate at 1 is 1.0 for both queries
 
