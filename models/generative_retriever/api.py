@@ -151,8 +151,6 @@ def load_manifest(run: str | Path) -> dict:
     if manifest.get("manifest_version") != 1:
         raise ValueError(f"{path}: run manifest version {manifest.get('manifest_version')!r} is not supported "
                          "(expected 1); run genius eval again")
-        raise ValueError(f"{path}: run manifest version {manifest.get('manifest_version')!r} is not supported "
-                         "(expected 1); run genius eval again")
     manifest["root"], manifest["path"] = str(run_root(path, manifest)), str(path)
     return manifest
 
