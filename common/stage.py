@@ -84,7 +84,8 @@ _OS_HINTS = {
     errno.EPERM: "check the permissions of the file or folder, or choose another path",
     errno.EROFS: "the file system is read-only; choose an output path on a writable disk",
     errno.ENOSPC: "the disk is full; free space or choose an output path on another disk",
-    errno.ENOENT: "check the path (relative paths resolve against $GENIUS_ROOT or the repository)",
+    errno.ENOENT: "check the path (a config's relative paths resolve against $GENIUS_ROOT or the repository, a "
+                  "command-line flag's against the working folder)",
     errno.EISDIR: "a folder is where a file was expected; check the path",
     errno.ENOTDIR: "a file is where a folder was expected; check the path",
 }

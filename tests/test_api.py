@@ -100,6 +100,23 @@ def test_search_a_finished_run(world):
     assert dense[0].id == "20:4" and all(h.generated_id is None and h.method == "dense" for h in dense)
 
 
+def test_hits_whose_image_is_gone_are_named(world, caplog):
+    """The hits are ranked by the vectors stored at extraction; an image deleted since is said, not shown silently."""
+    cfg, captions = world
+    write_instructions(cfg, [("text", "image"), ("text", "text")])
+    retriever = load(cfg, captions)
+    image = Path(cfg.paths.data_root) / "img/3.png"
+    image.parent.mkdir(parents=True, exist_ok=True)
+    for name in {Path(h.image_path).name for h in retriever.search(text="a small red circle", instruction="", k=3)}:
+        (image.parent / name).write_bytes(b"")  # every hit's image there: nothing to say
+    caplog.clear()
+    retriever.search(text="a small red circle", instruction="", k=3)
+    assert "gone since extraction" not in caplog.text
+    image.unlink()
+    retriever.search(text="a small red circle", instruction="", k=3)
+    assert f"1 image(s) of the hits are gone since extraction, first {image}" in caplog.text
+
+
 def test_loading_errors_are_one_line_and_name_the_file(world, tmp_path):
     cfg, captions = world
     write_instructions(cfg, [("text", "image")])

@@ -489,6 +489,10 @@ class Retriever:
                 hits.append(Hit(unhash_did(hashed), record["modality"], record.get("txt") or "", image, float(score),
                                 generated, len(hits) + 1, method))
             out.append(hits)
+        gone = sorted({h.image_path for hits in out for h in hits if h.image_path and not os.path.exists(h.image_path)})
+        if gone:  # ranked by the vectors stored at extraction, but what the hit shows is not there
+            log.warning("%d image(s) of the hits are gone since extraction, first %s; restore them, or extract the "
+                        "pool again (and evaluate, or rebuild the index)", len(gone), gone[0])
         return out
 
 
