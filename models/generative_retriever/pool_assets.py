@@ -128,18 +128,25 @@ def open_pool(cfg: Any, kind: str, path: Path, models: Models, build_trie: bool 
     pool decodes under it with ``decoding.task_specific_trie: union``).
     """
     store = store or open_candidate_store(cfg, path)
+    codes, own = _codes_and_trie(cfg, path, store, models, build_trie)
+    order = concatenation_order(store)
+    cmap = CandidateMap.build(own.trie, codes, order)
+    log.info("pool %s: %s", own.stem, cmap.collision_stats())
+    decoding = None
+    if kind == "task-specific" and cfg.decoding.task_specific_trie == "union":
+        decoding = union_trie or open_union_trie(cfg, models, build_trie)
+    return Pool(kind, path, own.stem, store, cfg.codes_root() / own.stem, own.codes_hash, own.path, own.trie, cmap,
+                resolve_path(cfg.paths.results) / "fused" / own.stem, order, decoding)
+
+
+def _codes_and_trie(cfg: Any, path: Path, store: EmbeddingStore, models: Models,
+                    build_trie: bool) -> tuple[np.ndarray, DecodingTrie]:
+    """Pool file ``path``'s codes [N, L] (checked against ``models`` and ``store``) and its trie."""
     stem = path.name.removesuffix(".jsonl")
     codes_dir = cfg.codes_root() / stem
     codes, codes_hash = load_codes(codes_dir, store, models)
     trie, trie_path = trie_for(codes, codes_dir, codes_hash, cfg.trie_backend, build=build_trie)
-    order = concatenation_order(store)
-    cmap = CandidateMap.build(trie, codes, order)
-    log.info("pool %s: %s", stem, cmap.collision_stats())
-    decoding = None
-    if kind == "task-specific" and cfg.decoding.task_specific_trie == "union":
-        decoding = union_trie or open_union_trie(cfg, models, build_trie)
-    return Pool(kind, path, stem, store, codes_dir, codes_hash, trie_path, trie, cmap,
-                resolve_path(cfg.paths.results) / "fused" / stem, order, decoding)
+    return codes, DecodingTrie(stem, trie, trie_path, codes_hash)
 
 
 def union_pool_file(cfg: Any) -> Path:
@@ -150,11 +157,7 @@ def union_pool_file(cfg: Any) -> Path:
 def open_union_trie(cfg: Any, models: Models, build_trie: bool = True) -> DecodingTrie:
     """The universal pool's trie, its codes checked like any pool's (:func:`open_pool`)."""
     path = union_pool_file(cfg)
-    stem = path.name.removesuffix(".jsonl")
-    codes_dir = cfg.codes_root() / stem
-    codes, codes_hash = load_codes(codes_dir, open_candidate_store(cfg, path), models)
-    trie, trie_path = trie_for(codes, codes_dir, codes_hash, cfg.trie_backend, build=build_trie)
-    return DecodingTrie(stem, trie, trie_path, codes_hash)
+    return _codes_and_trie(cfg, path, open_candidate_store(cfg, path), models, build_trie)[1]
 
 
 _LOCAL_POOL = re.compile(r"^mbeir_([a-z0-9]+)_task(\d+)(?:_test)?_cand_pool$")
