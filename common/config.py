@@ -221,9 +221,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                                       f"(--set {'.'.join(path[:depth] + [name])}=[...])")
                 node, part = items, index
             elif not last:
-                child = node.setdefault(part, {})
-                if not isinstance(child, dict):
-                    raise ConfigError(f"override {text!r}: '{part}' is a value, not a section")
+                node.setdefault(part, {})  # a section the file does not set yet
             if last:
                 old = node[part] if isinstance(node, list) else node.get(part)
                 node[part] = _merged(old, value) if isinstance(value, dict) and isinstance(old, dict) else value
