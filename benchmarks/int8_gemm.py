@@ -8,7 +8,8 @@ with the best of ``--repeats`` timed calls:
 
 - ``fp32``: ``F.linear``, what the fused step runs now;
 - ``int8 fbgemm``: ``torch.ops.quantized.linear_dynamic`` with per-tensor int8 weights (activations
-  quantized inside the op; torch marks these quantized-tensor APIs deprecated);
+  quantized inside the op, to 7 bits on CPUs without AVX-512 VNNI, as the decoder does; torch marks
+  these quantized-tensor APIs deprecated);
 - ``int8 product``: ``torch._int_mm`` on operands already in int8, the bound for any int8 scheme;
 - ``int8 eager``: ``torch._int_mm`` with per-row activation and per-channel weight scales,
   quantizing and rescaling in eager element-wise ops.
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 from genius.benchmarks.common import OUT_DIR, best_seconds, write_results
 from genius.common.stage import exit_user_error
-from genius.models.generative_retriever.fused_decoder import int8_decoding_problem
+from genius.models.generative_retriever.fused_decoder import int8_decoding_problem, int8_linear
 
 COLUMNS = ["gemm", "m", "k", "n", "count", "fp32_ms", "fbgemm_ms", "product_ms", "eager_ms",
            "fbgemm_speedup", "product_speedup", "eager_speedup", "fbgemm_rel_err", "eager_rel_err"]
@@ -62,13 +63,13 @@ def measure(m: int, k: int, n: int, repeats: int) -> dict:
         return torch._int_mm((x / x_scale).round().to(torch.int8), w8).float() * x_scale * w_scale.t()
 
     times = {"fp32": best_seconds(lambda: F.linear(x, w), repeats),
-             "fbgemm": best_seconds(lambda: torch.ops.quantized.linear_dynamic(x, packed), repeats),
+             "fbgemm": best_seconds(lambda: int8_linear(x, packed), repeats),
              "product": best_seconds(lambda: torch._int_mm(x8, w8), repeats),
              "eager": best_seconds(eager, repeats)}
     scale = float(exact.abs().max())
     return {**{f"{key}_ms": t * 1e3 for key, t in times.items()},
             **{f"{key}_speedup": times["fp32"] / times[key] for key in ("fbgemm", "product", "eager")},
-            "fbgemm_rel_err": float((torch.ops.quantized.linear_dynamic(x, packed) - exact).abs().max()) / scale,
+            "fbgemm_rel_err": float((int8_linear(x, packed) - exact).abs().max()) / scale,
             "eager_rel_err": float((eager() - exact).abs().max()) / scale}
 
 

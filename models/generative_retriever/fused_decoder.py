@@ -48,7 +48,8 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
 - ``int8`` (CPU, x86) runs the step's six products per layer, and the output head's
   (:meth:`level_log_probs`), as fbgemm's dynamic int8 linear: weights quantized once, symmetric
   with one scale per output row; each product's input quantized on the fly with one scale for
-  the whole [rows, in] matrix; int32 accumulation, fp32 out. These products run 2.6-2.7x faster
+  the whole [rows, in] matrix (in 7 bits where the CPU lacks AVX-512 VNNI:
+  :func:`int8_inputs_in_7_bits`); int32 accumulation, fp32 out. These products run 2.6-2.7x faster
   than fp32 on the CPUs measured (BENCHMARKS.md), at about 1-2 % of the largest output. They
   allocate their outputs (fbgemm's have no ``out``), so on Linux the first int8 decoder has glibc
   keep freed memory for reuse (:func:`keep_freed_memory`). Everything else stays fp32: the
@@ -67,12 +68,14 @@ from __future__ import annotations
 
 import ctypes
 import math
+import re
 import sys
 import threading
 import warnings
 import weakref
 from dataclasses import dataclass
 from functools import cache, partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -136,7 +139,7 @@ class FusedDecoder:
         into the workspace's buffer ``name``; with ``int8`` fbgemm's int8 product on a packed
         weight, into a new tensor (it has no ``out``; no buffer is taken)."""
         if self.int8:
-            return torch.ops.quantized.linear_dynamic(x, weight)
+            return int8_linear(x, weight)
         return torch.mm(x, weight.t(), out=workspace.rows(name, len(x), len(weight), self.dtype, x.device))
 
     def _residual(self, stream: torch.Tensor, x: torch.Tensor, weight, workspace: Workspace) -> torch.Tensor | None:
@@ -177,7 +180,7 @@ class FusedDecoder:
         key = (rows.start, rows.stop)
         if key not in self.head_packed:  # a plain dict write: two threads packing at once store equal packs
             self.head_packed[key] = pack_int8(self.head_weight[rows])
-        return torch.ops.quantized.linear_dynamic(hidden, self.head_packed[key])
+        return int8_linear(hidden, self.head_packed[key])
 
     def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                   dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -466,6 +469,27 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+@cache
+def int8_inputs_in_7_bits(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether fbgemm's int8 products here must quantize their inputs to 7 bits (0..127), as torch's
+    own dynamic quantization does on fbgemm. Without AVX-512 VNNI, fbgemm multiplies the u8 input by
+    the s8 weight with ``vpmaddubsw``, which adds each pair of products into a saturating int16:
+    two of 255 x 127 exceed it, and full-range inputs clip (measured on a Zen 3 CPU: 6 % of a small
+    decoder step's norm instead of 2 %, 44 % on all-positive inputs). VNNI's ``vpdpbusd`` adds into int32, so there the 8th bit is kept.
+    Where the CPU's flags cannot be read, 7 bits: safe on every CPU, at about twice the rounding."""
+    try:
+        flags = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return True
+    return re.search(r"^flags\s*:.*\bavx512_vnni\b", flags, re.M) is None
+
+
+def int8_linear(x: torch.Tensor, packed) -> torch.Tensor:
+    """``x`` (fp32) times a :func:`pack_int8` weight transposed: fbgemm's dynamic int8 product, its
+    input quantized on the fly with one scale for the whole matrix (7 bits where the CPU needs it)."""
+    return torch.ops.quantized.linear_dynamic(x, packed, int8_inputs_in_7_bits())
 
 
 def pack_int8(weight: torch.Tensor):
