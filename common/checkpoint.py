@@ -2,11 +2,13 @@
 user points at without letting it run code."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import IO, Any, Iterable, Mapping
@@ -134,7 +136,9 @@ def safe_load(source: str | os.PathLike | IO[bytes], stand_ins: Iterable[tuple[A
     with one line naming the file (``name``, default ``source``), what it needed and ``hint``.
     ``mmap``: map the tensors' storage instead of reading it (a file path only)."""
     name = source if name is None else name
-    with torch.serialization.safe_globals(list(stand_ins)):
+    with torch.serialization.safe_globals(list(stand_ins)), warnings.catch_warnings():
+        # torch's note on a pickle of another protocol, printed before the one line this ends in
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
         try:
             return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as err:
@@ -146,6 +150,11 @@ def safe_load(source: str | os.PathLike | IO[bytes], stand_ins: Iterable[tuple[A
             # torch's zip reader on a truncated or overwritten file, or a pickle cut short or damaged
             # (the weights-only unpickler then fails on its stack, its memo or a stand-in's arguments)
             raise CorruptCheckpointError(_unreadable(name, err, hint)) from None
+        except OSError as err:
+            if err.errno != errno.EINVAL:  # missing or not readable: the caller's message names the file
+                raise
+            # mapping (``mmap``) a file cut short: its zip directory points past the end
+            raise CorruptCheckpointError(_unreadable(name, err, hint)) from None
 
 
 def _malformed(err: pickle.UnpicklingError) -> bool:
@@ -155,7 +164,10 @@ def _malformed(err: pickle.UnpicklingError) -> bool:
 
 
 def _unreadable(name: str | os.PathLike, err: BaseException, hint: str) -> str:
-    detail = " ".join(str(err).split())[:160]
+    # torch's weights-only failures open with a paragraph advising weights_only=False (which would run
+    # the file's code); the cause itself follows "WeightsUnpickler error:"
+    text = str(err).split("WeightsUnpickler error:", 1)[-1].split("Check the documentation of torch.load")[0]
+    detail = " ".join(text.split())[:160]
     return (f"{name}: cannot be read: the file is truncated, corrupt or not a PyTorch checkpoint ({detail})"
             f"{'; ' + hint if hint else ''}")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import pickle
 import random
+import warnings
 import re
 import zipfile
 from pathlib import Path
@@ -345,3 +346,27 @@ def test_another_stages_checkpoint_is_named_for_what_it_is(tmp_path):
     with pytest.raises(CheckpointMismatchError, match=r"rq.pt: this is an rq.pt \(genius train-rq\), not a "
                                                       r"generator.pt \(genius train-gen\)"):
         load_generator(tmp_path / "rq.pt")
+
+
+def test_a_checkpoint_cut_short_is_one_line_naming_the_file_also_when_mapped(tmp_path):
+    """Mapping a file cut short fails inside torch with EINVAL ('Invalid argument', naming nothing);
+    read or mapped, it is the file's one line, and the detail is the cause, not torch's paragraph
+    suggesting weights_only=False."""
+    from genius.common.checkpoint import CorruptCheckpointError, save_own_checkpoint
+    from genius.models.residual_quantization.model import rq_fingerprint
+
+    whole = tmp_path / "whole.pt"
+    save_own_checkpoint({"model": {"w": torch.randn(20_000)}, "arch": {"num_levels": 3}, "fingerprint": "x"}, whole)
+    cut = tmp_path / "rq.pt"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 3 // 4])
+    for load in (rq_fingerprint, load_own_checkpoint):
+        with pytest.raises(CorruptCheckpointError, match=rf"^{re.escape(str(cut))}: cannot be read: the file is "
+                                                         "truncated, corrupt or not a PyTorch checkpoint"):
+            load(cut)
+    legacy = tmp_path / "legacy.pt"
+    legacy.write_bytes(pickle.dumps({"w": 1}, protocol=4))  # torch warns about the protocol before failing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CorruptCheckpointError) as refused:
+            load_own_checkpoint(legacy)
+    assert "weights_only" not in str(refused.value) and "Unsupported operand" in str(refused.value)
