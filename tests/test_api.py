@@ -295,9 +295,9 @@ def test_the_readme_example_runs(finished_tiny_root, capsys, monkeypatch):
     lines = capsys.readouterr().out.splitlines()
     hits, captions = namespace["hits"], namespace["captions"]
     assert len(hits) == 5 and all(isinstance(h, Hit) and h.method == "genius_r" for h in hits)
-    assert Path(hits[0].image_path).is_file()  # what the example's image query opens
     assert len(lines) == 5 and lines[0].split()[:2] == ["1", hits[0].id]
-    assert len(captions) == 3 and [len(b) for b in namespace["batch"]] == [3, 3]
+    assert len(captions) == 3 and all(isinstance(h, Hit) for h in captions)
+    assert [len(b) for b in namespace["batch"]] == [3, 3]
 
 
 def test_pool_records_are_read_by_did(tmp_path):
