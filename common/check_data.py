@@ -405,6 +405,7 @@ def check_qrels(path: Path, queries: QueryFile, query_file: Path, report: Report
     task_of: dict[str, int] = {}
     line_of: dict[str, int] = {}  # qid -> its first qrels line
     reported: dict[str, set[str]] = {}  # qid -> qrels-only positives already reported at their qrels line
+    graded: dict[tuple[str, str], tuple[int, int]] = {}  # (qid, did) -> (relevance, line) of its first line
     records = 0
     for lineno, line in text_lines(path, lambda lineno, message: report.add(path, lineno, message)):
         parts = line.split()
@@ -419,6 +420,10 @@ def check_qrels(path: Path, queries: QueryFile, query_file: Path, report: Report
             continue
         task_of[qid] = task
         line_of.setdefault(qid, lineno)
+        first_rel, first_line = graded.setdefault((qid, did), (rel, lineno))
+        if first_rel != rel:  # the hit rate would count it relevant, graded measures would read the last line
+            report.add(path, lineno, f"qid {qid}, did {did}: relevance {rel} here but {first_rel} on line {first_line}; "
+                                     "keep one line per (qid, did)")
         if rel <= 0:
             continue
         relevant.setdefault(qid, set()).add(did)

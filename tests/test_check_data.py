@@ -356,3 +356,16 @@ def test_qrels_lines_that_disagree_with_their_query_file_are_named_with_their_li
     qrels.write_text("\n".join(rows + [f"4:98765 0 {did} 1 4"]) + "\n")
     assert f"{rel}:{len(rows) + 1}: qid 4:98765 is not in mbeir_nights_task4_test.jsonl; delete the line or add " \
            "the query" in check_root(mbeir.root).problems
+
+
+def test_a_qrels_pair_repeated_with_another_relevance_is_named_at_its_line(mbeir):
+    """Read with another grade, a repeated (qid, did) would count as relevant for the hit rate and
+    for graded measures differently; repeated alike it is harmless and not reported."""
+    rel = "qrels/test/mbeir_nights_task4_test_qrels.txt"
+    qrels = mbeir.root / rel
+    rows = lines(qrels)
+    qid, _, did, grade, task = rows[0].split()
+    qrels.write_text("\n".join(rows + [rows[0], f"{qid} 0 {did} 0 {task}"]) + "\n")
+    problems = [p for p in check_root(mbeir.root).problems if p.startswith(f"{rel}:")]
+    assert problems == [f"{rel}:{len(rows) + 2}: qid {qid}, did {did}: relevance 0 here but {grade} on line 1; "
+                        "keep one line per (qid, did)"]

@@ -86,6 +86,15 @@ def test_each_metric_on_a_hand_computed_graded_example(qrels_file):
     assert values["nDCG", 3]["9:1"] == pytest.approx(0.4796249, abs=1e-6)
 
 
+def test_a_repeated_qrels_pair_keeps_its_highest_grade_as_the_hit_rate_does(tmp_path):
+    """A (qid, did) listed as relevant and again as not: relevant for every measure, whichever
+    line comes last (the hit rate's load_qrels counts any line above 0)."""
+    path = tmp_path / "qrels.txt"
+    path.write_text("9:1 0 9:10 1 0\n9:1 0 9:10 0 0\n9:1 0 9:11 0 0\n9:1 0 9:11 2 0\n")
+    assert GradedQrels.read(path).grades["9:1"] == {"9:10": 1, "9:11": 2}
+    assert load_qrels(path).relevant["9:1"] == {"9:10", "9:11"}
+
+
 def test_score_pair_groups_by_task_and_leaves_out_excluded_queries(tmp_path, qrels_file):
     qids = ["9:1", "9:2", "9:3", "9:4", "9:5", "9:6"]
     dids = [[hash_did(d) for d in RUN.get(q, [])] + [-1] * (5 - len(RUN.get(q, []))) for q in qids]

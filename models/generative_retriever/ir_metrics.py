@@ -69,11 +69,13 @@ class GradedQrels:
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "GradedQrels":
-        """M-BEIR qrels (``qid 0 did relevance task_id``); a repeated (qid, did) keeps its last grade."""
+        """M-BEIR qrels (``qid 0 did relevance task_id``); a repeated (qid, did) keeps its highest
+        grade, so a candidate is relevant here when the hit rate (any line > 0) counts it relevant
+        (genius check-data reports such repeats)."""
         grades: dict[str, dict[str, int]] = defaultdict(dict)
         task_of = {}
         for _, qid, did, rel, task in qrels_lines(path):
-            grades[qid][did], task_of[qid] = rel, task
+            grades[qid][did], task_of[qid] = max(rel, grades[qid].get(did, rel)), task
         return cls(dict(grades), task_of)
 
 
