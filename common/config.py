@@ -271,7 +271,26 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         _check_declared_ranges(cfg)
         return cfg
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
+        given = _override_of(str(err), overrides or [])
+        where = f"--set {given}" if given is not None else path
+        raise ConfigError(f"{where}: {err}" if where is not None else str(err)) from None
+
+
+_NAMED_KEY = re.compile(r"^unknown config key '([^']+)'|^([A-Za-z_][\w.\[\]]*):")
+
+
+def _override_of(message: str, overrides: list[str]) -> str | None:
+    """The last ``--set`` that gave the key a config error names (itself, or a section holding
+    it), so the error points at the command line rather than at the file; None: the file's."""
+    named = _NAMED_KEY.match(message)
+    if named is None:
+        return None
+    key = named[1] or named[2]
+    for text in reversed(overrides):
+        given = text.split("=", 1)[0]
+        if key == given or key.startswith((f"{given}.", f"{given}[")):
+            return text
+    return None
 
 
 def _check_declared_ranges(cfg: Any) -> None:

@@ -102,7 +102,7 @@ def test_a_slip_of_a_digit_is_refused_before_any_work(tmp_path, override, key):
     result = genius_cli("train-rq", "--config", str(TINY / "train_rq.yaml"), "--set", override, cwd=tmp_path,
                         env={"GENIUS_ROOT": str(tmp_path)})
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"error: {TINY / 'train_rq.yaml'}: {key}: " in result.stderr, result.stderr
+    assert f"error: --set {override}: {key}: " in result.stderr, result.stderr  # the value's, not the file's
     assert not any(tmp_path.iterdir())  # nothing ran, nothing was moved or written
 
 
