@@ -408,10 +408,11 @@ def _train_run(cfg: TrainClipConfig, dist, data: PairData, run) -> Path:
     run_dir = run.out_dir
     sampler = EpochBatchSampler(data.pairs, cfg.optim.batch_size, cfg.seed, dist.rank, dist.world_size)
     training.steps_per_epoch(len(data), cfg.optim.batch_size, dist.world_size, "optim.batch_size")
-    state = training.resume_point(run, dist, batch_key="optim.batch_size", force_key="output.force")
     seed_everything(cfg.seed)  # identical initial weights on every rank
+    # the initial checkpoint is read before a previous run is set aside, so a bad one leaves that run in place
     clip, model_name, arch = load_clip(resolve_path(cfg.model.init_checkpoint) if cfg.model.init_checkpoint else None,
                                        cfg.model.name)
+    state = training.resume_point(run, dist, batch_key="optim.batch_size", force_key="output.force")
     if dist.device.type == "cpu":
         set_cpu_threads(cfg.runtime.cpu_threads, transformer_op_macs(clip, cfg.optim.batch_size))
     preprocess = ImagePreprocess(image_size(arch))
@@ -428,7 +429,7 @@ def _train_run(cfg: TrainClipConfig, dist, data: PairData, run) -> Path:
     scheduler = training.warmup_cosine(optimizer, cfg.optim.warmup_steps, cfg.optim.epochs * len(sampler))
     use_fp16 = cfg.runtime.fp16 and dist.device.type == "cuda"
     scaler = training.grad_scaler(cfg.runtime.fp16, dist.device)
-    start_epoch, skip = 0, 0
+    start_epoch, skip, first_totals = 0, 0, None
     if state is not None:
         model.clip.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -439,6 +440,7 @@ def _train_run(cfg: TrainClipConfig, dist, data: PairData, run) -> Path:
             log.info("resuming after epoch %d", state["epoch"])
         else:
             start_epoch, skip = state["epoch"], state["step"]
+            first_totals = state.get("epoch_totals")  # absent from checkpoints of earlier versions
             log.info("resuming epoch %d after step %d", start_epoch, skip)
         training.restore_rng_states(state["rng"], dist, cfg.seed, (start_epoch, skip))
     if dist.is_main:
@@ -451,20 +453,24 @@ def _train_run(cfg: TrainClipConfig, dist, data: PairData, run) -> Path:
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main)
     record = training.checkpoint_record(run, dist)
 
-    def save(epoch: int, step: int | None = None) -> None:
-        """Rank 0 writes the resume state; step checkpoints before it are removed (all ranks wait)."""
+    def save(epoch: int, step: int | None = None, totals: torch.Tensor | None = None) -> None:
+        """Rank 0 writes the resume state (mid-epoch: with the epoch's loss and accuracy sums so far,
+        averaged over the ranks); step checkpoints before it are removed (all ranks wait)."""
         rng = training.gather_rng_states(dist)
+        sums = {} if totals is None else {"epoch_totals": all_reduce_mean(totals).cpu()}
         if dist.is_main:
             path = save_training_checkpoint(run_dir, epoch, {
                 "model": model.clip.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng, **record}, step=step)
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng, **sums, **record},
+                step=step)
             remove_step_checkpoints(run_dir, keep=path)
         barrier()
 
     for epoch in range(start_epoch, cfg.optim.epochs):
         sampler.set_epoch(epoch, skip if epoch == start_epoch else 0)
         stats = run_epoch(ddp, model, loader, optimizer, scheduler, scaler, use_fp16, cfg, dist, epoch, metrics,
-                          first_step=sampler.skip, save_step=lambda step, epoch=epoch: save(epoch, step))
+                          first_step=sampler.skip, first_totals=first_totals if epoch == start_epoch else None,
+                          save_step=lambda step, totals, epoch=epoch: save(epoch, step, totals))
         metrics.write(epoch=epoch, **stats)
         log.info("train-clip: epoch %d: loss %.4f, in-batch accuracy %.3f, %s", epoch, stats["loss"],
                  stats["accuracy"], clock_time(stats["seconds"]))
@@ -482,12 +488,15 @@ def _train_run(cfg: TrainClipConfig, dist, data: PairData, run) -> Path:
 
 
 def run_epoch(ddp, model, loader, optimizer, scheduler, scaler, use_fp16, cfg, dist, epoch, metrics,
-              first_step: int = 0, save_step=None) -> dict:
-    """Train over the loader's batches (steps ``first_step`` onwards of ``epoch``); ``save_step(n)``
-    is called after every ``output.save_every_steps``-th step n that does not end the epoch."""
+              first_step: int = 0, first_totals: torch.Tensor | None = None, save_step=None) -> dict:
+    """Train over the loader's batches (steps ``first_step`` onwards of ``epoch``; ``first_totals``:
+    the loss and accuracy sums of the steps before, from a mid-epoch checkpoint, so the epoch's means
+    cover all its steps); ``save_step(n, sums)`` is called after every ``output.save_every_steps``-th
+    step n that does not end the epoch."""
     ddp.train()
     device, started = dist.device, time.time()
-    totals = torch.zeros(2, device=device)
+    totals = torch.zeros(2, device=device) if first_totals is None else first_totals.to(device, torch.float32)
+    counted = 0 if first_totals is None else first_step  # steps whose sums ``totals`` holds already
     last_step = first_step + len(loader)
     progress = Progress(last_step, f"train-clip: epoch {epoch}", done=first_step, logger=log, end_line=False,
                         enabled=dist.is_main)
@@ -514,8 +523,8 @@ def run_epoch(ddp, model, loader, optimizer, scheduler, scaler, use_fp16, cfg, d
                           lr=scheduler.get_last_lr()[0], logit_scale=model.clip.logit_scale.exp().item())
         every = cfg.output.save_every_steps
         if save_step is not None and every and (step + 1) % every == 0 and step + 1 < last_step:
-            save_step(step + 1)
-    mean = all_reduce_mean(totals / max(1, last_step - first_step))
+            save_step(step + 1, totals)
+    mean = all_reduce_mean(totals / max(1, last_step - first_step + counted))
     return {"loss": mean[0].item(), "accuracy": mean[1].item(), "lr": scheduler.get_last_lr()[0],
             "logit_scale": model.clip.logit_scale.exp().item(), "seconds": round(time.time() - started, 2)}
 

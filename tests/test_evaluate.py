@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from genius.common.config import ConfigError, load_config
+from genius.common.config import ConfigError, load_config, resolve_path
 from genius.common.fusion import score_fusion
 from genius.common.mbeir import MODALITY_CODE, TASKS, unhash_did, unhash_qid
 from genius.common.runstate import content_sha256
@@ -309,11 +309,16 @@ def test_decode_cache_key_records_diverse_beams_and_keeps_old_keys_without_them(
 
 
 def test_stale_or_mismatched_inputs_are_refused(tmp_path):
+    """... before the previous results are set aside: they stay where they were."""
     cfg = make_world(tmp_path)
+    evaluate(cfg, fake_models(cfg))
+    results = resolve_path(cfg.paths.results)
+    assert (results / "results.md").is_file()
     models = fake_models(cfg)
     models.fingerprints["rq"] = "another-rq"  # the codes were assigned with "fake-rq"
     with pytest.raises(StaleInputError, match="assigned with the quantizer of"):
         evaluate(cfg, models)
+    assert (results / "results.md").is_file() and not (results / "stale").exists()
     cfg.files = [EvalFile("query/test/missing.jsonl", "cand_pool/local/x.jsonl", "qrels/test/x.txt")]
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         evaluate(cfg, fake_models(cfg))

@@ -258,6 +258,11 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(stage, in_root, c
     lines = [json.loads(line) for line in (in_root / out / "metrics.jsonl").read_text().splitlines()]
     marks = [(r["epoch"], r.get("step"), r.get("epoch_summary")) for r in lines]
     assert len(marks) == len(set(marks))  # the killed attempt's lines past its checkpoint were dropped
+    if stage == "train-clip":  # killed mid-epoch: the epoch's means still cover every step of it
+        straight = (in_root / reference).with_name("metrics.jsonl").read_text().splitlines()
+        summaries = [[v for r in rows if "step" not in r for v in (r["epoch"], r["loss"], r["accuracy"])]
+                     for rows in ([json.loads(line) for line in straight], lines)]
+        assert summaries[1] == pytest.approx(summaries[0], rel=1e-6) and len(summaries[0]) == 6
 
 
 # ---- force, stale runs -------------------------------------------------------------------------
@@ -285,6 +290,24 @@ def test_force_retrains_a_finished_run_and_a_stale_run_moves_with_its_logs(stage
     stale = sorted((out / "stale").iterdir())
     assert len(stale) == 2 and (stale[-1] / "metrics.jsonl").read_text() == second_metrics
     assert json.loads((out / "done.json").read_text())["key"]["config"][s.seed_key] == 7
+
+
+@pytest.mark.parametrize("stage, bad_input", [("train-clip", "model.init_checkpoint"), ("train-gen", "model.pretrained")])
+def test_a_bad_new_input_is_refused_before_the_finished_run_is_set_aside(stage, bad_input, in_root, capsys):
+    """Pointing a finished run's config at an unreadable initial checkpoint or T5 folder changes the
+    run's key; the input is read before the finished run would move to stale/, so it stays usable."""
+    s = STAGES[stage]
+    out = in_root / f"checkpoint/tiny/bad_input_{stage}"
+    assert run(s, capsys, *s.args(*s.short, out=str(out)))[0] == 0
+    bad = in_root / f"bad_input_{stage}"
+    if bad_input == "model.pretrained":
+        bad.mkdir(exist_ok=True)
+        (bad / "config.json").write_text("{not json")
+    else:
+        bad.write_bytes(b"garbage" * 100)
+    code, err = run(s, capsys, *s.args(*s.short, f"{bad_input}={bad}", out=str(out)))
+    assert code == 2 and str(bad) in one_error_line(err, stage)
+    assert (out / s.final).is_file() and (out / "done.json").is_file() and not (out / "stale").exists()
 
 
 # ---- one writer at a time ----------------------------------------------------------------------

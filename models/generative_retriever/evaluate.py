@@ -67,6 +67,7 @@ from genius.models.generative_retriever.outputs import (
 from genius.models.generative_retriever.paper_numbers import default_k
 from genius.models.generative_retriever.pool_assets import (
     Pool,
+    check_pool_codes,
     codes_fingerprint,
     open_candidate_store,
     open_pool,
@@ -452,6 +453,18 @@ def check_all_positives(cfg: EvalConfig, passes: list[Pass],
     return checked
 
 
+def check_codes_of(cfg: EvalConfig, passes: list[Pass], candidate_stores: dict[str, EmbeddingStore],
+                   models: Models, union_trie: bool) -> None:
+    """Every pool's codes (the universal pool's too where its trie decodes the task-specific files:
+    ``union_trie``) made by these models' quantizer for this store (:func:`check_pool_codes`)."""
+    for p in passes:
+        if p.opened is None:  # an index version's codes are checked with the index
+            check_pool_codes(cfg, p.pool, candidate_stores[p.stem], models)
+    if union_trie:
+        union = union_pool_file(cfg)
+        check_pool_codes(cfg, union, open_candidate_store(cfg, union), models)
+
+
 def evaluate(cfg: EvalConfig, models: Models | None = None) -> EvalReport | None:
     """The whole evaluation; under torchrun decoding and ranking are sharded and rank 0 (alone)
     returns the report.
@@ -492,13 +505,15 @@ def _evaluate(cfg: EvalConfig, models: Models | None, info: DistInfo) -> EvalRep
         models = models or load_models(cfg, info.device)
         if index is not None:
             index.check_models(models)
+        decodes_under_union = cfg.task_specific and cfg.decoding.task_specific_trie == "union" and index is None
+        check_codes_of(cfg, passes, candidate_stores, models, decodes_under_union)  # before results are set aside
         state.start()
         if info.is_main:
             record_run(out, cfg)
         outcomes: list[PairOutcome | None] = []
         pools_manifest = {}
         union_trie = None  # opened once for every task-specific pool (decoding.task_specific_trie: union)
-        if cfg.task_specific and cfg.decoding.task_specific_trie == "union" and index is None:
+        if decodes_under_union:
             union_trie = open_union_trie(cfg, models, build_trie=info.is_main)
         for p in passes:
             pool = p.opened or open_pool(cfg, p.kind, p.pool, models, build_trie=info.is_main,

@@ -270,9 +270,27 @@ def _read_json(path: Path) -> dict:
 
 
 def load_codes(codes_dir: Path, store: EmbeddingStore, models: Models) -> tuple[np.ndarray, str]:
-    """A pool's codes [N, L] in store order and their content hash, refusing codes made by another
-    quantizer, in another modality mode, with other codebook sizes than the generator's, for other
-    candidates or from another version of the candidate store."""
+    """A pool's codes [N, L] in store order and their content hash (:func:`check_codes`), refusing
+    codes of other candidates."""
+    check_codes(codes_dir, store, models)
+    codes_hash = codes_fingerprint(codes_dir)
+    codes, ids = np.load(codes_dir / "codes.npy"), np.load(codes_dir / "ids.npy")
+    if codes.ndim != 2 or len(codes) != len(ids) or not np.array_equal(ids, store.ids):
+        raise StaleInputError(f"codes in {codes_dir} do not match the candidates of {store.path} (ids differ); "
+                              "re-run genius assign-codes")
+    return codes, codes_hash
+
+
+def check_pool_codes(cfg: Any, path: Path, store: EmbeddingStore, models: Models) -> None:
+    """:func:`check_codes` for pool file ``path``'s codes, without reading them: eval runs it for
+    every pool before it sets the previous results aside."""
+    check_codes(cfg.codes_root() / path.name.removesuffix(".jsonl"), store, models)
+
+
+def check_codes(codes_dir: Path, store: EmbeddingStore, models: Models) -> None:
+    """Refuse a pool's codes (from their meta.json) made by another quantizer, in another modality
+    mode, with other codebook sizes than the generator's or from another version of the candidate
+    store."""
     rq_file = models.files.get("rq", "the evaluated quantizer")
     if not (codes_dir / "meta.json").is_file():
         raise FileNotFoundError(f"{codes_dir}: no codes here; run genius assign-codes for this pool first "
@@ -297,12 +315,6 @@ def load_codes(codes_dir: Path, store: EmbeddingStore, models: Models) -> tuple[
         raise StaleInputError(f"{codes_dir}: these codes were computed from another version of the candidate "
                               f"store {store.path} (re-extracted since, e.g. with another encoder checkpoint); "
                               f"{rerun}")
-    codes_hash = codes_fingerprint(codes_dir)
-    codes, ids = np.load(codes_dir / "codes.npy"), np.load(codes_dir / "ids.npy")
-    if codes.ndim != 2 or len(codes) != len(ids) or not np.array_equal(ids, store.ids):
-        raise StaleInputError(f"codes in {codes_dir} do not match the candidates of {store.path} (ids differ); "
-                              "re-run genius assign-codes")
-    return codes, codes_hash
 
 
 def trie_for(codes: np.ndarray, codes_dir: Path, codes_hash: str, backend: str, build: bool = True) -> tuple[object, Path]:

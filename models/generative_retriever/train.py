@@ -225,8 +225,12 @@ def train(cfg: TrainGenConfig) -> Path:
         steps_per_epoch = training.steps_per_epoch(len(pairs), cfg.train.batch_size, info.world_size,
                                                    "train.batch_size")
         seed_everything(cfg.train.seed + info.rank)
+        # built before a previous run is set aside, so a bad pretrained folder or vision checkpoint
+        # leaves that run in place; a resumed run restores its own weights and RNG over it
+        fresh = new_generator(cfg.model, rq)
         resume = training.resume_point(run, info, batch_key="train.batch_size", force_key="train.force")
-        generator = (IDGenerator(resume["arch"]) if resume else new_generator(cfg.model, rq)).to(info.device)
+        generator = (IDGenerator(resume["arch"]) if resume else fresh).to(info.device)
+        del fresh  # resumed: not kept beside the run's own
         images = None
         if image_paths is not None:
             images = QueryImages(root, image_paths, generator.preprocess)
