@@ -193,9 +193,14 @@ class ImageChecker:
             return None
         from PIL import Image
 
+        from genius.common.image_collections import CollectionError, to_rgb
+
         try:
             with Image.open(full) as image:
                 image.load()  # decodes every byte: a truncated file fails here, not at open
+                to_rgb(image, f"image {rel}")  # as extraction reads it (a float image is refused)
+        except CollectionError as err:
+            return str(err)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             return f"image {rel} cannot be decoded ({one_line_error(err)}); replace it with a complete image file"
         return None

@@ -26,7 +26,9 @@ never returns it.
 Training queries are the training images with the other training images of their class as
 positives (the pairs a class-level generator trains on). A training image that is the only one of
 its class has no positive: it stays in the training pool but is no training query, and one warning
-gives their count. A test query whose class has no other image in its pool is an error. The root
+gives their count. A root without any training query, and a test query whose class has no other
+image in its pool, are errors. Images are read as 8-bit RGB: 16-bit images are scaled to 8 bits,
+float images are refused (they have no one range to scale from). The root
 is for task 4 (qi->ci) and holds, with ``<d>`` the dataset id and ``NAME`` the file-name part:
 
     mbeir_images/NAME/...                                  the images, copied after they decode
@@ -43,8 +45,9 @@ which ``genius check-data`` accepts and ``genius new-setting`` finds. The root i
 
 The image-split list file:
 One line per image under ``--images``: ``<path relative to --images> <train|test>``
-(whitespace-separated; blank lines and lines starting with ``#`` are ignored). The class is the
-image's folder, as for the other protocols, and every image must be listed.
+(whitespace-separated; blank lines are ignored, but there are no comment lines: a line starting
+with ``#`` is an image path, as a class folder may be named ``#1``). The class is the image's
+folder, as for the other protocols, and every image must be listed.
 
 CUB-200-2011 (5,994 train, 5,794 test; ``--images CUB_200_2011/images``) joins ``images.txt``
 and ``train_test_split.txt`` by image id, where 1 means train:
@@ -85,10 +88,14 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 from genius.common.io import atomic_dir, atomic_write_json
-from genius.common.mbeir import DID_BASE, QID_BASE, text_lines
+from genius.common.mbeir import DID_BASE, QID_BASE, parse_id, text_lines
 from genius.common.stage import ArgumentParser, add_debug_flag, setup_logging, user_errors_exit
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +109,13 @@ MARKER = "import.json"
 INSHOP_STATUSES = ("train", "query", "gallery")
 SPLIT_STATUSES = ("train", "test")
 HOLDOUT_MIN_IMAGES = 2  # one test query, and one database image for it to find
+# What gives a protocol training queries, for the error when it has none.
+NO_TRAINING_QUERY_FIX = {
+    "holdout": "give classes three or more images (holdout keeps two of them in the database)",
+    "classes-half": "give the classes of the first half (by name) two or more images",
+    "image-split": "mark two or more images of a class as train in --list-file",
+    "inshop": "give items two or more train images in --list-file (In-shop's own partition does)",
+}
 DIGITS_MARKER = ".sklearn_digits.json"  # hidden, so import-images does not take it for a class
 
 
@@ -135,6 +149,18 @@ def _visible(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
+def _check_utf8_name(path: Path) -> None:
+    """Names go into the root's UTF-8 jsonl files and seed holdout's draw; a name that is not UTF-8
+    (Python holds its bytes as surrogates) can be neither."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        kind = "folder" if path.is_dir() else "file"
+        raise CollectionError(f"{shown}: the {kind} name is not valid UTF-8; rename the {kind} (the root's jsonl "
+                              "files name every image in UTF-8)") from None
+
+
 def _check_extension(path: Path) -> None:
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         raise CollectionError(f"{path}: not an image file (accepted: {', '.join(IMAGE_EXTENSIONS)}, any case); "
@@ -148,8 +174,10 @@ def read_class_folders(images: Path) -> dict[str, list[Item]]:
         if not folder.is_dir():
             raise CollectionError(f"{folder}: a file where class folders are expected (--images holds one folder per "
                                   "class, DIR/<class>/<image files>); move it out of the folder")
+        _check_utf8_name(folder)
         items = []
         for path in _visible(folder):
+            _check_utf8_name(path)
             if path.is_dir():
                 raise CollectionError(f"{path}: a folder inside class folder {folder.name!r}; a class folder holds "
                                       "image files only (move the images up or make the subfolder its own class)")
@@ -164,13 +192,28 @@ def read_class_folders(images: Path) -> dict[str, list[Item]]:
     return classes
 
 
+def _list_lines(list_file: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a list file, without the UTF-8 byte-order mark some Windows editors
+    put at its start (an invisible first character of the first path or count)."""
+    for lineno, line in text_lines(list_file):
+        yield lineno, line.removeprefix("\ufeff") if lineno == 1 else line
+
+
+def _check_listed_path(rel: str, list_file: Path, lineno: int) -> None:
+    """A listed image path names a file under --images and becomes its path under
+    mbeir_images/NAME/, so an absolute path or a '.' or '..' part would reach outside both."""
+    if any(part in ("", ".", "..") for part in rel.split("/")):
+        raise CollectionError(f"{list_file}:{lineno}: image path {rel!r} must be relative and lie under --images, "
+                              "without '.', '..' or empty parts (<folder>/<file>); write it relative to --images")
+
+
 def read_inshop_list(list_file: Path, images: Path) -> list[tuple[Item, str]]:
     """(image, status) for every line of In-shop's list_eval_partition.txt: a count, a header, then
     ``image_name item_id evaluation_status`` lines."""
     entries: list[tuple[Item, str]] = []
     seen: dict[str, int] = {}
     declared = None
-    for lineno, line in text_lines(list_file):
+    for lineno, line in _list_lines(list_file):
         fields = line.split()
         if lineno == 1:
             if len(fields) != 1 or not fields[0].isdigit():
@@ -184,6 +227,7 @@ def read_inshop_list(list_file: Path, images: Path) -> list[tuple[Item, str]]:
             raise CollectionError(f"{list_file}:{lineno}: expected 'image_name item_id evaluation_status' with a "
                                   f"status of {', '.join(INSHOP_STATUSES)}, got {line.strip()!r}")
         rel, item_id, status = fields
+        _check_listed_path(rel, list_file, lineno)
         if rel in seen:
             raise CollectionError(f"{list_file}:{lineno}: image {rel} is listed again (first on line {seen[rel]})")
         seen[rel] = lineno
@@ -207,14 +251,15 @@ def read_split_list(list_file: Path, classes: dict[str, list[Item]]) -> list[tup
     collection = {item.rel: item for items in classes.values() for item in items}
     entries: list[tuple[Item, str]] = []
     seen: dict[str, int] = {}
-    for lineno, line in text_lines(list_file):
-        if not line.strip() or line.lstrip().startswith("#"):
+    for lineno, line in _list_lines(list_file):
+        if not line.strip():
             continue
         fields = line.strip().rsplit(None, 1)  # the path may hold spaces, the status cannot
         if len(fields) != 2 or fields[1] not in SPLIT_STATUSES:
             raise CollectionError(f"{list_file}:{lineno}: expected '<image path> <train|test>', got "
                                   f"{line.strip()!r}")
         rel, status = fields
+        _check_listed_path(rel, list_file, lineno)
         if rel in seen:
             raise CollectionError(f"{list_file}:{lineno}: image {rel} is listed again (first on line {seen[rel]})")
         seen[rel] = lineno
@@ -333,6 +378,26 @@ def root_files(split: Split, name: str, dataset_id: int) -> dict[str, str]:
     }
 
 
+def to_rgb(image: Image.Image, source: str | os.PathLike) -> Image.Image:
+    """``image`` (read from ``source``) as 8-bit RGB: how import checks an image and extraction reads
+    it. Pillow's own ``convert("RGB")`` clips 16-bit grey levels at 255, so that most come out
+    white, and truncates float pixels (mode F, often in [0, 1]) to black; 16-bit images are scaled
+    to 8 bits first, and float images, whose range no file records, are refused."""
+    if image.mode == "F":
+        raise CollectionError(f"{source}: a float image (Pillow mode F), whose pixel range is unknown; convert it to "
+                              "an 8-bit image (e.g. PNG or JPEG)")
+    if image.mode.startswith("I"):  # I;16, I;16B...: 16-bit; I: 32-bit, in which some readers hold 16-bit values
+        import numpy as np
+        from PIL import Image
+
+        pixels = np.asarray(image)
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise CollectionError(f"{source}: 32-bit integer pixels outside the 16-bit range 0..65535 (Pillow mode "
+                                  f"{image.mode}); convert it to an 8-bit image (e.g. PNG or JPEG)")
+        image = Image.fromarray(np.round(pixels / 257).astype(np.uint8))  # 65535 / 257 = 255
+    return image.convert("RGB")
+
+
 def copy_image(item: Item, target: Path) -> None:
     """Copy one image byte for byte after checking that it decodes whole and converts to RGB, as
     extraction will read it."""
@@ -341,7 +406,9 @@ def copy_image(item: Item, target: Path) -> None:
     try:
         with Image.open(item.source) as image:
             image.load()
-            image.convert("RGB")
+            to_rgb(image, item.source)
+    except CollectionError:
+        raise  # decodes, but in a mode that cannot be read as RGB: to_rgb says what to do
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         detail = " ".join((str(err).strip() or type(err).__name__).split())
         raise CollectionError(f"{item.source}: cannot be decoded as an image ({detail}); replace it with a complete "
@@ -363,6 +430,11 @@ def _check_options(images: Path, out: Path, name: str, protocol: str, query_frac
     for option, value in (("--seed", seed), ("--dataset-id", dataset_id)):
         if value < 0:
             raise ValueError(f"{option}: {value} is out of range; it must be an integer >= 0")
+    for base, what in ((QID_BASE, "qid"), (DID_BASE, "did")):
+        try:  # the largest id the import may write; check-data refuses one past UniIR's 64-bit hashing
+            parse_id(f"{dataset_id}:{base - 1}", base, what)
+        except ValueError as err:
+            raise ValueError(f"--dataset-id: {dataset_id} is out of range ({err}); choose a smaller id") from None
     if not images.is_dir():
         raise ValueError(f"--images {images}: not a folder; give the folder of class folders (DIR/<class>/<images>)")
     if (protocol in LIST_PROTOCOLS) != (list_file is not None):
@@ -395,6 +467,10 @@ def import_images(images: str | os.PathLike, out: str | os.PathLike, name: str, 
         split = split_classes_half(read_class_folders(images))
     else:
         split = split_holdout(read_class_folders(images), query_fraction, seed)
+    if not split.training_queries():
+        raise CollectionError(f"{list_file or images}: no training query: none of the {len(split.train)} training "
+                              "images has another image of its class among them to retrieve, so the setting has "
+                              f"nothing to train on; {NO_TRAINING_QUERY_FIX[protocol]}")
     files = root_files(split, name, dataset_id)
     queried = {item.rel for item in split.training_queries()}
     lonely = [item for item in split.train if item.rel not in queried]

@@ -48,6 +48,7 @@ from genius.common.checkpoint import (
     read_official_file,
     safe_load,
 )
+from genius.common.image_collections import to_rgb
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 OWN_CHECKPOINT_FORMAT = "genius-clip-sf/1"
@@ -114,7 +115,9 @@ class ImagePreprocess:
         self.std = torch.tensor(std).view(3, 1, 1)
 
     def to_uint8(self, image: Image.Image) -> torch.Tensor:
-        return self._to_tensor(self._crop(self._resize(image.convert("RGB"))))
+        # to_rgb, not convert("RGB"): extraction reads an image as import-images checked it (16-bit scaled, float
+        # refused naming the file, which an opened image records)
+        return self._to_tensor(self._crop(self._resize(to_rgb(image, getattr(image, "filename", "") or "image"))))
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [..., 3, S, S] -> normalised float32."""

@@ -335,3 +335,14 @@ def test_an_encoder_checkpoint_changed_since_extraction_is_refused(tiny_root_cop
         Retriever.load(tiny_root_copy / "results/tiny", device="cpu")
     checkpoint.write_bytes(original)  # the weights the stores were made with: loads again
     assert Retriever.load(tiny_root_copy / "results/tiny", device="cpu").pool.stem == UNION
+
+
+def test_a_query_image_is_read_as_extraction_reads_the_candidates(tmp_path):
+    """16-bit grey levels scaled to 8 bits (Pillow's convert("RGB") would clip them near white);
+    a float image refused naming the file."""
+    deep, flat = tmp_path / "deep.png", tmp_path / "flat.tif"
+    Image.fromarray(np.full((4, 4), 32896, np.uint16)).save(deep)  # 32896 / 257 = 128
+    assert np.asarray(api._open_image(deep)).tolist() == [[[128] * 3] * 4] * 4
+    Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(flat)
+    with pytest.raises(ValueError, match=rf"^query image {re.escape(str(flat))}: a float image \(Pillow mode F\)"):
+        api._open_image(flat)

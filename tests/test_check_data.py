@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from genius.common.check_data import check_root
@@ -280,6 +281,17 @@ def test_images_are_decoded_so_truncated_and_corrupt_files_are_named(mbeir):
         assert problem.startswith(f"{rel}:{lineno}: image {image} cannot be decoded (")
         assert problem.endswith("); replace it with a complete image file")
     assert check_root(mbeir.root, decode_images=False).problems == []  # --no-decode: existence only
+
+
+def test_a_float_image_is_named_as_extraction_would_refuse_it(mbeir):
+    from PIL import Image
+
+    rel = "query/test/mbeir_nights_task4_test.jsonl"
+    image = json.loads(lines(mbeir.root / rel)[0])["query_img_path"]
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(mbeir.root / image, format="TIFF")  # decodes: mode F
+    assert check_root(mbeir.root).problems == [
+        f"{rel}:1: image {image}: a float image (Pillow mode F), whose pixel range is unknown; convert it to an "
+        "8-bit image (e.g. PNG or JPEG)"]
 
 
 def test_empty_files_and_repeated_dids_are_named(mbeir):

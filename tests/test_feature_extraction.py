@@ -264,6 +264,20 @@ def test_preprocessing_equals_open_clip_eval_transform():
         torch.testing.assert_close(ImagePreprocess(size)(image), reference, atol=1e-5, rtol=0)
 
 
+
+def test_preprocessing_scales_16_bit_images_and_refuses_float_ones(tmp_path):
+    """16-bit grey levels scaled to 8 bits (Pillow's convert("RGB") clips them at 255, near-white),
+    float images refused naming the file (convert("RGB") makes them black), as import-images checks."""
+    grey = np.random.default_rng(0).integers(0, 256, size=(40, 50), dtype=np.uint8)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    preprocess = ImagePreprocess(32)
+    with Image.open(tmp_path / "deep.png") as image:
+        assert image.mode == "I;16"
+        assert torch.equal(preprocess.to_uint8(image), preprocess.to_uint8(Image.fromarray(grey)))
+    Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / "float.tif")
+    with Image.open(tmp_path / "float.tif") as image, pytest.raises(ValueError, match=r"float\.tif: a float image"):
+        preprocess.to_uint8(image)
+
 def test_query_and_candidate_texts(tmp_path):
     tsv = tmp_path / "instructions.tsv"
     tsv.write_text("query_modality\tcand_modality\tdataset_name\tdataset_id\tprompt_1\tprompt_2\n"

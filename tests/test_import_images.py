@@ -124,7 +124,7 @@ def write_split_list(path: Path, collection: Path) -> dict[str, str]:
     test; returns image path -> status."""
     split = {f"{p.parent.name}/{p.name}": "train" if n < 4 else "test"
              for folder in sorted(collection.iterdir()) for n, p in enumerate(sorted(folder.glob("*.png")))}
-    lines = ["# made from images.txt and train_test_split.txt", ""]
+    lines = [""]
     lines += [f"{rel}\t{status}" if n % 2 else f"{rel} {status}" for n, (rel, status) in enumerate(split.items())]
     path.write_text("\n".join(lines) + "\n")
     return split
@@ -321,12 +321,14 @@ def test_a_bad_inshop_list_is_one_line_naming_file_and_line(collection, tmp_path
 
 
 @pytest.mark.parametrize("edit, expected", [
-    (lambda lines: lines[:5] + lines[6:], "split.txt: 1 image(s) under --images are not listed, the first 00_circle/003.png"),
-    (lambda lines: lines[:3] + [lines[3].replace("train", "validation")] + lines[4:],
-     "split.txt:4: expected '<image path> <train|test>', got '00_circle/001.png\\tvalidation'"),
-    (lambda lines: lines[:3] + ["00_circle/001.png"] + lines[4:], "split.txt:4: expected '<image path> <train|test>'"),
-    (lambda lines: lines + [lines[2]], "split.txt:27: image 00_circle/000.png is listed again (first on line 3)"),
-    (lambda lines: lines + ["00_circle/missing.png train"], "split.txt:27: image 00_circle/missing.png is not an image"),
+    (lambda lines: lines[:4] + lines[5:],
+     "split.txt: 1 image(s) under --images are not listed, the first 00_circle/003.png"),
+    (lambda lines: lines[:2] + [lines[2].replace("train", "validation")] + lines[3:],
+     "split.txt:3: expected '<image path> <train|test>', got '00_circle/001.png\\tvalidation'"),
+    (lambda lines: lines[:2] + ["00_circle/001.png"] + lines[3:], "split.txt:3: expected '<image path> <train|test>'"),
+    (lambda lines: lines + [lines[1]], "split.txt:26: image 00_circle/000.png is listed again (first on line 2)"),
+    (lambda lines: lines + ["00_circle/missing.png train"],
+     "split.txt:26: image 00_circle/missing.png is not an image"),
     (lambda lines: [line.replace("test", "train") for line in lines], "split.txt: no image has status 'test'"),
     (lambda lines: [line.replace("train", "test") if line.startswith("03_star") else line for line in lines],
      "03_star/000.png: no other image of class '03_star' in the test pool"),
@@ -340,6 +342,169 @@ def test_a_bad_split_list_is_one_line_naming_file_and_line(collection, tmp_path,
                       "--protocol", "image-split", "--list-file", str(list_file))
     assert expected in line
     assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize("where", ["up", "dot", "absolute"])
+@pytest.mark.parametrize("protocol", ["inshop", "image-split"])
+def test_a_list_line_cannot_name_an_image_outside_images(collection, tmp_path, capsys, monkeypatch, protocol, where):
+    monkeypatch.delenv("GENIUS_DEBUG", raising=False)
+    outside = tmp_path / "outside" / "x.png"
+    outside.parent.mkdir()
+    shutil.copyfile(collection / "00_circle" / "000.png", outside)
+    if protocol == "inshop":
+        images, list_file, lineno, rest = tmp_path / "inshop", write_inshop(tmp_path / "inshop", collection), 3, \
+            "id_00000000 train"
+    else:
+        images, list_file, lineno, rest = tmp_path / "images", tmp_path / "split.txt", 2, "train"
+        shutil.copytree(collection, images)
+        write_split_list(list_file, images)
+    lines = list_file.read_text().splitlines()
+    rel = {"up": "../outside/x.png", "dot": f"./{lines[lineno - 1].split()[0]}", "absolute": str(outside)}[where]
+    lines[lineno - 1] = f"{rel} {rest}"
+    list_file.write_text("\n".join(lines) + "\n")
+    before = sorted(tmp_path.rglob("*"))
+    line = run_import(capsys, "--images", str(images), "--out", str(tmp_path / "root"), "--name", "shapes",
+                      "--protocol", protocol, "--list-file", str(list_file))
+    assert f"{list_file.name}:{lineno}: image path {rel!r} must be relative and lie under --images" in line
+    assert sorted(tmp_path.rglob("*")) == before  # nothing copied, inside --out or out of it
+
+
+def _no_training_query(protocol: str, images: Path, tmp_path: Path) -> Path | None:
+    """Spoil a collection so that no training image has another of its class; returns the list file."""
+    if protocol == "inshop":
+        list_file = write_inshop(tmp_path / "inshop", images)
+        lines = list_file.read_text().splitlines()
+        lines = [f"{line.split()[0]} id_train{n} train" if line.endswith(" train") else line
+                 for n, line in enumerate(lines)]  # every train image its own item
+        list_file.write_text("\n".join(lines) + "\n")
+        return list_file
+    for n, folder in enumerate(sorted(p for p in images.iterdir() if p.is_dir())):
+        # holdout: two images make one test query and one database image; classes-half trains on the first half
+        keep = {"holdout": 2, "classes-half": 1 if n < 2 else 6}.get(protocol, 6)
+        for path in sorted(folder.iterdir())[keep:]:
+            path.unlink()
+    if protocol != "image-split":
+        return None
+    list_file = tmp_path / "split.txt"
+    list_file.write_text("".join(f"{p.parent.name}/{p.name} {'train' if p.name == '000.png' else 'test'}\n"
+                                 for p in sorted(images.glob("*/*.png"))))
+    return list_file
+
+
+@pytest.mark.parametrize("protocol, fix", [
+    ("holdout", "give classes three or more images"),
+    ("classes-half", "give the classes of the first half (by name) two or more images"),
+    ("image-split", "mark two or more images of a class as train in --list-file"),
+    ("inshop", "give items two or more train images in --list-file"),
+])
+def test_a_root_without_training_queries_is_refused(collection, tmp_path, capsys, monkeypatch, protocol, fix):
+    monkeypatch.delenv("GENIUS_DEBUG", raising=False)
+    images = tmp_path / "images"
+    shutil.copytree(collection, images)
+    list_file = _no_training_query(protocol, images, tmp_path)
+    args = ["--list-file", str(list_file)] if list_file else []
+    line = run_import(capsys, "--images", str(tmp_path / "inshop" if protocol == "inshop" else images), "--out",
+                      str(tmp_path / "root"), "--name", "shapes", "--protocol", protocol, *args)
+    assert f"{list_file or images}: no training query: none of the " in line and fix in line
+    assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize("kind", ["folder", "file"])
+@pytest.mark.parametrize("protocol", ["holdout", "classes-half", "image-split"])
+def test_a_name_that_is_not_utf8_is_refused_before_writing(collection, tmp_path, capsys, monkeypatch, protocol,
+                                                             kind):
+    monkeypatch.delenv("GENIUS_DEBUG", raising=False)
+    images = tmp_path / "images"
+    shutil.copytree(collection, images)
+    if kind == "folder":  # the last class by name: classes-half tests on it
+        bad = os.fsencode(images) + b"/bad\xff"
+        os.mkdir(bad)
+        for n in range(3):
+            shutil.copyfile(collection / "00_circle" / f"00{n}.png", bad + f"/{n}.png".encode())
+        expected = "images/bad\\xff: the folder name is not valid UTF-8; rename the folder"
+    else:
+        shutil.copyfile(collection / "00_circle" / "000.png", os.fsencode(images) + b"/03_star/\xfe.png")
+        expected = "images/03_star/\\xfe.png: the file name is not valid UTF-8; rename the file"
+    args = []
+    if protocol == "image-split":
+        write_split_list(tmp_path / "split.txt", collection)
+        args = ["--list-file", str(tmp_path / "split.txt")]
+    line = run_import(capsys, "--images", str(images), "--out", str(tmp_path / "root"), "--name", "shapes",
+                      "--protocol", protocol, *args)
+    assert expected in line
+    assert not (tmp_path / "root").exists()
+
+
+def test_the_dataset_id_is_range_checked_as_check_data_does(collection, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GENIUS_DEBUG", raising=False)
+    largest = 922_337_203_684  # (2**63 - 1 - 10**7 + 1) // 10**7: every did '<id>:<index>' hashes into 64 bits
+    import_images(collection, tmp_path / "root", "shapes", "classes-half", dataset_id=largest)
+    assert_valid_root(tmp_path / "root")
+    line = run_import(capsys, "--images", str(collection), "--out", str(tmp_path / "too_large"), "--name", "shapes",
+                      "--protocol", "classes-half", "--dataset-id", str(largest + 1))
+    assert f"--dataset-id: {largest + 1} is out of range" in line and f"must be <= {largest}" in line
+    assert not (tmp_path / "too_large").exists()
+
+
+@pytest.mark.parametrize("protocol", ["inshop", "image-split"])
+def test_a_byte_order_mark_at_the_start_of_a_list_file_is_ignored(collection, tmp_path, protocol):
+    if protocol == "inshop":
+        images, list_file = tmp_path / "inshop", write_inshop(tmp_path / "inshop", collection)
+    else:
+        images, list_file = collection, tmp_path / "split.txt"
+        write_split_list(list_file, collection)
+    # as Windows Notepad saves it: the mark, then the count (inshop) or the first image path
+    list_file.write_text(list_file.read_text().lstrip("\n"), encoding="utf-8-sig")
+    assert list_file.read_bytes().startswith(b"\xef\xbb\xbf")
+    summary = import_images(images, tmp_path / "root", "shapes", protocol, list_file=list_file)
+    assert summary["counts"]["images_copied"] == 18 if protocol == "inshop" else 24
+    assert_valid_root(tmp_path / "root")
+
+
+def test_image_split_lists_a_class_folder_named_with_a_hash(collection, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GENIUS_DEBUG", raising=False)
+    images = tmp_path / "images"
+    shutil.copytree(collection, images)
+    (images / "03_star").rename(images / "#3")
+    list_file = tmp_path / "split.txt"
+    write_split_list(list_file, images)
+    summary = import_images(images, tmp_path / "root", "shapes", "image-split", list_file=list_file)
+    assert "#3" in summary["classes"]["test"] and summary["counts"]["test_queries"] == 8
+    # so there are no comment lines: a note is a malformed line, not silently skipped
+    list_file.write_text("# made from images.txt\n" + list_file.read_text())
+    line = run_import(capsys, "--images", str(images), "--out", str(tmp_path / "root2"), "--name", "shapes",
+                      "--protocol", "image-split", "--list-file", str(list_file))
+    assert "split.txt:1: expected '<image path> <train|test>', got '# made from images.txt'" in line
+
+
+def test_16_bit_images_are_scaled_to_8_bits(tmp_path):
+    from genius.common.image_collections import CollectionError, to_rgb
+
+    grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as image:
+        assert image.mode == "I;16"
+        rgb = np.asarray(to_rgb(image, tmp_path / "deep.png"))  # Pillow's convert("RGB") gives 255 from 1 on
+    assert rgb.shape == (16, 16, 3) and all(np.array_equal(rgb[..., c], grey) for c in range(3))
+    # Pillow's 32-bit integer mode, as some formats hold 16-bit values, and 32-bit values it cannot scale
+    assert np.array_equal(np.asarray(to_rgb(Image.fromarray(grey.astype(np.int32) * 257), "i.tif"))[..., 0], grey)
+    with pytest.raises(CollectionError, match=r"^i\.tif: 32-bit integer pixels outside the 16-bit range"):
+        to_rgb(Image.fromarray(np.full((2, 2), 70000, np.int32)), "i.tif")
+
+
+def test_a_float_image_is_refused_naming_file_and_mode(collection, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GENIUS_DEBUG", raising=False)
+    images = tmp_path / "images"
+    shutil.copytree(collection, images)
+    Image.fromarray(np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)).save(images / "02_square" / "9.tif")
+    for path in sorted((images / "03_star").iterdir()):  # 16-bit images import
+        with Image.open(path) as image:
+            Image.fromarray(np.asarray(image.convert("L")).astype(np.uint16) * 257).save(path)
+    line = run_import(capsys, "--images", str(images), "--out", str(tmp_path / "root"), "--name", "shapes",
+                      "--protocol", "holdout")
+    assert "images/02_square/9.tif: a float image (Pillow mode F)" in line and "convert it to an 8-bit image" in line
+    (images / "02_square" / "9.tif").unlink()
+    assert import_images(images, tmp_path / "root", "shapes", "holdout")["counts"]["images_copied"] == 24
 
 
 def test_the_command_line_exits_2_with_one_line(collection, tmp_path):

@@ -50,6 +50,7 @@ from PIL import Image
 from genius.common.config import load_config, project_root, project_root_set_to, resolve_path
 from genius.common.distributed import init_distributed
 from genius.common.fusion import score_fusion
+from genius.common.image_collections import to_rgb
 from genius.common.io import read_json_object
 from genius.common.mbeir import MODALITIES, Instructions, hash_did, query_text_with_instruction, unhash_did
 from genius.common.stage import one_line
@@ -262,7 +263,7 @@ def _open_image(image: str | Path | Image.Image, what: str = "query image") -> I
         return image
     try:
         with Image.open(image) as im:
-            return im.convert("RGB")
+            return to_rgb(im, f"{what} {image}")  # as extraction reads the candidates (16-bit scaled, float refused)
     except FileNotFoundError:
         raise  # names the file; what to do is plain
     except OSError as err:  # PIL's "cannot identify", "truncated", a folder: name the file and what to do
