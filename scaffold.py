@@ -12,8 +12,8 @@ CLIP-SF is trained from scratch), ``run_<stage>.sh`` for each, ``run_all.sh`` an
   names ``genius check-data`` uses, so the two agree about the root. The data root is recorded as an
   absolute path; outputs go to ``extracted_embed/<name>_<encoder>/``, ``checkpoint/<name>/`` and
   ``results/<name>/`` under $GENIUS_ROOT (default: the repository), as the shipped settings' do.
-- **Sizes** come from the data (``choose_sizes``; the rule is written beside the values), the
-  model widths and learning rates from the ``--from`` setting's YAMLs.
+- **Sizes** come from the data (``choose_sizes``, and train-clip's batch; the rule is written beside
+  the values), the model widths and learning rates from the ``--from`` setting's YAMLs.
 - **Run scripts** work from any folder and working directory: they find their YAMLs beside
   themselves, and ``setting.sh`` asks the interpreter recorded here (or $GENIUS_PYTHON) where its
   genius package is and sources that package's ``configs_scripts/common.sh``, so the one launcher
@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -34,7 +35,9 @@ import yaml
 
 from genius.common.check_data import pool_for_query_file
 from genius.common.config import REPO_ROOT
-from genius.common.mbeir import iter_queries, older_revision_twin, parse_query_file_name
+from genius.common.mbeir import (PoolIndex, iter_queries, load_pool_index, older_revision_twin, parse_query_file_name,
+                                  text_lines)
+from genius.common.pairs import self_pair_rows
 from genius.common.stage import ArgumentParser, add_debug_flag, user_errors_exit
 
 TEMPLATES = ("demo", "tiny")
@@ -71,7 +74,7 @@ class RootPlan:
     train_pairs: int  # training queries (each is one query -> positive pair per epoch)
     largest_pool: int  # candidates in the largest evaluated pool (the union one when there is one)
     evaluated_pools: list[Path]  # the union pool when there is one, else the test files' pools
-    indexed: int  # candidates in the evaluated pools (at most what train-gen's data.index_pools adds)
+    indexed: int  # the self-pairs train-gen adds for data.index_pools (the evaluated pools)
 
 
 def jsonl_files(folder: Path) -> list[Path]:
@@ -85,6 +88,13 @@ def count_records(path: Path) -> int:
 
 def training_queries(root: Path) -> list[Path]:
     return jsonl_files(root / "query" / "union_train") or jsonl_files(root / "query" / "train")
+
+
+def self_pairs(train_pool: PoolIndex, index_pools: list[PoolIndex]) -> int:
+    """The (candidate -> itself) pairs train-gen adds to every epoch for ``data.index_pools``, by its
+    own rule (``self_pair_rows``: each did of an index pool that neither the training pool nor an
+    earlier index pool holds), on the pool files' dids (extraction has not written the stores yet)."""
+    return sum(len(rows) for rows in self_pair_rows(train_pool.ids, [pool.ids for pool in index_pools]))
 
 
 def local_pool_of(root: Path, query: Path) -> Path | None:
@@ -132,12 +142,13 @@ def inspect_root(root: Path) -> RootPlan:
         raise RootError(f"{root}: missing {'; '.join(missing)}; add them in the M-BEIR layout (README, "
                         "'Bringing your own data')")
     evaluated = [union_pool] if union_pool else sorted({t.pool for t in tests})
-    pool_sizes = [count_records(p) for p in evaluated]
+    indexes = [load_pool_index(p) for p in evaluated]
     instructions = root / INSTRUCTIONS
     return RootPlan(root, train_queries, train_pool, local_pools, union_pool, tests,
                     instructions if instructions.is_file() else None,
                     train_pairs=sum(count_records(p) for p in train_queries),
-                    largest_pool=max(pool_sizes), evaluated_pools=evaluated, indexed=sum(pool_sizes))
+                    largest_pool=max(map(len, indexes)), evaluated_pools=evaluated,
+                    indexed=self_pairs(load_pool_index(train_pool), indexes))
 
 
 # ---- sizes from the data ---------------------------------------------------------------------
@@ -172,9 +183,14 @@ SIZE_RULES = {
     "rq": ("From the training pairs (P = {p:,} queries): batch = the largest power of two <= P/16, within "
            f"[32, 2048] and at most P; epochs = enough for about {RQ_STEPS} steps, within [5, 100]; k-means seeds "
            "from up to 2P vectors."),
-    "gen": ("From the pairs of an epoch (P = {p:,} training queries + at most {i:,} indexed candidates): batch = "
-            "the largest power of two <= P/16, within [32, 256] and at most P; epochs = enough for about "
+    "gen": ("From the pairs of an epoch (P = {p:,} training queries + {i:,} indexed candidates: the dids of "
+            "data.index_pools that the training pool lacks, each once, as train-gen adds them): batch = the largest "
+            "power of two <= P/16, within [32, 256] and at most P; epochs = enough for about "
             f"{GEN_STEPS} steps over all the pairs, within [5, 100]; warm-up 5% of the steps, at most 500."),
+    "clip": ("From the training pairs (P = {p:,} queries): the largest power of two <= P, at most the {b} of "
+             "configs_scripts/{base}/ (more in-batch negatives help): train-clip drops an incomplete batch and "
+             "stops when P does not fill one. Under NPROC=N the global batch is N x this, which P must fill too; "
+             "optim.lr is not scaled with it."),
 }
 
 
@@ -336,14 +352,17 @@ def extract_yaml(s: Setting, base: dict) -> str:
 def train_clip_yaml(s: Setting, base: dict) -> str:
     p = s.plan
     mode, mode_note = s.instruction_mode()
+    batch = base["optim"]["batch_size"]
+    optim = {**base["optim"], "batch_size": min(batch, pow2_floor(p.train_pairs))}
     out = {"data": {"root": str(p.root), "train_queries": s.data_path(s.train_queries),
                     "train_pool": s.data_path(p.train_pool)},
-           "model": base["model"], "instructions": {"mode": mode}, "optim": base["optim"],
+           "model": base["model"], "instructions": {"mode": mode}, "optim": optim,
            "output": {**base.get("output", {}), "run_dir": f"checkpoint/{s.name}/clip_sf"},
            "runtime": base.get("runtime", {})}
     notes = {"model.name": "a small CLIP-SF trained FROM SCRATCH (no pretrained CLIP offline); for real use set\n"
                            "model.init_checkpoint to a pretrained CLIP, or skip this stage with a clip_sf_large.pth",
-             "instructions.mode": mode_note}
+             "instructions.mode": mode_note,
+             "optim.batch_size": SIZE_RULES["clip"].format(p=p.train_pairs, b=batch, base=s.base)}
     return render_yaml(header(s, "0, CLIP-SF training"), out, notes)
 
 
@@ -441,6 +460,18 @@ fi
 source "$genius_common"
 """
 
+# Appended to setting.sh when several training files were joined: every stage reads the joined
+# copy, so an edit to one of them after the join would otherwise go unseen.
+JOINED_CHECK_SH = """\
+for source in {sources}; do
+    if [ ! -f "$source" ] || [ "$source" -nt "$(dirname "${{BASH_SOURCE[0]}}")/{joined}" ]; then
+        echo "$(basename "$0"): $source changed or went away after genius new-setting joined it into" \
+             "$(dirname "${{BASH_SOURCE[0]}}")/{joined}; re-run genius new-setting with --force for this setting" >&2
+        exit 2
+    fi
+done
+"""
+
 STAGE_SH = """\
 #!/usr/bin/env bash
 # {what} ({yaml}.yaml beside this script; NPROC=N for N processes).
@@ -471,6 +502,9 @@ def setting_files(s: Setting) -> dict[str, str]:
         "eval.yaml": eval_yaml(s, template(s.base, "eval")),
         "setting.sh": SETTING_SH.format(python=sys.executable),
     }
+    if len(s.plan.train_queries) > 1:
+        files["setting.sh"] += JOINED_CHECK_SH.format(
+            sources=" ".join(shlex.quote(str(path)) for path in s.plan.train_queries), joined=MERGED_TRAIN)
     if s.trains_clip:
         files["train_clip.yaml"] = train_clip_yaml(s, template(s.base, "train_clip"))
     stages = [(script, module, stem, what) for script, module, stem, what in STAGES if f"{stem}.yaml" in files]
@@ -478,6 +512,40 @@ def setting_files(s: Setting) -> dict[str, str]:
         files[f"{script}.sh"] = STAGE_SH.format(what=what, yaml=stem, module=module)
     files["run_all.sh"] = RUN_ALL_SH.format(name=s.name, stages=" ".join(script for script, *_ in stages))
     return files
+
+
+# All the names new-setting writes; --force removes those of an earlier setting that the new one does not write.
+SETTING_NAMES = frozenset({"setting.sh", "run_all.sh", MERGED_TRAIN, *(f"{stem}.yaml" for _, _, stem, _ in STAGES),
+                           *(f"{script}.sh" for script, *_ in STAGES)})
+SETTING_MARK = SETTING_SH.partition("\n")[0]  # the first line of every setting.sh new-setting wrote
+
+
+def earlier_setting_files(out: Path) -> set[str]:
+    """The files of SETTING_NAMES in ``out`` when ``out`` holds a setting new-setting wrote (its
+    setting.sh says so); none otherwise, so a folder it did not write keeps every file."""
+    marker = out / "setting.sh"
+    if not marker.is_file():
+        return set()
+    with open(marker, encoding="utf-8", errors="replace") as f:
+        if f.readline().rstrip("\n") != SETTING_MARK:
+            return set()
+    return {name for name in SETTING_NAMES if (out / name).is_file()}
+
+
+# A non-empty image path of a candidate (img_path) or a query (query_img_path), what extraction reads an
+# image for. Only a key is followed by a colon, and a quote inside a text is escaped, so texts never match.
+IMAGE_FIELD = re.compile(r'"((?:query_)?img_path)"\s*:\s*"(?!")')
+
+
+def refuse_images(plan: RootPlan) -> None:
+    """--encoder hf_text reads no image: stop at the first record that has one, in the files
+    extraction embeds (the union pool is assembled from the local pools' stores)."""
+    for path in [*plan.train_queries, plan.train_pool, *(t.queries for t in plan.tests), *plan.local_pools]:
+        for lineno, line in text_lines(path):
+            found = IMAGE_FIELD.search(line)
+            if found:
+                raise ValueError(f"--encoder hf_text: {path}:{lineno} has an image ({found[1]}) and hf_text embeds "
+                                 "texts only; use --encoder clip_sf for a root with images")
 
 
 def merged_train_queries(paths: list[Path]) -> str:
@@ -491,8 +559,9 @@ def merged_train_queries(paths: list[Path]) -> str:
 
 
 def write_setting(root: Path, out: Path, encoder: str = "clip_sf", base: str | None = None,
-                  clip_checkpoint: Path | None = None, force: bool = False) -> list[Path]:
-    """Inspect ``root``, write the setting into ``out``; returns the files written."""
+                  clip_checkpoint: Path | None = None, force: bool = False) -> tuple[list[Path], list[Path]]:
+    """Inspect ``root``, write the setting into ``out``; returns the files written and those of an
+    earlier setting in ``out`` that this one does not write, removed."""
     from genius.common.io import atomic_write_text
 
     root, out = root.expanduser().resolve(), out.expanduser().resolve()
@@ -509,12 +578,15 @@ def write_setting(root: Path, out: Path, encoder: str = "clip_sf", base: str | N
         if not clip_checkpoint.is_file():
             raise FileNotFoundError(f"--clip-checkpoint {clip_checkpoint}: no such file")
     plan = inspect_root(root)
+    if encoder == "hf_text":
+        refuse_images(plan)
     base = base or ("tiny" if plan.train_pairs < TINY_BELOW_PAIRS else "demo")
     setting = Setting(out.name, out, plan, encoder, base, clip_checkpoint,
                       choose_sizes(plan.train_pairs, plan.largest_pool, plan.indexed))
     files = setting_files(setting)
     if len(plan.train_queries) > 1:
         files[MERGED_TRAIN] = merged_train_queries(plan.train_queries)
+    earlier = earlier_setting_files(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, text in files.items():
@@ -522,7 +594,12 @@ def write_setting(root: Path, out: Path, encoder: str = "clip_sf", base: str | N
         if name.endswith(".sh"):
             (out / name).chmod(0o755)
         written.append(out / name)
-    return written
+    # after the new files are in place: an earlier stage's YAML and script left behind would look like part
+    # of this setting (run_<stage>.sh runs it on its own), and a joined training file would go stale
+    removed = [out / name for name in sorted(earlier - files.keys())]
+    for path in removed:
+        path.unlink()
+    return written, removed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -537,13 +614,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-checkpoint", type=Path, default=None,
                         help="clip_sf: embed with these weights (e.g. UniIR's clip_sf_large.pth) instead of training "
                              "a small CLIP-SF from scratch")
-    parser.add_argument("--force", action="store_true", help="overwrite the setting's files in a non-empty --out")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite the setting's files in a non-empty --out, and remove those an earlier "
+                             "new-setting wrote there that this setting does not write")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     with user_errors_exit(parser):
-        written = write_setting(args.root, args.out, args.encoder, args.base, args.clip_checkpoint, args.force)
+        written, removed = write_setting(args.root, args.out, args.encoder, args.base, args.clip_checkpoint,
+                                         args.force)
     out = written[0].parent
     print(f"wrote {len(written)} files to {out}: {', '.join(p.name for p in written)}")
+    if removed:
+        print(f"removed the earlier setting's {', '.join(p.name for p in removed)} (this setting does not use them)")
     print(f"next: genius check-data --root {args.root.expanduser().resolve()}   then: bash {out}/run_all.sh")
     return 0
 

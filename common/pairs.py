@@ -184,12 +184,8 @@ def add_self_pairs(pairs: TrainingPairs, queries: EmbeddingStore, pool: Embeddin
     sides become stacks: ``[queries, *index_stores]`` and ``[pool, *index_stores]``. Also returns
     how many candidates each index store adds."""
     query_rows, pos_rows, added = [pairs.query_rows], [pairs.pos_rows], []
-    seen = np.asarray(pool.ids, dtype=np.int64)
     query_start, pool_start = len(queries), len(pool)
-    for store in index_stores:
-        ids = np.asarray(store.ids, dtype=np.int64)
-        rows = np.flatnonzero(~np.isin(ids, seen))
-        seen = np.concatenate([seen, ids[rows]])
+    for store, rows in zip(index_stores, self_pair_rows(pool.ids, [store.ids for store in index_stores])):
         query_rows.append(query_start + rows)
         pos_rows.append(pool_start + rows)
         added.append(len(rows))
@@ -198,6 +194,18 @@ def add_self_pairs(pairs: TrainingPairs, queries: EmbeddingStore, pool: Embeddin
     indexed = replace(pairs, query_rows=np.concatenate(query_rows), pos_offsets=offsets.astype(np.int64),
                       pos_rows=np.concatenate(pos_rows))
     return indexed, StoreStack([queries, *index_stores]), StoreStack([pool, *index_stores]), added
+
+
+def self_pair_rows(pool_ids: np.ndarray, index_ids: list[np.ndarray]) -> list[np.ndarray]:
+    """For each index store (its hashed dids), the rows :func:`add_self_pairs` makes pairs of: those
+    whose did neither the training pool (``pool_ids``) nor an earlier index store holds."""
+    seen, found = np.asarray(pool_ids, dtype=np.int64), []
+    for ids in index_ids:
+        ids = np.asarray(ids, dtype=np.int64)
+        rows = np.flatnonzero(~np.isin(ids, seen))
+        seen = np.concatenate([seen, ids[rows]])
+        found.append(rows)
+    return found
 
 
 PositiveDraw = Literal["per_epoch", "fixed"]

@@ -201,6 +201,106 @@ def test_sizes_grow_with_the_data():
     assert scaffold.choose_sizes(30, 60).rq_batch == scaffold.choose_sizes(30, 60).gen_batch == 30  # at most P
 
 
+def comments(path: Path) -> str:
+    """A YAML's comments as one line of words (render_yaml wraps them)."""
+    return " ".join(" ".join(line.strip().removeprefix("#") for line in path.read_text().splitlines()
+                             if line.strip().startswith("#")).split())
+
+
+def test_train_gen_is_sized_by_the_self_pairs_train_gen_adds(tmp_path):
+    """Indexed candidates the training pool holds, or an earlier index pool, add no self-pair at train
+    time (add_self_pairs), so they must not count: counted, 13 test files sharing one 50-candidate pool
+    made 650 pairs of an epoch out of 10 and the generator trained 30 epochs instead of 100."""
+    root = write_root(tmp_path / "data")  # the local pool is the training pool's 40 candidates
+    pool = root / "cand_pool/local/mbeir_toy_task1_cand_pool.jsonl"
+    with pool.open("a") as f:
+        f.writelines(json.dumps({"did": f"5:{i}", "txt": f"doc {i}", "img_path": None, "modality": "text"}) + "\n"
+                     for i in range(41, 51))  # 10 the training pool lacks
+    for k in range(12):  # 12 more test files, each searching a copy of that pool
+        shutil.copy(pool, root / f"cand_pool/local/mbeir_ds{k}_task1_cand_pool.jsonl")
+        shutil.copy(root / "query/test/mbeir_toy_task1_test.jsonl", root / f"query/test/mbeir_ds{k}_task1_test.jsonl")
+        shutil.copy(root / "qrels/test/mbeir_toy_task1_test_qrels.txt",
+                    root / f"qrels/test/mbeir_ds{k}_task1_test_qrels.txt")
+    out = tmp_path / "mine"
+    assert new_setting("--root", str(root), "--out", str(out), "--encoder", "hf_text")[0] == 0
+    gen, sizes = load_stage(out, "train_gen"), scaffold.choose_sizes(20, 50, indexed=10)
+    assert len(gen.data.index_pools) == 13 and scaffold.inspect_root(root).indexed == 10
+    assert (gen.train.epochs, gen.optim.warmup_steps) == (sizes.gen_epochs, sizes.gen_warmup) == (100, 10)
+    assert "P = 20 training queries + 10 indexed candidates" in comments(out / "train_gen.yaml")
+
+
+@pytest.mark.parametrize("train_files, batch", [(1, 16), (5, 64)])
+def test_train_clip_batch_is_filled_by_the_training_pairs(tmp_path, train_files, batch):
+    """20 pairs: 16 (the template's 64 stopped the stage: not one full batch); 100: the template's 64."""
+    from genius.common.training import steps_per_epoch
+
+    root = write_root(tmp_path / "data", train_files=tuple(f"mbeir_t{n}_task1_train.jsonl" for n in range(train_files)))
+    out = tmp_path / "mine"
+    assert new_setting("--root", str(root), "--out", str(out))[0] == 0
+    clip = load_stage(out, "train_clip")
+    assert clip.optim.batch_size == batch and steps_per_epoch(20 * train_files, batch, 1, "optim.batch_size") >= 1
+    assert "the largest power of two <= P, at most the 64 of configs_scripts/tiny/" in comments(out / "train_clip.yaml")
+
+
+@pytest.mark.parametrize("rel, line, field", [("cand_pool/local/mbeir_toy_task1_cand_pool.jsonl", 3, "img_path"),
+                                              ("query/train/mbeir_toy_task1_train.jsonl", 2, "query_img_path")])
+def test_hf_text_refuses_a_root_with_images_naming_file_and_line(tmp_path, rel, line, field):
+    root = write_root(tmp_path / "data")
+    rows = (root / rel).read_text().splitlines()
+    record = json.loads(rows[line - 1])
+    rows[line - 1] = json.dumps({**record, field: "mbeir_images/toy/1.jpg", field.replace("img_path", "modality"):
+                                 "image,text"})
+    (root / rel).write_text("\n".join(rows) + "\n")
+    status, err = new_setting("--root", str(root), "--out", str(tmp_path / "mine"), "--encoder", "hf_text")
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"{root / rel}:{line} has an image ({field})" in err and "use --encoder clip_sf" in err
+    assert not (tmp_path / "mine").exists()
+    assert new_setting("--root", str(root), "--out", str(tmp_path / "mine"))[0] == 0  # clip_sf reads images
+
+
+def test_force_removes_the_earlier_settings_files_the_new_one_does_not_write(tmp_path):
+    """Left behind, an earlier train_clip.yaml and run_train_clip.sh looked like part of the new setting."""
+    root = write_root(tmp_path / "data", train_files=("mbeir_toy_task1_train.jsonl", "mbeir_more_task1_train.jsonl"))
+    out = tmp_path / "mine"
+    assert new_setting("--root", str(root), "--out", str(out))[0] == 0  # clip_sf: a train-clip stage, joined file
+    earlier = {"train_clip.yaml", "run_train_clip.sh", scaffold.MERGED_TRAIN}
+    assert earlier <= {p.name for p in out.iterdir()}
+    (out / "notes.txt").write_text("mine")
+    (root / "query/train/mbeir_more_task1_train.jsonl").unlink()
+    assert new_setting("--root", str(root), "--out", str(out), "--encoder", "hf_text", "--force")[0] == 0
+    names = {p.name for p in out.iterdir()}
+    assert not earlier & names and "notes.txt" in names and "run_all.sh" in names
+    # a folder new-setting did not write keeps even the names it writes
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "train_clip.yaml").write_text("model: {name: mine}\n")
+    assert new_setting("--root", str(root), "--out", str(other), "--encoder", "hf_text", "--force")[0] == 0
+    assert (other / "train_clip.yaml").read_text() == "model: {name: mine}\n"
+
+
+def test_a_joined_train_file_changed_after_the_join_stops_the_run_scripts(tmp_path):
+    """Every stage reads the joined copy: an edit to one of its sources after new-setting (or the
+    source gone) stops each run script with one line, until new-setting --force joins them again."""
+    names = ("mbeir_toy_task1_train.jsonl", "mbeir_more_task1_train.jsonl")
+    root = write_root(tmp_path / "data folder", train_files=names)  # a space: the sources are quoted
+    out = tmp_path / "mine"
+    assert new_setting("--root", str(root), "--out", str(out), "--encoder", "hf_text")[0] == 0
+    script = ["bash", str(out / "run_assign_codes.sh"), "--help"]
+    assert subprocess.run(script, capture_output=True, text=True, timeout=120).returncode == 0
+    source = root / "query" / "train" / names[1]
+    joined = out / scaffold.MERGED_TRAIN
+    earlier = joined.stat().st_mtime - 5
+    os.utime(joined, (earlier, earlier))  # so the source reads as edited after the join
+    stopped = subprocess.run(script, capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 2 and stopped.stderr.strip() == (
+        f"run_assign_codes.sh: {source} changed or went away after genius new-setting joined it into "
+        f"{out}/{scaffold.MERGED_TRAIN}; re-run genius new-setting with --force for this setting")
+    assert new_setting("--root", str(root), "--out", str(out), "--encoder", "hf_text", "--force")[0] == 0
+    assert subprocess.run(script, capture_output=True, text=True, timeout=120).returncode == 0
+    source.unlink()
+    assert subprocess.run(script, capture_output=True, text=True, timeout=120).returncode == 2
+
+
 def test_run_scripts_work_from_any_working_directory(tmp_path):
     """A setting outside configs_scripts/, started from another folder, finds the launcher and its YAML."""
     root = write_root(tmp_path / "data")
