@@ -540,8 +540,13 @@ def _check_root(root: Path, report: Report) -> None:
                                          "or put it in query/{train,val,test}/")
         elif pool_path is None:
             union = union_pool_path(root, split).name
+            # a name outside M-BEIR's pattern cannot name its local pool (MyDocs, my_docs, my-docs)
+            naming = "" if split == "train" or parse_query_file_name(query_file) else (
+                f"; a {split} file is named mbeir_<dataset>_task<k>_{split}.jsonl, <dataset> in lowercase letters "
+                f"and digits only, and its local pool mbeir_<dataset>_task<k>_cand_pool.jsonl: rename both")
             report.add(query_file, None, f"no candidate pool found for this query file: expected its local pool in "
-                                         f"cand_pool/local/ or {union} in {' or '.join(f'{d}/' for d in UNION_POOL_DIRS)}")
+                                         f"cand_pool/local/ or {union} in {' or '.join(f'{d}/' for d in UNION_POOL_DIRS)}"
+                                         f"{naming}")
         cross_pool = split_pools.get(split)
         queries = check_queries(query_file, pools.get(pool_path), instructions, report, cross_pool)
         if split is None:

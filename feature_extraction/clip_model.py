@@ -321,6 +321,9 @@ def infer_architecture(state: Mapping[str, torch.Tensor], where: str) -> dict:
               "text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight",
               "transformer.resblocks.0.mlp.c_fc.weight")
     missing = [k for k in needed if k not in state]
+    if len(missing) == len(needed):  # e.g. an rq.pt or generator.pt given for a CLIP: no name would help
+        raise CheckpointMismatchError(f"{where}: not a CLIP checkpoint (none of a CLIP's tensors, such as "
+                                      f"{needed[0]}, is in it); give a CLIP-SF or CLIP checkpoint")
     if missing:
         raise CheckpointMismatchError(f"{where}: cannot read a ViT CLIP architecture from its shapes (no "
                                       f"{', '.join(missing[:3])}); set the model name ({_NAME_KEYS}) explicitly")

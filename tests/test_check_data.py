@@ -283,6 +283,19 @@ def test_images_are_decoded_so_truncated_and_corrupt_files_are_named(mbeir):
     assert check_root(mbeir.root, decode_images=False).problems == []  # --no-decode: existence only
 
 
+def test_a_test_file_named_outside_the_mbeir_pattern_is_told_the_pattern(mbeir):
+    """'Nights' is not a dataset name M-BEIR's file names allow, so the file's local pool cannot be
+    found by name; the problem says how both are named."""
+    for rel in ("query/test/mbeir_nights_task4_test.jsonl", "cand_pool/local/mbeir_nights_task4_cand_pool.jsonl"):
+        (mbeir.root / rel).rename(mbeir.root / rel.replace("nights", "Nights"))
+    for union in mbeir.root.glob("cand_pool/*/mbeir_union_test_cand_pool.jsonl"):
+        union.unlink()  # else the renamed file is answered from the universal pool
+    problems = [p for p in check_root(mbeir.root).problems if "mbeir_Nights_task4_test.jsonl: no candidate pool" in p]
+    assert len(problems) == 1 and problems[0].endswith(
+        "; a test file is named mbeir_<dataset>_task<k>_test.jsonl, <dataset> in lowercase letters and digits only, "
+        "and its local pool mbeir_<dataset>_task<k>_cand_pool.jsonl: rename both")
+
+
 def test_a_float_image_is_named_as_extraction_would_refuse_it(mbeir):
     from PIL import Image
 

@@ -28,6 +28,7 @@ from genius.feature_extraction.clip_model import (
     architecture_from_weights,
     build_clip,
     check_clip_state,
+    infer_architecture,
     load_clip,
     model_config,
     own_checkpoint,
@@ -471,3 +472,11 @@ def test_a_query_without_an_instruction_row_says_which_row_to_add(tmp_path):
                                          rf"'query_modality<TAB>cand_modality<TAB>name<TAB>9<TAB>instruction' for "
                                          rf"image -> text to {re.escape(str(tsv))}, or set instructions.mode: none"):
         texts(Query("9:3", "", "a.jpg", "image", ["9:2"]), "text")
+
+
+def test_a_checkpoint_of_no_clip_at_all_is_named_for_what_it_is_not():
+    """An rq.pt given where a CLIP is expected: not 'set the model name', which would not help."""
+    with pytest.raises(CheckpointMismatchError, match=r"^rq.pt: not a CLIP checkpoint \(none of a CLIP's tensors"):
+        infer_architecture({"codebooks.0": torch.zeros(4, 2)}, "rq.pt")
+    with pytest.raises(CheckpointMismatchError, match=r"^half.pt: cannot read a ViT CLIP architecture .*set the model"):
+        infer_architecture({"visual.conv1.weight": torch.zeros(8, 3, 4, 4)}, "half.pt")

@@ -140,6 +140,9 @@ def test_irgen_report_config_is_checked(tmp_path):
     path.write_text("paths: {rq_run: a, gen_run: b}\nreport: {metrics: trec}\n")
     with pytest.raises(ConfigError, match="'mbeir', 'irgen'"):
         load_config(EvalConfig, path)
+    path.write_text("paths: {rq_run: a, gen_run: b}\nreport: {metrics: irgen, ks: []}\n")
+    with pytest.raises(ConfigError, match=r"report.ks: empty; give the k of IRGen's P@k and R@k"):
+        load_config(EvalConfig, path)
     cfg = make_world(tmp_path)
     cfg.report.ks = [1, 0]
     with pytest.raises(ValueError, match=r"report.ks\[1\]: 0 is out of range"):

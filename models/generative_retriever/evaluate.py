@@ -210,6 +210,8 @@ class EvalConfig:
         if self.report.metrics == "irgen" and not self.run_files:
             raise ValueError("report.metrics: irgen computes its metrics from the run files, but run_files is "
                              "false; set run_files: true")
+        if self.report.metrics == "irgen" and not self.report.ks:
+            raise ValueError("report.ks: empty; give the k of IRGen's P@k and R@k, e.g. [1, 10, 20, 30]")
         paths = self.paths
         if paths.official_checkpoint is not None:
             if paths.rq_run is not None or paths.gen_run is not None:
