@@ -267,8 +267,12 @@ def test_changed_codes_or_generator_invalidate_cached_decodings_and_trie(tmp_pat
     assert not any(s.cached for s in regenerated.stats)
 
 
-def test_decode_cache_key_records_the_device_and_the_precisions_used():
-    """A decoding made on a CPU (bf16 autocast) is never reused by a GPU run (fp16) or an fp32 run."""
+def test_decode_cache_key_records_the_device_and_the_precisions_used(monkeypatch):
+    """A decoding made on a CPU (bf16 autocast) is never reused by a GPU run (fp16) or an fp32 run;
+    an int8 one with 7-bit inputs (CPUs without VNNI) never by one with 8-bit inputs."""
+    from genius.models.generative_retriever import fused_decoder
+
+    monkeypatch.setattr(fused_decoder, "int8_inputs_in_7_bits", lambda: False)
     cfg = EvalConfig()
     models = SimpleNamespace(fingerprints={"rq": "r", "generator": "g"})
     pool = SimpleNamespace(decoding=SimpleNamespace(codes_hash="c", path=Path("trie-0.bin")))
@@ -292,6 +296,9 @@ def test_decode_cache_key_records_the_device_and_the_precisions_used():
         k: v for k, v in cpu.items() if k != "generator_dtype"}
     cfg.decoding.batch_size = 32  # int8 beams depend on the batches, so another batching decodes afresh
     assert key("cpu", autocast=False)["batching"]["batch_size"] == 32
+    monkeypatch.setattr(fused_decoder, "int8_inputs_in_7_bits", lambda: True)
+    seven_bits = key("cpu", autocast=False)
+    assert seven_bits.pop("int8_inputs") == "7-bit" and seven_bits == {**int8, "batching": seven_bits["batching"]}
 
 
 def test_decode_cache_key_records_diverse_beams_and_keeps_old_keys_without_them():

@@ -486,6 +486,13 @@ def int8_inputs_in_7_bits(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return re.search(r"^flags\s*:.*\bavx512_vnni\b", flags, re.M) is None
 
 
+def int8_input_record(int8: bool) -> dict:
+    """What a cache or run key records of the int8 inputs' width: 7-bit inputs give other beams, and
+    nothing where 8 bits are kept, so keys written before the distinction stay valid on VNNI CPUs
+    (on the others their decodings had clipped)."""
+    return {"int8_inputs": "7-bit"} if int8 and int8_inputs_in_7_bits() else {}
+
+
 def int8_linear(x: torch.Tensor, packed) -> torch.Tensor:
     """``x`` (fp32) times a :func:`pack_int8` weight transposed: fbgemm's dynamic int8 product, its
     input quantized on the fly with one scale for the whole matrix (7 bits where the CPU needs it)."""
