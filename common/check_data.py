@@ -83,6 +83,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     files_checked: int = 0
     images: ImageChecker | None = None
+    modalities: set[str] = field(default_factory=set)  # of the valid candidates, for the closing line
 
     def rel(self, path: Path) -> str:
         return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
@@ -262,6 +263,7 @@ def check_pool(path: Path, report: Report) -> PoolInfo:
             repeated.append((lineno, obj["did"], len(report.problems)))
             continue
         info.modality[did] = obj["modality"]
+        report.modalities.add(obj["modality"])
         _check_image(obj.get("img_path"), path, lineno, report)
     if repeated:  # rare: one more pass names the first occurrence without keeping every line number
         wanted = {did for _, did, _ in repeated}
@@ -612,7 +614,8 @@ def main(argv: list[str] | None = None) -> int:
     if report.problems:
         print(f"{len(report.problems)} problem(s) in {report.root} ({report.files_checked} files checked)", file=sys.stderr)
         return 1
-    print(f"OK: {report.root} ({report.files_checked} files checked, modalities {', '.join(MODALITIES)})")
+    found = [m for m in MODALITIES if m in report.modalities]
+    print(f"OK: {report.root} ({report.files_checked} files checked, candidates of modality {' / '.join(found)})")
     return 0
 
 

@@ -278,6 +278,15 @@ def test_force_removes_the_earlier_settings_files_the_new_one_does_not_write(tmp
     assert (other / "train_clip.yaml").read_text() == "model: {name: mine}\n"
 
 
+def test_check_data_names_the_candidate_modalities_the_root_holds(tmp_path, capsys):
+    """A text collection's OK line says text, not the three modalities M-BEIR has."""
+    from genius.common import check_data
+
+    root = write_root(tmp_path / "data")
+    assert check_data.main(["--root", str(root)]) == 0
+    assert capsys.readouterr().out.strip().endswith("files checked, candidates of modality text)")
+
+
 def test_a_joined_train_file_changed_after_the_join_stops_the_run_scripts(tmp_path):
     """Every stage reads the joined copy: an edit to one of its sources after new-setting (or the
     source gone) stops each run script with one line, until new-setting --force joins them again."""
