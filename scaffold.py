@@ -35,8 +35,8 @@ import yaml
 
 from genius.common.check_data import pool_for_query_file
 from genius.common.config import REPO_ROOT
-from genius.common.mbeir import (PoolIndex, iter_queries, load_pool_index, older_revision_twin, parse_query_file_name,
-                                  text_lines)
+from genius.common.mbeir import (DataFormatError, PoolIndex, Query, first_line_with, iter_queries, load_pool_index,
+                                  older_revision_twin, parse_query_file_name, text_lines)
 from genius.common.pairs import self_pair_rows
 from genius.common.stage import ArgumentParser, add_debug_flag, user_errors_exit
 
@@ -550,10 +550,16 @@ def refuse_images(plan: RootPlan) -> None:
 
 def merged_train_queries(paths: list[Path]) -> str:
     """Several query/train files as one (every stage trains on one file). Each is read through the
-    query reader first, so a bad line is named in the user's file, not in the joined copy."""
+    query reader first, so a bad line, or a qid another file gives another record, is named in the
+    user's files, not in the joined copy."""
+    first: dict[str, tuple[Path, Query]] = {}  # qid -> the file and record that gave it first
     for path in paths:
-        for _ in iter_queries(path):
-            pass
+        for query in iter_queries(path):
+            earlier, record = first.setdefault(query.qid, (path, query))
+            if earlier != path and record != query:
+                raise DataFormatError(
+                    f"{path}:{first_line_with(path, 'qid', query.qid)}: qid {query.qid} is also in {earlier} (line "
+                    f"{first_line_with(earlier, 'qid', query.qid)}) with another record; give each query its own qid")
     parts = [p.read_text(encoding="utf-8") for p in paths]
     return "".join(part if part.endswith("\n") or not part else part + "\n" for part in parts)
 

@@ -402,3 +402,18 @@ def test_a_bad_line_of_a_joined_train_file_is_named_in_that_file(tmp_path):
     status, err = new_setting("--root", str(root), "--out", str(tmp_path / "mine"), "--encoder", "hf_text")
     assert status == 2 and f"{source}:5: not valid JSON" in err, err  # it named the joined copy, later
     assert not (tmp_path / "mine").exists()
+
+
+def test_a_qid_two_joined_train_files_give_different_records_is_named_in_both(tmp_path):
+    """Numbered from the same start, two files' queries share qids: found while joining, in the user's
+    files (extraction named the joined copy's line); an exact copy in both may stay, as up-sampling repeats."""
+    root = write_root(tmp_path / "data", train_files=("mbeir_toy_task1_train.jsonl", "mbeir_more_task1_train.jsonl"))
+    first, second = (root / "query/train" / n for n in ("mbeir_more_task1_train.jsonl", "mbeir_toy_task1_train.jsonl"))
+    rows = second.read_text().splitlines()
+    copy = json.loads(first.read_text().splitlines()[2])
+    second.write_text("\n".join(rows + [json.dumps(copy)]) + "\n")
+    assert new_setting("--root", str(root), "--out", str(tmp_path / "ok"), "--encoder", "hf_text")[0] == 0
+    second.write_text("\n".join(rows + [json.dumps({**copy, "query_txt": "another"})]) + "\n")
+    status, err = new_setting("--root", str(root), "--out", str(tmp_path / "mine"), "--encoder", "hf_text")
+    assert status == 2 and f"{second}:{len(rows) + 1}: qid {copy['qid']} is also in {first} (line 3) with another " \
+                           "record; give each query its own qid" in err, err
