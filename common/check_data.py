@@ -429,8 +429,8 @@ def check_qrels(path: Path, queries: QueryFile, query_file: Path, report: Report
         line_of.setdefault(qid, lineno)
         first_rel, first_line = graded.setdefault((qid, did), (rel, lineno))
         if first_rel != rel:  # the hit rate would count it relevant, graded measures would read the last line
-            report.add(path, lineno, f"qid {qid}, did {did}: relevance {rel} here but {first_rel} on line {first_line}; "
-                                     "keep one line per (qid, did)")
+            report.add(path, lineno, f"qid {qid}, did {did}: relevance {rel} here but {first_rel} on line "
+                                     f"{first_line}; keep one line per (qid, did)")
         if rel <= 0:
             continue
         relevant.setdefault(qid, set()).add(did)
@@ -546,9 +546,9 @@ def _check_root(root: Path, report: Report) -> None:
             naming = "" if split == "train" or parse_query_file_name(query_file) else (
                 f"; a {split} file is named mbeir_<dataset>_task<k>_{split}.jsonl, <dataset> in lowercase letters "
                 f"and digits only, and its local pool mbeir_<dataset>_task<k>_cand_pool.jsonl: rename both")
+            union_dirs = " or ".join(f"{d}/" for d in UNION_POOL_DIRS)
             report.add(query_file, None, f"no candidate pool found for this query file: expected its local pool in "
-                                         f"cand_pool/local/ or {union} in {' or '.join(f'{d}/' for d in UNION_POOL_DIRS)}"
-                                         f"{naming}")
+                                         f"cand_pool/local/ or {union} in {union_dirs}{naming}")
         cross_pool = split_pools.get(split)
         queries = check_queries(query_file, pools.get(pool_path), instructions, report, cross_pool)
         if split is None:

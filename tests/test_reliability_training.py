@@ -292,7 +292,8 @@ def test_force_retrains_a_finished_run_and_a_stale_run_moves_with_its_logs(stage
     assert json.loads((out / "done.json").read_text())["key"]["config"][s.seed_key] == 7
 
 
-@pytest.mark.parametrize("stage, bad_input", [("train-clip", "model.init_checkpoint"), ("train-gen", "model.pretrained")])
+@pytest.mark.parametrize("stage, bad_input", [("train-clip", "model.init_checkpoint"),
+                                              ("train-gen", "model.pretrained")])
 def test_a_bad_new_input_is_refused_before_the_finished_run_is_set_aside(stage, bad_input, in_root, capsys):
     """Pointing a finished run's config at an unreadable initial checkpoint or T5 folder changes the
     run's key; the input is read before the finished run would move to stale/, so it stays usable."""

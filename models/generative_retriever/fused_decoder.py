@@ -477,7 +477,8 @@ def int8_inputs_in_7_bits(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     own dynamic quantization does on fbgemm. Without AVX-512 VNNI, fbgemm multiplies the u8 input by
     the s8 weight with ``vpmaddubsw``, which adds each pair of products into a saturating int16:
     two of 255 x 127 exceed it, and full-range inputs clip (measured on a Zen 3 CPU: 6 % of a small
-    decoder step's norm instead of 2 %, 44 % on all-positive inputs). VNNI's ``vpdpbusd`` adds into int32, so there the 8th bit is kept.
+    decoder step's norm instead of 2 %, 44 % on all-positive inputs). VNNI's ``vpdpbusd`` adds into
+    int32, so there the 8th bit is kept.
     Where the CPU's flags cannot be read, 7 bits: safe on every CPU, at about twice the rounding."""
     try:
         flags = cpuinfo.read_text(errors="replace")
