@@ -95,7 +95,7 @@ def _out_of_range():
 def test_an_out_of_range_number_is_one_line_naming_the_key(override, key, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("GENIUS_ROOT", str(tmp_path))  # an empty root: nothing may be read or written first
     code, _, err = run_eval(capsys, override)
-    error_line(code, err, f"eval.yaml: {key}: ", "is out of range; it must be")  # the file, then the key
+    error_line(code, err, f"--set {override}: {key}: ", "is out of range; it must be")  # the --set, then the key
     assert not any(tmp_path.iterdir())
 
 

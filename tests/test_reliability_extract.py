@@ -109,17 +109,17 @@ def _cases(cls, stage):
 @pytest.mark.parametrize("key, value", list(_cases(extract.ExtractConfig, "extract")))
 def test_extract_rejects_out_of_range_numbers(tmp_path, monkeypatch, capsys, key, value):
     line = user_error(capsys, run_extract, tmp_path, monkeypatch, f"{key}={value}")  # before any input is read
-    # the config file, then the dotted key and the allowed range
-    assert re.match(rf"genius extract: error: \S+\.yaml: {re.escape(key)}: {value!r} is out of range; "
-                    r"it must be an integer", line), line
+    # the --set that gave it, then the dotted key and the allowed range
+    assert re.match(rf"genius extract: error: --set {re.escape(f'{key}={value}')}: {re.escape(key)}: {value!r} is "
+                    r"out of range; it must be an integer", line), line
 
 
 @pytest.mark.parametrize("key, value", list(_cases(assign_codes.AssignCodesConfig, "assign-codes")))
 def test_assign_codes_rejects_out_of_range_numbers(tmp_path, monkeypatch, capsys, key, value):
     line = user_error(capsys, run_assign, tmp_path, monkeypatch, f"{key}={value}")  # before any input is read
-    # the config file, then the dotted key and the allowed range
-    assert re.match(rf"genius assign-codes: error: \S+\.yaml: {re.escape(key)}: {value!r} is out of range; "
-                    r"it must be an integer", line), line
+    # the --set that gave it, then the dotted key and the allowed range
+    assert re.match(rf"genius assign-codes: error: --set {re.escape(f'{key}={value}')}: {re.escape(key)}: "
+                    rf"{value!r} is out of range; it must be an integer", line), line
 
 
 @pytest.mark.parametrize("setting, key", [
