@@ -194,12 +194,12 @@ class ImageChecker:
             return None
         from PIL import Image
 
-        from genius.common.image_collections import CollectionError, to_rgb
+        from genius.common.image_collections import CollectionError, eight_bit
 
         try:
             with Image.open(full) as image:
                 image.load()  # decodes every byte: a truncated file fails here, not at open
-                to_rgb(image, f"image {rel}")  # as extraction reads it (a float image is refused)
+                eight_bit(image, f"image {rel}")  # a float image is refused, as extraction refuses it
         except CollectionError as err:
             return str(err)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:

@@ -164,8 +164,8 @@ def _malformed(err: pickle.UnpicklingError) -> bool:
 
 
 def _unreadable(name: str | os.PathLike, err: BaseException, hint: str) -> str:
-    # torch's weights-only failures open with a paragraph advising weights_only=False (which would run
-    # the file's code); the cause itself follows "WeightsUnpickler error:"
+    # torch's weights-only failures open with a paragraph advising to turn that check off (which would
+    # run the file's code); the cause itself follows "WeightsUnpickler error:"
     text = str(err).split("WeightsUnpickler error:", 1)[-1].split("Check the documentation of torch.load")[0]
     detail = " ".join(text.split())[:160]
     return (f"{name}: cannot be read: the file is truncated, corrupt or not a PyTorch checkpoint ({detail})"

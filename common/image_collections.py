@@ -379,10 +379,16 @@ def root_files(split: Split, name: str, dataset_id: int) -> dict[str, str]:
 
 
 def to_rgb(image: Image.Image, source: str | os.PathLike) -> Image.Image:
-    """``image`` (read from ``source``) as 8-bit RGB: how import checks an image and extraction reads
-    it. Pillow's own ``convert("RGB")`` clips 16-bit grey levels at 255, so that most come out
-    white, and truncates float pixels (mode F, often in [0, 1]) to black; 16-bit images are scaled
-    to 8 bits first, and float images, whose range no file records, are refused."""
+    """``image`` (read from ``source``) as 8-bit RGB (:func:`eight_bit`, then ``convert``): how import
+    checks an image and extraction reads it."""
+    return eight_bit(image, source).convert("RGB")
+
+
+def eight_bit(image: Image.Image, source: str | os.PathLike) -> Image.Image:
+    """``image`` (read from ``source``) in a mode Pillow converts to RGB as it is meant: itself for
+    8-bit modes. Pillow's own ``convert("RGB")`` clips 16-bit grey levels at 255, so that most come
+    out white, and truncates float pixels (mode F, often in [0, 1]) to black; 16-bit images are
+    scaled to 8 bits, and float images, whose range no file records, are refused."""
     if image.mode == "F":
         raise CollectionError(f"{source}: a float image (Pillow mode F), whose pixel range is unknown; convert it to "
                               "an 8-bit image (e.g. PNG or JPEG)")
@@ -395,7 +401,7 @@ def to_rgb(image: Image.Image, source: str | os.PathLike) -> Image.Image:
             raise CollectionError(f"{source}: 32-bit integer pixels outside the 16-bit range 0..65535 (Pillow mode "
                                   f"{image.mode}); convert it to an 8-bit image (e.g. PNG or JPEG)")
         image = Image.fromarray(np.round(pixels / 257).astype(np.uint8))  # 65535 / 257 = 255
-    return image.convert("RGB")
+    return image
 
 
 def copy_image(item: Item, target: Path) -> None:
