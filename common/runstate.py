@@ -230,11 +230,34 @@ class RunState:
                     self.stage, self.out_dir, reason, target)
         return target
 
-    def finish(self, **summary: Any) -> None:
-        """Record the finished run (atomically, last): the folder is now done for this key."""
+    def finish(self, final: str | os.PathLike | None = None, **summary: Any) -> None:
+        """Record the finished run (atomically, last): the folder is now done for this key.
+        ``final``: the run's final file, whose size and content hash are recorded with it, so that
+        a file cut short or replaced afterwards is not taken as this run's (:meth:`final_changed`)."""
         if self.is_main:
-            atomic_write_json(self.out_dir / DONE_FILE, {"key": self.key.as_dict(), "digest": self.key.digest,
-                                                         "stage": self.stage, "finished": time.time(), **summary})
+            record = {"key": self.key.as_dict(), "digest": self.key.digest, "stage": self.stage,
+                      "finished": time.time(), **summary}
+            if final is not None:
+                record["final"] = {"name": Path(final).name, "size": os.path.getsize(final),
+                                   "sha256": content_sha256(final)}
+            atomic_write_json(self.out_dir / DONE_FILE, record)
+
+    def final_changed(self, final: str | os.PathLike) -> str | None:
+        """How ``final`` differs from the file the finished run recorded (None: the same, or a run
+        finished before runs recorded their final file). Size first: a truncated file is told
+        without reading it."""
+        try:
+            recorded = json.loads((self.out_dir / DONE_FILE).read_text()).get("final")
+        except (OSError, ValueError, AttributeError):
+            return None
+        if not isinstance(recorded, dict) or recorded.get("name") != Path(final).name:
+            return None
+        size = os.path.getsize(final)
+        if size != recorded.get("size"):
+            return f"it has {size:,} bytes where the finished run wrote {recorded.get('size'):,}"
+        if content_sha256(final) != recorded.get("sha256"):
+            return "its content differs from what the finished run wrote"
+        return None
 
     # -- one writer ------------------------------------------------------------------------------
     @contextlib.contextmanager

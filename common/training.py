@@ -228,8 +228,15 @@ def _done_world_size(run: RunState) -> int | None:
 
 def skip_if_done(run: RunState, final: Path, force_key: str) -> bool:
     """True (and one log line) when the folder holds this run finished: done.json records its key
-    and the final file is there."""
+    and the final file is there, as the run wrote it. A final file cut short or changed since is
+    made again: the run resumes from its last checkpoint (which re-writes it at once), or, with no
+    checkpoint left, is set aside and trains afresh."""
     if run.is_done() and final.is_file():
+        changed = run.final_changed(final)
+        if changed:
+            log.warning("%s: %s is not the file its finished run wrote (%s); making it again", run.stage, final,
+                        changed)
+            return False
         log.info("%s: %s is up to date with its config and inputs; nothing to do (set %s=true to retrain)",
                  run.stage, final, force_key)
         return True

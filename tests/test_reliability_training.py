@@ -10,6 +10,7 @@ each other's order.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -204,6 +205,48 @@ def test_a_damaged_final_checkpoint_is_one_line_naming_it(kind, how, in_root, da
         stage = "export-official"
     assert code == 2
     one_error_line(err, stage, path)
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped"])
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_final_file_damaged_after_its_run_finished_is_made_again(stage, how, in_root, capsys, caplog):
+    """done.json records the final file's size and hash: a re-run does not take a damaged final
+    file as up to date, it resumes from the run's last checkpoint and writes the same weights."""
+    caplog.set_level(logging.INFO, logger="genius")
+    s = STAGES[stage]
+    out = in_root / f"checkpoint/tiny/refinal_{stage}_{how}"
+    assert run(s, capsys, *s.args(*s.short, out=str(out)))[0] == 0
+    final = out / s.final
+    expected = _weights(final)
+    damage(final, how)
+    caplog.clear()
+    code, err = run(s, capsys, *s.args(*s.short, out=str(out)))
+    assert code == 0, err
+    assert any("is not the file its finished run wrote" in r.getMessage() and str(final) in r.getMessage()
+               for r in caplog.records), caplog.text
+    assert any("resuming" in r.getMessage() for r in caplog.records), caplog.text
+    remade = _weights(final)
+    assert expected.keys() == remade.keys()
+    assert all(torch.equal(expected[name], remade[name]) for name in expected)
+    assert not (out / "stale").exists()
+    caplog.clear()  # the file it wrote again is up to date
+    assert run(s, capsys, *s.args(*s.short, out=str(out)))[0] == 0
+    assert any("up to date" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_a_damaged_final_file_with_no_checkpoint_left_is_set_aside_and_trained_again(in_root, capsys, caplog):
+    s = STAGES["train-rq"]
+    out = in_root / "checkpoint/tiny/refinal_no_checkpoint"
+    assert run(s, capsys, *s.args(*s.short, out=str(out)))[0] == 0
+    expected = _weights(out / s.final)
+    shutil.rmtree(out / "checkpoints")
+    damage(out / s.final, "truncated")
+    damaged_bytes = (out / s.final).read_bytes()
+    assert run(s, capsys, *s.args(*s.short, out=str(out)))[0] == 0
+    (stale,) = (out / "stale").iterdir()
+    assert (stale / s.final).read_bytes() == damaged_bytes  # set aside, not deleted
+    remade = _weights(out / s.final)
+    assert all(torch.equal(expected[name], remade[name]) for name in expected)  # seeded: the same run
 
 
 # ---- kill -9 in the middle of training, then resume --------------------------------------------

@@ -131,6 +131,24 @@ def test_done_resume_archive_and_force(tmp_path):
         assert len(list((out / "stale").iterdir())) == 2 and not (out / "model.pt").exists()
 
 
+def test_the_final_file_recorded_in_done_json(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    key = RunKey({"a": 1}, {})
+    run = RunState(out, key, ("model.pt",), stage="test")
+    final = out / "model.pt"
+    final.write_bytes(b"weights of the run")
+    run.finish(final)
+    assert run.final_changed(final) is None
+    final.write_bytes(b"weights")
+    assert "7 bytes where the finished run wrote 18" in run.final_changed(final)
+    final.write_bytes(b"WEIGHTS of the run")
+    assert "content differs" in run.final_changed(final)
+    # done.json of a run finished before the final file was recorded: taken as it is
+    run.finish()
+    assert run.is_done() and run.final_changed(final) is None
+
+
 def _hold_lock(folder, ready, release):
     fd = acquire_lock(folder, "genius test-holder")
     ready.set()
