@@ -63,7 +63,7 @@ from pathlib import Path
 
 from genius.common.mbeir import (
     DID_BASE, MBEIR_DATASET_IDS, MBEIR_EVAL_TASKS, MODALITIES, QID_BASE, TASKS, UNION_POOL_DIRS,
-    DataFormatError, Instructions, candidate_problems, hash_did, parse_id, parse_qrels_line,
+    DataFormatError, Instructions, candidate_problems, hash_did, missing_image, parse_id, parse_qrels_line,
     parse_query_file_name, query_problems, text_lines, unhash_did, union_pool_path,
 )
 from genius.common.stage import ArgumentParser, add_debug_flag, user_errors_exit
@@ -188,8 +188,9 @@ class ImageChecker:
     def probe(self, rel: str) -> str | None:
         root = self.report.root
         full = root / rel
-        if not full.is_file():
-            return f"image {rel} does not exist under {root}"
+        problem = missing_image(rel, root)
+        if problem:
+            return problem
         if not self.decode:
             return None
         from PIL import Image

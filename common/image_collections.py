@@ -91,7 +91,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from genius.common.io import atomic_dir, atomic_write_json
-from genius.common.mbeir import DID_BASE, QID_BASE, parse_id, text_lines
+from genius.common.mbeir import DID_BASE, QID_BASE, missing_image, parse_id, text_lines
 from genius.common.stage import ArgumentParser, add_debug_flag, setup_logging, user_errors_exit
 
 if TYPE_CHECKING:
@@ -232,9 +232,10 @@ def read_inshop_list(list_file: Path, images: Path) -> list[tuple[Item, str]]:
             raise CollectionError(f"{list_file}:{lineno}: image {rel} is listed again (first on line {seen[rel]})")
         seen[rel] = lineno
         source = images / rel
-        if not source.is_file():
-            raise CollectionError(f"{list_file}:{lineno}: image {rel} does not exist under {images}; --images takes "
-                                  "the folder the list's image names are relative to")
+        problem = missing_image(rel, images)
+        if problem:
+            raise CollectionError(f"{list_file}:{lineno}: {problem}; --images takes the folder the list's image "
+                                  "names are relative to")
         _check_extension(source)
         entries.append((Item(source, rel, item_id), status))
     if declared is None:

@@ -262,10 +262,21 @@ def empty_file_error(path: str | os.PathLike, what: str = "one JSON record per l
                            "downloaded or written completely")
 
 
+def missing_image(rel: str, root: Path) -> str | None:
+    """What is wrong with the image path ``rel`` under ``root`` (None: it is a file)."""
+    full = root / rel
+    if full.is_file():
+        return None
+    if full.is_dir():
+        return f"image {rel} is a folder under {root}, not an image file"
+    return f"image {rel} does not exist under {root}"
+
+
 def _check_image(path, lineno: int, rel: str | None, image_root: Path | None) -> None:
-    if rel is not None and image_root is not None and not (image_root / rel).is_file():
-        raise DataFormatError(f"{path}:{lineno}: image {rel} does not exist under {image_root}; restore the image "
-                              "or check that data.root is the folder the image paths are relative to")
+    problem = None if rel is None or image_root is None else missing_image(rel, image_root)
+    if problem:
+        raise DataFormatError(f"{path}:{lineno}: {problem}; restore the image or check that data.root is the "
+                              "folder the image paths are relative to")
 
 
 def first_line_with(path, key: str, value: str) -> int | None:

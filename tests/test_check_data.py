@@ -83,6 +83,8 @@ def test_wrong_modality_missing_image_and_bad_qrels(coco_copy):
     rewrite_line(pool, 2, lambda line: json.dumps({**json.loads(line), "modality": "txt"}))
     queries = coco_copy / "query/test/mbeir_mscoco_task3_test.jsonl"
     rewrite_line(queries, 4, lambda line: json.dumps({**json.loads(line), "query_img_path": "mbeir_images/nope.jpg"}))
+    (coco_copy / "a_folder.jpg").mkdir()  # mbeir_images is the shared data's folder: not written to
+    rewrite_line(queries, 5, lambda line: json.dumps({**json.loads(line), "query_img_path": "a_folder.jpg"}))
     qrels = coco_copy / "qrels/test/mbeir_mscoco_task3_test_qrels.txt"
     rewrite_line(qrels, 1, lambda line: line.rsplit(" ", 1)[0])
     problems = check_root(coco_copy).problems
@@ -90,6 +92,8 @@ def test_wrong_modality_missing_image_and_bad_qrels(coco_copy):
            "'image', 'text', 'image,text'" in problems
     assert "query/test/mbeir_mscoco_task3_test.jsonl:4: image mbeir_images/nope.jpg does not exist under " \
            f"{coco_copy.resolve()}" in problems
+    assert "query/test/mbeir_mscoco_task3_test.jsonl:5: image a_folder.jpg is a folder under " \
+           f"{coco_copy.resolve()}, not an image file" in problems
     assert any(p.startswith("qrels/test/mbeir_mscoco_task3_test_qrels.txt:1: expected 5 fields") for p in problems)
 
 

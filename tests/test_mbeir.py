@@ -226,3 +226,8 @@ def test_repeated_ids_empty_files_and_missing_images_name_file_and_line(tmp_path
     path.write_text(json.dumps({**query, "query_img_path": "img/c.png", "query_modality": "image,text"}) + "\n")
     with pytest.raises(DataFormatError, match=r"q\.jsonl:1: image img/c\.png does not exist"):
         list(iter_queries(path, image_root=tmp_path))
+    (tmp_path / "img" / "d.png").mkdir()  # a folder where an image should be is named as a folder
+    path.write_text(json.dumps({**query, "query_img_path": "img/d.png", "query_modality": "image,text"}) + "\n")
+    with pytest.raises(DataFormatError, match=r"q\.jsonl:1: image img/d\.png is a folder under .*, not an image "
+                                              r"file; restore the image"):
+        list(iter_queries(path, image_root=tmp_path))
