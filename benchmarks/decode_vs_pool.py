@@ -431,7 +431,7 @@ def sample_gemm(gemm: dict[str, list[float]], args) -> None:
     n = args.gemm_n
     gemm.setdefault("fp32", []).append(gemm_gflops(torch.float32, n))
     gemm.setdefault("fp32_step", []).append(step_products_gflops(args))
-    if cpu_has_bf16():  # emulated bf16 GEMMs run at ~1 GFLOP/s: one sample would take minutes
+    if cpu_has_bf16():  # emulated bf16 GEMMs are slower than fp32 (on AVX2 ~1 GFLOP/s: minutes a sample)
         gemm.setdefault("bf16", []).append(gemm_gflops(torch.bfloat16, n))
     if int8_decoding_problem(torch.device("cpu")) is None:
         gemm.setdefault("int8", []).append(int8_gemm_gops(n))
@@ -466,8 +466,8 @@ def run(args, gemm: dict[str, list[float]]) -> list[dict]:
         skipped = [m for m in methods if m in BF16]
         methods = [m for m in methods if m not in BF16]
         if skipped:
-            print(f"# skipped {', '.join(skipped)}: this CPU has no bf16 GEMM kernels (oneDNN reports none); "
-                  "bf16 would run emulated at about 1 GFLOP/s", flush=True)
+            print(f"# skipped {', '.join(skipped)}: this CPU has no bf16 instructions (AVX512_BF16 or AMX); bf16 "
+                  "would run emulated, slower than fp32", flush=True)
     problem = int8_decoding_problem(torch.device("cpu"))
     if problem and "genius_int8" in methods:
         methods.remove("genius_int8")
@@ -671,7 +671,7 @@ def markdown(rows: list[dict], summary: dict, args, command: str, machine: str, 
         markdown_table(["pool size"] + [LABELS[m] for m in methods], table_rows),
         (f"GEMM peak measured in this run (torch.matmul {args.gemm_n}^2, best of the samples taken at the start, after each "
          f"GENIUS repeat and at the end): fp32 {gemm['fp32']:.0f} GFLOP/s, "
-         + (f"bf16 {gemm['bf16']:.0f} GFLOP/s" if "bf16" in gemm else "bf16 not measured (no bf16 GEMM kernels)")
+         + (f"bf16 {gemm['bf16']:.0f} GFLOP/s" if "bf16" in gemm else "bf16 not measured (no bf16 instructions)")
          + (f", int8 {gemm['int8']:.0f} GOP/s (the better of torch._int_mm and fbgemm's dynamic int8 linear)"
             if "int8" in gemm else "")
          + (f"; the fp32 decoder step's own products alone at {args.genius_batch * args.beams} rows "

@@ -9,7 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from genius.models.generative_retriever.beam_search import constrained_beam_search, generate_reference, prepare_decoder
+from genius.models.generative_retriever import beam_search
+from genius.models.generative_retriever.beam_search import (
+    constrained_beam_search, cpu_has_bf16, generate_reference, prepare_decoder,
+)
 from genius.models.generative_retriever.device_trie import DeviceTrie
 from genius.models.generative_retriever.fused_decoder import FusedDecoder
 from genius.models.generative_retriever.generator import IDGenerator, make_arch
@@ -153,6 +156,41 @@ def test_query_batching_and_bf16_autocast():
     # bf16 keeps ~3 significant digits: the best beam survives, scores agree loosely.
     assert (bf16.codes[:, 0] == whole.codes[:, 0]).all(-1).float().mean() >= 0.8
     torch.testing.assert_close(bf16.scores[:, 0], whole.scores[:, 0], atol=0.1, rtol=0.05)
+
+
+CPUINFO = {  # the flags lines Linux lists (trimmed), and an ARM CPU's, which lists "Features"
+    "ice_lake": "flags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512_vnni\n",
+    "cooper_lake": "flags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512_vnni avx512_bf16\n",
+    "sapphire_rapids": "flags\t\t: fpu sse2 avx2 avx512f avx512_vnni amx_bf16 amx_tile amx_int8\n",
+    "zen3": "flags\t\t: fpu sse2 avx2 fma\nbugs\t\t: avx512_bf16\n",
+    "arm": "Features\t: fp asimd bf16 i8mm\n",
+}
+
+
+def test_bf16_is_native_only_with_avx512_bf16_or_amx(tmp_path):
+    """oneDNN reports bf16 support on every AVX-512 CPU, but without AVX512_BF16 or AMX it converts
+    to fp32 and bf16 decoding runs slower than fp32: such a CPU does not count as having bf16."""
+    onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    native = {}
+    for name, text in CPUINFO.items():
+        (tmp_path / name).write_text(f"processor\t: 0\n{text}")
+        native[name] = cpu_has_bf16(tmp_path / name)
+    assert native == {"ice_lake": False, "cooper_lake": onednn, "sapphire_rapids": onednn, "zen3": False,
+                      "arm": onednn}  # ARM's features are not read: oneDNN's answer stands
+
+
+def test_bf16_search_on_a_cpu_without_bf16_warns_once(monkeypatch, caplog):
+    monkeypatch.setattr(beam_search, "cpu_has_bf16", lambda: False)
+    beam_search._warn_emulated_bf16.cache_clear()
+    rng = np.random.default_rng(6)
+    sizes = [3, 8, 8, 8]
+    generator, trie, z = tiny_generator(6, sizes), PythonTrie.build(random_codes(rng, sizes, 50)), queries(rng, 4)
+    with caplog.at_level("WARNING", logger="genius"):
+        for _ in range(2):
+            constrained_beam_search(generator, z, trie, sizes, num_beams=5, batch_size=2, autocast=True)
+    warnings = [r.getMessage() for r in caplog.records if "bf16 decoding runs emulated" in r.getMessage()]
+    assert len(warnings) == 1 and "decoding.autocast=false" in warnings[0]
+    beam_search._warn_emulated_bf16.cache_clear()
 
 
 @pytest.mark.parametrize("threshold", [0.05, 0.3, 0.9])

@@ -62,6 +62,7 @@ import contextlib
 import functools
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -69,7 +70,7 @@ import torch
 
 from genius.common.distributed import autocast_dtype
 from genius.models.generative_retriever.device_trie import DeviceTrie
-from genius.models.generative_retriever.fused_decoder import FusedDecoder
+from genius.models.generative_retriever.fused_decoder import FusedDecoder, cpu_flags
 from genius.models.generative_retriever.generator import IDGenerator
 from genius.models.generative_retriever.vocab import PAD
 
@@ -97,16 +98,23 @@ class BeamResult:
 
 
 @functools.cache
-def cpu_has_bf16() -> bool:
-    """Whether oneDNN has bf16 GEMM kernels for this CPU (AVX-512 and later). Without them (AVX2
-    only) a bf16 GEMM runs emulated at about 1 GFLOP/s, far slower than fp32."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU multiplies bf16 natively (x86: AVX512_BF16 or AMX-BF16), so that bf16
+    decoding is faster than fp32. oneDNN alone is not the test: on AVX-512 CPUs without those
+    instructions (Ice Lake, Skylake) it reports bf16 support but converts to fp32, and bf16
+    decoding ran 4x slower than fp32 (BENCHMARKS.md, section 7); with AVX2 only it has no bf16
+    kernels (about 1 GFLOP/s). Where the CPU's flags cannot be read, oneDNN's answer stands."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    flags = cpu_flags(cpuinfo)
+    return flags is None or not flags.isdisjoint({"avx512_bf16", "amx_bf16"})
 
 
 @functools.cache
 def _warn_emulated_bf16() -> None:  # once per process, not once per batch
-    log.warning("decoding.autocast: this CPU has no bf16 GEMM kernels, so bf16 decoding runs emulated and slower "
-                "than fp32; set decoding.autocast=false on this machine (the beams may then differ slightly)")
+    log.warning("decoding.autocast: this CPU has no bf16 instructions (AVX512_BF16 or AMX), so bf16 decoding runs "
+                "emulated and slower than fp32; set decoding.autocast=false on this machine (the beams may then "
+                "differ slightly)")
 
 
 def _autocast(device: torch.device, enabled: bool):

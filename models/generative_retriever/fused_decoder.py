@@ -472,6 +472,18 @@ def keep_freed_memory() -> bool:
 
 
 @cache
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
+    """The instruction-set flags Linux lists for this x86 CPU (its first ``flags`` line); None where
+    they cannot be read (another OS, or a CPU whose features are listed under another name)."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return None
+    line = re.search(r"^flags\s*:(.*)$", text, re.M)
+    return None if line is None else frozenset(line[1].split())
+
+
+@cache
 def int8_inputs_in_7_bits(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether fbgemm's int8 products here must quantize their inputs to 7 bits (0..127), as torch's
     own dynamic quantization does on fbgemm. Without AVX-512 VNNI, fbgemm multiplies the u8 input by
@@ -480,11 +492,8 @@ def int8_inputs_in_7_bits(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     decoder step's norm instead of 2 %, 44 % on all-positive inputs). VNNI's ``vpdpbusd`` adds into
     int32, so there the 8th bit is kept.
     Where the CPU's flags cannot be read, 7 bits: safe on every CPU, at about twice the rounding."""
-    try:
-        flags = cpuinfo.read_text(errors="replace")
-    except OSError:
-        return True
-    return re.search(r"^flags\s*:.*\bavx512_vnni\b", flags, re.M) is None
+    flags = cpu_flags(cpuinfo)
+    return flags is None or "avx512_vnni" not in flags
 
 
 def int8_input_record(int8: bool) -> dict:
