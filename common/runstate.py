@@ -216,6 +216,11 @@ class RunState:
     def leftovers(self) -> list[str]:
         return [name for name in self.outputs if (self.out_dir / name).exists()]
 
+    def output_files(self) -> list[Path]:
+        """Every file the run's outputs hold now (folders walked), in a stable order."""
+        paths = [self.out_dir / name for name in self.leftovers()]
+        return sorted(f for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+
     def archive(self, reason: str) -> Path:
         """Move the previous run's outputs and logs into ``stale/<time>/`` (never deleted: it may
         be the run someone wanted), with one log line saying why."""
@@ -230,33 +235,39 @@ class RunState:
                     self.stage, self.out_dir, reason, target)
         return target
 
-    def finish(self, final: str | os.PathLike | None = None, **summary: Any) -> None:
+    def finish(self, finals: Iterable[str | os.PathLike] = (), **summary: Any) -> None:
         """Record the finished run (atomically, last): the folder is now done for this key.
-        ``final``: the run's final file, whose size and content hash are recorded with it, so that
-        a file cut short or replaced afterwards is not taken as this run's (:meth:`final_changed`)."""
+        ``finals``: the files the run's results are read from, whose sizes and content hashes are
+        recorded with it, so that one cut short, changed or deleted afterwards is not taken as the
+        run's (:meth:`finals_changed`)."""
         if self.is_main:
             record = {"key": self.key.as_dict(), "digest": self.key.digest, "stage": self.stage,
                       "finished": time.time(), **summary}
-            if final is not None:
-                record["final"] = {"name": Path(final).name, "size": os.path.getsize(final),
-                                   "sha256": content_sha256(final)}
+            record["finals"] = {Path(path).relative_to(self.out_dir).as_posix(): {
+                "size": os.path.getsize(path), "sha256": content_sha256(path)} for path in finals}
             atomic_write_json(self.out_dir / DONE_FILE, record)
 
-    def final_changed(self, final: str | os.PathLike) -> str | None:
-        """How ``final`` differs from the file the finished run recorded (None: the same, or a run
-        finished before runs recorded their final file). Size first: a truncated file is told
-        without reading it."""
+    def finals_changed(self) -> str | None:
+        """The first file the finished run recorded that is no longer as it wrote it, and how
+        (None: all as written, or a run finished before runs recorded their files). Sizes first: a
+        file cut short or deleted is told without reading anything."""
         try:
-            recorded = json.loads((self.out_dir / DONE_FILE).read_text()).get("final")
+            recorded = json.loads((self.out_dir / DONE_FILE).read_text()).get("finals")
         except (OSError, ValueError, AttributeError):
             return None
-        if not isinstance(recorded, dict) or recorded.get("name") != Path(final).name:
+        if not isinstance(recorded, dict):
             return None
-        size = os.path.getsize(final)
-        if size != recorded.get("size"):
-            return f"it has {size:,} bytes where the finished run wrote {recorded.get('size'):,}"
-        if content_sha256(final) != recorded.get("sha256"):
-            return "its content differs from what the finished run wrote"
+        entries = {name: entry if isinstance(entry, dict) else {} for name, entry in recorded.items()}
+        for name, entry in entries.items():
+            path = self.out_dir / name
+            if not path.is_file():
+                return f"{path} is missing"
+            size = os.path.getsize(path)
+            if size != entry.get("size"):
+                return f"{path} is not the file its finished run wrote (it has {size:,} bytes, not {entry.get('size')})"
+        for name, entry in entries.items():
+            if content_sha256(self.out_dir / name) != entry.get("sha256"):
+                return f"{self.out_dir / name} is not the file its finished run wrote (its content differs)"
         return None
 
     # -- one writer ------------------------------------------------------------------------------

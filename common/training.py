@@ -232,10 +232,9 @@ def skip_if_done(run: RunState, final: Path, force_key: str) -> bool:
     made again: the run resumes from its last checkpoint (which re-writes it at once), or, with no
     checkpoint left, is set aside and trains afresh."""
     if run.is_done() and final.is_file():
-        changed = run.final_changed(final)
+        changed = run.finals_changed()
         if changed:
-            log.warning("%s: %s is not the file its finished run wrote (%s); making it again", run.stage, final,
-                        changed)
+            log.warning("%s: %s; making it again", run.stage, changed)
             return False
         log.info("%s: %s is up to date with its config and inputs; nothing to do (set %s=true to retrain)",
                  run.stage, final, force_key)

@@ -482,7 +482,7 @@ def _train_run(cfg: TrainClipConfig, dist, data: PairData, run) -> Path:
                                            config=config_to_dict(cfg)), final)
         log.info("wrote %s", final)
         plot_training_curves(run_dir / "metrics.jsonl", run_dir / "training_curves.png", "stage 0: CLIP-SF training")
-        run.finish(final, world_size=dist.world_size, epochs=cfg.optim.epochs)
+        run.finish([final], world_size=dist.world_size, epochs=cfg.optim.epochs)
     barrier()
     return final
 

@@ -160,6 +160,34 @@ def test_force_re_evaluates_and_sets_the_old_results_aside(root, capsys):
     assert decoding and all(d["cached"] for d in decoding)  # the decodings were reused, by content
 
 
+@pytest.mark.parametrize("damage", ["truncated", "edited", "deleted"])
+def test_results_changed_after_the_run_finished_are_evaluated_again(root, capsys, caplog, damage):
+    """done.json records every file the evaluation wrote: a table cut short, a run file edited or
+    the results deleted afterwards is not printed as the run's; the run is set aside and made again."""
+    out_dir = root / RESULTS
+    table = (out_dir / "results.tsv").read_text()
+    run_file = next((out_dir / "runs").rglob("*.run"))
+    changed = {"truncated": out_dir / "results.tsv", "edited": run_file, "deleted": out_dir / "results.md"}[damage]
+    before = changed.read_bytes()
+    if damage == "truncated":
+        changed.write_bytes(before[: len(before) // 2])
+    elif damage == "edited":
+        changed.write_bytes(before.replace(b" ", b"\t", 1))  # same size, other content
+    else:
+        changed.unlink()
+    code, out, err = run_eval(capsys)
+    assert code == 0 and "GENIUS evaluation" in out, err
+    assert f"{changed} is {'missing' if damage == 'deleted' else 'not the file its finished run wrote'}" \
+        in caplog.text and "evaluating again" in caplog.text
+    (stale,) = (out_dir / "stale").iterdir()  # the changed results are set aside, not deleted
+    assert (stale / changed.relative_to(out_dir)).exists() == (damage != "deleted")
+    assert (out_dir / "results.tsv").read_text() == table  # same inputs, same numbers
+    assert changed.read_bytes() == before or damage == "deleted"  # results.md also holds timings
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="genius")
+    assert run_eval(capsys)[0] == 0 and "up to date" in caplog.text
+
+
 def test_a_second_eval_into_a_held_results_folder_names_the_holder(root, capsys):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom genius.common.runstate import acquire_lock\n"

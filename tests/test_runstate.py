@@ -131,22 +131,28 @@ def test_done_resume_archive_and_force(tmp_path):
         assert len(list((out / "stale").iterdir())) == 2 and not (out / "model.pt").exists()
 
 
-def test_the_final_file_recorded_in_done_json(tmp_path):
+def test_the_final_files_recorded_in_done_json(tmp_path):
     out = tmp_path / "run"
-    out.mkdir()
-    key = RunKey({"a": 1}, {})
-    run = RunState(out, key, ("model.pt",), stage="test")
-    final = out / "model.pt"
+    (out / "runs").mkdir(parents=True)
+    run = RunState(out, RunKey({"a": 1}, {}), ("model.pt", "runs"), stage="test")
+    final, other = out / "model.pt", out / "runs" / "a.run"
     final.write_bytes(b"weights of the run")
-    run.finish(final)
-    assert run.final_changed(final) is None
+    other.write_text("q1 Q0 d1 1 0.5 genius\n")
+    run.finish([final, other])
+    assert run.finals_changed() is None
     final.write_bytes(b"weights")
-    assert "7 bytes where the finished run wrote 18" in run.final_changed(final)
+    assert run.finals_changed() == f"{final} is not the file its finished run wrote (it has 7 bytes, not 18)"
     final.write_bytes(b"WEIGHTS of the run")
-    assert "content differs" in run.final_changed(final)
-    # done.json of a run finished before the final file was recorded: taken as it is
+    assert run.finals_changed() == f"{final} is not the file its finished run wrote (its content differs)"
+    final.write_bytes(b"weights of the run")
+    other.unlink()
+    assert run.finals_changed() == f"{other} is missing"
+    assert run.is_done()  # the key is still this run's: the stage decides what to make again
+    # done.json of a run finished before the final files were recorded: taken as it is
     run.finish()
-    assert run.is_done() and run.final_changed(final) is None
+    assert run.is_done() and run.finals_changed() is None
+    (out / "done.json").write_text(json.dumps({**json.loads((out / "done.json").read_text()), "finals": None}))
+    assert run.is_done() and run.finals_changed() is None
 
 
 def _hold_lock(folder, ready, release):

@@ -499,11 +499,15 @@ def _evaluate(cfg: EvalConfig, models: Models | None, info: DistInfo) -> EvalRep
     state = RunState(out, run_key(cfg, files, stores, candidate_stores, models, info, index), RUN_OUTPUTS,
                      stage="genius eval", force=cfg.force, is_main=info.is_main)
     if models is None and state.is_done():
-        log.info("%s is up to date with the config, models, codes and stores; nothing to evaluate "
-                 "(force=true re-evaluates)", out)
-        if info.is_main:
-            print((out / "results.md").read_text())
-        return None
+        changed = state.finals_changed() or (None if (out / "results.md").is_file() else f"{out / 'results.md'} is "
+                                             "missing")
+        if changed is None:
+            log.info("%s is up to date with the config, models, codes and stores; nothing to evaluate "
+                     "(force=true re-evaluates)", out)
+            if info.is_main:
+                print((out / "results.md").read_text())
+            return None
+        log.warning("%s: %s; evaluating again", state.stage, changed)
     with state.hold():
         models = models or load_models(cfg, info.device)
         if index is not None:
@@ -536,7 +540,7 @@ def _evaluate(cfg: EvalConfig, models: Models | None, info: DistInfo) -> EvalRep
                               method_names(next(iter(stores.values())).meta), skipped)
         write_outputs(cfg, models, report, [qf.path for qf in files], stores, pools_manifest,
                       {qf.stem: qf.qrels for qf in files})
-        state.finish()
+        state.finish(state.output_files())
     return report
 
 

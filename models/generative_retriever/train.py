@@ -279,8 +279,8 @@ def train(cfg: TrainGenConfig) -> Path:
             fingerprint = save_generator(final, generator, config_to_dict(cfg), rq_print, run_key=key.as_dict())
             log.info("wrote %s", final)
             plot_training_curves(out_dir / "metrics.jsonl", out_dir / "training_curves.png", "stage 2: ID generator")
-            run.finish(final, fingerprint=fingerprint, world_size=info.world_size, epochs=cfg.train.epochs, steps=step,
-                       last=metrics.read()[-1:])
+            run.finish([final], fingerprint=fingerprint, world_size=info.world_size, epochs=cfg.train.epochs,
+                       steps=step, last=metrics.read()[-1:])
         barrier()
         return final
 

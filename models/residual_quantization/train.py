@@ -613,7 +613,7 @@ def _run_epochs(cfg: RQTrainConfig, data: TrainingData, t: Trainer, run, info: D
         fingerprint = save_rq(run_dir / FINAL, t.model, config=config_to_dict(cfg), run_key=run.key.as_dict())
         log.info("wrote %s (fingerprint %s)", run_dir / FINAL, fingerprint[:12])
         plot_training_curves(run_dir / "metrics.jsonl", run_dir / "training_curves.png", "stage 1: residual quantizer")
-        run.finish(run_dir / FINAL, fingerprint=fingerprint, world_size=info.world_size, epochs=tc.epochs)
+        run.finish([run_dir / FINAL], fingerprint=fingerprint, world_size=info.world_size, epochs=tc.epochs)
     barrier()
     return run_dir / FINAL
 
