@@ -185,3 +185,51 @@ def test_add_rms_norm_updates_the_stream_and_equals_t5s_norm():
     torch.testing.assert_close(out, t5_norm, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="delta must be contiguous"):
         _decoder_kernels.add_rms_norm(stream.numpy(), delta[:, :20].numpy(), weight.numpy(), 1e-6, out.numpy(), 1)
+
+
+def bits(tensor: torch.Tensor):
+    return tensor.view(torch.int16).numpy()
+
+
+def test_add_rms_norm_in_bf16_is_the_fp32_norm_of_the_widened_update_rounded():
+    """A bf16 decoder's norm: the bf16 update widened exactly into the fp32 stream, the fp32 norm
+    rounded to bf16 to nearest even (torch's ``.to``); the last layer's norm takes a bf16 update
+    and gives fp32 (the head's input). Each pair of types is its own compiled loop, whose sum of
+    squares the compiler may contract differently (FMA): the fp32 norms agree to an ulp or two."""
+    g = torch.Generator().manual_seed(4)
+    x, weight = torch.randn(70, 40, generator=g) * 3, torch.randn(40, generator=g)
+    delta = torch.randn(70, 40, generator=g).bfloat16()
+    delta[0, :3] = torch.tensor([-0.0, 1e-40, -3e3])  # a negative zero, a subnormal and a large value widen exactly
+    fp32_stream, fp32_out = x.clone(), torch.empty(70, 40)
+    _decoder_kernels.add_rms_norm(fp32_stream.numpy(), delta.float().numpy(), weight.numpy(), 1e-6, fp32_out.numpy(), 1)
+    assert torch.equal(fp32_stream, x + delta.float())
+
+    def assert_rounded(out: torch.Tensor, exact: torch.Tensor) -> None:
+        """``out`` (bf16) is ``exact`` rounded to nearest: within half a bf16 step (2^-8 relative;
+        truncation errs by up to a whole step), and equal to torch's rounding nearly everywhere
+        (the rest are values an fp32 ulp from a tie)."""
+        assert out.dtype == torch.bfloat16
+        assert ((out.float() - exact).abs() <= exact.abs() * 2.0**-8 * (1 + 2.0**-12) + 1e-30).all()
+        assert (out == exact.bfloat16()).float().mean() > 0.99
+
+    for rounded in (True, False):
+        stream = x.clone()
+        out = torch.empty(70, 40, dtype=torch.bfloat16 if rounded else torch.float32)
+        _decoder_kernels.add_rms_norm(stream.numpy(), bits(delta), weight.numpy(), 1e-6,
+                                      bits(out) if rounded else out.numpy(), 2)
+        assert torch.equal(stream, fp32_stream)
+        if rounded:
+            assert_rounded(out, fp32_out)
+        else:
+            torch.testing.assert_close(out, fp32_out, atol=1e-6, rtol=3e-7)
+    stream, out = x.clone(), torch.empty(70, 40, dtype=torch.bfloat16)  # no update: the first norm of a step
+    _decoder_kernels.add_rms_norm(stream.numpy(), None, weight.numpy(), 1e-6, bits(out), 2)
+    _decoder_kernels.add_rms_norm(x.clone().numpy(), None, weight.numpy(), 1e-6, fp32_out.numpy(), 2)
+    assert torch.equal(stream, x)
+    assert_rounded(out, fp32_out)
+    with pytest.raises(ValueError, match="float32 delta with a bf16 out"):
+        _decoder_kernels.add_rms_norm(x.numpy(), delta.float().numpy(), weight.numpy(), 1e-6, bits(out), 1)
+    with pytest.raises(ValueError, match="out must be a float32 array"):
+        _decoder_kernels.add_rms_norm(x.numpy(), None, weight.numpy(), 1e-6, torch.empty(70, 40).double().numpy(), 1)
+    with pytest.raises(ValueError, match="delta must be a float32 array"):
+        _decoder_kernels.add_rms_norm(x.numpy(), delta.double().numpy(), weight.numpy(), 1e-6, fp32_out.numpy(), 1)

@@ -16,7 +16,8 @@
 // adds, masks a copy and runs topk: three passes over [rows, K] and two fresh tensors).
 //
 // add_rms_norm: the residual stream's update and the next layer norm, x += delta, then T5's
-// RMS norm of x, in one pass over each row (torch runs an add and five element-wise ops).
+// RMS norm of x, in one pass over each row (torch runs an add and five element-wise ops, and for
+// bf16 a conversion on each side).
 //
 // Each splits its work between `threads` OpenMP threads, with the GIL released: torch's own
 // threads, since the libgomp torch loads is the one these find (see setup.py). Threads of their
@@ -145,29 +146,58 @@ __attribute__((always_inline)) inline void attend_rows(const Problem<T>& p, int6
   }
 }
 
-GENIUS_CLONES
-void add_rms_norm_row(float* x, const float* delta, const float* weight, float eps, float* out, int64_t d) {
+// Inlined into each clone below, so that each is compiled for its CPU (a shared out-of-line copy
+// would be the default target's, and its rounding differ from the fp32 clone's where FMA is used).
+template <typename Delta, typename Out>
+__attribute__((always_inline)) inline void add_rms_norm_row(float* x, const Delta* delta, const float* weight, float eps, Out* out, int64_t d) {
   float lanes[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= d; i += kLanes)
     for (int l = 0; l < kLanes; ++l) {
-      const float v = delta ? x[i + l] + delta[i + l] : x[i + l];
+      const float v = delta ? x[i + l] + widen(delta[i + l]) : x[i + l];
       x[i + l] = v;
       lanes[l] += v * v;
     }
   float squares = 0.f;
   for (int l = 0; l < kLanes; ++l) squares += lanes[l];
   for (; i < d; ++i) {
-    x[i] = delta ? x[i] + delta[i] : x[i];
+    x[i] = delta ? x[i] + widen(delta[i]) : x[i];
     squares += x[i] * x[i];
   }
   const float inverse = 1.f / std::sqrt(squares / static_cast<float>(d) + eps);
-  for (int64_t j = 0; j < d; ++j) out[j] = weight[j] * (x[j] * inverse);
+  for (int64_t j = 0; j < d; ++j) narrow(weight[j] * (x[j] * inverse), &out[j]);
+}
+
+// The norm's rows begin..end of [rows, d] arrays, per (update, output) type: fp32's, and bf16's
+// (bf16 products' updates; bf16 normed states for the next product, fp32 for the head).
+template <typename Delta, typename Out>
+struct NormRows {
+  float* x;
+  const Delta* delta;  // nullptr: no update
+  const float* weight;
+  float eps;
+  Out* out;
+  int64_t d;
+};
+
+template <typename Delta, typename Out>
+__attribute__((always_inline)) inline void add_rms_norm_rows(const NormRows<Delta, Out>& p, int64_t begin, int64_t end) {
+  for (int64_t row = begin; row < end; ++row)
+    add_rms_norm_row(p.x + row * p.d, p.delta ? p.delta + row * p.d : nullptr, p.weight, p.eps, p.out + row * p.d, p.d);
 }
 
 // GCC's target clones are made per function, not per template, hence one entry point per type.
 GENIUS_CLONES void attend_rows_fp32(const Problem<float>& p, int64_t begin, int64_t end) { attend_rows(p, begin, end); }
 GENIUS_CLONES void attend_rows_bf16(const Problem<BFloat16>& p, int64_t begin, int64_t end) { attend_rows(p, begin, end); }
+GENIUS_CLONES void norm_rows_fp32(const NormRows<float, float>& p, int64_t begin, int64_t end) {
+  add_rms_norm_rows(p, begin, end);
+}
+GENIUS_CLONES void norm_rows_bf16(const NormRows<BFloat16, BFloat16>& p, int64_t begin, int64_t end) {
+  add_rms_norm_rows(p, begin, end);
+}
+GENIUS_CLONES void norm_rows_bf16_to_fp32(const NormRows<BFloat16, float>& p, int64_t begin, int64_t end) {
+  add_rms_norm_rows(p, begin, end);
+}
 
 void require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument("beam attention: " + what);
@@ -223,30 +253,47 @@ void attend(const py::array_t<Storage>& q, const py::array_t<Storage>& keys, con
 }
 
 // x += delta (when given), then out = weight * x / sqrt(mean(x^2) + eps) per row of x [rows, d],
-// as T5's layer norm (fp32). x and out must not overlap.
+// as T5's layer norm, in fp32 (the stream x is fp32). delta and out are float32 arrays, or bf16
+// given as its bits (int16 arrays): a bf16 update is widened exactly, a bf16 output rounded to
+// nearest even (as torch's .to(bf16) of the fp32 norm). The pairs a decoder needs: fp32 update
+// and output; bf16 update (or none) and bf16 output; bf16 update and fp32 output. x and out must
+// not overlap.
 void add_rms_norm(py::array_t<float>& x, const py::object& delta, const py::array_t<float>& weight, double eps,
-                  py::array_t<float>& out, int threads) {
+                  py::array& out, int threads) {
   require(x.ndim() == 2 && c_contiguous(x), "x must be contiguous [rows, d]");
   const int64_t rows = x.shape(0), d = x.shape(1);
   require(weight.ndim() == 1 && weight.shape(0) == d && c_contiguous(weight), "weight must be contiguous [d]");
+  const auto is = [](const py::array& a, auto type) { return a.dtype().is(py::dtype::of<decltype(type)>()); };
+  require(is(out, float{}) || is(out, int16_t{}), "out must be a float32 array, or bf16 bits as an int16 array");
   require(out.ndim() == 2 && c_contiguous(out) && out.shape(0) == rows && out.shape(1) == d, "out must be x's shape");
-  const float* add = nullptr;
-  py::array_t<float> delta_array;
+  require(out.writeable(), "out must be writeable");
+  const bool bf16_out = is(out, int16_t{});
+  py::array delta_array;
+  bool bf16_delta = bf16_out;  // no update: the output's type picks the kernel
   if (!delta.is_none()) {
-    require(py::isinstance<py::array_t<float>>(delta), "delta must be a float32 array or None");
-    delta_array = delta.cast<py::array_t<float>>();
+    require(py::isinstance<py::array>(delta), "delta must be a float32 array, bf16 bits as an int16 array, or None");
+    delta_array = delta.cast<py::array>();
+    require(is(delta_array, float{}) || is(delta_array, int16_t{}),
+            "delta must be a float32 array, bf16 bits as an int16 array, or None");
     require(delta_array.ndim() == 2 && c_contiguous(delta_array) && delta_array.shape(0) == rows &&
                 delta_array.shape(1) == d, "delta must be contiguous, x's shape");
-    add = delta_array.data();
+    bf16_delta = is(delta_array, int16_t{});
   }
+  require(bf16_delta || !bf16_out, "a float32 delta with a bf16 out is not a decoder's pair");
   float* stream = x.mutable_data();
-  float* normed = out.mutable_data();
+  const void* add = delta.is_none() ? nullptr : delta_array.data();
+  void* normed = out.mutable_data();
   const float* scale = weight.data();
   const float epsilon = static_cast<float>(eps);
+  const auto* add_bf16 = static_cast<const BFloat16*>(add);
   py::gil_scoped_release release;
   split(rows, std::min<int64_t>(threads, rows / 32), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) add_rms_norm_row(stream + row * d, add ? add + row * d : nullptr, scale,
-                                                                 epsilon, normed + row * d, d);
+    if (!bf16_delta)
+      norm_rows_fp32({stream, static_cast<const float*>(add), scale, epsilon, static_cast<float*>(normed), d}, begin, end);
+    else if (bf16_out)
+      norm_rows_bf16({stream, add_bf16, scale, epsilon, static_cast<BFloat16*>(normed), d}, begin, end);
+    else
+      norm_rows_bf16_to_fp32({stream, add_bf16, scale, epsilon, static_cast<float*>(normed), d}, begin, end);
   });
 }
 
@@ -337,7 +384,7 @@ PYBIND11_MODULE(_decoder_kernels, m) {
   def_attend(&attend<BFloat16, int16_t>, "attend_bf16", "attend on bf16 arrays given as their bits, viewed as int16");
   m.def("add_rms_norm", &add_rms_norm, py::arg("x").noconvert(), py::arg("delta"), py::arg("weight").noconvert(),
         py::arg("eps"), py::arg("out").noconvert(), py::arg("threads"),
-        "x += delta (unless None), then out = T5's RMS norm of x times weight, per row");
+        "x += delta (unless None), then out = T5's RMS norm of x times weight, per row (fp32; bf16 as int16 bits)");
   m.def("top_allowed", &top_allowed, py::arg("log_probs").noconvert(), py::arg("scores").noconvert(),
         py::arg("allowed").noconvert(), py::arg("beams"), py::arg("out_scores").noconvert(), py::arg("out_flat").noconvert(),
         py::arg("threads"), "per query, the best `keep` allowed (score + log-probability), flat indices (see the source)");

@@ -31,9 +31,10 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
   pages (BENCHMARKS.md measures the difference);
 - on a CPU (fp32, int8 and bf16) the step's memory-bound parts run as C++ kernels
   (``decoder_kernels.cpp``, on torch's own OpenMP threads): the self-attention, reading each
-  row's history where it lies, and, where the products give fp32 (fp32 and int8), each residual
-  update together with the layer norm after it (beam search's one-pass selection lives there
-  too). Elsewhere (a GPU) the rows' histories are gathered for SDPA, and the norms are torch's;
+  row's history where it lies, and each residual update together with the layer norm after it,
+  reading a bf16 product's update and writing the bf16 input of the next in the same pass
+  (beam search's one-pass selection lives there too). Elsewhere (a GPU) the rows' histories are
+  gathered for SDPA, and the norms are torch's;
 - attention probabilities that would be subnormal (under 1.2e-38: a score more than 87.3 under
   its row's top, common in trained decoders) are zero, in the cross-attention
   (:func:`flush_subnormal_`) and the C++ self-attention: a CPU multiplies subnormal operands
@@ -187,13 +188,14 @@ class FusedDecoder:
         """The residual stream's update ``x += delta`` (in place; none when ``delta`` is None), then
         T5's layer norm of ``x`` (RMS, no mean, no bias) in fp32, in ``dtype`` (default: the GEMM
         dtype; int8's is fp32, the product quantizes its input itself). One C++ pass on a CPU in
-        fp32, into ``out`` (fp32, like ``x``; None: a new tensor)."""
+        fp32 or bf16 (a bf16 update widened, a bf16 output rounded as ``.to`` rounds), into ``out``
+        (``dtype``; None: a new tensor)."""
         dtype = dtype or self.dtype
-        if self.kernels is not None and (delta is None or delta.dtype == torch.float32):  # x is always fp32
-            out = torch.empty_like(x) if out is None else out
-            self.kernels.add_rms_norm(x.numpy(), None if delta is None else delta.contiguous().numpy(), weight.numpy(),
-                                      self.eps, out.numpy(), torch.get_num_threads())
-            return out.to(dtype)
+        if self.kernels is not None and dtype in _KERNEL_STORAGE and (delta is None or delta.dtype in _KERNEL_STORAGE):
+            out = torch.empty(x.shape, dtype=dtype) if out is None else out
+            update = None if delta is None else _storage(delta.contiguous())
+            self.kernels.add_rms_norm(x.numpy(), update, weight.numpy(), self.eps, _storage(out), torch.get_num_threads())
+            return out
         if delta is not None:
             x += delta
         return F.rms_norm(x, weight.shape, weight, self.eps).to(dtype)
@@ -212,10 +214,9 @@ class FusedDecoder:
         into ``out`` on a CPU (SDPA makes its own output)."""
         rows, steps = len(q), bias.shape[1]
         if self.kernels is not None:
-            name, storage = _KERNEL_STORAGE[self.dtype]
-            q, keys, values, out_array = (x.view(storage).numpy() for x in (q, history[0], history[1], out))
-            getattr(self.kernels, name)(q, keys, values, ancestors.numpy(), bias.float().numpy(), out_array,
-                                        torch.get_num_threads())
+            q, keys, values, out_array = (_storage(x) for x in (q, history[0], history[1], out))
+            attend = getattr(self.kernels, _KERNEL_STORAGE[self.dtype][0])
+            attend(q, keys, values, ancestors.numpy(), bias.float().numpy(), out_array, torch.get_num_threads())
             return out
         lineage = ancestors[:steps, :rows]
         keys, values = history[:, torch.arange(steps, device=q.device)[:, None], lineage]  # [2, steps, rows, inner]
@@ -347,8 +348,8 @@ class FusedDecoder:
         def buffer(name: str, cols: int, dtype: torch.dtype = self.dtype) -> torch.Tensor:
             return workspace.rows(name, rows, cols, dtype, device)
 
-        # the C++ norm's output (fp32); torch's norm (a GPU's) makes its own
-        normed_out = buffer("normed", self.d_model, torch.float32) if self.kernels is not None else None
+        # the C++ norm's output, the next product's input; torch's norm (a GPU's) makes its own
+        normed_out = buffer("normed", self.d_model) if self.kernels is not None else None
 
         bias = self._position_bias(position)
         # A row's ancestors are its parent's, then itself (the history is read in place, not moved).
@@ -580,6 +581,11 @@ class Workspace:
 # The C++ attention's entry point per decoder dtype, and the dtype numpy sees its tensors as
 # (numpy has no bf16: bf16 goes as its bits).
 _KERNEL_STORAGE = {torch.float32: ("attend", torch.float32), torch.bfloat16: ("attend_bf16", torch.int16)}
+
+
+def _storage(tensor: torch.Tensor):
+    """A contiguous fp32 or bf16 CPU tensor as the numpy array the C++ kernels take (bf16 as its bits)."""
+    return tensor.view(_KERNEL_STORAGE[tensor.dtype][1]).numpy()
 
 
 @cache
