@@ -426,35 +426,38 @@ def faiss_index(method: str, vectors: np.ndarray, args):
 
 # ---- the run ---------------------------------------------------------------------------------
 def sample_gemm(gemm: dict[str, list[float]], args) -> None:
-    """One sample into ``gemm`` of each square GEMM peak (``--gemm-n``) and of the fp32 step
-    products' rate (``step_products_gflops``), the ceiling of the fp32 decoder at these shapes."""
+    """One sample into ``gemm`` of each square GEMM peak (``--gemm-n``) and of the fp32 and bf16
+    step products' rates (``step_products_gflops``), the ceilings of those decoders at these shapes."""
     n = args.gemm_n
     gemm.setdefault("fp32", []).append(gemm_gflops(torch.float32, n))
     gemm.setdefault("fp32_step", []).append(step_products_gflops(args))
     if cpu_has_bf16():  # emulated bf16 GEMMs are slower than fp32 (on AVX2 ~1 GFLOP/s: minutes a sample)
         gemm.setdefault("bf16", []).append(gemm_gflops(torch.bfloat16, n))
+        gemm.setdefault("bf16_step", []).append(step_products_gflops(args, torch.bfloat16))
     if int8_decoding_problem(torch.device("cpu")) is None:
         gemm.setdefault("int8", []).append(int8_gemm_gops(n))
 
 
-def step_products_gflops(args, repeats: int = 3) -> float:
-    """fp32 GFLOP/s of one decoder step's products run alone, back to back, at the search's
-    widest step (``--genius-batch`` x ``--beams`` rows): per layer q, k, v and o [rows, d_model] x
-    [d_model, d_model] and the feed-forward's two, each layer with its own weights, then the
-    level head [rows, d_model] x [d_model, K] (``torch.mm`` into kept buffers, as the fused
-    decoder runs them). The decoder's share of this rate is how close it comes to what its own
-    GEMMs reach at these shapes on this machine; its share of the square GEMM's rate also counts
-    the lower efficiency of these shapes."""
+def step_products_gflops(args, dtype: torch.dtype = torch.float32, repeats: int = 3) -> float:
+    """GFLOP/s of one decoder step's products run alone, back to back, at the search's widest step
+    (``--genius-batch`` x ``--beams`` rows): per layer q, k, v and o [rows, d_model] x [d_model,
+    d_model] and the feed-forward's two, each layer with its own weights, in ``dtype``, then the
+    level head [rows, d_model] x [d_model, K] in fp32, as every decoder scores the level
+    (``IDGenerator.head_logits``); ``torch.mm`` into kept buffers, as the fused decoder runs them.
+    A decoder's share of this rate is how close it comes to what its own GEMMs reach at these
+    shapes on this machine; its share of the square GEMM's rate also counts the lower efficiency
+    of these shapes (and, in bf16, the fp32 head)."""
     rows, d, d_ff = args.genius_batch * args.beams, args.d_model, args.d_ff
     shapes = ([(d, d)] * 4 + [(d, d_ff), (d_ff, d)]) * args.layers + [(d, args.codebook)]  # (in, out)
+    dtypes = [dtype] * (len(shapes) - 1) + [torch.float32]
     generator = torch.Generator().manual_seed(args.seed)
-    inputs = {width: torch.randn(rows, width, generator=generator) for width in {d, d_ff}}
-    weights = [torch.randn(out, width, generator=generator) for width, out in shapes]
-    outputs = {out: torch.empty(rows, out) for _, out in shapes}
+    inputs = {(width, t): torch.randn(rows, width, generator=generator).to(t) for width, _ in shapes for t in dtypes}
+    weights = [torch.randn(out, width, generator=generator).to(t) for (width, out), t in zip(shapes, dtypes)]
+    outputs = {(out, t): torch.empty(rows, out, dtype=t) for (_, out), t in zip(shapes, dtypes)}
 
     def step():
         for (width, out), weight in zip(shapes, weights):
-            torch.mm(inputs[width], weight.t(), out=outputs[out])
+            torch.mm(inputs[width, weight.dtype], weight.t(), out=outputs[out, weight.dtype])
 
     flops = sum(2 * rows * width * out for width, out in shapes)
     return flops / best_seconds(step, repeats) / 1e9
@@ -603,8 +606,9 @@ def summarise(rows: list[dict], args, gemm: dict) -> dict:
         summary[f"{method}_share_of_gemm"] = best / gemm[peak]
         if method in executed:
             summary[f"{method}_executed_share_of_gemm"] = max(qps.values()) * executed[method] / 1e9 / gemm[peak]
-        if method in ("genius", "genius_device") and "fp32_step" in gemm:  # the level head's shapes
-            summary[f"{method}_share_of_step_products"] = best / gemm["fp32_step"]
+        step = "bf16_step" if method == "genius_bf16" else "fp32_step"
+        if method in ("genius", "genius_device", "genius_bf16") and step in gemm:  # the level head's shapes
+            summary[f"{method}_share_of_step_products"] = best / gemm[step]
         flat = {n: q for n, q in qps.items() if n <= 10**6}
         if method.startswith("genius") and len(flat) > 1:
             variation = max(flat.values()) / min(flat.values()) - 1
@@ -677,6 +681,7 @@ def markdown(rows: list[dict], summary: dict, args, command: str, machine: str, 
          + (f"; the fp32 decoder step's own products alone at {args.genius_batch * args.beams} rows "
             f"(`step_products_gflops`, best of the same samples) {gemm['fp32_step']:.0f} GFLOP/s"
             if "fp32_step" in gemm else "")
+         + (f", the bf16 decoder's (its level head fp32) {gemm['bf16_step']:.0f} GFLOP/s" if "bf16_step" in gemm else "")
          + ". Decoder work per query (formula in `decoder_flops_per_query`): "
          f"{summary['decoder_gflop_per_query']:.3g} GFLOP; `generate` does {summary['generate_gflop_per_query']:.3g} "
          "GFLOP for the same query (`generate_flops_per_query`: every beam from the first step, cross-attention "

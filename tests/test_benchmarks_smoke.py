@@ -49,6 +49,8 @@ def test_decode_vs_pool_writes_table_csv_and_plot(tmp_path):
     # fp32 is also compared with its own step's products run alone
     assert summary["gemm_gflops"]["fp32_step"] > 0 and 0 < summary["genius_share_of_step_products"]
     assert "of the rate its step's products reach alone" in table
+    if cpu_has_bf16():  # and so is bf16, with its own products (the level head fp32)
+        assert summary["gemm_gflops"]["bf16_step"] > 0 and 0 < summary["genius_bf16_share_of_step_products"]
     # int8 is compared with the int8 GEMM peak and with generate, like the other precisions
     assert summary["gemm_gflops"]["int8"] > 0 and 0 < summary["genius_int8_share_of_gemm"]
     assert "speedup_genius_int8_vs_generate" in summary["targets"] and "GENIUS int8 decoder" in table
