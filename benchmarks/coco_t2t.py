@@ -79,17 +79,21 @@ DATASET_ID = 9  # MSCOCO's M-BEIR dataset id (ids are "9:<caption row>")
 TEXT_TASK = 1  # M-BEIR task 1: text -> text
 KS = (1, 5, 10)
 METHODS = ("dense", "genius", "genius_r", "genius_full", "genius_r_full", "dense_combiner")
-INT8_METHODS = ("genius_int8", "genius_r_int8")  # with --int8 on
+# with --int8 on / --bf16 on: the same model decoded in that precision, beside fp32
+LOW_PRECISIONS = ("int8", "bf16")
+LOW_PRECISION_METHODS = tuple(f"{m}_{p}" for p in LOW_PRECISIONS for m in ("genius", "genius_r"))
 LABELS = {"dense": "dense MiniLM (exact cosine)", "genius": "GENIUS", "genius_r": "GENIUS^R (re-ranked)",
           "genius_full": "GENIUS, full-vocabulary decoding (the official normalisation)",
           "genius_r_full": "GENIUS^R, full-vocabulary decoding",
           "dense_combiner": "dense over the Combiner output z (diagnostic)",
-          "genius_int8": "GENIUS, int8 decoder", "genius_r_int8": "GENIUS^R, int8 decoder"}
+          "genius_int8": "GENIUS, int8 decoder", "genius_r_int8": "GENIUS^R, int8 decoder",
+          "genius_bf16": "GENIUS, bf16 decoder", "genius_r_bf16": "GENIUS^R, bf16 decoder"}
 # The decodings of one run, all from the same model: "level" scores only the level's K rows of the
 # output head at each step (the speed option), "full" the whole vocabulary; with --int8 on, "int8"
-# is "level" with the decoder's and the head's products in int8 (eval's decoding.int8).
-# name -> (level_head, int8)
-DECODINGS = {"level": (True, False), "full": (False, False), "int8": (True, True)}
+# is "level" with the decoder's and the head's products in int8 (eval's decoding.int8), with --bf16
+# on, "bf16" is "level" with the decoder's weights in bf16 (eval's decoding.autocast on a CPU).
+# name -> (level_head, precision)
+DECODINGS = {"level": (True, "fp32"), "full": (False, "fp32"), "int8": (True, "int8"), "bf16": (True, "bf16")}
 log = logging.getLogger("genius.bench.coco")
 
 
@@ -362,19 +366,22 @@ def evaluate(world: World, stages_dir: Path, rq_path: Path, gen_path: Path, args
                               quantization_errors(rq, z_c, codes))
     q_fused, c_fused = fused_store_embeddings(queries.arrays), fused_store_embeddings(pool.arrays)
 
-    decodings = {name: spec for name, spec in DECODINGS.items() if args.int8 == "on" or not spec[1]}
-    decoders = {int8: prepare_decoder(generator, torch.device("cpu"), int8=int8) for _, int8 in decodings.values()}
+    decodings = {name: spec for name, spec in DECODINGS.items()
+                 if spec[1] == "fp32" or getattr(args, spec[1]) == "on"}
+    decoders = {precision: prepare_decoder(generator, torch.device("cpu"), autocast=precision == "bf16",
+                                           int8=precision == "int8") for _, precision in decodings.values()}
 
-    def decode(queries: np.ndarray, level_head: bool, int8: bool):
+    def decode(queries: np.ndarray, level_head: bool, precision: str):
         return constrained_beam_search(generator, torch.from_numpy(queries), trie, rq.codebook_sizes,
                                        num_beams=args.beams, batch_size=64, level_head=level_head,
-                                       sibling_penalty=args.sibling_penalty, int8=int8, decoder=decoders[int8])
+                                       sibling_penalty=args.sibling_penalty, autocast=precision == "bf16",
+                                       int8=precision == "int8", decoder=decoders[precision])
 
     decoded, decode_s = {}, {}
-    for name, (level_head, int8) in decodings.items():
-        decode(z_q[:64], level_head, int8)  # warm-up, so no setting pays the first call's costs
+    for name, (level_head, precision) in decodings.items():
+        decode(z_q[:64], level_head, precision)  # warm-up, so no setting pays the first call's costs
         start = time.perf_counter()
-        decoded[name] = decode(z_q, level_head, int8)
+        decoded[name] = decode(z_q, level_head, precision)
         decode_s[name] = time.perf_counter() - start
     k = max(KS)
     pool_ids = np.asarray(pool.ids)
@@ -392,11 +399,13 @@ def evaluate(world: World, stages_dir: Path, rq_path: Path, gen_path: Path, args
     relevant = [{hash_did(did(r)) for r in rows} for rows in world.positives]
     recalls = {m: {kk: float(hits_at_k(ids, relevant, kk).mean()) for kk in KS} for m, ids in retrieved.items()}
     own_ids = rq.encode(torch.from_numpy(z_q), torch.ones(len(z_q), dtype=torch.long)).numpy()
-    int8 = {} if "int8" not in decoded else {
-        "beam_search_qps_int8": len(z_q) / decode_s["int8"],
-        "same_top_beam_int8": float((decoded["int8"].codes[:, 0] == beams.codes[:, 0]).all(-1).float().mean()),
-        "same_beam_set_int8": same_beam_set(decoded["int8"], beams),
-    }
+    low_precision = {}  # each low precision's speed and agreement with fp32 (the level head)
+    for p in LOW_PRECISIONS:
+        if p in decoded:
+            low_precision.update({
+                f"beam_search_qps_{p}": len(z_q) / decode_s[p],
+                f"same_top_beam_{p}": float((decoded[p].codes[:, 0] == beams.codes[:, 0]).all(-1).float().mean()),
+                f"same_beam_set_{p}": same_beam_set(decoded[p], beams)})
     return {
         "recall": recalls,
         "pool_stats": stats,
@@ -411,13 +420,14 @@ def evaluate(world: World, stages_dir: Path, rq_path: Path, gen_path: Path, args
         # How far the quantizer alone gets: the query's own ID holds a positive (no generator).
         "own_id_holds_positive": own_id_hit_rate(cmap, own_ids, pool_ids, relevant),
         "top_beam_is_own_id": float((beams.codes[:, 0].numpy() == own_ids).all(1).mean()),
-        **int8,
+        **low_precision,
     }
 
 
 def methods_of(result: dict) -> list[str]:
-    """The methods a result holds, in report order (the int8 rows only from a run with --int8 on)."""
-    return [m for m in METHODS + INT8_METHODS if m in result["recall"]]
+    """The methods a result holds, in report order (the int8 and bf16 rows only from a run with
+    --int8 on or --bf16 on)."""
+    return [m for m in METHODS + LOW_PRECISION_METHODS if m in result["recall"]]
 
 
 def same_beam_set(a, b) -> float:
@@ -478,14 +488,13 @@ def report(result: dict, args, command: str, machine: str, timings: dict) -> str
          f"{result['beam_search_qps']:.0f} vs {result['beam_search_qps_full_vocabulary']:.0f} queries/s "
          f"({result['beam_search_qps'] / result['beam_search_qps_full_vocabulary']:.2f}x); the top beam agrees for "
          f"{result['same_top_beam']:.3f} of the queries, the whole beam set for {result['same_beam_set']:.3f}."),
-        *([] if "beam_search_qps_int8" not in result else [
-            (f"int8 decoder vs fp32 (level head, same model, decoded side by side): "
-             f"{result['beam_search_qps_int8']:.0f} vs {result['beam_search_qps']:.0f} queries/s "
-             f"({result['beam_search_qps_int8'] / result['beam_search_qps']:.2f}x); the top beam agrees for "
-             f"{result['same_top_beam_int8']:.3f} of the queries, the whole beam set for "
-             f"{result['same_beam_set_int8']:.3f}; R@5 GENIUS {result['recall']['genius_int8'][5]:.3f} vs "
-             f"{result['recall']['genius'][5]:.3f}, GENIUS^R {result['recall']['genius_r_int8'][5]:.3f} vs "
-             f"{result['recall']['genius_r'][5]:.3f}.")]),
+        *[(f"{p} decoder vs fp32 (level head, same model, decoded side by side): "
+           f"{result[f'beam_search_qps_{p}']:.0f} vs {result['beam_search_qps']:.0f} queries/s "
+           f"({result[f'beam_search_qps_{p}'] / result['beam_search_qps']:.2f}x); the top beam agrees for "
+           f"{result[f'same_top_beam_{p}']:.3f} of the queries, the whole beam set for "
+           f"{result[f'same_beam_set_{p}']:.3f}; R@5 GENIUS {result['recall'][f'genius_{p}'][5]:.3f} vs "
+           f"{result['recall']['genius'][5]:.3f}, GENIUS^R {result['recall'][f'genius_r_{p}'][5]:.3f} vs "
+           f"{result['recall']['genius_r'][5]:.3f}.") for p in LOW_PRECISIONS if f"beam_search_qps_{p}" in result],
         (f"Stage 1: Combiner proj {args.proj_dim} / hidden {args.hidden_dim}, {args.rq_objective} objective, "
          f"{args.rq_epochs} epochs, batch {args.rq_batch}, lr {args.rq_lr:g}. Stage 2: T5 decoder d_model "
          f"{args.d_model}, {args.layers} layers, {args.heads} heads, d_ff {args.d_ff}, P = {args.prefix}, "
@@ -603,6 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", choices=("on", "off"), default="off",
                    help="also decode with the int8 decoder (eval's decoding.int8; x86 CPUs), side by side with fp32 "
                         "from the same model: its recall rows, agreement and speed ratio")
+    p.add_argument("--bf16", choices=("on", "off"), default="off",
+                   help="also decode with bf16 weights (eval's decoding.autocast on a CPU with AVX512_BF16 or AMX), "
+                        "side by side with fp32 from the same model: its recall rows, agreement and speed ratio")
     p.add_argument("--encode-batch", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -616,12 +628,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Flags that change stage 3 alone: runs that differ only in these can share trained stages.
-EVAL_ONLY = ("beams", "sibling_penalty", "within_id_order", "int8")
+EVAL_ONLY = ("beams", "sibling_penalty", "within_id_order", "int8", "bf16")
 
 
 # Flags added after results were recorded, at the value those results were made with (what the
 # ablation harness assumes for a result that lacks them); a later change of a default keeps these.
-ADDED_LATER = {"index_pool": "off", "sibling_penalty": 0.0, "rq_objective": "contrastive", "int8": "off"}
+ADDED_LATER = {"index_pool": "off", "sibling_penalty": 0.0, "rq_objective": "contrastive", "int8": "off",
+               "bf16": "off"}
 
 # Level 0 is the modality code, so an ID needs at least one semantic level after it.
 RANGES = {"images": ">= 2", "test_images": ">= 1", "val_images": ">= 1", "levels": ">= 2", "codebook": ">= 2",
@@ -665,6 +678,12 @@ def check_args(args: argparse.Namespace) -> None:
         problem = int8_decoding_problem(torch.device("cpu"))
         if problem:
             raise ValueError(f"--int8 on: {problem}")
+    if args.bf16 == "on":
+        from genius.models.generative_retriever.beam_search import cpu_has_bf16
+
+        if not cpu_has_bf16():
+            raise ValueError("--bf16 on: this CPU has no bf16 instructions (AVX512_BF16 or AMX), so bf16 decoding "
+                             "would run emulated, slower than fp32: measure it on a CPU that has them")
 
 
 def parse_args(argv: list[str] | None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:

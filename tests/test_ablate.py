@@ -257,6 +257,18 @@ def test_coco_t2t_range_checks_upper_bounds_too(capsys):
     assert stop.value.code == 2 and "--label-smoothing 1.0 is out of range: pass a value [0, 1)" in err
 
 
+def test_coco_t2t_refuses_bf16_decoding_where_it_would_be_emulated(capsys, monkeypatch):
+    """--bf16 on measures bf16 decoding against fp32; on a CPU without bf16 instructions it would run
+    emulated (slower than fp32), so the run stops before any work, in one line."""
+    from genius.models.generative_retriever import beam_search
+
+    monkeypatch.setattr(beam_search, "cpu_has_bf16", lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        coco_t2t.main(["--bf16", "on"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err.splitlines() == [err] and "--bf16 on: this CPU has no bf16 instructions" in err
+
+
 def test_generator_and_ranking_flags_reach_the_stages(grid):
     """--rq-objective lands in train-rq's config and --mixing, --mix-alpha and --label-smoothing in
     train-gen's; --within-id-order centre ranks the captions sharing an ID by their distance to the

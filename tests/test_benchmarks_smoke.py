@@ -175,16 +175,20 @@ def test_coco_t2t_writes_recall_table(tmp_path):
     assert "| GENIUS^R (re-ranked) |" in table and "Targets" in table
     assert (tmp_path / "out" / "coco_t2t_test.png").stat().st_size > 1000
     # A second run differing in an evaluation flag reuses the trained stages (and the cached
-    # embeddings); --int8 on adds the int8 decoder's rows and its agreement with fp32.
+    # embeddings); --int8 on adds the int8 decoder's rows and its agreement with fp32, and --bf16 on
+    # (where the CPU has bf16 instructions) the bf16 decoder's.
     generator = tmp_path / "out" / "test_L2_K4" / "gen" / "generator.pt"
     trained = generator.stat().st_mtime_ns
-    assert coco_t2t.main(argv + ["--int8", "on"]) == 0
+    precisions = ["int8", "bf16"] if cpu_has_bf16() else ["int8"]
+    assert coco_t2t.main(argv + [arg for p in precisions for arg in (f"--{p}", "on")]) == 0
     assert generator.stat().st_mtime_ns == trained
     rows = {r["method"]: r for r in read_rows(tmp_path / "out" / "coco_t2t_test.csv")}
-    assert set(rows) == set(coco_t2t.METHODS + coco_t2t.INT8_METHODS)
+    assert set(rows) == set(coco_t2t.METHODS) | {f"{m}_{p}" for p in precisions for m in ("genius", "genius_r")}
     result = json.loads((tmp_path / "out" / "coco_t2t_test.json").read_text())
-    assert 0 <= result["same_top_beam_int8"] <= 1 and result["beam_search_qps_int8"] > 0
-    assert "int8 decoder vs fp32" in (tmp_path / "out" / "coco_t2t_test.md").read_text()
+    report = (tmp_path / "out" / "coco_t2t_test.md").read_text()
+    for p in precisions:
+        assert 0 <= result[f"same_top_beam_{p}"] <= 1 and result[f"beam_search_qps_{p}"] > 0
+        assert f"{p} decoder vs fp32" in report
 
 
 def test_int8_gemm_probe_times_every_product_of_the_step_and_keeps_int8_close_to_fp32(tmp_path):
