@@ -451,7 +451,8 @@ def step_products_gflops(args, dtype: torch.dtype = torch.float32, repeats: int 
     shapes = ([(d, d)] * 4 + [(d, d_ff), (d_ff, d)]) * args.layers + [(d, args.codebook)]  # (in, out)
     dtypes = [dtype] * (len(shapes) - 1) + [torch.float32]
     generator = torch.Generator().manual_seed(args.seed)
-    inputs = {(width, t): torch.randn(rows, width, generator=generator).to(t) for width, _ in shapes for t in dtypes}
+    inputs = {(width, t): torch.randn(rows, width, generator=generator).to(t)
+              for width, t in sorted({(width, t) for (width, _), t in zip(shapes, dtypes)}, key=str)}
     weights = [torch.randn(out, width, generator=generator).to(t) for (width, out), t in zip(shapes, dtypes)]
     outputs = {(out, t): torch.empty(rows, out, dtype=t) for (_, out), t in zip(shapes, dtypes)}
 

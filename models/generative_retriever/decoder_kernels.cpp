@@ -271,10 +271,10 @@ void add_rms_norm(py::array_t<float>& x, const py::object& delta, const py::arra
   py::array delta_array;
   bool bf16_delta = bf16_out;  // no update: the output's type picks the kernel
   if (!delta.is_none()) {
-    require(py::isinstance<py::array>(delta), "delta must be a float32 array, bf16 bits as an int16 array, or None");
+    const char* delta_types = "delta must be a float32 array, bf16 bits as an int16 array, or None";
+    require(py::isinstance<py::array>(delta), delta_types);
     delta_array = delta.cast<py::array>();
-    require(is(delta_array, float{}) || is(delta_array, int16_t{}),
-            "delta must be a float32 array, bf16 bits as an int16 array, or None");
+    require(is(delta_array, float{}) || is(delta_array, int16_t{}), delta_types);
     require(delta_array.ndim() == 2 && c_contiguous(delta_array) && delta_array.shape(0) == rows &&
                 delta_array.shape(1) == d, "delta must be contiguous, x's shape");
     bf16_delta = is(delta_array, int16_t{});

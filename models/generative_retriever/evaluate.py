@@ -499,8 +499,9 @@ def _evaluate(cfg: EvalConfig, models: Models | None, info: DistInfo) -> EvalRep
     state = RunState(out, run_key(cfg, files, stores, candidate_stores, models, info, index), RUN_OUTPUTS,
                      stage="genius eval", force=cfg.force, is_main=info.is_main)
     if models is None and state.is_done():
-        changed = state.finals_changed() or (None if (out / "results.md").is_file() else f"{out / 'results.md'} is "
-                                             "missing")
+        changed = state.finals_changed()
+        if changed is None and not (out / "results.md").is_file():  # a done.json from before runs recorded their files
+            changed = f"{out / 'results.md'} is missing"
         if changed is None:
             log.info("%s is up to date with the config, models, codes and stores; nothing to evaluate "
                      "(force=true re-evaluates)", out)
