@@ -69,7 +69,12 @@ from genius.benchmarks.common import (
     write_csv,
 )
 from genius.models.generative_retriever.beam_search import cpu_has_bf16
-from genius.models.generative_retriever.fused_decoder import cross_attention_absorbed, int8_decoding_problem
+from genius.models.generative_retriever.fused_decoder import (
+    bf16_gemm_fp32_out,
+    bf16_head_on,
+    cross_attention_absorbed,
+    int8_decoding_problem,
+)
 
 METHODS = ("genius", "genius_bf16", "genius_int8", "genius_device", "genius_full", "generate", "generate_bf16",
            "dense_fp32", "dense_bf16", "faiss_flat", "faiss_ivf")
@@ -442,23 +447,30 @@ def step_products_gflops(args, dtype: torch.dtype = torch.float32, repeats: int 
     """GFLOP/s of one decoder step's products run alone, back to back, at the search's widest step
     (``--genius-batch`` x ``--beams`` rows): per layer q, k, v and o [rows, d_model] x [d_model,
     d_model] and the feed-forward's two, each layer with its own weights, in ``dtype``, then the
-    level head [rows, d_model] x [d_model, K] in fp32, as every decoder scores the level
-    (``IDGenerator.head_logits``); ``torch.mm`` into kept buffers, as the fused decoder runs them.
-    A decoder's share of this rate is how close it comes to what its own GEMMs reach at these
-    shapes on this machine; its share of the square GEMM's rate also counts the lower efficiency
-    of these shapes (and, in bf16, the fp32 head)."""
+    level head [rows, d_model] x [d_model, K] with fp32 logits, as the decoder scores the level: fp32,
+    or in bf16 with fp32 sums where a bf16 decoder does (:func:`bf16_head_on`); ``torch.mm`` into
+    kept buffers, as the fused decoder runs them. A decoder's share of this rate is how close it
+    comes to what its own GEMMs reach at these shapes on this machine; its share of the square
+    GEMM's rate also counts the lower efficiency of these shapes (and of the head)."""
     rows, d, d_ff = args.genius_batch * args.beams, args.d_model, args.d_ff
     shapes = ([(d, d)] * 4 + [(d, d_ff), (d_ff, d)]) * args.layers + [(d, args.codebook)]  # (in, out)
-    dtypes = [dtype] * (len(shapes) - 1) + [torch.float32]
+    head_in_bf16 = dtype == torch.bfloat16 and bf16_head_on(torch.device("cpu"))
+    dtypes = [dtype] * (len(shapes) - 1) + [torch.bfloat16 if head_in_bf16 else torch.float32]
     generator = torch.Generator().manual_seed(args.seed)
     inputs = {(width, t): torch.randn(rows, width, generator=generator).to(t)
               for width, t in sorted({(width, t) for (width, _), t in zip(shapes, dtypes)}, key=str)}
     weights = [torch.randn(out, width, generator=generator).to(t) for (width, out), t in zip(shapes, dtypes)]
-    outputs = {(out, t): torch.empty(rows, out, dtype=t) for (_, out), t in zip(shapes, dtypes)}
+    outputs = {(out, t): torch.empty(rows, out, dtype=t) for (_, out), t in zip(shapes[:-1], dtypes)}
+    head_out = torch.empty(rows, args.codebook)
 
     def step():
-        for (width, out), weight in zip(shapes, weights):
+        for (width, out), weight in zip(shapes[:-1], weights):
             torch.mm(inputs[width, weight.dtype], weight.t(), out=outputs[out, weight.dtype])
+        head = inputs[shapes[-1][0], dtypes[-1]]
+        if head_in_bf16:
+            bf16_gemm_fp32_out(head, weights[-1], head_out)
+        else:
+            torch.mm(head, weights[-1].t(), out=head_out)
 
     flops = sum(2 * rows * width * out for width, out in shapes)
     return flops / best_seconds(step, repeats) / 1e9

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from genius.models.generative_retriever import beam_search
+from genius.models.generative_retriever import beam_search, fused_decoder
 from genius.models.generative_retriever.beam_search import (
     constrained_beam_search, cpu_has_bf16, generate_reference, prepare_decoder,
 )
@@ -302,15 +302,18 @@ def test_bad_arguments_are_named():
 
 # ---- numerics under autocast, and host syncs (the GPU path, checked on the CPU) ----------------
 @pytest.mark.parametrize("level_head", [True, False])
-def test_head_logits_are_fp32_under_autocast(level_head):
+def test_head_logits_are_fp32_under_autocast(level_head, monkeypatch):
     # With bf16 weights the decoder runs in bf16 but the head must not: the level's
     # log-probabilities equal an fp32 head (outside autocast) on the same decoder state, also
-    # when the caller is inside autocast.
+    # when the caller is inside autocast. The decoder's own head is fp32 where torch has no MKL
+    # (made so here); with MKL it sums bf16 inputs in fp32 (tests/test_fused_decoder.py).
+    monkeypatch.setattr(fused_decoder, "_mkl_bf16_gemm", lambda: None)
     sizes = [3, 8, 8]
     generator = tiny_generator(4, sizes)
     z = queries(np.random.default_rng(4), 3)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         decoder = FusedDecoder(generator, torch.bfloat16)
+        assert not decoder.bf16_head
         search = decoder.start(generator.encode(z), len(z), 1)
         state = decoder.step(search, torch.zeros(len(z), dtype=torch.long), None)
         log_probs = generator.level_log_probs(state, 0, level_head)

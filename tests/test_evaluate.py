@@ -269,10 +269,12 @@ def test_changed_codes_or_generator_invalidate_cached_decodings_and_trie(tmp_pat
 
 def test_decode_cache_key_records_the_device_and_the_precisions_used(monkeypatch):
     """A decoding made on a CPU (bf16 autocast) is never reused by a GPU run (fp16) or an fp32 run;
-    an int8 one with 7-bit inputs (CPUs without VNNI) never by one with 8-bit inputs."""
+    an int8 one with 7-bit inputs (CPUs without VNNI) never by one with 8-bit inputs; a bf16 one
+    whose head summed bf16 inputs (torch with MKL) never by one with the fp32 head."""
     from genius.models.generative_retriever import fused_decoder
 
     monkeypatch.setattr(fused_decoder, "int8_inputs_in_7_bits", lambda: False)
+    monkeypatch.setattr(fused_decoder, "_mkl_bf16_gemm", lambda: "MKL's bf16 GEMM")
     cfg = EvalConfig()
     models = SimpleNamespace(fingerprints={"rq": "r", "generator": "g"})
     pool = SimpleNamespace(decoding=SimpleNamespace(codes_hash="c", path=Path("trie-0.bin")))
@@ -284,16 +286,20 @@ def test_decode_cache_key_records_the_device_and_the_precisions_used(monkeypatch
 
     cpu = key("cpu", autocast=True)
     assert (cpu["device"], cpu["generator_dtype"], cpu["combiner_dtype"]) == ("cpu", "bfloat16", "float32")
+    assert cpu["head"] == "bf16 inputs, fp32 sums" and "head" not in key("cpu", autocast=False)
     assert key("cpu", autocast=False)["generator_dtype"] == "float32"
     gpu = key("cuda", autocast=True, combiner_autocast=True)  # building the key does not touch a GPU
     assert (gpu["device"], gpu["generator_dtype"], gpu["combiner_dtype"]) == ("cuda", "float16", "float16")
+    assert "head" not in gpu
+    monkeypatch.setattr(fused_decoder, "_mkl_bf16_gemm", lambda: None)  # a torch without MKL: the fp32 head
+    assert key("cpu", autocast=True) == {k: v for k, v in cpu.items() if k != "head"}
     assert len({json.dumps(k, sort_keys=True) for k in (cpu, key("cpu", autocast=False), gpu)}) == 3
     assert "batching" not in cpu  # fp32 and autocast beams do not depend on the batching
     cfg.decoding.int8 = True
     int8 = key("cpu", autocast=False)
     assert int8["generator_dtype"] == "int8" and int8["batching"] == {"batch_size": 64, "processes": 1}
-    assert {k: v for k, v in int8.items() if k not in ("generator_dtype", "batching")} == {
-        k: v for k, v in cpu.items() if k != "generator_dtype"}
+    assert "head" not in int8 and {k: v for k, v in int8.items() if k not in ("generator_dtype", "batching")} == {
+        k: v for k, v in cpu.items() if k not in ("generator_dtype", "head")}
     cfg.decoding.batch_size = 32  # int8 beams depend on the batches, so another batching decodes afresh
     assert key("cpu", autocast=False)["batching"]["batch_size"] == 32
     monkeypatch.setattr(fused_decoder, "int8_inputs_in_7_bits", lambda: True)

@@ -6,10 +6,13 @@ import sys
 import pytest
 import torch
 
+from genius.models.generative_retriever import fused_decoder
 from genius.models.generative_retriever.fused_decoder import (
     ABSORBED_MIN_BEAMS,
     FusedDecoder,
     Workspace,
+    bf16_gemm_fp32_out,
+    bf16_head_on,
     flush_subnormal_,
     int8_inputs_in_7_bits,
     int8_linear,
@@ -160,6 +163,85 @@ def test_bf16_weights_stay_close_and_the_residual_stream_stays_fp32():
     assert not low.absorbs_cross_attention(3, 50)  # bf16 products would round the absorbed scores
     assert not torch.equal(hidden, exact)  # the GEMMs did run in bf16 ...
     torch.testing.assert_close(hidden, exact, atol=0.05, rtol=0.05)  # ... to bf16's precision
+
+
+needs_mkl = pytest.mark.skipif(not bf16_head_on(torch.device("cpu")),
+                               reason="this torch carries no MKL (its x86 builds do)")
+
+
+@needs_mkl
+def test_bf16_gemm_sums_bf16_inputs_in_fp32_and_returns_fp32():
+    """MKL's bf16 product equals the fp32 product of the same bf16 values (its sums are fp32), at
+    odd shapes too; a logit near 48 keeps fp32's precision, where a bf16 output is 0.25 off."""
+    rng = torch.Generator().manual_seed(21)
+    for m, k, n in [(1, 7, 3), (37, 64, 130), (300, 512, 96)]:
+        a, w = torch.randn(m, k, generator=rng).bfloat16(), torch.randn(n, k, generator=rng).bfloat16()
+        out = torch.full((m, n), float("nan"))
+        assert bf16_gemm_fp32_out(a, w, out) is out
+        torch.testing.assert_close(out, a.float() @ w.float().t(), atol=1e-4, rtol=1e-5)
+    # one logit of 48.1: sixteen terms of 3.0 and sixteen of 0.00625 (all exact in bf16)
+    a = torch.tensor([[1.0] * 32], dtype=torch.bfloat16)
+    w = torch.tensor([[3.0] * 16 + [0.00625] * 16], dtype=torch.bfloat16)
+    exact = (a.double() @ w.double().t()).item()
+    assert abs(bf16_gemm_fp32_out(a, w, torch.empty(1, 1)).item() - exact) < 1e-5
+    assert abs((a @ w.t()).float().item() - exact) > 0.05  # torch's bf16 product rounds its output
+    assert torch.equal(bf16_gemm_fp32_out(a[:, :0], w[:, :0], torch.ones(1, 1)), torch.zeros(1, 1))
+    assert bf16_gemm_fp32_out(a[:0], w, torch.empty(0, 1)).shape == (0, 1)
+
+
+@needs_mkl
+@pytest.mark.parametrize("bad", ["fp32 input", "transposed weight", "output shape", "bf16 output"])
+def test_bf16_gemm_refuses_what_it_cannot_read(bad):
+    a, w, out = torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(6, 8, dtype=torch.bfloat16), torch.zeros(4, 6)
+    if bad == "fp32 input":
+        a = a.float()
+    elif bad == "transposed weight":
+        w = torch.zeros(8, 6, dtype=torch.bfloat16).t()
+    elif bad == "output shape":
+        out = torch.zeros(6, 4)
+    else:
+        out = out.bfloat16()
+    with pytest.raises(ValueError, match="bf16_gemm_fp32_out"):
+        bf16_gemm_fp32_out(a, w, out)
+
+
+@needs_mkl
+@pytest.mark.parametrize("level_head", [True, False])
+def test_bf16_decoder_head_sums_the_rounded_state_in_fp32(level_head):
+    """A bf16 decoder with MKL scores the level from its bf16-rounded (scaled) state and bf16
+    head rows, summed and normalised in fp32: not the fp32 head's numbers, but within bf16 input
+    rounding of them; with or without the search's workspace the same."""
+    generator = generator_of(12, "relu")
+    z = torch.nn.functional.normalize(torch.randn(3, 12, generator=torch.Generator().manual_seed(13)), dim=-1)
+    decoder = FusedDecoder(generator, torch.bfloat16)
+    assert decoder.bf16_head
+    with torch.no_grad():
+        search = decoder.start(generator.encode(z), 3, 2)
+        hidden = decoder.step(search, torch.full((3,), PAD), None) * 3.0  # logits of a confident head
+        in_workspace = decoder.level_log_probs(generator, hidden, 1, level_head, search).clone()
+        alone = decoder.level_log_probs(generator, hidden, 1, level_head)
+    scaled = hidden * generator.d_model**-0.5
+    lo, hi = generator.offsets[1], generator.offsets[1] + generator.codebook_sizes[1]
+    weight = generator.t5.lm_head.weight.detach()[lo:hi] if level_head else generator.t5.lm_head.weight.detach()
+
+    def log_probs(logits):
+        return logits.log_softmax(-1) if level_head else logits.log_softmax(-1)[:, lo:hi]
+
+    rounded = log_probs(scaled.bfloat16().float() @ weight.bfloat16().float().t())
+    fp32 = log_probs(scaled @ weight.t())
+    torch.testing.assert_close(in_workspace, rounded, atol=1e-5, rtol=1e-5)
+    assert torch.equal(alone, in_workspace)
+    assert not torch.allclose(in_workspace, fp32, atol=1e-5, rtol=1e-5)  # the inputs were rounded ...
+    torch.testing.assert_close(in_workspace, fp32, atol=0.05, rtol=0.01)  # ... to bf16's precision
+
+
+def test_bf16_decoder_head_is_fp32_where_torch_has_no_mkl(monkeypatch):
+    monkeypatch.setattr(fused_decoder, "_mkl_bf16_gemm", lambda: None)
+    generator = generator_of(12, "relu")
+    assert not FusedDecoder(generator, torch.bfloat16).bf16_head
+    monkeypatch.setattr(fused_decoder, "_mkl_bf16_gemm", lambda: "MKL's bf16 GEMM")
+    assert FusedDecoder(generator, torch.bfloat16).bf16_head and not FusedDecoder(generator).bf16_head
+    assert not fused_decoder.bf16_head_on(torch.device("cuda"))  # a GPU's head is fp32 (the head's F.linear)
 
 
 def test_bf16_decoder_steps_agree_between_the_kernel_and_sdpa():

@@ -24,8 +24,9 @@ Three details keep it fast:
   check), so a GPU never waits on the host mid-search.
 
 With ``autocast`` the decoder's weights are cast once to bf16 (CPU) or fp16 (GPU) and its GEMMs
-run in that type (the residual stream and norms stay fp32), but the output head and the scores
-stay fp32 (``IDGenerator.head_logits``). ``int8`` (x86 CPUs) runs the decoder step's products
+run in that type (the residual stream and norms stay fp32), but the output head's logits and the
+scores stay fp32 (``IDGenerator.head_logits``; on a CPU with MKL the bf16 head sums bf16 inputs
+in fp32, ``FusedDecoder``). ``int8`` (x86 CPUs) runs the decoder step's products
 and the output head's in int8 instead (``FusedDecoder``); the log-softmax and the scores stay
 fp32. A caller that searches again and again with one generator (an evaluation's batches) passes
 one prepared decoder (``prepare_decoder``) to every search: int8's packing costs about a quarter

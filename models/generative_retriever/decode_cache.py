@@ -28,7 +28,7 @@ from genius.common.progress import Progress
 from genius.common.runstate import content_sha256, portable_path
 from genius.common.store import EmbeddingStore, StoreArrays
 from genius.models.generative_retriever.beam_search import NUMERICS_VERSION, decoder_dtype
-from genius.models.generative_retriever.fused_decoder import int8_input_record
+from genius.models.generative_retriever.fused_decoder import bf16_head_record, int8_input_record
 from genius.models.generative_retriever.pool_assets import Pool
 from genius.models.generative_retriever.query_images import QueryImages, query_image_paths
 from genius.models.generative_retriever.retrieval import beams_as_arrays
@@ -58,12 +58,12 @@ class Decoded:
 
 def decode_key(cfg: Any, models: Models, pool: Pool, queries: EmbeddingStore, device: torch.device,
                images: QueryImages | None = None, processes: int = 1) -> dict:
+    dtype = decoder_dtype(device, cfg.decoding.autocast)
     key = {"models": models.fingerprints, "codes": pool.decoding.codes_hash, "trie": pool.decoding.path.name,
             "queries": queries.content_id, "num_beams": cfg.decoding.num_beams,
             "level_head": cfg.decoding.level_head, "device": device.type,
             # the precisions actually used: autocast means bf16 on a CPU and fp16 on a GPU
-            "generator_dtype": "int8" if cfg.decoding.int8 else str(
-                decoder_dtype(device, cfg.decoding.autocast)).removeprefix("torch."),
+            "generator_dtype": "int8" if cfg.decoding.int8 else str(dtype).removeprefix("torch."),
             "combiner_dtype": combiner_dtype(device, cfg.decoding.combiner_autocast),
             "modality_threshold": cfg.decoding.modality_threshold, "numerics": NUMERICS_VERSION}
     if cfg.decoding.sibling_penalty:  # absent at 0, so decodings cached before the option stay valid
@@ -74,6 +74,8 @@ def decode_key(cfg: Any, models: Models, pool: Pool, queries: EmbeddingStore, de
         # differences between batch shapes flip int8 roundings. So the batching is in the key.
         key["batching"] = {"batch_size": cfg.decoding.batch_size, "processes": processes}
         key.update(int8_input_record(True))
+    else:
+        key.update(bf16_head_record(device, dtype))
     if images is not None:
         key["query_images"] = images.digest
     return key

@@ -58,9 +58,9 @@ from genius.common.runstate import RunKey, RunState, file_content, portable_path
 from genius.common.stage import parse_stage_config, record_run, setup_logging, stage_parser, user_errors_exit
 from genius.common.store import EmbeddingStore, store_path
 from genius.models.generative_retriever import ir_metrics, metrics
-from genius.models.generative_retriever.beam_search import NUMERICS_VERSION
+from genius.models.generative_retriever.beam_search import NUMERICS_VERSION, decoder_dtype
 from genius.models.generative_retriever.decode_cache import Decoded, decode_cached
-from genius.models.generative_retriever.fused_decoder import int8_input_record
+from genius.models.generative_retriever.fused_decoder import bf16_head_record, int8_input_record
 from genius.models.generative_retriever.index import IndexVersion, current_name, open_version, run_results
 from genius.models.generative_retriever.outputs import (
     OUTPUTS_VERSION, RUN_OUTPUTS, EvalReport, empty_texts, report_markdown, write_outputs,
@@ -437,8 +437,10 @@ def run_key(cfg: EvalConfig, files: list[QueryFile], stores: dict[str, Embedding
         # missing codes: open_pool says what to run
         inputs[f"codes/{stem}"] = codes_fingerprint(codes_dir) if (codes_dir / "meta.json").is_file() else None
     # The device type counts (autocast precision and kernels differ): a CPU run is not a GPU run's result.
+    precision = (int8_input_record(True) if cfg.decoding.int8
+                 else bf16_head_record(info.device, decoder_dtype(info.device, cfg.decoding.autocast)))
     return RunKey.of(cfg, NOT_IN_RUN_KEY, inputs, added_later=ADDED_LATER, device=info.device.type,
-                     numerics=NUMERICS_VERSION, outputs=OUTPUTS_VERSION, **int8_input_record(cfg.decoding.int8))
+                     numerics=NUMERICS_VERSION, outputs=OUTPUTS_VERSION, **precision)
 
 
 def check_all_positives(cfg: EvalConfig, passes: list[Pass],

@@ -44,8 +44,14 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
 - in fp32 each sublayer's output product adds itself into the residual stream (``addmm_``,
   ``baddbmm_``: the GEMM's beta = 1), so no update is written and read back before the norm;
 - ``dtype`` bf16/fp16 casts the weights once, not at every op as ``autocast`` does; the residual
-  stream and the layer norms stay fp32 (as under autocast) and :meth:`IDGenerator.head_logits`
-  scores the level in fp32.
+  stream and the layer norms stay fp32 (as under autocast). The output head's logits are fp32:
+  a bf16 output would round a logit of 32-64 to 0.25. On a CPU whose torch carries MKL (x86
+  builds link it and export its BLAS) the head multiplies the bf16-rounded state by the bf16
+  head with fp32 accumulation and fp32 output (:func:`bf16_gemm_fp32_out`, MKL's
+  ``cblas_gemm_bf16bf16f32``, on AMX tiles where the CPU has them: 6-7x the fp32 product there);
+  its logits differ from the fp32 head's by the inputs' rounding, a few thousandths, not the
+  output's (:func:`bf16_head_record` names which a run used). Elsewhere
+  :meth:`IDGenerator.head_logits` scores the level in fp32.
 - ``int8`` (CPU, x86) runs the step's six products per layer, and the output head's
   (:meth:`level_log_probs`), as fbgemm's dynamic int8 linear: weights quantized once, symmetric
   with one scale per output row; each product's input quantized on the fly with one scale for
@@ -106,8 +112,10 @@ class FusedDecoder:
         # The C++ kernels on a CPU (fp32, int8 and bf16): self-attention here, beam selection in
         # beam_search. None: SDPA on the rows' gathered histories, and torch's topk (a GPU's way).
         self.kernels = decoder_kernels() if self.embed.device.type == "cpu" and dtype in _KERNEL_STORAGE else None
-        # int8's output head: the tied head's rows, packed per slice (a level's, or all) on first use
+        # int8's and bf16's output head: the tied head's rows, packed (int8) or cast (bf16) per slice
+        # (a level's, or all) on first use
         self.head_weight, self.head_packed = generator.t5.lm_head.weight.detach(), {}
+        self.bf16_head = dtype == torch.bfloat16 and bf16_head_on(self.head_weight.device)
         first = decoder.block[0].layer[0].SelfAttention
         self.bias_weight = first.relative_attention_bias.weight.detach()  # [buckets, heads]
         self.num_buckets, self.max_distance = first.relative_attention_num_buckets, first.relative_attention_max_distance
@@ -161,10 +169,13 @@ class FusedDecoder:
         log-softmax stays fp32). ``generator``: the one this decoder was made from. With the
         search's ``state`` they are written into its workspace: valid while the state lives, until
         its next level's."""
+        workspace = None if state is None else state.workspace
         if self.int8:
             product = self._int8_head
-        elif state is not None:
-            product = partial(self._head_into, state.workspace)
+        elif self.bf16_head:
+            product = partial(self._bf16_head, workspace)
+        elif workspace is not None:
+            product = partial(self._head_into, workspace)
         else:
             product = None
         return generator.level_log_probs(hidden, level, level_head, product)
@@ -175,6 +186,23 @@ class FusedDecoder:
         weight = self.head_weight[rows].float()
         out = workspace.rows("logits", len(hidden), len(weight), torch.float32, hidden.device)
         return torch.mm(hidden, weight.t(), out=out)
+
+    def _bf16_head(self, workspace: Workspace | None, hidden: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The output head's ``rows`` times ``hidden``, both rounded to bf16, accumulated and
+        returned in fp32 (a ``HeadProduct``; :func:`bf16_gemm_fp32_out`), into ``workspace`` (None: a
+        new tensor)."""
+        key = (rows.start, rows.stop)
+        weight = self.head_packed.get(key)
+        if weight is None:  # a plain dict write: two threads casting at once store equal casts
+            weight = self.head_packed[key] = self.head_weight[rows].to(torch.bfloat16).contiguous()
+        shape = (len(hidden), len(weight))
+        if workspace is None:
+            inputs, out = hidden.to(torch.bfloat16), torch.empty(shape)
+        else:
+            inputs = workspace.rows("head_inputs", len(hidden), hidden.shape[1], torch.bfloat16, hidden.device)
+            inputs.copy_(hidden)
+            out = workspace.rows("logits", *shape, torch.float32, hidden.device)
+        return bf16_gemm_fp32_out(inputs, weight, out)
 
     def _int8_head(self, hidden: torch.Tensor, rows: slice) -> torch.Tensor:
         """The output head's ``rows`` times ``hidden`` in int8 (a ``HeadProduct``)."""
@@ -502,6 +530,57 @@ def int8_input_record(int8: bool) -> dict:
     nothing where 8 bits are kept, so keys written before the distinction stay valid on VNNI CPUs
     (on the others their decodings had clipped)."""
     return {"int8_inputs": "7-bit"} if int8 and int8_inputs_in_7_bits() else {}
+
+
+@cache
+def _mkl_bf16_gemm():
+    """MKL's ``cblas_gemm_bf16bf16f32`` from torch's own CPU library, or None where this torch has
+    no MKL (ARM and macOS builds) or its library cannot be opened. x86 builds of torch link MKL
+    statically and export its BLAS; opening the already loaded library again only finds it."""
+    libraries = sorted((Path(torch.__file__).parent / "lib").glob("*torch_cpu.*"))
+    for library in libraries:
+        try:
+            gemm = ctypes.CDLL(str(library)).cblas_gemm_bf16bf16f32
+        except (OSError, AttributeError):
+            continue
+        gemm.restype = None
+        # (layout, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc), MKL_INT 32-bit (LP64)
+        gemm.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                              ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+        return gemm
+    return None
+
+
+def bf16_head_on(device: torch.device) -> bool:
+    """Whether a bf16 decoder on ``device`` scores its head with :func:`bf16_gemm_fp32_out`: on a
+    CPU whose torch carries MKL's bf16 GEMM."""
+    return device.type == "cpu" and _mkl_bf16_gemm() is not None
+
+
+def bf16_head_record(device: torch.device, dtype: torch.dtype) -> dict:
+    """What a cache or run key records of a bf16 decoder's head: bf16 inputs with fp32 accumulation
+    give other beams than the fp32 head, so decodings made before it (or on a torch without MKL)
+    are not taken for its."""
+    return {"head": "bf16 inputs, fp32 sums"} if dtype == torch.bfloat16 and bf16_head_on(device) else {}
+
+
+def bf16_gemm_fp32_out(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` [m, n] (fp32) = ``a`` [m, k] times ``weight`` [n, k] transposed, both bf16 and
+    contiguous, with fp32 accumulation: MKL's bf16 GEMM (AMX tiles or AVX-512 BF16 where the CPU has
+    them), on torch's threads. torch on a CPU has no bf16 product with an fp32 output."""
+    m, k = a.shape
+    n = len(weight)
+    if not (a.dtype == weight.dtype == torch.bfloat16 and out.dtype == torch.float32 and weight.shape[1] == k
+            and out.shape == (m, n) and a.is_contiguous() and weight.is_contiguous() and out.is_contiguous()):
+        raise ValueError(f"bf16_gemm_fp32_out: {a.dtype} {tuple(a.shape)} x {weight.dtype} {tuple(weight.shape)}^T "
+                         f"into {out.dtype} {tuple(out.shape)}")
+    row_major, no_trans, trans = 101, 111, 112  # MKL's CBLAS enums
+    if not k:  # MKL refuses a leading dimension of 0 (and prints so)
+        return out.zero_()
+    if m and n:
+        _mkl_bf16_gemm()(row_major, no_trans, trans, m, n, k, 1.0, a.data_ptr(), k, weight.data_ptr(), k, 0.0,
+                         out.data_ptr(), n)
+    return out
 
 
 def int8_linear(x: torch.Tensor, packed) -> torch.Tensor:
