@@ -235,6 +235,28 @@ def test_bf16_decoder_head_sums_the_rounded_state_in_fp32(level_head):
     torch.testing.assert_close(in_workspace, fp32, atol=0.05, rtol=0.01)  # ... to bf16's precision
 
 
+@pytest.mark.parametrize("feed_forward_proj", ["relu", "gated-gelu"])
+def test_bf16_relu_in_the_product_is_the_product_then_relu_bit_for_bit(feed_forward_proj):
+    """On a CPU a bf16 decoder's ReLU runs inside the feed-forward's product (oneDNN's post-op):
+    its steps equal those of the product followed by ``relu_``, bit for bit, over several steps
+    with reordered beams; a gated feed-forward keeps its own path."""
+    generator = generator_of(14, feed_forward_proj, layers=2)
+    z = torch.nn.functional.normalize(torch.randn(3, 12, generator=torch.Generator().manual_seed(15)), dim=-1)
+    fused, separate = FusedDecoder(generator, torch.bfloat16), FusedDecoder(generator, torch.bfloat16)
+    assert fused.relu_in_product and not FusedDecoder(generator).relu_in_product
+    separate.relu_in_product = False
+    rng = torch.Generator().manual_seed(16)
+    with torch.no_grad():
+        encoder_hidden = generator.encode(z)
+        states = [decoder.start(encoder_hidden, 3 * 4, 4) for decoder in (fused, separate)]
+        tokens, parents, rows_per_query = torch.full((3,), PAD), None, 1
+        for level in range(4):
+            outputs = [decoder.step(state, tokens, parents) for decoder, state in zip((fused, separate), states)]
+            assert torch.equal(outputs[0], outputs[1])
+            parents, tokens = surviving_beams(generator, level, 3, rows_per_query, 4, rng)
+            rows_per_query = 4
+
+
 def test_bf16_decoder_head_is_fp32_where_torch_has_no_mkl(monkeypatch):
     monkeypatch.setattr(fused_decoder, "_mkl_bf16_gemm", lambda: None)
     generator = generator_of(12, "relu")

@@ -51,7 +51,8 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
   ``cblas_gemm_bf16bf16f32``, on AMX tiles where the CPU has them: 6-7x the fp32 product there);
   its logits differ from the fp32 head's by the inputs' rounding, a few thousandths, not the
   output's (:func:`bf16_head_record` names which a run used). Elsewhere
-  :meth:`IDGenerator.head_logits` scores the level in fp32.
+  :meth:`IDGenerator.head_logits` scores the level in fp32. On a CPU the feed-forward's ReLU
+  runs inside its bf16 product (oneDNN's post-op, the same bits as a pass after it).
 - ``int8`` (CPU, x86) runs the step's six products per layer, and the output head's
   (:meth:`level_log_probs`), as fbgemm's dynamic int8 linear: weights quantized once, symmetric
   with one scale per output row; each product's input quantized on the fly with one scale for
@@ -116,6 +117,10 @@ class FusedDecoder:
         # (a level's, or all) on first use
         self.head_weight, self.head_packed = generator.t5.lm_head.weight.detach(), {}
         self.bf16_head = dtype == torch.bfloat16 and bf16_head_on(self.head_weight.device)
+        # bf16 on a CPU: the feed-forward's ReLU as the product's oneDNN post-op (bit for bit the
+        # product then relu_, whose separate bf16 pass cost half the product's time at 3200 rows)
+        self.relu_in_product = (dtype == torch.bfloat16 and self.embed.device.type == "cpu" and not int8
+                                and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
         first = decoder.block[0].layer[0].SelfAttention
         self.bias_weight = first.relative_attention_bias.weight.detach()  # [buckets, heads]
         self.num_buckets, self.max_distance = first.relative_attention_num_buckets, first.relative_attention_max_distance
@@ -412,14 +417,18 @@ class FusedDecoder:
                 update = self._residual(x, attended, layer["o_cross"], workspace)
             normed = self._add_norm(x, update, layer["norm_ff"], out=normed_out)
 
-            hidden = self._linear(normed, layer["wi"], workspace, "hidden")
-            if layer["gated"]:
-                gate, linear = hidden.chunk(2, dim=-1)
-                hidden = layer["act"](gate) * linear
-            elif isinstance(layer["act"], torch.nn.ReLU):
-                hidden.relu_()  # in place on the product's output (a new [rows, d_ff] tensor would be new pages)
+            relu = not layer["gated"] and isinstance(layer["act"], torch.nn.ReLU)
+            if relu and self.relu_in_product:  # a new tensor: the op has no ``out``
+                hidden = torch.ops.mkldnn._linear_pointwise(normed, layer["wi"], None, "relu", [], "")
             else:
-                hidden = layer["act"](hidden)
+                hidden = self._linear(normed, layer["wi"], workspace, "hidden")
+                if layer["gated"]:
+                    gate, linear = hidden.chunk(2, dim=-1)
+                    hidden = layer["act"](gate) * linear
+                elif relu:
+                    hidden.relu_()  # in place on the product's output (a new [rows, d_ff] tensor would be new pages)
+                else:
+                    hidden = layer["act"](hidden)
             last = index + 1 == len(self.layers)
             next_norm = self.final_norm if last else self.layers[index + 1]["norm_self"]
             update = self._residual(x, hidden, layer["wo"], workspace)
