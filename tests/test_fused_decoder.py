@@ -50,6 +50,21 @@ def surviving_beams(generator: IDGenerator, level: int, num_queries: int, rows_p
     return parents, tokens
 
 
+def steps_in_lockstep(generator: IDGenerator, decoders, z: torch.Tensor, seed: int, beams: int = 4):
+    """Each decoder's step outputs, level by level, over one search's steps with the same
+    reordered beams (:func:`surviving_beams`) for all: a list per level."""
+    rng = torch.Generator().manual_seed(seed)
+    levels, num_queries = len(generator.codebook_sizes), len(z)
+    with torch.no_grad():
+        encoder_hidden = generator.encode(z)
+        states = [decoder.start(encoder_hidden, num_queries * beams, levels) for decoder in decoders]
+        tokens, parents, rows_per_query = torch.full((num_queries,), PAD), None, 1
+        for level in range(levels):
+            yield [decoder.step(state, tokens, parents) for decoder, state in zip(decoders, states)]
+            parents, tokens = surviving_beams(generator, level, num_queries, rows_per_query, beams, rng)
+            rows_per_query = beams
+
+
 @pytest.mark.parametrize("num_prefix,absorbed", [(3, True), (8, False)])
 @pytest.mark.parametrize("attention", ["kernel", "gathered"])
 @pytest.mark.parametrize("feed_forward_proj,layers,beams", [("relu", 2, ABSORBED_MIN_BEAMS), ("gated-gelu", 3, 4),
@@ -245,16 +260,8 @@ def test_bf16_relu_in_the_product_is_the_product_then_relu_bit_for_bit(feed_forw
     fused, separate = FusedDecoder(generator, torch.bfloat16), FusedDecoder(generator, torch.bfloat16)
     assert fused.relu_in_product and not FusedDecoder(generator).relu_in_product
     separate.relu_in_product = False
-    rng = torch.Generator().manual_seed(16)
-    with torch.no_grad():
-        encoder_hidden = generator.encode(z)
-        states = [decoder.start(encoder_hidden, 3 * 4, 4) for decoder in (fused, separate)]
-        tokens, parents, rows_per_query = torch.full((3,), PAD), None, 1
-        for level in range(4):
-            outputs = [decoder.step(state, tokens, parents) for decoder, state in zip((fused, separate), states)]
-            assert torch.equal(outputs[0], outputs[1])
-            parents, tokens = surviving_beams(generator, level, 3, rows_per_query, 4, rng)
-            rows_per_query = 4
+    for fused_step, separate_step in steps_in_lockstep(generator, (fused, separate), z, seed=16):
+        assert torch.equal(fused_step, separate_step)
 
 
 def test_bf16_decoder_head_is_fp32_where_torch_has_no_mkl(monkeypatch):
@@ -274,16 +281,8 @@ def test_bf16_decoder_steps_agree_between_the_kernel_and_sdpa():
     kernel, gathered = FusedDecoder(generator, torch.bfloat16), FusedDecoder(generator, torch.bfloat16)
     assert kernel.kernels is not None
     gathered.kernels = None
-    rng = torch.Generator().manual_seed(6)
-    with torch.no_grad():
-        encoder_hidden = generator.encode(z)
-        states = [decoder.start(encoder_hidden, 3 * 4, 4) for decoder in (kernel, gathered)]
-        tokens, parents, rows_per_query = torch.full((3,), PAD), None, 1
-        for level in range(4):
-            outputs = [decoder.step(state, tokens, parents) for decoder, state in zip((kernel, gathered), states)]
-            torch.testing.assert_close(outputs[0], outputs[1], atol=0.03, rtol=0.03)
-            parents, tokens = surviving_beams(generator, level, 3, rows_per_query, 4, rng)
-            rows_per_query = 4
+    for kernel_step, gathered_step in steps_in_lockstep(generator, (kernel, gathered), z, seed=6):
+        torch.testing.assert_close(kernel_step, gathered_step, atol=0.03, rtol=0.03)
 
 
 def test_searches_reuse_a_workspace_and_two_live_searches_never_share_one():
