@@ -648,6 +648,10 @@ def summarise(rows: list[dict], args, gemm: dict) -> dict:
 
 
 # ---- report ----------------------------------------------------------------------------------
+# how the bf16 decoder's level head multiplies, by whether this torch has MKL's bf16 GEMM
+BF16_HEAD = {True: "bf16 with fp32 sums, MKL", False: "fp32"}
+
+
 def markdown(rows: list[dict], summary: dict, args, command: str, machine: str, loads: tuple[float, float]) -> str:
     methods = [m for m in args.methods if any(r["method"] == m for r in rows)]
     sizes = sorted({int(r["pool_size"]) for r in rows})
@@ -694,7 +698,8 @@ def markdown(rows: list[dict], summary: dict, args, command: str, machine: str, 
          + (f"; the fp32 decoder step's own products alone at {args.genius_batch * args.beams} rows "
             f"(`step_products_gflops`, best of the same samples) {gemm['fp32_step']:.0f} GFLOP/s"
             if "fp32_step" in gemm else "")
-         + (f", the bf16 decoder's (its level head fp32) {gemm['bf16_step']:.0f} GFLOP/s" if "bf16_step" in gemm else "")
+         + (f", the bf16 decoder's (its level head {BF16_HEAD[bf16_head_on(torch.device('cpu'))]}) "
+            f"{gemm['bf16_step']:.0f} GFLOP/s" if "bf16_step" in gemm else "")
          + ". Decoder work per query (formula in `decoder_flops_per_query`): "
          f"{summary['decoder_gflop_per_query']:.3g} GFLOP; `generate` does {summary['generate_gflop_per_query']:.3g} "
          "GFLOP for the same query (`generate_flops_per_query`: every beam from the first step, cross-attention "
