@@ -299,7 +299,8 @@ def test_searches_reuse_a_workspace_and_two_live_searches_never_share_one():
     held = decoders[0].step(first, torch.full((2,), PAD), None)
     kept, workspace = held.clone(), first.workspace
     buffers = {key: tensor.data_ptr() for key, tensor in workspace.buffers.items()}
-    assert {"history", "q", "hidden", "normed"} <= {name for name, _, _ in buffers}
+    step_buffers = {"history", "q", "hidden", "normed", "cross_kv", "cross_keys_t", "cross_values"}
+    assert step_buffers <= {name for name, _, _ in buffers}
     del first  # the search ends: its workspace goes back to the pool
 
     states = [decoder.start(hidden, 2 * 3, 3) for decoder, hidden in zip(decoders, encoder_hidden)]

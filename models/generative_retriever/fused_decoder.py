@@ -349,11 +349,22 @@ class FusedDecoder:
             out_of_values = workspace.tensor("cross_out_of_values", (len(self.layers), num_queries,
                                                                      self.heads * length, self.d_model),
                                              torch.float32, source.device)
+        # Every layer's keys (transposed) and values in fp32, and each layer's product on the way,
+        # in the workspace: as new tensors they were about 20 MB of fresh pages per layer at 64
+        # queries, and their page faults took 30-60 ms a search (as long as its first two steps).
+        per_head = num_queries * self.heads
+        keys_ts = workspace.tensor("cross_keys_t", (len(self.layers), per_head, self.d_kv, length), torch.float32,
+                                   source.device)
+        all_values = workspace.tensor("cross_values", (len(self.layers), per_head, length, self.d_kv), torch.float32,
+                                      source.device)
+        product = workspace.tensor("cross_kv", (num_queries * length, 2 * self.inner), self.dtype, source.device)
         cross, cross_absorbed = [], [] if absorbed else None
         for index, layer in enumerate(self.layers):
-            kv = F.linear(source, layer["kv_cross"]).view(num_queries, length, 2, self.heads, self.d_kv).float()
-            keys_t = kv[:, :, 0].permute(0, 2, 3, 1).reshape(-1, self.d_kv, length)  # [Q * heads, d_kv, T]
-            values = kv[:, :, 1].transpose(1, 2).reshape(-1, length, self.d_kv)  # [Q * heads, T, d_kv]
+            kv = torch.mm(source.reshape(-1, self.d_model), layer["kv_cross"].t(), out=product).view(
+                num_queries, length, 2, self.heads, self.d_kv)
+            keys_t, values = keys_ts[index], all_values[index]  # [Q * heads, d_kv, T], [Q * heads, T, d_kv]
+            keys_t.view(num_queries, self.heads, self.d_kv, length).copy_(kv[:, :, 0].permute(0, 2, 3, 1))
+            values.view(num_queries, self.heads, length, self.d_kv).copy_(kv[:, :, 1].transpose(1, 2))
             cross.append((keys_t, values))
             if absorbed:
                 self._absorb(keys_t, values, layer, workspace, into_scores[index], out_of_values[index])
