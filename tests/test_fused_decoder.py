@@ -205,10 +205,12 @@ def test_bf16_gemm_sums_bf16_inputs_in_fp32_and_returns_fp32():
 
 
 @needs_mkl
-@pytest.mark.parametrize("bad", ["fp32 input", "transposed weight", "output shape", "bf16 output"])
+@pytest.mark.parametrize("bad", ["fp32 input", "transposed weight", "output shape", "bf16 output", "not on the CPU"])
 def test_bf16_gemm_refuses_what_it_cannot_read(bad):
     a, w, out = torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(6, 8, dtype=torch.bfloat16), torch.zeros(4, 6)
-    if bad == "fp32 input":
+    if bad == "not on the CPU":  # MKL would read a device pointer as host memory
+        out = torch.zeros(4, 6, device="meta")
+    elif bad == "fp32 input":
         a = a.float()
     elif bad == "transposed weight":
         w = torch.zeros(8, 6, dtype=torch.bfloat16).t()

@@ -48,7 +48,8 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
   a bf16 output would round a logit of 32-64 to 0.25. On a CPU whose torch carries MKL (x86
   builds link it and export its BLAS) the head multiplies the bf16-rounded state by the bf16
   head with fp32 accumulation and fp32 output (:func:`bf16_gemm_fp32_out`, MKL's
-  ``cblas_gemm_bf16bf16f32``, on AMX tiles where the CPU has them: 6-7x the fp32 product there);
+  ``cblas_gemm_bf16bf16f32``, on AMX tiles where the CPU has them: 6-7x the fp32 product alone,
+  3x inside the search);
   its logits differ from the fp32 head's by the inputs' rounding, a few thousandths, not the
   output's (:func:`bf16_head_record` names which a run used). Elsewhere
   :meth:`IDGenerator.head_logits` scores the level in fp32. On a CPU the feed-forward's ReLU
@@ -202,7 +203,7 @@ class FusedDecoder:
             weight = self.head_packed[key] = self.head_weight[rows].to(torch.bfloat16).contiguous()
         shape = (len(hidden), len(weight))
         if workspace is None:
-            inputs, out = hidden.to(torch.bfloat16), torch.empty(shape)
+            inputs, out = hidden.to(torch.bfloat16, memory_format=torch.contiguous_format), torch.empty(shape)
         else:
             inputs = workspace.rows("head_inputs", len(hidden), hidden.shape[1], torch.bfloat16, hidden.device)
             inputs.copy_(hidden)
@@ -429,7 +430,7 @@ class FusedDecoder:
             normed = self._add_norm(x, update, layer["norm_ff"], out=normed_out)
 
             relu = not layer["gated"] and isinstance(layer["act"], torch.nn.ReLU)
-            if relu and self.relu_in_product:  # a new tensor: the op has no ``out``
+            if relu and self.relu_in_product:  # a new tensor (the op has no ``out``), still 1.03x the search
                 hidden = torch.ops.mkldnn._linear_pointwise(normed, layer["wi"], None, "relu", [], "")
             else:
                 hidden = self._linear(normed, layer["wi"], workspace, "hidden")
@@ -590,10 +591,12 @@ def bf16_gemm_fp32_out(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor)
     them), on torch's threads. torch on a CPU has no bf16 product with an fp32 output."""
     m, k = a.shape
     n = len(weight)
+    tensors = (a, weight, out)
     if not (a.dtype == weight.dtype == torch.bfloat16 and out.dtype == torch.float32 and weight.shape[1] == k
-            and out.shape == (m, n) and a.is_contiguous() and weight.is_contiguous() and out.is_contiguous()):
+            and out.shape == (m, n) and all(t.is_contiguous() and t.device.type == "cpu" for t in tensors)
+            and max(m, n, k) < 2**31):  # MKL's LP64 ints
         raise ValueError(f"bf16_gemm_fp32_out: {a.dtype} {tuple(a.shape)} x {weight.dtype} {tuple(weight.shape)}^T "
-                         f"into {out.dtype} {tuple(out.shape)}")
+                         f"into {out.dtype} {tuple(out.shape)}, on {', '.join(t.device.type for t in tensors)}")
     row_major, no_trans, trans = 101, 111, 112  # MKL's CBLAS enums
     if not k:  # MKL refuses a leading dimension of 0 (and prints so)
         return out.zero_()
