@@ -28,7 +28,7 @@ from genius.common.progress import Progress
 from genius.common.runstate import content_sha256, portable_path
 from genius.common.store import EmbeddingStore, StoreArrays
 from genius.models.generative_retriever.beam_search import NUMERICS_VERSION, decoder_dtype
-from genius.models.generative_retriever.fused_decoder import bf16_head_record, int8_input_record
+from genius.models.generative_retriever.fused_decoder import precision_record
 from genius.models.generative_retriever.pool_assets import Pool
 from genius.models.generative_retriever.query_images import QueryImages, query_image_paths
 from genius.models.generative_retriever.retrieval import beams_as_arrays
@@ -73,9 +73,7 @@ def decode_key(cfg: Any, models: Models, pool: Pool, queries: EmbeddingStore, de
         # each product quantizes its input with one range over the batch's rows, and rounding
         # differences between batch shapes flip int8 roundings. So the batching is in the key.
         key["batching"] = {"batch_size": cfg.decoding.batch_size, "processes": processes}
-        key.update(int8_input_record(True))
-    else:
-        key.update(bf16_head_record(device, dtype))
+    key.update(precision_record(device, dtype, cfg.decoding.int8))
     if images is not None:
         key["query_images"] = images.digest
     return key

@@ -60,7 +60,7 @@ from genius.common.store import EmbeddingStore, store_path
 from genius.models.generative_retriever import ir_metrics, metrics
 from genius.models.generative_retriever.beam_search import NUMERICS_VERSION, decoder_dtype
 from genius.models.generative_retriever.decode_cache import Decoded, decode_cached
-from genius.models.generative_retriever.fused_decoder import bf16_head_record, int8_input_record
+from genius.models.generative_retriever.fused_decoder import precision_record
 from genius.models.generative_retriever.index import IndexVersion, current_name, open_version, run_results
 from genius.models.generative_retriever.outputs import (
     OUTPUTS_VERSION, RUN_OUTPUTS, EvalReport, empty_texts, report_markdown, write_outputs,
@@ -437,8 +437,7 @@ def run_key(cfg: EvalConfig, files: list[QueryFile], stores: dict[str, Embedding
         # missing codes: open_pool says what to run
         inputs[f"codes/{stem}"] = codes_fingerprint(codes_dir) if (codes_dir / "meta.json").is_file() else None
     # The device type counts (autocast precision and kernels differ): a CPU run is not a GPU run's result.
-    precision = (int8_input_record(True) if cfg.decoding.int8
-                 else bf16_head_record(info.device, decoder_dtype(info.device, cfg.decoding.autocast)))
+    precision = precision_record(info.device, decoder_dtype(info.device, cfg.decoding.autocast), cfg.decoding.int8)
     return RunKey.of(cfg, NOT_IN_RUN_KEY, inputs, added_later=ADDED_LATER, device=info.device.type,
                      numerics=NUMERICS_VERSION, outputs=OUTPUTS_VERSION, **precision)
 

@@ -51,7 +51,7 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
   ``cblas_gemm_bf16bf16f32``, on AMX tiles where the CPU has them: 6-7x the fp32 product alone,
   3x inside the search);
   its logits differ from the fp32 head's by the inputs' rounding, a few thousandths, not the
-  output's (:func:`bf16_head_record` names which a run used). Elsewhere
+  output's (:func:`precision_record` names which a run used). Elsewhere
   :meth:`IDGenerator.head_logits` scores the level in fp32. On a CPU the feed-forward's ReLU
   runs inside its bf16 product (oneDNN's post-op, the same bits as a pass after it).
 - ``int8`` (CPU, x86) runs the step's six products per layer, and the output head's
@@ -120,7 +120,7 @@ class FusedDecoder:
         self.bf16_head = dtype == torch.bfloat16 and bf16_head_on(self.head_weight.device)
         # bf16 on a CPU: the feed-forward's ReLU as the product's oneDNN post-op (bit for bit the
         # product then relu_, whose separate bf16 pass cost half the product's time at 3200 rows)
-        self.relu_in_product = (dtype == torch.bfloat16 and self.embed.device.type == "cpu" and not int8
+        self.relu_in_product = (dtype == torch.bfloat16 and self.embed.device.type == "cpu"
                                 and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
         first = decoder.block[0].layer[0].SelfAttention
         self.bias_weight = first.relative_attention_bias.weight.detach()  # [buckets, heads]
@@ -197,10 +197,7 @@ class FusedDecoder:
         """The output head's ``rows`` times ``hidden``, both rounded to bf16, accumulated and
         returned in fp32 (a ``HeadProduct``; :func:`bf16_gemm_fp32_out`), into ``workspace`` (None: a
         new tensor)."""
-        key = (rows.start, rows.stop)
-        weight = self.head_packed.get(key)
-        if weight is None:  # a plain dict write: two threads casting at once store equal casts
-            weight = self.head_packed[key] = self.head_weight[rows].to(torch.bfloat16).contiguous()
+        weight = self._head_rows(rows, lambda rows_weight: rows_weight.to(torch.bfloat16).contiguous())
         shape = (len(hidden), len(weight))
         if workspace is None:
             inputs, out = hidden.to(torch.bfloat16, memory_format=torch.contiguous_format), torch.empty(shape)
@@ -212,10 +209,15 @@ class FusedDecoder:
 
     def _int8_head(self, hidden: torch.Tensor, rows: slice) -> torch.Tensor:
         """The output head's ``rows`` times ``hidden`` in int8 (a ``HeadProduct``)."""
+        return int8_linear(hidden, self._head_rows(rows, pack_int8))
+
+    def _head_rows(self, rows: slice, form):
+        """The head's ``rows`` in the form the decoder multiplies them in (``form`` of the fp32 rows:
+        int8's pack, bf16's cast), made on first use and kept per slice."""
         key = (rows.start, rows.stop)
-        if key not in self.head_packed:  # a plain dict write: two threads packing at once store equal packs
-            self.head_packed[key] = pack_int8(self.head_weight[rows])
-        return int8_linear(hidden, self.head_packed[key])
+        if key not in self.head_packed:  # a plain dict write: two threads forming at once store equal forms
+            self.head_packed[key] = form(self.head_weight[rows])
+        return self.head_packed[key]
 
     def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                   dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -546,11 +548,15 @@ def int8_inputs_in_7_bits(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return flags is None or "avx512_vnni" not in flags
 
 
-def int8_input_record(int8: bool) -> dict:
-    """What a cache or run key records of the int8 inputs' width: 7-bit inputs give other beams, and
-    nothing where 8 bits are kept, so keys written before the distinction stay valid on VNNI CPUs
-    (on the others their decodings had clipped)."""
-    return {"int8_inputs": "7-bit"} if int8 and int8_inputs_in_7_bits() else {}
+def precision_record(device: torch.device, dtype: torch.dtype, int8: bool) -> dict:
+    """What a cache or run key records of the decoder's numbers beyond its dtype. int8: the inputs'
+    width, 7-bit inputs giving other beams (nothing where 8 bits are kept, so keys written before the
+    distinction stay valid on VNNI CPUs; on the others their decodings had clipped). bf16: a head
+    that sums bf16 inputs in fp32 (:func:`bf16_head_on`) gives other beams than the fp32 head, so
+    decodings made before it, or on a torch without MKL, are not taken for its."""
+    if int8:
+        return {"int8_inputs": "7-bit"} if int8_inputs_in_7_bits() else {}
+    return {"head": "bf16 inputs, fp32 sums"} if dtype == torch.bfloat16 and bf16_head_on(device) else {}
 
 
 @cache
@@ -577,12 +583,6 @@ def bf16_head_on(device: torch.device) -> bool:
     CPU whose torch carries MKL's bf16 GEMM."""
     return device.type == "cpu" and _mkl_bf16_gemm() is not None
 
-
-def bf16_head_record(device: torch.device, dtype: torch.dtype) -> dict:
-    """What a cache or run key records of a bf16 decoder's head: bf16 inputs with fp32 accumulation
-    give other beams than the fp32 head, so decodings made before it (or on a torch without MKL)
-    are not taken for its."""
-    return {"head": "bf16 inputs, fp32 sums"} if dtype == torch.bfloat16 and bf16_head_on(device) else {}
 
 
 def bf16_gemm_fp32_out(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
