@@ -77,16 +77,10 @@ def gemm_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
 
 
 def int8_gemm_gops(n: int = 2048, repeats: int = 5) -> float:
-    """This machine's square int8 GEMM throughput right now, in GOP/s: the better of
-    ``torch._int_mm`` on int8 operands and fbgemm's dynamic int8 linear (the int8 decoder's
-    product, which also quantizes its fp32 input)."""
-    from genius.models.generative_retriever.fused_decoder import int8_linear, pack_int8
-
+    """This machine's square int8 GEMM throughput right now, in GOP/s: ``torch._int_mm`` on int8
+    operands, the int8 decoder's product."""
     a8, b8 = torch.randint(-127, 128, (n, n), dtype=torch.int8), torch.randint(-127, 128, (n, n), dtype=torch.int8)
-    x, packed = torch.randn(n, n), pack_int8(torch.randn(n, n))
-    seconds = min(best_seconds(lambda: torch._int_mm(a8, b8), repeats),
-                  best_seconds(lambda: int8_linear(x, packed), repeats))
-    return 2 * n**3 / seconds / 1e9
+    return 2 * n**3 / best_seconds(lambda: torch._int_mm(a8, b8), repeats) / 1e9
 
 
 # ---- data --------------------------------------------------------------------------------------

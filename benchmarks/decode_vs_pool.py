@@ -6,7 +6,7 @@ Methods (all on the same machine, in one run, same random pool size N per row):
   head, one ``fill_mask`` + ``advance`` call of the C++ trie per step for all beams), then
   ID -> candidates (``CandidateMap.leaves_of`` + ``genius_ranking``, top 10); ``_bf16`` runs the
   decoder under bf16 autocast on CPU, ``_int8`` with the decoder's and the output head's
-  products in int8 (``decoding.int8``; fbgemm, x86 CPUs). ``genius_device`` is (a) fp32 with the trie as tensors
+  products in int8 (``decoding.int8``; ``torch._int_mm``, CPUs). ``genius_device`` is (a) fp32 with the trie as tensors
   (``DeviceTrie``: the GPU-ready loop, no host round trip per step) on the CPU. ``genius_full`` is (a) with the full-vocabulary
   normalisation the paper settings use (``level_head=False``: all V rows of the output head
   scored at every step) instead of the level head (the level's K rows only).
@@ -693,7 +693,7 @@ def markdown(rows: list[dict], summary: dict, args, command: str, machine: str, 
         (f"GEMM peak measured in this run (torch.matmul {args.gemm_n}^2, best of the samples taken at the start, after each "
          f"GENIUS repeat and at the end): fp32 {gemm['fp32']:.0f} GFLOP/s, "
          + (f"bf16 {gemm['bf16']:.0f} GFLOP/s" if "bf16" in gemm else "bf16 not measured (no bf16 instructions)")
-         + (f", int8 {gemm['int8']:.0f} GOP/s (the better of torch._int_mm and fbgemm's dynamic int8 linear)"
+         + (f", int8 {gemm['int8']:.0f} GOP/s (torch._int_mm)"
             if "int8" in gemm else "")
          + (f"; the fp32 decoder step's own products alone at {args.genius_batch * args.beams} rows "
             f"(`step_products_gflops`, best of the same samples) {gemm['fp32_step']:.0f} GFLOP/s"

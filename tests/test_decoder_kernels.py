@@ -233,3 +233,99 @@ def test_add_rms_norm_in_bf16_is_the_fp32_norm_of_the_widened_update_rounded():
         _decoder_kernels.add_rms_norm(x.numpy(), None, weight.numpy(), 1e-6, torch.empty(70, 40).double().numpy(), 1)
     with pytest.raises(ValueError, match="delta must be a float32 array"):
         _decoder_kernels.add_rms_norm(x.numpy(), delta.double().numpy(), weight.numpy(), 1e-6, fp32_out.numpy(), 1)
+
+
+def quantized_reference(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: scale max |x| / levels, values x / scale rounded to nearest even."""
+    scales = x.abs().amax(1) / levels
+    return torch.round(x / scales[:, None]).clamp(-levels, levels).to(torch.int8), scales
+
+
+@pytest.mark.parametrize("levels", [127, 63])
+def test_quantize_rows_is_symmetric_per_row_and_marks_rows_it_cannot_scale(levels):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(70, 3, 40, generator=g)[:, 1] * torch.logspace(-3, 3, 70)[:, None]  # rows lie apart
+    x[3, 7] = -x[3].abs().max() * 2  # the largest value negative: it becomes -levels
+    x[4] = 0.0  # a step of 1/16 exactly: halves of it are ties
+    x[4, :6] = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, levels]) / 16
+    x[5], x[6, 2], x[7, 9] = 0.0, float("inf"), float("nan")
+    values, scales = torch.empty(70, 40, dtype=torch.int8), torch.empty(70)
+    _decoder_kernels.quantize(x.numpy(), values.numpy(), scales.numpy(), levels, 2)
+    expected, expected_scales = quantized_reference(x, levels)
+    fine = [r for r in range(70) if r not in (5, 6, 7)]
+    assert torch.equal(values[fine], expected[fine]) and torch.equal(scales[fine], expected_scales[fine])
+    assert values[3, 7] == -levels and values.abs().max() == levels
+    assert values[4, :8].tolist() == [0, 2, 2, 0, -2, levels, 0, 0]  # ties to even
+    assert scales[5] == 0 and not values[5].any()  # zeros: scale 0, its product's outputs 0
+    assert scales[6:8].isnan().all() and not values[6:8].any()  # inf or NaN: scale NaN, so the outputs are NaN
+    with pytest.raises(ValueError, match="levels must be in 1..127"):
+        _decoder_kernels.quantize(x.numpy(), values.numpy(), scales.numpy(), 128, 1)
+    with pytest.raises(ValueError, match="out_scales must be contiguous float32 \\[70\\]"):
+        _decoder_kernels.quantize(x.numpy(), values.numpy(), scales[:60].numpy(), 127, 1)
+
+
+def test_scale_sums_scales_back_into_rows_apart_or_relus_and_quantizes_again():
+    """An int8 product's sums times the row's and the column's scale: q, k and v of one product
+    into three buffers (rows apart in both); or ReLU'd and quantized per row, the feed-forward's
+    hidden state on its way into the next product."""
+    g = torch.Generator().manual_seed(6)
+    sums = torch.randint(-2**20, 2**20, (70, 3 * 32), dtype=torch.int32, generator=g)
+    row_scales, column_scales = torch.rand(70, generator=g) * 1e-3, torch.rand(96, generator=g) * 1e-2
+    expected = sums.float() * row_scales[:, None] * column_scales
+    history = torch.zeros(70, 2, 32)  # k and v interleaved per row: each side's rows lie apart
+    for side in range(3):
+        columns = slice(side * 32, (side + 1) * 32)
+        out = history[:, side - 1] if side else torch.empty(70, 32)
+        _decoder_kernels.scale_sums(sums[:, columns].numpy(), row_scales.numpy(), column_scales[columns].numpy(),
+                                    False, out.numpy(), None, 127, 2)
+        assert torch.equal(out, expected[:, columns])
+    assert torch.equal(history.transpose(0, 1).reshape(2, 70, 32), expected[:, 32:].view(70, 2, 32).transpose(0, 1))
+    values, scales = torch.empty(70, 96, dtype=torch.int8), torch.empty(70)
+    _decoder_kernels.scale_sums(sums.numpy(), row_scales.numpy(), column_scales.numpy(), True, values.numpy(),
+                                scales.numpy(), 127, 2)
+    relu_values, relu_scales = quantized_reference(expected.relu(), 127)
+    assert torch.equal(values, relu_values) and torch.equal(scales, relu_scales) and values.min() == 0
+    with pytest.raises(ValueError, match="out_scales must be given exactly when out is int8"):
+        _decoder_kernels.scale_sums(sums.numpy(), row_scales.numpy(), column_scales.numpy(), True, values.numpy(),
+                                    None, 127, 1)
+    with pytest.raises(ValueError, match="sums must be an int32 array"):
+        _decoder_kernels.scale_sums(sums.long().numpy(), row_scales.numpy(), column_scales.numpy(), False,
+                                    expected.numpy(), None, 127, 1)
+
+
+def test_add_rms_norm_int8_adds_the_scaled_sums_and_quantizes_the_norm_per_row():
+    """The int8 decoder's norm: the output product's sums scaled back into the fp32 stream, T5's
+    norm, quantized per row for the next product (or fp32 for the head); as the fp32 kernel's
+    norm of the same update, up to an fp32 ulp of the update (the compiler may fuse its multiply
+    and add) and so a step of the rounding at a tie."""
+    g = torch.Generator().manual_seed(7)
+    x, weight = torch.randn(70, 40, generator=g) * 3, torch.randn(40, generator=g)
+    sums = torch.randint(-2**16, 2**16, (70, 40), dtype=torch.int32, generator=g)
+    row_scales, column_scales = torch.rand(70, generator=g) * 1e-3, torch.rand(40, generator=g) * 1e-2
+    update = sums.float() * row_scales[:, None] * column_scales
+    fp32_stream, fp32_out = x.clone(), torch.empty(70, 40)
+    _decoder_kernels.add_rms_norm(fp32_stream.numpy(), update.numpy(), weight.numpy(), 1e-6, fp32_out.numpy(), 1)
+    stream, values, scales = x.clone(), torch.empty(70, 40, dtype=torch.int8), torch.empty(70)
+    _decoder_kernels.add_rms_norm_int8(stream.numpy(), sums.numpy(), row_scales.numpy(), column_scales.numpy(),
+                                       weight.numpy(), 1e-6, values.numpy(), scales.numpy(), 127, 2)
+    torch.testing.assert_close(stream, fp32_stream, atol=1e-6, rtol=1e-6)
+    expected, expected_scales = quantized_reference(fp32_out, 127)
+    torch.testing.assert_close(scales, expected_scales, atol=0, rtol=1e-5)
+    assert (values.int() - expected.int()).abs().max() <= 1 and (values == expected).float().mean() > 0.99
+    last_stream, last = x.clone(), torch.empty(70, 40)  # the last layer's: fp32 out, for the head
+    _decoder_kernels.add_rms_norm_int8(last_stream.numpy(), sums.numpy(), row_scales.numpy(), column_scales.numpy(),
+                                       weight.numpy(), 1e-6, last.numpy(), None, 127, 2)
+    assert torch.equal(last_stream, stream)
+    torch.testing.assert_close(last, fp32_out, atol=1e-5, rtol=1e-5)
+    first, first_scales = torch.empty(70, 40, dtype=torch.int8), torch.empty(70)  # no update: a step's first norm
+    _decoder_kernels.add_rms_norm_int8(x.clone().numpy(), None, None, None, weight.numpy(), 1e-6, first.numpy(),
+                                       first_scales.numpy(), 63, 1)
+    _decoder_kernels.add_rms_norm(x.clone().numpy(), None, weight.numpy(), 1e-6, fp32_out.numpy(), 1)
+    assert first.abs().max() == 63
+    torch.testing.assert_close(first_scales, fp32_out.abs().amax(1) / 63, atol=0, rtol=1e-6)
+    with pytest.raises(ValueError, match="out_scales must be given exactly when out is int8"):
+        _decoder_kernels.add_rms_norm_int8(x.numpy(), None, None, None, weight.numpy(), 1e-6, first.numpy(), None,
+                                           127, 1)
+    with pytest.raises(ValueError, match="sums must be an int32 array or None"):
+        _decoder_kernels.add_rms_norm_int8(x.numpy(), update.numpy(), row_scales.numpy(), column_scales.numpy(),
+                                           weight.numpy(), 1e-6, last.numpy(), None, 127, 1)

@@ -269,11 +269,12 @@ def test_changed_codes_or_generator_invalidate_cached_decodings_and_trie(tmp_pat
 
 def test_decode_cache_key_records_the_device_and_the_precisions_used(monkeypatch):
     """A decoding made on a CPU (bf16 autocast) is never reused by a GPU run (fp16) or an fp32 run;
-    an int8 one with 7-bit inputs (CPUs without VNNI) never by one with 8-bit inputs; a bf16 one
-    whose head summed bf16 inputs (torch with MKL) never by one with the fp32 head."""
+    an int8 one with 63 levels (CPUs without VNNI) never by one with 127, nor one of the earlier
+    int8 products (one range per matrix) by these; a bf16 one whose head summed bf16 inputs (torch
+    with MKL) never by one with the fp32 head."""
     from genius.models.generative_retriever import fused_decoder
 
-    monkeypatch.setattr(fused_decoder, "int8_inputs_in_7_bits", lambda: False)
+    monkeypatch.setattr(fused_decoder, "int8_levels", lambda: 127)
     monkeypatch.setattr(fused_decoder, "_mkl_bf16_gemm", lambda: "MKL's bf16 GEMM")
     cfg = EvalConfig()
     models = SimpleNamespace(fingerprints={"rq": "r", "generator": "g"})
@@ -298,13 +299,15 @@ def test_decode_cache_key_records_the_device_and_the_precisions_used(monkeypatch
     cfg.decoding.int8 = True
     int8 = key("cpu", autocast=False)
     assert int8["generator_dtype"] == "int8" and int8["batching"] == {"batch_size": 64, "processes": 1}
+    assert int8.pop("int8_products") == "rows quantized one by one, 127 levels"  # not the earlier fbgemm keys'
     assert "head" not in int8 and {k: v for k, v in int8.items() if k not in ("generator_dtype", "batching")} == {
         k: v for k, v in cpu.items() if k not in ("generator_dtype", "head")}
     cfg.decoding.batch_size = 32  # int8 beams depend on the batches, so another batching decodes afresh
     assert key("cpu", autocast=False)["batching"]["batch_size"] == 32
-    monkeypatch.setattr(fused_decoder, "int8_inputs_in_7_bits", lambda: True)
+    monkeypatch.setattr(fused_decoder, "int8_levels", lambda: 63)
     seven_bits = key("cpu", autocast=False)
-    assert seven_bits.pop("int8_inputs") == "7-bit" and seven_bits == {**int8, "batching": seven_bits["batching"]}
+    assert seven_bits.pop("int8_products") == "rows quantized one by one, 63 levels"
+    assert seven_bits == {**int8, "batching": seven_bits["batching"]}
 
 
 def test_decode_cache_key_records_diverse_beams_and_keeps_old_keys_without_them():

@@ -13,11 +13,10 @@ from genius.models.generative_retriever.fused_decoder import (
     Workspace,
     bf16_gemm_fp32_out,
     bf16_head_on,
+    Int8Weight,
+    cpu_flags,
     flush_subnormal_,
-    int8_inputs_in_7_bits,
-    int8_linear,
-    keep_freed_memory,
-    pack_int8,
+    int8_levels,
 )
 from genius.models.generative_retriever.generator import IDGenerator, make_arch
 from genius.models.generative_retriever.vocab import PAD
@@ -343,34 +342,59 @@ def test_only_cpu_workspaces_are_pooled():
     assert on_device not in Workspace._pool and Workspace.take(4) is on_cpu
 
 
-def test_int8_products_do_not_saturate_on_all_positive_inputs():
-    """Inputs and weights near their largest codes (255 and 127) overflow the int16 pair sums of
-    fbgemm's kernels on CPUs without AVX-512 VNNI (44 % of the output's norm on a Zen 3 CPU); the
-    decoder's int8 product quantizes its inputs to 7 bits there, and stays at int8's rounding."""
+def test_int8_levels_are_the_widest_the_cpus_product_multiplies_exactly():
+    """127 levels on CPUs with VNNI or AMX; 63 where oneDNN's int8 kernels add pairs of products
+    into saturating int16s (a row of 127s times a column of 127s came out 261,120). oneDNN is
+    capped at AVX2 in a subprocess to stand for such a CPU on any x86 machine; a product at the
+    levels found is exact at the extremes."""
+    flags = cpu_flags() or frozenset()
+    levels = int8_levels()
+    assert levels == (127 if {"avx512_vnni", "avx_vnni", "amx_int8"} & flags else 63)
+    a, b = torch.full((8, 512), levels, dtype=torch.int8), torch.full((512, 8), -levels, dtype=torch.int8)
+    assert torch.equal(torch._int_mm(a, b), torch.full((8, 8), -levels * levels * 512, dtype=torch.int32))
+    if "avx2" in flags:
+        import os
+        import subprocess
+
+        capped = subprocess.run([sys.executable, "-c", "from genius.models.generative_retriever.fused_decoder "
+                                 "import int8_levels; print(int8_levels())"], capture_output=True, text=True,
+                                env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, check=True)
+        assert capped.stdout.split() == ["63"]
+
+
+def test_int8_weights_are_symmetric_per_output_row():
+    weight = torch.tensor([[0.5, -1.0, 0.25], [0.0, 0.0, 0.0], [3.0, 1.5, -0.75]])
+    quantized = Int8Weight.of(weight, 127)
+    assert quantized.values.shape == (3, 3) and quantized.values.is_contiguous()  # [in, out]: the right operand
+    torch.testing.assert_close(quantized.scales, torch.tensor([1 / 127, 0.0, 3 / 127]))
+    assert quantized.values.t().tolist() == [[64, -127, 32], [0, 0, 0], [127, 64, -32]]  # 63.5 and -31.75 to even
+    torch.testing.assert_close(quantized.values.t().float() * quantized.scales[:, None], weight, atol=0.012, rtol=0)
+    assert Int8Weight.of(weight, 63).values.abs().max() == 63
+
+
+def test_int8_products_stay_close_on_all_positive_inputs():
+    """Inputs and weights at their largest codes are where kernels without VNNI saturate; at the
+    levels :func:`int8_levels` picks, the decoder's int8 product stays at int8's rounding."""
     gen = torch.Generator().manual_seed(0)
     x, weight = torch.rand(64, 256, generator=gen) * 0.1 + 0.9, torch.rand(32, 256, generator=gen) * 0.1 + 0.9
-    exact = x @ weight.t()
-    assert float((int8_linear(x, pack_int8(weight)) - exact).norm() / exact.norm()) < 0.01
+    decoder = FusedDecoder(generator_of(0, "relu"), int8=True)
+    product = decoder._linear(x, Int8Weight.of(weight, decoder.levels), Workspace(), "unused")
+    scaled = product.values.double() * product.row_scales.double()[:, None] * product.column_scales.double()
+    exact = x.double() @ weight.double().t()
+    assert float((scaled - exact).norm() / exact.norm()) < 0.01
 
 
-def test_int8_inputs_keep_8_bits_only_where_the_cpu_has_avx512_vnni(tmp_path):
-    vnni, avx_vnni = tmp_path / "vnni", tmp_path / "avx_vnni"  # two files: the answer is cached per file
-    vnni.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 fma avx512f avx512bw avx512_vnni avx512_bf16\n")
-    assert not int8_inputs_in_7_bits(vnni)
-    avx_vnni.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 fma avx_vnni\nbugs\t\t: avx512_vnni\n")
-    assert int8_inputs_in_7_bits(avx_vnni)  # AVX-VNNI (256-bit) is not what fbgemm's VNNI kernels need
-    assert int8_inputs_in_7_bits(tmp_path / "absent")  # unreadable: the range every CPU can take
-
-
-def test_int8_step_packs_the_step_products_and_stays_close_to_fp32():
-    """int8: the six per-step products run on fbgemm's packed int8 weights (kv_cross, used once per
-    query, stays fp32), the output is fp32 and within int8's error of the fp32 step, step by step;
-    so are the output head's log-probabilities."""
-    generator = generator_of(4, "gated-gelu", layers=3)
+@pytest.mark.parametrize("feed_forward", ["relu", "gated-gelu"])
+def test_int8_step_quantizes_the_step_products_and_stays_close_to_fp32(feed_forward):
+    """int8: the six per-step products run on int8 weights (kv_cross, used once per query, stays
+    fp32), the output is fp32 and within int8's error of the fp32 step, step by step, with ReLU
+    (scaled back, ReLU'd and quantized in one pass) and a gated feed-forward; so are the output
+    head's log-probabilities, with the search's workspace and without."""
+    generator = generator_of(4, feed_forward, layers=3)
     z = torch.nn.functional.normalize(torch.randn(2, 12, generator=torch.Generator().manual_seed(5)), dim=-1)
     exact, int8 = FusedDecoder(generator), FusedDecoder(generator, int8=True)
     layer = int8.layers[0]
-    assert all(not isinstance(layer[k], torch.Tensor) for k in ("qkv", "o_self", "q_cross", "o_cross", "wi", "wo"))
+    assert all(isinstance(layer[k], Int8Weight) for k in ("qkv", "o_self", "q_cross", "o_cross", "wi", "wo"))
     assert layer["kv_cross"].dtype == torch.float32
     with torch.no_grad():
         encoder_hidden = generator.encode(z)
@@ -389,6 +413,8 @@ def test_int8_step_packs_the_step_products_and_stays_close_to_fp32():
                 assert quantized.dtype == torch.float32 and quantized.shape == reference.shape
                 assert not torch.equal(quantized, reference)
                 torch.testing.assert_close(quantized, reference, atol=0.1, rtol=0.05)
+                in_workspace = int8.level_log_probs(generator, hidden, level, level_head, states[1])
+                assert torch.equal(in_workspace, quantized)
             parents = torch.tensor([0, 0, 0, 1, 1, 1]) if level == 0 else torch.tensor([2, 0, 1, 5, 3, 3])
             tokens = generator.offsets[level] + torch.tensor([0, 1, 2, 0, 1, 2])
     levels = {(generator.offsets[level], generator.offsets[level] + generator.codebook_sizes[level])
@@ -396,30 +422,16 @@ def test_int8_step_packs_the_step_products_and_stays_close_to_fp32():
     assert set(int8.head_packed) == levels | {(None, None)}  # packed once per level used, and whole once
 
 
-def test_int8_decoding_has_glibc_reuse_freed_memory_instead_of_faulting_in_fresh_pages():
-    """int8's products allocate their outputs; after the first int8 decoder, blocks of that size
-    freed together are reused by the next round instead of coming back as fresh zeroed pages (with
-    glibc's defaults every round of this loop faults in all 160 MB again)."""
-    if not sys.platform.startswith("linux"):
-        pytest.skip("glibc's malloc settings: Linux only")
-    import resource  # Unix only
-
-    FusedDecoder(generator_of(0, "relu"), int8=True)
-    assert keep_freed_memory()  # the decoder above did it; the CI machines run glibc
-    faults = []
-    for _ in range(5):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        blocks = [torch.ones(5_000_000) for _ in range(8)]  # 8 x 20 MB, written
-        del blocks
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    assert faults[-1] < 2_000, faults  # 160 MB is 39,000 pages of 4 KB
-
-
-def test_int8_is_refused_where_it_cannot_run():
+def test_int8_is_refused_where_it_cannot_run(monkeypatch):
     from genius.models.generative_retriever.fused_decoder import int8_decoding_problem
 
-    assert int8_decoding_problem(torch.device("cpu")) is None  # the CI machines are x86
+    assert int8_decoding_problem(torch.device("cpu")) is None  # the CI machines are x86 with the kernels built
     assert "CPU only" in int8_decoding_problem(torch.device("cuda"))
     assert "exclude each other" in int8_decoding_problem(torch.device("cpu"), torch.bfloat16)
+    with monkeypatch.context() as patch:
+        patch.setattr(fused_decoder, "int8_levels", lambda: None)
+        assert "not exact even on 7-bit operands" in int8_decoding_problem(torch.device("cpu"))
+        patch.setattr(fused_decoder, "decoder_kernels", lambda: None)
+        assert "C++ decoding kernels, which are not built" in int8_decoding_problem(torch.device("cpu"))
     with pytest.raises(ValueError, match="exclude each other"):
         FusedDecoder(generator_of(0, "relu"), torch.bfloat16, int8=True)

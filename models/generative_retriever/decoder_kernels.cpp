@@ -19,6 +19,14 @@
 // RMS norm of x, in one pass over each row (torch runs an add and five element-wise ops, and for
 // bf16 a conversion on each side).
 //
+// int8 decoding (add_rms_norm_int8, quantize_rows, dequantize_rows, requantize_rows): the step's
+// products are torch._int_mm's, int8 operands and int32 sums; these kernels write the operands
+// and read the sums in the passes that are there anyway. A product's input row is quantized
+// symmetrically with its own scale (max |x| / levels), so the norm quantizes its output as it
+// writes it, and the sums are scaled back (sum * row scale * column scale) where they are read:
+// in the residual update before the next norm, into q and the history, or straight into the
+// next product's quantized input (the feed-forward's ReLU between them).
+//
 // Each splits its work between `threads` OpenMP threads, with the GIL released: torch's own
 // threads, since the libgomp torch loads is the one these find (see setup.py). Threads of their
 // own would compete with torch's workers, which spin for a while after each op (measured: the
@@ -146,30 +154,43 @@ __attribute__((always_inline)) inline void attend_rows(const Problem<T>& p, int6
   }
 }
 
-// Inlined into each clone below, so that each is compiled for its CPU (a shared out-of-line copy
-// would be the default target's, and its rounding differ from the fp32 clone's where FMA is used).
-template <typename Delta, typename Out>
-__attribute__((always_inline)) inline void add_rms_norm_row(float* x, const Delta* delta, const float* weight, float eps, Out* out, int64_t d) {
-  float lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= d; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const float v = delta ? x[i + l] + widen(delta[i + l]) : x[i + l];
-      x[i + l] = v;
-      lanes[l] += v * v;
-    }
-  float squares = 0.f;
-  for (int l = 0; l < kLanes; ++l) squares += lanes[l];
-  for (; i < d; ++i) {
-    x[i] = delta ? x[i] + widen(delta[i]) : x[i];
-    squares += x[i] * x[i];
+// Symmetric int8 quantization of a row x[0..d): returns its scale, max |x| / levels, and writes
+// q = x / scale rounded to nearest even (as torch.round), in [-levels, levels]. A row of zeros
+// (or of values so small that the scale underflows) has scale 0 and q 0; a row holding inf or NaN
+// gets scale NaN, so that what its product scales back is NaN, as the fp32 product's would be, for
+// the search's check to see.
+__attribute__((always_inline)) inline float quantize_row(const float* x, int64_t d, float levels, int8_t* q) {
+  // max |x| over the bits: with the sign cleared, floats order as their bits, inf and NaN above
+  // every finite value; an integer max the compiler vectorises (a float max it keeps scalar, for NaN)
+  uint32_t top_bits = 0;
+  for (int64_t i = 0; i < d; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &x[i], sizeof bits);
+    top_bits = std::max(top_bits, bits & 0x7FFFFFFFu);
   }
-  const float inverse = 1.f / std::sqrt(squares / static_cast<float>(d) + eps);
-  for (int64_t j = 0; j < d; ++j) narrow(weight[j] * (x[j] * inverse), &out[j]);
+  float top;
+  std::memcpy(&top, &top_bits, sizeof top);
+  const float scale = top_bits >= 0x7F800000u ? NAN : top / levels;
+  if (!(scale > 0.f)) {
+    std::fill(q, q + d, int8_t{0});
+    return std::isnan(scale) ? NAN : 0.f;
+  }
+  for (int64_t j = 0; j < d; ++j)
+    q[j] = static_cast<int8_t>(std::min(levels, std::max(-levels, std::nearbyint(x[j] / scale))));
+  return scale;
 }
 
-// The norm's rows begin..end of [rows, d] arrays, per (update, output) type: fp32's, and bf16's
-// (bf16 products' updates; bf16 normed states for the next product, fp32 for the head).
+// An update's value i as fp32: a stored fp32 or bf16 value, or an int8 product's int32 sum
+// scaled back by its input row's scale and its column's (in that order, as the Python reference).
+inline float update_value(const float* delta, int64_t i, float, const float*) { return delta[i]; }
+inline float update_value(const BFloat16* delta, int64_t i, float, const float*) { return widen(delta[i]); }
+inline float update_value(const int32_t* sums, int64_t i, float row_scale, const float* column_scales) {
+  return static_cast<float>(sums[i]) * row_scale * column_scales[i];
+}
+
+// The norm's rows begin..end of [rows, d] arrays, per (update, output) type: fp32's, bf16's
+// (bf16 products' updates; bf16 normed states for the next product, fp32 for the head), and
+// int8's (int32 sums' updates; int8 normed states with a scale per row, fp32 for the head).
 template <typename Delta, typename Out>
 struct NormRows {
   float* x;
@@ -178,12 +199,94 @@ struct NormRows {
   float eps;
   Out* out;
   int64_t d;
+  const float* delta_scales = nullptr;    // int32 sums: their input rows' scales [rows]
+  const float* column_scales = nullptr;  // and their columns' [d]
+  float* out_scales = nullptr;           // int8 out: each row's scale [rows]
+  float levels = 127.f;
 };
+
+// Inlined into each clone below, so that each is compiled for its CPU (a shared out-of-line copy
+// would be the default target's, and its rounding differ from the fp32 clone's where FMA is used).
+// `normed`: d floats of scratch for an int8 output, quantized once the row is normed.
+template <typename Delta, typename Out>
+__attribute__((always_inline)) inline void add_rms_norm_row(const NormRows<Delta, Out>& p, int64_t row, float* normed) {
+  const int64_t d = p.d;
+  float* x = p.x + row * d;
+  const Delta* delta = p.delta ? p.delta + row * d : nullptr;
+  const float row_scale = p.delta_scales ? p.delta_scales[row] : 1.f;
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= d; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float v = delta ? x[i + l] + update_value(delta, i + l, row_scale, p.column_scales) : x[i + l];
+      x[i + l] = v;
+      lanes[l] += v * v;
+    }
+  float squares = 0.f;
+  for (int l = 0; l < kLanes; ++l) squares += lanes[l];
+  for (; i < d; ++i) {
+    x[i] = delta ? x[i] + update_value(delta, i, row_scale, p.column_scales) : x[i];
+    squares += x[i] * x[i];
+  }
+  const float inverse = 1.f / std::sqrt(squares / static_cast<float>(d) + p.eps);
+  Out* out = p.out + row * d;
+  if constexpr (std::is_same_v<Out, int8_t>) {
+    for (int64_t j = 0; j < d; ++j) normed[j] = p.weight[j] * (x[j] * inverse);
+    p.out_scales[row] = quantize_row(normed, d, p.levels, out);
+  } else {
+    for (int64_t j = 0; j < d; ++j) narrow(p.weight[j] * (x[j] * inverse), &out[j]);
+  }
+}
 
 template <typename Delta, typename Out>
 __attribute__((always_inline)) inline void add_rms_norm_rows(const NormRows<Delta, Out>& p, int64_t begin, int64_t end) {
+  std::vector<float> normed(std::is_same_v<Out, int8_t> ? p.d : 0);
+  for (int64_t row = begin; row < end; ++row) add_rms_norm_row(p, row, normed.data());
+}
+
+// An int8 product's sums [rows, n] (rows `sums_stride` apart) scaled back, ReLU'd if `relu`:
+// into fp32 rows (`out_stride` apart), or quantized again, row by row, as the next product's input.
+struct ScaleRows {
+  const int32_t* sums;
+  int64_t sums_stride;
+  const float* sum_scales;     // [rows]
+  const float* column_scales;  // [n]
+  bool relu;
+  int64_t n;
+  float* out;  // fp32 out, or nullptr for int8
+  int64_t out_stride;
+  int8_t* quantized;  // int8 out [rows, n], contiguous
+  float* out_scales;  // its rows' scales
+  float levels;
+};
+
+__attribute__((always_inline)) inline void scale_rows(const ScaleRows& p, int64_t begin, int64_t end) {
+  std::vector<float> scratch(p.out ? 0 : p.n);
+  for (int64_t row = begin; row < end; ++row) {
+    const int32_t* sums = p.sums + row * p.sums_stride;
+    float* out = p.out ? p.out + row * p.out_stride : scratch.data();
+    const float row_scale = p.sum_scales[row];
+    for (int64_t j = 0; j < p.n; ++j) {
+      const float v = update_value(sums, j, row_scale, p.column_scales);
+      out[j] = p.relu && v < 0.f ? 0.f : v;  // a NaN stays NaN, as through torch's relu
+    }
+    if (!p.out) p.out_scales[row] = quantize_row(out, p.n, p.levels, p.quantized + row * p.n);
+  }
+}
+
+// fp32 rows [rows, d] (`x_stride` apart) quantized as a product's input: int8 [rows, d] and a scale per row.
+struct QuantizeRows {
+  const float* x;
+  int64_t x_stride;
+  int64_t d;
+  int8_t* out;
+  float* out_scales;
+  float levels;
+};
+
+__attribute__((always_inline)) inline void quantize_rows(const QuantizeRows& p, int64_t begin, int64_t end) {
   for (int64_t row = begin; row < end; ++row)
-    add_rms_norm_row(p.x + row * p.d, p.delta ? p.delta + row * p.d : nullptr, p.weight, p.eps, p.out + row * p.d, p.d);
+    p.out_scales[row] = quantize_row(p.x + row * p.x_stride, p.d, p.levels, p.out + row * p.d);
 }
 
 // GCC's target clones are made per function, not per template, hence one entry point per type.
@@ -198,6 +301,14 @@ GENIUS_CLONES void norm_rows_bf16(const NormRows<BFloat16, BFloat16>& p, int64_t
 GENIUS_CLONES void norm_rows_bf16_to_fp32(const NormRows<BFloat16, float>& p, int64_t begin, int64_t end) {
   add_rms_norm_rows(p, begin, end);
 }
+GENIUS_CLONES void norm_rows_int32_to_int8(const NormRows<int32_t, int8_t>& p, int64_t begin, int64_t end) {
+  add_rms_norm_rows(p, begin, end);
+}
+GENIUS_CLONES void norm_rows_int32_to_fp32(const NormRows<int32_t, float>& p, int64_t begin, int64_t end) {
+  add_rms_norm_rows(p, begin, end);
+}
+GENIUS_CLONES void scale_rows_clones(const ScaleRows& p, int64_t begin, int64_t end) { scale_rows(p, begin, end); }
+GENIUS_CLONES void quantize_rows_clones(const QuantizeRows& p, int64_t begin, int64_t end) { quantize_rows(p, begin, end); }
 
 void require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument("beam attention: " + what);
@@ -297,6 +408,122 @@ void add_rms_norm(py::array_t<float>& x, const py::object& delta, const py::arra
   });
 }
 
+// Row strides in elements of an array with contiguous rows (2-d, unit column stride).
+template <typename T>
+int64_t row_stride(const py::array& a, const char* what) {
+  require(a.ndim() == 2 && a.strides(1) == static_cast<int64_t>(sizeof(T)) && a.strides(0) % sizeof(T) == 0 &&
+              a.strides(0) >= a.shape(1) * static_cast<int64_t>(sizeof(T)),
+          std::string(what) + " must be 2-d with contiguous rows");
+  return a.strides(0) / static_cast<int64_t>(sizeof(T));
+}
+
+void require_vector(const py::array_t<float>& a, int64_t n, const char* what) {
+  require(a.ndim() == 1 && a.shape(0) == n && c_contiguous(a), std::string(what) + " must be contiguous float32 [" +
+                                                                   std::to_string(n) + "]");
+}
+
+void require_levels(double levels) { require(levels >= 1 && levels <= 127, "levels must be in 1..127"); }
+
+// The int8 decoder's norm: x += sums * sum_scales[row] * column_scales (unless sums is None), then
+// out = T5's RMS norm of x times weight, per row: int8 with a scale per row into out_scales (the
+// next product's input), or fp32 (the last layer's, for the head; out_scales None).
+void add_rms_norm_int8(py::array_t<float>& x, const py::object& sums, const py::object& sum_scales,
+                       const py::object& column_scales, const py::array_t<float>& weight, double eps, py::array& out,
+                       const py::object& out_scales, double levels, int threads) {
+  require(x.ndim() == 2 && c_contiguous(x), "x must be contiguous [rows, d]");
+  const int64_t rows = x.shape(0), d = x.shape(1);
+  require_vector(weight, d, "weight");
+  const bool int8_out = out.dtype().is(py::dtype::of<int8_t>());
+  require(int8_out || out.dtype().is(py::dtype::of<float>()), "out must be an int8 or a float32 array");
+  require(out.ndim() == 2 && c_contiguous(out) && out.shape(0) == rows && out.shape(1) == d && out.writeable(),
+          "out must be writeable, contiguous, x's shape");
+  require(int8_out != out_scales.is_none(), "out_scales must be given exactly when out is int8");
+  require_levels(levels);
+  py::array_t<int32_t> sums_array;
+  py::array_t<float> sum_scales_array, column_scales_array, out_scales_array;
+  if (!sums.is_none()) {
+    require(py::isinstance<py::array_t<int32_t>>(sums), "sums must be an int32 array or None");
+    sums_array = sums.cast<py::array_t<int32_t>>();
+    require(sums_array.ndim() == 2 && c_contiguous(sums_array) && sums_array.shape(0) == rows &&
+                sums_array.shape(1) == d, "sums must be contiguous, x's shape");
+    sum_scales_array = sum_scales.cast<py::array_t<float>>();
+    column_scales_array = column_scales.cast<py::array_t<float>>();
+    require_vector(sum_scales_array, rows, "sum_scales");
+    require_vector(column_scales_array, d, "column_scales");
+  }
+  if (int8_out) {
+    out_scales_array = out_scales.cast<py::array_t<float>>();
+    require_vector(out_scales_array, rows, "out_scales");
+    require(out_scales_array.writeable(), "out_scales must be writeable");
+  }
+  const int32_t* add = sums.is_none() ? nullptr : sums_array.data();
+  const float* add_scales = sums.is_none() ? nullptr : sum_scales_array.data();
+  const float* columns = sums.is_none() ? nullptr : column_scales_array.data();
+  float* stream = x.mutable_data();
+  void* normed = out.mutable_data();
+  float* normed_scales = int8_out ? out_scales_array.mutable_data() : nullptr;
+  const float* scale = weight.data();
+  const float epsilon = static_cast<float>(eps), top = static_cast<float>(levels);
+  py::gil_scoped_release release;
+  split(rows, std::min<int64_t>(threads, rows / 32), [&](int64_t begin, int64_t end) {
+    if (int8_out)
+      norm_rows_int32_to_int8({stream, add, scale, epsilon, static_cast<int8_t*>(normed), d, add_scales, columns,
+                               normed_scales, top}, begin, end);
+    else
+      norm_rows_int32_to_fp32({stream, add, scale, epsilon, static_cast<float*>(normed), d, add_scales, columns},
+                              begin, end);
+  });
+}
+
+// An int8 product's sums [rows, n] scaled back (sums * sum_scales[row] * column_scales), ReLU'd
+// if `relu`: into fp32 `out` (rows may lie apart in sums and out, e.g. q, k and v of one product
+// into their own buffers), or, with `out` int8, quantized per row (scales into out_scales) as the
+// next product's input.
+void scale_sums(const py::array& sums, const py::array_t<float>& sum_scales, const py::array_t<float>& column_scales,
+                bool relu, py::array& out, const py::object& out_scales, double levels, int threads) {
+  require(sums.dtype().is(py::dtype::of<int32_t>()), "sums must be an int32 array");
+  const int64_t sums_stride = row_stride<int32_t>(sums, "sums"), rows = sums.shape(0), n = sums.shape(1);
+  require_vector(sum_scales, rows, "sum_scales");
+  require_vector(column_scales, n, "column_scales");
+  require(out.shape(0) == rows && out.ndim() == 2 && out.shape(1) == n && out.writeable(),
+          "out must be writeable, the shape of sums");
+  const bool int8_out = out.dtype().is(py::dtype::of<int8_t>());
+  require(int8_out || out.dtype().is(py::dtype::of<float>()), "out must be a float32 or an int8 array");
+  require(int8_out != out_scales.is_none(), "out_scales must be given exactly when out is int8");
+  require_levels(levels);
+  ScaleRows p{static_cast<const int32_t*>(sums.data()), sums_stride, sum_scales.data(), column_scales.data(), relu, n,
+              nullptr, 0, nullptr, nullptr, static_cast<float>(levels)};
+  py::array_t<float> scales_array;
+  if (int8_out) {
+    require(c_contiguous(out), "an int8 out must be contiguous");
+    scales_array = out_scales.cast<py::array_t<float>>();
+    require_vector(scales_array, rows, "out_scales");
+    require(scales_array.writeable(), "out_scales must be writeable");
+    p.quantized = static_cast<int8_t*>(out.mutable_data());
+    p.out_scales = scales_array.mutable_data();
+  } else {
+    p.out_stride = row_stride<float>(out, "out");
+    p.out = static_cast<float*>(out.mutable_data());
+  }
+  py::gil_scoped_release release;
+  split(rows, std::min<int64_t>(threads, rows / 32), [&](int64_t begin, int64_t end) { scale_rows_clones(p, begin, end); });
+}
+
+// fp32 rows x [rows, d] (rows may lie apart) quantized as a product's input: out int8 [rows, d],
+// each row's scale into out_scales.
+void quantize(const py::array_t<float>& x, py::array_t<int8_t>& out, py::array_t<float>& out_scales, double levels,
+              int threads) {
+  const int64_t x_stride = row_stride<float>(x, "x"), rows = x.shape(0), d = x.shape(1);
+  require(out.ndim() == 2 && c_contiguous(out) && out.shape(0) == rows && out.shape(1) == d && out.writeable(),
+          "out must be writeable, contiguous, x's shape");
+  require_vector(out_scales, rows, "out_scales");
+  require(out_scales.writeable(), "out_scales must be writeable");
+  require_levels(levels);
+  const QuantizeRows p{x.data(), x_stride, d, out.mutable_data(), out_scales.mutable_data(), static_cast<float>(levels)};
+  py::gil_scoped_release release;
+  split(rows, std::min<int64_t>(threads, rows / 32), [&](int64_t begin, int64_t end) { quantize_rows_clones(p, begin, end); });
+}
+
 // Whether a beam candidate (score, flat index) ranks before another: higher scores first, NaN
 // above everything (as torch's CPU topk ranks it, so the caller's check finds it), ties by index.
 inline bool ranks_before(float a, int64_t ia, float b, int64_t ib) {
@@ -385,6 +612,16 @@ PYBIND11_MODULE(_decoder_kernels, m) {
   m.def("add_rms_norm", &add_rms_norm, py::arg("x").noconvert(), py::arg("delta"), py::arg("weight").noconvert(),
         py::arg("eps"), py::arg("out").noconvert(), py::arg("threads"),
         "x += delta (unless None), then out = T5's RMS norm of x times weight, per row (fp32; bf16 as int16 bits)");
+  m.def("add_rms_norm_int8", &add_rms_norm_int8, py::arg("x").noconvert(), py::arg("sums"), py::arg("sum_scales"),
+        py::arg("column_scales"), py::arg("weight").noconvert(), py::arg("eps"), py::arg("out").noconvert(),
+        py::arg("out_scales"), py::arg("levels"), py::arg("threads"),
+        "x += int8 product sums scaled back (unless None), then T5's RMS norm into int8 rows and their scales, or fp32");
+  m.def("scale_sums", &scale_sums, py::arg("sums").noconvert(), py::arg("sum_scales").noconvert(),
+        py::arg("column_scales").noconvert(), py::arg("relu"), py::arg("out").noconvert(), py::arg("out_scales"),
+        py::arg("levels"), py::arg("threads"),
+        "an int8 product's sums scaled back (ReLU'd if relu), into fp32, or quantized per row into int8");
+  m.def("quantize", &quantize, py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("out_scales").noconvert(),
+        py::arg("levels"), py::arg("threads"), "fp32 rows quantized symmetrically per row into int8 and their scales");
   m.def("top_allowed", &top_allowed, py::arg("log_probs").noconvert(), py::arg("scores").noconvert(),
         py::arg("allowed").noconvert(), py::arg("beams"), py::arg("out_scores").noconvert(), py::arg("out_flat").noconvert(),
         py::arg("threads"), "per query, the best `keep` allowed (score + log-probability), flat indices (see the source)");

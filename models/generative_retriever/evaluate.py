@@ -140,7 +140,7 @@ class DecodingConfig:
     # full-vocabulary normalisation, the official decoding's exact scores and beams.
     level_head: bool = True
     autocast: bool = False  # the generator under bf16 autocast on CPU, fp16 on GPU
-    # The decoder step's and the output head's products in int8 (fbgemm; x86 CPUs only, not with
+    # The decoder step's and the output head's products in int8 (torch._int_mm; CPUs only, not with
     # autocast): faster decoding at slightly different beams (fused_decoder.py; BENCHMARKS.md
     # measures both).
     int8: bool = False

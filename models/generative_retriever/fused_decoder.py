@@ -7,9 +7,9 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
 ([800, 512] x [512, 2048] for 16 queries) that this overhead is about a quarter of the time.
 :class:`FusedDecoder` computes the same function with the weights read once per search:
 
-- the self-attention's k and v products write straight into the step's slot of the history (int8,
-  whose products allocate their outputs, runs q, k and v as one product and copies k and v
-  there); the cross-attention keys and values are computed once per query (not per beam) from
+- the self-attention's k and v products write straight into the step's slot of the history (int8
+  runs q, k and v as one product, whose sums are scaled back into q's buffer and that slot); the
+  cross-attention keys and values are computed once per query (not per beam) from
   the encoder output. In fp32,
   with fewer encoder vectors than d_kv (the paper's 30 of 64), the cross-attention's q and o
   products are absorbed into them (:meth:`FusedDecoder._absorb`): a query's beams get their scores
@@ -54,20 +54,21 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
   output's (:func:`precision_record` names which a run used). Elsewhere
   :meth:`IDGenerator.head_logits` scores the level in fp32. On a CPU the feed-forward's ReLU
   runs inside its bf16 product (oneDNN's post-op, the same bits as a pass after it).
-- ``int8`` (CPU, x86) runs the step's six products per layer, and the output head's
-  (:meth:`level_log_probs`), as fbgemm's dynamic int8 linear: weights quantized once, symmetric
-  with one scale per output row; each product's input quantized on the fly with one scale for
-  the whole [rows, in] matrix (in 7 bits where the CPU lacks AVX-512 VNNI:
-  :func:`int8_inputs_in_7_bits`); int32 accumulation, fp32 out. These products run 2.6-2.7x faster
-  than fp32 on the CPUs measured (BENCHMARKS.md), at about 1-2 % of the largest output. They
-  allocate their outputs (fbgemm's have no ``out``), so on Linux the first int8 decoder has glibc
-  keep freed memory for reuse (:func:`keep_freed_memory`). Everything else stays fp32: the
-  cross-attention keys and values (once per query), attention, the norms, the residual stream,
-  the log-softmax and the scores. Its beams are not the fp32
-  beams; BENCHMARKS.md measures how often they retrieve the same. They also depend on the batch:
-  the input's one range spans every row of the batch, and even per-row ranges (tried: slower and
-  no closer to fp32) would leave the fp32 parts' rounding, which differs between batch shapes by
-  about 1e-5, to flip int8 roundings. So a query's int8 beams are those of its batch.
+- ``int8`` (CPU) runs the step's six products per layer, and the output head's
+  (:meth:`level_log_probs`), as ``torch._int_mm``: int8 operands, int32 sums, into the
+  workspace. The weights are quantized once, symmetric with one scale per output row; each
+  product's input symmetric with one scale per row, by the C++ kernel that writes it (the norm
+  before it, or the scaling of the product before it, the feed-forward's ReLU between them), and
+  the sums are scaled back by the kernel that reads them (the residual update inside the next
+  norm, q and the history). Operands use 127 levels where the CPU multiplies them exactly (VNNI,
+  AMX), 63 where only 7-bit operands are safe (oneDNN's kernels without VNNI add pairs of
+  products into saturating int16s): :func:`int8_levels` finds out by multiplying once. The
+  products run 4-10x faster than fp32's on the CPUs measured (BENCHMARKS.md), at about 1-2 % of
+  the largest output. Everything else stays fp32: the cross-attention keys and values (once per
+  query), attention, the residual stream, the log-softmax and the scores. Its beams are not the
+  fp32 beams; BENCHMARKS.md measures how often they retrieve the same. Each row's quantization is
+  its own, but the fp32 parts' rounding differs between batch shapes by about 1e-5, which can
+  flip an int8 rounding, so a query's int8 beams are those of its batch.
 
 In fp32 it gives the decoder's last hidden state to float rounding (the tests hold it to 1e-5 of
 ``transformers``' own decoder, step by step, and the beams to ``generate``'s); dropout is off, as
@@ -78,7 +79,6 @@ from __future__ import annotations
 import ctypes
 import math
 import re
-import sys
 import threading
 import warnings
 import weakref
@@ -99,9 +99,10 @@ class FusedDecoder:
     def __init__(self, generator: IDGenerator, dtype: torch.dtype = torch.float32, int8: bool = False):
         if int8:
             check_int8_decoding(generator.t5.device, dtype)
-            keep_freed_memory()
         decoder, config = generator.t5.decoder, generator.t5.config
         self.int8 = int8
+        # int8 operands lie in [-levels, levels]: 127, or 63 where only 7-bit operands multiply exactly
+        self.levels = int8_levels() if int8 else None
         self.dtype, self.heads, self.d_kv = dtype, config.num_heads, config.d_kv
         # fp32 products add themselves into the fp32 residual stream (:meth:`_residual`)
         self.adds_in_gemm = dtype == torch.float32 and not int8
@@ -110,12 +111,12 @@ class FusedDecoder:
         self.d_model = config.d_model
         self.embed = decoder.embed_tokens.weight.detach().float()  # the residual stream is fp32
         self.final_norm = decoder.final_layer_norm.weight.detach()
-        self.layers = [self._layer_weights(block, dtype, int8) for block in decoder.block]
+        self.layers = [self._layer_weights(block, dtype, self.levels) for block in decoder.block]
         # The C++ kernels on a CPU (fp32, int8 and bf16): self-attention here, beam selection in
         # beam_search. None: SDPA on the rows' gathered histories, and torch's topk (a GPU's way).
         self.kernels = decoder_kernels() if self.embed.device.type == "cpu" and dtype in _KERNEL_STORAGE else None
-        # int8's and bf16's output head: the tied head's rows, packed (int8) or cast (bf16) per slice
-        # (a level's, or all) on first use
+        # int8's and bf16's output head: the tied head's rows, quantized (int8) or cast (bf16) per
+        # slice (a level's, or all) on first use
         self.head_weight, self.head_packed = generator.t5.lm_head.weight.detach(), {}
         self.bf16_head = dtype == torch.bfloat16 and bf16_head_on(self.head_weight.device)
         # bf16 on a CPU: the feed-forward's ReLU as the product's oneDNN post-op (bit for bit the
@@ -127,9 +128,9 @@ class FusedDecoder:
         self.num_buckets, self.max_distance = first.relative_attention_num_buckets, first.relative_attention_max_distance
 
     @staticmethod
-    def _layer_weights(block, dtype: torch.dtype, int8: bool) -> dict:
-        """A layer's weights as the step uses them; with ``int8`` the per-step products' weights
-        are fbgemm's packed int8 form (``kv_cross``, used once per query, stays ``dtype``)."""
+    def _layer_weights(block, dtype: torch.dtype, levels: int | None) -> dict:
+        """A layer's weights as the step uses them; with int8 ``levels`` the per-step products'
+        weights are :class:`Int8Weight` (``kv_cross``, used once per query, stays ``dtype``)."""
         self_attn, cross_attn, ff = block.layer
         sa, ca, dense = self_attn.SelfAttention, cross_attn.EncDecAttention, ff.DenseReluDense
 
@@ -137,7 +138,7 @@ class FusedDecoder:
             return torch.cat([linear.weight.detach() for linear in linears]).to(dtype)
 
         def step_weight(*linears):
-            return pack_int8(cast(*linears)) if int8 else cast(*linears)
+            return Int8Weight.of(cast(*linears), levels) if levels else cast(*linears)
 
         gated = hasattr(dense, "wi_0")
         return {
@@ -149,13 +150,35 @@ class FusedDecoder:
             "gated": gated, "act": dense.act,
         }
 
-    def _linear(self, x: torch.Tensor, weight, workspace: Workspace, name: str) -> torch.Tensor:
+    def _linear(self, x, weight, workspace: Workspace, name: str):
         """One of the step's products, ``x`` times ``weight`` transposed (``F.linear``'s own GEMM)
-        into the workspace's buffer ``name``; with ``int8`` fbgemm's int8 product on a packed
-        weight, into a new tensor (it has no ``out``; no buffer is taken)."""
+        into the workspace's buffer ``name``; with ``int8`` ``torch._int_mm`` of ``x`` (a
+        :class:`Quantized`, or fp32 rows quantized here) and an :class:`Int8Weight`, its
+        :class:`Int8Sums` in the workspace."""
         if self.int8:
-            return int8_linear(x, weight)
+            if isinstance(x, torch.Tensor):
+                x = self._quantize(x, workspace, "quantized")
+            sums = workspace.rows("int8_sums", len(x.values), weight.values.shape[1], torch.int32, x.values.device)
+            return Int8Sums(torch._int_mm(x.values, weight.values, out=sums), x.scales, weight.scales)
         return torch.mm(x, weight.t(), out=workspace.rows(name, len(x), len(weight), self.dtype, x.device))
+
+    def _quantize(self, x: torch.Tensor, workspace: Workspace | None, name: str) -> Quantized:
+        """fp32 rows ``x`` as an int8 product's input, into the workspace's buffer ``name`` (None: new tensors)."""
+        rows, cols = x.shape
+        if workspace is None:
+            values, scales = torch.empty(rows, cols, dtype=torch.int8), torch.empty(rows)
+        else:
+            values = workspace.rows(name, rows, cols, torch.int8, x.device)
+            scales = workspace.rows(name + "_scales", rows, 1, torch.float32, x.device).view(rows)
+        self.kernels.quantize(x.numpy(), values.numpy(), scales.numpy(), self.levels, torch.get_num_threads())
+        return Quantized(values, scales)
+
+    def _scale_back(self, sums: Int8Sums, columns: slice, out: torch.Tensor) -> torch.Tensor:
+        """An int8 product's ``columns`` scaled back into fp32 rows ``out`` (rows may lie apart)."""
+        self.kernels.scale_sums(sums.values[:, columns].numpy(), sums.row_scales.numpy(),
+                                sums.column_scales[columns].numpy(), False, out.numpy(), None, self.levels,
+                                torch.get_num_threads())
+        return out
 
     def _residual(self, stream: torch.Tensor, x: torch.Tensor, weight, workspace: Workspace) -> torch.Tensor | None:
         """A sublayer's output product, ``x`` times ``weight`` transposed, as the residual
@@ -177,7 +200,7 @@ class FusedDecoder:
         its next level's."""
         workspace = None if state is None else state.workspace
         if self.int8:
-            product = self._int8_head
+            product = partial(self._int8_head, workspace)
         elif self.bf16_head:
             product = partial(self._bf16_head, workspace)
         elif workspace is not None:
@@ -207,25 +230,46 @@ class FusedDecoder:
             out = workspace.rows("logits", *shape, torch.float32, hidden.device)
         return bf16_gemm_fp32_out(inputs, weight, out)
 
-    def _int8_head(self, hidden: torch.Tensor, rows: slice) -> torch.Tensor:
-        """The output head's ``rows`` times ``hidden`` in int8 (a ``HeadProduct``)."""
-        return int8_linear(hidden, self._head_rows(rows, pack_int8))
+    def _int8_head(self, workspace: Workspace | None, hidden: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The output head's ``rows`` times ``hidden`` as an int8 product, scaled back into fp32 (a
+        ``HeadProduct``), in ``workspace`` (None: new tensors)."""
+        weight = self._head_rows(rows, partial(Int8Weight.of, levels=self.levels))
+        inputs = self._quantize(hidden.contiguous(), workspace, "head_inputs")
+        shape, device = (len(hidden), weight.values.shape[1]), hidden.device
+        if workspace is None:
+            sums, out = torch.empty(shape, dtype=torch.int32), torch.empty(shape)
+        else:
+            sums = workspace.rows("int8_sums", *shape, torch.int32, device)
+            out = workspace.rows("logits", *shape, torch.float32, device)
+        torch._int_mm(inputs.values, weight.values, out=sums)
+        return self._scale_back(Int8Sums(sums, inputs.scales, weight.scales), slice(None), out)
 
     def _head_rows(self, rows: slice, form):
         """The head's ``rows`` in the form the decoder multiplies them in (``form`` of the fp32 rows:
-        int8's pack, bf16's cast), made on first use and kept per slice."""
+        int8's quantized weight, bf16's cast), made on first use and kept per slice."""
         key = (rows.start, rows.stop)
         if key not in self.head_packed:  # a plain dict write: two threads forming at once store equal forms
             self.head_packed[key] = form(self.head_weight[rows])
         return self.head_packed[key]
 
-    def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
-                  dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def _add_norm(self, x: torch.Tensor, delta, weight: torch.Tensor, dtype: torch.dtype | None = None,
+                  out=None):
         """The residual stream's update ``x += delta`` (in place; none when ``delta`` is None), then
         T5's layer norm of ``x`` (RMS, no mean, no bias) in fp32, in ``dtype`` (default: the GEMM
-        dtype; int8's is fp32, the product quantizes its input itself). One C++ pass on a CPU in
-        fp32 or bf16 (a bf16 update widened, a bf16 output rounded as ``.to`` rounds), into ``out``
-        (``dtype``; None: a new tensor)."""
+        dtype). One C++ pass on a CPU in fp32 or bf16 (a bf16 update widened, a bf16 output rounded
+        as ``.to`` rounds), into ``out`` (``dtype``; None: a new tensor). int8: ``delta`` is the
+        output product's :class:`Int8Sums`, and the norm is the next product's :class:`Quantized`
+        input (``out``, the workspace's), or fp32 with ``dtype`` fp32."""
+        if self.int8:
+            sums = (None,) * 3 if delta is None else (delta.values.numpy(), delta.row_scales.numpy(),
+                                                      delta.column_scales.numpy())
+            if dtype == torch.float32:
+                normed, scales = torch.empty(x.shape), None
+            else:
+                normed, scales = out.values, out.scales.numpy()
+            self.kernels.add_rms_norm_int8(x.numpy(), *sums, weight.numpy(), self.eps, normed.numpy(), scales,
+                                           self.levels, torch.get_num_threads())
+            return normed if dtype == torch.float32 else out
         dtype = dtype or self.dtype
         if self.kernels is not None and dtype in _KERNEL_STORAGE and (delta is None or delta.dtype in _KERNEL_STORAGE):
             out = torch.empty(x.shape, dtype=dtype) if out is None else out
@@ -396,7 +440,11 @@ class FusedDecoder:
             return workspace.rows(name, rows, cols, dtype, device)
 
         # the C++ norm's output, the next product's input; torch's norm (a GPU's) makes its own
-        normed_out = buffer("normed", self.d_model) if self.kernels is not None else None
+        if self.int8:
+            normed_out = Quantized(buffer("normed", self.d_model, torch.int8),
+                                   buffer("normed_scales", 1, torch.float32).view(rows))
+        else:
+            normed_out = buffer("normed", self.d_model) if self.kernels is not None else None
 
         bias = self._position_bias(position)
         # A row's ancestors are its parent's, then itself (the history is read in place, not moved).
@@ -409,10 +457,12 @@ class FusedDecoder:
         normed = self._add_norm(x, None, self.layers[0]["norm_self"], out=normed_out)
         for index, layer in enumerate(self.layers):
             history = state.history[index]
-            if self.int8:  # one product (its output is new), k and v copied into the history
-                qkv = self._linear(normed, layer["qkv"], workspace, "qkv").view(rows, 3, self.inner)
-                history[:, position, :rows] = qkv[:, 1:].transpose(0, 1)
-                q = qkv[:, 0]
+            if self.int8:  # one product, scaled back into q and, for k and v, straight into the history
+                qkv = self._linear(normed, layer["qkv"], workspace, "qkv")
+                q = self._scale_back(qkv, slice(0, self.inner), buffer("q", self.inner))
+                for side in (1, 2):
+                    self._scale_back(qkv, slice(side * self.inner, (side + 1) * self.inner),
+                                     history[side - 1, position, :rows])
             else:  # q into the workspace, k and v straight into the history (no copy)
                 weight = layer["qkv"].view(3, self.inner, self.d_model)
                 q = torch.mm(normed, weight[0].t(), out=buffer("q", self.inner))
@@ -427,12 +477,30 @@ class FusedDecoder:
                 update = None
             else:
                 q = self._linear(normed, layer["q_cross"], workspace, "q")
+                if self.int8:
+                    q = self._scale_back(q, slice(None), buffer("q", self.inner, torch.float32))
                 attended = self._cross_attention(q, *state.cross[index], workspace, buffer("attended", self.inner))
                 update = self._residual(x, attended, layer["o_cross"], workspace)
             normed = self._add_norm(x, update, layer["norm_ff"], out=normed_out)
 
             relu = not layer["gated"] and isinstance(layer["act"], torch.nn.ReLU)
-            if relu and self.relu_in_product:  # a new tensor (the op has no ``out``), still 1.03x the search
+            if self.int8:
+                hidden = self._linear(normed, layer["wi"], workspace, "hidden")
+                if relu:  # scaled back, ReLU'd and quantized for the next product in one pass
+                    quantized = Quantized(buffer("quantized", hidden.values.shape[1], torch.int8),
+                                          buffer("quantized_scales", 1, torch.float32).view(rows))
+                    self.kernels.scale_sums(hidden.values.numpy(), hidden.row_scales.numpy(),
+                                            hidden.column_scales.numpy(), True, quantized.values.numpy(),
+                                            quantized.scales.numpy(), self.levels, torch.get_num_threads())
+                    hidden = quantized
+                else:
+                    hidden = self._scale_back(hidden, slice(None), buffer("hidden", hidden.values.shape[1]))
+                    if layer["gated"]:
+                        gate, linear = hidden.chunk(2, dim=-1)
+                        hidden = layer["act"](gate) * linear
+                    else:
+                        hidden = layer["act"](hidden)
+            elif relu and self.relu_in_product:  # a new tensor (the op has no ``out``), still 1.03x the search
                 hidden = torch.ops.mkldnn._linear_pointwise(normed, layer["wi"], None, "relu", [], "")
             else:
                 hidden = self._linear(normed, layer["wi"], workspace, "hidden")
@@ -487,14 +555,14 @@ def cross_attention_absorbed(length: int, d_kv: int, dtype: torch.dtype, int8: b
 def int8_decoding_problem(device: torch.device, dtype: torch.dtype = torch.float32) -> str | None:
     """Why int8 decoding cannot run here, or None when it can."""
     if device.type != "cpu":
-        return f"int8 decoding runs on a CPU only (fbgemm's kernels), not on {device.type}"
+        return f"int8 decoding runs on a CPU only (its C++ kernels and torch._int_mm), not on {device.type}"
     if dtype != torch.float32:
         return "int8 decoding and autocast (bf16/fp16 weights) exclude each other: choose one"
-    engines = torch.backends.quantized.supported_engines
-    if (not {"fbgemm", "x86"} & set(engines) or not hasattr(torch, "quantize_per_channel")
-            or not hasattr(torch.ops.quantized, "linear_dynamic")):
-        return (f"int8 decoding needs fbgemm's int8 kernels (x86 CPUs); this torch offers {engines}: decode in fp32 "
-                "(turn int8 off)")
+    if decoder_kernels() is None:
+        return ("int8 decoding needs the C++ decoding kernels, which are not built: reinstall the package "
+                "(`pip install -e .` from the repository root), or decode in fp32 (turn int8 off)")
+    if int8_levels() is None:
+        return "this CPU's int8 products (torch._int_mm) are not exact even on 7-bit operands: decode in fp32 (turn int8 off)"
     return None
 
 
@@ -505,22 +573,22 @@ def check_int8_decoding(device: torch.device, dtype: torch.dtype = torch.float32
 
 
 @cache
-def keep_freed_memory() -> bool:
-    """Have glibc keep freed memory for reuse instead of returning it to the system, for this
-    process: blocks under 32 MB (its largest mmap threshold) come from the heap, and the heap is
-    trimmed only when 1 GB lies free at its top. fbgemm's int8 products allocate their outputs
-    (6-26 MB each at 64 queries x 50 beams, no ``out``), and with glibc's defaults a search faulted
-    in about 1.5 GB of fresh zeroed pages (BENCHMARKS.md: int8 1.18x faster with this). The
-    process keeps up to that much freed memory in its heap, reused by its later allocations.
-    Done once, by the first int8 decoder; True where it took effect (Linux with glibc)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no libc.so.6 or no mallopt)
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+def int8_levels() -> int | None:
+    """The widest symmetric range [-levels, levels] whose int8 operands ``torch._int_mm`` multiplies
+    exactly on this CPU: 127 with VNNI or AMX; 63 on CPUs without them, where oneDNN multiplies an
+    operand shifted to 0..255 by the other with ``vpmaddubsw``, whose int16 pair sums saturate
+    beyond 7-bit operands (measured: a row of 127s times a column of 127s came out 261,120 instead
+    of 33,032,192); None if not even 63 is exact. Found by multiplying the extremes of each range
+    (and a random block) once per process and comparing with exact integer products."""
+    generator = torch.Generator().manual_seed(0)
+    for levels in (127, 63):
+        blocks = [(torch.full((32, 64), a, dtype=torch.int8), torch.full((64, 16), b, dtype=torch.int8))
+                  for a in (levels, -levels) for b in (levels, -levels)]
+        blocks.append((torch.randint(-levels, levels + 1, (48, 80), dtype=torch.int8, generator=generator),
+                       torch.randint(-levels, levels + 1, (80, 24), dtype=torch.int8, generator=generator)))
+        if all(torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long()) for a, b in blocks):
+            return levels
+    return None
 
 
 @cache
@@ -535,27 +603,15 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
     return None if line is None else frozenset(line[1].split())
 
 
-@cache
-def int8_inputs_in_7_bits(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether fbgemm's int8 products here must quantize their inputs to 7 bits (0..127), as torch's
-    own dynamic quantization does on fbgemm. Without AVX-512 VNNI, fbgemm multiplies the u8 input by
-    the s8 weight with ``vpmaddubsw``, which adds each pair of products into a saturating int16:
-    two of 255 x 127 exceed it, and full-range inputs clip (measured on a Zen 3 CPU: 6 % of a small
-    decoder step's norm instead of 2 %, 44 % on all-positive inputs). VNNI's ``vpdpbusd`` adds into
-    int32, so there the 8th bit is kept.
-    Where the CPU's flags cannot be read, 7 bits: safe on every CPU, at about twice the rounding."""
-    flags = cpu_flags(cpuinfo)
-    return flags is None or "avx512_vnni" not in flags
-
-
 def precision_record(device: torch.device, dtype: torch.dtype, int8: bool) -> dict:
-    """What a cache or run key records of the decoder's numbers beyond its dtype. int8: the inputs'
-    width, 7-bit inputs giving other beams (nothing where 8 bits are kept, so keys written before the
-    distinction stay valid on VNNI CPUs; on the others their decodings had clipped). bf16: a head
-    that sums bf16 inputs in fp32 (:func:`bf16_head_on`) gives other beams than the fp32 head, so
-    decodings made before it, or on a torch without MKL, are not taken for its."""
+    """What a cache or run key records of the decoder's numbers beyond its dtype. int8: how its
+    products quantize (per row, and the operands' levels: 127, or 63 on CPUs without VNNI), so
+    decodings of the earlier int8 products (fbgemm's, one range per matrix), which recorded none
+    or ``int8_inputs``, are not taken for these. bf16: a head that sums bf16 inputs in fp32
+    (:func:`bf16_head_on`) gives other beams than the fp32 head, so decodings made before it, or on
+    a torch without MKL, are not taken for its."""
     if int8:
-        return {"int8_inputs": "7-bit"} if int8_inputs_in_7_bits() else {}
+        return {"int8_products": f"rows quantized one by one, {int8_levels()} levels"}
     return {"head": "bf16 inputs, fp32 sums"} if dtype == torch.bfloat16 and bf16_head_on(device) else {}
 
 
@@ -606,23 +662,40 @@ def bf16_gemm_fp32_out(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor)
     return out
 
 
-def int8_linear(x: torch.Tensor, packed) -> torch.Tensor:
-    """``x`` (fp32) times a :func:`pack_int8` weight transposed: fbgemm's dynamic int8 product, its
-    input quantized on the fly with one scale for the whole matrix (7 bits where the CPU needs it)."""
-    return torch.ops.quantized.linear_dynamic(x, packed, int8_inputs_in_7_bits())
+@dataclass
+class Quantized:
+    """fp32 rows as an int8 product's input: ``values`` [rows, cols] int8, ``scales`` [rows] fp32
+    (a row is ``values * scale``)."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
 
 
-def pack_int8(weight: torch.Tensor):
-    """``weight`` [out, in] as fbgemm's packed int8 linear weight: symmetric, one scale per output
-    row (an all-zero row gets the smallest scale, so it stays exactly zero)."""
-    scale = (weight.abs().amax(dim=1).double() / 127).clamp_min(torch.finfo(torch.float32).tiny)
-    with warnings.catch_warnings():
-        # torch marks its quantized-tensor constructors deprecated; they are the only way into
-        # fbgemm's int8 linear, and int8_decoding_problem says so plainly once they are gone
-        warnings.filterwarnings("ignore", message=".*quantize_per_channel.*deprecated", category=UserWarning)
-        quantized = torch.quantize_per_channel(weight.float(), scale, torch.zeros(len(weight), dtype=torch.long),
-                                               0, torch.qint8)
-    return torch.ops.quantized.linear_prepack(quantized, None)
+@dataclass
+class Int8Weight:
+    """A weight [out, in] as the int8 products take it: ``values`` [in, out] int8 (the product's
+    right operand, contiguous), ``scales`` [out] fp32, one per output row, symmetric."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, levels: int) -> Int8Weight:
+        """``weight`` quantized to [-levels, levels] per output row (an all-zero row: scale 0, values 0)."""
+        weight = weight.detach().float()
+        scales = weight.abs().amax(dim=1) / levels
+        values = torch.round(weight / torch.where(scales > 0, scales, 1.0)[:, None]).clamp_(-levels, levels)
+        return cls(values.to(torch.int8).t().contiguous(), scales)
+
+
+@dataclass
+class Int8Sums:
+    """An int8 product's int32 sums [rows, out], and how to scale them back: row i, column j is
+    ``values[i, j] * row_scales[i] * column_scales[j]`` (its input's row scale, its weight's)."""
+
+    values: torch.Tensor
+    row_scales: torch.Tensor
+    column_scales: torch.Tensor
 
 
 class Workspace:

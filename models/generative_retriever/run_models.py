@@ -101,7 +101,8 @@ def reads_query_images(paths: Any, models: Models | None = None) -> bool:
 
 
 def check_int8_device(device: torch.device) -> None:
-    """decoding.int8 needs a CPU with fbgemm's int8 kernels; otherwise a ConfigError naming the key."""
+    """decoding.int8 needs a CPU, the C++ decoding kernels and an exact int8 product; otherwise a
+    ConfigError naming the key."""
     from genius.models.generative_retriever.fused_decoder import int8_decoding_problem
 
     problem = int8_decoding_problem(device)
