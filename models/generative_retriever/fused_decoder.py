@@ -162,16 +162,20 @@ class FusedDecoder:
             return Int8Sums(torch._int_mm(x.values, weight.values, out=sums), x.scales, weight.scales)
         return torch.mm(x, weight.t(), out=workspace.rows(name, len(x), len(weight), self.dtype, x.device))
 
-    def _quantize(self, x: torch.Tensor, workspace: Workspace | None, name: str) -> Quantized:
-        """fp32 rows ``x`` as an int8 product's input, into the workspace's buffer ``name`` (None: new tensors)."""
-        rows, cols = x.shape
+    @staticmethod
+    def _quantized_buffers(workspace: Workspace | None, name: str, rows: int, cols: int) -> Quantized:
+        """Room for [rows, cols] quantized rows: the workspace's buffers ``name`` and ``name``_scales
+        (None: new tensors)."""
         if workspace is None:
-            values, scales = torch.empty(rows, cols, dtype=torch.int8), torch.empty(rows)
-        else:
-            values = workspace.rows(name, rows, cols, torch.int8, x.device)
-            scales = workspace.rows(name + "_scales", rows, 1, torch.float32, x.device).view(rows)
-        self.kernels.quantize(x.numpy(), values.numpy(), scales.numpy(), self.levels, torch.get_num_threads())
-        return Quantized(values, scales)
+            return Quantized(torch.empty(rows, cols, dtype=torch.int8), torch.empty(rows))
+        return Quantized(workspace.rows(name, rows, cols, torch.int8, torch.device("cpu")),
+                         workspace.rows(name + "_scales", rows, 1, torch.float32, torch.device("cpu")).view(rows))
+
+    def _quantize(self, x: torch.Tensor, workspace: Workspace | None, name: str) -> Quantized:
+        """fp32 rows ``x`` as an int8 product's input, into the workspace's buffers ``name`` (None: new tensors)."""
+        out = self._quantized_buffers(workspace, name, *x.shape)
+        self.kernels.quantize(x.numpy(), out.values.numpy(), out.scales.numpy(), self.levels, torch.get_num_threads())
+        return out
 
     def _scale_back(self, sums: Int8Sums, columns: slice, out: torch.Tensor) -> torch.Tensor:
         """An int8 product's ``columns`` scaled back into fp32 rows ``out`` (rows may lie apart)."""
@@ -441,8 +445,7 @@ class FusedDecoder:
 
         # the C++ norm's output, the next product's input; torch's norm (a GPU's) makes its own
         if self.int8:
-            normed_out = Quantized(buffer("normed", self.d_model, torch.int8),
-                                   buffer("normed_scales", 1, torch.float32).view(rows))
+            normed_out = self._quantized_buffers(workspace, "normed", rows, self.d_model)
         else:
             normed_out = buffer("normed", self.d_model) if self.kernels is not None else None
 
@@ -487,8 +490,7 @@ class FusedDecoder:
             if self.int8:
                 hidden = self._linear(normed, layer["wi"], workspace, "hidden")
                 if relu:  # scaled back, ReLU'd and quantized for the next product in one pass
-                    quantized = Quantized(buffer("quantized", hidden.values.shape[1], torch.int8),
-                                          buffer("quantized_scales", 1, torch.float32).view(rows))
+                    quantized = self._quantized_buffers(workspace, "quantized", rows, hidden.values.shape[1])
                     self.kernels.scale_sums(hidden.values.numpy(), hidden.row_scales.numpy(),
                                             hidden.column_scales.numpy(), True, quantized.values.numpy(),
                                             quantized.scales.numpy(), self.levels, torch.get_num_threads())
