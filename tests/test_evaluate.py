@@ -276,6 +276,7 @@ def test_decode_cache_key_records_the_device_and_the_precisions_used(monkeypatch
 
     monkeypatch.setattr(fused_decoder, "int8_levels", lambda: 127)
     monkeypatch.setattr(fused_decoder, "_mkl_bf16_gemm", lambda: "MKL's bf16 GEMM")
+    monkeypatch.setattr(fused_decoder, "cpu_vendor", lambda: "GenuineIntel")  # MKL's bf16 head runs on Intel CPUs
     cfg = EvalConfig()
     models = SimpleNamespace(fingerprints={"rq": "r", "generator": "g"})
     pool = SimpleNamespace(decoding=SimpleNamespace(codes_hash="c", path=Path("trie-0.bin")))

@@ -15,6 +15,7 @@ from genius.models.generative_retriever.fused_decoder import (
     bf16_head_on,
     Int8Weight,
     cpu_flags,
+    cpu_vendor,
     flush_subnormal_,
     int8_levels,
 )
@@ -179,7 +180,7 @@ def test_bf16_weights_stay_close_and_the_residual_stream_stays_fp32():
     torch.testing.assert_close(hidden, exact, atol=0.05, rtol=0.05)  # ... to bf16's precision
 
 
-needs_mkl = pytest.mark.skipif(not bf16_head_on(torch.device("cpu")),
+needs_mkl = pytest.mark.skipif(fused_decoder._mkl_bf16_gemm() is None,
                                reason="this torch carries no MKL (its x86 builds do)")
 
 
@@ -229,7 +230,9 @@ def test_bf16_decoder_head_sums_the_rounded_state_in_fp32(level_head):
     rounding of them; with or without the search's workspace the same."""
     generator = generator_of(12, "relu")
     z = torch.nn.functional.normalize(torch.randn(3, 12, generator=torch.Generator().manual_seed(13)), dim=-1)
-    decoder = FusedDecoder(generator, torch.bfloat16)
+    with pytest.MonkeyPatch.context() as patch:  # the head MKL runs on Intel CPUs, tested on any
+        patch.setattr(fused_decoder, "cpu_vendor", lambda: "GenuineIntel")
+        decoder = FusedDecoder(generator, torch.bfloat16)
     assert decoder.bf16_head
     with torch.no_grad():
         search = decoder.start(generator.encode(z), 3, 2)
@@ -265,13 +268,23 @@ def test_bf16_relu_in_the_product_is_the_product_then_relu_bit_for_bit(feed_forw
         assert torch.equal(fused_step, separate_step)
 
 
-def test_bf16_decoder_head_is_fp32_where_torch_has_no_mkl(monkeypatch):
+def test_bf16_decoder_head_is_fp32_where_torch_has_no_mkl_or_the_cpu_is_not_intels(monkeypatch, tmp_path):
+    monkeypatch.setattr(fused_decoder, "cpu_vendor", lambda: "GenuineIntel")
     monkeypatch.setattr(fused_decoder, "_mkl_bf16_gemm", lambda: None)
     generator = generator_of(12, "relu")
     assert not FusedDecoder(generator, torch.bfloat16).bf16_head
     monkeypatch.setattr(fused_decoder, "_mkl_bf16_gemm", lambda: "MKL's bf16 GEMM")
     assert FusedDecoder(generator, torch.bfloat16).bf16_head and not FusedDecoder(generator).bf16_head
     assert not fused_decoder.bf16_head_on(torch.device("cuda"))  # a GPU's head is fp32 (the head's F.linear)
+    for vendor in ("AuthenticAMD", None):  # MKL's bf16 GEMM on an AMD CPU is slower than the fp32 head
+        monkeypatch.setattr(fused_decoder, "cpu_vendor", lambda: vendor)
+        assert not FusedDecoder(generator, torch.bfloat16).bf16_head
+    amd, intel = tmp_path / "amd", tmp_path / "intel"  # two files: the answer is cached per file
+    amd.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nflags\t\t: fpu avx512_bf16\n")
+    intel.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu amx_bf16\n")
+    assert cpu_vendor(amd) == "AuthenticAMD" and cpu_vendor(intel) == "GenuineIntel"
+    assert cpu_vendor(tmp_path / "absent") is None
+    assert cpu_flags(amd) == {"fpu", "avx512_bf16"}
 
 
 def test_bf16_decoder_steps_agree_between_the_kernel_and_sdpa():

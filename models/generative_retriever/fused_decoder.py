@@ -45,11 +45,11 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
   ``baddbmm_``: the GEMM's beta = 1), so no update is written and read back before the norm;
 - ``dtype`` bf16/fp16 casts the weights once, not at every op as ``autocast`` does; the residual
   stream and the layer norms stay fp32 (as under autocast). The output head's logits are fp32:
-  a bf16 output would round a logit of 32-64 to 0.25. On a CPU whose torch carries MKL (x86
-  builds link it and export its BLAS) the head multiplies the bf16-rounded state by the bf16
+  a bf16 output would round a logit of 32-64 to 0.25. On an Intel CPU whose torch carries MKL
+  (x86 builds link it and export its BLAS) the head multiplies the bf16-rounded state by the bf16
   head with fp32 accumulation and fp32 output (:func:`bf16_gemm_fp32_out`, MKL's
   ``cblas_gemm_bf16bf16f32``, on AMX tiles where the CPU has them: 6-7x the fp32 product alone,
-  3x inside the search);
+  3x inside the search; :func:`bf16_head_on`);
   its logits differ from the fp32 head's by the inputs' rounding, a few thousandths, not the
   output's (:func:`precision_record` names which a run used). Elsewhere
   :meth:`IDGenerator.head_logits` scores the level in fp32. On a CPU the feed-forward's ReLU
@@ -597,12 +597,25 @@ def int8_levels() -> int | None:
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
     """The instruction-set flags Linux lists for this x86 CPU (its first ``flags`` line); None where
     they cannot be read (another OS, or a CPU whose features are listed under another name)."""
+    line = _cpuinfo_field(cpuinfo, "flags")
+    return None if line is None else frozenset(line.split())
+
+
+@cache
+def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The x86 CPU's vendor as Linux lists it (``GenuineIntel``, ``AuthenticAMD``), or None where it
+    cannot be read."""
+    return _cpuinfo_field(cpuinfo, "vendor_id")
+
+
+def _cpuinfo_field(cpuinfo: Path, name: str) -> str | None:
+    """The value of the first ``name`` line of ``cpuinfo`` (stripped), or None."""
     try:
         text = cpuinfo.read_text(errors="replace")
     except OSError:
         return None
-    line = re.search(r"^flags\s*:(.*)$", text, re.M)
-    return None if line is None else frozenset(line[1].split())
+    line = re.search(rf"^{name}\s*:(.*)$", text, re.M)
+    return None if line is None else line[1].strip()
 
 
 def precision_record(device: torch.device, dtype: torch.dtype, int8: bool) -> dict:
@@ -611,7 +624,7 @@ def precision_record(device: torch.device, dtype: torch.dtype, int8: bool) -> di
     decodings of the earlier int8 products (fbgemm's, one range per matrix), which recorded none
     or ``int8_inputs``, are not taken for these. bf16: a head that sums bf16 inputs in fp32
     (:func:`bf16_head_on`) gives other beams than the fp32 head, so decodings made before it, or on
-    a torch without MKL, are not taken for its."""
+    a torch without MKL or a CPU not Intel's, are not taken for its (nor its for theirs)."""
     if int8:
         return {"int8_products": f"rows quantized one by one, {int8_levels()} levels"}
     return {"head": "bf16 inputs, fp32 sums"} if dtype == torch.bfloat16 and bf16_head_on(device) else {}
@@ -637,9 +650,13 @@ def _mkl_bf16_gemm():
 
 
 def bf16_head_on(device: torch.device) -> bool:
-    """Whether a bf16 decoder on ``device`` scores its head with :func:`bf16_gemm_fp32_out`: on a
-    CPU whose torch carries MKL's bf16 GEMM."""
-    return device.type == "cpu" and _mkl_bf16_gemm() is not None
+    """Whether a bf16 decoder on ``device`` scores its head with :func:`bf16_gemm_fp32_out`: on an
+    Intel CPU whose torch carries MKL's bf16 GEMM. MKL picks its code paths by the CPU's vendor:
+    on an AMD CPU with AVX512_BF16 (Zen 5) its bf16 GEMM ran at the fp32 product's rate (178
+    GFLOP/s each at the head's shape, where oneDNN's bf16 product with a bf16 output ran at 810),
+    so it only rounded the inputs; elsewhere the head stays fp32, the generator's own numbers (the
+    whole bf16 search 1.03x faster so on Zen 5, the same top beams)."""
+    return device.type == "cpu" and cpu_vendor() == "GenuineIntel" and _mkl_bf16_gemm() is not None
 
 
 
