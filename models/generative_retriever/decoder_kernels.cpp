@@ -19,7 +19,7 @@
 // RMS norm of x, in one pass over each row (torch runs an add and five element-wise ops, and for
 // bf16 a conversion on each side).
 //
-// int8 decoding (add_rms_norm_int8, quantize_rows, dequantize_rows, requantize_rows): the step's
+// int8 decoding (add_rms_norm_int8, quantize, scale_sums): the step's
 // products are torch._int_mm's, int8 operands and int32 sums; these kernels write the operands
 // and read the sums in the passes that are there anyway. A product's input row is quantized
 // symmetrically with its own scale (max |x| / levels), so the norm quantizes its output as it
