@@ -62,9 +62,9 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
   the sums are scaled back by the kernel that reads them (the residual update inside the next
   norm, q and the history). Operands use 127 levels where the CPU multiplies them exactly (VNNI,
   AMX), 63 where only 7-bit operands are safe (oneDNN's kernels without VNNI add pairs of
-  products into saturating int16s): :func:`int8_levels` finds out by multiplying once. The
-  products run 4-10x faster than fp32's on the CPUs measured (BENCHMARKS.md), at about 1-2 % of
-  the largest output. Everything else stays fp32: the cross-attention keys and values (once per
+  products into saturating int16s): :func:`int8_levels` finds out by multiplying once. The bare
+  products run 3-9x faster than fp32's on the CPUs measured (3.05x Ice Lake, 4.06x with AMX,
+  9.25x Zen 5: BENCHMARKS.md), at about 1-2 % of the largest output. Everything else stays fp32: the cross-attention keys and values (once per
   query), attention, the residual stream, the log-softmax and the scores. Its beams are not the
   fp32 beams; BENCHMARKS.md measures how often they retrieve the same. Each row's quantization is
   its own, but the fp32 parts' rounding differs between batch shapes by about 1e-5, which can
