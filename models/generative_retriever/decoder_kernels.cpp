@@ -544,9 +544,7 @@ struct Candidate {
 // of log_probs may lie apart (a level's columns of full-vocabulary log-probabilities, not copied).
 void top_allowed(const py::array_t<float>& log_probs, const py::array_t<float>& scores, const py::array_t<bool>& allowed,
                  int64_t beams, py::array_t<float>& out_scores, py::array_t<int64_t>& out_flat, int threads) {
-  require(log_probs.ndim() == 2 && log_probs.strides(1) == sizeof(float) && log_probs.strides(0) % sizeof(float) == 0 &&
-              log_probs.strides(0) >= log_probs.shape(1) * static_cast<int64_t>(sizeof(float)),
-          "log_probs must be [rows, width] with contiguous rows");
+  const int64_t lp_stride = row_stride<float>(log_probs, "log_probs");
   require(allowed.ndim() == 2 && c_contiguous(allowed) && allowed.shape(0) == log_probs.shape(0) &&
               allowed.shape(1) == log_probs.shape(1), "allowed must be contiguous, the shape of log_probs");
   const int64_t rows = log_probs.shape(0), width = log_probs.shape(1);
@@ -559,7 +557,6 @@ void top_allowed(const py::array_t<float>& log_probs, const py::array_t<float>& 
   const int64_t keep = out_scores.shape(1);
   require(keep >= 1 && keep <= beams * width, "keep must be in 1..beams * width");
   const float* lp = log_probs.data();
-  const int64_t lp_stride = log_probs.strides(0) / static_cast<int64_t>(sizeof(float));
   const float* base = scores.data();
   const bool* mask = allowed.data();
   float* best_scores = out_scores.mutable_data();

@@ -163,16 +163,13 @@ class FusedDecoder:
         return torch.mm(x, weight.t(), out=workspace.rows(name, len(x), len(weight), self.dtype, x.device))
 
     @staticmethod
-    def _quantized_buffers(workspace: Workspace | None, name: str, rows: int, cols: int) -> Quantized:
-        """Room for [rows, cols] quantized rows: the workspace's buffers ``name`` and ``name``_scales
-        (None: new tensors)."""
-        if workspace is None:
-            return Quantized(torch.empty(rows, cols, dtype=torch.int8), torch.empty(rows))
+    def _quantized_buffers(workspace: Workspace, name: str, rows: int, cols: int) -> Quantized:
+        """Room for [rows, cols] quantized rows: the workspace's buffers ``name`` and ``name``_scales."""
         return Quantized(workspace.rows(name, rows, cols, torch.int8, torch.device("cpu")),
                          workspace.rows(name + "_scales", rows, 1, torch.float32, torch.device("cpu")).view(rows))
 
-    def _quantize(self, x: torch.Tensor, workspace: Workspace | None, name: str) -> Quantized:
-        """fp32 rows ``x`` as an int8 product's input, into the workspace's buffers ``name`` (None: new tensors)."""
+    def _quantize(self, x: torch.Tensor, workspace: Workspace, name: str) -> Quantized:
+        """fp32 rows ``x`` as an int8 product's input, into the workspace's buffers ``name``."""
         out = self._quantized_buffers(workspace, name, *x.shape)
         self.kernels.quantize(x.numpy(), out.values.numpy(), out.scales.numpy(), self.levels, torch.get_num_threads())
         return out
@@ -235,18 +232,13 @@ class FusedDecoder:
         return bf16_gemm_fp32_out(inputs, weight, out)
 
     def _int8_head(self, workspace: Workspace | None, hidden: torch.Tensor, rows: slice) -> torch.Tensor:
-        """The output head's ``rows`` times ``hidden`` as an int8 product, scaled back into fp32 (a
-        ``HeadProduct``), in ``workspace`` (None: new tensors)."""
-        weight = self._head_rows(rows, partial(Int8Weight.of, levels=self.levels))
-        inputs = self._quantize(hidden.contiguous(), workspace, "head_inputs")
-        shape, device = (len(hidden), weight.values.shape[1]), hidden.device
-        if workspace is None:
-            sums, out = torch.empty(shape, dtype=torch.int32), torch.empty(shape)
-        else:
-            sums = workspace.rows("int8_sums", *shape, torch.int32, device)
-            out = workspace.rows("logits", *shape, torch.float32, device)
-        torch._int_mm(inputs.values, weight.values, out=sums)
-        return self._scale_back(Int8Sums(sums, inputs.scales, weight.scales), slice(None), out)
+        """The output head's ``rows`` times ``hidden`` as one of the step's int8 products, scaled back
+        into fp32 (a ``HeadProduct``), in ``workspace`` (None: a fresh one's, new tensors)."""
+        workspace = Workspace() if workspace is None else workspace
+        sums = self._linear(hidden.contiguous(), self._head_rows(rows, partial(Int8Weight.of, levels=self.levels)),
+                            workspace, "logits")
+        out = workspace.rows("logits", len(hidden), sums.values.shape[1], torch.float32, hidden.device)
+        return self._scale_back(sums, slice(None), out)
 
     def _head_rows(self, rows: slice, form):
         """The head's ``rows`` in the form the decoder multiplies them in (``form`` of the fp32 rows:
