@@ -39,6 +39,7 @@ target checks), .png (q/s against pool size, log-log), _summary.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -68,6 +69,7 @@ from genius.benchmarks.common import (
     read_csv,
     write_csv,
 )
+from genius.common.cpu import fp32_products_in_onednn, onednn_fp32_on
 from genius.models.generative_retriever.beam_search import cpu_has_bf16
 from genius.models.generative_retriever.fused_decoder import (
     bf16_gemm_fp32_out,
@@ -280,8 +282,11 @@ def measure_generate(generator, tokens_trie: dict, z: torch.Tensor, args, autoca
                 num_return_sequences=args.beams, max_new_tokens=generator.num_levels, do_sample=False,
                 early_stopping=True, prefix_allowed_tokens_fn=allowed)
 
-    run(z[:1])  # warm-up
-    seconds = best_seconds(lambda: run(z), args.generate_repeats, warmup=0)
+    # fp32 products in the search's library (oneDNN on AMD CPUs with AVX-512), or torch's default (MKL)
+    products = fp32_products_in_onednn if args.generate_products == "search" else lambda device: contextlib.nullcontext()
+    with products(torch.device("cpu")):
+        run(z[:1])  # warm-up
+        seconds = best_seconds(lambda: run(z), args.generate_repeats, warmup=0)
     return {"seconds": seconds, "queries": len(z), "batch": args.generate_batch, "load1": load_average()}
 
 
@@ -473,7 +478,8 @@ def step_products_gflops(args, dtype: torch.dtype = torch.float32, repeats: int 
             torch.mm(head, weights[-1].t(), out=head_out)
 
     flops = sum(2 * rows * width * out for width, out in shapes)
-    return flops / best_seconds(step, repeats) / 1e9
+    with fp32_products_in_onednn(torch.device("cpu")):  # the fp32 products in the library the search uses
+        return flops / best_seconds(step, repeats) / 1e9
 
 
 def run(args, gemm: dict[str, list[float]]) -> list[dict]:
@@ -648,6 +654,9 @@ def summarise(rows: list[dict], args, gemm: dict) -> dict:
 
 
 # ---- report ----------------------------------------------------------------------------------
+# where generate's fp32 products run (--generate-products)
+GENERATE_PRODUCTS = {"search": "in the library GENIUS's search uses (oneDNN on AMD CPUs with AVX-512)",
+                     "default": "torch's default (MKL on x86)"}
 # how the bf16 decoder's level head multiplies, by whether this torch has MKL's bf16 GEMM
 BF16_HEAD = {True: "bf16 with fp32 sums, MKL", False: "fp32"}
 
@@ -682,7 +691,8 @@ def markdown(rows: list[dict], summary: dict, args, command: str, machine: str, 
          f"{3 + 3 + (args.levels - 1) * args.codebook:,}, {args.beams} beams, random weights. Queries: GENIUS "
          f"{args.genius_queries} (batches of {args.genius_batch}), generate {args.generate_queries} (batches of "
          f"{args.generate_batch}; fewer because it is slow; best of {args.generate_repeats} timed runs after a "
-         f"1-query warm-up), dense/faiss {args.dense_queries} (batches of {args.dense_batch}), {args.dim}-d, "
+         f"1-query warm-up; its fp32 products {GENERATE_PRODUCTS[args.generate_products]}), dense/faiss "
+         f"{args.dense_queries} (batches of {args.dense_batch}), {args.dim}-d, "
          f"top {TOP_K}. Dense/faiss: best of {args.repeats} repeats; GENIUS: best of {args.genius_repeats} repeats "
          "interleaved over all pool sizes."),
         "",
@@ -691,7 +701,8 @@ def markdown(rows: list[dict], summary: dict, args, command: str, machine: str, 
         "",
         markdown_table(["pool size"] + [LABELS[m] for m in methods], table_rows),
         (f"GEMM peak measured in this run (torch.matmul {args.gemm_n}^2, best of the samples taken at the start, after each "
-         f"GENIUS repeat and at the end): fp32 {gemm['fp32']:.0f} GFLOP/s, "
+         f"GENIUS repeat and at the end): fp32 {gemm['fp32']:.0f} GFLOP/s"
+         + (" (the faster of MKL and oneDNN)" if onednn_fp32_on() else "") + ", "
          + (f"bf16 {gemm['bf16']:.0f} GFLOP/s" if "bf16" in gemm else "bf16 not measured (no bf16 instructions)")
          + (f", int8 {gemm['int8']:.0f} GOP/s (torch._int_mm)"
             if "int8" in gemm else "")
@@ -772,6 +783,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--genius-batch", type=int, default=16)
     p.add_argument("--generate-queries", type=int, default=8)
     p.add_argument("--generate-batch", type=int, default=8)
+    p.add_argument("--generate-products", choices=("search", "default"), default="search",
+                   help="generate's fp32 products: in the library GENIUS's search uses (oneDNN on AMD CPUs with "
+                        "AVX-512, where MKL runs AVX2 code), or torch's default (MKL), as the official code runs them")
     p.add_argument("--generate-repeats", type=int, default=3,
                    help="timed runs of generate per size, the best kept (as GENIUS's repeats are)")
     p.add_argument("--generate-max-ids", type=float, default=1e6, help="largest pool for the nested-dict trie")

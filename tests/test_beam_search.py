@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from genius.common import cpu
 from genius.models.generative_retriever import beam_search, fused_decoder
 from genius.models.generative_retriever.beam_search import (
     constrained_beam_search, cpu_has_bf16, generate_reference, prepare_decoder,
@@ -456,3 +457,30 @@ def test_a_prepared_decoder_gives_the_searchs_own_beams_and_must_match_its_setti
     torch.testing.assert_close(after.scores, teacher_forced_scores(generator, z, after.codes, True), atol=1e-4, rtol=1e-5)
     with pytest.raises(ValueError, match="prepare one with the search's settings"):
         constrained_beam_search(generator, z, trie, sizes, num_beams=5, decoder=decoder)  # an int8 one, fp32 asked
+
+
+def test_a_search_makes_its_fp32_products_in_onednn_where_the_cpu_wants_it_and_keeps_generates_beams(monkeypatch):
+    """The search runs under ``fp32_products_in_onednn`` (on for AMD CPUs with AVX-512): inside it
+    torch's switch is set, after it restored; at shapes large enough for oneDNN (50 beams, d_model
+    128) the full-vocabulary beams are still ``generate``'s, made with torch's default products."""
+    rng = np.random.default_rng(31)
+    sizes = [3, 16, 16, 16]
+    generator = tiny_generator(31, sizes, d_model=128)
+    trie = PythonTrie.build(random_codes(rng, sizes, 2000))
+    z = queries(rng, 6)
+    precision = torch.backends.mkldnn.matmul
+    before, seen, encode = precision.fp32_precision, [], generator.encode
+
+    def recording_encode(queries):
+        seen.append(precision.fp32_precision)
+        return encode(queries)
+
+    monkeypatch.setattr(generator, "encode", recording_encode)
+    for on in (cpu.onednn_fp32_on(), True):
+        monkeypatch.setattr(cpu, "onednn_fp32_on", lambda: on)
+        seen.clear()
+        ours = constrained_beam_search(generator, z, trie, sizes, num_beams=50, level_head=False, batch_size=3)
+        assert seen == ["bf16" if on else before] * 2 and precision.fp32_precision == before
+        reference = generate_reference(generator, z, trie, 50)
+        assert torch.equal(ours.codes, reference.codes) and torch.equal(ours.valid, reference.valid)
+        torch.testing.assert_close(ours.scores, reference.scores, atol=1e-4, rtol=1e-5)

@@ -6,6 +6,8 @@ import sys
 import pytest
 import torch
 
+from genius.common import cpu
+from genius.common.cpu import cpu_flags, cpu_vendor, fp32_products_in_onednn, multiplies_in_fp32, onednn_fp32_on
 from genius.models.generative_retriever import fused_decoder
 from genius.models.generative_retriever.fused_decoder import (
     ABSORBED_MIN_BEAMS,
@@ -14,8 +16,6 @@ from genius.models.generative_retriever.fused_decoder import (
     bf16_gemm_fp32_out,
     bf16_head_on,
     Int8Weight,
-    cpu_flags,
-    cpu_vendor,
     flush_subnormal_,
     int8_levels,
 )
@@ -286,6 +286,66 @@ def test_bf16_decoder_head_is_fp32_where_torch_has_no_mkl_or_the_cpu_is_not_inte
     assert cpu_vendor(tmp_path / "absent") is None
     assert cpu_flags(amd) == {"fpu", "avx512_bf16"}
 
+
+
+def test_the_fp32_probe_tells_fp32_products_from_products_that_round_their_inputs_to_bf16():
+    assert multiplies_in_fp32(torch.mm)
+    assert not multiplies_in_fp32(lambda a, b: a.bfloat16().float() @ b)  # the fine entries rounded
+    assert not multiplies_in_fp32(lambda a, b: a @ b.bfloat16().float())  # the same, with the roles swapped
+    assert not multiplies_in_fp32(lambda a, b: (a @ b).bfloat16().float())  # an output rounded to bf16
+
+
+def test_fp32_products_run_in_onednn_only_on_amd_cpus_with_avx512_and_the_switch_is_counted(monkeypatch):
+    precision = torch.backends.mkldnn.matmul
+    before = precision.fp32_precision
+    gate = onednn_fp32_on.__wrapped__
+    for vendor, flags in (("GenuineIntel", {"avx512f"}), ("AuthenticAMD", {"avx2"}), (None, {"avx512f"}),
+                          ("AuthenticAMD", {"avx512f", "amx_bf16"})):
+        monkeypatch.setattr(cpu, "cpu_vendor", lambda: vendor)
+        monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
+        assert not gate()
+    monkeypatch.setattr(cpu, "cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx512f"}))
+    assert gate()  # torch's oneDNN multiplies fp32 unrounded without AMX (the probe ran under the switch)
+    assert precision.fp32_precision == before
+    monkeypatch.setattr(cpu, "multiplies_in_fp32", lambda product: False)
+    assert not gate()  # a oneDNN that rounds under the switch is not used
+    monkeypatch.setattr(cpu, "onednn_fp32_on", lambda: True)
+    with fp32_products_in_onednn(torch.device("cpu")):
+        assert precision.fp32_precision == "bf16"
+        with fp32_products_in_onednn(torch.device("cpu")):  # a second search in another thread, say
+            assert precision.fp32_precision == "bf16"
+        assert precision.fp32_precision == "bf16"  # still one user inside
+        with pytest.raises(RuntimeError):
+            with fp32_products_in_onednn(torch.device("cpu")):
+                raise RuntimeError("a search that fails")
+        assert precision.fp32_precision == "bf16"
+    assert precision.fp32_precision == before
+    with fp32_products_in_onednn(torch.device("cuda")):  # another device: nothing changes
+        assert precision.fp32_precision == before
+    monkeypatch.setattr(cpu, "onednn_fp32_on", lambda: False)
+    with fp32_products_in_onednn(torch.device("cpu")):
+        assert precision.fp32_precision == before
+
+
+@pytest.mark.skipif(not onednn_fp32_on(), reason="fp32 products go to oneDNN on AMD CPUs with AVX-512 only")
+def test_fp32_products_in_onednn_stay_fp32_at_the_decoders_shapes():
+    """Where the switch is on (this CPU), the products a search makes under it (mm into a buffer,
+    addmm_ into the residual stream, baddbmm_) are fp32's: unrounded inputs, float rounding."""
+    rng = torch.Generator().manual_seed(3)
+    x, w = torch.randn(3200, 512, generator=rng), torch.randn(2048, 512, generator=rng)
+    stream, scores = torch.randn(3200, 2048, generator=rng), torch.randn(64, 50, 9, generator=rng)
+    q, k = torch.randn(64, 50, 32, generator=rng), torch.randn(64, 32, 9, generator=rng)
+    with fp32_products_in_onednn(torch.device("cpu")):
+        assert multiplies_in_fp32(torch.mm)
+        product, added, batched = torch.empty(3200, 2048), stream.clone(), scores.clone()
+        torch.mm(x, w.t(), out=product)
+        added.addmm_(x, w.t())
+        batched.baddbmm_(q, k)
+    exact = x.double() @ w.double().t()  # sums of about 22 in size: fp32 is off by 1e-4, bf16 inputs by up to 0.3
+    torch.testing.assert_close(product.double(), exact, rtol=0, atol=1e-3)
+    torch.testing.assert_close(added.double(), stream.double() + exact, rtol=0, atol=1e-3)
+    torch.testing.assert_close(batched.double(), scores.double() + q.double() @ k.double(), rtol=0, atol=1e-5)
 
 def test_bf16_decoder_steps_agree_between_the_kernel_and_sdpa():
     """The bf16 decoder on a CPU runs the kernel; over several steps with reordered beams it stays

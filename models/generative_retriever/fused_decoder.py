@@ -52,7 +52,8 @@ T5's layer norm as five element-wise ops. At 50 beams the step's GEMMs are small
   3x inside the search; :func:`bf16_head_on`);
   its logits differ from the fp32 head's by the inputs' rounding, a few thousandths, not the
   output's (:func:`precision_record` names which a run used). Elsewhere
-  :meth:`IDGenerator.head_logits` scores the level in fp32. On a CPU the feed-forward's ReLU
+  :meth:`IDGenerator.head_logits` scores the level in fp32 (on an AMD CPU with AVX-512 in oneDNN,
+  as all the search's fp32 products: ``genius.common.cpu``). On a CPU the feed-forward's ReLU
   runs inside its bf16 product (oneDNN's post-op, the same bits as a pass after it).
 - ``int8`` (CPU) runs the step's six products per layer, and the output head's
   (:meth:`level_log_probs`), as ``torch._int_mm``: int8 operands, int32 sums, into the
@@ -78,7 +79,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import re
 import threading
 import warnings
 import weakref
@@ -90,6 +90,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.t5.modeling_t5 import T5Attention
 
+from genius.common.cpu import cpu_vendor
 from genius.models.generative_retriever.generator import IDGenerator
 
 
@@ -583,31 +584,6 @@ def int8_levels() -> int | None:
         if all(torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long()) for a, b in blocks):
             return levels
     return None
-
-
-@cache
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
-    """The instruction-set flags Linux lists for this x86 CPU (its first ``flags`` line); None where
-    they cannot be read (another OS, or a CPU whose features are listed under another name)."""
-    line = _cpuinfo_field(cpuinfo, "flags")
-    return None if line is None else frozenset(line.split())
-
-
-@cache
-def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
-    """The x86 CPU's vendor as Linux lists it (``GenuineIntel``, ``AuthenticAMD``), or None where it
-    cannot be read."""
-    return _cpuinfo_field(cpuinfo, "vendor_id")
-
-
-def _cpuinfo_field(cpuinfo: Path, name: str) -> str | None:
-    """The value of the first ``name`` line of ``cpuinfo`` (stripped), or None."""
-    try:
-        text = cpuinfo.read_text(errors="replace")
-    except OSError:
-        return None
-    line = re.search(rf"^{name}\s*:(.*)$", text, re.M)
-    return None if line is None else line[1].strip()
 
 
 def precision_record(device: torch.device, dtype: torch.dtype, int8: bool) -> dict:

@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from genius.common.cpu import fp32_products_in_onednn
 from genius.common.progress import Progress
 
 log = logging.getLogger("genius.retrieval")
@@ -302,7 +303,8 @@ class ExactIPIndex:
     ``vectors`` [N, D] may be a memmap (fp16 or fp32), each chunk of which is moved to ``device``
     once per search, so memory stays at chunk x D + Q x k whatever N is; or a tensor already on
     ``device`` (``pool_assets.dense_vectors``), sliced in place. Each chunk is scored in fp32
-    against all queries, keeping a running top-k. Returned ids are rows, or ``ids[row]`` when given.
+    against all queries (in oneDNN on AMD CPUs with AVX-512: ``fp32_products_in_onednn``), keeping a
+    running top-k. Returned ids are rows, or ``ids[row]`` when given.
     """
 
     def __init__(self, vectors: np.ndarray | torch.Tensor, ids: np.ndarray | None = None, *, chunk_size: int = 65536,
@@ -335,7 +337,8 @@ class ExactIPIndex:
             chunk = self._chunk(start)
             for q0 in range(0, num_queries, self.query_batch):
                 q = queries[q0 : q0 + self.query_batch]
-                scores = q @ chunk.T
+                with fp32_products_in_onednn(self.device):  # oneDNN's fp32 products where MKL's are slow (AMD)
+                    scores = q @ chunk.T
                 top = scores.topk(min(k, scores.shape[1]), dim=1)
                 merged_scores = torch.cat([best_scores[q0 : q0 + len(q)], top.values], dim=1)
                 merged_rows = torch.cat([best_rows[q0 : q0 + len(q)], top.indices + start], dim=1)
