@@ -59,7 +59,7 @@ def onednn_fp32_on() -> bool:
             or not torch.backends.mkldnn.is_available()
             or not hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision")):
         return False
-    with _onednn_matmuls():
+    with onednn_switch():
         return multiplies_in_fp32(torch.mm)
 
 
@@ -87,15 +87,17 @@ def fp32_products_in_onednn(device: torch.device):
     threads share one switch (counted), and other fp32 products made meanwhile in this process
     also run in oneDNN, in fp32."""
     if device.type == "cpu" and onednn_fp32_on():
-        with _onednn_matmuls():
+        with onednn_switch():
             yield
     else:
         yield
 
 
 @contextlib.contextmanager
-def _onednn_matmuls():
-    """torch's fp32 oneDNN matmul precision at "bf16" while any user is inside, then as it was."""
+def onednn_switch():
+    """torch's fp32 oneDNN matmul precision at "bf16" while any user is inside, then as it was, on any
+    CPU (with AMX oneDNN then rounds fp32 inputs to bf16): :func:`fp32_products_in_onednn` uses it
+    where it keeps fp32, ``benchmarks/fp32_gemm.py`` to compare the libraries anywhere."""
     global _onednn_users, _onednn_saved
     matmul = torch.backends.mkldnn.matmul
     with _onednn_lock:

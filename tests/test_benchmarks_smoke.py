@@ -191,6 +191,29 @@ def test_coco_t2t_writes_recall_table(tmp_path):
         assert f"{p} decoder vs fp32" in report
 
 
+def test_fp32_gemm_compares_mkl_and_onednn_on_every_product_of_the_step_and_the_square(tmp_path):
+    from genius.benchmarks import fp32_gemm
+    from genius.common.cpu import onednn_fp32_on
+
+    out = tmp_path / "fp32"
+    precision = torch.backends.mkldnn.matmul.fp32_precision
+    assert fp32_gemm.main(["--rows", "40", "--d-model", "32", "--d-ff", "64", "--inner", "32", "--layers", "2",
+                           "--codebook", "48", "--square", "64", "--repeats", "1", "--out", str(out)]) == 0
+    assert torch.backends.mkldnn.matmul.fp32_precision == precision  # the switch is back where it was
+    rows = read_rows(out.with_suffix(".csv"))
+    assert [r["gemm"] for r in rows] == ["self q,k,v", "self out", "cross q", "cross out", "ff in", "ff out",
+                                         "level head", "step total", "square"]
+    assert (rows[-1]["m"], rows[-1]["k"], rows[-1]["n"]) == ("64", "64", "64")
+    for row in rows:
+        assert all(float(row[f"{library}_ms"]) > 0 for library in ("mkl", "onednn"))
+        assert float(row["mkl_rel_err"]) < 1e-5  # fp32
+        if onednn_fp32_on():  # where the project uses oneDNN, it multiplies in fp32
+            assert float(row["onednn_rel_err"]) < 1e-5
+    total = rows[7]
+    assert math.isclose(float(total["mkl_ms"]), sum(float(r["mkl_ms"]) * int(r["count"]) for r in rows[:7]),
+                        rel_tol=1e-3)
+    assert "MKL vs oneDNN" in out.with_suffix(".md").read_text()
+
 def test_int8_gemm_probe_times_every_product_of_the_step_and_keeps_int8_close_to_fp32(tmp_path):
     from genius.benchmarks import int8_gemm
 
