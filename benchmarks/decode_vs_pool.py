@@ -283,8 +283,8 @@ def measure_generate(generator, tokens_trie: dict, z: torch.Tensor, args, autoca
                 early_stopping=True, prefix_allowed_tokens_fn=allowed)
 
     # fp32 products in the search's library (oneDNN on AMD CPUs with AVX-512), or torch's default (MKL)
-    products = fp32_products_in_onednn if args.generate_products == "search" else lambda device: contextlib.nullcontext()
-    with products(torch.device("cpu")):
+    search_library = args.generate_products == "search"
+    with fp32_products_in_onednn(torch.device("cpu")) if search_library else contextlib.nullcontext():
         run(z[:1])  # warm-up
         seconds = best_seconds(lambda: run(z), args.generate_repeats, warmup=0)
     return {"seconds": seconds, "queries": len(z), "batch": args.generate_batch, "load1": load_average()}

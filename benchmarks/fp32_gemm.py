@@ -79,11 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             exit_user_error(p, f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: pass >= 1")
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.backends.mkldnn, "matmul")):
-        exit_user_error(p, "this torch has no oneDNN fp32 matmul switch (torch.backends.mkldnn.matmul); nothing to compare")
+        exit_user_error(p, "this torch has no oneDNN fp32 matmul switch (torch.backends.mkldnn.matmul); "
+                           "nothing to compare")
     torch.set_num_threads(args.threads)
     rows = []
     for name, k, n, count in step_gemms(args.d_model, args.d_ff, args.inner, args.layers, args.codebook):
-        rows.append({"gemm": name, "m": args.rows, "k": k, "n": n, "count": count, **measure(args.rows, k, n, args.repeats)})
+        rows.append({"gemm": name, "m": args.rows, "k": k, "n": n, "count": count,
+                     **measure(args.rows, k, n, args.repeats)})
     total = {key: sum(r[f"{key}_ms"] * r["count"] for r in rows) for key in ("mkl", "onednn")}
     flops = sum(2 * r["m"] * r["k"] * r["n"] * r["count"] for r in rows)
     rows.append({"gemm": "step total", "m": args.rows, "k": "", "n": "", "count": "",

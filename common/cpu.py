@@ -82,10 +82,10 @@ def multiplies_in_fp32(product) -> bool:
 @contextlib.contextmanager
 def fp32_products_in_onednn(device: torch.device):
     """Within it, fp32 products on ``device`` run in oneDNN where :func:`onednn_fp32_on` (an AMD CPU
-    with AVX-512: 2.1x MKL's fp32 rate there, the same fp32 arithmetic in another summation
-    order); elsewhere nothing changes. torch's setting is process-wide: searches in several
-    threads share one switch (counted), and other fp32 products made meanwhile in this process
-    also run in oneDNN, in fp32."""
+    with AVX-512: 2.4x MKL's rate at the decoder step's products there, the same fp32 arithmetic
+    in another summation order); elsewhere nothing changes. torch's setting is process-wide:
+    searches in several threads share one switch (counted), and other fp32 products made
+    meanwhile in this process also run in oneDNN, in fp32."""
     if device.type == "cpu" and onednn_fp32_on():
         with onednn_switch():
             yield
