@@ -150,3 +150,22 @@ def record_subnormal_mode(monkeypatch):
         return seen
 
     return record
+
+
+@pytest.fixture
+def record_fp32_library(monkeypatch):
+    """``record(module, name)`` wraps the function ``module.name`` so that each call first records
+    torch's oneDNN fp32 matmul precision then ("bf16": fp32 products in oneDNN, ``common/cpu.py``);
+    returns the list."""
+
+    def record(module, name: str) -> list[str]:
+        seen, real = [], getattr(module, name)
+
+        def recording(*args, **kwargs):
+            seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, recording)
+        return seen
+
+    return record

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from genius.common import fp_env
+from genius.common import cpu, fp_env
 from genius.common.checkpoint import CheckpointMismatchError
 from genius.common.config import load_config
 from genius.common.mbeir import MODALITY_CODE
@@ -263,12 +263,17 @@ def test_tiny_generator_learns_the_first_semantic_level(world):
     assert (path.parent / "config.yaml").is_file() and (path.parent / "done.json").is_file()
 
 
-def test_training_steps_run_with_subnormals_flushed_on_every_thread(world, record_subnormal_mode):
+def test_training_steps_run_with_subnormals_flushed_and_fp32_products_in_onednn_where_wanted(
+        world, record_subnormal_mode, record_fp32_library, monkeypatch):
     root, _ = world
+    before = torch.backends.mkldnn.matmul.fp32_precision
     flushing = record_subnormal_mode(train_gen, "train_step")
+    library = record_fp32_library(train_gen, "train_step")
+    monkeypatch.setattr(cpu, "onednn_fp32_on", lambda: True)  # as on an AMD CPU with AVX-512
     train_gen.train(gen_config(root, "flushed", epochs=1))
     assert len(flushing) == 16 and all(flushing)
-    assert fp_env.flushing_threads() == 0  # and the mode is given back
+    assert library == ["bf16"] * 16  # torch's switch that sends fp32 products to oneDNN
+    assert fp_env.flushing_threads() == 0 and torch.backends.mkldnn.matmul.fp32_precision == before  # given back
 
 
 def test_killed_run_resumes_to_the_same_weights(world, monkeypatch):

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from genius.common import fp_env
+from genius.common import cpu, fp_env
 from genius.common.config import load_config
 from genius.common.store import StoreArrays, write_store
 from genius.models.residual_quantization import assign_codes, train
@@ -286,13 +286,18 @@ def test_learned_modality_mode_trains_and_encodes_without_modalities(tmp_path):
     assert 0 <= summary["modality_accuracy"] <= 1
 
 
-def test_training_steps_run_with_subnormals_flushed_on_every_thread(tmp_path, record_subnormal_mode):
+def test_training_steps_run_with_subnormals_flushed_and_fp32_products_in_onednn_where_wanted(
+        tmp_path, record_subnormal_mode, record_fp32_library, monkeypatch):
     world = make_world(tmp_path, num_items=96)
     train_yaml, _ = write_configs(tmp_path, world, epochs=1)
+    before = torch.backends.mkldnn.matmul.fp32_precision
     flushing = record_subnormal_mode(train, "optimise")
+    library = record_fp32_library(train, "optimise")
+    monkeypatch.setattr(cpu, "onednn_fp32_on", lambda: True)  # as on an AMD CPU with AVX-512
     assert train.main(["--config", str(train_yaml)]) == 0
     assert flushing and all(flushing)
-    assert fp_env.flushing_threads() == 0  # and the mode is given back
+    assert library and set(library) == {"bf16"}  # torch's switch that sends fp32 products to oneDNN
+    assert fp_env.flushing_threads() == 0 and torch.backends.mkldnn.matmul.fp32_precision == before  # given back
 
 
 def test_a_non_finite_loss_stops_training_with_a_clear_message(tmp_path):

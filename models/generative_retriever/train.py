@@ -43,6 +43,7 @@ from genius.common.mbeir import older_revision_twin
 from genius.common.distributed import (
     DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, recheck_threads, seed_everything, wrap_ddp,
 )
+from genius.common.cpu import fp32_products_in_onednn
 from genius.common.fp_env import subnormals_flushed
 from genius.common.pairs import (
     PositiveDraw, RowSource, TrainingPairs, add_self_pairs, iterate_batches, load_training_pairs,
@@ -246,7 +247,8 @@ def train(cfg: TrainGenConfig) -> Path:
             training.keep_metrics(out_dir / "metrics.jsonl", lambda r: r["step"] <= step)
         metrics, window = MetricsLog(out_dir / "metrics.jsonl", enabled=info.is_main), Window()
         record = {**training.checkpoint_record(run, info), "rq": rq_print}
-        with subnormals_flushed(info.device):  # CPU training: see common/fp_env.py
+        # CPU training: subnormals flushed (common/fp_env.py), fp32 products in oneDNN on AMD CPUs (common/cpu.py)
+        with subnormals_flushed(info.device), fp32_products_in_onednn(info.device):
             for epoch in range(start_epoch, cfg.train.epochs):
                 train_mode(model, generator, cfg.optim.vision_lr_scale)
                 started, epoch_loss = time.monotonic(), EpochLoss()

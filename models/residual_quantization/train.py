@@ -58,6 +58,7 @@ from genius.common.distributed import (
     seed_everything,
     wrap_ddp,
 )
+from genius.common.cpu import fp32_products_in_onednn
 from genius.common.fp_env import subnormals_flushed
 from genius.common import training
 from genius.common.ranges import BATCH, EPOCHS, SEED, THREADS, WIDTH, check_ranges, ranged
@@ -579,7 +580,8 @@ def _run_epochs(cfg: RQTrainConfig, data: TrainingData, t: Trainer, run, info: D
     labels = None if data.labels is None else data.labels.pool
     log.info("training on %d pairs, %d steps per epoch, epochs %d..%d", len(data.pairs), t.steps_per_epoch,
              t.start_epoch, tc.epochs - 1)
-    with subnormals_flushed(info.device):  # CPU training: see common/fp_env.py
+    # CPU training: subnormals flushed (common/fp_env.py), fp32 products in oneDNN on AMD CPUs (common/cpu.py)
+    with subnormals_flushed(info.device), fp32_products_in_onednn(info.device):
         for epoch in range(t.start_epoch, tc.epochs):
             started = time.monotonic()
             tally = EpochTally(t.model.codebook_sizes, info.device, t.model.has_modality_level)
